@@ -1,0 +1,1 @@
+"""Numba-compiled kernels and the reference AI workloads that use them."""
