@@ -62,10 +62,8 @@ class Resources(_Model):
     @field_validator("memory", mode="before")
     @classmethod
     def _memory(cls, value: Any) -> int | None:
-        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-            if isinstance(value, int) and value < 1024 * 1024:
-                raise ValueError("memory in bytes must be at least 1M; or write it as 512M, 4G")
-            return value
+        if value is None:
+            return None
         return units.parse_memory(value)
 
     @field_validator("walltime", mode="before")

@@ -1,0 +1,184 @@
+"""The ``hpcgw`` command line (click). Heavy modules are imported inside commands so that
+``hpcgw --help`` stays fast.
+
+Exit codes: 0 success; 1 a job did not succeed (``wait``/``--wait`` mirror the job: its own
+exit code when it failed, 124 on TIMEOUT, 130 when CANCELLED); 2 bad input; 3 not found;
+4 a backend is unavailable; 5 the store cannot be used.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _gateway(ctx: click.Context) -> Any:
+    from gateway.api import Gateway
+
+    if ctx.obj is None:
+        overrides = {"data_dir": ctx.find_root().params["data_dir"]} \
+            if ctx.find_root().params.get("data_dir") else None
+        ctx.obj = Gateway(overrides)
+    return ctx.obj
+
+
+def handled(fn: F) -> F:
+    """Map the gateway's errors to a one-paragraph message and the documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from gateway.errors import GatewayError
+
+        try:
+            return fn(*args, **kwargs)
+        except GatewayError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+        except TimeoutError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="hpcgw", prog_name="hpcgw")
+@click.option("--data-dir", envvar="HPCGW_DATA_DIR", metavar="DIR",
+              help="Where the store and job folders live (default: $XDG_DATA_HOME/hpcgw).")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: str | None) -> None:
+    """hpcgw: run pinned container jobs here, on Slurm, or in the cloud, and never lose one.
+
+    \b
+    Quick start:
+      hpcgw run -- python -c 'print(6*7)'     run a command as a job
+      hpcgw submit job.yaml --wait            submit a spec file and wait
+      hpcgw ls                                list jobs
+      hpcgw logs -f ID                        follow a job's output
+    """
+
+
+def _exit_for(states: list[Any]) -> int:
+    from gateway.states import State
+
+    for record in states:
+        if record.state == State.SUCCEEDED:
+            continue
+        if record.state == State.FAILED:
+            return record.exit_code if record.exit_code and 0 < record.exit_code < 256 else 1
+        return {State.TIMEOUT: 124, State.CANCELLED: 130}.get(record.state, 1)
+    return 0
+
+
+def _after_submit(ctx: click.Context, jobs: list[Any], wait: bool, as_json: bool) -> None:
+    from gateway.cli import render
+
+    gw = _gateway(ctx)
+    if wait:
+        jobs = gw.wait([j.id for j in jobs])
+    if as_json:
+        emit_json([j.refresh().record.to_dict() for j in jobs])
+    else:
+        for job in jobs:
+            render.submitted(job.refresh().record, waited=wait)
+    if wait:
+        sys.exit(_exit_for([j.record for j in jobs]))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--wait", is_flag=True, help="Wait until the jobs end; exit status mirrors them.")
+@click.option("--dry-run", is_flag=True, help="Validate and show where each job would go; submit nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job records as JSON.")
+@click.pass_context
+@handled
+def submit(ctx: click.Context, files: tuple[str, ...], wait: bool, dry_run: bool, as_json: bool) -> None:
+    """Submit job spec files (YAML). All are validated before any is recorded."""
+    from gateway.cli import render
+    from gateway.spec import load_spec
+
+    gw = _gateway(ctx)
+    specs = [gw.validate(load_spec(f)) for f in files]
+    if dry_run:
+        plans = [{"name": s.name, "target": s.target, "backend": gw.backends.backend_name(s.target),
+                  "spec_digest": s.spec_digest} for s in specs]
+        emit_json(plans) if as_json else render.plans(plans)
+        return
+    _after_submit(ctx, gw.submit_many(specs), wait, as_json)
+
+
+def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=option)
+        out[key] = value
+    return out
+
+
+@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": False})
+@click.argument("command", nargs=-1, required=True)
+@click.option("--name", help="Job name (default: the program's name).")
+@click.option("--target", help="local, slurm[:profile], aws[:profile] or auto.")
+@click.option("--image", help="Container image pinned by digest (NAME@sha256:...).")
+@click.option("--cpus", "cpus", type=int, help="CPUs per task.")
+@click.option("--tasks", type=int, help="Tasks per node.")
+@click.option("--nodes", type=int, help="Nodes.")
+@click.option("--memory", help="Memory per node, e.g. 4G.")
+@click.option("--gpus", type=int, help="GPUs per node.")
+@click.option("--walltime", "-t", help="Time limit: HH:MM:SS or 90m.")
+@click.option("--env", "-e", multiple=True, metavar="K=V", help="Environment variable (repeatable).")
+@click.option("--label", "-l", multiple=True, metavar="K=V", help="Label (repeatable).")
+@click.option("--input", "inputs", multiple=True, metavar="PATH", help="Input file or folder (repeatable).")
+@click.option("--output", "outputs", multiple=True, metavar="GLOB", help="Output glob (repeatable).")
+@click.option("--retries", type=int, help="Retries on failure.")
+@click.option("--wait", is_flag=True, help="Wait until the job ends; exit status mirrors it.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def run(ctx: click.Context, command: tuple[str, ...], name: str | None, target: str | None,
+        image: str | None, cpus: int | None, tasks: int | None, nodes: int | None,
+        memory: str | None, gpus: int | None, walltime: str | None, env: tuple[str, ...],
+        label: tuple[str, ...], inputs: tuple[str, ...], outputs: tuple[str, ...],
+        retries: int | None, wait: bool, as_json: bool) -> None:
+    """Run a command as a job: hpcgw run [OPTIONS] -- CMD ARGS..."""
+    resources = {k: v for k, v in {"cpus_per_task": cpus, "tasks_per_node": tasks, "nodes": nodes,
+                 "memory": memory, "gpus": gpus, "walltime": walltime}.items() if v is not None}
+    fields: dict[str, Any] = {"resources": resources, "env": _pairs(env, "--env"),
+                              "labels": _pairs(label, "--label"), "inputs": list(inputs),
+                              "outputs": list(outputs)}
+    if target:
+        fields["target"] = target
+    if image:
+        fields["image"] = image
+    if retries is not None:
+        fields["retries"] = {"max": retries, "on": ["failed", "timeout", "lost", "node_fail", "preempted"]}
+    job = _gateway(ctx).run(list(command), name=name, **fields)
+    _after_submit(ctx, [job], wait, as_json)
+
+
+from gateway.cli import commands as _commands  # noqa: E402  (registers the reading verbs)
+
+_commands.register(cli)
+
+
+def main() -> None:
+    cli(prog_name="hpcgw")
+
+
+if __name__ == "__main__":
+    main()
