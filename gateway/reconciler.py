@@ -23,7 +23,6 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Sequence
 
 from gateway.attempts import attempt_dir, prepare_attempt

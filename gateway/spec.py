@@ -61,14 +61,16 @@ class Resources(_Model):
 
     @field_validator("memory", mode="before")
     @classmethod
-    def _memory(cls, value: Any) -> int | None:
-        if value is None:
-            return None
+    def _memory(cls, value: Any, info: ValidationInfo) -> int | None:
+        if value is None or _canonical(info, value):
+            return value  # type: ignore[no-any-return]
         return units.parse_memory(value)
 
     @field_validator("walltime", mode="before")
     @classmethod
-    def _walltime(cls, value: Any) -> int:
+    def _walltime(cls, value: Any, info: ValidationInfo) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and not _canonical(info, value):
+            raise ValueError(f"{value!r} has no unit; {units.WALLTIME_HELP}")
         return units.parse_walltime(value)
 
     @field_validator("gpus", mode="before")
@@ -287,6 +289,11 @@ class JobSpec(_Model):
         return "sha256:" + hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
+def _canonical(info: ValidationInfo, value: Any) -> bool:
+    """Stored (canonical) specs carry plain numbers: bytes and seconds."""
+    return bool((info.context or {}).get("canonical")) and isinstance(value, int)
+
+
 def _safe_relative(path: str) -> bool:
     if not path or path.startswith("/") or "\x00" in path or "\n" in path:
         return False
@@ -341,7 +348,15 @@ def parse_spec(data: Any, *, base_dir: str | Path | None = None, source: str | N
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of silently keeping the last."""
+    """SafeLoader that refuses duplicate keys and reads booleans as YAML 1.2 does: only
+    true/false, so ``on:``, ``yes`` and ``no`` stay strings (``retries.on`` must work)."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:

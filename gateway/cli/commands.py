@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from gateway.cli.main import CONTEXT, _after_submit, _exit_for, _gateway, _pairs, emit_json, handled
+from gateway.cli.common import CONTEXT, _after_submit, _exit_for, _gateway, _pairs, emit_json, handled
 
 
 @click.command(name="ls", context_settings=CONTEXT)

@@ -8,51 +8,11 @@ exit code when it failed, 124 on TIMEOUT, 130 when CANCELLED); 2 bad input; 3 no
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import click
 
-F = TypeVar("F", bound=Callable[..., Any])
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def _gateway(ctx: click.Context) -> Any:
-    from gateway.api import Gateway
-
-    if ctx.obj is None:
-        overrides = {"data_dir": ctx.find_root().params["data_dir"]} \
-            if ctx.find_root().params.get("data_dir") else None
-        ctx.obj = Gateway(overrides)
-    return ctx.obj
-
-
-def handled(fn: F) -> F:
-    """Map the gateway's errors to a one-paragraph message and the documented exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from gateway.errors import GatewayError
-
-        try:
-            return fn(*args, **kwargs)
-        except GatewayError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(exc.exit_code)
-        except TimeoutError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
+from gateway.cli.common import CONTEXT, _after_submit, _gateway, _pairs, emit_json, handled
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="hpcgw", prog_name="hpcgw")
@@ -69,33 +29,6 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
       hpcgw ls                                list jobs
       hpcgw logs -f ID                        follow a job's output
     """
-
-
-def _exit_for(states: list[Any]) -> int:
-    from gateway.states import State
-
-    for record in states:
-        if record.state == State.SUCCEEDED:
-            continue
-        if record.state == State.FAILED:
-            return record.exit_code if record.exit_code and 0 < record.exit_code < 256 else 1
-        return {State.TIMEOUT: 124, State.CANCELLED: 130}.get(record.state, 1)
-    return 0
-
-
-def _after_submit(ctx: click.Context, jobs: list[Any], wait: bool, as_json: bool) -> None:
-    from gateway.cli import render
-
-    gw = _gateway(ctx)
-    if wait:
-        jobs = gw.wait([j.id for j in jobs])
-    if as_json:
-        emit_json([j.refresh().record.to_dict() for j in jobs])
-    else:
-        for job in jobs:
-            render.submitted(job.refresh().record, waited=wait)
-    if wait:
-        sys.exit(_exit_for([j.record for j in jobs]))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -118,16 +51,6 @@ def submit(ctx: click.Context, files: tuple[str, ...], wait: bool, dry_run: bool
         emit_json(plans) if as_json else render.plans(plans)
         return
     _after_submit(ctx, gw.submit_many(specs), wait, as_json)
-
-
-def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=option)
-        out[key] = value
-    return out
 
 
 @cli.command(context_settings={**CONTEXT, "ignore_unknown_options": False})
@@ -171,7 +94,7 @@ def run(ctx: click.Context, command: tuple[str, ...], name: str | None, target: 
     _after_submit(ctx, [job], wait, as_json)
 
 
-from gateway.cli import commands as _commands  # noqa: E402  (registers the reading verbs)
+from gateway.cli import commands as _commands  # noqa: E402
 
 _commands.register(cli)
 

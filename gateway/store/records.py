@@ -49,7 +49,7 @@ class JobRecord:
     def spec(self) -> Any:
         from gateway.spec import JobSpec
 
-        return JobSpec.model_validate_json(self.spec_json, context={"check_inputs": False})
+        return JobSpec.model_validate_json(self.spec_json, context={"check_inputs": False, "canonical": True})
 
     @property
     def spec_dict(self) -> dict[str, Any]:

@@ -1,0 +1,65 @@
+"""Shared fixtures: an isolated gateway home per test, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class CLI:
+    env: dict[str, str]
+    cwd: Path
+
+    def __call__(self, *args: str, check: bool | None = None, timeout: float = 120,
+                 input: str | None = None) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "gateway.cli.main", *args], env=self.env,
+                              cwd=self.cwd, capture_output=True, text=True, timeout=timeout,
+                              input=input)
+        if check and done.returncode != 0:
+            raise AssertionError(f"hpcgw {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def json(self, *args: str) -> object:
+        return json.loads(self(*args, "--json", check=True).stdout)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    data = tmp_path / "hpcgw-home"
+    data.mkdir()
+    return data
+
+
+@pytest.fixture
+def gw_env(home: Path, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCGW_")}
+    env.update(HPCGW_DATA_DIR=str(home), HPCGW_CONFIG=str(tmp_path / "none.yaml"),
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    (tmp_path / "none.yaml").write_text("{}\n")
+    return env
+
+
+@pytest.fixture
+def cli(gw_env: dict[str, str], tmp_path: Path) -> CLI:
+    return CLI(gw_env, tmp_path)
+
+
+@pytest.fixture
+def gateway(home: Path, gw_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    from gateway.api import Gateway
+
+    for key, value in gw_env.items():
+        if key.startswith("HPCGW_"):
+            monkeypatch.setenv(key, value)
+    gw = Gateway()
+    yield gw
+    gw.close()
