@@ -34,6 +34,13 @@ from gateway.states import ACTIVE, State
 from gateway.store import Change, JobRecord, Store
 
 log = logging.getLogger("hpcgw.reconciler")
+CRASH_POINTS = ("after-intent", "after-submit", "after-poll")
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the crash tests: die here, as kill -9 would, when asked to."""
+    if os.environ.get("HPCGW_TEST_CRASH_AT") == name:
+        os._exit(99)
 RETRYABLE = {State.FAILED, State.TIMEOUT, State.LOST}
 
 
@@ -142,6 +149,7 @@ class Reconciler:
                 report.unavailable.append(f"{name}: {exc}")
                 continue
             report.polls[name] = report.polls.get(name, 0) + 1
+            _crash_point("after-poll")
             changes, ended = [], []
             for job in jobs:
                 obs = seen.get(job.ref or "")
@@ -230,6 +238,7 @@ class Reconciler:
         if intents:
             skipped = set(self.store.apply(intents))
             admitted = [(j, n) for j, n in admitted if j.id not in skipped]
+            _crash_point("after-intent")
         fresh = [(self.store.get(j.id), n) for j, n in admitted]
         batch = [(j, self._backend_name(j)) for j in resubmit] + fresh
         by_backend: dict[str, list[JobRecord]] = defaultdict(list)
@@ -297,6 +306,7 @@ class Reconciler:
             report.unavailable.append(f"{name}: {exc}")
             self._back_off(jobs, str(exc))
             return 0
+        _crash_point("after-submit")
         by_key = {r.key: r for r in requests}
         changes, now = [], time.time()
         for outcome in outcomes:
