@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from gateway.backends.base import SubmitRequest
 from gateway.node import write_json_atomic
 from gateway.runtimes import RunContext, get_runtime
+from gateway.spec import JobSpec
 from gateway.store.records import JobRecord
 
 
@@ -22,7 +24,9 @@ def job_env(job: JobRecord, attempt: int) -> dict[str, str]:
 
 
 def prepare_attempt(jobs_root: Path, job: JobRecord, attempt: int, runtime: str,
-                    kill_grace: float) -> SubmitRequest:
+                    kill_grace: float,
+                    launcher: Callable[[JobSpec, list[str]], list[str]] | None = None
+                    ) -> SubmitRequest:
     """Write the attempt folder's ``launch.json`` and return the request for the backend.
 
     A folder left by an earlier try of the same attempt that never started (no claim) is
@@ -36,6 +40,8 @@ def prepare_attempt(jobs_root: Path, job: JobRecord, attempt: int, runtime: str,
     env["HPCGW_WORK_DIR"] = work
     ctx = RunContext(work_dir=work, attempt_dir=str(adir), env=env)
     argv = get_runtime(runtime).argv(spec, ctx)
+    if launcher is not None:
+        argv = launcher(spec, argv)
     if not (adir / "claim").exists():
         write_json_atomic(adir / "launch.json", {
             "job_id": job.id, "attempt": attempt, "argv": argv, "env": env,

@@ -39,12 +39,15 @@ EXIT_CLAIMED = 75  # EX_TEMPFAIL: this attempt already ran (or runs) elsewhere
 SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, *, durable: bool = False) -> None:
+    """Write-then-rename, so readers see the old file or the whole new one. ``durable``
+    also survives a power cut (fsync), at a few ms per call; process kills never need it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -144,7 +147,7 @@ def finish(adir: Path, exit_code: int | None, *, outcome: str = "exited", sig: i
         outputs = _collect_outputs(launch, _cwd(launch, adir), adir)
     except OSError as exc:
         reason = (reason + "; " if reason else "") + f"collecting outputs failed: {exc}"
-    write_json_atomic(adir / "status.json", {
+    write_json_atomic(adir / "status.json", durable=True, data={
         "outcome": outcome, "exit_code": exit_code, "signal": sig, "reason": reason,
         "started_at": running.get("started_at"), "ended_at": time.time(),
         "node": socket.gethostname(), "outputs": outputs})

@@ -299,7 +299,8 @@ class Reconciler:
         for job in jobs:
             requests.append(prepare_attempt(self.config.jobs_path, job, job.attempt,
                                             job.spec.effective_runtime or runtime,
-                                            self.config.local.kill_grace_s))
+                                            self.config.local.kill_grace_s,
+                                            getattr(backend, "launcher", None)))
         try:
             outcomes = backend.submit(requests)
         except BackendUnavailable as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -181,3 +182,24 @@ def test_logs_follow_streams_until_the_end(cli):
     jid = job_id(cli("run", "--json", "--", "sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.3; done"))
     done = cli("logs", "-f", jid, timeout=60)
     assert done.stdout == "1\n2\n3\n"
+
+
+@pytest.mark.mpi
+def test_mpirun_job_runs_ranks_that_allreduce(cli, gw_env, tmp_path):
+    pytest.importorskip("mpi4py")
+    if not shutil.which("mpirun"):
+        pytest.skip("mpirun (openmpi-bin) is not installed")
+    script = tmp_path / "allreduce.py"
+    script.write_text(
+        "from mpi4py import MPI\n"
+        "c = MPI.COMM_WORLD\n"
+        "total = c.allreduce(c.Get_rank() + 1)\n"
+        "print(f'rank {c.Get_rank()} of {c.Get_size()} total {total}', flush=True)\n")
+    spec = tmp_path / "mpi.yaml"
+    spec.write_text(f"name: mpi\ncommand: [{sys.executable!r}, allreduce.py]\nmpi: mpirun\n"
+                    "inputs: [allreduce.py]\nresources: {tasks_per_node: 2}\n")
+    cli.env = {**gw_env, "HPCGW_LOCAL__CPUS": "2"}
+    done = cli("submit", str(spec), "--wait", "--json", timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = cli("logs", json.loads(done.stdout)[0]["id"]).stdout
+    assert sorted(out.splitlines()) == ["rank 0 of 2 total 3", "rank 1 of 2 total 3"], out

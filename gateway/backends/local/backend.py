@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Sequence
 from gateway.backends.base import (Capabilities, Capacity, Observation, SubmitOutcome,
                                    SubmitRequest, parse_attempt_key)
 from gateway.node import alive, proc_start_ticks, read_json, write_json_atomic
+from gateway.spec import JobSpec
 from gateway.states import State
 
 # Start the node runner from this very installation, even from a source checkout.
@@ -56,7 +56,7 @@ class LocalBackend:
         self.cpus, self.gpus = cpus, gpus
         self.runtimes = frozenset(runtimes)
         self.python = python or sys.executable
-        self._children: list[subprocess.Popen[bytes]] = []
+        self._children: list[int] = []
 
     def capabilities(self) -> Capabilities:
         return Capabilities(max_nodes=1, max_cpus=self.cpus, max_gpus=self.gpus,
@@ -65,6 +65,16 @@ class LocalBackend:
 
     def capacity(self) -> Capacity:
         return Capacity(cpus=self.cpus, gpus=self.gpus)
+
+    def launcher(self, spec: JobSpec, argv: list[str]) -> list[str]:
+        """``mpi: mpirun`` runs the command as nodes x tasks_per_node ranks under mpirun."""
+        if spec.mpi != "mpirun":
+            return argv
+        ranks = spec.resources.nodes * spec.resources.tasks_per_node
+        prefix = ["mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+        if os.geteuid() == 0:
+            prefix += ["--allow-run-as-root"]
+        return prefix + argv
 
     def attempt_dir(self, ref: str) -> Path:
         parsed = parse_attempt_key(ref)
@@ -79,23 +89,37 @@ class LocalBackend:
         for request in requests:
             adir = request.attempt_dir
             try:
-                child = subprocess.Popen(
-                    [self.python, "-c", _BOOT, "supervise", str(adir)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=open(adir / "supervisor.log", "ab"), start_new_session=True,
-                    close_fds=True, cwd=adir)
+                pid = self._spawn(adir)
             except OSError as exc:
                 outcomes.append(SubmitOutcome(request.key, error=f"cannot start: {exc}",
                                               transient=True))
                 continue
-            self._children.append(child)
-            write_json_atomic(adir / "spawned.json",
-                              {"pid": child.pid, "ticks": proc_start_ticks(child.pid)})
+            self._children.append(pid)
+            write_json_atomic(adir / "spawned.json", {"pid": pid, "ticks": proc_start_ticks(pid)})
             outcomes.append(SubmitOutcome(request.key, ref=request.key))
         return outcomes
 
+    def _spawn(self, adir: Path) -> int:
+        """Start the supervisor in its own session (posix_spawn: vfork-fast, no shell)."""
+        argv = [self.python, "-S", "-E", "-c", _BOOT, "supervise", str(adir)]
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 2, str(adir / "supervisor.log"),
+                    os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)]
+        return os.posix_spawn(self.python, argv, dict(os.environ), file_actions=actions,
+                              setsid=True)
+
     def _reap(self) -> None:
-        self._children = [c for c in self._children if c.poll() is None]
+        """Collect supervisors this process started that have ended (no zombies)."""
+        running = []
+        for pid in self._children:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if not done:
+                running.append(pid)
+        self._children = running
 
     # -- observe --------------------------------------------------------------------------
     def poll(self, refs: Sequence[str]) -> dict[str, Observation]:
