@@ -33,6 +33,13 @@ def _slurm(config: "Config", profile: str) -> "Backend":
 BUILTIN: dict[str, Factory] = {"local": _local, "slurm": _slurm}
 
 
+def _entry_point_factory(ep: Any) -> Factory:
+    def make(config: "Config", profile: str) -> "Backend":
+        return ep.load()(config, profile)  # type: ignore[no-any-return]
+
+    return make
+
+
 def split_target(target: str, config: "Config") -> tuple[str, str]:
     kind, _, profile = target.partition(":")
     if not profile:
@@ -52,7 +59,7 @@ class BackendRegistry:
         found = dict(BUILTIN)
         for ep in entry_points(group="hpcgw.backends"):
             if ep.name not in found:
-                found[ep.name] = lambda c, p, ep=ep: ep.load()(c, p)
+                found[ep.name] = _entry_point_factory(ep)
         return found
 
     def get(self, target: str) -> "Backend":

@@ -83,15 +83,16 @@ def logs(ctx: click.Context, job_id: str, follow: bool, stream: str) -> None:
 
 
 def _follow(gw: Any, job_id: str, stream: str) -> None:
-    path, offset = None, 0
+    path: Path | None = None
+    offset = 0
     while True:
         gw.reconcile()
         done = gw.store.get(job_id).state.terminal
-        current = gw.log_path(job_id, stream)
+        current: Path = gw.log_path(job_id, stream)
         if current != path:
             path, offset = current, 0
-        if path.exists():
-            with open(path, "rb") as fh:
+        if current.exists():
+            with open(current, "rb") as fh:
                 fh.seek(offset)
                 chunk = fh.read()
             offset += len(chunk)

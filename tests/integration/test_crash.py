@@ -80,3 +80,26 @@ def test_crash_at_each_step_boundary_is_recovered(point, home, gw_env, tmp_path)
     if point == "after-submit":
         events = {j.id: [e.kind for e in gw.store.events(j.id)] for j in jobs}
         assert all("adopted" in kinds for kinds in events.values()), events
+
+
+def test_two_submitters_and_an_agent_at_once(home, gw_env, tmp_path):
+    """Two shells submitting in a loop while an agent runs: every job recorded, run once."""
+    shared = tmp_path / "ran.txt"
+    env = {**gw_env, "HPCGW_LOCAL__CPUS": "4"}
+    agent = subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "agent", "--interval", "0.05"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    loop = (f"for i in $(seq 8); do {sys.executable} -m gateway.cli.main run --name s$1 -- "
+            f"sh -c 'echo $HPCGW_JOB_ID >> {shared}' >/dev/null || exit 1; done")
+    try:
+        shells = [subprocess.Popen(["bash", "-c", loop, "loop", str(n)], env=env) for n in (1, 2)]
+        assert [s.wait(timeout=180) for s in shells] == [0, 0]
+        gw = Gateway(load_config(environ=env))
+        deadline = time.monotonic() + 120
+        while not all(r.state.terminal for r in gw.store.jobs()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        agent.kill()
+        agent.wait()
+    assert gw.store.counts() == {"SUCCEEDED": 16}
+    ran = shared.read_text().split()
+    assert sorted(ran) == sorted(r.id for r in gw.store.jobs())
