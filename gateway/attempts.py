@@ -54,7 +54,12 @@ def prepare_attempt(jobs_root: Path, job: JobRecord, attempt: int, runtime: str,
 
 
 def output_paths(jobs_root: Path, job: JobRecord) -> list[Path]:
-    root = attempt_dir(jobs_root, job.id, job.attempt) / "outputs"
+    """Where a job's outputs are; a cached job's are those of the job it reuses."""
+    if job.cached_from:
+        root = attempt_dir(jobs_root, job.cached_from, job.provenance.get("cached_attempt", 1))
+    else:
+        root = attempt_dir(jobs_root, job.id, job.attempt)
+    root = root / "outputs"
     return [root / rel for rel in job.outputs]
 
 

@@ -252,11 +252,18 @@ class Reconciler:
 
     def _admit(self, pending: list[JobRecord]) -> tuple[list[Change], list[tuple[JobRecord, str]]]:
         """Decide which PENDING jobs go now (FIFO within slot limits) and write their intent."""
-        usage = self._usage()
+        usage, running = self._usage()
+        limits = self.store.campaign_limits()
         changes, admitted, blocked = [], [], set()
         for job in pending:
             name = self.backends.backend_name(job.target)
             if name in blocked:
+                continue
+            limit = limits.get(job.campaign or "")
+            if limit and running.get(job.campaign or "", 0) >= limit:
+                reason = f"campaign concurrency limit of {limit} reached"
+                if job.reason != reason:
+                    changes.append(Change(job.id, None, {"reason": reason}, "", expect=State.PENDING))
                 continue
             try:
                 backend = self.backends.get(job.target)
@@ -276,6 +283,8 @@ class Reconciler:
                 continue
             used[0] += need[0]
             used[1] += need[1]
+            if job.campaign:
+                running[job.campaign] = running.get(job.campaign, 0) + 1
             changes.append(Change(job.id, State.SUBMITTING, {
                 "attempt": job.attempt + 1, "backend": name, "ref": None, "misses": 0,
                 "submitted_at": time.time(), "reason": None, "exit_code": None, "kind": None},
@@ -283,14 +292,18 @@ class Reconciler:
             admitted.append((job, name))
         return changes, admitted
 
-    def _usage(self) -> dict[str, list[int]]:
+    def _usage(self) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """CPUs and GPUs in use per backend, and active jobs per campaign."""
         usage: dict[str, list[int]] = {}
+        campaigns: dict[str, int] = {}
         for job in self.store.jobs(states=list(ACTIVE)):
             res = job.spec.resources
             used = usage.setdefault(self._backend_name(job), [0, 0])
             used[0] += res.total_cpus
             used[1] += res.total_gpus
-        return usage
+            if job.campaign:
+                campaigns[job.campaign] = campaigns.get(job.campaign, 0) + 1
+        return usage, campaigns
 
     def _submit_to(self, name: str, jobs: list[JobRecord], report: PassReport) -> int:
         backend = self.backends.get(name)

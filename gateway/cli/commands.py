@@ -193,14 +193,20 @@ def validate(ctx: click.Context, files: tuple[str, ...], as_json: bool) -> None:
 @click.command(context_settings=CONTEXT)
 @click.option("--interval", type=float, help="Seconds between passes (default: agent.interval_s).")
 @click.option("--once", is_flag=True, help="Run one pass and exit.")
+@click.option("--until-idle", is_flag=True,
+              help="Run passes until no job is pending or active, then exit (for cron).")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print the pass report.")
 @click.pass_context
 @handled
-def agent(ctx: click.Context, interval: float | None, once: bool, as_json: bool) -> None:
+def agent(ctx: click.Context, interval: float | None, once: bool, until_idle: bool,
+          as_json: bool) -> None:
     """Run reconciler passes continuously (optional: commands also run passes themselves)."""
     import dataclasses
 
     gw = _gateway(ctx)
+    if until_idle:
+        gw.agent(interval=interval, until_idle=True)
+        return
     if once:
         report = gw.reconcile(block=True)
         if as_json:
@@ -211,5 +217,7 @@ def agent(ctx: click.Context, interval: float | None, once: bool, as_json: bool)
 
 
 def register(group: click.Group) -> None:
-    for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent):
+    from gateway.cli.campaign import campaign
+
+    for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent, campaign):
         group.add_command(command)
