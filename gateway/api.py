@@ -129,6 +129,20 @@ class Gateway:
             self.reconcile()
         return [Job(self, self.store.get(i)) for i in ids]
 
+    def submit_array(self, spec: JobSpec | Mapping[str, Any] | str | Path, indices: Sequence[int],
+                     *, start: bool = True) -> list[Job]:
+        """One job per index, each seeing ``HPCGW_ARRAY_INDEX``; backends that have arrays
+        (Slurm) submit jobs of one shape together as one array."""
+        base = self.validate(spec)
+        if not indices:
+            raise SpecError("an array needs at least one index")
+        group = f"{base.name}-{int(time.time())}"
+        members = [base.model_copy(update={
+            "name": f"{base.name[:52]}-{i}",
+            "labels": {**base.labels, "hpcgw.array": group, "hpcgw.array-index": str(i)}})
+            for i in indices]
+        return self.submit_many(members, start=start)
+
     def record(self, specs: Sequence[JobSpec], *, cache: bool = False) -> list[str]:
         """Hash inputs, compute result keys, look up the cache, insert in one transaction."""
         hashes = [{i.name: path_sha256(i.source) for i in s.inputs if not i.is_remote} for s in specs]

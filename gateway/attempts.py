@@ -19,8 +19,11 @@ def attempt_dir(jobs_root: Path, job_id: str, attempt: int) -> Path:
 
 def job_env(job: JobRecord, attempt: int) -> dict[str, str]:
     spec = job.spec
-    return {**spec.env, "HPCGW_JOB_ID": job.id, "HPCGW_JOB_NAME": spec.name,
-            "HPCGW_ATTEMPT": str(attempt), "HPCGW_SPEC_DIGEST": job.spec_digest}
+    env = {**spec.env, "HPCGW_JOB_ID": job.id, "HPCGW_JOB_NAME": spec.name,
+           "HPCGW_ATTEMPT": str(attempt), "HPCGW_SPEC_DIGEST": job.spec_digest}
+    if "hpcgw.array-index" in spec.labels:
+        env["HPCGW_ARRAY_INDEX"] = spec.labels["hpcgw.array-index"]
+    return env
 
 
 def prepare_attempt(jobs_root: Path, job: JobRecord, attempt: int, runtime: str,
