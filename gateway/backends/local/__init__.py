@@ -1,0 +1,5 @@
+"""The local backend (this machine)."""
+
+from gateway.backends.local.backend import LocalBackend
+
+__all__ = ["LocalBackend"]

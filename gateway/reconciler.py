@@ -1,0 +1,327 @@
+"""The reconciler: one idempotent pass that moves every non-terminal job forward.
+
+A pass, under an exclusive file lock so two processes never interleave their passes:
+
+1. cancel   send cancellations the user asked for (one call per backend)
+2. resolve  jobs left in SUBMITTING by a crash: adopt what the backend already has by the
+            attempt key; resubmit the same attempt otherwise (the node's claim file makes a
+            duplicate start impossible)
+3. observe  ONE poll per backend for all its active jobs; apply transitions; retry per spec
+4. submit   place PENDING jobs (FIFO, within slot limits), write the intent (SUBMITTING)
+            in one transaction, then hand them to the backend in one batch
+
+The process may die between any two steps: every step reads what the previous one wrote.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from gateway.attempts import attempt_dir, prepare_attempt
+from gateway.backends import BackendRegistry
+from gateway.backends.base import Backend, Observation, SubmitRequest, attempt_key, check_capabilities
+from gateway.config import Config
+from gateway.errors import BackendUnavailable, GatewayError
+from gateway.states import ACTIVE, State
+from gateway.store import Change, JobRecord, Store
+
+log = logging.getLogger("hpcgw.reconciler")
+RETRYABLE = {State.FAILED, State.TIMEOUT, State.LOST}
+
+
+@dataclass
+class PassReport:
+    submitted: int = 0
+    adopted: int = 0
+    transitions: int = 0
+    retried: int = 0
+    cancelled: int = 0
+    polls: dict[str, int] = field(default_factory=dict)
+    unavailable: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(self, store: Store, backends: BackendRegistry, config: Config):
+        self.store, self.backends, self.config = store, backends, config
+        self.lock_path = config.data_path / "reconcile.lock"
+
+    @contextmanager
+    def locked(self, block: bool) -> Iterator[bool]:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def run_pass(self, *, block: bool = False) -> PassReport | None:
+        """One pass; None when another process holds the lock and ``block`` is False."""
+        with self.locked(block) as held:
+            if not held:
+                return None
+            report = PassReport()
+            self._cancel(report)
+            resubmit = self._resolve(report)
+            self._observe(report)
+            self._submit(report, resubmit)
+            return report
+
+    # -- helpers --------------------------------------------------------------------------
+    def _backend(self, job: JobRecord) -> Backend:
+        return self.backends.get(job.backend or job.target)
+
+    def _group(self, jobs: Sequence[JobRecord]) -> dict[str, list[JobRecord]]:
+        groups: dict[str, list[JobRecord]] = defaultdict(list)
+        for job in jobs:
+            groups[job.backend or self.backends.backend_name(job.target)].append(job)
+        return groups
+
+    # -- 1. cancel ------------------------------------------------------------------------
+    def _cancel(self, report: PassReport) -> None:
+        now = time.time()
+        wanted = [j for j in self.store.jobs(states=[State.QUEUED, State.RUNNING, State.UNKNOWN])
+                  if j.cancel_requested and j.ref and (j.cancel_sent_at or 0) < now - 60]
+        for name, jobs in self._group(wanted).items():
+            try:
+                self.backends.get(name).cancel([j.ref for j in jobs if j.ref])
+            except BackendUnavailable as exc:
+                report.unavailable.append(f"{name}: {exc}")
+                continue
+            self.store.apply([Change(j.id, None, {"cancel_sent_at": now}, "cancel-sent")
+                              for j in jobs])
+
+    # -- 2. resolve -----------------------------------------------------------------------
+    def _resolve(self, report: PassReport) -> list[JobRecord]:
+        """Adopt or resubmit jobs whose submission was interrupted; returns the resubmits."""
+        now, resubmit = time.time(), []
+        stuck = [j for j in self.store.jobs(states=[State.SUBMITTING], newest_first=False)
+                 if j.not_before <= now]
+        for name, jobs in self._group(stuck).items():
+            backend = self.backends.get(name)
+            keys = {attempt_key(j.id, j.attempt): j for j in jobs}
+            try:
+                found = backend.adopt(list(keys))
+            except BackendUnavailable as exc:
+                report.unavailable.append(f"{name}: {exc}")
+                continue
+            changes = []
+            for key, job in keys.items():
+                if key in found:
+                    changes.append(Change(job.id, State.QUEUED, {"ref": found[key]}, "adopted",
+                                          f"found at {name} as {found[key]}", expect=State.SUBMITTING))
+                elif job.cancel_requested:
+                    changes.append(Change(job.id, State.CANCELLED, {"kind": "cancelled", "ended_at": now,
+                                          "reason": "cancelled before submission"}, expect=State.SUBMITTING))
+                else:
+                    resubmit.append(job)
+            self.store.apply(changes)
+            report.adopted += sum(1 for c in changes if c.event == "adopted")
+        return resubmit
+
+    # -- 3. observe -----------------------------------------------------------------------
+    def _observe(self, report: PassReport) -> None:
+        active = [j for j in self.store.jobs(states=[State.QUEUED, State.RUNNING, State.UNKNOWN])
+                  if j.ref]
+        for name, jobs in self._group(active).items():
+            try:
+                seen = self.backends.get(name).poll([j.ref for j in jobs if j.ref])
+            except BackendUnavailable as exc:
+                report.unavailable.append(f"{name}: {exc}")
+                continue
+            report.polls[name] = report.polls.get(name, 0) + 1
+            changes, ended = [], []
+            for job in jobs:
+                obs = seen.get(job.ref or "")
+                change = self._observed(job, obs)
+                if change is not None:
+                    changes.append(change)
+                    if change.state is not None and (change.state.terminal or change.event == "retry"):
+                        ended.append((job, obs))
+            skipped = set(self.store.apply(changes))
+            report.transitions += sum(1 for c in changes if c.state is not None)
+            report.retried += sum(1 for c in changes if c.event == "retry")
+            for job, obs in ended:
+                if job.id not in skipped:
+                    self._record_attempt(job, obs, name)
+
+    def _observed(self, job: JobRecord, obs: Observation | None) -> Change | None:
+        if obs is None:
+            misses = job.misses + 1
+            if misses < self.config.agent.lost_after_misses:
+                return Change(job.id, None, {"misses": misses}, "", expect=job.state)
+            obs = Observation(job.ref or "", State.LOST, kind="lost",
+                              reason=f"{job.backend} no longer knows this job and left no result")
+        if obs.state.terminal:
+            return self._finished(job, obs)
+        fields: dict[str, object] = {"misses": 0}
+        if obs.reason != job.reason:
+            fields["reason"] = obs.reason
+        if obs.node and obs.node != job.node:
+            fields["node"] = obs.node
+        if obs.started_at and not job.started_at:
+            fields["started_at"] = obs.started_at
+        if obs.state == job.state:
+            quiet = fields == {"misses": 0} and job.misses == 0
+            return None if quiet else Change(job.id, None, fields, "", expect=job.state)
+        if obs.state == State.UNKNOWN:
+            log.warning("job %s: unknown native state %r from %s", job.id, obs.native, job.backend)
+        return Change(job.id, obs.state, fields, "state", obs.reason or obs.native, expect=job.state)
+
+    def _finished(self, job: JobRecord, obs: Observation) -> Change:
+        spec = job.spec
+        outputs = json.loads(obs.extra.get("outputs", "[]"))
+        fields: dict[str, object] = {
+            "exit_code": obs.exit_code, "kind": obs.kind, "reason": obs.reason, "misses": 0,
+            "node": obs.node or job.node, "started_at": obs.started_at or job.started_at,
+            "ended_at": obs.ended_at or time.time(), "outputs_json": json.dumps(outputs),
+            "provenance_json": json.dumps(self._provenance(job, obs), sort_keys=True)}
+        data = {"attempt": job.attempt, "exit_code": obs.exit_code, "kind": obs.kind}
+        retry = (obs.state in RETRYABLE and obs.kind in spec.retries.on
+                 and job.attempt <= spec.retries.max and not job.cancel_requested)
+        if retry:
+            fields.update(ref=None, not_before=0)
+            return Change(job.id, State.PENDING, fields, "retry",
+                          f"attempt {job.attempt} ended {obs.state.value} ({obs.reason}); "
+                          f"retry {job.attempt} of {spec.retries.max}", data, expect=job.state)
+        return Change(job.id, obs.state, fields, "state", obs.reason, data, expect=job.state)
+
+    def _provenance(self, job: JobRecord, obs: Observation) -> dict[str, object]:
+        base = job.provenance
+        adir = attempt_dir(self.config.jobs_path, job.id, job.attempt)
+        ran = {}
+        try:
+            ran = json.loads((adir / "launch.json").read_text())
+        except (OSError, ValueError):
+            pass
+        base.update(spec_digest=job.spec_digest, backend=job.backend, ref=job.ref,
+                    attempt=job.attempt, node=obs.node, runtime=ran.get("runtime"),
+                    argv=ran.get("argv"), image=job.spec.image, exit_code=obs.exit_code,
+                    started_at=obs.started_at, ended_at=obs.ended_at)
+        return base
+
+    def _record_attempt(self, job: JobRecord, obs: Observation | None, backend: str) -> None:
+        state = obs.state.value if obs else State.LOST.value
+        self.store.record_attempt(
+            job.id, job.attempt, backend, state=state, ref=job.ref,
+            exit_code=obs.exit_code if obs else None, kind=obs.kind if obs else "lost",
+            reason=obs.reason if obs else None, node=(obs.node if obs else None) or job.node,
+            submitted_at=job.submitted_at, started_at=(obs.started_at if obs else None) or job.started_at,
+            ended_at=(obs.ended_at if obs else None) or time.time())
+
+    # -- 4. submit ------------------------------------------------------------------------
+    def _submit(self, report: PassReport, resubmit: list[JobRecord]) -> None:
+        now = time.time()
+        pending = [j for j in self.store.jobs(states=[State.PENDING], newest_first=False)
+                   if j.not_before <= now and not j.cancel_requested]
+        intents, admitted = self._admit(pending)
+        if intents:
+            skipped = set(self.store.apply(intents))
+            admitted = [(j, n) for j, n in admitted if j.id not in skipped]
+        fresh = [(self.store.get(j.id), n) for j, n in admitted]
+        batch = [(j, self._backend_name(j)) for j in resubmit] + fresh
+        by_backend: dict[str, list[JobRecord]] = defaultdict(list)
+        for job, name in batch:
+            by_backend[name].append(job)
+        for name, jobs in by_backend.items():
+            report.submitted += self._submit_to(name, jobs, report)
+
+    def _backend_name(self, job: JobRecord) -> str:
+        return job.backend or self.backends.backend_name(job.target)
+
+    def _admit(self, pending: list[JobRecord]) -> tuple[list[Change], list[tuple[JobRecord, str]]]:
+        """Decide which PENDING jobs go now (FIFO within slot limits) and write their intent."""
+        usage = self._usage()
+        changes, admitted, blocked = [], [], set()
+        for job in pending:
+            name = self.backends.backend_name(job.target)
+            if name in blocked:
+                continue
+            try:
+                backend = self.backends.get(job.target)
+                check_capabilities(backend, job.spec)
+            except GatewayError as exc:
+                changes.append(Change(job.id, State.FAILED, {"kind": "refused", "reason": str(exc),
+                               "ended_at": time.time()}, "refused", str(exc), expect=State.PENDING))
+                continue
+            capacity = backend.capacity()
+            need = (job.spec.resources.total_cpus, job.spec.resources.total_gpus)
+            used = usage.setdefault(name, [0, 0])
+            if capacity and (used[0] + need[0] > capacity.cpus or used[1] + need[1] > capacity.gpus):
+                blocked.add(name)
+                reason = f"waiting for free slots ({used[0]}/{capacity.cpus} CPUs in use)"
+                if job.reason != reason:
+                    changes.append(Change(job.id, None, {"reason": reason}, "", expect=State.PENDING))
+                continue
+            used[0] += need[0]
+            used[1] += need[1]
+            changes.append(Change(job.id, State.SUBMITTING, {
+                "attempt": job.attempt + 1, "backend": name, "ref": None, "misses": 0,
+                "submitted_at": time.time(), "reason": None, "exit_code": None, "kind": None},
+                "state", f"attempt {job.attempt + 1} to {name}", expect=State.PENDING))
+            admitted.append((job, name))
+        return changes, admitted
+
+    def _usage(self) -> dict[str, list[int]]:
+        usage: dict[str, list[int]] = {}
+        for job in self.store.jobs(states=list(ACTIVE)):
+            res = job.spec.resources
+            used = usage.setdefault(self._backend_name(job), [0, 0])
+            used[0] += res.total_cpus
+            used[1] += res.total_gpus
+        return usage
+
+    def _submit_to(self, name: str, jobs: list[JobRecord], report: PassReport) -> int:
+        backend = self.backends.get(name)
+        runtime = "host"
+        requests: list[SubmitRequest] = []
+        for job in jobs:
+            requests.append(prepare_attempt(self.config.jobs_path, job, job.attempt,
+                                            job.spec.effective_runtime or runtime,
+                                            self.config.local.kill_grace_s))
+        try:
+            outcomes = backend.submit(requests)
+        except BackendUnavailable as exc:
+            report.unavailable.append(f"{name}: {exc}")
+            self._back_off(jobs, str(exc))
+            return 0
+        by_key = {r.key: r for r in requests}
+        changes, now = [], time.time()
+        for outcome in outcomes:
+            job_id = by_key[outcome.key].job_id
+            if outcome.ref is not None:
+                changes.append(Change(job_id, State.QUEUED, {"ref": outcome.ref}, "state",
+                                      f"submitted to {name} as {outcome.ref}", expect=State.SUBMITTING))
+            elif outcome.transient:
+                changes.append(self._backoff_change(job_id, outcome.error or "unavailable", now))
+            else:
+                changes.append(Change(job_id, State.FAILED, {"kind": "refused", "ended_at": now,
+                                      "reason": outcome.error}, "refused", outcome.error,
+                                      expect=State.SUBMITTING))
+        self.store.apply(changes)
+        return sum(1 for c in changes if c.state == State.QUEUED)
+
+    def _backoff_change(self, job_id: str, why: str, now: float) -> Change:
+        delays = self.config.agent.backoff_s or (5.0,)
+        tries = sum(1 for e in self.store.events(job_id) if e.kind == "backoff")
+        delay = delays[min(tries, len(delays) - 1)]
+        return Change(job_id, None, {"not_before": now + delay, "reason": f"backend unavailable: {why}"},
+                      "backoff", f"retrying submission in {delay:g} s: {why}")
+
+    def _back_off(self, jobs: list[JobRecord], why: str) -> None:
+        now = time.time()
+        self.store.apply([self._backoff_change(j.id, why, now) for j in jobs])
+
