@@ -87,6 +87,7 @@ class SlurmCluster:
     def start(self) -> "SlurmCluster":
         """Write the config, start munged, slurmctld and the slurmd(s); wait until nodes are idle."""
         self.stop()  # a previous run in the same folder must not linger
+        shutil.rmtree(self.base / "state", ignore_errors=True)  # no old jobs, ids from 1
         for sub in ("etc", "munge", "run", "log", "state", "spool", "tmp", "gres"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         for node in self.nodes:

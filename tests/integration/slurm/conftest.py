@@ -1,0 +1,35 @@
+"""Session-wide private Slurm clusters (see gateway/testing/slurm_cluster.py).
+
+They need Debian's slurm-wlm and munge (CI installs them); without slurmctld the Slurm
+tests are skipped with that message, everything else still runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Iterator
+
+import pytest
+
+from gateway.testing.slurm_cluster import SlurmCluster
+
+
+def _need_slurm() -> None:
+    if not shutil.which("slurmctld"):
+        pytest.skip("slurmctld is not installed (apt-get install slurm-wlm munge openmpi-bin)")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """One slurmd c1: 16 CPUs, 64 GiB, gpu:fake:2, features ib,avx512; partitions debug, gpu."""
+    _need_slurm()
+    with SlurmCluster(tmp_path_factory.mktemp("slurm1"), "single") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_2n(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """Two slurmd n1, n2 (4 CPUs each) for multi-node MPI."""
+    _need_slurm()
+    with SlurmCluster(tmp_path_factory.mktemp("slurm2"), "two-node") as cluster:
+        yield cluster
