@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from gateway import proc
 from gateway.backends.base import (
@@ -44,13 +44,21 @@ def is_transient(stderr: str) -> bool:
     return not _unknown_job(low) and any(word in low for word in TRANSIENT)
 
 
-class SlurmBackend:
-    """Runs attempts as Slurm batch jobs named by their key (``hpcgw.<job_id>.<attempt>``)."""
+Runner = Callable[..., proc.Result]
 
-    def __init__(self, profile: SlurmProfile, *, env: Mapping[str, str] | None = None) -> None:
+
+class SlurmBackend:
+    """Runs attempts as Slurm batch jobs named by their key (``hpcgw.<job_id>.<attempt>``).
+
+    ``run`` replaces ``gateway.proc.run`` (same signature) for tests that script Slurm's answers.
+    """
+
+    def __init__(self, profile: SlurmProfile, *, env: Mapping[str, str] | None = None,
+                 run: Runner | None = None) -> None:
         self.profile = profile
         self.name = f"slurm:{profile.name}"
         self.env = {**profile.env, **dict(env or {})}
+        self._runner: Runner = run or proc.run
         self.calls: Counter[str] = Counter()   # client calls by command, for tests/benchmarks
         self._site: dict[str, site.Partition] | None = None
         self._site_at = 0.0
@@ -60,7 +68,7 @@ class SlurmBackend:
     def _run(self, argv: list[str], *, timeout: float = TIMEOUT) -> proc.Result:
         """Run one Slurm client command; unreachable controller -> BackendUnavailable."""
         self.calls[argv[0]] += 1
-        res = proc.run(argv, env=self.env, timeout=timeout, check=False)
+        res = self._runner(argv, env=self.env, timeout=timeout, check=False)
         if res.returncode != 0 and is_transient(res.stderr):
             raise BackendUnavailable(f"{argv[0]}: {res.stderr.strip() or 'no answer'}")
         return res
