@@ -28,9 +28,10 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator, Literal
+from typing import Literal
 
 from gateway import proc
 from gateway.errors import BackendUnavailable, CommandError
@@ -84,7 +85,7 @@ class SlurmCluster:
         """Environment to give every Slurm client command that should talk to this cluster."""
         return {"SLURM_CONF": str(self.conf)}
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         """Write the config, start munged, slurmctld and the slurmd(s); wait until nodes are idle."""
         self.stop()  # a previous run in the same folder must not linger
         shutil.rmtree(self.base / "state", ignore_errors=True)  # no old jobs, ids from 1
@@ -140,7 +141,7 @@ class SlurmCluster:
             out.append(f"== {log}\n" + "\n".join(text) + "\n")
         return "".join(out)
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -210,11 +211,11 @@ class SlurmCluster:
         res = self._client(["squeue", "-h", "-o", "%i"])
         return res is not None and res.returncode == 0 and not res.stdout.strip()
 
-    def _wait(self, ready: "object", what: str, timeout: float = READY_TIMEOUT,
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float = READY_TIMEOUT,
               fail: bool = True) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if ready():  # type: ignore[operator]
+            if ready():
                 return True
             time.sleep(POLL)
         if fail:
@@ -300,7 +301,7 @@ def render_slurm_conf(base: Path, mode: Mode, port: int, munge_socket: Path) -> 
         f"ClusterName=hpcgwtest{port}",
         f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmctldPort={port}",
-        f"AuthType=auth/munge", f"AuthInfo=socket={munge_socket}", "CryptoType=crypto/munge",
+        "AuthType=auth/munge", f"AuthInfo=socket={munge_socket}", "CryptoType=crypto/munge",
         "SlurmUser=root", "SlurmdUser=root",
         f"StateSaveLocation={base}/state", f"SlurmdSpoolDir={base}/spool/%n",
         f"SlurmctldPidFile={base}/run/slurmctld.pid", f"SlurmdPidFile={base}/run/slurmd-%n.pid",
@@ -320,16 +321,16 @@ def render_slurm_conf(base: Path, mode: Mode, port: int, munge_socket: Path) -> 
     if mode == "single":
         lines += [
             "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
-            f"NodeName=c1 NodeAddr=127.0.0.1 NodeHostname=localhost Port={port + 1} CPUs=16 "
-            "RealMemory=65536 Gres=gpu:fake:2 Feature=ib,avx512 State=UNKNOWN",
+            (f"NodeName=c1 NodeAddr=127.0.0.1 NodeHostname=localhost Port={port + 1} CPUs=16 "
+             "RealMemory=65536 Gres=gpu:fake:2 Feature=ib,avx512 State=UNKNOWN"),
             f"PartitionName=debug Nodes=c1 Default=YES MaxTime={PARTITION_MAXTIME} State=UP",
             f"PartitionName=gpu Nodes=c1 MaxTime={PARTITION_MAXTIME} State=UP",
         ]
     else:
         lines += [
             "CommunicationParameters=NoCtldInAddrAny",
-            f"NodeName=n[1-2] NodeAddr=127.0.0.1 NodeHostname=localhost Port={port + 1}-{port + 2} "
-            "CPUs=4 RealMemory=8192 Feature=ib,avx512 State=UNKNOWN",
+            (f"NodeName=n[1-2] NodeAddr=127.0.0.1 NodeHostname=localhost "
+             f"Port={port + 1}-{port + 2} CPUs=4 RealMemory=8192 Feature=ib,avx512 State=UNKNOWN"),
             f"PartitionName=debug Nodes=n[1-2] Default=YES MaxTime={PARTITION_MAXTIME} State=UP",
         ]
     return "\n".join(lines) + "\n"

@@ -13,10 +13,10 @@ from gateway.errors import ConfigError
 if TYPE_CHECKING:
     from gateway.config import Config
 
-__all__ = ["SlurmBackend", "SlurmProfile", "make_backend", "load_profile"]
+__all__ = ["SlurmBackend", "SlurmProfile", "load_profile", "make_backend"]
 
 
-def load_profile(config: "Config", name: str) -> SlurmProfile:
+def load_profile(config: Config, name: str) -> SlurmProfile:
     """The profile ``name`` from the config (``backends.slurm.profiles``), else a packaged one."""
     from pydantic import ValidationError
 
@@ -37,6 +37,6 @@ def load_profile(config: "Config", name: str) -> SlurmProfile:
         raise ConfigError(f"invalid slurm profile in {where}:\n" + "\n".join(lines)) from None
 
 
-def make_backend(config: "Config", profile: str) -> SlurmBackend:
+def make_backend(config: Config, profile: str) -> SlurmBackend:
     """Factory the backend registry calls for targets ``slurm`` and ``slurm:PROFILE``."""
     return SlurmBackend(load_profile(config, profile))

@@ -13,16 +13,19 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from gateway import proc
-from gateway.backends.base import (
-    Capabilities, Capacity, Observation, SubmitOutcome, SubmitRequest)
+from gateway.backends.base import Capabilities, Capacity, Observation, SubmitOutcome, SubmitRequest
 from gateway.backends.slurm import query, site
 from gateway.backends.slurm.profile import SlurmProfile
 from gateway.backends.slurm.script import (
-    ARRAY_COMMENT, render_array, render_sbatch, resource_directives)
+    ARRAY_COMMENT,
+    render_array,
+    render_sbatch,
+    resource_directives,
+)
 from gateway.errors import BackendUnavailable, CapabilityError, CommandError
 
 log = logging.getLogger(__name__)

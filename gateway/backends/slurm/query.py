@@ -8,8 +8,8 @@ practice; the free-text field comes last so a stray separator cannot shift the o
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
 
 from gateway.backends.base import Observation
 from gateway.backends.slurm.states import decode_exit, translate

@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from gateway import units
 from gateway.backends.base import SubmitRequest
@@ -96,8 +96,8 @@ def body_lines(request: SubmitRequest, profile: SlurmProfile) -> list[str]:
     workdir = request.spec.workdir or str(Path(request.attempt_dir) / "work")
     lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(request.env.items())]
     lines += [
-        f"{py} -m gateway.node prepare {adir} || "
-        f'{{ rc=$?; [ "$rc" = {ALREADY_RAN} ] && exit 0; exit "$rc"; }}',
+        (f"{py} -m gateway.node prepare {adir} || "
+         f'{{ rc=$?; [ "$rc" = {ALREADY_RAN} ] && exit 0; exit "$rc"; }}'),
         f"cd {shlex.quote(workdir)} && {run_line(request, profile)}",
         "rc=$?",
         f'{py} -m gateway.node finish {adir} --exit-code "$rc"',
@@ -108,8 +108,8 @@ def body_lines(request: SubmitRequest, profile: SlurmProfile) -> list[str]:
 
 def _header(directives: list[str]) -> list[str]:
     return ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
-            "# Written by hpcgw (gateway.backends.slurm.script); the job's record lives in the "
-            "gateway's store."]
+            ("# Written by hpcgw (gateway.backends.slurm.script); the job's record lives in the "
+             "gateway's store.")]
 
 
 def render_sbatch(request: SubmitRequest, profile: SlurmProfile) -> str:

@@ -8,8 +8,8 @@ capabilities are the union of its lines; a profile's are the union of its partit
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from gateway.backends.base import Capabilities
 

@@ -7,7 +7,7 @@ tests are skipped with that message, everything else still runs.
 from __future__ import annotations
 
 import shutil
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

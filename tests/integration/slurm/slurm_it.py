@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from gateway.backends.base import Observation, SubmitRequest, attempt_key
 from gateway.backends.slurm import SlurmBackend, SlurmProfile

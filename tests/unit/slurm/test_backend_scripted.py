@@ -4,8 +4,9 @@ instead of, the real-cluster tests in tests/integration/slurm."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from slurm_helpers import make_request
@@ -94,8 +95,9 @@ def test_submit_groups_by_shape_and_stops_knocking_when_the_controller_is_down(
 
 
 def test_sbatch_refusal_is_final(tmp_path: Path) -> None:
-    slurm = Slurm(sbatch=lambda a: (1, "", "sbatch: error: Batch job submission failed: "
-                                           "Invalid account or account/partition combination\n"))
+    refusal = ("sbatch: error: Batch job submission failed: "
+               "Invalid account or account/partition combination\n")
+    slurm = Slurm(sbatch=lambda a: (1, "", refusal))
     [out] = backend(slurm, account="nope").submit([make_request(tmp_path, job_id="x")])
     assert out.ref is None and not out.transient and "Invalid account" in (out.error or "")
 
@@ -125,8 +127,8 @@ def test_capabilities_follow_the_profile_walltime_and_gpu_partitions() -> None:
 
 
 def test_cancel_is_one_call_and_tolerates_finished_jobs() -> None:
-    slurm = Slurm(scancel=lambda a: (1, "", "scancel: error: Kill job error on job id 3: "
-                                           "Job/step already completing or completed\n"))
+    done = "scancel: error: Kill job error on job id 3: Job/step already completing or completed\n"
+    slurm = Slurm(scancel=lambda a: (1, "", done))
     backend(slurm).cancel(["3", "4_1", "3"])
     assert slurm.argvs == [["scancel", "3", "4_1"]]
 

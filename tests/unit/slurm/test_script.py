@@ -16,7 +16,12 @@ from slurm_helpers import HOSTILE, make_request
 
 from gateway.backends.slurm.profile import SlurmProfile
 from gateway.backends.slurm.script import (
-    array_name, directive_value, render_array, render_sbatch, resource_directives)
+    array_name,
+    directive_value,
+    render_array,
+    render_sbatch,
+    resource_directives,
+)
 from gateway.errors import CapabilityError
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -65,7 +70,8 @@ def test_golden(name: str) -> None:
 def test_bash_parses_script(name: str, tmp_path: Path) -> None:
     script = tmp_path / "job.sbatch"
     script.write_text(CASES[name])
-    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True,
+                          check=False)
     assert done.returncode == 0, done.stderr
 
 
@@ -153,7 +159,8 @@ def _run_body(script: str, tmp_path: Path, env: dict[str, str] | None = None) ->
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     base = {"PATH": os.environ["PATH"], **(env or {})}
-    return subprocess.run(["bash", str(path)], capture_output=True, env=base, cwd=tmp_path)
+    return subprocess.run(["bash", str(path)], capture_output=True, env=base, cwd=tmp_path,
+                          check=False)
 
 
 def _stub(tmp_path: Path) -> SlurmProfile:
