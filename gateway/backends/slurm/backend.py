@@ -9,7 +9,6 @@ BackendUnavailable (or transient outcomes) and the reconciler backs off.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -20,6 +19,7 @@ from gateway import proc
 from gateway.backends.base import Capabilities, Capacity, Observation, SubmitOutcome, SubmitRequest
 from gateway.backends.slurm import query, site
 from gateway.backends.slurm.profile import SlurmProfile
+from gateway.backends.slurm.results import Results, write_manifest
 from gateway.backends.slurm.script import (
     ARRAY_COMMENT,
     render_array,
@@ -66,6 +66,7 @@ class SlurmBackend:
         self._site: dict[str, site.Partition] | None = None
         self._site_at = 0.0
         self._accounting: bool | None = None   # None: not known yet
+        self._results = Results()
 
     # -- running client commands --------------------------------------------------------
     def _run(self, argv: list[str], *, timeout: float = TIMEOUT) -> proc.Result:
@@ -160,6 +161,8 @@ class SlurmBackend:
         for req in chunk:
             Path(req.attempt_dir).mkdir(parents=True, exist_ok=True)
             (Path(req.attempt_dir) / "job.sbatch").write_text(text)
+        if len(chunk) > 1:
+            write_manifest(chunk)
         script = Path(chunk[0].attempt_dir) / "job.sbatch"
         try:
             res = self._run(["sbatch", "--parsable", str(script)])
@@ -187,7 +190,7 @@ class SlurmBackend:
         missing = [r for r in refs if r not in found]
         if missing and self._accounting is not False:
             found.update(self._sacct(missing))
-        return {ref: self._with_status(obs) for ref, obs in found.items()}
+        return {ref: self._results.add_outputs(obs) for ref, obs in found.items()}
 
     def _sacct(self, refs: list[str]) -> dict[str, Observation]:
         res = self._run(query.sacct_argv(refs))
@@ -201,19 +204,6 @@ class SlurmBackend:
         self._accounting = True
         rows = query.parse_rows(res.stdout, query.SACCT_FIELDS)
         return query.observations(rows, refs, exit_field="ExitCode")
-
-    @staticmethod
-    def _with_status(obs: Observation) -> Observation:
-        """Add the outputs the node recorded in status.json (plain jobs: WorkDir is the folder)."""
-        workdir = obs.extra.get("workdir")
-        if not obs.state.terminal or not workdir or "_" in obs.ref:
-            return obs
-        try:
-            status = json.loads((Path(workdir) / "status.json").read_text())
-        except (OSError, ValueError):
-            return obs
-        obs.extra["outputs"] = json.dumps(status.get("outputs") or [])
-        return obs
 
     # -- cancel / adopt / logs ----------------------------------------------------------
     def cancel(self, refs: Sequence[str]) -> None:

@@ -37,7 +37,8 @@ def timeout_ref(backend: SlurmBackend, jobs: Path) -> Iterator[str]:
 
 
 def test_submit_success_with_logs(backend: SlurmBackend, jobs: Path) -> None:
-    req = attempt(jobs, "ok", command=["sh", "-c", "echo out; echo err >&2; pwd"])
+    req = attempt(jobs, "ok", command=["sh", "-c", "echo out; echo err >&2; pwd; : > o.bin"],
+                  outputs=["*.bin"])
     [ref] = submit_ok(backend, [req])
     obs = wait_for(backend, [ref])[ref]
     assert (obs.state, obs.exit_code, obs.kind, obs.node) == (State.SUCCEEDED, 0, None, "c1")
@@ -46,6 +47,7 @@ def test_submit_success_with_logs(backend: SlurmBackend, jobs: Path) -> None:
     assert logs["stdout"].read_text() == f"out\n{req.attempt_dir / 'work'}\n"
     assert logs["stderr"].read_text() == "err\n"
     assert json.loads((req.attempt_dir / "status.json").read_text())["exit_code"] == 0
+    assert json.loads(obs.extra["outputs"]) == ["o.bin"]
     assert "#SBATCH --job-name=hpcgw.ok.0" in (req.attempt_dir / "job.sbatch").read_text()
 
 
@@ -66,7 +68,8 @@ def test_cancel(backend: SlurmBackend, jobs: Path) -> None:
 
 
 def test_array_of_five(backend: SlurmBackend, jobs: Path) -> None:
-    reqs = [attempt(jobs, f"arr{i}", command=["sh", "-c", f"echo task {i}"]) for i in range(5)]
+    reqs = [attempt(jobs, f"arr{i}", command=["sh", "-c", f"echo task {i}; echo {i} > r.txt"],
+                    outputs=["r.txt"]) for i in range(5)]
     sbatch_before = backend.calls["sbatch"]
     refs = submit_ok(backend, reqs)
     assert backend.calls["sbatch"] == sbatch_before + 1
@@ -76,6 +79,10 @@ def test_array_of_five(backend: SlurmBackend, jobs: Path) -> None:
     assert all(o.state is State.SUCCEEDED and o.exit_code == 0 for o in seen.values())
     for i, req in enumerate(reqs):
         assert (req.attempt_dir / "stdout").read_text() == f"task {i}\n"
+        assert (req.attempt_dir / "outputs" / "r.txt").read_text() == f"{i}\n"
+        # the node's status.json is found from the array's manifest: outputs reach the gateway
+        assert json.loads(seen[refs[i]].extra["outputs"]) == ["r.txt"]
+        assert seen[refs[i]].extra["attempt_dir"] == str(req.attempt_dir)
 
 
 def test_gpu_gres_sets_cuda_visible_devices(backend: SlurmBackend, jobs: Path) -> None:
