@@ -35,6 +35,7 @@ from typing import Literal
 
 from gateway import proc
 from gateway.errors import BackendUnavailable, CommandError
+from gateway.testing.slurm_accounting import Accounting
 
 Mode = Literal["single", "two-node"]
 POLL = 0.2
@@ -69,11 +70,15 @@ def free_port_run(count: int, seed: str) -> int:
 class SlurmCluster:
     """A private slurmctld + slurmd(s) + munged under ``base_dir``; a context manager."""
 
-    def __init__(self, base_dir: str | os.PathLike[str], mode: Mode = "single") -> None:
+    def __init__(self, base_dir: str | os.PathLike[str], mode: Mode = "single", *,
+                 accounting: bool = False, min_job_age: int = 600) -> None:
         if mode not in ("single", "two-node"):
             raise ValueError(f"mode must be 'single' or 'two-node', not {mode!r}")
         self.base = Path(base_dir).resolve()
         self.mode: Mode = mode
+        self.accounting = accounting      # slurmdbd + mariadbd, so sacct works
+        self.min_job_age = min_job_age    # seconds slurmctld keeps finished jobs
+        self._acct: Accounting | None = None
         self.conf = self.base / "etc" / "slurm.conf"
         self.nodes = ["c1"] if mode == "single" else ["n1", "n2"]
         self.munge_socket = self.base / "munge" / "munge.socket"
@@ -96,6 +101,9 @@ class SlurmCluster:
         try:
             self._start_munge()
             self._write_config()
+            if self._acct is not None:
+                self._acct.start(self._marker_env(), self._wait)
+                self._acct.register(self.cluster_name, self.env)
             self._daemon(["slurmctld", "-i", "-f", str(self.conf)])
             self._wait(self._ctld_up, "slurmctld to answer `scontrol ping`")
             for node in self.nodes:
@@ -117,6 +125,8 @@ class SlurmCluster:
             self._client(["scontrol", "shutdown"])
         daemons = [self._pid("slurmctld")] + [self._pid(f"slurmd-{n}") for n in self.nodes]
         self._reap([p for p in daemons if p], timeout=10)
+        dbd = [self._pid("slurmdbd"), self._pid("mariadbd")]  # present only with accounting
+        self._reap([p for p in dbd if p], timeout=20)
         self._kill_marked()
         munged = self._read_pid(self.munge_pid)
         if munged:
@@ -167,9 +177,23 @@ class SlurmCluster:
             inner = f'hostname {node} && exec slurmd -f "$0" -N {node}'
             self._daemon(["unshare", "--uts", "sh", "-c", inner, str(self.conf)])
 
+    @property
+    def cluster_name(self) -> str:
+        info = json.loads((self.base / "cluster.json").read_text())
+        return f"hpcgwtest{info['ctld_port']}"
+
     def _write_config(self) -> None:
-        ports = free_port_run(1 + len(self.nodes), str(self.base))
-        self.conf.write_text(render_slurm_conf(self.base, self.mode, ports, self.munge_socket))
+        count = 1 + len(self.nodes)
+        ports = free_port_run(count + (2 if self.accounting else 0), str(self.base))
+        extra = [f"MinJobAge={self.min_job_age}"]
+        if self.accounting:
+            self._acct = Accounting(self.base, self.munge_socket, ports + count, ports + count + 1)
+            extra += self._acct.slurm_conf_lines()
+        else:
+            extra += ["AccountingStorageType=accounting_storage/none",
+                      "JobAcctGatherType=jobacct_gather/none"]
+        self.conf.write_text(render_slurm_conf(self.base, self.mode, ports, self.munge_socket,
+                                               extra))
         gres = self.base / "gres"
         lines = ["AutoDetect=off"]
         if self.mode == "single":
@@ -180,7 +204,8 @@ class SlurmCluster:
             lines.append(f"NodeName=c1 Name=gpu Type=fake File={gres}/nvidia[0-1]")
         (self.base / "etc" / "gres.conf").write_text("\n".join(lines) + "\n")
         (self.base / "cluster.json").write_text(json.dumps(
-            {"mode": self.mode, "ctld_port": ports, "conf": str(self.conf)}))
+            {"mode": self.mode, "ctld_port": ports, "conf": str(self.conf),
+             "accounting": self.accounting}))
 
     def _marker_env(self) -> dict[str, str]:
         """Every daemon (and so every slurmstepd) carries SLURM_CONF; stop() finds strays by it."""
@@ -294,7 +319,8 @@ def _ancestors() -> Iterator[int]:
         pid = int(stat.rsplit(")", 1)[1].split()[1])
 
 
-def render_slurm_conf(base: Path, mode: Mode, port: int, munge_socket: Path) -> str:
+def render_slurm_conf(base: Path, mode: Mode, port: int, munge_socket: Path,
+                      extra: list[str]) -> str:
     """slurm.conf for the private cluster; ``port`` is slurmctld's, the slurmd(s) follow it."""
     host = socket.gethostname().split(".")[0]
     lines = [
@@ -312,8 +338,7 @@ def render_slurm_conf(base: Path, mode: Mode, port: int, munge_socket: Path) -> 
         "SchedulerType=sched/backfill",
         "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0",
         "SlurmdParameters=config_overrides", "ReturnToService=2", "EnforcePartLimits=ALL",
-        "MinJobAge=600", "MpiDefault=none", "GresTypes=gpu", "DefMemPerCPU=512",
-        "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
+        "MpiDefault=none", "GresTypes=gpu", "DefMemPerCPU=512", *extra,
         "JobCompType=jobcomp/filetxt", f"JobCompLoc={base}/log/jobcomp.txt",
         "SlurmctldTimeout=30", "SlurmdTimeout=60", "InactiveLimit=0", "KillWait=5",
         "MessageTimeout=5",
@@ -342,12 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--dir", required=True, help="folder that holds everything of this cluster")
     parser.add_argument("--two-node", action="store_true", help="two slurmd n1, n2 (for MPI)")
+    parser.add_argument("--accounting", action="store_true",
+                        help="also start mariadbd + slurmdbd so sacct works")
     args = parser.parse_args(argv)
     info = Path(args.dir) / "cluster.json"
     mode: Mode = "two-node" if args.two_node else "single"
     if args.action == "down" and info.exists():
         mode = json.loads(info.read_text()).get("mode", mode)
-    cluster = SlurmCluster(args.dir, mode)
+    cluster = SlurmCluster(args.dir, mode, accounting=args.accounting)
     try:
         if args.action == "up":
             cluster.start()

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from gateway.testing.slurm_accounting import available as accounting_available
 from gateway.testing.slurm_cluster import SlurmCluster
 
 
@@ -32,4 +33,17 @@ def slurm_cluster_2n(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm
     """Two slurmd n1, n2 (4 CPUs each) for multi-node MPI."""
     _need_slurm()
     with SlurmCluster(tmp_path_factory.mktemp("slurm2"), "two-node") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_acct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """Single node with slurmdbd + mariadbd (sacct works) and MinJobAge=2, so finished jobs
+    soon leave slurmctld's memory and only accounting still knows them."""
+    _need_slurm()
+    if not accounting_available():
+        pytest.skip("slurmdbd/mariadbd are not installed "
+                    "(apt-get install slurmdbd mariadb-server slurm-wlm-mysql-plugin)")
+    with SlurmCluster(tmp_path_factory.mktemp("slurmacct"), "single", accounting=True,
+                      min_job_age=2) as cluster:
         yield cluster
