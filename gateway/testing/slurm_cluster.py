@@ -339,13 +339,14 @@ def render_slurm_conf(base: Path, mode: Mode, port: int, munge_socket: Path,
         "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0",
         "SlurmdParameters=config_overrides", "ReturnToService=2", "EnforcePartLimits=ALL",
         "MpiDefault=none", "GresTypes=gpu", "DefMemPerCPU=512", *extra,
+        # slurmctld listens on 127.0.0.1 only; node names need not resolve
+        "CommunicationParameters=NoCtldInAddrAny",
         "JobCompType=jobcomp/filetxt", f"JobCompLoc={base}/log/jobcomp.txt",
         "SlurmctldTimeout=30", "SlurmdTimeout=60", "InactiveLimit=0", "KillWait=5",
         "MessageTimeout=5",
     ]
     if mode == "single":
         lines += [
-            "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
             (f"NodeName=c1 NodeAddr=127.0.0.1 NodeHostname=localhost Port={port + 1} CPUs=16 "
              "RealMemory=65536 Gres=gpu:fake:2 Feature=ib,avx512 State=UNKNOWN"),
             f"PartitionName=debug Nodes=c1 Default=YES MaxTime={PARTITION_MAXTIME} State=UP",
@@ -353,7 +354,6 @@ def render_slurm_conf(base: Path, mode: Mode, port: int, munge_socket: Path,
         ]
     else:
         lines += [
-            "CommunicationParameters=NoCtldInAddrAny",
             (f"NodeName=n[1-2] NodeAddr=127.0.0.1 NodeHostname=localhost "
              f"Port={port + 1}-{port + 2} CPUs=4 RealMemory=8192 Feature=ib,avx512 State=UNKNOWN"),
             f"PartitionName=debug Nodes=n[1-2] Default=YES MaxTime={PARTITION_MAXTIME} State=UP",
