@@ -37,8 +37,7 @@ TRANSIENT = ("unable to contact slurm controller", "socket timed out", "connecti
              "temporarily unable", "resource temporarily unavailable", "not responding",
              "slurm_load_", "munge", "protocol authentication error", "try again")
 UNKNOWN_JOB = ("invalid job id", "does not exist", "already completing or completed")
-NO_ACCOUNTING = ("accounting storage is disabled", "slurmdbd", "not configured",
-                 "accounting_storage/none")
+NO_ACCOUNTING = ("accounting storage is disabled", "accounting_storage/none")
 
 
 def is_transient(stderr: str) -> bool:
@@ -122,6 +121,10 @@ class SlurmBackend:
     # -- submit -------------------------------------------------------------------------
     def submit(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
         """sbatch each shape group once (an array when it holds more than one request)."""
+        try:
+            self._partitions()   # one cached sinfo for every check below
+        except BackendUnavailable as exc:
+            return [SubmitOutcome(r.key, error=str(exc), transient=True) for r in requests]
         outcomes: dict[str, SubmitOutcome] = {}
         groups: dict[tuple[str, ...], list[SubmitRequest]] = {}
         for req in requests:
@@ -130,9 +133,6 @@ class SlurmBackend:
                 shape = tuple(resource_directives(req, self.profile))
             except CapabilityError as exc:
                 outcomes[req.key] = SubmitOutcome(req.key, error=str(exc))
-                continue
-            except BackendUnavailable as exc:
-                outcomes[req.key] = SubmitOutcome(req.key, error=str(exc), transient=True)
                 continue
             groups.setdefault(shape, []).append(req)
         down: str | None = None
@@ -216,7 +216,10 @@ class SlurmBackend:
             raise CommandError(["scancel", *refs], res.returncode, res.stderr)
 
     def adopt(self, keys: Sequence[str]) -> dict[str, str]:
-        """key -> ref for attempts Slurm already has: ONE squeue of this user's jobs."""
+        """key -> ref for attempts Slurm already has: ONE squeue of this user's jobs.
+
+        Plain jobs are found by name (= key); array tasks through their array's manifest.
+        """
         wanted = set(keys)
         if not wanted:
             return {}
@@ -226,11 +229,10 @@ class SlurmBackend:
         found: dict[str, str] = {}
         for row in query.parse_rows(res.stdout, query.ADOPT_FIELDS):
             key = row.get("Name")
-            comment = row.get("Comment") or ""
-            if comment.startswith(ARRAY_COMMENT) and row.get("ArrayTaskID") is not None:
-                names = comment[len(ARRAY_COMMENT):].split(",")
-                index = int(row.get("ArrayTaskID") or -1)
-                key = names[index] if 0 <= index < len(names) else None
+            index = row.get("ArrayTaskID")
+            if (row.get("Comment") or "").startswith(ARRAY_COMMENT) and index is not None:
+                task = self._results.task(row.get("WorkDir"), int(index))
+                key = task["key"] if task else None
             if key in wanted and key not in found:
                 found[key] = row.ref
         return found

@@ -19,7 +19,7 @@ SEP = "\x1f"
 # squeue --Format: "type:0<suffix>" = no width limit, the suffix appended.
 POLL_FIELDS = ["JobID", "ArrayJobID", "ArrayTaskID", "State", "exit_code", "Reason",
                "NodeList", "StartTime", "EndTime", "WorkDir"]
-ADOPT_FIELDS = ["JobID", "ArrayJobID", "ArrayTaskID", "State", "Name", "Comment"]
+ADOPT_FIELDS = ["JobID", "ArrayJobID", "ArrayTaskID", "State", "Name", "Comment", "WorkDir"]
 SACCT_FIELDS = ["JobID", "State", "ExitCode", "Reason", "NodeList", "Start", "End", "WorkDir"]
 NONE_WORDS = {"", "N/A", "None", "(null)", "Unknown", "NONE"}
 

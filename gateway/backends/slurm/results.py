@@ -1,8 +1,9 @@
-"""What the node left in an attempt folder, found from what Slurm tells about a job.
+"""What the gateway and the node left in attempt folders, found from what Slurm reports.
 
 A plain job's WorkDir (``--chdir``) is its attempt folder. An array's WorkDir is its first
-task's folder, which holds ``array.json`` (task index -> attempt folder), written before
-sbatch so the mapping survives a gateway restart. ``status.json`` is the node's final word
+task's folder, which holds ``array.json`` (task index -> key and attempt folder), written
+before sbatch: it maps array tasks back to attempts for ``poll`` (outputs) and ``adopt``
+(keys), also after a gateway restart. ``status.json`` is the node's final word
 (``gateway.node finish``); its outputs are passed on in ``Observation.extra["outputs"]``.
 """
 
@@ -25,26 +26,30 @@ def write_manifest(chunk: Sequence[SubmitRequest]) -> None:
 
 
 class Results:
-    """Reads status.json for finished attempts; caches array manifests by folder."""
+    """Reads array manifests (cached by folder) and status.json of finished attempts."""
 
     def __init__(self) -> None:
-        self._manifests: dict[str, list[str]] = {}
+        self._manifests: dict[str, list[dict[str, str]]] = {}
 
-    def attempt_dir(self, obs: Observation) -> Path | None:
-        workdir = obs.extra.get("workdir")
+    def task(self, workdir: str | None, index: int) -> dict[str, str] | None:
+        """``{"key", "attempt_dir"}`` of array task ``index`` whose array runs in ``workdir``."""
         if not workdir:
             return None
-        if "_" not in obs.ref:
-            return Path(workdir)
         if workdir not in self._manifests:
             try:
                 tasks = json.loads((Path(workdir) / MANIFEST).read_text())["tasks"]
             except (OSError, ValueError, KeyError, TypeError):
                 return None
-            self._manifests[workdir] = [t["attempt_dir"] for t in tasks]
-        index = int(obs.ref.rsplit("_", 1)[1])
-        dirs = self._manifests[workdir]
-        return Path(dirs[index]) if 0 <= index < len(dirs) else None
+            self._manifests[workdir] = list(tasks)
+        tasks = self._manifests[workdir]
+        return tasks[index] if 0 <= index < len(tasks) else None
+
+    def attempt_dir(self, obs: Observation) -> Path | None:
+        workdir = obs.extra.get("workdir")
+        if "_" not in obs.ref:
+            return Path(workdir) if workdir else None
+        task = self.task(workdir, int(obs.ref.rsplit("_", 1)[1]))
+        return Path(task["attempt_dir"]) if task else None
 
     def add_outputs(self, obs: Observation) -> Observation:
         """The observation with ``extra["outputs"]`` (JSON list) when the node recorded them."""

@@ -137,8 +137,9 @@ def render_array(requests: Sequence[SubmitRequest], profile: SlurmProfile,
 
     Each task is one branch of a ``case "$SLURM_ARRAY_TASK_ID"``; it redirects its own
     stdout/stderr into its attempt folder. Slurm's own messages for task i (time limit,
-    cancel) go to ``array-<i>.out`` in the first request's folder. The comment carries
-    every key (``hpcgw-array:k0,k1,...``) so ``adopt`` can find the tasks again.
+    cancel) go to ``array-<i>.out`` in the first request's folder (the array's WorkDir),
+    which also holds ``array.json`` (task -> key, folder; see results.py): a Slurm comment
+    holds at most 1024 characters, too few for the keys of a large array.
     """
     if not requests:
         raise ValueError("render_array needs at least one request")
@@ -148,14 +149,11 @@ def render_array(requests: Sequence[SubmitRequest], profile: SlurmProfile,
             raise ValueError(f"{req.key} has another shape than {requests[0].key}; "
                              "group requests by resource_directives() first")
     keys = [r.key for r in requests]
-    for key in keys:
-        if "," in key:
-            raise CapabilityError(f"key {key!r} holds a comma; it cannot be listed in an array")
     first = Path(requests[0].attempt_dir)
     spread = f"0-{len(requests) - 1}" + (f"%{throttle}" if throttle else "")
     directives = [
         f"--job-name={array_name(keys)}",
-        f"--comment={directive_value(ARRAY_COMMENT + ','.join(keys), 'comment')}",
+        f"--comment={ARRAY_COMMENT}{len(requests)}",
         f"--array={spread}", *shape,
         f"--output={path_directive(first / 'array-', 'array log')}%a.out",
         f"--error={path_directive(first / 'array-', 'array log')}%a.out",

@@ -13,6 +13,7 @@ from slurm_helpers import make_request
 
 from gateway import proc
 from gateway.backends.slurm import SlurmBackend, SlurmProfile
+from gateway.backends.slurm.results import write_manifest
 from gateway.errors import BackendUnavailable, CommandError
 from gateway.states import State
 
@@ -139,11 +140,24 @@ def test_cancel_other_errors_are_command_errors() -> None:
         backend(slurm).cancel(["3"])
 
 
-def test_adopt_finds_plain_jobs_by_name_and_array_tasks_by_comment() -> None:
-    out = ("10\x1f10\x1fN/A\x1fRUNNING\x1fhpcgw.j1.0\x1fsha256:ab\n"
-           "12\x1f11\x1f1\x1fPENDING\x1fhpcgw.array.12ab\x1fhpcgw-array:hpcgw.k0.0,hpcgw.k1.0\n"
-           "13\x1f13\x1fN/A\x1fRUNNING\x1fsomeone-else\x1f(null)\n")
+def test_adopt_finds_plain_jobs_by_name_and_array_tasks_by_manifest(tmp_path: Path) -> None:
+    reqs = [make_request(tmp_path / f"k{i}", job_id=f"k{i}") for i in range(2)]
+    (tmp_path / "k0").mkdir()
+    write_manifest(reqs)
+    plain = "10\x1f10\x1fN/A\x1fRUNNING\x1fhpcgw.j1.0\x1fsha256:ab\x1f/x\n"
+    task = f"12\x1f11\x1f1\x1fPENDING\x1fhpcgw.array.12ab\x1fhpcgw-array:2\x1f{tmp_path / 'k0'}\n"
+    other = "13\x1f13\x1fN/A\x1fRUNNING\x1fsomeone-else\x1f(null)\x1f/y\n"
+    out = plain + task + other
     slurm = Slurm(squeue=lambda a: (0, out, ""))
     found = backend(slurm).adopt(["hpcgw.j1.0", "hpcgw.k1.0", "hpcgw.k0.0", "hpcgw.zz.0"])
     assert found == {"hpcgw.j1.0": "10", "hpcgw.k1.0": "11_1"}
     assert len(slurm.argvs) == 1 and "--me" in slurm.argvs[0]
+
+
+def test_unreachable_sinfo_makes_every_request_transient_with_one_call(tmp_path: Path) -> None:
+    down = "slurm_load_partitions: Unable to contact slurm controller (connect failure)\n"
+    slurm = Slurm(sinfo=lambda a: (1, "", down))
+    reqs = [make_request(tmp_path / str(i), job_id=f"t{i}") for i in range(5)]
+    out = backend(slurm).submit(reqs)
+    assert all(o.transient and o.ref is None for o in out)
+    assert [a[0] for a in slurm.argvs] == ["sinfo"]
