@@ -153,7 +153,7 @@ class SlurmBackend:
             if len(chunk) == 1:
                 text = render_sbatch(chunk[0], self.profile)
             else:
-                text = render_array(chunk, self.profile)
+                text = render_array(chunk, self.profile, throttle=self.profile.array_throttle)
         except CapabilityError as exc:
             if len(chunk) == 1:
                 return [SubmitOutcome(chunk[0].key, error=str(exc))]

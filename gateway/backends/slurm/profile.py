@@ -48,6 +48,7 @@ class SlurmProfile(BaseModel):
     env: dict[str, str] = Field(default_factory=dict,
                                 description="extra environment for sbatch/squeue/..., e.g. SLURM_CONF")
     capabilities_ttl: float = Field(300.0, ge=0, description="seconds a `sinfo` answer is reused")
+    array_throttle: int | None = Field(None, ge=1, description="at most N tasks of an array at once")
 
     @field_validator("max_walltime", mode="before")
     @classmethod

@@ -92,7 +92,14 @@ def test_submit_groups_by_shape_and_stops_knocking_when_the_controller_is_down(
     assert [o.ref for o in out[:3]] == ["41_0", "41_1", "41_2"]
     assert all(o.transient and o.ref is None for o in out[3:])
     assert [a[0] for a in slurm.argvs] == ["sinfo", "sbatch", "sbatch"]   # not a third sbatch
-    assert "#SBATCH --array=0-2" in (tmp_path / "a1" / "job.sbatch").read_text()
+    assert "#SBATCH --array=0-2\n" in (tmp_path / "a1" / "job.sbatch").read_text()
+
+
+def test_profile_throttles_arrays(tmp_path: Path) -> None:
+    slurm = Slurm(sbatch=lambda a: (0, "5\n", ""))
+    reqs = [make_request(tmp_path / f"a{i}", job_id=f"a{i}") for i in range(3)]
+    backend(slurm, array_throttle=2).submit(reqs)
+    assert "#SBATCH --array=0-2%2\n" in (tmp_path / "a0" / "job.sbatch").read_text()
 
 
 def test_sbatch_refusal_is_final(tmp_path: Path) -> None:
