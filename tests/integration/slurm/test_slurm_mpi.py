@@ -25,8 +25,7 @@ def test_two_nodes_two_tasks_allreduce(slurm_cluster_2n: SlurmCluster, tmp_path:
     backend = backend_for(slurm_cluster_2n, gpu_partitions={})
     req = attempt(tmp_path, "mpi", command=[sys.executable, "-c", PROGRAM], mpi="pmix",
                   resources={"nodes": 2, "tasks_per_node": 2},
-                  env={"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                       "OMPI_MCA_btl": "self,tcp", "PMIX_MCA_gds": "hash"})
+                  env={"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
     [ref] = submit_ok(backend, [req])
     obs = wait_for(backend, [ref])[ref]
     out = (req.attempt_dir / "stdout").read_text()
