@@ -1,11 +1,13 @@
 """Session-wide private Slurm clusters (see gateway/testing/slurm_cluster.py).
 
-They need Debian's slurm-wlm and munge (CI installs them); without slurmctld the Slurm
-tests are skipped with that message, everything else still runs.
+They need Debian's slurm-wlm and munge (the accounting test also slurmdbd and mariadb):
+on a machine without them the Slurm tests are skipped with that message; where the
+environment variable CI is set they fail instead, so CI cannot silently skip them.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 
@@ -15,9 +17,18 @@ from gateway.testing.slurm_accounting import available as accounting_available
 from gateway.testing.slurm_cluster import SlurmCluster
 
 
+def _need(present: bool, what: str) -> None:
+    """Skip on a developer machine without the packages; in CI (``CI`` set) fail instead."""
+    if present:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI must install it)")
+    pytest.skip(what)
+
+
 def _need_slurm() -> None:
-    if not shutil.which("slurmctld"):
-        pytest.skip("slurmctld is not installed (apt-get install slurm-wlm munge openmpi-bin)")
+    _need(bool(shutil.which("slurmctld")),
+          "slurmctld is not installed (apt-get install slurm-wlm munge openmpi-bin)")
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +52,8 @@ def slurm_cluster_acct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slu
     """Single node with slurmdbd + mariadbd (sacct works) and MinJobAge=2, so finished jobs
     soon leave slurmctld's memory and only accounting still knows them."""
     _need_slurm()
-    if not accounting_available():
-        pytest.skip("slurmdbd/mariadbd are not installed "
-                    "(apt-get install slurmdbd mariadb-server slurm-wlm-mysql-plugin)")
+    _need(accounting_available(), "slurmdbd/mariadbd are not installed "
+          "(apt-get install slurmdbd mariadb-server slurm-wlm-mysql-plugin)")
     with SlurmCluster(tmp_path_factory.mktemp("slurmacct"), "single", accounting=True,
                       min_job_age=2) as cluster:
         yield cluster
