@@ -1,6 +1,9 @@
 """squeue / sacct: the argv the backend runs and pure parsers of their answers.
 
 Kept apart from the backend so the parsers are tested on captured output without a cluster.
+``squeue --all --states=all`` lists every job slurmctld still holds, hidden partitions and
+finished jobs included: the same table ``scontrol show job`` reads, so there is no point in
+asking scontrol about a job squeue did not list; only sacct (slurmdbd) knows older ones.
 Fields are separated by a control character (0x1f) that no job name or path holds in
 practice; the free-text field comes last so a stray separator cannot shift the others.
 """
@@ -30,12 +33,12 @@ def squeue_format(fields: Sequence[str]) -> str:
 
 
 def squeue_poll_argv(refs: Sequence[str]) -> list[str]:
-    return ["squeue", "--noheader", "--array", "--states=all", f"--jobs={','.join(refs)}",
+    return ["squeue", "--noheader", "--all", "--array", "--states=all", f"--jobs={','.join(refs)}",
             f"--Format={squeue_format(POLL_FIELDS)}"]
 
 
 def squeue_adopt_argv() -> list[str]:
-    return ["squeue", "--noheader", "--array", "--states=all", "--me",
+    return ["squeue", "--noheader", "--all", "--array", "--states=all", "--me",
             f"--Format={squeue_format(ADOPT_FIELDS)}"]
 
 
