@@ -26,7 +26,7 @@ from gateway.backends.slurm.script import (
     render_sbatch,
     resource_directives,
 )
-from gateway.errors import BackendUnavailable, CapabilityError, CommandError
+from gateway.errors import BackendUnavailable, CapabilityError
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +207,19 @@ class SlurmBackend:
 
     # -- cancel / adopt / logs ----------------------------------------------------------
     def cancel(self, refs: Sequence[str]) -> None:
-        """ONE scancel for all refs; refs Slurm no longer knows are not an error."""
+        """ONE scancel for all refs; refs Slurm no longer knows are not an error.
+
+        An unreachable controller raises BackendUnavailable. Any other refusal (e.g. a job of
+        another user) is logged, not raised: scancel has cancelled the others, and the
+        reconciler asks again later for jobs that keep running.
+        """
         refs = list(dict.fromkeys(r for r in refs if r))
         if not refs:
             return
         res = self._run(["scancel", *refs])
         if res.returncode != 0 and not _unknown_job(res.stderr):
-            raise CommandError(["scancel", *refs], res.returncode, res.stderr)
+            log.warning("%s: scancel refused some of %s: %s", self.name, refs,
+                        " | ".join(res.stderr.strip().splitlines()[-3:]))
 
     def adopt(self, keys: Sequence[str]) -> dict[str, str]:
         """key -> ref for attempts Slurm already has: ONE squeue of this user's jobs.
