@@ -158,11 +158,15 @@ class SlurmBackend:
             if len(chunk) == 1:
                 return [SubmitOutcome(chunk[0].key, error=str(exc))]
             return [o for r in chunk for o in self._submit_chunk([r])]
-        for req in chunk:
-            Path(req.attempt_dir).mkdir(parents=True, exist_ok=True)
-            (Path(req.attempt_dir) / "job.sbatch").write_text(text)
-        if len(chunk) > 1:
-            write_manifest(chunk)
+        try:
+            for req in chunk:
+                Path(req.attempt_dir).mkdir(parents=True, exist_ok=True)
+                (Path(req.attempt_dir) / "job.sbatch").write_text(text)
+            if len(chunk) > 1:
+                write_manifest(chunk)
+        except OSError as exc:
+            why = f"cannot write the batch script: {exc}"
+            return [SubmitOutcome(r.key, error=why) for r in chunk]
         script = Path(chunk[0].attempt_dir) / "job.sbatch"
         try:
             res = self._run(["sbatch", "--parsable", str(script)])

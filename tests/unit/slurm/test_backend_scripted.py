@@ -171,3 +171,12 @@ def test_unreachable_sinfo_makes_every_request_transient_with_one_call(tmp_path:
     out = backend(slurm).submit(reqs)
     assert all(o.transient and o.ref is None for o in out)
     assert [a[0] for a in slurm.argvs] == ["sinfo"]
+
+
+def test_unwritable_attempt_folder_is_an_outcome_not_an_exception(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    slurm = Slurm(sbatch=lambda a: (0, "5\n", ""))
+    [out] = backend(slurm).submit([make_request(blocker / "a", job_id="x")])
+    assert out.ref is None and not out.transient and "cannot write" in (out.error or "")
+    assert "sbatch" not in [a[0] for a in slurm.argvs]
