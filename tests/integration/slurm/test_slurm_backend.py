@@ -141,11 +141,12 @@ def test_adopt_by_name(slurm_cluster: SlurmCluster, jobs: Path) -> None:
     assert fresh.calls["squeue"] == 1 and sum(fresh.calls.values()) == 1
 
 
-def test_hostile_attempt_dir_and_env(backend: SlurmBackend, jobs: Path) -> None:
+def test_hostile_names_paths_and_env(backend: SlurmBackend, jobs: Path) -> None:
     root = jobs / "we ird'; echo foo" / "$(rm -rf ~)#x%j"
-    req = attempt(root, "hostile", env=HOSTILE, command=["env", "-0"])
+    req = attempt(root, "a 0'; $(rm -rf ~)#x\"%j", env=HOSTILE, command=["env", "-0"])
     [ref] = submit_ok(backend, [req])
     assert wait_for(backend, [ref])[ref].state is State.SUCCEEDED
+    assert backend.adopt([req.key]) == {req.key: ref}   # the job name arrived byte for byte
     out = (req.attempt_dir / "stdout").read_bytes()
     seen = dict(item.split(b"=", 1) for item in out.split(b"\0") if b"=" in item)
     for key, value in HOSTILE.items():
