@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from gateway.backends.base import SubmitRequest
+from gateway.backends.base import Observation, SubmitRequest
 from gateway.node import write_json_atomic
 from gateway.runtimes import RunContext, get_runtime
+from gateway.states import State
 from gateway.spec import JobSpec
 from gateway.store.records import JobRecord
 
@@ -68,3 +70,31 @@ def output_paths(jobs_root: Path, job: JobRecord) -> list[Path]:
 
 def remove_job_dirs(jobs_root: Path, job_id: str) -> None:
     shutil.rmtree(jobs_root / job_id, ignore_errors=True)
+
+
+OUTCOMES = {"timeout": (State.TIMEOUT, "timeout"), "cancelled": (State.CANCELLED, "cancelled"),
+            "error": (State.FAILED, "failed")}
+
+
+def observation_from_status(ref: str, status: dict[str, object]) -> Observation:
+    """Translate the node runner's status.json into an Observation (any backend)."""
+    outcome = str(status.get("outcome"))
+    code = status.get("exit_code")
+    exit_code = int(code) if isinstance(code, int) else None
+    if outcome == "exited":
+        state, kind = (State.SUCCEEDED, None) if exit_code == 0 else (State.FAILED, "failed")
+    else:
+        state, kind = OUTCOMES.get(outcome, (State.FAILED, "failed"))
+    reason = status.get("reason") or (f"exit code {exit_code}" if state == State.FAILED else None)
+    return Observation(ref, state, native=outcome, kind=kind, exit_code=exit_code,
+                       reason=str(reason) if reason else None, node=_s(status.get("node")),
+                       started_at=_f(status.get("started_at")), ended_at=_f(status.get("ended_at")),
+                       extra={"outputs": json.dumps(status.get("outputs") or [])})
+
+
+def _s(value: object) -> str | None:
+    return str(value) if value is not None else None
+
+
+def _f(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None

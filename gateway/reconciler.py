@@ -25,11 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from gateway.attempts import attempt_dir, prepare_attempt
+from gateway.attempts import attempt_dir, observation_from_status, prepare_attempt
 from gateway.backends import BackendRegistry
 from gateway.backends.base import Backend, Observation, SubmitRequest, attempt_key, check_capabilities
 from gateway.config import Config
 from gateway.errors import BackendUnavailable, GatewayError
+from gateway.node import read_json
 from gateway.states import ACTIVE, State
 from gateway.store import Change, JobRecord, Store
 
@@ -170,8 +171,9 @@ class Reconciler:
             misses = job.misses + 1
             if misses < self.config.agent.lost_after_misses:
                 return Change(job.id, None, {"misses": misses}, "", expect=job.state)
-            obs = Observation(job.ref or "", State.LOST, kind="lost",
-                              reason=f"{job.backend} no longer knows this job and left no result")
+            obs = self._left_a_result(job) or Observation(
+                job.ref or "", State.LOST, kind="lost",
+                reason=f"{job.backend} no longer knows this job and left no result")
         if obs.state.terminal:
             return self._finished(job, obs)
         fields: dict[str, object] = {"misses": 0}
@@ -187,6 +189,12 @@ class Reconciler:
         if obs.state == State.UNKNOWN:
             log.warning("job %s: unknown native state %r from %s", job.id, obs.native, job.backend)
         return Change(job.id, obs.state, fields, "state", obs.reason or obs.native, expect=job.state)
+
+    def _left_a_result(self, job: JobRecord) -> Observation | None:
+        """A job its backend forgot (Slurm's MinJobAge, no accounting) may still have left
+        the node runner's status.json: that is its result, not LOST."""
+        status = read_json(attempt_dir(self.config.jobs_path, job.id, job.attempt) / "status.json")
+        return observation_from_status(job.ref or "", status) if status else None
 
     def _finished(self, job: JobRecord, obs: Observation) -> Change:
         spec = job.spec
@@ -307,7 +315,7 @@ class Reconciler:
 
     def _submit_to(self, name: str, jobs: list[JobRecord], report: PassReport) -> int:
         backend = self.backends.get(name)
-        runtime = "host"
+        runtime = str(getattr(backend, "default_runtime", "host"))
         requests: list[SubmitRequest] = []
         for job in jobs:
             requests.append(prepare_attempt(self.config.jobs_path, job, job.attempt,

@@ -67,6 +67,11 @@ class SlurmBackend:
         self._accounting: bool | None = None   # None: not known yet
         self._results = Results()
 
+    @property
+    def default_runtime(self) -> str:
+        """The runtime for jobs with an image and no runtime of their own."""
+        return self.profile.runtime
+
     # -- running client commands --------------------------------------------------------
     def _run(self, argv: list[str], *, timeout: float = TIMEOUT) -> proc.Result:
         """Run one Slurm client command; unreachable controller -> BackendUnavailable."""
