@@ -219,5 +219,54 @@ def agent(ctx: click.Context, interval: float | None, once: bool, until_idle: bo
 def register(group: click.Group) -> None:
     from gateway.cli.campaign import campaign
 
-    for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent, campaign):
+    for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent, campaign,
+                    backends):
         group.add_command(command)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def backends(ctx: click.Context, as_json: bool) -> None:
+    """List the configured backends and check that each is reachable (exit 4 if one is not)."""
+    from gateway.cli import render
+
+    gw = _gateway(ctx)
+    rows = [_probe(gw, target) for target in _targets(gw)]
+    if as_json:
+        emit_json(rows)
+    else:
+        render.backends_table(rows)
+    if any(not r["reachable"] for r in rows):
+        sys.exit(4)
+
+
+def _targets(gw: Any) -> list[str]:
+    from gateway.config import packaged_configs
+
+    targets = ["local"]
+    for kind in ("slurm", "aws"):
+        section = getattr(gw.config.backends, kind)
+        names = set(section.profiles)
+        packaged = packaged_configs() / kind
+        if kind == "slurm" and packaged.is_dir():
+            names |= {p.stem for p in packaged.glob("*.yaml") if p.stem != "example-site"}
+        targets += [f"{kind}:{name}" for name in sorted(names)]
+    return targets
+
+
+def _probe(gw: Any, target: str) -> dict[str, Any]:
+    from gateway.errors import GatewayError
+
+    row: dict[str, Any] = {"target": target, "reachable": False, "detail": ""}
+    try:
+        caps = gw.backends.get(target).capabilities()
+    except GatewayError as exc:
+        row["detail"] = str(exc).splitlines()[0]
+        return row
+    row.update(reachable=True, max_nodes=caps.max_nodes, max_cpus=caps.max_cpus,
+               max_gpus=caps.max_gpus, gpu_types=sorted(caps.gpu_types or []),
+               features=sorted(caps.features or []), runtimes=sorted(caps.runtimes),
+               max_walltime=caps.max_walltime, arrays=caps.arrays)
+    return row

@@ -128,3 +128,21 @@ def campaign_status(info: Mapping[str, Any]) -> None:
     used = f"{info['core_hours']:.3f} core-hours" + (f" of {budget:g}" if budget else "")
     eta = f", ETA {info['eta_s']:.0f} s" if info.get("eta_s") is not None and info["remaining"] else ""
     console.print(f"  {used}{eta}")
+
+
+def backends_table(rows: Sequence[Mapping[str, Any]]) -> None:
+    table = Table(box=None, header_style="bold")
+    for column in ("TARGET", "STATUS", "NODES", "CPUS", "GPUS", "FEATURES", "RUNTIMES"):
+        table.add_column(column, overflow="fold")
+    problems = []
+    for row in rows:
+        if not row["reachable"]:
+            table.add_row(row["target"], "[red]unreachable[/]", "", "", "", "", "")
+            problems.append(f"{row['target']}: {row['detail']}")
+            continue
+        gpus = f"{row['max_gpus']}" + (f" ({', '.join(row['gpu_types'])})" if row["gpu_types"] else "")
+        table.add_row(row["target"], "[green]ok[/]", str(row["max_nodes"]), str(row["max_cpus"] or "-"),
+                      gpus, " ".join(row["features"]), " ".join(row["runtimes"]))
+    console.print(table)
+    for problem in problems:
+        console.print(f"[red]{problem}[/]")
