@@ -32,3 +32,33 @@ def test_jobs_run_through_the_reconciler(slurm_cluster: SlurmCluster, tmp_path: 
         assert (done[4].exit_code, done[4].record.kind) == (7, "failed")
     finally:
         gw.close()
+
+
+def test_controller_down_and_back_while_jobs_queue_and_run(slurm_cluster: SlurmCluster,
+                                                           tmp_path: Path) -> None:
+    """slurmctld stops with jobs running and more being submitted: none is failed, lost or
+    submitted twice, and all finish once it is back."""
+    marks = tmp_path / "marks"
+    profile = {"env": {**slurm_cluster.env, "PYTHONPATH": str(REPO)}}
+    gw = Gateway({"data_dir": str(tmp_path / "data"), "agent": {"backoff_s": [1]},
+                  "backends": {"slurm": {"profiles": {"test": profile}}}})
+    command = ["sh", "-c", f"sleep 2; echo $HPCGW_JOB_ID >> {marks}"]
+    try:
+        first = gw.submit_many([{"name": f"r{i}", "target": "slurm:test", "command": command}
+                                for i in range(3)])
+        slurm_cluster.stop_controller()
+        try:
+            later = gw.submit_many([{"name": f"q{i}", "target": "slurm:test", "command": command}
+                                    for i in range(2)])
+            for _ in range(2):
+                report = gw.reconcile()
+                assert report is not None and report.unavailable
+            states = {j.state for j in gw.store.jobs()}
+            assert states <= {State.QUEUED, State.RUNNING, State.SUBMITTING}, states
+        finally:
+            slurm_cluster.restart_controller()
+        done = gw.wait([j.id for j in first + later], timeout=WAIT)
+        assert [j.state for j in done] == [State.SUCCEEDED] * 5
+        assert sorted(marks.read_text().split()) == sorted(j.id for j in first + later)
+    finally:
+        gw.close()
