@@ -71,13 +71,14 @@ class SlurmCluster:
     """A private slurmctld + slurmd(s) + munged under ``base_dir``; a context manager."""
 
     def __init__(self, base_dir: str | os.PathLike[str], mode: Mode = "single", *,
-                 accounting: bool = False, min_job_age: int = 600) -> None:
+                 accounting: bool = False, min_job_age: int = 600, cpus: int = 16) -> None:
         if mode not in ("single", "two-node"):
             raise ValueError(f"mode must be 'single' or 'two-node', not {mode!r}")
         self.base = Path(base_dir).resolve()
         self.mode: Mode = mode
         self.accounting = accounting      # slurmdbd + mariadbd, so sacct works
         self.min_job_age = min_job_age    # seconds slurmctld keeps finished jobs
+        self.cpus = cpus                  # CPUs c1 declares (throughput ~ CPUs per pass)
         self._acct: Accounting | None = None
         self.conf = self.base / "etc" / "slurm.conf"
         self.nodes = ["c1"] if mode == "single" else ["n1", "n2"]
@@ -193,7 +194,7 @@ class SlurmCluster:
             extra += ["AccountingStorageType=accounting_storage/none",
                       "JobAcctGatherType=jobacct_gather/none"]
         self.conf.write_text(render_slurm_conf(self.base, self.mode, ports, self.munge_socket,
-                                               extra))
+                                               extra, cpus=self.cpus))
         gres = self.base / "gres"
         lines = ["AutoDetect=off"]
         if self.mode == "single":
@@ -320,7 +321,7 @@ def _ancestors() -> Iterator[int]:
 
 
 def render_slurm_conf(base: Path, mode: Mode, port: int, munge_socket: Path,
-                      extra: list[str]) -> str:
+                      extra: list[str], cpus: int = 16) -> str:
     """slurm.conf for the private cluster; ``port`` is slurmctld's, the slurmd(s) follow it."""
     host = socket.gethostname().split(".")[0]
     lines = [
@@ -347,7 +348,7 @@ def render_slurm_conf(base: Path, mode: Mode, port: int, munge_socket: Path,
     ]
     if mode == "single":
         lines += [
-            (f"NodeName=c1 NodeAddr=127.0.0.1 NodeHostname=localhost Port={port + 1} CPUs=16 "
+            (f"NodeName=c1 NodeAddr=127.0.0.1 NodeHostname=localhost Port={port + 1} CPUs={cpus} "
              "RealMemory=65536 Gres=gpu:fake:2 Feature=ib,avx512 State=UNKNOWN"),
             f"PartitionName=debug Nodes=c1 Default=YES MaxTime={PARTITION_MAXTIME} State=UP",
             f"PartitionName=gpu Nodes=c1 MaxTime={PARTITION_MAXTIME} State=UP",
