@@ -209,15 +209,18 @@ class Reconciler:
     def _provenance(self, job: JobRecord, obs: Observation) -> dict[str, object]:
         base = job.provenance
         adir = attempt_dir(self.config.jobs_path, job.id, job.attempt)
-        ran = {}
-        try:
-            ran = json.loads((adir / "launch.json").read_text())
-        except (OSError, ValueError):
-            pass
+        ran, status = {}, {}
+        for name, into in (("launch.json", ran), ("status.json", status)):
+            try:
+                into.update(json.loads((adir / name).read_text()))
+            except (OSError, ValueError):
+                pass
         base.update(spec_digest=job.spec_digest, backend=job.backend, ref=job.ref,
                     attempt=job.attempt, node=obs.node, runtime=ran.get("runtime"),
                     argv=ran.get("argv"), image=job.spec.image, exit_code=obs.exit_code,
-                    started_at=obs.started_at, ended_at=obs.ended_at)
+                    started_at=obs.started_at, ended_at=obs.ended_at,
+                    # read back on the node (podman's storage / the re-hashed folder)
+                    image_digest=obs.extra.get("image_digest") or status.get("image_digest"))
         return base
 
     def _record_attempt(self, job: JobRecord, obs: Observation | None, backend: str) -> None:
@@ -294,13 +297,13 @@ class Reconciler:
 
     def _submit_to(self, name: str, jobs: list[JobRecord], report: PassReport) -> int:
         backend = self.backends.get(name)
-        runtime = "host"
+        default = getattr(backend, "default_runtime", None) or "host"
         requests: list[SubmitRequest] = []
         for job in jobs:
             requests.append(prepare_attempt(self.config.jobs_path, job, job.attempt,
-                                            job.spec.effective_runtime or runtime,
+                                            job.spec.effective_runtime or default,
                                             self.config.local.kill_grace_s,
-                                            getattr(backend, "launcher", None)))
+                                            getattr(backend, "launcher", None), self.config))
         try:
             outcomes = backend.submit(requests)
         except BackendUnavailable as exc:

@@ -213,3 +213,4 @@ def agent(ctx: click.Context, interval: float | None, once: bool, as_json: bool)
 def register(group: click.Group) -> None:
     for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent):
         group.add_command(command)
+    from gateway.cli.image import image; group.add_command(image)  # noqa: E702

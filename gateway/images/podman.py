@@ -39,7 +39,7 @@ runroot = "{runroot}"
 """
 
 
-def podman_env(root: Path, runroot: Path | None = None) -> dict[str, str]:
+def podman_env(root: Path) -> dict[str, str]:
     """The environment that points podman at the gateway's files (written by ``ensure_conf``)."""
     return {"CONTAINERS_CONF": str(root / "containers.conf"),
             "CONTAINERS_STORAGE_CONF": str(root / "storage.conf")}

@@ -55,6 +55,8 @@ class LocalBackend:
         self.jobs_root = Path(jobs_root)
         self.cpus, self.gpus = cpus, gpus
         self.runtimes = frozenset(runtimes)
+        # jobs with an image and no runtime use the first container runtime configured
+        self.default_runtime = next((r for r in runtimes if r != "host"), None)
         self.python = python or sys.executable
         self._children: list[int] = []
 
@@ -192,7 +194,9 @@ def _final(ref: str, status: dict[str, object]) -> Observation:
     return Observation(ref, state, native=outcome, kind=kind, exit_code=exit_code,
                        reason=str(reason) if reason else None, node=_s(status.get("node")),
                        started_at=_f(status.get("started_at")), ended_at=_f(status.get("ended_at")),
-                       extra={"outputs": json.dumps(status.get("outputs") or [])})
+                       extra={"outputs": json.dumps(status.get("outputs") or []),
+                              **({"image_digest": str(status["image_digest"])}
+                                 if status.get("image_digest") else {})})
 
 
 def _s(value: object) -> str | None:
