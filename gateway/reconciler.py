@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from gateway.attempts import attempt_dir, prepare_attempt
 from gateway.backends import BackendRegistry
@@ -209,7 +209,8 @@ class Reconciler:
     def _provenance(self, job: JobRecord, obs: Observation) -> dict[str, object]:
         base = job.provenance
         adir = attempt_dir(self.config.jobs_path, job.id, job.attempt)
-        ran, status = {}, {}
+        ran: dict[str, Any] = {}
+        status: dict[str, Any] = {}
         for name, into in (("launch.json", ran), ("status.json", status)):
             try:
                 into.update(json.loads((adir / name).read_text()))

@@ -93,7 +93,7 @@ def pin(ctx: click.Context, ref: str, specs: tuple[str, ...], podman: bool) -> N
 @handled
 def ls_cmd(ctx: click.Context, as_json: bool) -> None:
     """List the images in the store."""
-    infos = _store(ctx).list()
+    infos = _store(ctx).images()
     if as_json:
         emit_json([_info_dict(i) for i in infos])
         return
@@ -118,7 +118,7 @@ def inspect(ctx: click.Context, ref: str) -> None:
 def verify(ctx: click.Context, refs: tuple[str, ...], as_json: bool) -> None:
     """Check every blob's sha256 against the manifest (all images when none is named)."""
     store = _store(ctx)
-    targets = list(refs) or sorted({i.digest for i in store.list()})
+    targets = list(refs) or sorted({i.digest for i in store.images()})
     results = {ref: store.verify(ref) for ref in targets}
     if as_json:
         emit_json(results)

@@ -203,7 +203,8 @@ def write_layer(entries: Iterator[Entry] | list[Entry], dest: Path, *, compress:
     with open(dest, "wb") as out:
         gz = gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) \
             if compress else None
-        sink: IO[bytes] = _HashingWriter(gz or out, raw)  # type: ignore[assignment]
+        target: Any = gz if gz is not None else out
+        sink: Any = _HashingWriter(target, raw)
         with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for path in sorted(unique):
                 info, fh = _tarinfo(unique[path])

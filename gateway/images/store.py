@@ -91,10 +91,10 @@ class ImageStore:
     def resolve(self, ref: str) -> str:
         """A name, name:tag, NAME@sha256:... or sha256:... -> the manifest digest here."""
         if DIGEST_RE.match(ref):
-            digest: str | None = ref
+            digest = ref
         else:
-            name, digest = split_ref(ref)
-            if digest is None:
+            name, pinned = split_ref(ref)
+            if pinned is None:
                 wanted = with_tag(name)
                 found = [m["digest"] for m in self.entries()
                          if m.get("annotations", {}).get(REF_ANNOTATION) == wanted]
@@ -102,7 +102,7 @@ class ImageStore:
                     raise NotFoundError(f"no image named {wanted!r} in {self.root}; "
                                         "`hpcgw image ls` lists them")
                 return str(found[0])
-        assert digest is not None
+            digest = pinned
         if not self.layout.blob_path(digest).exists():
             raise NotFoundError(f"image {digest} is not in the store {self.root}; "
                                 "build, import or copy it there first")
@@ -115,7 +115,7 @@ class ImageStore:
         size = manifest["config"]["size"] + sum(int(d["size"]) for d in manifest["layers"])
         return ImageInfo(name, digest, size, str(config.get("created", "")))
 
-    def list(self) -> list[ImageInfo]:
+    def images(self) -> list[ImageInfo]:
         out = []
         for entry in self.entries():
             name = entry.get("annotations", {}).get(REF_ANNOTATION, "")
