@@ -39,5 +39,6 @@ class ApptainerRuntime:
 def _bind(source: str, target: str, readonly: bool) -> str:
     for path in (source, target):
         if ":" in path or "," in path:
-            raise RuntimeConfigError(f"apptainer cannot bind a path holding ':' or ',' ({path!r})")
+            raise RuntimeConfigError(f"apptainer cannot bind a path holding ':' or ',' ({path!r}); "
+                                     "rename the folder")
     return f"{source}:{target}:{'ro' if readonly else 'rw'}"
