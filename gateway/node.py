@@ -5,12 +5,17 @@ written by the gateway:
 
     launch.json   what to run (argv, env, cwd, walltime, inputs, outputs)   [gateway]
     claim         created exclusively by the one run of this attempt        [node]
+    image.json    the image digest found and verified on this node          [node]
     running.json  child pid and start time                                  [node]
     stdout/stderr the job's logs                                            [node]
     work/         default working folder; inputs are staged here            [node]
     outputs/      copies of the files matched by the spec's output globs    [node]
     cancel        present when the gateway asked for cancellation           [gateway]
     status.json   the final word: outcome, exit code, times, outputs        [node]
+
+A launch.json with an ``image`` section (container runtimes) has its image checked after
+the claim and before anything runs: present (loaded from the image store if needed) and
+matching the pinned digest, else the attempt fails with the reason (gateway.images.check).
 
 The claim makes each attempt run at most once whatever the gateway does: a second runner
 started for the same attempt (a submission retried after a crash) finds the claim and exits

@@ -300,11 +300,22 @@ class Reconciler:
         backend = self.backends.get(name)
         default = getattr(backend, "default_runtime", None) or "host"
         requests: list[SubmitRequest] = []
-        for job in jobs:
-            requests.append(prepare_attempt(self.config.jobs_path, job, job.attempt,
-                                            job.spec.effective_runtime or default,
-                                            self.config.local.kill_grace_s,
-                                            getattr(backend, "launcher", None), self.config))
+        refused: list[Change] = []
+        for job in list(jobs):
+            try:
+                requests.append(prepare_attempt(self.config.jobs_path, job, job.attempt,
+                                                job.spec.effective_runtime or default,
+                                                self.config.local.kill_grace_s,
+                                                getattr(backend, "launcher", None), self.config))
+            except GatewayError as exc:  # e.g. a runtime that cannot express this job
+                jobs.remove(job)
+                refused.append(Change(job.id, State.FAILED, {"kind": "refused", "reason": str(exc),
+                                      "ended_at": time.time()}, "refused", str(exc),
+                                      expect=State.SUBMITTING))
+        if refused:
+            self.store.apply(refused)
+        if not requests:
+            return 0
         try:
             outcomes = backend.submit(requests)
         except BackendUnavailable as exc:

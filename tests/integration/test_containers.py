@@ -154,3 +154,9 @@ def test_image_cli_build_verify_export_import(cli, tmp_path):  # type: ignore[no
     assert loaded.endswith(one["digest"])
     bad = cli("image", "build", str(tmp_path / "missing.yaml"))
     assert bad.returncode == 2 and "cannot read recipe" in bad.stderr
+
+
+def test_runtime_that_cannot_express_the_job_refuses_it(images_cli, busybox, tmp_path):  # type: ignore[no-untyped-def]
+    shown = submit(images_cli, write_spec(tmp_path, busybox[1], "podman", "true", workdir="/a:b"))
+    assert shown["state"] == "FAILED" and shown["kind"] == "refused"
+    assert "rename the folder" in shown["reason"]
