@@ -102,3 +102,18 @@ def single_image_view(layout_dir: Path, digest: str) -> Path:
          "size": size}]}))
     os.symlink(layout_dir.resolve() / "blobs", view / "blobs")
     return view
+
+
+def unmount(root: Path) -> list[str]:
+    """Unmount what podman's overlay driver left mounted under ``root`` (its storage keeps
+    ``storage/overlay`` bind-mounted), so the folder can be removed. Returns the mount points."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    prefix = str(root.resolve()) + "/"
+    points = sorted({line.split()[1] for line in lines if line.split()[1].startswith(prefix)},
+                    key=len, reverse=True)
+    for point in points:
+        run(["umount", "--lazy", point], check=False)
+    return points

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.images.build import build
+from gateway.images.podman import default_runroot, unmount
 from gateway.images.recipe import load_recipe
 from gateway.images.reference import busybox_tree
 from gateway.images.store import ImageStore
@@ -36,9 +37,24 @@ def busybox(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return root / "store", info.pinned
 
 
+def release_podman(folder: Path) -> None:
+    """Unmount podman's storage under ``folder`` and remove its run folders (in /run)."""
+    for conf in folder.rglob("storage.conf"):
+        shutil.rmtree(default_runroot(conf.parent), ignore_errors=True)
+    unmount(folder)
+
+
 @pytest.fixture(scope="session")
-def podman_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("podman")
+def podman_dir(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("podman")
+    yield folder
+    release_podman(folder)
+
+
+@pytest.fixture(autouse=True)
+def _release_test_podman(tmp_path: Path):  # type: ignore[no-untyped-def]
+    yield
+    release_podman(tmp_path)
 
 
 @pytest.fixture
