@@ -87,8 +87,13 @@ def unpack(layout: Layout, digest: str, root: Path) -> Path:
     (tmp / MARKER).write_text(json.dumps({"manifest_digest": digest,
                                           "tree_digest": tree_digest(tmp / "rootfs"),
                                           "config": config.get("config", {})}, sort_keys=True))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if final.exists() and not (final / MARKER).exists():
+        shutil.rmtree(final, ignore_errors=True)  # a broken folder from an interrupted run
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process unpacked it meanwhile: keep theirs (jobs may use it)
+        shutil.rmtree(tmp, ignore_errors=True)
+        check_tree(final, digest)
     return final / "rootfs"
 
 

@@ -263,3 +263,13 @@ def test_index_json_is_valid_oci(built: tuple[ImageStore, str, Path]) -> None:
     index = json.loads((store.layout.root / "index.json").read_text())
     assert index["schemaVersion"] == 2
     assert json.loads((store.layout.root / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+
+
+def test_unpack_again_reuses_the_verified_folder(built: tuple[ImageStore, str, Path]) -> None:
+    from gateway.images.unpack import unpack
+
+    store, digest, _ = built
+    rootfs = store.unpack(digest)
+    inode = rootfs.parent.stat().st_ino
+    assert unpack(store.layout, digest, store.unpacked_root) == rootfs
+    assert rootfs.parent.stat().st_ino == inode  # not replaced under a running job
