@@ -55,6 +55,17 @@ class PassReport:
     unavailable: list[str] = field(default_factory=list)
 
 
+def _default_runtime(backend: Backend) -> str:
+    """For a job with an image and no ``runtime``: the backend's choice (``default_runtime``,
+    e.g. the local backend's first configured container runtime), else the first container
+    runtime its capabilities offer (a Slurm profile's ``runtime``), else host."""
+    explicit = getattr(backend, "default_runtime", None)
+    if explicit:
+        return str(explicit)
+    offered = backend.capabilities().runtimes
+    return next((r for r in ("podman", "charliecloud", "apptainer") if r in offered), "host")
+
+
 class Reconciler:
     def __init__(self, store: Store, backends: BackendRegistry, config: Config):
         self.store, self.backends, self.config = store, backends, config
@@ -298,7 +309,7 @@ class Reconciler:
 
     def _submit_to(self, name: str, jobs: list[JobRecord], report: PassReport) -> int:
         backend = self.backends.get(name)
-        default = getattr(backend, "default_runtime", None) or "host"
+        default = _default_runtime(backend)
         requests: list[SubmitRequest] = []
         refused: list[Change] = []
         for job in list(jobs):
