@@ -20,6 +20,7 @@ from gateway.attempts import attempt_dir, output_paths
 from gateway.backends import BackendRegistry
 from gateway.config import Config, load_config
 from gateway.errors import SpecError
+from gateway.cache import result_key
 from gateway.hashing import path_sha256
 from gateway.reconciler import PassReport, Reconciler
 from gateway.spec import JobSpec, load_spec, parse_spec
@@ -111,19 +112,44 @@ class Gateway:
             check_capabilities(self.backends.get(spec.target), spec)
         return spec
 
-    def submit(self, spec: JobSpec | Mapping[str, Any] | str | Path, *, start: bool = True) -> Job:
-        return self.submit_many([spec], start=start)[0]
+    def submit(self, spec: JobSpec | Mapping[str, Any] | str | Path, *, start: bool = True,
+               cache: bool = False) -> Job:
+        return self.submit_many([spec], start=start, cache=cache)[0]
 
     def submit_many(self, specs: Iterable[JobSpec | Mapping[str, Any] | str | Path], *,
-                    start: bool = True) -> list[Job]:
-        """Validate every spec first, record them all in one transaction, then start them."""
+                    start: bool = True, cache: bool = False) -> list[Job]:
+        """Validate every spec first, record them all in one transaction, then start them.
+
+        With ``cache``, a spec whose result key matches a job that already SUCCEEDED is
+        recorded as SUCCEEDED at once and reuses that job's outputs (shown as cached).
+        """
         checked = [self.validate(s) for s in specs]
-        provenance = [{"inputs": {i.name: path_sha256(i.source) for i in s.inputs if not i.is_remote}}
-                      for s in checked]
-        ids = self.store.insert_jobs(checked, provenance=provenance)
+        ids = self.record(checked, cache=cache)
         if start:
             self.reconcile()
         return [Job(self, self.store.get(i)) for i in ids]
+
+    def submit_array(self, spec: JobSpec | Mapping[str, Any] | str | Path, indices: Sequence[int],
+                     *, start: bool = True) -> list[Job]:
+        """One job per index, each seeing ``HPCGW_ARRAY_INDEX``; backends that have arrays
+        (Slurm) submit jobs of one shape together as one array."""
+        base = self.validate(spec)
+        if not indices:
+            raise SpecError("an array needs at least one index")
+        group = f"{base.name}-{int(time.time())}"
+        members = [base.model_copy(update={
+            "name": f"{base.name[:52]}-{i}",
+            "labels": {**base.labels, "hpcgw.array": group, "hpcgw.array-index": str(i)}})
+            for i in indices]
+        return self.submit_many(members, start=start)
+
+    def record(self, specs: Sequence[JobSpec], *, cache: bool = False) -> list[str]:
+        """Hash inputs, compute result keys, look up the cache, insert in one transaction."""
+        hashes = [{i.name: path_sha256(i.source) for i in s.inputs if not i.is_remote} for s in specs]
+        keys = [result_key(s, h) for s, h in zip(specs, hashes)]
+        hits = [self.store.find_result(k) if cache and k else None for k in keys]
+        return self.store.insert_jobs(specs, provenance=[{"inputs": h} for h in hashes],
+                                      result_keys=keys, cached=hits)
 
     def run(self, command: Sequence[str] | str, *, name: str | None = None, **fields: Any) -> Job:
         """Submit a command with spec fields as keywords (``resources={...}``, ``env={...}``)."""
@@ -188,12 +214,16 @@ class Gateway:
         job = self.store.get(self.store.resolve(job_id))
         return self.submit(job.spec)
 
-    def agent(self, *, interval: float | None = None, stop_after: float | None = None) -> None:
-        """Run passes forever (or for ``stop_after`` seconds)."""
+    def agent(self, *, interval: float | None = None, stop_after: float | None = None,
+              until_idle: bool = False) -> None:
+        """Run passes forever, for ``stop_after`` seconds, or until no job is left to move."""
         pause = interval or self.config.agent.interval_s
         end = None if stop_after is None else time.monotonic() + stop_after
         while end is None or time.monotonic() < end:
             self.reconciler.run_pass(block=True)
+            if until_idle and not self.store.jobs(states=[s for s in State if not s.terminal],
+                                                  limit=1):
+                return
             time.sleep(pause)
 
     def close(self) -> None:

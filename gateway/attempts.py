@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from gateway.backends.base import SubmitRequest
+from gateway.backends.base import Observation, SubmitRequest
 from gateway.node import write_json_atomic
 from gateway.errors import RuntimeConfigError
 from gateway.runtimes import RunContext, get_runtime
+from gateway.states import State
 from gateway.spec import JobSpec
 from gateway.store.records import JobRecord
 
@@ -23,8 +25,11 @@ def attempt_dir(jobs_root: Path, job_id: str, attempt: int) -> Path:
 
 def job_env(job: JobRecord, attempt: int) -> dict[str, str]:
     spec = job.spec
-    return {**spec.env, "HPCGW_JOB_ID": job.id, "HPCGW_JOB_NAME": spec.name,
-            "HPCGW_ATTEMPT": str(attempt), "HPCGW_SPEC_DIGEST": job.spec_digest}
+    env = {**spec.env, "HPCGW_JOB_ID": job.id, "HPCGW_JOB_NAME": spec.name,
+           "HPCGW_ATTEMPT": str(attempt), "HPCGW_SPEC_DIGEST": job.spec_digest}
+    if "hpcgw.array-index" in spec.labels:
+        env["HPCGW_ARRAY_INDEX"] = spec.labels["hpcgw.array-index"]
+    return env
 
 
 def prepare_attempt(jobs_root: Path, job: JobRecord, attempt: int, runtime: str,
@@ -83,9 +88,44 @@ def _container_context(spec: JobSpec, runtime: str, config: "Config | None", adi
 
 
 def output_paths(jobs_root: Path, job: JobRecord) -> list[Path]:
-    root = attempt_dir(jobs_root, job.id, job.attempt) / "outputs"
+    """Where a job's outputs are; a cached job's are those of the job it reuses."""
+    if job.cached_from:
+        root = attempt_dir(jobs_root, job.cached_from, job.provenance.get("cached_attempt", 1))
+    else:
+        root = attempt_dir(jobs_root, job.id, job.attempt)
+    root = root / "outputs"
     return [root / rel for rel in job.outputs]
 
 
 def remove_job_dirs(jobs_root: Path, job_id: str) -> None:
     shutil.rmtree(jobs_root / job_id, ignore_errors=True)
+
+
+OUTCOMES = {"timeout": (State.TIMEOUT, "timeout"), "cancelled": (State.CANCELLED, "cancelled"),
+            "error": (State.FAILED, "failed")}
+
+
+def observation_from_status(ref: str, status: dict[str, object]) -> Observation:
+    """Translate the node runner's status.json into an Observation (any backend)."""
+    outcome = str(status.get("outcome"))
+    code = status.get("exit_code")
+    exit_code = int(code) if isinstance(code, int) else None
+    if outcome == "exited":
+        state, kind = (State.SUCCEEDED, None) if exit_code == 0 else (State.FAILED, "failed")
+    else:
+        state, kind = OUTCOMES.get(outcome, (State.FAILED, "failed"))
+    reason = status.get("reason") or (f"exit code {exit_code}" if state == State.FAILED else None)
+    return Observation(ref, state, native=outcome, kind=kind, exit_code=exit_code,
+                       reason=str(reason) if reason else None, node=_s(status.get("node")),
+                       started_at=_f(status.get("started_at")), ended_at=_f(status.get("ended_at")),
+                       extra={"outputs": json.dumps(status.get("outputs") or []),
+                              **({"image_digest": str(status["image_digest"])}
+                                 if status.get("image_digest") else {})})
+
+
+def _s(value: object) -> str | None:
+    return str(value) if value is not None else None
+
+
+def _f(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None

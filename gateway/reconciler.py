@@ -25,11 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from gateway.attempts import attempt_dir, prepare_attempt
+from gateway.attempts import attempt_dir, observation_from_status, prepare_attempt
 from gateway.backends import BackendRegistry
 from gateway.backends.base import Backend, Observation, SubmitRequest, attempt_key, check_capabilities
 from gateway.config import Config
 from gateway.errors import BackendUnavailable, GatewayError
+from gateway.node import read_json
 from gateway.states import ACTIVE, State
 from gateway.store import Change, JobRecord, Store
 
@@ -181,8 +182,9 @@ class Reconciler:
             misses = job.misses + 1
             if misses < self.config.agent.lost_after_misses:
                 return Change(job.id, None, {"misses": misses}, "", expect=job.state)
-            obs = Observation(job.ref or "", State.LOST, kind="lost",
-                              reason=f"{job.backend} no longer knows this job and left no result")
+            obs = self._left_a_result(job) or Observation(
+                job.ref or "", State.LOST, kind="lost",
+                reason=f"{job.backend} no longer knows this job and left no result")
         if obs.state.terminal:
             return self._finished(job, obs)
         fields: dict[str, object] = {"misses": 0}
@@ -198,6 +200,12 @@ class Reconciler:
         if obs.state == State.UNKNOWN:
             log.warning("job %s: unknown native state %r from %s", job.id, obs.native, job.backend)
         return Change(job.id, obs.state, fields, "state", obs.reason or obs.native, expect=job.state)
+
+    def _left_a_result(self, job: JobRecord) -> Observation | None:
+        """A job its backend forgot (Slurm's MinJobAge, no accounting) may still have left
+        the node runner's status.json: that is its result, not LOST."""
+        status = read_json(attempt_dir(self.config.jobs_path, job.id, job.attempt) / "status.json")
+        return observation_from_status(job.ref or "", status) if status else None
 
     def _finished(self, job: JobRecord, obs: Observation) -> Change:
         spec = job.spec
@@ -267,11 +275,18 @@ class Reconciler:
 
     def _admit(self, pending: list[JobRecord]) -> tuple[list[Change], list[tuple[JobRecord, str]]]:
         """Decide which PENDING jobs go now (FIFO within slot limits) and write their intent."""
-        usage = self._usage()
+        usage, running = self._usage()
+        limits = self.store.campaign_limits()
         changes, admitted, blocked = [], [], set()
         for job in pending:
             name = self.backends.backend_name(job.target)
             if name in blocked:
+                continue
+            limit = limits.get(job.campaign or "")
+            if limit and running.get(job.campaign or "", 0) >= limit:
+                reason = f"campaign concurrency limit of {limit} reached"
+                if job.reason != reason:
+                    changes.append(Change(job.id, None, {"reason": reason}, "", expect=State.PENDING))
                 continue
             try:
                 backend = self.backends.get(job.target)
@@ -291,6 +306,8 @@ class Reconciler:
                 continue
             used[0] += need[0]
             used[1] += need[1]
+            if job.campaign:
+                running[job.campaign] = running.get(job.campaign, 0) + 1
             changes.append(Change(job.id, State.SUBMITTING, {
                 "attempt": job.attempt + 1, "backend": name, "ref": None, "misses": 0,
                 "submitted_at": time.time(), "reason": None, "exit_code": None, "kind": None},
@@ -298,14 +315,18 @@ class Reconciler:
             admitted.append((job, name))
         return changes, admitted
 
-    def _usage(self) -> dict[str, list[int]]:
+    def _usage(self) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """CPUs and GPUs in use per backend, and active jobs per campaign."""
         usage: dict[str, list[int]] = {}
+        campaigns: dict[str, int] = {}
         for job in self.store.jobs(states=list(ACTIVE)):
             res = job.spec.resources
             used = usage.setdefault(self._backend_name(job), [0, 0])
             used[0] += res.total_cpus
             used[1] += res.total_gpus
-        return usage
+            if job.campaign:
+                campaigns[job.campaign] = campaigns.get(job.campaign, 0) + 1
+        return usage, campaigns
 
     def _submit_to(self, name: str, jobs: list[JobRecord], report: PassReport) -> int:
         backend = self.backends.get(name)

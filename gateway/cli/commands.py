@@ -193,14 +193,20 @@ def validate(ctx: click.Context, files: tuple[str, ...], as_json: bool) -> None:
 @click.command(context_settings=CONTEXT)
 @click.option("--interval", type=float, help="Seconds between passes (default: agent.interval_s).")
 @click.option("--once", is_flag=True, help="Run one pass and exit.")
+@click.option("--until-idle", is_flag=True,
+              help="Run passes until no job is pending or active, then exit (for cron).")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print the pass report.")
 @click.pass_context
 @handled
-def agent(ctx: click.Context, interval: float | None, once: bool, as_json: bool) -> None:
+def agent(ctx: click.Context, interval: float | None, once: bool, until_idle: bool,
+          as_json: bool) -> None:
     """Run reconciler passes continuously (optional: commands also run passes themselves)."""
     import dataclasses
 
     gw = _gateway(ctx)
+    if until_idle:
+        gw.agent(interval=interval, until_idle=True)
+        return
     if once:
         report = gw.reconcile(block=True)
         if as_json:
@@ -211,6 +217,57 @@ def agent(ctx: click.Context, interval: float | None, once: bool, as_json: bool)
 
 
 def register(group: click.Group) -> None:
-    for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent):
+    from gateway.cli.campaign import campaign
+
+    for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent, campaign,
+                    backends):
         group.add_command(command)
     from gateway.cli.image import image; group.add_command(image)  # noqa: E702
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def backends(ctx: click.Context, as_json: bool) -> None:
+    """List the configured backends and check that each is reachable (exit 4 if one is not)."""
+    from gateway.cli import render
+
+    gw = _gateway(ctx)
+    rows = [_probe(gw, target) for target in _targets(gw)]
+    if as_json:
+        emit_json(rows)
+    else:
+        render.backends_table(rows)
+    if any(not r["reachable"] for r in rows):
+        sys.exit(4)
+
+
+def _targets(gw: Any) -> list[str]:
+    from gateway.config import packaged_configs
+
+    targets = ["local"]
+    for kind in ("slurm", "aws"):
+        section = getattr(gw.config.backends, kind)
+        names = set(section.profiles)
+        packaged = packaged_configs() / kind
+        if kind == "slurm" and packaged.is_dir():
+            names |= {p.stem for p in packaged.glob("*.yaml") if p.stem != "example-site"}
+        targets += [f"{kind}:{name}" for name in sorted(names)]
+    return targets
+
+
+def _probe(gw: Any, target: str) -> dict[str, Any]:
+    from gateway.errors import GatewayError
+
+    row: dict[str, Any] = {"target": target, "reachable": False, "detail": ""}
+    try:
+        caps = gw.backends.get(target).capabilities()
+    except GatewayError as exc:
+        row["detail"] = str(exc).splitlines()[0]
+        return row
+    row.update(reachable=True, max_nodes=caps.max_nodes, max_cpus=caps.max_cpus,
+               max_gpus=caps.max_gpus, gpu_types=sorted(caps.gpu_types or []),
+               features=sorted(caps.features or []), runtimes=sorted(caps.runtimes),
+               max_walltime=caps.max_walltime, arrays=caps.arrays)
+    return row

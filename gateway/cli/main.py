@@ -35,22 +35,52 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--wait", is_flag=True, help="Wait until the jobs end; exit status mirrors them.")
 @click.option("--dry-run", is_flag=True, help="Validate and show where each job would go; submit nothing.")
+@click.option("--array", "array", metavar="RANGE",
+              help="One job per index (0-9, 1,3,5 or 0-99:2); each sees $HPCGW_ARRAY_INDEX.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job records as JSON.")
 @click.pass_context
 @handled
-def submit(ctx: click.Context, files: tuple[str, ...], wait: bool, dry_run: bool, as_json: bool) -> None:
+def submit(ctx: click.Context, files: tuple[str, ...], wait: bool, dry_run: bool,
+           array: str | None, as_json: bool) -> None:
     """Submit job spec files (YAML). All are validated before any is recorded."""
     from gateway.cli import render
     from gateway.spec import load_spec
 
     gw = _gateway(ctx)
     specs = [gw.validate(load_spec(f)) for f in files]
+    if array is not None:
+        indices = parse_range(array)
+        if len(specs) != 1:
+            raise click.BadParameter("--array takes exactly one spec file", param_hint="--array")
+        if not dry_run:
+            _after_submit(ctx, gw.submit_array(specs[0], indices), wait, as_json)
+            return
     if dry_run:
         plans = [{"name": s.name, "target": s.target, "backend": gw.backends.backend_name(s.target),
                   "spec_digest": s.spec_digest} for s in specs]
         emit_json(plans) if as_json else render.plans(plans)
         return
     _after_submit(ctx, gw.submit_many(specs), wait, as_json)
+
+
+def parse_range(text: str) -> list[int]:
+    """``0-9``, ``1,3,5``, ``0-99:2`` (as Slurm's --array), at most 100,000 indices."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            span, _, step = part.partition(":")
+            low, _, high = span.partition("-")
+            first, last = int(low), int(high or low)
+            stride = int(step or 1)
+            if first < 0 or last < first or stride < 1:
+                raise ValueError
+            out += range(first, last + 1, stride)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}; write 0-9, 1,3,5 or 0-99:2",
+                                 param_hint="--array") from None
+    if len(out) > 100_000 or len(set(out)) != len(out):
+        raise click.BadParameter(f"{text!r}: at most 100000 distinct indices", param_hint="--array")
+    return out
 
 
 @cli.command(context_settings={**CONTEXT, "ignore_unknown_options": False})

@@ -111,3 +111,42 @@ def job_detail(record: Any, attempts: Sequence[Mapping[str, Any]], events: Seque
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
         move = f"{event.old_state or ''} -> {event.new_state}" if event.new_state else ""
         console.print(f"  {stamp}  {event.kind:<16} {move:<24} {event.message or ''}")
+
+
+def campaign_status(info: Mapping[str, Any]) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    counts = info["counts"]
+    finished = sum(v for k, v in counts.items() if k in ("SUCCEEDED", "CACHED", "FAILED",
+                                                          "TIMEOUT", "CANCELLED", "LOST"))
+    console.print(f"campaign [bold]{info['campaign']}[/]: {info['members']} members, "
+                  f"{info['jobs']} jobs")
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), console=console,
+                  transient=False, auto_refresh=False) as bar:
+        bar.add_task("finished", total=max(info["members"], 1), completed=finished)
+        bar.refresh()
+    console.print("  " + "  ".join(f"{state_text(k) if k != 'CACHED' else '[green]CACHED[/]'} {v}"
+                                   for k, v in sorted(counts.items())))
+    budget = info.get("budget_core_hours")
+    used = f"{info['core_hours']:.3f} core-hours" + (f" of {budget:g}" if budget else "")
+    eta = f", ETA {info['eta_s']:.0f} s" if info.get("eta_s") is not None and info["remaining"] else ""
+    console.print(f"  {used}{eta}")
+
+
+def backends_table(rows: Sequence[Mapping[str, Any]]) -> None:
+    table = Table(box=None, header_style="bold")
+    for column in ("TARGET", "STATUS", "NODES", "CPUS", "GPUS", "FEATURES", "RUNTIMES"):
+        table.add_column(column, overflow="fold")
+    problems = []
+    for row in rows:
+        if not row["reachable"]:
+            table.add_row(row["target"], "[red]unreachable[/]", "", "", "", "", "")
+            problems.append(f"{row['target']}: {row['detail']}")
+            continue
+        gpus = f"{row['max_gpus']}" + (f" ({', '.join(row['gpu_types'])})" if row["gpu_types"] else "")
+        table.add_row(row["target"], "[green]ok[/]", str(row["max_nodes"]), str(row["max_cpus"] or "-"),
+                      gpus, " ".join(row["features"]), " ".join(row["runtimes"]))
+    console.print(table)
+    for problem in problems:
+        console.print(f"[red]{problem}[/]")

@@ -37,6 +37,11 @@ class JobRecord:
     misses: int
     provenance_json: str | None
     outputs_json: str | None
+    campaign: str | None = None
+    member: str | None = None
+    result_key: str | None = None
+    cached_from: str | None = None
+    cost: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "JobRecord":
@@ -76,6 +81,7 @@ class JobRecord:
             "ended_at": self.ended_at, "exit_code": self.exit_code, "kind": self.kind,
             "reason": self.reason, "node": self.node, "cancel_requested": self.cancel_requested,
             "labels": self.labels, "provenance": self.provenance, "outputs": self.outputs,
+            "campaign": self.campaign, "cached_from": self.cached_from, "cost": self.cost,
         }
 
 

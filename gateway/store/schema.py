@@ -77,6 +77,25 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX jobs_target ON jobs(target);
     """,
+    # 3: campaigns, result cache keys, cost
+    """
+    CREATE TABLE campaigns (
+        name        TEXT PRIMARY KEY,
+        spec_json   TEXT NOT NULL,
+        concurrency INTEGER NOT NULL DEFAULT 0,
+        core_hours  REAL,
+        money       REAL,
+        created_at  REAL NOT NULL,
+        applied_at  REAL NOT NULL
+    );
+    ALTER TABLE jobs ADD COLUMN campaign TEXT;
+    ALTER TABLE jobs ADD COLUMN member TEXT;
+    ALTER TABLE jobs ADD COLUMN result_key TEXT;
+    ALTER TABLE jobs ADD COLUMN cached_from TEXT;
+    ALTER TABLE jobs ADD COLUMN cost REAL;
+    CREATE INDEX jobs_campaign ON jobs(campaign, member);
+    CREATE INDEX jobs_result ON jobs(result_key, state);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -23,7 +23,7 @@ from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 JOB_FIELDS = frozenset({
     "backend", "attempt", "ref", "submitted_at", "started_at", "ended_at", "exit_code", "kind",
-    "reason", "node", "cancel_requested", "cancel_sent_at", "not_before", "misses", "provenance_json", "outputs_json"})
+    "reason", "node", "cancel_requested", "cancel_sent_at", "cost", "result_key", "not_before", "misses", "provenance_json", "outputs_json"})
 
 
 @dataclass
@@ -109,32 +109,58 @@ class Store:
 
     # -- writing --------------------------------------------------------------------------
     def insert_jobs(self, specs: Sequence[Any], *,
-                    provenance: Sequence[Mapping[str, Any]] | None = None) -> list[str]:
-        """Record specs as PENDING jobs (one transaction) and return their new ids."""
+                    provenance: Sequence[Mapping[str, Any]] | None = None,
+                    result_keys: Sequence[str | None] | None = None,
+                    cached: Sequence[JobRecord | None] | None = None) -> list[str]:
+        """Record specs as PENDING jobs (one transaction) and return their new ids.
+
+        A spec with a ``cached`` record (same result key, already SUCCEEDED) is recorded as
+        SUCCEEDED at once, pointing at the job whose outputs it reuses.
+        """
         now = time.time()
         ids = []
         with self.tx() as conn:
             for index, spec in enumerate(specs):
-                prov = json.dumps(provenance[index], sort_keys=True) if provenance else None
-                for _ in range(10):
-                    job_id = new_job_id()
-                    try:
-                        conn.execute(
-                            "INSERT INTO jobs (id, name, state, target, spec_json, spec_digest,"
-                            " created_at, updated_at, provenance_json) VALUES (?,?,?,?,?,?,?,?,?)",
-                            (job_id, spec.name, State.PENDING.value, spec.target,
-                             spec.canonical_json(), spec.spec_digest, now, now, prov))
-                        break
-                    except sqlite3.IntegrityError:
-                        continue
-                else:
-                    raise StoreError("could not draw a unique job id")
+                prov = dict(provenance[index]) if provenance else {}
+                source = cached[index] if cached else None
+                key = result_keys[index] if result_keys else None
+                job_id = self._insert_row(conn, spec, now, prov, key, source)
                 conn.executemany("INSERT INTO labels (job_id, key, value) VALUES (?,?,?)",
                                  [(job_id, k, v) for k, v in spec.labels.items()])
                 self._event(conn, job_id, now, "submitted", None, State.PENDING,
                             f"spec {spec.spec_digest[:19]}", None)
+                if source is not None:
+                    self._event(conn, job_id, now, "cached", State.PENDING, State.SUCCEEDED,
+                                f"result reused from job {source.id}", {"cached_from": source.id})
                 ids.append(job_id)
         return ids
+
+    def _insert_row(self, conn: sqlite3.Connection, spec: Any, now: float, prov: dict[str, Any],
+                    key: str | None, source: JobRecord | None) -> str:
+        state, extra = State.PENDING, {}
+        if source is not None:
+            state = State.SUCCEEDED
+            prov = {**source.provenance, **prov, "cached_from": source.id,
+                    "cached_attempt": source.attempt}
+            extra = {"exit_code": 0, "outputs_json": source.outputs_json, "cached_from": source.id,
+                     "ended_at": now, "reason": f"cached: result of {source.id}", "cost": 0.0}
+        labels = spec.labels
+        columns = {"name": spec.name, "state": state.value, "target": spec.target,
+                   "spec_json": spec.canonical_json(), "spec_digest": spec.spec_digest,
+                   "created_at": now, "updated_at": now,
+                   "provenance_json": json.dumps(prov, sort_keys=True) if prov else None,
+                   "campaign": labels.get("hpcgw.campaign"), "member": labels.get("hpcgw.member"),
+                   "result_key": key, **extra}
+        sql = (f"INSERT INTO jobs (id, {', '.join(columns)}) "
+               f"VALUES (?, {', '.join('?' * len(columns))})")
+        for _ in range(10):
+            job_id = new_job_id()
+            try:
+                conn.execute(sql, (job_id, *columns.values()))
+                return job_id
+            except sqlite3.IntegrityError:
+                continue
+        raise StoreError("could not draw a unique job id")
 
     def apply(self, changes: Sequence[Change]) -> list[str]:
         """Apply changes in ONE transaction; each state change is checked and evented.
@@ -283,6 +309,37 @@ class Store:
         rows = self.conn.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt",
                                  (job_id,))
         return [dict(r) for r in rows]
+
+    def find_result(self, key: str) -> JobRecord | None:
+        """The newest SUCCEEDED job that ran (not itself cached) with this result key."""
+        row = self.conn.execute(
+            "SELECT * FROM jobs WHERE result_key = ? AND state = 'SUCCEEDED' AND cached_from IS NULL"
+            " ORDER BY id DESC LIMIT 1", (key,)).fetchone()
+        return JobRecord.from_row(row) if row else None
+
+    def campaign_jobs(self, name: str) -> list[JobRecord]:
+        rows = self.conn.execute("SELECT * FROM jobs WHERE campaign = ? ORDER BY id", (name,))
+        return [JobRecord.from_row(r) for r in rows]
+
+    def save_campaign(self, name: str, spec_json: str, concurrency: int,
+                      core_hours: float | None, money: float | None) -> None:
+        now = time.time()
+        with self.tx() as conn:
+            conn.execute(
+                "INSERT INTO campaigns (name, spec_json, concurrency, core_hours, money, created_at,"
+                " applied_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET"
+                " spec_json = excluded.spec_json, concurrency = excluded.concurrency,"
+                " core_hours = excluded.core_hours, money = excluded.money,"
+                " applied_at = excluded.applied_at",
+                (name, spec_json, concurrency, core_hours, money, now, now))
+
+    def campaign(self, name: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM campaigns WHERE name = ?", (name,)).fetchone()
+        return dict(row) if row else None
+
+    def campaign_limits(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT name, concurrency FROM campaigns WHERE concurrency > 0")
+        return {r["name"]: r["concurrency"] for r in rows}
 
     def counts(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")

@@ -206,3 +206,16 @@ def test_mpirun_job_runs_ranks_that_allreduce(cli, gw_env, tmp_path):
     # mpirun forwards each rank's stream on its own, so lines may interleave: match, not split
     assert sorted(re.findall(r"rank \d of \d total \d", out)) == [
         "rank 0 of 2 total 3", "rank 1 of 2 total 3"], out
+
+
+def test_array_submits_one_job_per_index(cli, tmp_path):
+    spec = tmp_path / "arr.yaml"
+    spec.write_text('name: arr\ncommand: echo "i=$HPCGW_ARRAY_INDEX"\n')
+    done = cli("submit", "--array", "0-4:2,7", "--wait", "--json", str(spec))
+    assert done.returncode == 0, done.stderr
+    records = json.loads(done.stdout)
+    assert [r["name"] for r in records] == ["arr-0", "arr-2", "arr-4", "arr-7"]
+    assert sorted(cli("logs", r["id"]).stdout for r in records) == ["i=0\n", "i=2\n", "i=4\n", "i=7\n"]
+    assert len({r["labels"]["hpcgw.array"] for r in records}) == 1
+    bad = cli("submit", "--array", "5-1", str(spec))
+    assert bad.returncode == 2 and "--array" in bad.stderr

@@ -8,7 +8,6 @@ runner's exclusive claim) and adoption after a crash is a look at the folder.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -16,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
+from gateway.attempts import observation_from_status
 from gateway.backends.base import (Capabilities, Capacity, Observation, SubmitOutcome,
                                    SubmitRequest, parse_attempt_key)
 from gateway.node import alive, proc_start_ticks, read_json, write_json_atomic
@@ -25,8 +25,6 @@ from gateway.states import State
 # Start the node runner from this very installation, even from a source checkout.
 _BOOT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[3])!r}); "
          "from gateway.node import main; sys.exit(main())")
-OUTCOMES = {"timeout": (State.TIMEOUT, "timeout"), "cancelled": (State.CANCELLED, "cancelled"),
-            "error": (State.FAILED, "failed")}
 
 
 @lru_cache(maxsize=1)
@@ -55,10 +53,14 @@ class LocalBackend:
         self.jobs_root = Path(jobs_root)
         self.cpus, self.gpus = cpus, gpus
         self.runtimes = frozenset(runtimes)
-        # jobs with an image and no runtime use the first container runtime configured
-        self.default_runtime = next((r for r in runtimes if r != "host"), None)
         self.python = python or sys.executable
         self._children: list[int] = []
+
+    @property
+    def default_runtime(self) -> str:
+        """For jobs with an image and no runtime: podman, else charliecloud, else apptainer."""
+        return next((r for r in ("podman", "charliecloud", "apptainer") if r in self.runtimes),
+                    "host")
 
     def capabilities(self) -> Capabilities:
         return Capabilities(max_nodes=1, max_cpus=self.cpus, max_gpus=self.gpus,
@@ -136,7 +138,7 @@ class LocalBackend:
     def _observe(self, ref: str, adir: Path) -> Observation | None:
         status = read_json(adir / "status.json")
         if status is not None:
-            return _final(ref, status)
+            return observation_from_status(ref, status)
         running = read_json(adir / "running.json")
         owner = read_json(adir / "claim")
         if owner is not None:
@@ -180,31 +182,6 @@ class LocalBackend:
 
     def log_paths(self, ref: str, attempt_dir: Path) -> dict[str, Path]:
         return {"stdout": attempt_dir / "stdout", "stderr": attempt_dir / "stderr"}
-
-
-def _final(ref: str, status: dict[str, object]) -> Observation:
-    outcome = str(status.get("outcome"))
-    code = status.get("exit_code")
-    exit_code = int(code) if isinstance(code, int) else None
-    if outcome == "exited":
-        state, kind = (State.SUCCEEDED, None) if exit_code == 0 else (State.FAILED, "failed")
-    else:
-        state, kind = OUTCOMES.get(outcome, (State.FAILED, "failed"))
-    reason = status.get("reason") or (f"exit code {exit_code}" if state == State.FAILED else None)
-    return Observation(ref, state, native=outcome, kind=kind, exit_code=exit_code,
-                       reason=str(reason) if reason else None, node=_s(status.get("node")),
-                       started_at=_f(status.get("started_at")), ended_at=_f(status.get("ended_at")),
-                       extra={"outputs": json.dumps(status.get("outputs") or []),
-                              **({"image_digest": str(status["image_digest"])}
-                                 if status.get("image_digest") else {})})
-
-
-def _s(value: object) -> str | None:
-    return str(value) if value is not None else None
-
-
-def _f(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -1,0 +1,1 @@
+"""Test harnesses that start real components (a private Slurm cluster)."""
