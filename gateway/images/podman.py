@@ -117,3 +117,11 @@ def unmount(root: Path) -> list[str]:
     for point in points:
         run(["umount", "--lazy", point], check=False)
     return points
+
+
+def default_runtime_cleanup(folder: Path) -> None:
+    """Tests and throw-away data folders: unmount podman storage under ``folder`` and remove
+    the run folders of every private podman configuration found there."""
+    for conf in folder.rglob("storage.conf"):
+        shutil.rmtree(default_runroot(conf.parent), ignore_errors=True)
+    unmount(folder)
