@@ -41,6 +41,15 @@ class LocalConfig(_Frozen):
     runtimes: tuple[str, ...] = ("host",)
 
 
+class ImagesConfig(_Frozen):
+    """The image store and the private podman setup (see docs/images.md)."""
+
+    store: str = ""            # image store root; empty: DATA_DIR/images (shared FS on Slurm)
+    podman_dir: str = ""       # private podman config + storage; empty: DATA_DIR/podman
+    podman_runroot: str = ""   # podman's run folder (sockets); empty: /run/hpcgw-<hash>
+    node_profile: str = ""     # configs/nodes/<name>.yaml (or a path) used when GPUs are asked
+
+
 class BackendProfiles(_Frozen):
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
     default_profile: str = "default"
@@ -59,6 +68,7 @@ class Config(_Frozen):
     agent: AgentConfig = AgentConfig()
     local: LocalConfig = LocalConfig()
     backends: BackendsConfig = BackendsConfig()
+    images: ImagesConfig = ImagesConfig()
     sources: tuple[str, ...] = ()
 
     @property
@@ -75,6 +85,16 @@ class Config(_Frozen):
     @property
     def jobs_path(self) -> Path:
         return self.data_path / "jobs"
+
+    @property
+    def images_path(self) -> Path:
+        return Path(self.images.store).expanduser() if self.images.store else self.data_path / "images"
+
+    @property
+    def podman_path(self) -> Path:
+        if self.images.podman_dir:
+            return Path(self.images.podman_dir).expanduser()
+        return self.data_path / "podman"
 
     @property
     def local_cpus(self) -> int:

@@ -10,6 +10,7 @@
     │   ├── BackendUnavailable       the backend cannot be reached now (retry later)
     │   └── CapabilityError          the backend cannot run this spec (refused up front)
     ├── RuntimeConfigError           a runtime cannot build a command for this spec
+    ├── ImageError                   an image recipe is invalid, or an image is damaged
     └── CommandError                 a subprocess failed (argv, returncode, stderr)
 
 Exit codes used by the CLI are attached to the classes (``exit_code``) so the mapping
@@ -102,3 +103,9 @@ class CommandError(GatewayError):
             f"command {self.argv[0]!r} failed (exit {returncode})"
             + (": " + " | ".join(tail) if tail else "")
         )
+
+
+class ImageError(GatewayError):
+    """An image is invalid, damaged (a blob does not match its digest) or cannot be built."""
+
+    exit_code = 2

@@ -5,12 +5,17 @@ written by the gateway:
 
     launch.json   what to run (argv, env, cwd, walltime, inputs, outputs)   [gateway]
     claim         created exclusively by the one run of this attempt        [node]
+    image.json    the image digest found and verified on this node          [node]
     running.json  child pid and start time                                  [node]
     stdout/stderr the job's logs                                            [node]
     work/         default working folder; inputs are staged here            [node]
     outputs/      copies of the files matched by the spec's output globs    [node]
     cancel        present when the gateway asked for cancellation           [gateway]
     status.json   the final word: outcome, exit code, times, outputs        [node]
+
+A launch.json with an ``image`` section (container runtimes) has its image checked after
+the claim and before anything runs: present (loaded from the image store if needed) and
+matching the pinned digest, else the attempt fails with the reason (gateway.images.check).
 
 The claim makes each attempt run at most once whatever the gateway does: a second runner
 started for the same attempt (a submission retried after a crash) finds the claim and exits
@@ -128,6 +133,11 @@ def prepare(adir: Path) -> int:
     if (adir / "cancel").exists():
         finish(adir, None, outcome="cancelled", reason="cancelled before start")
         return EXIT_CLAIMED
+    if launch.get("image"):
+        reason = _check_image(launch["image"], adir)
+        if reason is not None:
+            finish(adir, None, outcome="error", reason=reason)
+            return 1
     try:
         _stage_inputs(launch, cwd)
     except OSError as exc:
@@ -138,10 +148,25 @@ def prepare(adir: Path) -> int:
     return 0
 
 
+def _check_image(section: dict[str, Any], adir: Path) -> str | None:
+    """Verify the job's image is here and is the pinned one; record the digest found.
+    Returns the reason it is not (the job then fails before its command runs)."""
+    from gateway.images.check import ImageCheckError, ensure_image
+
+    try:
+        found = ensure_image(section)
+    except ImageCheckError as exc:
+        return str(exc)
+    write_json_atomic(adir / "image.json", {"digest": found, "runtime": section.get("runtime"),
+                                            "checked_at": time.time()})
+    return None
+
+
 def finish(adir: Path, exit_code: int | None, *, outcome: str = "exited", sig: int | None = None,
            reason: str | None = None) -> None:
     launch = read_json(adir / "launch.json") or {}
     running = read_json(adir / "running.json") or {}
+    image = read_json(adir / "image.json") or {}
     outputs: list[str] = []
     try:
         outputs = _collect_outputs(launch, _cwd(launch, adir), adir)
@@ -150,7 +175,7 @@ def finish(adir: Path, exit_code: int | None, *, outcome: str = "exited", sig: i
     write_json_atomic(adir / "status.json", durable=True, data={
         "outcome": outcome, "exit_code": exit_code, "signal": sig, "reason": reason,
         "started_at": running.get("started_at"), "ended_at": time.time(),
-        "node": socket.gethostname(), "outputs": outputs})
+        "node": socket.gethostname(), "outputs": outputs, "image_digest": image.get("digest")})
 
 
 def _killpg(pgid: int, sig: int) -> None:

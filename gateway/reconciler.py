@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from gateway.attempts import attempt_dir, observation_from_status, prepare_attempt
 from gateway.backends import BackendRegistry
@@ -54,6 +54,17 @@ class PassReport:
     cancelled: int = 0
     polls: dict[str, int] = field(default_factory=dict)
     unavailable: list[str] = field(default_factory=list)
+
+
+def _default_runtime(backend: Backend) -> str:
+    """For a job with an image and no ``runtime``: the backend's choice (``default_runtime``,
+    e.g. the local backend's first configured container runtime), else the first container
+    runtime its capabilities offer (a Slurm profile's ``runtime``), else host."""
+    explicit = getattr(backend, "default_runtime", None)
+    if explicit:
+        return str(explicit)
+    offered = backend.capabilities().runtimes
+    return next((r for r in ("podman", "charliecloud", "apptainer") if r in offered), "host")
 
 
 class Reconciler:
@@ -217,15 +228,19 @@ class Reconciler:
     def _provenance(self, job: JobRecord, obs: Observation) -> dict[str, object]:
         base = job.provenance
         adir = attempt_dir(self.config.jobs_path, job.id, job.attempt)
-        ran = {}
-        try:
-            ran = json.loads((adir / "launch.json").read_text())
-        except (OSError, ValueError):
-            pass
+        ran: dict[str, Any] = {}
+        status: dict[str, Any] = {}
+        for name, into in (("launch.json", ran), ("status.json", status)):
+            try:
+                into.update(json.loads((adir / name).read_text()))
+            except (OSError, ValueError):
+                pass
         base.update(spec_digest=job.spec_digest, backend=job.backend, ref=job.ref,
                     attempt=job.attempt, node=obs.node, runtime=ran.get("runtime"),
                     argv=ran.get("argv"), image=job.spec.image, exit_code=obs.exit_code,
-                    started_at=obs.started_at, ended_at=obs.ended_at)
+                    started_at=obs.started_at, ended_at=obs.ended_at,
+                    # read back on the node (podman's storage / the re-hashed folder)
+                    image_digest=obs.extra.get("image_digest") or status.get("image_digest"))
         return base
 
     def _record_attempt(self, job: JobRecord, obs: Observation | None, backend: str) -> None:
@@ -315,13 +330,24 @@ class Reconciler:
 
     def _submit_to(self, name: str, jobs: list[JobRecord], report: PassReport) -> int:
         backend = self.backends.get(name)
-        runtime = str(getattr(backend, "default_runtime", "host"))
+        default = _default_runtime(backend)
         requests: list[SubmitRequest] = []
-        for job in jobs:
-            requests.append(prepare_attempt(self.config.jobs_path, job, job.attempt,
-                                            job.spec.effective_runtime or runtime,
-                                            self.config.local.kill_grace_s,
-                                            getattr(backend, "launcher", None)))
+        refused: list[Change] = []
+        for job in list(jobs):
+            try:
+                requests.append(prepare_attempt(self.config.jobs_path, job, job.attempt,
+                                                job.spec.effective_runtime or default,
+                                                self.config.local.kill_grace_s,
+                                                getattr(backend, "launcher", None), self.config))
+            except GatewayError as exc:  # e.g. a runtime that cannot express this job
+                jobs.remove(job)
+                refused.append(Change(job.id, State.FAILED, {"kind": "refused", "reason": str(exc),
+                                      "ended_at": time.time()}, "refused", str(exc),
+                                      expect=State.SUBMITTING))
+        if refused:
+            self.store.apply(refused)
+        if not requests:
+            return 0
         try:
             outcomes = backend.submit(requests)
         except BackendUnavailable as exc:

@@ -136,6 +136,10 @@ class Backend(Protocol):
 def check_capabilities(backend: Backend, spec: JobSpec) -> None:
     caps = backend.capabilities()
     caps.check(spec, backend.name)
+    if spec.image is not None and spec.runtime is None \
+            and not caps.runtimes & {"podman", "charliecloud", "apptainer"}:
+        raise CapabilityError(f"{backend.name} has no container runtime for image {spec.image!r} "
+                              "(configure one, e.g. local.runtimes: [host, podman])")
     if spec.effective_runtime and spec.effective_runtime not in caps.runtimes:
         raise CapabilityError(f"{backend.name} cannot use runtime {spec.effective_runtime!r} "
                               f"(configured: {', '.join(sorted(caps.runtimes))})")

@@ -222,6 +222,7 @@ def register(group: click.Group) -> None:
     for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent, campaign,
                     backends):
         group.add_command(command)
+    from gateway.cli.image import image; group.add_command(image)  # noqa: E702
 
 
 @click.command(context_settings=CONTEXT)

@@ -87,6 +87,10 @@ def job_detail(record: Any, attempts: Sequence[Mapping[str, Any]], events: Seque
     ]
     if record.labels:
         rows.append(("labels", ", ".join(f"{k}={v}" for k, v in record.labels.items())))
+    prov = record.provenance
+    if prov.get("image_digest") or prov.get("runtime") not in (None, "host"):
+        rows.append(("ran image", f"{prov.get('image_digest') or '(not recorded)'}"
+                                  f" via {prov.get('runtime')}"))
     for key, value in sorted(record.provenance.items()):
         if key in ("inputs",) and value:
             rows.append(("input hashes", ", ".join(f"{k}={v[:19]}" for k, v in value.items())))

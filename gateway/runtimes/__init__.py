@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from gateway.errors import RuntimeConfigError
-from gateway.runtimes.base import RunContext, Runtime
+from gateway.runtimes.base import GpuLayer, Mount, RunContext, Runtime
+
+RUNTIMES = ("host", "podman", "charliecloud", "apptainer")
+CONTAINER_RUNTIMES = ("podman", "charliecloud", "apptainer")
 
 
 def get_runtime(name: str) -> Runtime:
@@ -11,7 +14,20 @@ def get_runtime(name: str) -> Runtime:
         from gateway.runtimes.host import HostRuntime
 
         return HostRuntime()
-    raise RuntimeConfigError(f"runtime {name!r} is not available yet; valid runtimes: host")
+    if name == "podman":
+        from gateway.runtimes.podman import PodmanRuntime
+
+        return PodmanRuntime()
+    if name == "charliecloud":
+        from gateway.runtimes.charliecloud import CharliecloudRuntime
+
+        return CharliecloudRuntime()
+    if name == "apptainer":
+        from gateway.runtimes.apptainer import ApptainerRuntime
+
+        return ApptainerRuntime()
+    raise RuntimeConfigError(f"unknown runtime {name!r}; valid runtimes: {', '.join(RUNTIMES)}")
 
 
-__all__ = ["RunContext", "Runtime", "get_runtime"]
+__all__ = ["CONTAINER_RUNTIMES", "GpuLayer", "Mount", "RUNTIMES", "RunContext", "Runtime",
+           "get_runtime"]

@@ -58,7 +58,9 @@ class LocalBackend:
 
     @property
     def default_runtime(self) -> str:
-        return next(iter(sorted(self.runtimes - {"host"})), "host")
+        """For jobs with an image and no runtime: podman, else charliecloud, else apptainer."""
+        return next((r for r in ("podman", "charliecloud", "apptainer") if r in self.runtimes),
+                    "host")
 
     def capabilities(self) -> Capabilities:
         return Capabilities(max_nodes=1, max_cpus=self.cpus, max_gpus=self.gpus,

@@ -64,4 +64,8 @@ class Results:
             return obs
         extra = {**obs.extra, "attempt_dir": str(adir),
                  "outputs": json.dumps(status.get("outputs") or [])}
-        return replace(obs, extra=extra)
+        if status.get("image_digest"):
+            extra["image_digest"] = str(status["image_digest"])
+        # the node refused before running (image check, staging): its reason beats Slurm's
+        reason = status.get("reason") if status.get("outcome") == "error" else None
+        return replace(obs, extra=extra, reason=str(reason) if reason else obs.reason)

@@ -93,7 +93,9 @@ def body_lines(request: SubmitRequest, profile: SlurmProfile) -> list[str]:
         if not ENV_KEY_RE.match(key):
             raise CapabilityError(f"env name {key!r} is not a valid shell variable name")
     py, adir = shlex.quote(profile.python), shlex.quote(str(request.attempt_dir))
-    workdir = request.spec.workdir or str(Path(request.attempt_dir) / "work")
+    # a container job's workdir is a path inside the image; its host side is work/
+    workdir = (request.spec.workdir if request.spec.image is None else None) \
+        or str(Path(request.attempt_dir) / "work")
     lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(request.env.items())]
     lines += [
         (f"{py} -m gateway.node prepare {adir} || "
