@@ -51,7 +51,8 @@ def _dequantize(q, scale, w):
 
 
 def _as_2d(a: np.ndarray) -> np.ndarray:
-    return a.reshape(a.shape[0], -1)
+    """(channels, everything else); explicit width so empty arrays reshape too."""
+    return a.reshape(a.shape[0], int(np.prod(a.shape[1:])))
 
 
 def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +92,7 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray, dtype=np.float32) -> np.nd
         raise KernelInputError("q must have at least 1 dimension (channels on axis 0)")
     s = _checks.float_array("scale", scale, ndim=1).astype(dt, copy=False)
     _checks.shape_is("scale", s, (q.shape[0],))
-    q2 = np.ascontiguousarray(q).reshape(q.shape[0], -1)
+    q2 = _as_2d(np.ascontiguousarray(q))
     w = np.empty(q2.shape, dt)
     if w.size:
         _dequantize(q2, s, w)
