@@ -1,0 +1,60 @@
+"""Config resolution, the configurable cache folder, and a cheap ``import kernels``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, app_env
+from kernels.config import FASTMATH_FLAGS, KernelConfig, load_config
+from kernels.errors import KernelConfigError
+
+
+def test_load_config_reads_hpcgw_variables(tmp_path):
+    cfg = load_config({"HPCGW_NUMBA_CACHE_DIR": str(tmp_path / "c"), "HPCGW_NUMBA_PARALLEL": "0",
+                       "HPCGW_NUMBA_FASTMATH": "false"})
+    assert cfg == KernelConfig(cache_dir=str(tmp_path / "c"), parallel=False, fastmath=False)
+    opts = cfg.jit_options(parallel=True)
+    assert opts["cache"] is True and opts["parallel"] is False and opts["fastmath"] is False
+
+
+def test_defaults_keep_nan_semantics():
+    cfg = load_config({})
+    assert cfg.cache_dir is None and cfg.parallel
+    assert "nnan" not in FASTMATH_FLAGS and "ninf" not in FASTMATH_FLAGS
+    assert load_config({"NUMBA_CACHE_DIR": "/x"}).cache_dir == "/x"
+
+
+def test_bad_boolean_is_refused_with_the_valid_values():
+    with pytest.raises(KernelConfigError, match="HPCGW_NUMBA_PARALLEL='maybe'.*0/1/true/false"):
+        load_config({"HPCGW_NUMBA_PARALLEL": "maybe"})
+
+
+def _python(code: str, **env: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=app_env(**env),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_import_kernels_does_not_import_numba():
+    out = _python("import sys, kernels, kernels.config, kernels.errors; "
+                  "print('numba' in sys.modules, 'dask' in sys.modules)")
+    assert out.split() == ["False", "False"]
+
+
+def test_cache_dir_is_used_and_second_process_loads_from_it(tmp_path):
+    code = ("import json, numpy as np\nfrom kernels import optim\n"
+            "optim.adamw_step(np.ones(3), np.ones(3), np.zeros(3), np.zeros(3), step=1)\n"
+            "s = optim._adamw.stats\n"
+            "print(json.dumps([s.cache_path, sum(s.cache_hits.values()), "
+            "sum(s.cache_misses.values())]))")
+    cache = tmp_path / "numba cache"  # a space in the path on purpose
+    first = json.loads(_python(code, HPCGW_NUMBA_CACHE_DIR=str(cache)))
+    second = json.loads(_python(code, HPCGW_NUMBA_CACHE_DIR=str(cache)))
+    assert first[0].startswith(str(cache)) and first[1:] == [0, 1]
+    assert second[1:] == [1, 0]
+    assert any(p.suffix == ".nbi" for p in cache.rglob("*"))
