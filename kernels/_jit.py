@@ -2,30 +2,53 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
 from kernels.config import get_config
 
+
+def source_fingerprint() -> str:
+    """Hash of the package's sources. Numba invalidates a cached kernel only when its own
+    file changes, not a helper it inlines (``_fastmath``, ``_chunks``), so a configured
+    cache folder gets one sub-folder per source version and a stale image cache is never
+    loaded."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 _CFG = get_config()
-if _CFG.cache_dir:
+CACHE_DIR = os.path.join(_CFG.cache_dir, f"src-{source_fingerprint()}") if _CFG.cache_dir else None
+if CACHE_DIR:
     # numba reads NUMBA_CACHE_DIR when it is imported; set it first, then keep it in
     # sync in case numba was imported earlier by someone else.
-    os.makedirs(_CFG.cache_dir, exist_ok=True)
-    os.environ["NUMBA_CACHE_DIR"] = _CFG.cache_dir
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
 
-import numba  # noqa: E402
-from numba import prange  # noqa: E402
+import numba
+from numba import prange, types
+from numba.extending import intrinsic, overload
 
-if _CFG.cache_dir:
-    numba.config.CACHE_DIR = _CFG.cache_dir
+if CACHE_DIR:
+    numba.config.CACHE_DIR = CACHE_DIR
 
-__all__ = ["jit", "numba", "prange", "num_threads"]
+__all__ = ["intrinsic", "jit", "num_threads", "numba", "overload", "prange", "types"]
 
 
-def jit(*, parallel: bool = False) -> Callable:
-    """``numba.njit`` with the project's flags (cache, nogil, fast-math, parallel)."""
-    return numba.njit(**_CFG.jit_options(parallel=parallel))
+def jit(*, parallel: bool = False, fastmath: set[str] | None = None) -> Callable:
+    """``numba.njit`` with the project's flags (cache, nogil, fast-math, parallel).
+
+    ``fastmath`` overrides the flag set for code whose rounding must not be reassociated
+    (the bit tricks in ``kernels._fastmath``).
+    """
+    opts = _CFG.jit_options(parallel=parallel)
+    if fastmath is not None and opts["fastmath"]:
+        opts["fastmath"] = set(fastmath)
+    return numba.njit(**opts)
 
 
 def num_threads() -> int:

@@ -1,9 +1,10 @@
 """GELU and fused bias + activation, forward and backward.
 
 GELU is the exact (erf) form, as ``torch.nn.functional.gelu`` by default. float64 uses
-libm's ``erf``; float32 uses a rational approximation of erf evaluated in float64
-(max abs error 4e-9 on erf, far below float32 rounding) because libm calls do not
-vectorise and would make a memory-bound kernel compute-bound.
+libm's ``erf`` (exact, but a scalar call: float64 GELU is compute-bound); float32 uses a
+rational approximation of erf evaluated in float64 (max abs error 4e-9 on erf, far below
+float32 rounding) because libm calls do not vectorise. The derivative's exp is
+``kernels._fastmath.exp_fast`` for the same reason.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import numpy as np
 
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
-from kernels._jit import jit, prange
+from kernels._fastmath import exp_fast
+from kernels._jit import jit, overload, prange, types
 from kernels.errors import KernelInputError
 
-__all__ = ["gelu", "gelu_backward", "bias_act", "bias_act_backward", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "bias_act", "bias_act_backward", "gelu", "gelu_backward"]
 
 ACTIVATIONS = ("none", "relu", "gelu")
 _SQRT1_2 = 0.7071067811865476
@@ -41,40 +43,59 @@ def _erf_rational(t):
     return t * p / q
 
 
+def _gelu_parts(z):  # pragma: no cover - replaced by the overload inside jitted code
+    """(Phi(z), z * phi(z)) in float64; the erf/exp variant is chosen by z's dtype."""
+    raise NotImplementedError
+
+
+@overload(_gelu_parts, inline="always")
+def _gelu_parts_overload(z):
+    if z == types.float32:
+        def f32(z):
+            zf = np.float64(z)
+            e = _erf_rational(zf * _SQRT1_2)
+            return 0.5 * (1.0 + e), zf * _INV_SQRT_2PI * exp_fast(np.float32(-0.5) * z * z)
+        return f32
+
+    def f64(z):
+        zf = np.float64(z)
+        return (0.5 * (1.0 + math.erf(zf * _SQRT1_2)),
+                zf * _INV_SQRT_2PI * exp_fast(-0.5 * zf * zf))
+    return f64
+
+
 @jit()
-def _act(z, act, exact):
-    """act: 0 none, 1 relu, 2 gelu. ``exact`` picks libm erf (float64) over the fit."""
+def _act(z, act):
+    """act: 0 none, 1 relu, 2 gelu (exact erf form)."""
     if act == 1:
         return max(z, 0.0)
     if act == 2:
-        zf = np.float64(z)
-        e = math.erf(zf * _SQRT1_2) if exact else _erf_rational(zf * _SQRT1_2)
-        return 0.5 * zf * (1.0 + e)
+        cdf, _ = _gelu_parts(z)
+        return np.float64(z) * cdf
     return z
 
 
 @jit()
-def _act_grad(z, act, exact):
+def _act_grad(z, act):
     """d act(z) / dz for the same codes as ``_act``."""
     if act == 1:
         return 1.0 if z > 0.0 else 0.0
     if act == 2:
-        zf = np.float64(z)
-        e = math.erf(zf * _SQRT1_2) if exact else _erf_rational(zf * _SQRT1_2)
-        return 0.5 * (1.0 + e) + zf * _INV_SQRT_2PI * math.exp(-0.5 * zf * zf)
+        cdf, zpdf = _gelu_parts(z)
+        return cdf + zpdf
     return 1.0
 
 
 @jit(parallel=True)
-def _gelu(x, out, exact):
+def _gelu(x, out):
     for i in prange(x.size):
-        out[i] = _act(x[i], 2, exact)
+        out[i] = _act(x[i], 2)
 
 
 @jit(parallel=True)
-def _gelu_bwd(dy, x, out, exact):
+def _gelu_bwd(dy, x, out):
     for i in prange(x.size):
-        out[i] = dy[i] * _act_grad(x[i], 2, exact)
+        out[i] = dy[i] * _act_grad(x[i], 2)
 
 
 def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -83,7 +104,7 @@ def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     res = _out_like("out", out, xc)
     flat = res.reshape(-1) if res.flags.c_contiguous else np.empty(xc.size, xc.dtype)
     if xc.size:
-        _gelu(xc.reshape(-1), flat, xc.dtype == np.float64)
+        _gelu(xc.reshape(-1), flat)
     if flat.base is not res and not res.flags.c_contiguous:
         res[...] = flat.reshape(res.shape)
     return res
@@ -96,7 +117,7 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
     _checks.shape_is("dy", dyc, xc.shape)
     out = np.empty_like(xc)
     if xc.size:
-        _gelu_bwd(dyc.reshape(-1), xc.reshape(-1), out.reshape(-1), xc.dtype == np.float64)
+        _gelu_bwd(dyc.reshape(-1), xc.reshape(-1), out.reshape(-1))
     return out
 
 
@@ -114,21 +135,21 @@ def _act_code(act: str) -> int:
 
 
 @jit(parallel=True)
-def _bias_act(x, b, out, act, exact):
+def _bias_act(x, b, out, act):
     n, d = x.shape
     for i in prange(n):
         for j in range(d):
-            out[i, j] = _act(x[i, j] + b[j], act, exact)
+            out[i, j] = _act(x[i, j] + b[j], act)
 
 
 @jit(parallel=True)
-def _bias_act_bwd(dy, x, b, dx, pdb, act, exact, nchunks):
+def _bias_act_bwd(dy, x, b, dx, pdb, act, nchunks):
     n, d = x.shape
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
         for i in range(lo, hi):
             for j in range(d):
-                g = dy[i, j] * _act_grad(x[i, j] + b[j], act, exact)
+                g = dy[i, j] * _act_grad(x[i, j] + b[j], act)
                 dx[i, j] = g
                 pdb[c, j] += g
 
@@ -146,7 +167,7 @@ def bias_act(x: np.ndarray, b: np.ndarray, act: str = "gelu") -> np.ndarray:
     xc, bc = _bias_inputs(x, b)
     out = np.empty_like(xc)
     if xc.size:
-        _bias_act(xc, bc, out, code, xc.dtype == np.float64)
+        _bias_act(xc, bc, out, code)
     return out
 
 
@@ -162,5 +183,5 @@ def bias_act_backward(
     nch = n_chunks(xc.shape[0])
     pdb = np.zeros((nch, xc.shape[1]), xc.dtype)
     if xc.size:
-        _bias_act_bwd(dyc, xc, bc, dx, pdb, code, xc.dtype == np.float64, nch)
+        _bias_act_bwd(dyc, xc, bc, dx, pdb, code, nch)
     return dx, pdb.sum(axis=0)

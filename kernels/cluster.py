@@ -17,8 +17,13 @@ from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
 from kernels.errors import KernelInputError
 
-__all__ = ["kmeans_assign", "kmeans_partial_sums", "centroids_from_sums", "kmeans_update",
-           "kmeans"]
+__all__ = [
+    "centroids_from_sums",
+    "kmeans",
+    "kmeans_assign",
+    "kmeans_partial_sums",
+    "kmeans_update",
+]
 
 
 @jit(parallel=True)

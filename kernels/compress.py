@@ -15,7 +15,7 @@ from kernels import _checks
 from kernels._jit import jit, prange
 from kernels.errors import KernelInputError
 
-__all__ = ["topk_sparsify", "densify"]
+__all__ = ["densify", "topk_sparsify"]
 
 
 @jit(parallel=True)

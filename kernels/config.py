@@ -12,8 +12,8 @@ This module does not import numba: ``kernels._jit`` applies the config and then 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from kernels.errors import KernelConfigError
 

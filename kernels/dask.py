@@ -15,7 +15,7 @@ import numpy as np
 from kernels import cluster, search
 from kernels.errors import KernelInputError
 
-__all__ = ["kmeans_assign", "kmeans_step", "kmeans", "topk_cosine"]
+__all__ = ["kmeans", "kmeans_assign", "kmeans_step", "topk_cosine"]
 
 
 def _da() -> Any:

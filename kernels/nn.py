@@ -1,8 +1,9 @@
 """Neural-network kernels: fused softmax + cross-entropy, layer norm forward/backward.
 
 Rows are independent, so each kernel is one ``prange`` over rows with the row held in
-cache between its passes; parameter gradients (layer norm's dgamma/dbeta) are summed into
-per-chunk partial buffers and reduced at the end, so threads never share a write.
+cache between its passes; exp is the vectorisable ``kernels._fastmath.exp_fast``.
+Parameter gradients (layer norm's dgamma/dbeta) are summed into per-chunk partial
+buffers and reduced at the end, so threads never share a write.
 GELU and bias + activation live in ``kernels.activations`` and are re-exported here.
 """
 
@@ -12,34 +13,56 @@ import numpy as np
 
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
+from kernels._fastmath import exp_fast
 from kernels._jit import jit, prange
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
 
 __all__ = [
-    "softmax_cross_entropy", "layer_norm", "layer_norm_backward",
-    "gelu", "gelu_backward", "bias_act", "bias_act_backward",
+    "bias_act",
+    "bias_act_backward",
+    "gelu",
+    "gelu_backward",
+    "layer_norm",
+    "layer_norm_backward",
+    "softmax_cross_entropy",
 ]
 
 
+@jit()
+def _row_max(row):
+    """Max of a row with eight running maxima: LLVM will not vectorise a float max
+    reduction without 'nnan', and NaN must still reach the loss (it does, through exp)."""
+    c = row.size
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    j = 0
+    while j + 8 <= c:
+        m0, m1 = max(m0, row[j]), max(m1, row[j + 1])
+        m2, m3 = max(m2, row[j + 2]), max(m3, row[j + 3])
+        m4, m5 = max(m4, row[j + 4]), max(m5, row[j + 5])
+        m6, m7 = max(m6, row[j + 6]), max(m7, row[j + 7])
+        j += 8
+    for jj in range(j, c):
+        m0 = max(m0, row[jj])
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
 @jit(parallel=True)
-def _softmax_xent(logits, labels, grad, losses, scale, want_grad):
+def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
     n, c = logits.shape
     for i in prange(n):
         row = logits[i]
-        mx = row[0]
-        for j in range(1, c):
-            mx = max(mx, row[j])
-        s = 0.0
+        mx = _row_max(row)
+        s = zero
         if want_grad:
             g = grad[i]
             for j in range(c):
-                e = np.exp(row[j] - mx)
+                e = exp_fast(row[j] - mx)
                 g[j] = e
                 s += e
         else:
             for j in range(c):
-                s += np.exp(row[j] - mx)
+                s += exp_fast(row[j] - mx)
         lse = mx + np.log(s)
         losses[i] = lse - row[labels[i]]
         if want_grad:
@@ -74,7 +97,7 @@ def softmax_cross_entropy(
         return (float("nan") if reduction == "mean" else 0.0), (g if grad else None)
     losses = np.empty(n, np.float64)
     scale = x.dtype.type(1.0 / n if reduction == "mean" else 1.0)
-    _softmax_xent(x, y, g, losses, scale, grad)
+    _softmax_xent(x, y, g, losses, scale, grad, x.dtype.type(0))
     total = float(losses.sum())
     return (total / n if reduction == "mean" else total), (g if grad else None)
 

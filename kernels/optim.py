@@ -20,7 +20,7 @@ from kernels import _checks
 from kernels._jit import jit, prange
 from kernels.errors import KernelInputError
 
-__all__ = ["adamw_step", "AdamW"]
+__all__ = ["AdamW", "adamw_step"]
 
 
 @jit(parallel=True)

@@ -17,7 +17,7 @@ from kernels import _checks
 from kernels._jit import jit, prange
 from kernels.errors import KernelDtypeError, KernelInputError
 
-__all__ = ["quantize_int8", "dequantize_int8"]
+__all__ = ["dequantize_int8", "quantize_int8"]
 
 
 @jit(parallel=True)

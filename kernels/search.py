@@ -16,7 +16,7 @@ from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
 from kernels.errors import KernelInputError
 
-__all__ = ["topk_cosine", "merge_topk"]
+__all__ = ["merge_topk", "topk_cosine"]
 
 
 @jit()

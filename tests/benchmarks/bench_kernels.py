@@ -29,10 +29,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(HERE)]
 
-import _baselines as B  # noqa: E402
+import _baselines as B
 
-from kernels import cluster, compress, nn, optim, quant, search  # noqa: E402
-from kernels._jit import jit, numba, prange  # noqa: E402
+from kernels import cluster, compress, nn, optim, quant, search
+from kernels._jit import jit, numba, prange
 
 GB = 1e9
 
@@ -173,8 +173,8 @@ def bench_data_kernels(tab: Table, rows: int, dt) -> None:
     for nq in (1, 16):
         qs = rng.standard_normal((nq, 64)).astype(dt)
         tab.add(f"topk_cosine q={nq} k=10", emb.shape, dt,
-                best(lambda: search.topk_cosine(qs, emb, 10)), emb.nbytes,
-                best(lambda: B.np_topk_cosine(qs, en, 10)),
+                best(lambda qs=qs: search.topk_cosine(qs, emb, 10)), emb.nbytes,
+                best(lambda qs=qs: B.np_topk_cosine(qs, en, 10)),
                 note="numpy: embeddings pre-normalised, norming not timed")
 
 
@@ -190,10 +190,10 @@ def bench_kmeans(configs, iters: int) -> list[dict]:
         x = np.random.default_rng(2).random((n, d)).astype(dt)  # uniform: no early stop
         c0 = x[:k].copy()
         sk = KMeans(n_clusters=k, init=c0, n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd")
-        t_sk = best(lambda: sk.fit(x), repeat=3)
-        res = {}
+        t_sk = best(lambda sk=sk, x=x: sk.fit(x), repeat=3)
+        res: dict = {}
 
-        def ours():
+        def ours(x=x, c0=c0, res=res):
             res["r"] = cluster.kmeans(x, c0, max_iter=iters, tol=0.0)
 
         t_ours = best(ours, repeat=3)
@@ -294,56 +294,77 @@ def _ratio(base, ours):
     return "–" if base is None else f"{base / ours:.2f}x"
 
 
-def render(res: dict, command: str) -> str:
-    """The ``## Kernels`` markdown section."""
-    env, triad = res["env"], res["triad_gb_s"]
-    L = ["## Kernels", "", f"Command (one run, about {res['seconds'] / 60:.0f} min on this machine):",
-         "", "```", command, "```", "",
-         f"Machine: {env['cpu']}, {env['cores']} cores; numba {env['numba']} "
-         f"({env['numba_threads']} threads, {env['threading_layer']} layer), numpy {env['numpy']}, "
-         f"torch {env['torch']} (CPU, {res['torch_threads']} threads), scikit-learn {env['sklearn']}, "
-         f"scipy {env['scipy']}. BLAS: "
-         + "; ".join(f"{b['internal_api']} {b['version']} kernel {b['architecture']} "
+def _header(res: dict, command: str) -> list[str]:
+    env = res["env"]
+    blas = "; ".join(f"{b['internal_api']} {b['version']} kernel {b['architecture']} "
                      f"({b['num_threads']} threads)" for b in env["blas"])
-         + (f". OPENBLAS_* set during the run: {env['openblas_env']}" if env["openblas_env"]
-            else ". OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset for this run") + ".", "",
-         f"**STREAM triad (numba prange, 3 x {res['triad_n'] * 8 / 2**20:.0f} MiB float64): "
-         f"{triad:.1f} GB/s.** Bandwidth = minimum bytes a kernel must move (reads + writes, "
-         "no write-allocate, as STREAM counts) / best time of 5. Ratios > 1 mean the Numba kernel "
-         "is faster; all figures are from the same run.", "",
-         "| kernel | dtype | shape | ours ms | GB/s | % triad | NumPy ms | vs NumPy | PyTorch ms "
-         "| vs PyTorch | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["kernels"]:
-        L.append(f"| {r['kernel']} | {r['dtype']} | {r['shape']} | {r['ours_ms']:.2f} | "
-                 f"{_f(r['gb_s'], '{:.1f}')} | {_f(r['pct_triad'], '{:.0f}%')} | "
-                 f"{_f(r['numpy_ms'])} | {_ratio(r['numpy_ms'], r['ours_ms'])} | "
-                 f"{_f(r['torch_ms'])} | {_ratio(r['torch_ms'], r['ours_ms'])} | {r['note']} |")
-    L += ["", f"k-means, {res['kmeans_iters']} Lloyd iterations from the same initial centroids "
-          "(uniform data, so neither stops early), vs `sklearn.cluster.KMeans(algorithm='lloyd', "
-          "n_init=1, tol=0)` fit:", "",
-          "| n x d | k | dtype | iterations (ours/sklearn) | ours ms | sklearn ms | vs sklearn "
-          "| inertia rel. diff |", "|---|---|---|---|---|---|---|---|"]
+    openblas = (f"OPENBLAS_* set during the run: {env['openblas_env']}" if env["openblas_env"]
+                else "OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset for this run")
+    return [
+        "## Kernels", "",
+        f"Command (one run, {res['seconds'] / 60:.1f} min on this machine):", "",
+        "```", command, "```", "",
+        (f"Machine: {env['cpu']}, {env['cores']} cores (shared with other work, so figures "
+         f"vary by +-20% between runs); numba {env['numba']} ({env['numba_threads']} threads, "
+         f"{env['threading_layer']} layer), numpy {env['numpy']}, torch {env['torch']} (CPU, "
+         f"{res['torch_threads']} threads), scikit-learn {env['sklearn']}, scipy {env['scipy']}. "
+         f"BLAS: {blas}. {openblas}."), "",
+        (f"**STREAM triad (numba prange, 3 x {res['triad_n'] * 8 / 2**20:.0f} MiB float64): "
+         f"{res['triad_gb_s']:.1f} GB/s.** Bandwidth = the minimum bytes a kernel must move "
+         "(reads + writes, no write-allocate, as STREAM counts) / best time of 5. Ratios > 1 "
+         "mean the Numba kernel is faster; all figures are from the same run."), "",
+    ]
+
+
+def _kernel_table(rows: list[dict]) -> list[str]:
+    out = [("| kernel | dtype | shape | ours ms | GB/s | % triad | NumPy ms | vs NumPy "
+            "| PyTorch ms | vs PyTorch | note |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['kernel']} | {r['dtype']} | {r['shape']} | {r['ours_ms']:.2f} | "
+                   f"{_f(r['gb_s'], '{:.1f}')} | {_f(r['pct_triad'], '{:.0f}%')} | "
+                   f"{_f(r['numpy_ms'])} | {_ratio(r['numpy_ms'], r['ours_ms'])} | "
+                   f"{_f(r['torch_ms'])} | {_ratio(r['torch_ms'], r['ours_ms'])} | {r['note']} |")
+    return out
+
+
+def _kmeans_table(res: dict) -> list[str]:
+    out = ["", (f"k-means, {res['kmeans_iters']} Lloyd iterations from the same initial "
+                "centroids (uniform data, so neither stops early), vs "
+                "`sklearn.cluster.KMeans(algorithm='lloyd', n_init=1, tol=0).fit`:"), "",
+           ("| n x d | k | dtype | iterations (ours/sklearn) | ours ms | sklearn ms "
+            "| vs sklearn | inertia rel. diff |"), "|---|---|---|---|---|---|---|---|"]
     for r in res["kmeans"]:
-        L.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['k']} | {r['dtype']} | "
-                 f"{r['iters_ours']}/{r['iters_sklearn']} | {r['ours_ms']:.1f} | "
-                 f"{r['sklearn_ms']:.1f} | {_ratio(r['sklearn_ms'], r['ours_ms'])} | "
-                 f"{r['inertia_rel_diff']:.1e} |")
-    L += ["", "Training (`python -m kernels.apps.train --epochs 3 --samples 131072 --hidden 256 "
-          "--batch-size 1024`, last epoch; 2 ranks under `mpirun -n 2` on the same 2 cores):", "",
-          "| ranks | Numba threads/rank | samples/s | eval accuracy |", "|---|---|---|---|"]
+        out.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['k']} | {r['dtype']} | "
+                   f"{r['iters_ours']}/{r['iters_sklearn']} | {r['ours_ms']:.1f} | "
+                   f"{r['sklearn_ms']:.1f} | {_ratio(r['sklearn_ms'], r['ours_ms'])} | "
+                   f"{r['inertia_rel_diff']:.1e} |")
+    return out
+
+
+def _train_compile_tables(res: dict) -> list[str]:
+    out = ["", ("Training (`python -m kernels.apps.train --epochs 3 --samples 131072 --hidden 256 "
+                "--batch-size 1024`, last epoch; 2 ranks = `mpirun -n 2` on the same 2 cores):"),
+           "", "| ranks | Numba threads/rank | samples/s | eval accuracy |", "|---|---|---|---|"]
     for r in res["training"]:
-        L.append(f"| {r['ranks']} | {r['threads_per_rank']} | {r['samples_per_s']:.0f} | "
-                 f"{r['eval_accuracy']:.3f} |")
+        out.append(f"| {r['ranks']} | {r['threads_per_rank']} | {r['samples_per_s']:.0f} | "
+                   f"{r['eval_accuracy']:.3f} |")
     c = res["compile"]
-    L += ["", f"Compile time ({c['cold']['n']} kernel/dtype pairs via `python -m kernels.warmup`, "
-          "fresh `HPCGW_NUMBA_CACHE_DIR`):", "",
-          "| | whole process s | import numba s | first calls, all kernels s | slowest |",
-          "|---|---|---|---|---|"]
+    out += ["", (f"Compile time ({c['cold']['n']} kernel/dtype pairs via "
+                 "`python -m kernels.warmup`, fresh `HPCGW_NUMBA_CACHE_DIR`):"), "",
+            "| | whole process s | import numba s | first calls, all kernels s | slowest |",
+            "|---|---|---|---|---|"]
     for name in ("cold", "warm"):
         r = c[name]
-        L.append(f"| {name} | {r['process_s']:.2f} | {r['import_numba_s']:.2f} | "
-                 f"{r['kernels_s']:.2f} | {r['slowest'][0]} {r['slowest'][1]:.2f} s |")
-    return "\n".join(L) + "\n"
+        out.append(f"| {name} | {r['process_s']:.2f} | {r['import_numba_s']:.2f} | "
+                   f"{r['kernels_s']:.2f} | {r['slowest'][0]} {r['slowest'][1]:.2f} s |")
+    return out
+
+
+def render(res: dict, command: str) -> str:
+    """The ``## Kernels`` markdown section."""
+    lines = (_header(res, command) + _kernel_table(res["kernels"]) + _kmeans_table(res)
+             + _train_compile_tables(res))
+    return "\n".join(lines) + "\n"
 
 
 def write_section(path: Path, section: str) -> None:

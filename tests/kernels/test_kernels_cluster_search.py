@@ -55,7 +55,7 @@ def test_strided_input_and_lloyd_matches_reference_loop(rng):
     centers = 6 * rng.standard_normal((3, 4))
     x = (centers[rng.integers(0, 3, 900)] + rng.standard_normal((900, 4)))
     xs = np.asfortranarray(x)
-    cents, labels, inertia, n_iter = cluster.kmeans(xs, x[:3], max_iter=50)
+    cents, _, inertia, n_iter = cluster.kmeans(xs, x[:3], max_iter=50)
     c = x[:3].copy()
     for _ in range(n_iter):
         lab = ref_sq_dists(x, c).argmin(1)

@@ -16,9 +16,8 @@ kd = pytest.importorskip("kernels.dask")
 @pytest.fixture(scope="module")
 def client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as lc:
-        with distributed.Client(lc) as c:
-            yield c
+                                  dashboard_address=None) as lc, distributed.Client(lc) as c:
+        yield c
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from kernels.errors import KernelDtypeError, KernelInputError
 from kernels.optim import AdamW, adamw_step
 
-HP = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+HP = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1}
 
 
 def ref_adamw(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
