@@ -82,3 +82,20 @@ def writable_target(name: str, a: np.ndarray, like: np.ndarray) -> None:
     shape_is(name, a, like.shape)
     if not a.flags.writeable:
         raise KernelInputError(f"{name} is read-only; pass a writable array (np.array(x))")
+
+
+def out_array(name: str, out: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A caller's output buffer (checked), or a new one when ``out`` is None.
+
+    Passing buffers that are reused across calls avoids the page faults of a fresh large
+    allocation, which cost as much as the kernel itself on memory-bound kernels.
+    """
+    if out is None:
+        return np.empty(shape, dtype)
+    if not isinstance(out, np.ndarray) or out.dtype != np.dtype(dtype):
+        got = out.dtype if isinstance(out, np.ndarray) else type(out).__name__
+        raise KernelDtypeError(f"{name} must be a {np.dtype(dtype)} array, got {got}")
+    shape_is(name, out, tuple(shape))
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise KernelInputError(f"{name} must be C-contiguous and writable (np.empty(shape))")
+    return out

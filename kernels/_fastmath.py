@@ -85,3 +85,38 @@ def _exp_fast_overload(x):
     if x == types.float32:
         return lambda x: exp_f32(x)
     return lambda x: exp_f64(np.float64(x))
+
+
+@jit()
+def row_max(row):
+    """Max of a row with eight running maxima: LLVM will not vectorise a float max
+    reduction without 'nnan', and NaN must still reach the loss (it does, through exp)."""
+    c = row.size
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    j = 0
+    while j + 8 <= c:
+        m0, m1 = max(m0, row[j]), max(m1, row[j + 1])
+        m2, m3 = max(m2, row[j + 2]), max(m3, row[j + 3])
+        m4, m5 = max(m4, row[j + 4]), max(m5, row[j + 5])
+        m6, m7 = max(m6, row[j + 6]), max(m7, row[j + 7])
+        j += 8
+    for jj in range(j, c):
+        m0 = max(m0, row[jj])
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
+@jit()
+def row_absmax(row):
+    """max |row[j]| with eight running maxima (vectorises like :func:`row_max`)."""
+    c = row.size
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = abs(row[0])
+    j = 0
+    while j + 8 <= c:
+        m0, m1 = max(m0, abs(row[j])), max(m1, abs(row[j + 1]))
+        m2, m3 = max(m2, abs(row[j + 2])), max(m3, abs(row[j + 3]))
+        m4, m5 = max(m4, abs(row[j + 4])), max(m5, abs(row[j + 5]))
+        m6, m7 = max(m6, abs(row[j + 6])), max(m7, abs(row[j + 7]))
+        j += 8
+    for jj in range(j, c):
+        m0 = max(m0, abs(row[jj]))
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))

@@ -99,33 +99,34 @@ def _gelu_bwd(dy, x, out):
 
 
 def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-    """Exact GELU, ``x * Phi(x)``, elementwise; ``out`` may be ``x`` itself (in place)."""
+    """Exact GELU, ``x * Phi(x)``, elementwise; ``out`` may be ``x`` itself (in place).
+
+    ``out`` may be strided (the result is copied into it); a reused C-contiguous ``out``
+    is fastest (no page faults from a fresh allocation).
+    """
     xc = _checks.float_array("x", x)
-    res = _out_like("out", out, xc)
+    if out is None:
+        res = np.empty_like(xc)
+    else:
+        _checks.writable_target("out", out, xc)
+        res = out
     flat = res.reshape(-1) if res.flags.c_contiguous else np.empty(xc.size, xc.dtype)
     if xc.size:
         _gelu(xc.reshape(-1), flat)
-    if flat.base is not res and not res.flags.c_contiguous:
+    if not res.flags.c_contiguous:
         res[...] = flat.reshape(res.shape)
     return res
 
 
-def gelu_backward(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Gradient of :func:`gelu`: ``dy * GELU'(x)``."""
+def gelu_backward(dy: np.ndarray, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Gradient of :func:`gelu`: ``dy * GELU'(x)`` (``out``: optional C-contiguous buffer)."""
     xc = _checks.float_array("x", x)
     dyc = _checks.float_array("dy", dy, dtype=xc.dtype)
     _checks.shape_is("dy", dyc, xc.shape)
-    out = np.empty_like(xc)
+    res = _checks.out_array("out", out, xc.shape, xc.dtype)
     if xc.size:
-        _gelu_bwd(dyc.reshape(-1), xc.reshape(-1), out.reshape(-1))
-    return out
-
-
-def _out_like(name: str, out: np.ndarray | None, like: np.ndarray) -> np.ndarray:
-    if out is None:
-        return np.empty_like(like)
-    _checks.writable_target(name, out, like)
-    return out
+        _gelu_bwd(dyc.reshape(-1), xc.reshape(-1), res.reshape(-1))
+    return res
 
 
 def _act_code(act: str) -> int:
@@ -134,24 +135,49 @@ def _act_code(act: str) -> int:
     return ACTIVATIONS.index(act)
 
 
+@jit()
+def _bias_act_row(x, b, out, act):
+    """One row; the activation test is outside the inner loop so each loop vectorises."""
+    if act == 2:
+        for j in range(x.size):
+            out[j] = _act(x[j] + b[j], 2)
+    elif act == 1:
+        for j in range(x.size):
+            out[j] = _act(x[j] + b[j], 1)
+    else:
+        for j in range(x.size):
+            out[j] = x[j] + b[j]
+
+
 @jit(parallel=True)
 def _bias_act(x, b, out, act):
-    n, d = x.shape
-    for i in prange(n):
-        for j in range(d):
-            out[i, j] = _act(x[i, j] + b[j], act)
+    for i in prange(x.shape[0]):
+        _bias_act_row(x[i], b, out[i], act)
+
+
+@jit()
+def _bias_act_bwd_row(dy, x, b, dx, acc, act):
+    if act == 2:
+        for j in range(x.size):
+            dx[j] = dy[j] * _act_grad(x[j] + b[j], 2)
+    elif act == 1:
+        for j in range(x.size):
+            dx[j] = dy[j] if x[j] + b[j] > 0.0 else 0.0
+    else:
+        for j in range(x.size):
+            dx[j] = dy[j]
+    for j in range(x.size):
+        acc[j] += dx[j]
 
 
 @jit(parallel=True)
 def _bias_act_bwd(dy, x, b, dx, pdb, act, nchunks):
-    n, d = x.shape
+    n = x.shape[0]
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
+        acc = pdb[c]
         for i in range(lo, hi):
-            for j in range(d):
-                g = dy[i, j] * _act_grad(x[i, j] + b[j], act)
-                dx[i, j] = g
-                pdb[c, j] += g
+            _bias_act_bwd_row(dy[i], x[i], b, dx[i], acc, act)
 
 
 def _bias_inputs(x: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,25 +187,31 @@ def _bias_inputs(x: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return xc, bc
 
 
-def bias_act(x: np.ndarray, b: np.ndarray, act: str = "gelu") -> np.ndarray:
+def bias_act(
+    x: np.ndarray, b: np.ndarray, act: str = "gelu", *, out: np.ndarray | None = None
+) -> np.ndarray:
     """``act(x + b)`` for 2-D ``x`` and a per-column bias ``b``, one pass. act: none/relu/gelu."""
     code = _act_code(act)
     xc, bc = _bias_inputs(x, b)
-    out = np.empty_like(xc)
+    res = _checks.out_array("out", out, xc.shape, xc.dtype)
     if xc.size:
-        _bias_act(xc, bc, out, code)
-    return out
+        _bias_act(xc, bc, res, code)
+    return res
 
 
 def bias_act_backward(
-    dy: np.ndarray, x: np.ndarray, b: np.ndarray, act: str = "gelu"
+    dy: np.ndarray, x: np.ndarray, b: np.ndarray, act: str = "gelu", *,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Gradients of :func:`bias_act` (``x`` is the pre-bias input): ``(dx, db)``."""
+    """Gradients of :func:`bias_act` (``x`` is the pre-bias input): ``(dx, db)``.
+
+    ``db`` is summed per chunk of rows in the input dtype, then across chunks.
+    """
     code = _act_code(act)
     xc, bc = _bias_inputs(x, b)
     dyc = _checks.float_array("dy", dy, ndim=2, dtype=xc.dtype)
     _checks.shape_is("dy", dyc, xc.shape)
-    dx = np.empty_like(xc)
+    dx = _checks.out_array("out", out, xc.shape, xc.dtype)
     nch = n_chunks(xc.shape[0])
     pdb = np.zeros((nch, xc.shape[1]), xc.dtype)
     if xc.size:

@@ -13,7 +13,7 @@ import numpy as np
 
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
-from kernels._fastmath import exp_fast
+from kernels._fastmath import exp_fast, row_max
 from kernels._jit import jit, prange
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
@@ -29,30 +29,12 @@ __all__ = [
 ]
 
 
-@jit()
-def _row_max(row):
-    """Max of a row with eight running maxima: LLVM will not vectorise a float max
-    reduction without 'nnan', and NaN must still reach the loss (it does, through exp)."""
-    c = row.size
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
-    j = 0
-    while j + 8 <= c:
-        m0, m1 = max(m0, row[j]), max(m1, row[j + 1])
-        m2, m3 = max(m2, row[j + 2]), max(m3, row[j + 3])
-        m4, m5 = max(m4, row[j + 4]), max(m5, row[j + 5])
-        m6, m7 = max(m6, row[j + 6]), max(m7, row[j + 7])
-        j += 8
-    for jj in range(j, c):
-        m0 = max(m0, row[jj])
-    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-
-
 @jit(parallel=True)
 def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
     n, c = logits.shape
     for i in prange(n):
         row = logits[i]
-        mx = _row_max(row)
+        mx = row_max(row)
         s = zero
         if want_grad:
             g = grad[i]
@@ -73,13 +55,15 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
 
 
 def softmax_cross_entropy(
-    logits: np.ndarray, labels: np.ndarray, *, grad: bool = True, reduction: str = "mean"
+    logits: np.ndarray, labels: np.ndarray, *, grad: bool = True, reduction: str = "mean",
+    out: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray | None]:
     """Cross-entropy of softmax(``logits``) against integer ``labels``, with its gradient.
 
     Returns ``(loss, dlogits)``: ``loss`` is the mean (or sum, ``reduction="sum"``) over
     rows as a Python float, ``dlogits`` the gradient of that loss w.r.t. ``logits``
-    (same dtype), or None when ``grad=False``. NaN logits give a NaN loss.
+    (same dtype; written into ``out`` when given), or None when ``grad=False``. NaN logits
+    give a NaN loss.
     """
     x = _checks.float_array("logits", logits, ndim=2)
     y = _checks.int_array("labels", labels)
@@ -92,7 +76,7 @@ def softmax_cross_entropy(
         raise KernelInputError("logits has 0 classes; it needs at least one column")
     if n and (y.min() < 0 or y.max() >= c):
         raise KernelInputError(f"labels must be in [0, {c}), got values in [{y.min()}, {y.max()}]")
-    g = np.empty_like(x) if grad else np.empty((0, 0), x.dtype)
+    g = _checks.out_array("out", out, x.shape, x.dtype) if grad else np.empty((0, 0), x.dtype)
     if n == 0:
         return (float("nan") if reduction == "mean" else 0.0), (g if grad else None)
     losses = np.empty(n, np.float64)
@@ -118,18 +102,21 @@ def _ln_fwd(x, gamma, beta, eps, y, mean, rstd):
         r = 1.0 / np.sqrt(ss / d + eps)
         mean[i] = mu
         rstd[i] = r
+        mu_t, r_t = mean[i], rstd[i]  # in x's dtype, so the output loop stays in it
         out = y[i]
         for j in range(d):
-            out[j] = (row[j] - mu) * r * gamma[j] + beta[j]
+            out[j] = (row[j] - mu_t) * r_t * gamma[j] + beta[j]
 
 
 def layer_norm(
-    x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, *, eps: float = 1e-5
+    x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, *, eps: float = 1e-5,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Layer norm over the last axis of 2-D ``x``: returns ``(y, mean, rstd)``.
 
     ``mean`` and ``rstd`` (1/sqrt(var+eps), biased variance as in PyTorch) are kept for
-    :func:`layer_norm_backward`. Statistics are accumulated in float64.
+    :func:`layer_norm_backward`. Statistics are accumulated in float64. ``out``: optional
+    C-contiguous buffer for ``y`` (reuse it across calls to avoid page faults).
     """
     x = _checks.float_array("x", x, ndim=2)
     gamma = _checks.float_array("gamma", gamma, ndim=1, dtype=x.dtype)
@@ -138,7 +125,7 @@ def layer_norm(
     _checks.shape_is("beta", beta, (x.shape[1],))
     eps = _checks.finite_float("eps", eps, low=0.0)
     n, d = x.shape
-    y = np.empty_like(x)
+    y = _checks.out_array("out", out, x.shape, x.dtype)
     mean = np.empty(n, x.dtype)
     rstd = np.empty(n, x.dtype)
     if n and d:
@@ -174,9 +161,10 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks):
 
 
 def layer_norm_backward(
-    dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, mean: np.ndarray, rstd: np.ndarray
+    dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
+    *, out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of :func:`layer_norm`: returns ``(dx, dgamma, dbeta)``."""
+    """Gradients of :func:`layer_norm`: ``(dx, dgamma, dbeta)``; ``dx`` goes into ``out``."""
     x = _checks.float_array("x", x, ndim=2)
     dy = _checks.float_array("dy", dy, ndim=2, dtype=x.dtype)
     _checks.shape_is("dy", dy, x.shape)
@@ -187,7 +175,7 @@ def layer_norm_backward(
     rstd = _checks.float_array("rstd", rstd, ndim=1, dtype=x.dtype)
     _checks.shape_is("mean", mean, (n,))
     _checks.shape_is("rstd", rstd, (n,))
-    dx = np.empty_like(x)
+    dx = _checks.out_array("out", out, x.shape, x.dtype)
     nch = n_chunks(n)
     pg = np.zeros((nch, d), np.float64)
     pb = np.zeros((nch, d), np.float64)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import _checks
+from kernels._fastmath import row_absmax
 from kernels._jit import jit, prange
 from kernels.errors import KernelDtypeError, KernelInputError
 
@@ -21,17 +22,15 @@ __all__ = ["dequantize_int8", "quantize_int8"]
 
 
 @jit(parallel=True)
-def _quantize(w, q, scale, bad):
+def _quantize(w, q, scale, bad, zero):
     n, d = w.shape
     for c in prange(n):
         row = w[c]
-        amax = 0.0
-        nonfinite = 0
+        amax = row_absmax(row)
+        probe = zero
         for j in range(d):
-            a = abs(row[j])
-            amax = max(amax, a)
-            nonfinite += 0 if a < np.inf else 1  # NaN compares false too
-        bad[c] = nonfinite
+            probe += row[j] * 0.0  # NaN iff some element is NaN or inf
+        bad[c] = not probe == 0.0
         s = amax / 127.0 if amax > 0 else 1.0
         scale[c] = s
         inv = 1.0 / s
@@ -68,7 +67,7 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.empty(w2.shape[0], wc.dtype)
     bad = np.zeros(w2.shape[0], np.int64)
     if w2.size:
-        _quantize(w2, q, scale, bad)
+        _quantize(w2, q, scale, bad, wc.dtype.type(0))
     elif w2.shape[0]:
         scale[:] = 1.0
     if bad.any():
@@ -80,8 +79,13 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(wc.shape), scale
 
 
-def dequantize_int8(q: np.ndarray, scale: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """Inverse of :func:`quantize_int8`: ``q * scale[:, None]`` in ``dtype`` (float32/64)."""
+def dequantize_int8(
+    q: np.ndarray, scale: np.ndarray, dtype=np.float32, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Inverse of :func:`quantize_int8`: ``q * scale[:, None]`` in ``dtype`` (float32/64).
+
+    ``out``: optional C-contiguous buffer of ``q``'s shape and ``dtype``.
+    """
     if not isinstance(q, np.ndarray) or q.dtype != np.int8:
         got = q.dtype if isinstance(q, np.ndarray) else type(q).__name__
         raise KernelDtypeError(f"q must be an int8 numpy array, got {got}")
@@ -93,7 +97,8 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray, dtype=np.float32) -> np.nd
     s = _checks.float_array("scale", scale, ndim=1).astype(dt, copy=False)
     _checks.shape_is("scale", s, (q.shape[0],))
     q2 = _as_2d(np.ascontiguousarray(q))
-    w = np.empty(q2.shape, dt)
+    res = _checks.out_array("out", out, q.shape, dt)
+    w = res.reshape(q2.shape)
     if w.size:
         _dequantize(q2, s, w)
-    return w.reshape(q.shape)
+    return res
