@@ -118,3 +118,16 @@ def test_topk_empty_and_errors():
         search.topk_cosine(np.ones((2, 3)), np.zeros((4, 2)), 1)
     with pytest.raises(KernelInputError, match="k must be a positive integer"):
         search.topk_cosine(np.ones((2, 3)), np.zeros((4, 3)), 0)
+
+
+def test_topk_normalized_flag_skips_norms_with_same_result(rng):
+    e = rng.standard_normal((700, 12))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    q = rng.standard_normal((9, 12))  # 9 queries: two blocks of four plus one
+    s1, i1 = search.topk_cosine(q, e, 5)
+    s2, i2 = search.topk_cosine(q, e, 5, normalized=True)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, rtol=1e-12)
+    # with unnormalised rows the flag changes the scores: it is really skipping the norms
+    s3, _ = search.topk_cosine(q, 3 * e, 5, normalized=True)
+    np.testing.assert_allclose(s3, 3 * s1, rtol=1e-12)
