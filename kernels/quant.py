@@ -30,7 +30,7 @@ def _quantize(w, q, scale, bad, zero):
         probe = zero
         for j in range(d):
             probe += row[j] * 0.0  # NaN iff some element is NaN or inf
-        bad[c] = not probe == 0.0
+        bad[c] = probe != 0.0  # True for NaN too
         s = amax / 127.0 if amax > 0 else 1.0
         scale[c] = s
         inv = 1.0 / s

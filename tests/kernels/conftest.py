@@ -45,7 +45,8 @@ def app_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_app(name: str, *args: str, ranks: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
+def _run_app(name: str, *args: str, ranks: int = 1, ok: bool = True,
+             timeout: float = 240) -> subprocess.CompletedProcess:
     """Run an app with 1 process, or ``ranks`` processes under mpirun; fail with its output."""
     argv = [sys.executable, "-m", f"kernels.apps.{name}", *args]
     if ranks > 1:
@@ -55,6 +56,26 @@ def run_app(name: str, *args: str, ranks: int = 1, timeout: float = 240) -> subp
         argv = [mpirun, "-n", str(ranks), "--oversubscribe", *argv]
     proc = subprocess.run(argv, cwd=REPO, env=app_env(), capture_output=True, text=True,
                           check=False, timeout=timeout)
-    if proc.returncode != 0:
+    if ok and proc.returncode != 0:
         pytest.fail(f"{' '.join(argv)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def run_app():
+    """``run_app(name, *args, ranks=1, ok=True)`` -> CompletedProcess (fixture, so test
+    modules need not import conftest)."""
+    return _run_app
+
+
+def _run_python(code: str, **env: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=app_env(**env),
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture
+def run_python():
+    """``run_python(code, **env)`` -> stdout of a fresh interpreter on this checkout."""
+    return _run_python

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_app
 
 TRAIN = ["--seed", "3", "--samples", "2048", "--eval-samples", "512", "--features", "12",
          "--hidden", "24", "--classes", "5", "--batch-size", "128"]
@@ -17,7 +16,7 @@ def _ckpt(folder, epoch):
         return {k: ck[k] for k in ("params", "exp_avg", "exp_avg_sq", "step")}
 
 
-def test_train_resumes_from_latest_checkpoint(tmp_path):
+def test_train_resumes_from_latest_checkpoint(tmp_path, run_app):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_app("train", *TRAIN, "--epochs", "3", "--checkpoint-dir", str(straight),
             "--metrics", str(tmp_path / "a.json"))
@@ -37,21 +36,14 @@ def test_train_resumes_from_latest_checkpoint(tmp_path):
     assert not list(resumed.glob(".tmp-*"))  # atomic writes leave no temp files
 
 
-def test_train_refuses_checkpoint_from_other_settings(tmp_path):
+def test_train_refuses_checkpoint_from_other_settings(tmp_path, run_app):
     run_app("train", *TRAIN, "--epochs", "1", "--checkpoint-dir", str(tmp_path))
-    import subprocess
-    import sys
-
-    from conftest import REPO, app_env
-
-    proc = subprocess.run([sys.executable, "-m", "kernels.apps.train", *TRAIN, "--lr", "0.5",
-                           "--epochs", "2", "--checkpoint-dir", str(tmp_path)],
-                          cwd=REPO, env=app_env(), capture_output=True, text=True, timeout=240,
-                          check=False)
+    proc = run_app("train", *TRAIN, "--lr", "0.5", "--epochs", "2", "--checkpoint-dir",
+                   str(tmp_path), ok=False)
     assert proc.returncode != 0 and "different settings" in proc.stderr
 
 
-def test_train_with_topk_compression_still_learns(tmp_path):
+def test_train_with_topk_compression_still_learns(tmp_path, run_app):
     run_app("train", *TRAIN, "--epochs", "2", "--topk-ratio", "0.1",
             "--metrics", str(tmp_path / "m.json"))
     m = json.loads((tmp_path / "m.json").read_text())
@@ -59,7 +51,7 @@ def test_train_with_topk_compression_still_learns(tmp_path):
 
 
 @pytest.mark.mpi
-def test_two_ranks_agree_with_one(tmp_path):
+def test_two_ranks_agree_with_one(tmp_path, run_app):
     for ranks in (1, 2):
         d = tmp_path / f"r{ranks}"
         run_app("train", *TRAIN, "--epochs", "2", "--dtype", "float64",
@@ -83,7 +75,7 @@ def test_two_ranks_agree_with_one(tmp_path):
 
 
 @pytest.mark.mpi
-def test_two_ranks_with_topk_compression_learn(tmp_path):
+def test_two_ranks_with_topk_compression_learn(tmp_path, run_app):
     # top-k of each rank's gradient is not top-k of the sum, so no 1-vs-2 equality here
     run_app("train", *TRAIN, "--epochs", "2", "--topk-ratio", "0.1",
             "--checkpoint-dir", str(tmp_path / "ck"), "--metrics", str(tmp_path / "m.json"),

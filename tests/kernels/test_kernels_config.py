@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, app_env
 
 from kernels.config import FASTMATH_FLAGS, KernelConfig, load_config
 from kernels.errors import KernelConfigError
@@ -33,28 +30,21 @@ def test_bad_boolean_is_refused_with_the_valid_values():
         load_config({"HPCGW_NUMBA_PARALLEL": "maybe"})
 
 
-def _python(code: str, **env: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=app_env(**env),
-                          capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
-def test_import_kernels_does_not_import_numba():
-    out = _python("import sys, kernels, kernels.config, kernels.errors; "
+def test_import_kernels_does_not_import_numba(run_python):
+    out = run_python("import sys, kernels, kernels.config, kernels.errors; "
                   "print('numba' in sys.modules, 'dask' in sys.modules)")
     assert out.split() == ["False", "False"]
 
 
-def test_cache_dir_is_used_and_second_process_loads_from_it(tmp_path):
+def test_cache_dir_is_used_and_second_process_loads_from_it(tmp_path, run_python):
     code = ("import json, numpy as np\nfrom kernels import optim\n"
             "optim.adamw_step(np.ones(3), np.ones(3), np.zeros(3), np.zeros(3), step=1)\n"
             "s = optim._adamw.stats\n"
             "print(json.dumps([s.cache_path, sum(s.cache_hits.values()), "
             "sum(s.cache_misses.values())]))")
     cache = tmp_path / "numba cache"  # a space in the path on purpose
-    first = json.loads(_python(code, HPCGW_NUMBA_CACHE_DIR=str(cache)))
-    second = json.loads(_python(code, HPCGW_NUMBA_CACHE_DIR=str(cache)))
+    first = json.loads(run_python(code, HPCGW_NUMBA_CACHE_DIR=str(cache)))
+    second = json.loads(run_python(code, HPCGW_NUMBA_CACHE_DIR=str(cache)))
     assert first[0].startswith(str(cache / "src-")) and first[1:] == [0, 1]
     assert second[1:] == [1, 0]
     assert any(p.suffix == ".nbi" for p in cache.rglob("*"))
