@@ -22,7 +22,13 @@ def source_fingerprint() -> str:
 
 
 _CFG = get_config()
-CACHE_DIR = os.path.join(_CFG.cache_dir, f"src-{source_fingerprint()}") if _CFG.cache_dir else None
+# Numba's cache key ignores compile flags, so the flags are part of the folder name too.
+_FLAGS = f"p{int(_CFG.parallel)}f{int(_CFG.fastmath)}"
+CACHE_DIR = (os.path.join(_CFG.cache_dir, f"src-{source_fingerprint()}-{_FLAGS}")
+             if _CFG.cache_dir else None)
+# Without a cache folder numba caches next to the sources, keyed without the flags: only
+# the default flags may use it, other settings compile in memory instead.
+_USE_CACHE = bool(CACHE_DIR) or (_CFG.parallel and _CFG.fastmath)
 if CACHE_DIR:
     # numba reads NUMBA_CACHE_DIR when it is imported; set it first, then keep it in
     # sync in case numba was imported earlier by someone else.
@@ -46,6 +52,7 @@ def jit(*, parallel: bool = False, fastmath: set[str] | None = None) -> Callable
     (the bit tricks in ``kernels._fastmath``).
     """
     opts = _CFG.jit_options(parallel=parallel)
+    opts["cache"] = _USE_CACHE
     if fastmath is not None and opts["fastmath"]:
         opts["fastmath"] = set(fastmath)
     return numba.njit(**opts)

@@ -59,15 +59,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kernels.warmup", description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print {name: seconds} as JSON")
     args = ap.parse_args(argv)
-    from kernels.config import get_config
-
     times = warm_all()
+    from kernels._jit import _USE_CACHE, CACHE_DIR
+
+    where = CACHE_DIR or ("__pycache__ next to the sources" if _USE_CACHE else "not cached")
+
     if args.json:
         print(json.dumps(times))
     else:
         for name, sec in times.items():
             print(f"{sec:8.3f} s  {name}")
-        print(f"{sum(times.values()):8.3f} s  total (cache: {get_config().cache_dir or 'default'})")
+        print(f"{sum(times.values()):8.3f} s  total (cache: {where})")
     return 0
 
 

@@ -46,5 +46,6 @@ def test_cache_dir_is_used_and_second_process_loads_from_it(tmp_path, run_python
     first = json.loads(run_python(code, HPCGW_NUMBA_CACHE_DIR=str(cache)))
     second = json.loads(run_python(code, HPCGW_NUMBA_CACHE_DIR=str(cache)))
     assert first[0].startswith(str(cache / "src-")) and first[1:] == [0, 1]
+    assert "-p1f1" in first[0]  # compile flags are part of the folder name
     assert second[1:] == [1, 0]
     assert any(p.suffix == ".nbi" for p in cache.rglob("*"))
