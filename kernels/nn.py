@@ -56,14 +56,15 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
 
 def softmax_cross_entropy(
     logits: np.ndarray, labels: np.ndarray, *, grad: bool = True, reduction: str = "mean",
-    out: np.ndarray | None = None,
+    out: np.ndarray | None = None, grad_scale: float | None = None,
 ) -> tuple[float, np.ndarray | None]:
     """Cross-entropy of softmax(``logits``) against integer ``labels``, with its gradient.
 
     Returns ``(loss, dlogits)``: ``loss`` is the mean (or sum, ``reduction="sum"``) over
     rows as a Python float, ``dlogits`` the gradient of that loss w.r.t. ``logits``
     (same dtype; written into ``out`` when given), or None when ``grad=False``. NaN logits
-    give a NaN loss.
+    give a NaN loss. ``grad_scale`` replaces the gradient's 1/n (mean) or 1 (sum) factor,
+    e.g. 1/global_batch when each data-parallel rank holds part of the batch.
     """
     x = _checks.float_array("logits", logits, ndim=2)
     y = _checks.int_array("labels", labels)
@@ -80,7 +81,9 @@ def softmax_cross_entropy(
     if n == 0:
         return (float("nan") if reduction == "mean" else 0.0), (g if grad else None)
     losses = np.empty(n, np.float64)
-    scale = x.dtype.type(1.0 / n if reduction == "mean" else 1.0)
+    if grad_scale is None:
+        grad_scale = 1.0 / n if reduction == "mean" else 1.0
+    scale = x.dtype.type(_checks.finite_float("grad_scale", grad_scale))
     _softmax_xent(x, y, g, losses, scale, grad, x.dtype.type(0))
     total = float(losses.sum())
     return (total / n if reduction == "mean" else total), (g if grad else None)

@@ -68,9 +68,8 @@ def loss_and_grad(
     """Write d(sum of losses / denom)/dparams into ``grad``; return (loss sum, n correct)."""
     p, g = views(flat, shapes), views(grad, shapes)
     logits, (x, z1, a1, h, mu, rstd, z2) = forward(flat, shapes, x)
-    loss_sum, dlog = nn.softmax_cross_entropy(logits, y, reduction="sum")
+    loss_sum, dlog = nn.softmax_cross_entropy(logits, y, reduction="sum", grad_scale=1.0 / denom)
     correct = int((logits.argmax(axis=1) == y).sum()) if len(y) else 0
-    dlog *= logits.dtype.type(1.0 / denom)
     dz2, g["b2"][...] = nn.bias_act_backward(dlog, z2, p["b2"], "none")
     np.matmul(h.T, dz2, out=g["w2"])
     da1, g["gamma"][...], g["beta"][...] = nn.layer_norm_backward(

@@ -51,6 +51,10 @@ def test_xent_matches_reference(dtype, tol, rng):
     np.testing.assert_allclose(g, rg, **tol)
     loss_sum, _ = nn.softmax_cross_entropy(x, y, grad=False, reduction="sum")
     np.testing.assert_allclose(loss_sum, 50 * rl, **tol)
+    out = np.empty_like(x)
+    loss_sum, g2 = nn.softmax_cross_entropy(x, y, reduction="sum", grad_scale=0.25, out=out)
+    assert g2 is out
+    np.testing.assert_allclose(g2, rg * 50 * 0.25, **tol)
 
 
 def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng):
