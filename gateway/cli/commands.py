@@ -218,11 +218,12 @@ def agent(ctx: click.Context, interval: float | None, once: bool, until_idle: bo
 
 def register(group: click.Group) -> None:
     from gateway.cli.campaign import campaign
+    from gateway.cli.demo import demo
+    from gateway.cli.image import image
 
     for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent, campaign,
-                    backends):
+                    backends, image, demo):
         group.add_command(command)
-    from gateway.cli.image import image; group.add_command(image)  # noqa: E702
 
 
 @click.command(context_settings=CONTEXT)
