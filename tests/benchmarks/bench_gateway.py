@@ -15,7 +15,6 @@ Figures go to stdout as a Markdown table (copy them into docs/benchmarks.md) and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import emit  # noqa: E402
 
 
 def _env(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -136,12 +138,7 @@ def main() -> None:
                "throughput": bench_jobs(args.jobs),
                "ls_records": bench_ls_records(args.records, args.runs),
                "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
-    for section, values in results.items():
-        print(f"\n| {section} | value |\n|---|---|")
-        for key, value in values.items():
-            print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

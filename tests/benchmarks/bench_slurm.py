@@ -14,7 +14,6 @@ Needs Debian's slurm-wlm and munge, and root (the harness starts munged/slurmctl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -24,8 +23,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway.testing.slurm_cluster import SlurmCluster  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def _gateway(cluster: SlurmCluster, data: Path):
@@ -140,12 +141,7 @@ def main() -> None:
     base = results["sbatch_loop"]["all_done_s"]
     results["ratios"] = {f"{k}_over_sbatch_loop": v["all_done_s"] / base
                          for k, v in results.items() if "all_done_s" in v}
-    for section, values in results.items():
-        print(f"\n| {section} | value |\n|---|---|")
-        for key, value in values.items():
-            print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    emit(results, args.out)
 
 
 if __name__ == "__main__":
