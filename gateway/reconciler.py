@@ -15,6 +15,7 @@ The process may die between any two steps: every step reads what the previous on
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -71,6 +72,7 @@ class Reconciler:
     def __init__(self, store: Store, backends: BackendRegistry, config: Config):
         self.store, self.backends, self.config = store, backends, config
         self.lock_path = config.data_path / "reconcile.lock"
+        self._throttles: dict[str, int] = {}  # campaign -> array throttle, this pass
 
     @contextmanager
     def locked(self, block: bool) -> Iterator[bool]:
@@ -278,15 +280,15 @@ class Reconciler:
         usage, running = self._usage()
         limits = self.store.campaign_limits()
         changes, admitted, blocked = [], [], set()
+        self._throttles = {}
         for job in pending:
             name = self.backends.backend_name(job.target)
             if name in blocked:
                 continue
-            limit = limits.get(job.campaign or "")
-            if limit and running.get(job.campaign or "", 0) >= limit:
-                reason = f"campaign concurrency limit of {limit} reached"
-                if job.reason != reason:
-                    changes.append(Change(job.id, None, {"reason": reason}, "", expect=State.PENDING))
+            wait = self._campaign_wait(job, limits, running)
+            if wait:
+                if job.reason != wait:
+                    changes.append(Change(job.id, None, {"reason": wait}, "", expect=State.PENDING))
                 continue
             try:
                 backend = self.backends.get(job.target)
@@ -306,7 +308,7 @@ class Reconciler:
                 continue
             used[0] += need[0]
             used[1] += need[1]
-            if job.campaign:
+            if job.campaign and job.campaign not in self._throttles:
                 running[job.campaign] = running.get(job.campaign, 0) + 1
             changes.append(Change(job.id, State.SUBMITTING, {
                 "attempt": job.attempt + 1, "backend": name, "ref": None, "misses": 0,
@@ -314,6 +316,29 @@ class Reconciler:
                 "state", f"attempt {job.attempt + 1} to {name}", expect=State.PENDING))
             admitted.append((job, name))
         return changes, admitted
+
+    def _campaign_wait(self, job: JobRecord, limits: dict[str, int],
+                       running: dict[str, int]) -> str | None:
+        """Why a campaign member must wait for its concurrency limit, or None to go now.
+
+        On a backend that queues jobs itself and has arrays (Slurm), the members go together
+        as one array throttled to the limit (``%N``); a later batch waits until that array
+        is done, so the limit holds across applies.
+        """
+        limit = limits.get(job.campaign or "")
+        if not limit or not job.campaign:
+            return None
+        backend = self.backends.get(job.target)
+        if backend.capacity() is None and backend.capabilities().arrays:
+            if job.campaign in self._throttles:
+                return None
+            if running.get(job.campaign, 0):
+                return f"campaign concurrency: waiting for its current array (limit {limit})"
+            self._throttles[job.campaign] = limit
+            return None
+        if running.get(job.campaign, 0) >= limit:
+            return f"campaign concurrency limit of {limit} reached"
+        return None
 
     def _usage(self) -> tuple[dict[str, list[int]], dict[str, int]]:
         """CPUs and GPUs in use per backend, and active jobs per campaign."""
@@ -335,10 +360,13 @@ class Reconciler:
         refused: list[Change] = []
         for job in list(jobs):
             try:
-                requests.append(prepare_attempt(self.config.jobs_path, job, job.attempt,
-                                                job.spec.effective_runtime or default,
-                                                self.config.local.kill_grace_s,
-                                                getattr(backend, "launcher", None), self.config))
+                request = prepare_attempt(self.config.jobs_path, job, job.attempt,
+                                          job.spec.effective_runtime or default,
+                                          self.config.local.kill_grace_s,
+                                          getattr(backend, "launcher", None), self.config)
+                throttle = self._throttles.get(job.campaign or "")
+                requests.append(dataclasses.replace(request, throttle=throttle) if throttle
+                                else request)
             except GatewayError as exc:  # e.g. a runtime that cannot express this job
                 jobs.remove(job)
                 refused.append(Change(job.id, State.FAILED, {"kind": "refused", "reason": str(exc),

@@ -29,10 +29,32 @@ CACHE_DIR = (os.path.join(_CFG.cache_dir, f"src-{source_fingerprint()}-{_FLAGS}"
 # Without a cache folder numba caches next to the sources, keyed without the flags: only
 # the default flags may use it, other settings compile in memory instead.
 _USE_CACHE = bool(CACHE_DIR) or (_CFG.parallel and _CFG.fastmath)
+
+
+def _writable_or_fallback(folder: str) -> str:
+    """The configured cache folder, or, when it is absent and cannot be made (a read-only
+    image whose cache was not warmed for these sources), one under the temp folder, so a
+    job compiles once instead of failing."""
+    if os.path.isdir(folder):
+        return folder
+    try:
+        os.makedirs(folder, exist_ok=True)
+        return folder
+    except OSError:
+        import tempfile
+        import warnings
+
+        fallback = os.path.join(tempfile.gettempdir(), "hpcgw-numba-cache", os.path.basename(folder))
+        os.makedirs(fallback, exist_ok=True)
+        warnings.warn(f"numba cache folder {folder} cannot be created; using {fallback}",
+                      stacklevel=2)
+        return fallback
+
+
 if CACHE_DIR:
     # numba reads NUMBA_CACHE_DIR when it is imported; set it first, then keep it in
     # sync in case numba was imported earlier by someone else.
-    os.makedirs(CACHE_DIR, exist_ok=True)
+    CACHE_DIR = _writable_or_fallback(CACHE_DIR)
     os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
 
 import numba

@@ -88,6 +88,7 @@ class SubmitRequest:
     attempt_dir: Path      # per-attempt folder: logs, status, work; seen by the node
     argv: list[str]        # the command wrapped by the runtime, ready for the node
     env: dict[str, str]    # HPCGW_* variables plus the spec's env
+    throttle: int | None = None  # at most this many of its group at once (a campaign's limit)
 
     @property
     def key(self) -> str:

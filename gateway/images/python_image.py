@@ -34,13 +34,13 @@ from gateway.proc import run
 
 SUITE = "bookworm"
 PACKAGES = ("python3", "python3-numpy", "python3-numba")
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 SITE = "usr/local/lib/python3/dist-packages"
 TRIM = ("var/lib/apt/lists", "var/cache/apt", "usr/share/doc", "usr/share/man",
         "usr/share/info", "usr/share/locale", "var/log")
-WARM = ("import importlib, kernels\n"
-        "warm = getattr(kernels, 'warm_cache', None)\n"
-        "print('warmed', warm() if callable(warm) else 'import only')\n")
+WARM = ("import runpy, sys\n"
+        "sys.argv = ['kernels.warmup']\n"
+        "runpy.run_module('kernels.warmup', run_name='__main__')\n")
 
 
 def debian_mirror() -> str:
@@ -83,7 +83,8 @@ def _rootfs(dest: Path, mirror: str, kernels_dir: Path) -> Path:
     shutil.copytree(kernels_dir, target, ignore=shutil.ignore_patterns("__pycache__"))
     for path in [target, *target.rglob("*")]:
         os.utime(path, (0, 0), follow_symlinks=False)  # as in the image: keeps Numba's cache valid
-    env = {"NUMBA_CACHE_DIR": "/opt/numba-cache", "PYTHONPATH": f"/{SITE}"}
+    env = {"NUMBA_CACHE_DIR": "/opt/numba-cache", "HPCGW_NUMBA_CACHE_DIR": "/opt/numba-cache",
+           "PYTHONPATH": f"/{SITE}"}
     (rootfs / "opt" / "numba-cache").mkdir(parents=True, exist_ok=True)
     run(["chroot", str(rootfs), "python3", "-m", "compileall", "-q",
          "--invalidation-mode", "unchecked-hash", "/usr/lib/python3", f"/{SITE}"],
@@ -105,6 +106,7 @@ def build_python_image(store: ImageStore) -> ImageInfo:
         name, tag = ref.split(":")
         recipe = parse_recipe({"name": name, "tag": tag, "base": {"rootfs": "rootfs"},
                                "env": {"NUMBA_CACHE_DIR": "/opt/numba-cache",
+                                       "HPCGW_NUMBA_CACHE_DIR": "/opt/numba-cache",
                                        "PYTHONPATH": f"/{SITE}", "HOME": "/tmp",
                                        "PYTHONDONTWRITEBYTECODE": "1"},
                                "cmd": ["python3"]})

@@ -135,7 +135,7 @@ class SlurmBackend:
         for req in requests:
             try:
                 self._check(req)
-                shape = tuple(resource_directives(req, self.profile))
+                shape = (*resource_directives(req, self.profile), f"throttle={req.throttle}")
             except CapabilityError as exc:
                 outcomes[req.key] = SubmitOutcome(req.key, error=str(exc))
                 continue
@@ -158,7 +158,8 @@ class SlurmBackend:
             if len(chunk) == 1:
                 text = render_sbatch(chunk[0], self.profile)
             else:
-                text = render_array(chunk, self.profile, throttle=self.profile.array_throttle)
+                limits = [t for t in (self.profile.array_throttle, chunk[0].throttle) if t]
+                text = render_array(chunk, self.profile, throttle=min(limits) if limits else None)
         except CapabilityError as exc:
             if len(chunk) == 1:
                 return [SubmitOutcome(chunk[0].key, error=str(exc))]

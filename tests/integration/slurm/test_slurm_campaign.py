@@ -1,0 +1,81 @@
+"""Campaigns on the real Slurm cluster: members go as one array throttled to the limit."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+from slurm_it import REPO
+
+from gateway.api import Gateway
+from gateway.campaigns.apply import apply
+from gateway.campaigns.spec import load_campaign
+from gateway.states import State
+from gateway.testing.slurm_cluster import SlurmCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slurm]
+
+
+def _gateway(cluster: SlurmCluster, tmp_path: Path) -> Gateway:
+    profile = {"env": {**cluster.env, "PYTHONPATH": str(REPO)}}
+    return Gateway({"data_dir": str(tmp_path / "data"), "agent": {"lost_after_misses": 30},
+                    "backends": {"slurm": {"profiles": {"test": profile}}}})
+
+
+def _campaign(tmp_path: Path, n: int, limit: int, command: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        campaign: slurm-sweep
+        template: {{command: '{command}', resources: {{walltime: 5m}}}}
+        parameters: {{list: {[{"i": i} for i in range(n)]}}}
+        concurrency: {limit}
+        target: slurm:test
+        """))
+    return path
+
+
+def _drive(gw: Gateway, timeout_passes: int = 3000) -> None:
+    for _ in range(timeout_passes):
+        gw.reconcile()
+        if all(j.state.terminal for j in gw.store.jobs(limit=5000)):
+            return
+    raise AssertionError(f"not finished: {gw.store.counts()}")
+
+
+def test_members_go_as_one_array_throttled_to_the_limit(slurm_cluster: SlurmCluster,
+                                                        tmp_path: Path) -> None:
+    gw = _gateway(slurm_cluster, tmp_path)
+    try:
+        spec, base = load_campaign(_campaign(tmp_path, 12, 3, "sleep 0.5; echo {{i}}"))
+        apply(gw, spec, base)
+        backend = gw.backends.get("slurm:test")
+        assert backend.calls["sbatch"] == 1  # type: ignore[attr-defined]
+        jobs = gw.store.campaign_jobs("slurm-sweep")
+        script = (gw.config.jobs_path / jobs[0].id / "1" / "job.sbatch").read_text()
+        assert re.search(r"--array[= ]\"?0-11%3\"?", script), script
+        _drive(gw)
+        jobs = gw.store.campaign_jobs("slurm-sweep")
+        assert [j.state for j in jobs] == [State.SUCCEEDED] * 12
+        spans = [(j.started_at or 0, j.ended_at or 0) for j in jobs]
+        assert max(sum(1 for a, b in spans if a <= s < b) for s, _ in spans) <= 3
+        # a second apply adds nothing; a new member waits for the running array to end
+        assert apply(gw, spec, base).counts() == {"done": 12}
+    finally:
+        gw.close()
+
+
+@pytest.mark.slow
+def test_a_campaign_of_2000_jobs_completes_through_arrays(slurm_cluster: SlurmCluster,
+                                                          tmp_path: Path) -> None:
+    gw = _gateway(slurm_cluster, tmp_path)
+    try:
+        spec, base = load_campaign(_campaign(tmp_path, 2000, 2000, "true"))
+        apply(gw, spec, base)
+        _drive(gw)
+        assert gw.store.counts() == {"SUCCEEDED": 2000}
+        calls = gw.backends.get("slurm:test").calls  # type: ignore[attr-defined]
+        assert calls["sbatch"] == 4  # arrays of at most 500 tasks
+    finally:
+        gw.close()
