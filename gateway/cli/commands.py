@@ -218,9 +218,10 @@ def agent(ctx: click.Context, interval: float | None, once: bool, until_idle: bo
 
 def register(group: click.Group) -> None:
     from gateway.cli.campaign import campaign
+    from gateway.cli.dask import dask_group
 
     for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent, campaign,
-                    backends):
+                    backends, dask_group):
         group.add_command(command)
 
 

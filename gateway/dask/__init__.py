@@ -33,9 +33,9 @@ def _need_dask() -> None:
 
 
 def cluster_registry(gw: Gateway) -> Registry:
-    from gateway.dask.registry import Registry
+    from gateway.dask.reaper import registry_of
 
-    return Registry(gw.config.data_path / "dask")
+    return registry_of(gw)
 
 
 def _python_for(gw: Gateway, target: str, image: str | None) -> str:

@@ -1,0 +1,98 @@
+"""Dask clusters whose workers are gateway jobs on the real local Slurm cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from slurm_it import REPO, WAIT
+
+from gateway.api import Gateway
+from gateway.states import State
+from gateway.testing.slurm_cluster import SlurmCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slurm]
+distributed = pytest.importorskip("distributed")
+da = pytest.importorskip("dask.array")
+
+
+def _config(cluster: SlurmCluster, data: Path) -> dict[str, Any]:
+    profile = {"env": {**cluster.env, "PYTHONPATH": str(REPO)}, "max_walltime": "1d"}
+    return {"data_dir": str(data), "backends": {"slurm": {"profiles": {"test": profile}}}}
+
+
+@pytest.fixture
+def gw(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[Gateway]:
+    gateway = Gateway(_config(slurm_cluster, tmp_path / "data"))
+    yield gateway
+    gateway.close()
+
+
+def squeue(cluster: SlurmCluster) -> dict[str, dict[str, str]]:
+    """Jobs Slurm still has pending or running: id -> CPUs, memory, time limit, state."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i|%C|%m|%l|%T"], env={**os.environ, **cluster.env},
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    return {r[0]: {"cpus": r[1], "memory": r[2], "time": r[3], "state": r[4]} for r in rows}
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Poll ``check`` (a safety-net timeout only: a stuck test fails instead of hanging)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout} s: {what}")
+        time.sleep(0.3)
+
+
+def workers(gw: Gateway, name: str) -> list[Any]:
+    return gw.store.jobs(labels={"hpcgw.dask": name}, newest_first=False)
+
+
+def active(gw: Gateway, name: str) -> list[Any]:
+    gw.reconcile()
+    return [j for j in workers(gw, name) if not j.state.terminal]
+
+
+def test_workers_are_slurm_jobs_that_scale_and_leave_nothing(gw: Gateway,
+                                                             slurm_cluster: SlurmCluster) -> None:
+    cluster = gw.dask_cluster("slurm:test", 2, name="scale",
+                              worker_resources={"cpus_per_task": 2, "memory": "1G",
+                                                "walltime": "10m"})
+    try:
+        client = distributed.Client(cluster)
+        client.wait_for_workers(2, timeout=WAIT)
+        jobs = sorted(workers(gw, "scale"), key=lambda j: j.name)
+        assert [j.name for j in jobs] == ["scale-0", "scale-1"]
+        assert all(j.backend == "slurm:test" and j.ref for j in jobs)
+        slurm = squeue(slurm_cluster)
+        assert [slurm[j.ref] for j in jobs] == [
+            {"cpus": "2", "memory": "1G", "time": "10:00", "state": "RUNNING"}] * 2
+        info = client.scheduler_info()["workers"].values()
+        assert sorted((w["name"], w["nthreads"]) for w in info) == [("scale-0", 2), ("scale-1", 2)]
+        assert client.submit(lambda x: x * 2, 21).result() == 42
+
+        cluster.scale(3)
+        client.wait_for_workers(3, timeout=WAIT)
+        cluster.scale(1)
+        until(lambda: len(client.scheduler_info()["workers"]) == 1, "scaled down to 1 worker")
+        until(lambda: len(active(gw, "scale")) == 1, "two worker jobs ended after scale(1)")
+
+        cluster.adapt(minimum=1, maximum=3)
+        futures = client.map(lambda i: time.sleep(1) or i, range(30))
+        until(lambda: len(client.scheduler_info()["workers"]) > 1, "adapt scaled up")
+        assert sum(client.gather(futures)) == sum(range(30))
+    finally:
+        cluster.close()
+    refs = [j.ref for j in workers(gw, "scale")]
+    assert len(refs) >= 4
+    assert not set(refs) & set(squeue(slurm_cluster)), "a worker job is left in Slurm"
+    assert {j.state for j in workers(gw, "scale")} <= {State.CANCELLED, State.SUCCEEDED}
