@@ -86,6 +86,25 @@ class GatewayCluster(JobQueueCluster):
             self.renewal.clear()
         return SpecCluster.scale(self, n + extra)
 
+    async def _correct_state_internal(self) -> None:
+        """Retire workers leaving the plan gracefully first (their data moves to the others).
+
+        SpecCluster asks the scheduler to retire them by *address* while passing worker
+        names, which matches nothing: the job would then be cancelled with its data still
+        on it. We retire them by name, then let SpecCluster close their jobs.
+        """
+        leaving = sorted(set(self.workers) - set(self.worker_spec))
+        scheduler = self.scheduler
+        if leaving and self.scheduler_comm is not None and scheduler is not None \
+                and scheduler.status == Status.running:
+            try:
+                await self.scheduler_comm.retire_workers(names=leaving, remove=True,
+                                                         close_workers=True)
+            except Exception:
+                log.exception("dask cluster %s: retiring %s failed", self.worker_plan.cluster,
+                              leaving)
+        await super()._correct_state_internal()
+
     # -- life cycle -----------------------------------------------------------------------
     async def _start(self) -> None:
         await super()._start()

@@ -96,3 +96,32 @@ def test_workers_are_slurm_jobs_that_scale_and_leave_nothing(gw: Gateway,
     assert len(refs) >= 4
     assert not set(refs) & set(squeue(slurm_cluster)), "a worker job is left in Slurm"
     assert {j.state for j in workers(gw, "scale")} <= {State.CANCELLED, State.SUCCEEDED}
+
+
+def test_workers_outlive_their_walltime(gw: Gateway, slurm_cluster: SlurmCluster) -> None:
+    """Workers with a 2-minute walltime retire after 45 s (lifetime margin 75 s); each is
+    replaced ahead of time and a computation longer than any worker's life is still right."""
+    cluster = gw.dask_cluster("slurm:test", 2, name="renew", lifetime_margin="75s",
+                              worker_resources={"cpus_per_task": 1, "walltime": "2m"})
+    try:
+        client = distributed.Client(cluster)
+        client.wait_for_workers(2, timeout=WAIT)
+        def slow_double(block: Any) -> Any:   # nested: pickled by value, not by module
+            time.sleep(2)
+            return block * 2
+
+        x = da.arange(40_000, chunks=1_000).persist()       # data held by the workers
+        total = da.map_blocks(slow_double, x).sum()         # 40 blocks x 2 s on 2 workers
+        assert total.compute() == 2 * sum(range(40_000))
+        assert x.sum().compute() == sum(range(40_000))
+    finally:
+        cluster.close()
+    jobs = workers(gw, "renew")
+    first = [j for j in jobs if j.name in ("renew-0", "renew-1")]
+    assert len(jobs) > 2, "no worker was replaced"
+    assert all(j.state in (State.SUCCEEDED, State.CANCELLED) for j in jobs), \
+        [(j.name, j.state, j.reason) for j in jobs]
+    for old in first:   # its replacement was asked for before it ended
+        assert any(j.submitted_at < (old.ended_at or 0) for j in jobs if j.name not in
+                   ("renew-0", "renew-1")), old
+    assert not {j.ref for j in jobs} & set(squeue(slurm_cluster))
