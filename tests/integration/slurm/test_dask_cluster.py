@@ -125,3 +125,69 @@ def test_workers_outlive_their_walltime(gw: Gateway, slurm_cluster: SlurmCluster
         assert any(j.submitted_at < (old.ended_at or 0) for j in jobs if j.name not in
                    ("renew-0", "renew-1")), old
     assert not {j.ref for j in jobs} & set(squeue(slurm_cluster))
+
+
+OWNER = """
+import json, sys, time
+from gateway.api import Gateway
+gw = Gateway(json.loads(sys.argv[1]))
+cluster = gw.dask_cluster("slurm:test", 1, name="owned",
+                          worker_resources={"cpus_per_task": 1, "walltime": "10m"})
+from distributed import Client
+Client(cluster).wait_for_workers(1, timeout=120)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+ATTACH = """
+import json, sys
+from gateway.api import Gateway
+client = Gateway(json.loads(sys.argv[1])).connect_dask("owned")
+print(json.dumps({"answer": client.submit(lambda: 6 * 7).result(),
+                  "workers": sorted(w["name"] for w in client.scheduler_info()["workers"].values())}))
+client.close()
+"""
+
+
+def _python(code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True,
+                            stdout=subprocess.PIPE, **kwargs)
+
+
+def test_reattach_from_another_process_and_reap_after_the_owner_dies(
+        gw: Gateway, slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    config = json.dumps(_config(slurm_cluster, tmp_path / "data"))
+    owner = _python(OWNER, config)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+        attach = _python(ATTACH, config)
+        out, _ = attach.communicate(timeout=WAIT)
+        assert json.loads(out) == {"answer": 42, "workers": ["owned-0"]}
+
+        cli = [sys.executable, "-m", "gateway.cli.main", "--data-dir", str(tmp_path / "data")]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HPCGW_CONFIG": str(tmp_path / "c.yaml")}
+        (tmp_path / "c.yaml").write_text(json.dumps(
+            {"backends": _config(slurm_cluster, tmp_path / "data")["backends"]}))
+        listed = json.loads(subprocess.run([*cli, "dask", "ls", "--json"], env=env, check=True,
+                                           capture_output=True, text=True).stdout)
+        assert [(r["name"], r["owner_alive"], len(r["active_jobs"])) for r in listed] == \
+            [("owned", True, 1)]
+        nothing = subprocess.run([*cli, "dask", "reap", "--json"], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+        assert json.loads(nothing) == []        # the owner lives: nothing is reaped
+        # Freeze the worker (SIGSTOP) so that it cannot notice the lost scheduler and exit
+        # by itself: it then stands for a worker job still waiting in a queue.
+        ref = workers(gw, "owned")[0].ref
+        subprocess.run(["scontrol", "suspend", str(ref)], env={**os.environ, **slurm_cluster.env},
+                       check=True)
+    finally:
+        owner.send_signal(signal.SIGKILL)       # the notebook dies without closing
+        owner.wait()
+    assert squeue(slurm_cluster)[ref]["state"] == "SUSPENDED"
+    reaped = json.loads(subprocess.run([*cli, "dask", "reap", "--json"], env=env, check=True,
+                                       capture_output=True, text=True).stdout)
+    assert [(r["name"], r["still_active"]) for r in reaped] == [("owned", [])]
+    assert ref not in squeue(slurm_cluster)
+    assert [j.state for j in workers(gw, "owned")] == [State.CANCELLED]
+    assert not (tmp_path / "data" / "dask" / "owned.json").exists()
