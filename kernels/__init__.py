@@ -1,1 +1,22 @@
-"""Numba-compiled kernels and the reference AI workloads that use them."""
+"""Numba-compiled kernels and the reference AI workloads that use them.
+
+Importing ``kernels`` is cheap: numba is imported only when a kernel module
+(``kernels.optim``, ``kernels.nn``, ...) is first used, so the gateway and its CLI can
+import this package without paying for the JIT.
+
+Modules:
+    kernels.optim     fused AdamW step
+    kernels.nn        softmax + cross-entropy, layer norm, GELU, bias + activation
+    kernels.cluster   k-means assignment and centroid update
+    kernels.search    top-k cosine similarity search
+    kernels.quant     int8 symmetric per-channel quantize / dequantize
+    kernels.compress  top-k gradient sparsification with error feedback
+    kernels.dask      the k-means and search kernels on dask arrays
+    kernels.apps.*    reference workloads (``python -m kernels.apps.train`` ...)
+"""
+
+from __future__ import annotations
+
+from kernels.errors import KernelError, KernelInputError
+
+__all__ = ["KernelError", "KernelInputError"]

@@ -1,0 +1,101 @@
+"""Argument checks shared by the public wrappers: clear errors, then C-contiguous arrays.
+
+Kernels are compiled for C-contiguous float32/float64 arrays only, so each signature is
+compiled once per dtype; a non-contiguous view is copied here (documented in
+docs/kernels.md) instead of compiling a strided variant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kernels.errors import KernelDtypeError, KernelInputError
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_array(name: str, a: Any, *, ndim: int | None = None, dtype: Any = None) -> np.ndarray:
+    """Return ``a`` as a C-contiguous float32/float64 array, or raise naming ``name``."""
+    if not isinstance(a, np.ndarray):
+        raise KernelDtypeError(
+            f"{name} must be a numpy array, got {type(a).__name__}; wrap it with np.asarray"
+        )
+    if a.dtype not in FLOAT_DTYPES:
+        raise KernelDtypeError(
+            f"{name} has dtype {a.dtype}; kernels take float32 or float64, "
+            f"cast with {name}.astype(np.float32)"
+        )
+    if dtype is not None and a.dtype != np.dtype(dtype):
+        raise KernelDtypeError(
+            f"{name} has dtype {a.dtype} but must match the other inputs ({np.dtype(dtype)}); "
+            f"cast with {name}.astype(np.{np.dtype(dtype)})"
+        )
+    if ndim is not None and a.ndim != ndim:
+        raise KernelInputError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def int_array(name: str, a: Any, *, ndim: int = 1) -> np.ndarray:
+    """Return ``a`` as a C-contiguous int64 array (labels, indices), or raise."""
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "iu":
+        got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+        raise KernelDtypeError(
+            f"{name} must be an integer numpy array, got {got}; cast with {name}.astype(np.int64)"
+        )
+    if a.ndim != ndim:
+        raise KernelInputError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def shape_is(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Raise unless ``a.shape == shape``."""
+    if a.shape != tuple(shape):
+        raise KernelInputError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
+
+
+def positive_int(name: str, value: Any) -> int:
+    """Return ``value`` as an int >= 1, or raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise KernelInputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def finite_float(name: str, value: Any, *, low: float | None = None) -> float:
+    """Return ``value`` as a finite float (optionally >= low), or raise."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError) as exc:
+        raise KernelInputError(f"{name} must be a number, got {value!r}") from exc
+    if not np.isfinite(out) or (low is not None and out < low):
+        bound = f" and >= {low}" if low is not None else ""
+        raise KernelInputError(f"{name} must be finite{bound}, got {value!r}")
+    return out
+
+
+def writable_target(name: str, a: np.ndarray, like: np.ndarray) -> None:
+    """Raise unless ``a`` can be updated in place (same shape/dtype as ``like``, writable)."""
+    if not isinstance(a, np.ndarray) or a.dtype != like.dtype:
+        got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+        raise KernelDtypeError(f"{name} must be a {like.dtype} array like params, got {got}")
+    shape_is(name, a, like.shape)
+    if not a.flags.writeable:
+        raise KernelInputError(f"{name} is read-only; pass a writable array (np.array(x))")
+
+
+def out_array(name: str, out: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A caller's output buffer (checked), or a new one when ``out`` is None.
+
+    Passing buffers that are reused across calls avoids the page faults of a fresh large
+    allocation, which cost as much as the kernel itself on memory-bound kernels.
+    """
+    if out is None:
+        return np.empty(shape, dtype)
+    if not isinstance(out, np.ndarray) or out.dtype != np.dtype(dtype):
+        got = out.dtype if isinstance(out, np.ndarray) else type(out).__name__
+        raise KernelDtypeError(f"{name} must be a {np.dtype(dtype)} array, got {got}")
+    shape_is(name, out, tuple(shape))
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise KernelInputError(f"{name} must be C-contiguous and writable (np.empty(shape))")
+    return out

@@ -1,0 +1,63 @@
+"""The one place numba is imported: applies ``kernels.config`` first, then wraps njit."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from kernels.config import get_config
+
+
+def source_fingerprint() -> str:
+    """Hash of the package's sources. Numba invalidates a cached kernel only when its own
+    file changes, not a helper it inlines (``_fastmath``, ``_chunks``), so a configured
+    cache folder gets one sub-folder per source version and a stale image cache is never
+    loaded."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_CFG = get_config()
+# Numba's cache key ignores compile flags, so the flags are part of the folder name too.
+_FLAGS = f"p{int(_CFG.parallel)}f{int(_CFG.fastmath)}"
+CACHE_DIR = (os.path.join(_CFG.cache_dir, f"src-{source_fingerprint()}-{_FLAGS}")
+             if _CFG.cache_dir else None)
+# Without a cache folder numba caches next to the sources, keyed without the flags: only
+# the default flags may use it, other settings compile in memory instead.
+_USE_CACHE = bool(CACHE_DIR) or (_CFG.parallel and _CFG.fastmath)
+if CACHE_DIR:
+    # numba reads NUMBA_CACHE_DIR when it is imported; set it first, then keep it in
+    # sync in case numba was imported earlier by someone else.
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
+
+import numba
+from numba import prange, types
+from numba.extending import intrinsic, overload
+
+if CACHE_DIR:
+    numba.config.CACHE_DIR = CACHE_DIR
+
+__all__ = ["intrinsic", "jit", "num_threads", "numba", "overload", "prange", "types"]
+
+
+def jit(*, parallel: bool = False, fastmath: set[str] | None = None) -> Callable:
+    """``numba.njit`` with the project's flags (cache, nogil, fast-math, parallel).
+
+    ``fastmath`` overrides the flag set for code whose rounding must not be reassociated
+    (the bit tricks in ``kernels._fastmath``).
+    """
+    opts = _CFG.jit_options(parallel=parallel)
+    opts["cache"] = _USE_CACHE
+    if fastmath is not None and opts["fastmath"]:
+        opts["fastmath"] = set(fastmath)
+    return numba.njit(**opts)
+
+
+def num_threads() -> int:
+    """Threads a ``prange`` loop will use (used to size per-thread partial buffers)."""
+    return int(numba.get_num_threads())

@@ -1,0 +1,78 @@
+"""Compile flags and the Numba cache folder, resolved once from the environment.
+
+``HPCGW_NUMBA_CACHE_DIR`` sets where compiled kernels are cached (it becomes
+``NUMBA_CACHE_DIR`` before numba is imported), so a container image can ship a warm
+cache (``python -m kernels.warmup``) and jobs start without compiling.
+``HPCGW_NUMBA_PARALLEL=0`` turns off ``prange`` threading (useful under MPI with one
+rank per core). ``HPCGW_NUMBA_FASTMATH=0`` turns off the reassociation flags.
+
+This module does not import numba: ``kernels._jit`` applies the config and then does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kernels.errors import KernelConfigError
+
+# Fast-math flags that let LLVM vectorise reductions and contract into FMAs, but keep
+# NaN/inf semantics ('nnan'/'ninf' are left out so NaN inputs still propagate).
+FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How kernels are compiled: cache folder, threading and fast-math."""
+
+    cache_dir: str | None = None
+    parallel: bool = True
+    fastmath: bool = True
+
+    def jit_options(self, *, parallel: bool = False) -> dict[str, object]:
+        """Keyword arguments for ``numba.njit`` for one kernel."""
+        return {
+            "cache": True,
+            "nogil": True,
+            "error_model": "numpy",
+            "fastmath": set(FASTMATH_FLAGS) if self.fastmath else False,
+            "parallel": bool(parallel and self.parallel),
+        }
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise KernelConfigError(f"{name}={raw!r} is not a boolean; use one of 0/1/true/false")
+
+
+def load_config(env: Mapping[str, str] | None = None) -> KernelConfig:
+    """Resolve the config from ``env`` (default ``os.environ``) without side effects."""
+    env = os.environ if env is None else env
+    cache_dir = env.get("HPCGW_NUMBA_CACHE_DIR") or env.get("NUMBA_CACHE_DIR") or None
+    return KernelConfig(
+        cache_dir=os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None,
+        parallel=_flag(env, "HPCGW_NUMBA_PARALLEL", True),
+        fastmath=_flag(env, "HPCGW_NUMBA_FASTMATH", True),
+    )
+
+
+_CONFIG: KernelConfig | None = None
+
+
+def get_config() -> KernelConfig:
+    """The process-wide config, resolved on first use and then fixed."""
+    global _CONFIG
+    if _CONFIG is None:
+        _CONFIG = load_config()
+    return _CONFIG

@@ -1,0 +1,118 @@
+"""The k-means and search kernels on dask arrays, for any Dask cluster.
+
+Rows are split across blocks (columns are put in one chunk); each block runs the Numba
+kernel where it lives (``map_blocks``) and only small per-block results travel: k-means
+partial sums and counts, search top-k candidates. Needs ``dask[array]`` (and
+``distributed`` for a cluster); imported lazily so ``import kernels`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kernels import cluster, search
+from kernels.errors import KernelInputError
+
+__all__ = ["kmeans", "kmeans_assign", "kmeans_step", "topk_cosine"]
+
+
+def _da() -> Any:
+    try:
+        import dask.array as da
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError('kernels.dask needs dask: pip install "dask[array,distributed]"') from exc
+    return da
+
+
+def _rows_only(x: Any, name: str = "x") -> Any:
+    """``x`` as a 2-D dask array chunked along rows only."""
+    da = _da()
+    if not isinstance(x, da.Array):
+        raise KernelInputError(f"{name} must be a dask array; use dask.array.from_array({name})")
+    if x.ndim != 2:
+        raise KernelInputError(f"{name} must be 2-D, got shape {x.shape}")
+    return x if len(x.chunks[1]) == 1 else x.rechunk({1: -1})
+
+
+def kmeans_assign(x: Any, centroids: np.ndarray) -> tuple[Any, Any]:
+    """Lazy ``(labels, sq_distances)`` dask arrays, one kernel call per block."""
+    x = _rows_only(x)
+    c = np.asarray(centroids)
+    labels = x.map_blocks(lambda b: cluster.kmeans_assign(b, c)[0], dtype=np.int64, drop_axis=1)
+    dist = x.map_blocks(lambda b: cluster.kmeans_assign(b, c)[1], dtype=x.dtype, drop_axis=1)
+    return labels, dist
+
+
+def _block_partials(b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """[sums (k*d), counts (k), inertia] of one block, as a (1, k*(d+1)+1) float64 row."""
+    labels, dist = cluster.kmeans_assign(b, c)
+    sums, counts = cluster.kmeans_partial_sums(b, labels, c.shape[0])
+    inertia = np.nansum(dist, dtype=np.float64)
+    return np.concatenate([sums.ravel(), counts.astype(np.float64), [inertia]])[None, :]
+
+
+def kmeans_step(x: Any, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """One Lloyd iteration: ``(new_centroids, counts, inertia of the old centroids)``."""
+    x = _rows_only(x)
+    c = np.asarray(centroids, dtype=x.dtype)
+    k, d = c.shape
+    if d != x.shape[1]:
+        raise KernelInputError(f"centroids must have {x.shape[1]} columns, got shape {c.shape}")
+    width = k * (d + 1) + 1
+    parts = x.map_blocks(_block_partials, c, dtype=np.float64,
+                         chunks=((1,) * x.numblocks[0], (width,)))
+    tot = parts.sum(axis=0).compute()
+    counts = tot[k * d: k * d + k]
+    new = cluster.centroids_from_sums(tot[: k * d].reshape(k, d), counts, c, x.dtype)
+    return new, counts.astype(np.int64), float(tot[-1])
+
+
+def kmeans(x: Any, init: np.ndarray, *, max_iter: int = 100, tol: float = 0.0
+           ) -> tuple[np.ndarray, float, int]:
+    """Lloyd's k-means on a dask array: ``(centroids, inertia, n_iter)``.
+
+    Stops after ``max_iter`` or when the centroid shift (sum of squares) is <= ``tol``.
+    """
+    c = np.asarray(init)
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        new, _, _ = kmeans_step(x, c)
+        shift = float(((new - c) ** 2).sum())
+        c = new
+        if shift <= tol:
+            break
+    _, _, inertia = kmeans_step(x, c)
+    return c, inertia, n_iter
+
+
+def _block_topk(b: np.ndarray, q: np.ndarray, k: int, block_info: Any = None) -> np.ndarray:
+    """Top-k candidates of one block as a (1, q, 2k) float64 array: [scores | indices]."""
+    offset = block_info[0]["array-location"][0][0] if block_info else 0
+    s, i = search.topk_cosine(q, b, k, offset=offset)
+    out = np.full((1, q.shape[0], 2 * k), -np.inf)
+    out[0, :, k:] = -1
+    out[0, :, : s.shape[1]] = s
+    out[0, :, k: k + i.shape[1]] = i
+    return out
+
+
+def topk_cosine(queries: np.ndarray, embeddings: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k cosine search of in-memory ``queries`` over a dask ``embeddings`` matrix.
+
+    Returns numpy ``(scores, indices)`` of shape ``(q, min(k, n))`` like
+    :func:`kernels.search.topk_cosine` (same ordering and ties).
+    """
+    e = _rows_only(embeddings, "embeddings")
+    q = np.ascontiguousarray(queries, dtype=e.dtype)
+    if q.ndim != 2 or q.shape[1] != e.shape[1]:
+        raise KernelInputError(f"queries must have shape (q, {e.shape[1]}), got {q.shape}")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise KernelInputError(f"k must be a positive integer, got {k!r}")
+    parts = e.map_blocks(_block_topk, q, int(k), dtype=np.float64, new_axis=2,
+                         chunks=((1,) * e.numblocks[0], (q.shape[0],), (2 * k,)))
+    cand = parts.compute()
+    scores = np.concatenate(cand[:, :, :k], axis=1).astype(e.dtype)
+    idx = np.concatenate(cand[:, :, k:], axis=1).astype(np.int64)
+    return search.merge_topk(scores, idx, min(k, e.shape[0]))

@@ -1,0 +1,187 @@
+"""Neural-network kernels: fused softmax + cross-entropy, layer norm forward/backward.
+
+Rows are independent, so each kernel is one ``prange`` over rows with the row held in
+cache between its passes; exp is the vectorisable ``kernels._fastmath.exp_fast``.
+Parameter gradients (layer norm's dgamma/dbeta) are summed into per-chunk partial
+buffers and reduced at the end, so threads never share a write.
+GELU and bias + activation live in ``kernels.activations`` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels import _checks
+from kernels._chunks import chunk_bounds, n_chunks
+from kernels._fastmath import exp_fast, row_max
+from kernels._jit import jit, prange
+from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
+from kernels.errors import KernelInputError
+
+__all__ = [
+    "bias_act",
+    "bias_act_backward",
+    "gelu",
+    "gelu_backward",
+    "layer_norm",
+    "layer_norm_backward",
+    "softmax_cross_entropy",
+]
+
+
+@jit(parallel=True)
+def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
+    n, c = logits.shape
+    for i in prange(n):
+        row = logits[i]
+        mx = row_max(row)
+        s = zero
+        if want_grad:
+            g = grad[i]
+            for j in range(c):
+                e = exp_fast(row[j] - mx)
+                g[j] = e
+                s += e
+        else:
+            for j in range(c):
+                s += exp_fast(row[j] - mx)
+        lse = mx + np.log(s)
+        losses[i] = lse - row[labels[i]]
+        if want_grad:
+            f = scale / s
+            for j in range(c):
+                g[j] = g[j] * f
+            g[labels[i]] -= scale
+
+
+def softmax_cross_entropy(
+    logits: np.ndarray, labels: np.ndarray, *, grad: bool = True, reduction: str = "mean",
+    out: np.ndarray | None = None, grad_scale: float | None = None,
+) -> tuple[float, np.ndarray | None]:
+    """Cross-entropy of softmax(``logits``) against integer ``labels``, with its gradient.
+
+    Returns ``(loss, dlogits)``: ``loss`` is the mean (or sum, ``reduction="sum"``) over
+    rows as a Python float, ``dlogits`` the gradient of that loss w.r.t. ``logits``
+    (same dtype; written into ``out`` when given), or None when ``grad=False``. NaN logits
+    give a NaN loss. ``grad_scale`` replaces the gradient's 1/n (mean) or 1 (sum) factor,
+    e.g. 1/global_batch when each data-parallel rank holds part of the batch.
+    """
+    x = _checks.float_array("logits", logits, ndim=2)
+    y = _checks.int_array("labels", labels)
+    if y.shape[0] != x.shape[0]:
+        raise KernelInputError(f"labels must have shape ({x.shape[0]},), got {y.shape}")
+    if reduction not in ("mean", "sum"):
+        raise KernelInputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    n, c = x.shape
+    if n and c == 0:
+        raise KernelInputError("logits has 0 classes; it needs at least one column")
+    if n and (y.min() < 0 or y.max() >= c):
+        raise KernelInputError(f"labels must be in [0, {c}), got values in [{y.min()}, {y.max()}]")
+    g = _checks.out_array("out", out, x.shape, x.dtype) if grad else np.empty((0, 0), x.dtype)
+    if n == 0:
+        return (float("nan") if reduction == "mean" else 0.0), (g if grad else None)
+    losses = np.empty(n, np.float64)
+    if grad_scale is None:
+        grad_scale = 1.0 / n if reduction == "mean" else 1.0
+    scale = x.dtype.type(_checks.finite_float("grad_scale", grad_scale))
+    _softmax_xent(x, y, g, losses, scale, grad, x.dtype.type(0))
+    total = float(losses.sum())
+    return (total / n if reduction == "mean" else total), (g if grad else None)
+
+
+@jit(parallel=True)
+def _ln_fwd(x, gamma, beta, eps, y, mean, rstd):
+    n, d = x.shape
+    for i in prange(n):
+        row = x[i]
+        s = 0.0
+        for j in range(d):
+            s += row[j]
+        mu = s / d
+        ss = 0.0
+        for j in range(d):
+            t = row[j] - mu
+            ss += t * t
+        r = 1.0 / np.sqrt(ss / d + eps)
+        mean[i] = mu
+        rstd[i] = r
+        mu_t, r_t = mean[i], rstd[i]  # in x's dtype, so the output loop stays in it
+        out = y[i]
+        for j in range(d):
+            out[j] = (row[j] - mu_t) * r_t * gamma[j] + beta[j]
+
+
+def layer_norm(
+    x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, *, eps: float = 1e-5,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer norm over the last axis of 2-D ``x``: returns ``(y, mean, rstd)``.
+
+    ``mean`` and ``rstd`` (1/sqrt(var+eps), biased variance as in PyTorch) are kept for
+    :func:`layer_norm_backward`. Statistics are accumulated in float64. ``out``: optional
+    C-contiguous buffer for ``y`` (reuse it across calls to avoid page faults).
+    """
+    x = _checks.float_array("x", x, ndim=2)
+    gamma = _checks.float_array("gamma", gamma, ndim=1, dtype=x.dtype)
+    beta = _checks.float_array("beta", beta, ndim=1, dtype=x.dtype)
+    _checks.shape_is("gamma", gamma, (x.shape[1],))
+    _checks.shape_is("beta", beta, (x.shape[1],))
+    eps = _checks.finite_float("eps", eps, low=0.0)
+    n, d = x.shape
+    y = _checks.out_array("out", out, x.shape, x.dtype)
+    mean = np.empty(n, x.dtype)
+    rstd = np.empty(n, x.dtype)
+    if n and d:
+        _ln_fwd(x, gamma, beta, eps, y, mean, rstd)
+    elif n:
+        mean[:] = np.nan
+        rstd[:] = np.nan
+    return y, mean, rstd
+
+
+@jit(parallel=True)
+def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks):
+    n, d = x.shape
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(n, nchunks, c)
+        for i in range(lo, hi):
+            mu = mean[i]
+            r = rstd[i]
+            a = 0.0
+            b = 0.0
+            for j in range(d):
+                xh = (x[i, j] - mu) * r
+                g = dy[i, j] * gamma[j]
+                a += g
+                b += g * xh
+                pg[c, j] += dy[i, j] * xh
+                pb[c, j] += dy[i, j]
+            a /= d
+            b /= d
+            for j in range(d):
+                xh = (x[i, j] - mu) * r
+                dx[i, j] = r * (dy[i, j] * gamma[j] - a - xh * b)
+
+
+def layer_norm_backward(
+    dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
+    *, out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`layer_norm`: ``(dx, dgamma, dbeta)``; ``dx`` goes into ``out``."""
+    x = _checks.float_array("x", x, ndim=2)
+    dy = _checks.float_array("dy", dy, ndim=2, dtype=x.dtype)
+    _checks.shape_is("dy", dy, x.shape)
+    n, d = x.shape
+    gamma = _checks.float_array("gamma", gamma, ndim=1, dtype=x.dtype)
+    _checks.shape_is("gamma", gamma, (d,))
+    mean = _checks.float_array("mean", mean, ndim=1, dtype=x.dtype)
+    rstd = _checks.float_array("rstd", rstd, ndim=1, dtype=x.dtype)
+    _checks.shape_is("mean", mean, (n,))
+    _checks.shape_is("rstd", rstd, (n,))
+    dx = _checks.out_array("out", out, x.shape, x.dtype)
+    nch = n_chunks(n)
+    pg = np.zeros((nch, d), np.float64)
+    pb = np.zeros((nch, d), np.float64)
+    if n and d:
+        _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch)
+    return dx, pg.sum(axis=0).astype(x.dtype), pb.sum(axis=0).astype(x.dtype)

@@ -1,0 +1,77 @@
+"""Compile (or load from the cache) every kernel for float32 and float64.
+
+    HPCGW_NUMBA_CACHE_DIR=/opt/hpcgw/numba-cache python -m kernels.warmup
+
+Run at image build time so jobs start with a warm cache; prints per-kernel seconds
+(``--json`` for machine-readable output, used by the benchmark's compile-time figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
+    from kernels import cluster, compress, nn, optim, quant, search
+
+    x = np.linspace(-1, 1, 24, dtype=dt).reshape(4, 6)
+    v = np.ones(6, dt)
+    lab = np.array([0, 1, 0, 1])
+    _, mu, rs = nn.layer_norm(x, v, v)
+    return {
+        "adamw_step": lambda: optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1),
+        "softmax_cross_entropy": lambda: nn.softmax_cross_entropy(x, lab),
+        "layer_norm": lambda: nn.layer_norm(x, v, v),
+        "layer_norm_backward": lambda: nn.layer_norm_backward(x, x, v, mu, rs),
+        "gelu": lambda: nn.gelu(x),
+        "gelu_backward": lambda: nn.gelu_backward(x, x),
+        "bias_act": lambda: nn.bias_act(x, v, "gelu"),
+        "bias_act_backward": lambda: nn.bias_act_backward(x, x, v, "gelu"),
+        "kmeans_assign": lambda: cluster.kmeans_assign(x, x[:2]),
+        "kmeans_partial_sums": lambda: cluster.kmeans_partial_sums(x, lab, 2),
+        "topk_cosine": lambda: search.topk_cosine(x, x, 2),
+        "quantize_int8": lambda: quant.quantize_int8(x),
+        "dequantize_int8": lambda: quant.dequantize_int8(quant.quantize_int8(x)[0], v[:4], dt),
+        "topk_sparsify": lambda: compress.topk_sparsify(x.ravel(), np.zeros(24, dt), 3),
+    }
+
+
+def warm_all() -> dict[str, float]:
+    """Call each public kernel once per dtype; returns seconds per ``name[dtype]``."""
+    t0 = time.perf_counter()
+    import kernels._jit  # noqa: F401  (numba import, reported separately)
+
+    times = {"import numba": time.perf_counter() - t0}
+    for dt in (np.dtype(np.float32), np.dtype(np.float64)):
+        for name, call in _calls(dt).items():
+            t = time.perf_counter()
+            call()
+            times[f"{name}[{dt}]"] = time.perf_counter() - t
+    return times
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kernels.warmup", description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true", help="print {name: seconds} as JSON")
+    args = ap.parse_args(argv)
+    times = warm_all()
+    from kernels._jit import _USE_CACHE, CACHE_DIR
+
+    where = CACHE_DIR or ("__pycache__ next to the sources" if _USE_CACHE else "not cached")
+
+    if args.json:
+        print(json.dumps(times))
+    else:
+        for name, sec in times.items():
+            print(f"{sec:8.3f} s  {name}")
+        print(f"{sum(times.values()):8.3f} s  total (cache: {where})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,482 @@
+#!/usr/bin/env python
+"""Kernel benchmark: bandwidth vs a STREAM triad, speed vs NumPy, PyTorch and scikit-learn.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \\
+        python tests/benchmarks/bench_kernels.py --out docs/benchmarks.md
+
+Everything is measured in this one run (ratios are only meaningful within a run): the
+triad, each kernel, its baselines, k-means against scikit-learn, training throughput
+with 1 and 2 MPI ranks, and cold/warm compile times. The ``## Kernels`` section of
+``--out`` is replaced; other sections of that file are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path[:0] = [str(REPO), str(HERE)]
+
+import _baselines as B
+
+from kernels import cluster, compress, nn, optim, quant, search
+from kernels._jit import jit, numba, prange
+
+GB = 1e9
+
+
+def best(fn, repeat: int = 7) -> float:
+    """Best wall time of ``repeat`` calls after one warm-up call."""
+    return race({"fn": fn}, repeat)["fn"]
+
+
+@jit(parallel=True)
+def _triad(a, b, c, s):
+    for i in prange(a.size):
+        a[i] = b[i] + s * c[i]
+
+
+def stream_triad(n: int) -> float:
+    """STREAM triad bandwidth in GB/s (3 arrays counted, as STREAM does)."""
+    b, c = np.full(n, 1.0), np.full(n, 2.0)
+    a = np.empty(n)
+    t = best(lambda: _triad(a, b, c, 3.0), repeat=10)
+    return 3 * n * 8 / t / GB
+
+
+def race(fns: dict, repeat: int = 7) -> dict[str, float]:
+    """Best time of each callable, timed round-robin so that load from other work on this
+    shared machine hits all of them alike (a ratio of two separate best-ofs does not)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+class Table:
+    """Kernel rows. ``ours`` is the plain call (allocating its output, as the baselines
+    do) and is what the ratios use; ``ours_out`` writes into a reused ``out=`` buffer and
+    is what the bandwidth uses (a fresh 100+ MB output costs page faults that belong to the
+    allocator, not the kernel)."""
+
+    def __init__(self, triad_n: int) -> None:
+        self.rows: list[dict] = []
+        self._abc = (np.empty(triad_n), np.full(triad_n, 1.0), np.full(triad_n, 2.0))
+
+    def _triad(self) -> None:
+        _triad(*self._abc, 3.0)
+
+    def add(self, name, shape, dtype, nbytes, note="", **fns) -> None:
+        """Race ``fns`` (keys: ours, ours_out, numpy, torch) with a STREAM triad; one row.
+
+        The triad runs in the same round-robin, so '% triad' compares the kernel with the
+        bandwidth the machine gave during the same seconds (it is shared and varies 2x).
+        """
+        t = race({"triad": self._triad, **{k: f for k, f in fns.items() if f is not None}})
+        triad = 3 * self._abc[0].nbytes / t["triad"] / GB
+        ms = {k: t[k] * 1e3 if k in t else None for k in ("ours", "ours_out", "numpy", "torch")}
+        gbs = nbytes / t.get("ours_out", t["ours"]) / GB if nbytes else None
+        pct = 100 * gbs / triad if gbs else None
+        self.rows.append({"kernel": name, "shape": shape, "dtype": str(np.dtype(dtype)),
+                          **{f"{k}_ms": v for k, v in ms.items()}, "gb_s": gbs,
+                          "triad_gb_s": triad, "pct_triad": pct, "note": note})
+        print(f"  {name:34s} {np.dtype(dtype)!s:8s} ours {ms['ours']:8.2f} ms"
+              + (f"  {gbs:6.1f} GB/s ({pct:4.0f}% of {triad:.0f})" if gbs else "")
+              + "".join(f"  {k} x{ms[k] / ms['ours']:5.2f}" for k in ("numpy", "torch") if ms[k]),
+              flush=True)
+
+
+def bench_adamw(tab: Table, tb, n_params: int, dt) -> None:
+    """Fused AdamW (in place, so no output buffer) vs NumPy and torch fused/foreach."""
+    rng = np.random.default_rng(0)
+    p, g = rng.standard_normal(n_params).astype(dt), rng.standard_normal(n_params).astype(dt)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    torch_step, note = None, ""
+    if tb:
+        torch, _ = tb
+        tp = torch.from_numpy(p.copy()).requires_grad_()
+        tp.grad = torch.from_numpy(g)
+        opts = {k: torch.optim.AdamW([tp], lr=1e-3, **{k: True}) for k in ("fused", "foreach")}
+        kind = min(race({k: o.step for k, o in opts.items()}, repeat=3).items(),
+                   key=lambda kv: kv[1])[0]
+        torch_step, note = opts[kind].step, f"torch: faster of fused/foreach ({kind})"
+    tab.add("adamw_step", (n_params,), dt, 7 * n_params * np.dtype(dt).itemsize, note,
+            ours=lambda: optim.adamw_step(p, g, m, v, step=5),
+            numpy=lambda: B.np_adamw(p, g, m, v, 5), torch=torch_step)
+
+
+def _torch_nn(tb, x, y, gam, bet, dy) -> dict:
+    """PyTorch callables for the nn kernels (empty without torch)."""
+    if not tb:
+        return {}
+    torch, F = tb
+    cols = x.shape[1]
+    xt, yt, gt, bt, dyt = (torch.from_numpy(a) for a in (x, y, gam, bet, dy))
+    xr = xt.clone().requires_grad_()
+
+    def xent():
+        xr.grad = None
+        F.cross_entropy(xr, yt).backward()
+
+    def ln_fb():
+        xr.grad = None
+        F.layer_norm(xr, (cols,), gt, bt).backward(dyt)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    return {"xent": xent, "ln_fb": ln_fb,
+            "ln": no_grad(lambda: F.layer_norm(xt, (cols,), gt, bt)),
+            "gelu": no_grad(lambda: F.gelu(xt)), "bias_gelu": no_grad(lambda: F.gelu(xt + bt))}
+
+
+def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
+    """softmax-CE, layer norm, GELU, bias+act: memory-bound, vs NumPy and PyTorch."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, cols)).astype(dt)
+    y = rng.integers(0, cols, rows)
+    gam, bet = np.ones(cols, dt), np.zeros(cols, dt)
+    dy = rng.standard_normal((rows, cols)).astype(dt)
+    o, o2 = np.empty_like(x), np.empty_like(x)
+    nb = rows * cols * np.dtype(dt).itemsize
+    t = _torch_nn(tb, x, y, gam, bet, dy)
+    _, mu, rs = nn.layer_norm(x, gam, bet)
+
+    def ln_fb(out=None, out2=None):
+        _, mu_, rs_ = nn.layer_norm(x, gam, bet, out=out)
+        nn.layer_norm_backward(dy, x, gam, mu_, rs_, out=out2)
+
+    add = tab.add
+    add("softmax_cross_entropy+grad", x.shape, dt, 2 * nb, "torch: cross_entropy fwd+backward",
+        ours=lambda: nn.softmax_cross_entropy(x, y), numpy=lambda: B.np_xent(x, y),
+        ours_out=lambda: nn.softmax_cross_entropy(x, y, out=o), torch=t.get("xent"))
+    add("layer_norm", x.shape, dt, 2 * nb, ours=lambda: nn.layer_norm(x, gam, bet),
+        ours_out=lambda: nn.layer_norm(x, gam, bet, out=o),
+        numpy=lambda: B.np_layer_norm(x, gam, bet), torch=t.get("ln"))
+    add("layer_norm fwd+bwd", x.shape, dt, 5 * nb, "bytes: fwd 2 + bwd 3 passes", ours=ln_fb,
+        ours_out=lambda: ln_fb(o, o2), torch=t.get("ln_fb"))
+    add("layer_norm_backward", x.shape, dt, 3 * nb,
+        ours=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs),
+        ours_out=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs, out=o))
+    add("gelu", x.shape, dt, 2 * nb, "numpy: scipy.special.erf", ours=lambda: nn.gelu(x),
+        ours_out=lambda: nn.gelu(x, out=o), numpy=lambda: B.np_gelu(x), torch=t.get("gelu"))
+    add("gelu_backward", x.shape, dt, 3 * nb, ours=lambda: nn.gelu_backward(dy, x),
+        ours_out=lambda: nn.gelu_backward(dy, x, out=o))
+    add("bias_act gelu", x.shape, dt, 2 * nb, "torch: gelu(x + b)",
+        ours=lambda: nn.bias_act(x, gam, "gelu"), ours_out=lambda: nn.bias_act(x, gam, out=o),
+        numpy=lambda: B.np_gelu(x + gam), torch=t.get("bias_gelu"))
+    add("bias_act_backward gelu", x.shape, dt, 3 * nb,
+        ours=lambda: nn.bias_act_backward(dy, x, gam, "gelu"),
+        ours_out=lambda: nn.bias_act_backward(dy, x, gam, "gelu", out=o))
+
+
+def bench_data_kernels(tab: Table, rows: int, dt) -> None:
+    """int8 quantisation, top-k sparsification and search (1 query: a memory-bound scan)."""
+    rng = np.random.default_rng(1)
+    s = np.dtype(dt).itemsize
+    w = rng.standard_normal((rows // 4, 1024)).astype(dt)
+    q8, sc = quant.quantize_int8(w)
+    wo = np.empty_like(w)
+    tab.add("quantize_int8", w.shape, dt, w.size * (s + 1),
+            ours=lambda: quant.quantize_int8(w), numpy=lambda: B.np_quantize(w))
+    tab.add("dequantize_int8", w.shape, dt, w.size * (s + 1),
+            ours=lambda: quant.dequantize_int8(q8, sc, dt), numpy=lambda: q8 * sc[:, None],
+            ours_out=lambda: quant.dequantize_int8(q8, sc, dt, out=wo))
+    n = w.size
+    g = rng.standard_normal(n).astype(dt)
+    r1, r2 = np.zeros(n, dt), np.zeros(n, dt)
+    k = n // 100
+    tab.add("topk_sparsify (1%)", (n,), dt, 3 * n * s,
+            "bytes: minimum (g, r in; r out); selection adds passes",
+            ours=lambda: compress.topk_sparsify(g, r1, k),
+            numpy=lambda: B.np_topk_sparsify(g, r2, k))
+    emb = rng.standard_normal((rows * 2, 64)).astype(dt)
+    en = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    for nq in (1, 16):
+        qs = rng.standard_normal((nq, 64)).astype(dt)
+        tab.add(f"topk_cosine q={nq} k=10", emb.shape, dt, emb.nbytes,
+                "ours norms rows on the fly; numpy's rows are pre-normalised (not timed)",
+                ours=lambda qs=qs: search.topk_cosine(qs, emb, 10),
+                numpy=lambda qs=qs: B.np_topk_cosine(qs, en, 10))
+        tab.add(f"topk_cosine q={nq} k=10 normalized=True", emb.shape, dt, emb.nbytes,
+                "both on pre-normalised rows",
+                ours=lambda qs=qs: search.topk_cosine(qs, en, 10, normalized=True),
+                numpy=lambda qs=qs: B.np_topk_cosine(qs, en, 10))
+
+
+def bench_kmeans(configs, iters: int) -> list[dict]:
+    """Same data, same init, same number of Lloyd iterations: ours vs scikit-learn."""
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        print("  scikit-learn not installed: skipping k-means comparison")
+        return []
+    out = []
+    for n, d, k, dt in configs:
+        x = np.random.default_rng(2).random((n, d)).astype(dt)  # uniform: no early stop
+        c0 = x[:k].copy()
+        sk = KMeans(n_clusters=k, init=c0, n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd")
+        res: dict = {}
+
+        def ours(x=x, c0=c0, res=res):
+            res["r"] = cluster.kmeans(x, c0, max_iter=iters, tol=0.0)
+
+        t = race({"ours": ours, "sklearn": lambda sk=sk, x=x: sk.fit(x)}, repeat=3)
+        t_ours, t_sk = t["ours"], t["sklearn"]
+        _, _, inertia, n_iter = res["r"]
+        row = {"shape": (n, d), "k": k, "dtype": str(np.dtype(dt)), "iters_ours": n_iter,
+               "iters_sklearn": int(sk.n_iter_), "ours_ms": t_ours * 1e3,
+               "sklearn_ms": t_sk * 1e3, "inertia_rel_diff": abs(inertia - sk.inertia_) / sk.inertia_}
+        out.append(row)
+        print(f"  kmeans n={n} d={d} k={k} {dt.__name__}: ours {t_ours * 1e3:.1f} ms, "
+              f"sklearn {t_sk * 1e3:.1f} ms (x{t_sk / t_ours:.2f}), iters {n_iter}/{sk.n_iter_}",
+              flush=True)
+    return out
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def bench_training() -> list[dict]:
+    """Samples/s of the training app's last epoch with 1 and 2 MPI ranks."""
+    out = []
+    args = ["--epochs", "3", "--samples", "131072", "--hidden", "256", "--batch-size", "1024"]
+    mpirun = shutil.which("mpirun")
+    for ranks in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = os.path.join(tmp, "m.json")
+            argv = [sys.executable, "-m", "kernels.apps.train", *args, "--metrics", metrics]
+            if ranks > 1:
+                if not mpirun:
+                    print("  mpirun not found: skipping the 2-rank run")
+                    continue
+                argv = [mpirun, "-n", str(ranks), "--oversubscribe", *argv]
+            subprocess.run(argv, cwd=REPO, env=_env(), check=True, capture_output=True)
+            m = json.loads(Path(metrics).read_text())
+        last = m["epochs"][-1]
+        out.append({"ranks": ranks, "threads_per_rank": m["threads_per_rank"],
+                    "samples_per_s": last["samples_per_s"], "eval_accuracy": last["eval_accuracy"]})
+        print(f"  train {ranks} rank(s): {last['samples_per_s']:.0f} samples/s", flush=True)
+    return out
+
+
+def bench_compile() -> dict:
+    """Cold (empty cache folder) and warm (cached) first-call times of every kernel."""
+    with tempfile.TemporaryDirectory() as cache:
+        runs = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "kernels.warmup", "--json"], cwd=REPO,
+                                  env={**_env(), "HPCGW_NUMBA_CACHE_DIR": cache},
+                                  check=True, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            times = json.loads(proc.stdout)
+            imp = times.pop("import numba")
+            runs.append({"process_s": wall, "import_numba_s": imp, "kernels_s": sum(times.values()),
+                         "slowest": max(times.items(), key=lambda kv: kv[1]), "n": len(times)})
+    print(f"  compile: cold {runs[0]['kernels_s']:.1f} s, warm {runs[1]['kernels_s']:.2f} s "
+          f"for {runs[0]['n']} kernel/dtype pairs", flush=True)
+    return {"cold": runs[0], "warm": runs[1]}
+
+
+def environment() -> dict:
+    """Versions, CPU, threads and which BLAS kernel ran (threadpoolctl)."""
+    info = {"python": platform.python_version(), "numpy": np.__version__,
+            "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
+            "threading_layer": numba.threading_layer(), "cpu": platform.processor() or "",
+            "cores": os.cpu_count(),
+            "openblas_env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                             if k in os.environ}}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in fh if "model name" in ln)
+    except (OSError, StopIteration):
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "architecture",
+                                               "num_threads", "filepath")}
+                        for p in threadpool_info() if p.get("user_api") == "blas"]
+    except ImportError:
+        info["blas"] = "threadpoolctl not installed"
+    for mod in ("torch", "sklearn", "scipy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    return info
+
+
+def _f(v, fmt="{:.2f}"):
+    return "–" if v is None else fmt.format(v)
+
+
+def _ratio(base, ours):
+    return "–" if base is None else f"{base / ours:.2f}x"
+
+
+def _header(res: dict, command: str) -> list[str]:
+    env = res["env"]
+    blas = "; ".join(f"{b['internal_api']} {b['version']} kernel {b['architecture']} "
+                     f"({b['num_threads']} threads)" for b in env["blas"])
+    openblas = (f"OPENBLAS_* set during the run: {env['openblas_env']}" if env["openblas_env"]
+                else "OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset for this run")
+    return [
+        "## Kernels", "",
+        f"Command (one run, {res['seconds'] / 60:.1f} min on this machine):", "",
+        "```", command, "```", "",
+        (f"Machine: {env['cpu']}, {env['cores']} cores (shared with other work, so figures "
+         f"vary by +-20% between runs); numba {env['numba']} ({env['numba_threads']} threads, "
+         f"{env['threading_layer']} layer), numpy {env['numpy']}, torch {env['torch']} (CPU, "
+         f"{res['torch_threads']} threads), scikit-learn {env['sklearn']}, scipy {env['scipy']}. "
+         f"BLAS: {blas}. {openblas}."), "",
+        (f"**STREAM triad (numba prange, 3 x {res['triad_n'] * 8 / 2**20:.0f} MiB float64): "
+         f"{res['triad_gb_s']:.1f} GB/s** at the start, {res['triad_end_gb_s']:.1f} at the end "
+         "(best of 3 each): the machine is shared and its bandwidth moves, so each row also "
+         "times a triad in the same round-robin as the kernel and its baselines, and "
+         "'% triad' is against that one. GB/s = the minimum bytes a kernel must move (reads + "
+         "writes, no write-allocate, as STREAM counts) / best of 7 timed round-robin with the "
+         "baselines, measured with a "
+         "reused `out=` buffer where the kernel has one. Kernels that write a separate "
+         "output pay a write-allocate read the triad partly pays too (so ~89% is their "
+         "ceiling on this count), in-place AdamW pays none. Ratios (> 1 = Numba faster) use "
+         "the plain call that allocates its output, as the NumPy/PyTorch calls do."), "",
+    ]
+
+
+def _kernel_table(rows: list[dict]) -> list[str]:
+    out = [("| kernel | dtype | shape | ours ms | ours ms, out= | GB/s | triad GB/s | % triad "
+            "| NumPy ms | vs NumPy | PyTorch ms | vs PyTorch | note |"),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['kernel']} | {r['dtype']} | {r['shape']} | {r['ours_ms']:.2f} | "
+                   f"{_f(r['ours_out_ms'])} | {_f(r['gb_s'], '{:.1f}')} | "
+                   f"{r['triad_gb_s']:.1f} | {_f(r['pct_triad'], '{:.0f}%')} | "
+                   f"{_f(r['numpy_ms'])} | {_ratio(r['numpy_ms'], r['ours_ms'])} | "
+                   f"{_f(r['torch_ms'])} | {_ratio(r['torch_ms'], r['ours_ms'])} | {r['note']} |")
+    return out
+
+
+def _kmeans_table(res: dict) -> list[str]:
+    out = ["", (f"k-means, {res['kmeans_iters']} Lloyd iterations from the same initial "
+                "centroids (uniform data, so neither stops early), vs "
+                "`sklearn.cluster.KMeans(algorithm='lloyd', n_init=1, tol=0).fit`:"), "",
+           ("| n x d | k | dtype | iterations (ours/sklearn) | ours ms | sklearn ms "
+            "| vs sklearn | inertia rel. diff |"), "|---|---|---|---|---|---|---|---|"]
+    for r in res["kmeans"]:
+        out.append(f"| {r['shape'][0]} x {r['shape'][1]} | {r['k']} | {r['dtype']} | "
+                   f"{r['iters_ours']}/{r['iters_sklearn']} | {r['ours_ms']:.1f} | "
+                   f"{r['sklearn_ms']:.1f} | {_ratio(r['sklearn_ms'], r['ours_ms'])} | "
+                   f"{r['inertia_rel_diff']:.1e} |")
+    return out
+
+
+def _train_compile_tables(res: dict) -> list[str]:
+    out = ["", ("Training (`python -m kernels.apps.train --epochs 3 --samples 131072 --hidden 256 "
+                "--batch-size 1024`, last epoch; 2 ranks = `mpirun -n 2` on the same 2 cores):"),
+           "", "| ranks | Numba threads/rank | samples/s | eval accuracy |", "|---|---|---|---|"]
+    for r in res["training"]:
+        out.append(f"| {r['ranks']} | {r['threads_per_rank']} | {r['samples_per_s']:.0f} | "
+                   f"{r['eval_accuracy']:.3f} |")
+    c = res["compile"]
+    out += ["", (f"Compile time ({c['cold']['n']} kernel/dtype pairs via "
+                 "`python -m kernels.warmup`, fresh `HPCGW_NUMBA_CACHE_DIR`):"), "",
+            "| | whole process s | import numba s | first calls, all kernels s | slowest |",
+            "|---|---|---|---|---|"]
+    for name in ("cold", "warm"):
+        r = c[name]
+        out.append(f"| {name} | {r['process_s']:.2f} | {r['import_numba_s']:.2f} | "
+                   f"{r['kernels_s']:.2f} | {r['slowest'][0]} {r['slowest'][1]:.2f} s |")
+    return out
+
+
+def render(res: dict, command: str) -> str:
+    """The ``## Kernels`` markdown section."""
+    lines = (_header(res, command) + _kernel_table(res["kernels"]) + _kmeans_table(res)
+             + _train_compile_tables(res))
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the ``## Kernels`` section of ``path`` (or append it); keep everything else."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == "## Kernels"), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        rest = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + rest if rest else "")
+    path.write_text(new)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, help="markdown file whose '## Kernels' section is replaced")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not figures)")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    scale = 16 if args.quick else 1
+    tb = B.torch_baselines()
+    if tb:
+        tb[0].set_num_threads(os.cpu_count() or 1)
+    res = {"env": environment(), "torch_threads": tb[0].get_num_threads() if tb else None}
+    print(f"BLAS: {res['env']['blas']}", flush=True)
+    res["triad_n"] = (1 << 25) // scale
+    res["triad_gb_s"] = max(stream_triad(res["triad_n"]) for _ in range(3))
+    print(f"  STREAM triad: {res['triad_gb_s']:.1f} GB/s", flush=True)
+    tab = Table(res["triad_n"])
+    for dt in (np.float32, np.float64):
+        bench_adamw(tab, tb, (1 << 24) // scale, dt)
+        bench_nn(tab, tb, (1 << 17) // scale, 256, dt)
+    bench_data_kernels(tab, (1 << 17) // scale, np.float32)
+    res["kernels"] = tab.rows
+    res["kmeans_iters"] = 20
+    res["kmeans"] = bench_kmeans([(200_000 // scale, 16, 8, np.float32),
+                                  (200_000 // scale, 16, 8, np.float64),
+                                  (100_000 // scale, 64, 64, np.float32)], res["kmeans_iters"])
+    res["training"] = bench_training()
+    res["compile"] = bench_compile()
+    res["triad_end_gb_s"] = max(stream_triad(res["triad_n"]) for _ in range(3))  # re-check
+    print(f"  STREAM triad at the end: {res['triad_end_gb_s']:.1f} GB/s", flush=True)
+    res["seconds"] = time.perf_counter() - t0
+    command = ("env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "
+               "python tests/benchmarks/bench_kernels.py --out docs/benchmarks.md")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+    if args.out:
+        write_section(args.out, render(res, command))
+    print(f"done in {res['seconds']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

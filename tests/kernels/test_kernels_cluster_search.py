@@ -1,0 +1,133 @@
+"""k-means assignment/update and top-k cosine search against NumPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import cluster, search
+from kernels.errors import KernelDtypeError, KernelInputError
+
+
+def ref_sq_dists(x, c):
+    x, c = x.astype(np.float64), c.astype(np.float64)
+    return ((x[:, None, :] - c[None, :, :]) ** 2).sum(axis=2)
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])  # 7: the four-at-a-time loop plus a remainder
+def test_assign_picks_a_nearest_centroid(k, dtype, rng):
+    x = rng.standard_normal((500, 11)).astype(dtype)
+    c = rng.standard_normal((k, 11)).astype(dtype)
+    labels, dist = cluster.kmeans_assign(x, c)
+    d = ref_sq_dists(x, c)
+    # f32 near-ties may pick either centroid: the chosen one must be (nearly) the closest
+    slack = 1e-4 if dtype == np.float32 else 1e-10
+    assert np.all(d[np.arange(500), labels] <= d.min(axis=1) + slack)
+    assert (labels == d.argmin(axis=1)).mean() > 0.99
+    np.testing.assert_allclose(dist, d.min(axis=1), rtol=slack, atol=slack)
+
+
+def test_assign_ties_nan_and_empty():
+    c = np.array([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]])
+    x = np.array([[0.0, 0.0], [np.nan, 0.0], [1.0, 0.1]])
+    labels, dist = cluster.kmeans_assign(x, c)
+    assert labels.tolist() == [0, -1, 0]  # tie -> lowest index; NaN row -> -1
+    assert np.isnan(dist[1])
+    labels, dist = cluster.kmeans_assign(np.zeros((0, 2)), c)
+    assert labels.shape == (0,) and dist.shape == (0,)
+
+
+def test_update_and_partial_sums(dtype, tol, rng):
+    x = rng.standard_normal((400, 5)).astype(dtype)
+    labels = rng.integers(0, 6, 400)
+    labels[labels == 5] = 4  # cluster 5 is empty
+    labels[:3] = -1  # skipped rows
+    prev = np.full((6, 5), 7.0, dtype)
+    cents, counts = cluster.kmeans_update(x, labels, 6, previous=prev)
+    for j in range(5):
+        np.testing.assert_allclose(cents[j], x[labels == j].astype(np.float64).mean(0), **tol)
+    assert counts.tolist() == [(labels == j).sum() for j in range(6)]
+    np.testing.assert_array_equal(cents[5], prev[5])
+    assert cents.dtype == dtype
+
+
+def test_strided_input_and_lloyd_matches_reference_loop(rng):
+    centers = 6 * rng.standard_normal((3, 4))
+    x = (centers[rng.integers(0, 3, 900)] + rng.standard_normal((900, 4)))
+    xs = np.asfortranarray(x)
+    cents, _, inertia, n_iter = cluster.kmeans(xs, x[:3], max_iter=50)
+    c = x[:3].copy()
+    for _ in range(n_iter):
+        lab = ref_sq_dists(x, c).argmin(1)
+        c = np.stack([x[lab == j].mean(0) for j in range(3)])
+    np.testing.assert_allclose(cents, c, rtol=1e-10)
+    np.testing.assert_allclose(inertia, ref_sq_dists(x, c).min(1).sum(), rtol=1e-10)
+
+
+def test_cluster_input_errors():
+    with pytest.raises(KernelInputError, match="centroids must have 3 columns"):
+        cluster.kmeans_assign(np.zeros((4, 3)), np.zeros((2, 2)))
+    with pytest.raises(KernelInputError, match="centroids is empty"):
+        cluster.kmeans_assign(np.zeros((4, 3)), np.zeros((0, 3)))
+    with pytest.raises(KernelDtypeError, match="centroids has dtype float32"):
+        cluster.kmeans_assign(np.zeros((4, 3)), np.zeros((2, 3), np.float32))
+    with pytest.raises(KernelInputError, match="labels must be < k=2"):
+        cluster.kmeans_partial_sums(np.zeros((2, 3)), np.array([0, 2]), 2)
+
+
+# -- search -----------------------------------------------------------------------------
+
+def ref_topk(q, e, k):
+    q, e = q.astype(np.float64), e.astype(np.float64)
+    qn = np.linalg.norm(q, axis=1, keepdims=True)
+    en = np.linalg.norm(e, axis=1, keepdims=True)
+    s = (q @ e.T) / np.where(qn > 0, qn, 1) / np.where(en > 0, en, 1).T
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+@pytest.mark.parametrize("n", [5, 3000])  # 3000 rows: several chunks to merge
+def test_topk_matches_reference(n, dtype, tol, rng):
+    e = rng.standard_normal((n, 16)).astype(dtype)
+    q = rng.standard_normal((4, 16)).astype(dtype)
+    s, i = search.topk_cosine(q, e, 8)
+    rs, ri = ref_topk(q, e, 8)
+    assert s.shape == i.shape == (4, min(8, n))
+    np.testing.assert_allclose(s, rs, rtol=10 * tol["rtol"], atol=10 * tol["atol"])
+    # the returned rows really have the returned scores (indices may differ only by ties)
+    full = ref_topk(q, e, n)
+    score_of = np.take_along_axis(full[0], np.argsort(full[1], axis=1), 1)
+    np.testing.assert_allclose(np.take_along_axis(score_of, i, 1), rs, rtol=1e-4, atol=1e-5)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(i, ri)
+
+
+def test_topk_ties_zero_rows_nan_rows_and_offset():
+    e = np.array([[1.0, 0.0], [np.nan, 1.0], [0.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    q = np.array([[1.0, 0.0], [0.0, 0.0]])
+    s, i = search.topk_cosine(q, e, 4, offset=10)
+    assert i[0].tolist() == [10, 13, 12, 14]  # tie 1.0 -> lower index; NaN row never
+    np.testing.assert_allclose(s[0], [1.0, 1.0, 0.0, 0.0])
+    assert i[1].tolist() == [10, 12, 13, 14]  # a zero query scores 0 everywhere
+
+
+def test_topk_empty_and_errors():
+    s, i = search.topk_cosine(np.ones((2, 3)), np.zeros((0, 3)), 5)
+    assert s.shape == i.shape == (2, 0)
+    with pytest.raises(KernelInputError, match="embeddings must have 3 columns"):
+        search.topk_cosine(np.ones((2, 3)), np.zeros((4, 2)), 1)
+    with pytest.raises(KernelInputError, match="k must be a positive integer"):
+        search.topk_cosine(np.ones((2, 3)), np.zeros((4, 3)), 0)
+
+
+def test_topk_normalized_flag_skips_norms_with_same_result(rng):
+    e = rng.standard_normal((700, 12))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    q = rng.standard_normal((9, 12))  # 9 queries: two blocks of four plus one
+    s1, i1 = search.topk_cosine(q, e, 5)
+    s2, i2 = search.topk_cosine(q, e, 5, normalized=True)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, rtol=1e-12)
+    # with unnormalised rows the flag changes the scores: it is really skipping the norms
+    s3, _ = search.topk_cosine(q, 3 * e, 5, normalized=True)
+    np.testing.assert_allclose(s3, 3 * s1, rtol=1e-12)

@@ -1,0 +1,51 @@
+"""Config resolution, the configurable cache folder, and a cheap ``import kernels``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kernels.config import FASTMATH_FLAGS, KernelConfig, load_config
+from kernels.errors import KernelConfigError
+
+
+def test_load_config_reads_hpcgw_variables(tmp_path):
+    cfg = load_config({"HPCGW_NUMBA_CACHE_DIR": str(tmp_path / "c"), "HPCGW_NUMBA_PARALLEL": "0",
+                       "HPCGW_NUMBA_FASTMATH": "false"})
+    assert cfg == KernelConfig(cache_dir=str(tmp_path / "c"), parallel=False, fastmath=False)
+    opts = cfg.jit_options(parallel=True)
+    assert opts["cache"] is True and opts["parallel"] is False and opts["fastmath"] is False
+
+
+def test_defaults_keep_nan_semantics():
+    cfg = load_config({})
+    assert cfg.cache_dir is None and cfg.parallel
+    assert "nnan" not in FASTMATH_FLAGS and "ninf" not in FASTMATH_FLAGS
+    assert load_config({"NUMBA_CACHE_DIR": "/x"}).cache_dir == "/x"
+
+
+def test_bad_boolean_is_refused_with_the_valid_values():
+    with pytest.raises(KernelConfigError, match="HPCGW_NUMBA_PARALLEL='maybe'.*0/1/true/false"):
+        load_config({"HPCGW_NUMBA_PARALLEL": "maybe"})
+
+
+def test_import_kernels_does_not_import_numba(run_python):
+    out = run_python("import sys, kernels, kernels.config, kernels.errors; "
+                  "print('numba' in sys.modules, 'dask' in sys.modules)")
+    assert out.split() == ["False", "False"]
+
+
+def test_cache_dir_is_used_and_second_process_loads_from_it(tmp_path, run_python):
+    code = ("import json, numpy as np\nfrom kernels import optim\n"
+            "optim.adamw_step(np.ones(3), np.ones(3), np.zeros(3), np.zeros(3), step=1)\n"
+            "s = optim._adamw.stats\n"
+            "print(json.dumps([s.cache_path, sum(s.cache_hits.values()), "
+            "sum(s.cache_misses.values())]))")
+    cache = tmp_path / "numba cache"  # a space in the path on purpose
+    first = json.loads(run_python(code, HPCGW_NUMBA_CACHE_DIR=str(cache)))
+    second = json.loads(run_python(code, HPCGW_NUMBA_CACHE_DIR=str(cache)))
+    assert first[0].startswith(str(cache / "src-")) and first[1:] == [0, 1]
+    assert "-p1f1" in first[0]  # compile flags are part of the folder name
+    assert second[1:] == [1, 0]
+    assert any(p.suffix == ".nbi" for p in cache.rglob("*"))

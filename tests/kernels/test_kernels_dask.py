@@ -1,0 +1,65 @@
+"""k-means and search on dask arrays, on a LocalCluster, against the in-memory kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import cluster, search
+from kernels.errors import KernelInputError
+
+da = pytest.importorskip("dask.array", reason='needs pip install "dask[array,distributed]"')
+distributed = pytest.importorskip("distributed")
+kd = pytest.importorskip("kernels.dask")
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as lc, distributed.Client(lc) as c:
+        yield c
+
+
+@pytest.fixture
+def blobs(rng):
+    centers = 5 * rng.standard_normal((4, 6))
+    return centers[rng.integers(0, 4, 3000)] + rng.standard_normal((3000, 6))
+
+
+def test_assign_and_step_match_in_memory(client, blobs, dtype):
+    x = blobs.astype(dtype)
+    X = da.from_array(x, chunks=(700, 3))  # column chunks are merged by the wrapper
+    c = x[:4].copy()
+    labels, dist = kd.kmeans_assign(X, c)
+    rl, rd = cluster.kmeans_assign(x, c)
+    np.testing.assert_array_equal(labels.compute(), rl)
+    np.testing.assert_allclose(dist.compute(), rd, rtol=1e-6)
+    new, counts, inertia = kd.kmeans_step(X, c)
+    rc, rcnt = cluster.kmeans_update(x, rl, 4, previous=c)
+    np.testing.assert_allclose(new, rc, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    np.testing.assert_array_equal(counts, rcnt)
+    assert inertia == pytest.approx(float(rd.astype(np.float64).sum()), rel=1e-6)
+
+
+def test_kmeans_converges_like_in_memory(client, blobs):
+    X = da.from_array(blobs, chunks=(1000, 6))
+    cents, inertia, n_iter = kd.kmeans(X, blobs[:4], max_iter=30, tol=1e-12)
+    ref, _, ref_inertia, _ = cluster.kmeans(blobs, blobs[:4], max_iter=30)
+    np.testing.assert_allclose(cents, ref, rtol=1e-8)
+    assert inertia == pytest.approx(ref_inertia, rel=1e-8)
+    assert n_iter < 30
+
+
+def test_search_matches_in_memory_with_uneven_blocks(client, rng, dtype):
+    e = rng.standard_normal((2500, 8)).astype(dtype)
+    q = rng.standard_normal((3, 8)).astype(dtype)
+    E = da.from_array(e, chunks=((900, 3, 1597), (8,)))  # a block smaller than k
+    s, i = kd.topk_cosine(q, E, 6)
+    rs, ri = search.topk_cosine(q, e, 6)
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_allclose(s, rs, rtol=1e-6)
+
+
+def test_dask_wrappers_refuse_numpy_input():
+    with pytest.raises(KernelInputError, match="dask array"):
+        kd.kmeans_assign(np.zeros((3, 2)), np.zeros((1, 2)))

@@ -1,0 +1,185 @@
+"""softmax + cross-entropy, layer norm, GELU, bias + activation against NumPy references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kernels import nn
+from kernels.errors import KernelDtypeError, KernelInputError
+
+_erf = np.vectorize(math.erf)
+
+
+def ref_gelu(x):
+    x = np.asarray(x, np.float64)
+    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+
+
+def ref_gelu_grad(x):
+    x = np.asarray(x, np.float64)
+    return 0.5 * (1 + _erf(x / math.sqrt(2))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def ref_xent(x, y):
+    x = x.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
+    p = np.exp(x - lse[:, None])
+    p[np.arange(len(y)), y] -= 1
+    return (lse - x[np.arange(len(y)), y]).mean(), p / len(y)
+
+
+def ref_layer_norm(x, g, b, eps=1e-5):
+    x = x.astype(np.float64)
+    mu = x.mean(axis=1, keepdims=True)
+    var = x.var(axis=1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * g + b
+
+
+# -- softmax + cross-entropy ------------------------------------------------------------
+
+def test_xent_matches_reference(dtype, tol, rng):
+    x = (5 * rng.standard_normal((50, 13))).astype(dtype)
+    y = rng.integers(0, 13, 50)
+    loss, g = nn.softmax_cross_entropy(x, y)
+    rl, rg = ref_xent(x, y)
+    assert g.dtype == dtype
+    np.testing.assert_allclose(loss, rl, **tol)
+    np.testing.assert_allclose(g, rg, **tol)
+    loss_sum, _ = nn.softmax_cross_entropy(x, y, grad=False, reduction="sum")
+    np.testing.assert_allclose(loss_sum, 50 * rl, **tol)
+    out = np.empty_like(x)
+    loss_sum, g2 = nn.softmax_cross_entropy(x, y, reduction="sum", grad_scale=0.25, out=out)
+    assert g2 is out
+    np.testing.assert_allclose(g2, rg * 50 * 0.25, **tol)
+
+
+def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng):
+    x = np.asfortranarray(rng.standard_normal((6, 4)) * 1e4)
+    y = np.array([0, 1, 2, 3, 0, 1])
+    loss, g = nn.softmax_cross_entropy(x, y)
+    rl, rg = ref_xent(x, y)
+    assert np.isfinite(loss)
+    np.testing.assert_allclose(loss, rl, rtol=1e-12)
+    np.testing.assert_allclose(g, rg, atol=1e-12)
+
+
+def test_xent_nan_logits_give_nan_loss_and_empty_is_defined():
+    x = np.array([[0.0, np.nan], [1.0, 2.0]])
+    loss, _ = nn.softmax_cross_entropy(x, np.array([0, 1]))
+    assert math.isnan(loss)
+    loss, g = nn.softmax_cross_entropy(np.zeros((0, 3)), np.zeros(0, np.int64), reduction="sum")
+    assert loss == 0.0 and g.shape == (0, 3)
+
+
+def test_xent_refuses_bad_labels_and_dtypes():
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(KernelInputError, match=r"labels must be in \[0, 3\)"):
+        nn.softmax_cross_entropy(x, np.array([0, 3]))
+    with pytest.raises(KernelDtypeError, match="labels must be an integer"):
+        nn.softmax_cross_entropy(x, np.array([0.0, 1.0]))
+    with pytest.raises(KernelDtypeError, match="logits has dtype int64"):
+        nn.softmax_cross_entropy(np.zeros((2, 3), np.int64), np.array([0, 1]))
+
+
+# -- layer norm -------------------------------------------------------------------------
+
+def test_layer_norm_forward(dtype, tol, rng):
+    x = (3 + 2 * rng.standard_normal((33, 24))).astype(dtype)
+    g, b = rng.standard_normal(24).astype(dtype), rng.standard_normal(24).astype(dtype)
+    y, mu, _ = nn.layer_norm(x, g, b)
+    np.testing.assert_allclose(y, ref_layer_norm(x, g, b), rtol=tol["rtol"] * 5, atol=tol["atol"] * 5)
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(axis=1), **tol)
+
+
+def test_layer_norm_backward_matches_finite_differences(rng):
+    x, dy = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    g, b = rng.standard_normal(6), rng.standard_normal(6)
+
+    def f(x_, g_, b_):
+        return float((nn.layer_norm(x_, g_, b_)[0] * dy).sum())
+
+    _, mu, rstd = nn.layer_norm(x, g, b)
+    dx, dg, db = nn.layer_norm_backward(dy, x, g, mu, rstd)
+    for arr, grad in ((x, dx), (g, dg), (b, db)):
+        num = np.zeros_like(arr)
+        for idx in np.ndindex(arr.shape):
+            old = arr[idx]
+            arr[idx] = old + 1e-6
+            up = f(x, g, b)
+            arr[idx] = old - 1e-6
+            down = f(x, g, b)
+            arr[idx] = old
+            num[idx] = (up - down) / 2e-6
+        np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-7)
+
+
+def test_layer_norm_backward_float32_agrees_with_float64(rng):
+    x, dy = rng.standard_normal((300, 40)), rng.standard_normal((300, 40))
+    g, b = rng.standard_normal(40), rng.standard_normal(40)
+    outs = []
+    for dt in (np.float32, np.float64):
+        args = [a.astype(dt) for a in (x, g, b)]
+        _, mu, rstd = nn.layer_norm(*args)
+        outs.append(nn.layer_norm_backward(dy.astype(dt), args[0], args[1], mu, rstd))
+    for a32, a64 in zip(*outs):
+        assert a32.dtype == np.float32
+        np.testing.assert_allclose(a32, a64, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_nan_row_stays_in_its_row_and_empty_works():
+    x = np.array([[1.0, np.nan, 3.0], [1.0, 2.0, 3.0]])
+    y, _, _ = nn.layer_norm(x, np.ones(3), np.zeros(3))
+    assert np.isnan(y[0]).all() and np.isfinite(y[1]).all()
+    y, mu, _ = nn.layer_norm(np.zeros((0, 3)), np.ones(3), np.zeros(3))
+    assert y.shape == (0, 3) and mu.shape == (0,)
+
+
+def test_layer_norm_refuses_mismatched_gamma():
+    with pytest.raises(KernelInputError, match=r"gamma must have shape \(3,\)"):
+        nn.layer_norm(np.zeros((2, 3)), np.ones(4), np.zeros(3))
+    with pytest.raises(KernelDtypeError, match="beta has dtype float32"):
+        nn.layer_norm(np.zeros((2, 3)), np.ones(3), np.zeros(3, np.float32))
+
+
+# -- GELU, bias + activation -----------------------------------------------------------
+
+def test_gelu_matches_erf_reference(dtype, tol, rng):
+    x = np.concatenate([np.linspace(-12, 12, 2001), 3 * rng.standard_normal(500)]).astype(dtype)
+    np.testing.assert_allclose(nn.gelu(x), ref_gelu(x), **tol)
+    np.testing.assert_allclose(nn.gelu_backward(np.ones_like(x), x), ref_gelu_grad(x), **tol)
+
+
+def test_gelu_in_place_strided_nan_and_empty(rng):
+    base = rng.standard_normal((5, 8))
+    view = base[:, 1::2]
+    expect = ref_gelu(view)
+    out = nn.gelu(view, out=view)
+    assert out is view
+    np.testing.assert_allclose(base[:, 1::2], expect, rtol=1e-12)
+    assert np.isnan(nn.gelu(np.array([np.nan], np.float32))[0])
+    assert nn.gelu(np.zeros((0, 4))).shape == (0, 4)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_bias_act_forward_and_backward(act, dtype, tol, rng):
+    x = rng.standard_normal((70, 9)).astype(dtype)
+    b = rng.standard_normal(9).astype(dtype)
+    dy = rng.standard_normal((70, 9)).astype(dtype)
+    z = x.astype(np.float64) + b
+    fwd = {"none": z, "relu": np.maximum(z, 0), "gelu": ref_gelu(z)}[act]
+    grad = {"none": np.ones_like(z), "relu": (z > 0) * 1.0, "gelu": ref_gelu_grad(z)}[act]
+    np.testing.assert_allclose(nn.bias_act(x, b, act), fwd, **tol)
+    dx, db = nn.bias_act_backward(dy, x, b, act)
+    np.testing.assert_allclose(dx, dy * grad, **tol)
+    np.testing.assert_allclose(db, (dy * grad).sum(axis=0), rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+
+
+def test_bias_act_refuses_unknown_activation_and_wrong_bias():
+    with pytest.raises(KernelInputError, match="act must be one of"):
+        nn.bias_act(np.zeros((2, 3)), np.zeros(3), "tanh")
+    with pytest.raises(KernelInputError, match=r"b must have shape \(3,\)"):
+        nn.bias_act(np.zeros((2, 3)), np.zeros(2))

@@ -1,0 +1,93 @@
+"""Fused AdamW against a plain NumPy AdamW (PyTorch's formulation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels.errors import KernelDtypeError, KernelInputError
+from kernels.optim import AdamW, adamw_step
+
+HP = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1}
+
+
+def ref_adamw(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    p = p * (1 - lr * weight_decay)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    mhat = m / (1 - beta1**step)
+    vhat = v / (1 - beta2**step)
+    return p - lr * mhat / (np.sqrt(vhat) + eps), m, v
+
+
+def test_matches_reference_over_steps(dtype, tol, rng):
+    p = rng.standard_normal((37, 5)).astype(dtype)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    rp, rm, rv = p.astype(np.float64), m.astype(np.float64), v.astype(np.float64)
+    for step in range(1, 6):
+        g = rng.standard_normal(p.shape).astype(dtype)
+        adamw_step(p, g, m, v, step=step, **HP)
+        rp, rm, rv = ref_adamw(rp, g.astype(np.float64), rm, rv, step, **HP)
+    assert p.dtype == dtype
+    np.testing.assert_allclose(p, rp, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+    np.testing.assert_allclose(m, rm, **tol)
+    np.testing.assert_allclose(v, rv, **tol)
+
+
+def test_non_contiguous_arrays_are_updated_in_place(rng):
+    base = rng.standard_normal((8, 6))
+    p = base[:, ::2]  # strided view: the update must land in ``base``
+    m, v = np.zeros((8, 6))[:, ::2], np.zeros((8, 6))[:, ::2]
+    g = rng.standard_normal((6, 8)).T[:, :3]
+    expect, _, _ = ref_adamw(p.copy(), g, 0 * p, 0 * p, 1, **HP)
+    adamw_step(p, g, m, v, step=1, **HP)
+    np.testing.assert_allclose(base[:, ::2], expect, rtol=1e-12)
+    assert np.all(m != 0) and np.all(v != 0)
+
+
+def test_nan_gradient_poisons_only_its_element():
+    p, m, v = np.ones(4), np.zeros(4), np.zeros(4)
+    adamw_step(p, np.array([0.1, np.nan, 0.1, 0.1]), m, v, step=1, **HP)
+    assert np.isnan(p[1]) and np.isfinite(p[[0, 2, 3]]).all()
+
+
+def test_empty_is_a_no_op():
+    p = np.zeros((0, 3), np.float32)
+    adamw_step(p, p.copy(), p.copy(), p.copy(), step=1)
+    assert p.shape == (0, 3)
+
+
+@pytest.mark.parametrize("bad", [np.int64, np.float16])
+def test_wrong_dtype_names_the_argument(bad):
+    p = np.ones(3)
+    with pytest.raises(KernelDtypeError, match="grads"):
+        adamw_step(p, np.ones(3, bad), np.zeros(3), np.zeros(3), step=1)
+    with pytest.raises(TypeError, match="exp_avg.*float64"):
+        adamw_step(p, np.ones(3), np.zeros(3, np.float32), np.zeros(3), step=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"step": 0}, "step"), ({"step": 1, "beta1": 1.0}, "beta1"), ({"step": 1, "lr": -1}, "lr")],
+)
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    with pytest.raises(KernelInputError, match=match):
+        adamw_step(np.ones(3), np.ones(3), np.zeros(3), np.zeros(3), **kwargs)
+
+
+def test_shape_mismatch_and_read_only_are_refused():
+    with pytest.raises(KernelInputError, match="grads must have shape"):
+        adamw_step(np.ones(3), np.ones(4), np.zeros(3), np.zeros(3), step=1)
+    ro = np.ones(3)
+    ro.flags.writeable = False
+    with pytest.raises(KernelInputError, match="read-only"):
+        adamw_step(ro, np.ones(3), np.zeros(3), np.zeros(3), step=1)
+
+
+def test_adamw_object_counts_steps(rng):
+    opt = AdamW(np.ones(10), lr=0.1, weight_decay=0.0)
+    for _ in range(3):
+        opt.step(np.full(10, 2.0))
+    # constant gradient: each bias-corrected step moves by ~lr
+    np.testing.assert_allclose(opt.params, 1 - 0.3, rtol=1e-6)
+    assert opt.step_count == 3

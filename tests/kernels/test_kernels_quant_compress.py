@@ -1,0 +1,114 @@
+"""int8 per-channel quantisation and top-k sparsification against NumPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels.compress import densify, topk_sparsify
+from kernels.errors import KernelDtypeError, KernelInputError
+from kernels.quant import dequantize_int8, quantize_int8
+
+
+def ref_quantize(w):
+    w2 = w.reshape(w.shape[0], -1).astype(np.float64)
+    amax = np.abs(w2).max(axis=1)
+    scale = np.where(amax > 0, amax / 127, 1.0)
+    q = np.clip(np.rint(w2 / scale[:, None]), -127, 127).astype(np.int8)
+    return q.reshape(w.shape), scale
+
+
+def test_quantize_matches_reference_and_round_trips(dtype, rng):
+    w = rng.standard_normal((9, 4, 5)).astype(dtype)
+    w[3] = 0.0  # an all-zero channel
+    q, scale = quantize_int8(w)
+    rq, rscale = ref_quantize(w)
+    assert q.dtype == np.int8 and q.shape == w.shape and scale.dtype == dtype
+    np.testing.assert_allclose(scale, rscale, rtol=1e-6)
+    # the kernel multiplies by 1/scale; allow a one-step difference only at .5 boundaries
+    assert np.abs(q.astype(int) - rq).max() <= 1
+    assert (q == rq).mean() > 0.999
+    back = dequantize_int8(q, scale, dtype)
+    assert back.dtype == dtype
+    assert np.all(np.abs(back - w) <= 0.5 * scale[:, None, None] * (1 + 1e-5))
+    assert np.abs(q).max() == 127 and (q[3] == 0).all()
+
+
+def test_quantize_strided_1d_and_empty(rng):
+    w = rng.standard_normal((6, 10))
+    np.testing.assert_array_equal(quantize_int8(w[:, ::3])[0], quantize_int8(w[:, ::3].copy())[0])
+    q, s = quantize_int8(np.array([2.0, -1.0]))  # 1-D: each element is a channel
+    assert q.tolist() == [127, -127] and s.tolist() == [2 / 127, 1 / 127]
+    q, s = quantize_int8(np.zeros((0, 3), np.float32))
+    assert q.shape == (0, 3) and s.shape == (0,)
+    assert dequantize_int8(q, s).shape == (0, 3)
+
+
+def test_quantize_refuses_nan_and_wrong_types():
+    with pytest.raises(KernelInputError, match=r"NaN or inf in channel\(s\) \[1\]"):
+        quantize_int8(np.array([[1.0, 2.0], [np.inf, 0.0]]))
+    with pytest.raises(KernelDtypeError, match="w has dtype int32"):
+        quantize_int8(np.ones((2, 2), np.int32))
+    with pytest.raises(KernelDtypeError, match="q must be an int8"):
+        dequantize_int8(np.ones((2, 2), np.int16), np.ones(2))
+    with pytest.raises(KernelInputError, match=r"scale must have shape \(2,\)"):
+        dequantize_int8(np.ones((2, 2), np.int8), np.ones(3))
+
+
+# -- top-k sparsification ---------------------------------------------------------------
+
+def ref_topk_sparsify(g, r, k):
+    acc = r.astype(np.float64) + g
+    order = np.lexsort((np.arange(acc.size), -np.abs(acc)))[:k]
+    idx = np.sort(order)
+    new_r = acc.copy()
+    new_r[idx] = 0
+    return idx, acc[idx], new_r
+
+
+def test_topk_sparsify_matches_reference_over_steps(dtype, tol, rng):
+    r = np.zeros(1000, dtype)
+    rr = np.zeros(1000)
+    for _ in range(4):
+        g = rng.standard_normal(1000).astype(dtype)
+        idx, vals = topk_sparsify(g, r, 50)
+        ri, rv, rr = ref_topk_sparsify(g, rr, 50)
+        np.testing.assert_array_equal(idx, ri)
+        np.testing.assert_allclose(vals, rv, **tol)
+        np.testing.assert_allclose(r, rr, **tol)
+
+
+def test_error_feedback_loses_nothing(rng):
+    g = rng.standard_normal(300)
+    r = np.zeros(300)
+    idx, vals = topk_sparsify(g, r, 30)
+    np.testing.assert_allclose(densify(idx, vals, 300) + r, g, rtol=0, atol=0)
+
+
+def test_ties_go_to_lower_index_and_k_is_capped():
+    r = np.zeros(6)
+    idx, vals = topk_sparsify(np.array([1.0, -3.0, 3.0, 0.5, 3.0, 0.0]), r, 2)
+    assert idx.tolist() == [1, 2] and vals.tolist() == [-3.0, 3.0]
+    assert r.tolist() == [1.0, 0.0, 0.0, 0.5, 3.0, 0.0]
+    idx, _ = topk_sparsify(np.ones(3), np.zeros(3), 10)
+    assert idx.tolist() == [0, 1, 2]
+
+
+def test_nan_gradient_is_refused_before_residual_changes():
+    r = np.array([1.0, 2.0, 3.0])
+    with pytest.raises(KernelInputError, match="NaN or inf"):
+        topk_sparsify(np.array([0.0, np.nan, 0.0]), r, 1)
+    assert r.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_sparsify_errors_and_empty():
+    with pytest.raises(KernelDtypeError, match="residual must be a float64"):
+        topk_sparsify(np.ones(3), np.zeros(3, np.float32), 1)
+    with pytest.raises(KernelInputError, match="residual must be C-contiguous"):
+        topk_sparsify(np.ones(3), np.zeros(6)[::2], 1)
+    with pytest.raises(KernelInputError, match="grad must be 1-D"):
+        topk_sparsify(np.ones((3, 1)), np.zeros((3, 1)), 1)
+    idx, vals = topk_sparsify(np.zeros(0), np.zeros(0), 3)
+    assert idx.size == vals.size == 0
+    with pytest.raises(KernelInputError, match=r"indices must be in \[0, 3\)"):
+        densify(np.array([3]), np.array([1.0]), 3)
