@@ -226,5 +226,22 @@ class Gateway:
                 return
             time.sleep(pause)
 
+    # -- Dask ---------------------------------------------------------------------------
+    def dask_cluster(self, target: str | None = None, workers: int = 0, *,
+                     worker_resources: Mapping[str, Any] | None = None,
+                     image: str | None = None, **options: Any) -> Any:
+        """A Dask cluster whose workers are jobs of this gateway on ``target``
+        (``cluster.scale(n)``, ``cluster.adapt(minimum, maximum)``); see docs/dask.md."""
+        from gateway.dask import start_cluster
+
+        return start_cluster(self, target=target, workers=workers,
+                             worker_resources=worker_resources, image=image, **options)
+
+    def connect_dask(self, name: str, *, timeout: float = 30) -> Any:
+        """A ``distributed.Client`` on the running Dask cluster ``name`` (any process)."""
+        from gateway.dask import connect
+
+        return connect(self, name, timeout=timeout)
+
     def close(self) -> None:
         self.store.close()

@@ -218,11 +218,12 @@ def agent(ctx: click.Context, interval: float | None, once: bool, until_idle: bo
 
 def register(group: click.Group) -> None:
     from gateway.cli.campaign import campaign
+    from gateway.cli.dask import dask_group
     from gateway.cli.demo import demo
     from gateway.cli.image import image
 
     for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent, campaign,
-                    backends, image, demo):
+                    backends, image, demo, dask_group):
         group.add_command(command)
 
 
