@@ -201,7 +201,7 @@ def _image(plan: BootstrapPlan) -> str:
              f'[ "$(hpcgw_sha "$ROOT/image.tar")" = {q(plan.image.sha256)} ] '
              '|| hpcgw_fail "image archive sha256 mismatch"\n']
     if plan.runtime == "podman":
-        lines.append(f'podman load -q -i "$ROOT/image.tar" >/dev/null || hpcgw_fail "podman cannot load the image"\n')
+        lines.append('podman load -q -i "$ROOT/image.tar" >/dev/null || hpcgw_fail "podman cannot load the image"\n')
     return "".join(lines)
 
 
@@ -211,7 +211,9 @@ def _inputs(plan: BootstrapPlan) -> str:
         tmp = f'"$ROOT/input.{index}"'
         dest = f'"$WORK"/{q(item.name)}'
         lines.append(f"hpcgw_get {q(item.url)} {tmp} || hpcgw_fail \"cannot fetch input {index}\"\n")
-        lines.append(f'[ "$(hpcgw_sha {tmp})" = {q(item.sha256)} ] || hpcgw_fail "input {index}: sha256 mismatch"\n')
+        if item.sha256:   # s3:// inputs of the user's own have no known digest
+            lines.append(f'[ "$(hpcgw_sha {tmp})" = {q(item.sha256)} ] '
+                         f'|| hpcgw_fail "input {index}: sha256 mismatch"\n')
         if item.is_dir:
             lines.append(f"mkdir -p {dest} && tar -xf {tmp} -C {dest} && rm -f {tmp} "
                          f"|| hpcgw_fail \"cannot unpack input {index}\"\n")
