@@ -73,7 +73,7 @@ class AwsBackend:
         self._snapshot: tuple[float, list[InstanceView]] | None = None
         self.ledger = Ledger(self.state_dir / "ledger.json")
         self.staging = Staging(profile, self.call, self._transfer_config, self.state_dir / "tmp")
-        self.launcher = Launcher(self)
+        self._launcher = Launcher(self)
 
     @property
     def default_runtime(self) -> str:
@@ -199,7 +199,7 @@ class AwsBackend:
 
     # -- submit / adopt -----------------------------------------------------------------
     def submit(self, requests: Sequence[SubmitRequest]) -> list[SubmitOutcome]:
-        return self.launcher.submit(requests)
+        return self._launcher.submit(requests)
 
     def adopt(self, keys: Sequence[str]) -> dict[str, str]:
         """key -> instance id for attempts already launched: ONE describe per 200 keys."""
