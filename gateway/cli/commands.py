@@ -223,6 +223,7 @@ def register(group: click.Group) -> None:
                     backends):
         group.add_command(command)
     from gateway.cli.image import image; group.add_command(image)  # noqa: E702
+    from gateway.cli.cloud import cloud; group.add_command(cloud)  # noqa: E702
 
 
 @click.command(context_settings=CONTEXT)

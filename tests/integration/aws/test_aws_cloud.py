@@ -244,3 +244,45 @@ def test_cancel_terminates_the_instance(cloud: Callable[..., Cloud], emulator: A
     assert rec.state == State.CANCELLED, rec.reason
     [inst] = c.instances(f"hpcgw.{job}.1")
     assert inst["State"]["Name"] == "terminated"
+
+
+def _hpcgw(c: Cloud, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HPCGW_")}, **c.env,
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "gateway.cli.main", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dry_run_shows_instance_and_cost(cloud: Callable[..., Cloud], tmp_path: Path) -> None:
+    c = cloud()
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"name": "big", "target": "aws:test", "command": ["true"],
+                                    "resources": {"cpus_per_task": 4, "memory": "10G",
+                                                  "walltime": "2h"}}))
+    done = _hpcgw(c, "submit", "--dry-run", "--json", str(spec))
+    assert done.returncode == 0, done.stderr
+    [plan] = json.loads(done.stdout)
+    assert (plan["instance_type"], plan["market"]) == ("m6i.xlarge", "spot")
+    assert plan["estimated_cost"] == pytest.approx(2 * plan["price_per_hour"])
+    text = _hpcgw(c, "submit", "--dry-run", str(spec)).stdout
+    assert "m6i.xlarge" in text and "EST. COST" in text
+    assert c.gw.store.jobs() == []          # nothing recorded, nothing launched
+
+
+def test_cloud_ls_and_reap_an_orphan(cloud: Callable[..., Cloud], emulator: Any) -> None:
+    c = cloud()
+    emulator(owner=c.owner, ignore=lambda tags: True)
+    job = c.submit(command=["true"])
+    c.until(job, lambda r: r.state == State.RUNNING)
+    tags = [{"Key": k, "Value": v} for k, v in {
+        "hpcgw:key": "hpcgw.orphan.1", "hpcgw:owner": c.owner, "hpcgw:profile": "test",
+        "hpcgw:expiry": str(int(time.time()) + 3600), "hpcgw:price": "0.034"}.items()]
+    c.ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="c6i.large",
+                        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
+    rows = json.loads(_hpcgw(c, "cloud", "ls", "--json").stdout)
+    assert sorted(r["key"] for r in rows) == sorted(["hpcgw.orphan.1", f"hpcgw.{job}.1"])
+    assert json.loads(_hpcgw(c, "cloud", "reap", "--dry-run", "--json").stdout)[0]["key"] == "hpcgw.orphan.1"
+    reaped = json.loads(_hpcgw(c, "cloud", "reap", "--json").stdout)
+    assert [r["key"] for r in reaped] == ["hpcgw.orphan.1"]     # the active job's instance stays
+    rows = json.loads(_hpcgw(c, "cloud", "ls", "--json").stdout)
+    assert [r["key"] for r in rows] == [f"hpcgw.{job}.1"]
