@@ -242,9 +242,27 @@ class AwsBackend:
                 out[ref] = inst_mod.live_observation(inst)
             elif inst is not None:
                 ended.append(inst)
+            else:   # AWS forgets terminated instances after about an hour
+                gone = self._forgotten(ref)
+                if gone is not None:
+                    ended.append(gone)
         if ended:
             out.update(self._ended(ended))
         return out
+
+    def _forgotten(self, ref: str) -> InstanceView | None:
+        """An instance describe no longer shows, rebuilt from the launch record."""
+        from gateway.backends.aws.launch import describe_launch
+
+        key = self.key_of(ref)
+        adir = self.attempt_dir(key) if key else None
+        if key is None or adir is None:
+            return None
+        rec = describe_launch(adir)
+        return InstanceView(id=ref, state="gone", key=key, type=str(rec.get("instance_type", "")),
+                            zone=str(rec.get("zone") or ""), market=str(rec.get("market", "")),
+                            price=float(rec.get("price_per_hour") or 0.0),
+                            launched=float(rec.get("launched_at") or 0.0), expiry=0.0)
 
     def _ended(self, ended: list[InstanceView]) -> dict[str, Observation]:
         from gateway.node import read_json
@@ -267,6 +285,8 @@ class AwsBackend:
                     except StagingError as exc:
                         log.warning("%s: collecting %s failed: %s", self.name, inst.key, exc)
                         continue
+            if status is None and inst.state == "gone":
+                continue   # no word from it: the reconciler counts misses, then LOST
             end = float(status["ended_at"]) if status and status.get("ended_at") else now
             cost = instance_cost(inst.price, end - inst.launched) if inst.launched else 0.0
             if status is not None:

@@ -103,7 +103,8 @@ class Launcher:
             write_json_atomic(adir / "aws.json", {
                 "instance_id": inst["InstanceId"], "instance_type": choice.type.name,
                 "market": "spot" if choice.spot else "on-demand", "zone": zone,
-                "price_per_hour": choice.price, "fallbacks_taken": tried})
+                "price_per_hour": choice.price, "fallbacks_taken": tried,
+                "launched_at": self.b.clock()})
             return str(inst["InstanceId"])
         raise NoCapacity(f"no capacity for {req.key}: tried " + "; ".join(tried))
 
