@@ -97,6 +97,7 @@ class Reconciler:
             self._cancel(report)
             resubmit = self._resolve(report)
             self._observe(report)
+            self._reap(report)
             self._submit(report, resubmit)
             return report
 
@@ -203,6 +204,24 @@ class Reconciler:
             log.warning("job %s: unknown native state %r from %s", job.id, obs.native, job.backend)
         return Change(job.id, obs.state, fields, "state", obs.reason or obs.native, expect=job.state)
 
+    def _reap(self, report: PassReport) -> None:
+        """Backends that can reap (aws) terminate what no active attempt owns or what is past
+        its expiry. Only backends this config defines are asked; their reap reuses the
+        pass's describe when it is fresh, so a pass costs no extra call."""
+        profiles = list(self.config.backends.aws.profiles)
+        if not profiles:
+            return
+        active = {attempt_key(j.id, j.attempt) for j in self.store.jobs(states=list(ACTIVE))}
+        for profile in profiles:
+            backend = self.backends.get(f"aws:{profile}")
+            reap = getattr(backend, "reap", None)
+            if reap is None:
+                continue
+            try:
+                reap(active)
+            except GatewayError as exc:
+                report.unavailable.append(f"{backend.name}: reaper: {exc}")
+
     def _left_a_result(self, job: JobRecord) -> Observation | None:
         """A job its backend forgot (Slurm's MinJobAge, no accounting) may still have left
         the node runner's status.json: that is its result, not LOST."""
@@ -217,6 +236,8 @@ class Reconciler:
             "node": obs.node or job.node, "started_at": obs.started_at or job.started_at,
             "ended_at": obs.ended_at or time.time(), "outputs_json": json.dumps(outputs),
             "provenance_json": json.dumps(self._provenance(job, obs), sort_keys=True)}
+        if obs.extra.get("cost"):   # cloud backends: this attempt's cost, added to earlier ones
+            fields["cost"] = round((job.cost or 0.0) + float(obs.extra["cost"]), 6)
         data = {"attempt": job.attempt, "exit_code": obs.exit_code, "kind": obs.kind}
         retry = (obs.state in RETRYABLE and obs.kind in spec.retries.on
                  and job.attempt <= spec.retries.max and not job.cancel_requested)

@@ -30,7 +30,13 @@ def _slurm(config: "Config", profile: str) -> "Backend":
     return make_backend(config, profile)  # type: ignore[no-any-return]
 
 
-BUILTIN: dict[str, Factory] = {"local": _local, "slurm": _slurm}
+def _aws(config: "Config", profile: str) -> "Backend":
+    from gateway.backends.aws import make_backend
+
+    return make_backend(config, profile)
+
+
+BUILTIN: dict[str, Factory] = {"local": _local, "slurm": _slurm, "aws": _aws}
 
 
 def _entry_point_factory(ep: Any) -> Factory:

@@ -218,12 +218,13 @@ def agent(ctx: click.Context, interval: float | None, once: bool, until_idle: bo
 
 def register(group: click.Group) -> None:
     from gateway.cli.campaign import campaign
+    from gateway.cli.cloud import cloud
     from gateway.cli.dask import dask_group
     from gateway.cli.demo import demo
     from gateway.cli.image import image
 
     for command in (ls_cmd, show, logs, cancel, wait, outputs, rerun, validate, agent, campaign,
-                    backends, image, demo, dask_group):
+                    backends, image, demo, dask_group, cloud):
         group.add_command(command)
 
 

@@ -58,12 +58,22 @@ def submitted(record: Any, waited: bool = False) -> None:
     console.print(f"{record.id}  {record.name}  {state_text(record.state.value)}{extra}{reason}")
 
 
-def plans(items: Sequence[Mapping[str, str]]) -> None:
+def plans(items: Sequence[Mapping[str, Any]]) -> None:
     table = Table(box=None, header_style="bold")
     for column in ("NAME", "TARGET", "BACKEND", "SPEC DIGEST"):
         table.add_column(column)
+    cloud = any("instance_type" in item for item in items)
+    if cloud:
+        table.add_column("INSTANCE")
+        table.add_column("EST. COST (USD)")
     for item in items:
-        table.add_row(item["name"], item["target"], item["backend"], item["spec_digest"][:19])
+        row = [item["name"], item["target"], item["backend"], item["spec_digest"][:19]]
+        if cloud and "instance_type" in item:
+            row += [f"{item['instance_type']} {item['market']} ({item['price_per_hour']:g}/h)",
+                    f"{item['estimated_cost']:.4f} (max {item['max_cost']:.4f})"]
+        elif cloud:
+            row += ["", ""]
+        table.add_row(*row)
     console.print(table)
 
 
