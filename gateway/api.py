@@ -129,6 +129,30 @@ class Gateway:
             self.reconcile()
         return [Job(self, self.store.get(i)) for i in ids]
 
+    def plan(self, spec: JobSpec | Mapping[str, Any] | str | Path) -> dict[str, Any]:
+        """Where a job would go and what it would cost, without recording anything."""
+        from types import SimpleNamespace
+
+        spec = self.validate(spec)
+        target = spec.target
+        out: dict[str, Any] = {"name": spec.name, "target": target, "spec_digest": spec.spec_digest}
+        if target == "auto":
+            hashes = {i.name: path_sha256(i.source) for i in spec.inputs if not i.is_remote}
+            probe = SimpleNamespace(spec=spec, name=spec.name, campaign=None,
+                                    result_key=result_key(spec, hashes))
+            self.reconciler.broker.new_pass()
+            decision = self.reconciler.broker.place(probe)  # type: ignore[arg-type]
+            out["placement"] = decision.data()
+            if decision.target is None:
+                out["backend"] = "(none)"
+                return out
+            target = decision.target
+        out["backend"] = self.backends.backend_name(target)
+        where = getattr(self.backends.get(target), "plan", None)
+        if where is not None:
+            out.update(where(spec))
+        return out
+
     def submit_array(self, spec: JobSpec | Mapping[str, Any] | str | Path, indices: Sequence[int],
                      *, start: bool = True) -> list[Job]:
         """One job per index, each seeing ``HPCGW_ARRAY_INDEX``; backends that have arrays

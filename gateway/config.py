@@ -61,6 +61,16 @@ class BackendsConfig(_Frozen):
     aws: BackendProfiles = BackendProfiles()
 
 
+class BrokerConfig(_Frozen):
+    """Policy for ``target: auto`` (campaigns may override it with their ``policy``)."""
+
+    targets: tuple[str, ...] = ()        # empty: every configured slurm and aws profile
+    prefer: str | None = None            # stay here unless its wait exceeds burst_after_s
+    burst_after_s: float = Field(1800, ge=0)
+    max_cost: float | None = Field(None, ge=0)   # per job, in the catalog's currency
+    cloud_boot_s: float = Field(120, ge=0)       # boot + image fetch, until learned
+
+
 class Config(_Frozen):
     data_dir: str = ""
     store: StoreConfig = StoreConfig()
@@ -68,6 +78,7 @@ class Config(_Frozen):
     agent: AgentConfig = AgentConfig()
     local: LocalConfig = LocalConfig()
     backends: BackendsConfig = BackendsConfig()
+    broker: BrokerConfig = BrokerConfig()
     images: ImagesConfig = ImagesConfig()
     sources: tuple[str, ...] = ()
 

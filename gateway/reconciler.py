@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 
 from gateway.attempts import attempt_dir, observation_from_status, prepare_attempt
 from gateway.backends import BackendRegistry
+from gateway.broker import Broker, Decision
 from gateway.backends.base import Backend, Observation, SubmitRequest, attempt_key, check_capabilities
 from gateway.config import Config
 from gateway.errors import BackendUnavailable, GatewayError
@@ -73,6 +74,7 @@ class Reconciler:
         self.store, self.backends, self.config = store, backends, config
         self.lock_path = config.data_path / "reconcile.lock"
         self._throttles: dict[str, int] = {}  # campaign -> array throttle, this pass
+        self.broker = Broker(store, backends, config)
 
     @contextmanager
     def locked(self, block: bool) -> Iterator[bool]:
@@ -300,45 +302,78 @@ class Reconciler:
         """Decide which PENDING jobs go now (FIFO within slot limits) and write their intent."""
         usage, running = self._usage()
         limits = self.store.campaign_limits()
-        changes, admitted, blocked = [], [], set()
+        changes: list[Change] = []
+        admitted: list[tuple[JobRecord, str]] = []
+        blocked: set[str] = set()
         self._throttles = {}
+        self.broker.new_pass()
         for job in pending:
-            name = self.backends.backend_name(job.target)
+            target, decision = self._place(job, changes)
+            if target is None:
+                continue
+            name = self.backends.backend_name(target)
             if name in blocked:
                 continue
-            wait = self._campaign_wait(job, limits, running)
+            wait = self._campaign_wait(job, target, limits, running)
+            if wait is None:
+                wait = self._slots(job, target, name, usage, changes)
+                if wait == "refused":
+                    continue
+                if wait:
+                    blocked.add(name)
             if wait:
                 if job.reason != wait:
                     changes.append(Change(job.id, None, {"reason": wait}, "", expect=State.PENDING))
                 continue
-            try:
-                backend = self.backends.get(job.target)
-                check_capabilities(backend, job.spec)
-            except GatewayError as exc:
-                changes.append(Change(job.id, State.FAILED, {"kind": "refused", "reason": str(exc),
-                               "ended_at": time.time()}, "refused", str(exc), expect=State.PENDING))
-                continue
-            capacity = backend.capacity()
-            need = (job.spec.resources.total_cpus, job.spec.resources.total_gpus)
-            used = usage.setdefault(name, [0, 0])
-            if capacity and (used[0] + need[0] > capacity.cpus or used[1] + need[1] > capacity.gpus):
-                blocked.add(name)
-                reason = f"waiting for free slots ({used[0]}/{capacity.cpus} CPUs in use)"
-                if job.reason != reason:
-                    changes.append(Change(job.id, None, {"reason": reason}, "", expect=State.PENDING))
-                continue
-            used[0] += need[0]
-            used[1] += need[1]
             if job.campaign and job.campaign not in self._throttles:
                 running[job.campaign] = running.get(job.campaign, 0) + 1
-            changes.append(Change(job.id, State.SUBMITTING, {
-                "attempt": job.attempt + 1, "backend": name, "ref": None, "misses": 0,
-                "submitted_at": time.time(), "reason": None, "exit_code": None, "kind": None},
-                "state", f"attempt {job.attempt + 1} to {name}", expect=State.PENDING))
+            changes.append(self._intent(job, name, decision))
             admitted.append((job, name))
         return changes, admitted
 
-    def _campaign_wait(self, job: JobRecord, limits: dict[str, int],
+    def _place(self, job: JobRecord, changes: list[Change]) -> tuple[str | None, Decision | None]:
+        """The job's target; for ``auto`` the broker's choice (None: refused, job FAILED)."""
+        if job.target != "auto":
+            return job.target, None
+        decision = self.broker.place(job)
+        if decision.target is None:
+            changes.append(Change(job.id, State.FAILED, {"kind": "refused", "reason": decision.reason,
+                                  "ended_at": time.time()}, "placed", decision.reason,
+                                  decision.data(), expect=State.PENDING))
+        return decision.target, decision
+
+    def _slots(self, job: JobRecord, target: str, name: str, usage: dict[str, list[int]],
+               changes: list[Change]) -> str | None:
+        """None when the job fits now; why it waits; or "refused" (a FAILED change added)."""
+        try:
+            backend = self.backends.get(target)
+            check_capabilities(backend, job.spec)
+        except GatewayError as exc:
+            changes.append(Change(job.id, State.FAILED, {"kind": "refused", "reason": str(exc),
+                           "ended_at": time.time()}, "refused", str(exc), expect=State.PENDING))
+            return "refused"
+        capacity = backend.capacity()
+        need = (job.spec.resources.total_cpus, job.spec.resources.total_gpus)
+        used = usage.setdefault(name, [0, 0])
+        if capacity and (used[0] + need[0] > capacity.cpus or used[1] + need[1] > capacity.gpus):
+            return f"waiting for free slots ({used[0]}/{capacity.cpus} CPUs in use)"
+        used[0] += need[0]
+        used[1] += need[1]
+        return None
+
+    def _intent(self, job: JobRecord, name: str, decision: Decision | None) -> Change:
+        fields: dict[str, object] = {
+            "attempt": job.attempt + 1, "backend": name, "ref": None, "misses": 0,
+            "submitted_at": time.time(), "reason": None, "exit_code": None, "kind": None}
+        message, data = f"attempt {job.attempt + 1} to {name}", None
+        if decision is not None:
+            provenance = {**job.provenance, "placement": decision.data()}
+            fields["provenance_json"] = json.dumps(provenance, sort_keys=True)
+            message, data = f"{message}: auto -> {name}: {decision.reason}", decision.data()
+        return Change(job.id, State.SUBMITTING, fields, "state", message, data,
+                      expect=State.PENDING)
+
+    def _campaign_wait(self, job: JobRecord, target: str, limits: dict[str, int],
                        running: dict[str, int]) -> str | None:
         """Why a campaign member must wait for its concurrency limit, or None to go now.
 
@@ -349,7 +384,7 @@ class Reconciler:
         limit = limits.get(job.campaign or "")
         if not limit or not job.campaign:
             return None
-        backend = self.backends.get(job.target)
+        backend = self.backends.get(target)
         if backend.capacity() is None and backend.capabilities().arrays:
             if job.campaign in self._throttles:
                 return None

@@ -56,12 +56,7 @@ def submit(ctx: click.Context, files: tuple[str, ...], wait: bool, dry_run: bool
             _after_submit(ctx, gw.submit_array(specs[0], indices), wait, as_json)
             return
     if dry_run:
-        plans = [{"name": s.name, "target": s.target, "backend": gw.backends.backend_name(s.target),
-                  "spec_digest": s.spec_digest} for s in specs]
-        for plan, spec in zip(plans, specs):   # cloud backends: where and at what cost
-            where = getattr(gw.backends.get(spec.target), "plan", None) if spec.target != "auto" else None
-            if where is not None:
-                plan.update(where(spec))
+        plans = [gw.plan(s) for s in specs]   # auto: the broker's choice; cloud: type and cost
         emit_json(plans) if as_json else render.plans(plans)
         return
     _after_submit(ctx, gw.submit_many(specs), wait, as_json)

@@ -75,6 +75,18 @@ def plans(items: Sequence[Mapping[str, Any]]) -> None:
             row += ["", ""]
         table.add_row(*row)
     console.print(table)
+    for item in items:
+        if "placement" in item:
+            placement(item["name"], item["placement"])
+
+
+def placement(name: str, data: Mapping[str, Any]) -> None:
+    """The broker's decision for ``target: auto``, with every estimate it weighed."""
+    console.print(f"[bold]{name}[/]: auto -> {data.get('chosen') or '(none)'}: {data.get('reason')}")
+    for e in data.get("estimates", []):
+        status = "ok" if e["feasible"] else "no"
+        console.print(f"  {e['target']:<16} {status:<3} wait {e['wait_s']:>7.0f} s  run {e['run_s']:>7.0f} s"
+                      f"  total {e['total_s']:>7.0f} s  ${e['cost']:.4f}  {e['why']}")
 
 
 def job_detail(record: Any, attempts: Sequence[Mapping[str, Any]], events: Sequence[Any],
@@ -106,6 +118,8 @@ def job_detail(record: Any, attempts: Sequence[Mapping[str, Any]], events: Seque
             rows.append(("input hashes", ", ".join(f"{k}={v[:19]}" for k, v in value.items())))
     if record.outputs:
         rows.append(("outputs", ", ".join(record.outputs)))
+    if record.cost:
+        rows.append(("cost", f"${record.cost:.4f}"))
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -116,6 +130,8 @@ def job_detail(record: Any, attempts: Sequence[Mapping[str, Any]], events: Seque
         console.print("[bold]attempts[/]")
         for a in attempts:
             console.print(f"  #{a['attempt']} {a['backend']} {a['state']} exit={a['exit_code']} {a['reason'] or ''}")
+    if record.provenance.get("placement"):
+        placement(record.name, record.provenance["placement"])
     console.print("[bold]events[/]")
     for event in events:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))

@@ -33,7 +33,7 @@ from gateway.images.store import ImageInfo, ImageStore
 from gateway.proc import run
 
 SUITE = "bookworm"
-PACKAGES = ("python3", "python3-numpy", "python3-numba")
+PACKAGES = ("python3", "python3-numpy", "python3-numba", "python3-threadpoolctl")
 BUILDER_VERSION = "2"
 SITE = "usr/local/lib/python3/dist-packages"
 TRIM = ("var/lib/apt/lists", "var/cache/apt", "usr/share/doc", "usr/share/man",

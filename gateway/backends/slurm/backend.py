@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 from gateway import proc
@@ -113,6 +114,36 @@ class SlurmBackend:
 
     def capacity(self) -> Capacity | None:
         return None  # Slurm queues by itself
+
+    def estimate_wait(self, spec: Any) -> tuple[float, str]:
+        """Seconds until a job like ``spec`` would start, and how that was reckoned.
+
+        ONE ``squeue`` of the whole queue. If free CPUs suffice and nothing is pending,
+        zero; otherwise a fluid model of the partition: the CPU-seconds still owed to running
+        jobs (time left) and pending ones (time limit), drained by all the partition's CPUs.
+        """
+        part = self._profile_partitions([self.profile.partition_for(spec.resources.gpus.count,
+                                                                    spec.resources.gpus.type)])
+        total = sum(p.cpus for p in part) or 1
+        res = self._run(["squeue", "-h", "-o", "%T|%C|%L|%l"])
+        if res.returncode != 0:
+            raise BackendUnavailable(f"squeue failed: {res.stderr.strip()}")
+        busy = owed = 0.0
+        pending = 0
+        for line in res.stdout.splitlines():
+            state, cpus, left, limit = (line.split("|") + ["", "", "", ""])[:4]
+            n = int(cpus) if cpus.isdigit() else 1
+            if state == "RUNNING":
+                busy += n
+                owed += n * _seconds(left)
+            elif state == "PENDING":
+                pending += 1
+                owed += n * _seconds(limit)
+        need = spec.resources.total_cpus
+        if pending == 0 and total - busy >= need:
+            return 0.0, f"{int(total - busy)} of {total} CPUs free, nothing pending"
+        return owed / total, (f"{pending} pending, {int(busy)}/{total} CPUs busy: "
+                              f"{owed / 3600:.1f} CPU-hours owed")
 
     def _check(self, request: SubmitRequest) -> None:
         """CapabilityError when the request's own partition cannot run it."""
@@ -255,6 +286,15 @@ class SlurmBackend:
 
     def log_paths(self, ref: str, attempt_dir: Path) -> dict[str, Path]:
         return {"stdout": Path(attempt_dir) / "stdout", "stderr": Path(attempt_dir) / "stderr"}
+
+
+def _seconds(text: str) -> float:
+    """squeue's time left / limit; unlimited or unreadable counts as a day."""
+    try:
+        value = site.slurm_limit(text)
+    except ValueError:
+        value = None
+    return float(value if value is not None else 86400)
 
 
 def _unknown_job(stderr: str) -> bool:

@@ -49,7 +49,8 @@ class Faulty:
 class Cloud:
     """A gateway whose aws:test profile points at moto; faults and clock are the test's."""
 
-    def __init__(self, tmp: Path, moto: str, bucket: str, owner: str, **profile: Any) -> None:
+    def __init__(self, tmp: Path, moto: str, bucket: str, owner: str,
+                 extra: dict[str, Any] | None = None, **profile: Any) -> None:
         self.moto, self.owner, self.faults = moto, owner, {}
         self.shift = 0.0
         self.home = tmp / "home"
@@ -57,9 +58,15 @@ class Cloud:
         fields = {"endpoint_url": moto, "bucket": bucket, "owner": owner, "runtime": "host",
                   "zones": ["us-east-1a", "us-east-1b"], "boot_s": 30, "grace_s": 2,
                   "log_interval_s": 1, "api_max_attempts": 1, **profile}
-        self.config_file.write_text(yaml.safe_dump({
+        document: dict[str, Any] = {
             "data_dir": str(self.home), "agent": {"backoff_s": [0.1], "lost_after_misses": 3},
-            "backends": {"aws": {"profiles": {"test": fields}}}}))
+            "backends": {"aws": {"profiles": {"test": fields}}}}
+        for key, value in (extra or {}).items():
+            if key == "backends":
+                document["backends"].update(value)
+            else:
+                document[key] = value
+        self.config_file.write_text(yaml.safe_dump(document))
         self.env = {"HPCGW_CONFIG": str(self.config_file), "AWS_ACCESS_KEY_ID": "testing",
                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
         config = load_config(environ=self.env)
