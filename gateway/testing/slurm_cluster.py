@@ -71,7 +71,8 @@ class SlurmCluster:
     """A private slurmctld + slurmd(s) + munged under ``base_dir``; a context manager."""
 
     def __init__(self, base_dir: str | os.PathLike[str], mode: Mode = "single", *,
-                 accounting: bool = False, min_job_age: int = 600, cpus: int = 16) -> None:
+                 accounting: bool = False, min_job_age: int = 600, cpus: int = 16,
+                 extra_conf: tuple[str, ...] = ()) -> None:
         if mode not in ("single", "two-node"):
             raise ValueError(f"mode must be 'single' or 'two-node', not {mode!r}")
         self.base = Path(base_dir).resolve()
@@ -79,6 +80,7 @@ class SlurmCluster:
         self.accounting = accounting      # slurmdbd + mariadbd, so sacct works
         self.min_job_age = min_job_age    # seconds slurmctld keeps finished jobs
         self.cpus = cpus                  # CPUs c1 declares (throughput ~ CPUs per pass)
+        self.extra_conf = tuple(extra_conf)  # more slurm.conf lines (e.g. MaxJobCount=50000)
         self._acct: Accounting | None = None
         self.conf = self.base / "etc" / "slurm.conf"
         self.nodes = ["c1"] if mode == "single" else ["n1", "n2"]
@@ -186,7 +188,7 @@ class SlurmCluster:
     def _write_config(self) -> None:
         count = 1 + len(self.nodes)
         ports = free_port_run(count + (2 if self.accounting else 0), str(self.base))
-        extra = [f"MinJobAge={self.min_job_age}"]
+        extra = [f"MinJobAge={self.min_job_age}", *self.extra_conf]
         if self.accounting:
             self._acct = Accounting(self.base, self.munge_socket, ports + count, ports + count + 1)
             extra += self._acct.slurm_conf_lines()
