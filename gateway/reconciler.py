@@ -96,6 +96,7 @@ class Reconciler:
             if not held:
                 return None
             report = PassReport()
+            self._reap_dask()
             self._cancel(report)
             resubmit = self._resolve(report)
             self._observe(report)
@@ -126,6 +127,25 @@ class Reconciler:
                 continue
             self.store.apply([Change(j.id, None, {"cancel_sent_at": now}, "cancel-sent")
                               for j in jobs])
+
+    def _reap_dask(self) -> None:
+        """Dask clusters whose owner (the notebook's kernel) died on this host: cancel their
+        worker jobs, then forget the cluster. Costs one folder listing when there are none."""
+        root = self.config.data_path / "dask"
+        if not root.is_dir() or not any(root.glob("*.json")):
+            return
+        from gateway.dask.registry import Registry
+
+        registry = Registry(root)
+        for record in registry.all():
+            if record.owner.alive_here() is not False:
+                continue
+            jobs = [j.id for j in self.store.jobs(labels={"hpcgw.dask": record.name})
+                    if not j.state.terminal]
+            if jobs:
+                self.store.request_cancel(jobs)
+            else:
+                registry.remove(record.name)
 
     # -- 2. resolve -----------------------------------------------------------------------
     def _resolve(self, report: PassReport) -> list[JobRecord]:
