@@ -61,6 +61,10 @@ class Choice:
     def price(self) -> float:
         return self.observed if self.observed is not None else self.type.price(self.spot)
 
+    @property
+    def source(self) -> str:
+        return "spot price history" if self.observed is not None else "catalog"
+
 
 class Catalog:
     def __init__(self, types: list[InstanceType], source: str = "") -> None:
