@@ -362,6 +362,20 @@ class AwsBackend:
     def log_paths(self, ref: str, attempt_dir: Path) -> dict[str, Path]:
         return {"stdout": Path(attempt_dir) / "stdout", "stderr": Path(attempt_dir) / "stderr"}
 
+    def fetch_log(self, key: str, stream: str, dest: Path) -> bool:
+        """A running attempt's log as the instance last uploaded it (every ``log_interval_s``):
+        ONE GET, written atomically to ``dest``. False when there is none yet."""
+        try:
+            body = self.call("s3", "get_object", Bucket=self.profile.bucket,
+                             Key=self.staging.run_key(key, stream))["Body"].read()
+        except StagingError:
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.live")
+        tmp.write_bytes(body)
+        tmp.replace(dest)
+        return True
+
 
 def client_token(key: str, option: int) -> str:
     """At most 64 ASCII characters, one per attempt and launch option."""
