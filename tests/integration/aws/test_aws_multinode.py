@@ -80,3 +80,29 @@ def test_a_worker_lost_ends_the_attempt(cloud: Callable[..., Cloud], emulator: A
     assert (rec.state, rec.kind) == (State.FAILED, "node_fail"), rec.reason
     assert "node 1" in (rec.reason or "")
     assert all(i["State"]["Name"] == "terminated" for i in c.instances(f"hpcgw.{job}.1"))
+
+
+def test_a_half_launched_cluster_gets_only_its_missing_nodes(cloud: Callable[..., Cloud]) -> None:
+    """A gateway killed after launching node 0 of 2: the next pass finds node 0 by key and
+    index and launches node 1 only, in the same type and zone."""
+    c = cloud()
+    job = c.submit(command=["true"], resources={"nodes": 2})
+    key = f"hpcgw.{job}.1"
+    tags = {"hpcgw:key": key, "hpcgw:job": job, "hpcgw:attempt": "1", "hpcgw:owner": c.owner,
+            "hpcgw:profile": "test", "hpcgw:node": "0", "hpcgw:nodes": "2",
+            "hpcgw:market": "spot", "hpcgw:price": "0.034", "hpcgw:expiry": "9999999999"}
+    first = c.ec2.run_instances(
+        ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="c6i.large",
+        Placement={"AvailabilityZone": "us-east-1a"},
+        TagSpecifications=[{"ResourceType": "instance",
+                            "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
+    node0 = first["Instances"][0]["InstanceId"]
+    c.gw.reconcile(block=True)
+    rec = c.gw.store.get(job)
+    assert rec.ref is not None and rec.ref.split(",")[0] == node0, rec.reason
+    [run] = c.seen["run_instances"]                       # node 1 only
+    assert run["ClientToken"] == f"{key}.n1.0" and run["InstanceType"] == "c6i.large"
+    assert {"Key": "hpcgw:node", "Value": "1"} in run["TagSpecifications"][0]["Tags"]
+    assert len(c.instances(key)) == 2
+    c.gw.cancel([job])
+    assert c.until(job).state == State.CANCELLED
