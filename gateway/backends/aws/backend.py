@@ -255,18 +255,20 @@ class AwsBackend:
         ended: list[tuple[str, list[InstanceView]]] = []
         doomed: list[str] = []
         for ref in refs:
-            nodes = [found.get(i) or self._forgotten(i) for i in split_ref(ref)]
-            if not nodes or nodes[0] is None:
+            maybe = [found.get(i) or self._forgotten(i) for i in split_ref(ref)]
+            known = [v for v in maybe if v is not None]
+            if not maybe or len(known) < len(maybe):
                 continue   # unknown: the reconciler counts misses
-            head = nodes[0]
-            known = [v for v in nodes if v is not None]
+            head = known[0]
             live = [v for v in known if inst_mod.STATES.get(v.state) is not None]
-            if len(live) == len(nodes):
-                out[ref] = (inst_mod.live_observation(head) if len(nodes) == 1
+            if len(live) == len(known):
+                out[ref] = (inst_mod.live_observation(head) if len(known) == 1
                             else cluster.live(live))
             elif head in live:   # a worker ended first: the cluster cannot finish
-                dead = next(v for v in known if v not in live)
-                out[ref] = cluster.lost_node(ref, dead, known, self.clock())
+                dead = [v for v in known if v not in live and v.state != "gone"]
+                if not dead:
+                    continue   # a worker not listed (yet): describe lags run_instances
+                out[ref] = cluster.lost_node(ref, dead[0], known, self.clock())
                 self.ledger.settle(head.key, float(out[ref].extra["cost"]))
                 doomed += [v.id for v in live]
             else:
