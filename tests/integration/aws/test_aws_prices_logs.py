@@ -10,6 +10,7 @@ import pytest
 
 from gateway.spec import parse_spec
 from gateway.states import State
+from test_aws_cloud import _hpcgw
 
 pytestmark = [pytest.mark.integration, pytest.mark.aws, pytest.mark.timeout(120)]
 
@@ -55,5 +56,8 @@ def test_logs_of_a_running_instance(cloud: Callable[..., Any], emulator: Any) ->
         assert c.backend.calls["s3.GetObject"] == before + 1     # one GET per look
         time.sleep(0.3)
     assert text == "first\n" and c.gw.store.get(job).state == State.RUNNING
+    (c.home / "jobs" / job / "1" / "stdout").unlink()      # the CLI fetches it again
+    done = _hpcgw(c, "logs", job)
+    assert (done.returncode, done.stdout) == (0, "first\n"), done.stderr
     c.gw.cancel([job])
     assert c.until(job).state == State.CANCELLED
