@@ -45,8 +45,9 @@ def busybox(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     unmount(tmp_path)
 
 
-def test_the_job_runs_in_podman_on_the_instance(cloud: Callable[..., Any], emulator: Any,
-                                                busybox: tuple[Path, str]) -> None:
+def test_the_job_runs_in_podman_on_the_instance(busybox: tuple[Path, str],
+                                                cloud: Callable[..., Any], emulator: Any) -> None:
+    # busybox first: its teardown (unmount, run folders) runs after the emulator's
     c = cloud(runtime="podman", extra_config={"images": {"store": str(busybox[0])}})
     emulator(owner=c.owner)
     script = ("for k in SPACE QUOTE NEWLINE SUBST; do eval \"printf '%s=%s|' $k \\\"\\$$k\\\"\"; "
