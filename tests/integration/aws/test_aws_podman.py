@@ -63,3 +63,19 @@ def test_the_job_runs_in_podman_on_the_instance(busybox: tuple[Path, str],
     assert env.read_text() == "".join(f"{k}={v}|" for k, v in HOSTILE.items())
     user_data = (c.home / "jobs" / job / "1" / "user-data.sh").read_text()
     assert "skopeo copy --quiet oci-archive:" in user_data and "--pull=never" in user_data
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
+def test_mpi_ranks_run_in_containers_across_two_nodes(busybox: tuple[Path, str],
+                                                      cloud: Callable[..., Any], emulator: Any) -> None:
+    """mpirun on node 0 starts one podman container per rank (the hybrid model); every node
+    loaded the image. Ranks are all on this machine (see test_aws_multinode)."""
+    c = cloud(runtime="podman", extra_config={"images": {"store": str(busybox[0])}})
+    emu = emulator(owner=c.owner)
+    job = c.submit(image=busybox[1], command=["sh", "-c", "echo in-container; test -r /etc/passwd"],
+                   mpi="mpirun", resources={"nodes": 2, "tasks_per_node": 1})
+    rec = c.until(job)
+    assert rec.state == State.SUCCEEDED, (rec.reason, c.gw.logs(job), c.gw.logs(job, "stderr"))
+    assert c.gw.logs(job) == "in-container\n" * 2
+    assert rec.provenance["image_digest"] == busybox[1].split("@")[1]
+    assert len(emu.ran) == 2
