@@ -226,8 +226,28 @@ class Gateway:
         return attempt_dir(self.config.jobs_path, job.id, max(job.attempt, 1)) / stream
 
     def logs(self, job_id: str, stream: str = "stdout") -> str:
+        self.refresh_log(job_id, stream)
         path = self.log_path(job_id, stream)
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def refresh_log(self, job_id: str, stream: str = "stdout") -> bool:
+        """For a running job whose backend keeps its logs elsewhere (aws: S3, uploaded by the
+        instance every ``log_interval_s``), fetch the current log into the attempt folder:
+        one request, for this job only. False when nothing was fetched."""
+        path = self.log_path(job_id, stream)
+        job = self.store.get(self.store.resolve(job_id))
+        if job.state != State.RUNNING or not job.backend:
+            return False
+        fetch = getattr(self.backends.get(job.backend), "fetch_log", None)
+        if fetch is None:
+            return False
+        from gateway.backends.base import attempt_key
+        from gateway.errors import GatewayError
+
+        try:
+            return bool(fetch(attempt_key(job.id, job.attempt), stream, path))
+        except GatewayError:
+            return False   # a transient error: the next tick tries again
 
     def outputs(self, job_id: str) -> list[Path]:
         job = self.store.get(self.store.resolve(job_id))

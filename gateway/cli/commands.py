@@ -88,6 +88,8 @@ def _follow(gw: Any, job_id: str, stream: str) -> None:
     while True:
         gw.reconcile()
         done = gw.store.get(job_id).state.terminal
+        if not done:
+            gw.refresh_log(job_id, stream)   # aws: one GET of the uploaded log per tick
         current: Path = gw.log_path(job_id, stream)
         if current != path:
             path, offset = current, 0

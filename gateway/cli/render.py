@@ -69,7 +69,9 @@ def plans(items: Sequence[Mapping[str, Any]]) -> None:
     for item in items:
         row = [item["name"], item["target"], item["backend"], item["spec_digest"][:19]]
         if cloud and "instance_type" in item:
-            row += [f"{item['instance_type']} {item['market']} ({item['price_per_hour']:g}/h)",
+            nodes = f"{item['nodes']} x " if item.get("nodes", 1) > 1 else ""
+            source = ", spot history" if item.get("price_source") == "spot price history" else ""
+            row += [f"{nodes}{item['instance_type']} {item['market']} ({item['price_per_hour']:g}/h{source})",
                     f"{item['estimated_cost']:.4f} (max {item['max_cost']:.4f})"]
         elif cloud:
             row += ["", ""]

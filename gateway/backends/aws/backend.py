@@ -14,15 +14,19 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from gateway.backends.aws import instances as inst_mod
+from gateway.backends.aws import cluster
 from gateway.backends.aws.catalog import Catalog, load_catalog
+from gateway.backends.aws.cluster import Groups, join_ref, split_ref
 from gateway.backends.aws.instances import InstanceView
 from gateway.backends.aws.launch import Launcher
-from gateway.backends.aws.ledger import Ledger, instance_cost
+from gateway.backends.aws.ledger import Ledger
+from gateway.backends.aws.pricing import SpotPrices
 from gateway.backends.aws.profile import AwsProfile
 from gateway.backends.aws.staging import Staging, StagingError
 from gateway.backends.base import Capabilities, Capacity, Observation, SubmitOutcome, SubmitRequest
@@ -74,6 +78,8 @@ class AwsBackend:
         self.ledger = Ledger(self.state_dir / "ledger.json")
         self.staging = Staging(profile, self.call, self._transfer_config, self.state_dir / "tmp")
         self._launcher = Launcher(self)
+        self.groups = Groups(self, self.state_dir / "groups")
+        self.spot_prices = SpotPrices(self)
 
     @property
     def default_runtime(self) -> str:
@@ -145,7 +151,12 @@ class AwsBackend:
 
     def capabilities(self) -> Capabilities:
         runtimes = frozenset({"host", self.profile.runtime})
-        return self.catalog.capabilities(max_walltime=self.profile.max_walltime, runtimes=runtimes)
+        return self.catalog.capabilities(max_walltime=self.profile.max_walltime, runtimes=runtimes,
+                                         max_nodes=self.profile.max_nodes)
+
+    def refine(self, options: list[Any]) -> list[Any]:
+        """Launch options with spot prices from the API's history (when the profile asks)."""
+        return self.spot_prices.refine(options)
 
     def capacity(self) -> Capacity | None:
         return None   # each job brings its own instance
@@ -153,14 +164,15 @@ class AwsBackend:
     def plan(self, spec: Any) -> dict[str, Any]:
         """Where a job would run and what it would cost (``hpcgw submit --dry-run``)."""
         self.capabilities().check(spec, self.name)
-        options = self.catalog.launch_plan(spec, self.profile.spot, self.profile.placements(),
-                                           self.profile.fallback_types)
+        options = self.refine(self.catalog.launch_plan(
+            spec, self.profile.spot, self.profile.placements(), self.profile.fallback_types))
         choice, zone, _ = options[0]
-        hours = spec.resources.walltime / 3600.0
+        nodes = spec.resources.nodes
+        hours = spec.resources.walltime / 3600.0 * nodes     # instance-hours, all nodes
         return {"instance_type": choice.type.name, "market": "spot" if choice.spot else "on-demand",
-                "zone": zone or "(any)", "price_per_hour": choice.price,
-                "estimated_cost": round(choice.price * hours, 4),
-                "max_cost": round(choice.price * self.max_hours(spec), 4),
+                "zone": zone or "(any)", "nodes": nodes, "price_per_hour": choice.price,
+                "price_source": choice.source, "estimated_cost": round(choice.price * hours, 4),
+                "max_cost": round(choice.price * self.max_hours(spec) * nodes, 4),
                 "fallbacks": [f"{c.type.name}/{'spot' if c.spot else 'on-demand'}/{z or 'any'}"
                               for c, z, _ in options[1:]]}
 
@@ -182,14 +194,6 @@ class AwsBackend:
             if not token:
                 return inst_mod.views(pages)
 
-    def by_keys(self, keys: Sequence[str]) -> dict[str, InstanceView]:
-        found: list[InstanceView] = []
-        keys = list(dict.fromkeys(keys))
-        for start in range(0, len(keys), FILTER_MAX):
-            found += self.describe([{"Name": f"tag:{inst_mod.TAG_KEY}",
-                                     "Values": keys[start:start + FILTER_MAX]}])
-        return inst_mod.newest_by_key(found)
-
     def snapshot(self, max_age: float) -> list[InstanceView]:
         """All of this profile's instances, reusing a describe younger than ``max_age``."""
         now = time.monotonic()
@@ -205,10 +209,23 @@ class AwsBackend:
         """key -> instance id for attempts already launched: ONE describe per 200 keys."""
         if not keys:
             return {}
-        found = self.by_keys(keys)
-        for key, inst in found.items():
-            self.remember(inst.id, key)
-        return {key: inst.id for key, inst in found.items()}
+        out: dict[str, str] = {}
+        for key, nodes in self.node_sets(keys).items():
+            if inst_mod.complete(nodes):   # a partial set is launched again: missing nodes only
+                ids = [nodes[n].id for n in sorted(nodes)]
+                for ref in ids:
+                    self.remember(ref, key)
+                out[key] = join_ref(ids)
+        return out
+
+    def node_sets(self, keys: Sequence[str]) -> dict[str, dict[int, InstanceView]]:
+        """key -> node index -> instance, for attempts already launched (ONE describe per 200)."""
+        found: list[InstanceView] = []
+        keys = list(dict.fromkeys(keys))
+        for start in range(0, len(keys), FILTER_MAX):
+            found += self.describe([{"Name": f"tag:{inst_mod.TAG_KEY}",
+                                     "Values": keys[start:start + FILTER_MAX]}])
+        return inst_mod.nodes_by_key(found)
 
     def remember(self, ref: str, key: str) -> None:
         index = self.state_dir / "refs"
@@ -235,17 +252,30 @@ class AwsBackend:
         found = {v.id: v for v in self.describe([])}
         self._snapshot = (now_mono, list(found.values()))
         out: dict[str, Observation] = {}
-        ended = []
+        ended: list[tuple[str, list[InstanceView]]] = []
+        doomed: list[str] = []
         for ref in refs:
-            inst = found.get(ref)
-            if inst is not None and inst_mod.STATES.get(inst.state) is not None:
-                out[ref] = inst_mod.live_observation(inst)
-            elif inst is not None:
-                ended.append(inst)
-            else:   # AWS forgets terminated instances after about an hour
-                gone = self._forgotten(ref)
-                if gone is not None:
-                    ended.append(gone)
+            maybe = [found.get(i) or self._forgotten(i) for i in split_ref(ref)]
+            known = [v for v in maybe if v is not None]
+            if not maybe or len(known) < len(maybe):
+                continue   # unknown: the reconciler counts misses
+            head = known[0]
+            live = [v for v in known if inst_mod.STATES.get(v.state) is not None]
+            if len(live) == len(known):
+                out[ref] = (inst_mod.live_observation(head) if len(known) == 1
+                            else cluster.live(live))
+            elif head in live:   # a worker ended first: the cluster cannot finish
+                dead = [v for v in known if v not in live and v.state != "gone"]
+                if not dead:
+                    continue   # a worker not listed (yet): describe lags run_instances
+                out[ref] = cluster.lost_node(ref, dead[0], known, self.clock())
+                self.ledger.settle(head.key, float(out[ref].extra["cost"]))
+                doomed += [v.id for v in live]
+            else:
+                ended.append((ref, known))
+                doomed += [v.id for v in live]   # workers still waiting for node 0
+        if doomed:
+            self.terminate(doomed, inst_mod.TAG_REAPED)
         if ended:
             out.update(self._ended(ended))
         return out
@@ -264,14 +294,15 @@ class AwsBackend:
                             price=float(rec.get("price_per_hour") or 0.0),
                             launched=float(rec.get("launched_at") or 0.0), expiry=0.0)
 
-    def _ended(self, ended: list[InstanceView]) -> dict[str, Observation]:
+    def _ended(self, ended: list[tuple[str, list[InstanceView]]]) -> dict[str, Observation]:
         from gateway.node import read_json
 
         now = self.clock()
         waiting: set[str] | None = None
         out: dict[str, Observation] = {}
         leftovers = []
-        for inst in ended:
+        for ref, nodes in ended:
+            inst = nodes[0]
             adir = self.attempt_dir(inst.key)
             if adir is None:
                 continue
@@ -288,14 +319,15 @@ class AwsBackend:
             if status is None and inst.state == "gone":
                 continue   # no word from it: the reconciler counts misses, then LOST
             end = float(status["ended_at"]) if status and status.get("ended_at") else now
-            cost = instance_cost(inst.price, end - inst.launched) if inst.launched else 0.0
-            if status is not None:
-                out[inst.id] = inst_mod.finished_observation(inst, status, cost)
-            else:
-                out[inst.id] = inst_mod.silent_end(inst, now, cost)
+            cost = cluster.cost_of(nodes, end)   # sum over the nodes
+            obs = (inst_mod.finished_observation(inst, status, cost) if status is not None
+                   else inst_mod.silent_end(inst, now, cost))
+            if len(nodes) > 1:
+                obs = replace(obs, ref=ref, node=", ".join(f"{v.id} ({v.type})" for v in nodes),
+                              extra={**obs.extra, "nodes": str(len(nodes))})
+            out[ref] = obs
             self.ledger.settle(inst.key, cost)
-            if inst.state in ("stopping", "stopped"):
-                leftovers.append(inst.id)
+            leftovers += [v.id for v in nodes if v.state in ("stopping", "stopped")]
         if leftovers:   # powered off but not terminated (shutdown behaviour changed?)
             self.call("ec2", "terminate_instances", InstanceIds=leftovers)
         return out
@@ -303,9 +335,9 @@ class AwsBackend:
     # -- cancel / reap / logs -----------------------------------------------------------
     def cancel(self, refs: Sequence[str]) -> None:
         """Mark and terminate: ONE create_tags and ONE terminate_instances for all refs."""
-        refs = [r for r in dict.fromkeys(refs) if r]
-        if refs:
-            self.terminate(refs, inst_mod.TAG_CANCELLED)
+        ids = [i for r in dict.fromkeys(refs) if r for i in split_ref(r)]
+        if ids:
+            self.terminate(ids, inst_mod.TAG_CANCELLED)
 
     def terminate(self, ids: list[str], mark: str) -> None:
         try:
@@ -325,10 +357,26 @@ class AwsBackend:
             self.terminate([v.id for v in doomed], inst_mod.TAG_REAPED)
             self._snapshot = None
             log.warning("%s: reaped %s", self.name, ", ".join(f"{v.id} ({v.key})" for v in doomed))
+        if self._snapshot is not None:   # placement groups whose attempt is over and empty
+            self.groups.sweep(active_keys, self._snapshot[1], dry_run=dry_run)
         return doomed
 
     def log_paths(self, ref: str, attempt_dir: Path) -> dict[str, Path]:
         return {"stdout": Path(attempt_dir) / "stdout", "stderr": Path(attempt_dir) / "stderr"}
+
+    def fetch_log(self, key: str, stream: str, dest: Path) -> bool:
+        """A running attempt's log as the instance last uploaded it (every ``log_interval_s``):
+        ONE GET, written atomically to ``dest``. False when there is none yet."""
+        try:
+            body = self.call("s3", "get_object", Bucket=self.profile.bucket,
+                             Key=self.staging.run_key(key, stream))["Body"].read()
+        except StagingError:
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.live")
+        tmp.write_bytes(body)
+        tmp.replace(dest)
+        return True
 
 
 def client_token(key: str, option: int) -> str:

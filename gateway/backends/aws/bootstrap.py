@@ -12,6 +12,18 @@ the script goes through ``shlex.quote``. What it does, in order:
 4. tars the files matched by the output globs, uploads them, the logs and the status object
    (the node runner's status.json fields plus ``outputs_sha256``), and powers off.
 
+Multi-node attempts (``cluster``): every node stages the image and the inputs, asks IMDSv2
+for its private address and puts it in an S3 rendezvous object; node 0 fetches the others'
+objects (waiting up to ``cluster.wait_s``), writes ``$ROOT/hostfile`` (each address once
+per slot, Open MPI's format) and runs the command (through ``mpirun --hostfile`` when
+``cluster.mpi``); the other nodes wait for node 0's completion object and power off.
+
+With podman, the script writes a private containers.conf/storage.conf (runc, cgroupfs, file
+events, nofile 20000: what podman needs on hosts like ours, harmless elsewhere), loads the
+archive with ``skopeo copy`` (every blob verified, the manifest digest kept), checks the
+digest podman reports, and runs ``command`` (gateway.runtimes.podman's argv, where
+``WORK_MARK`` stands for the work folder).
+
 ``HPCGW_IMDS`` and ``HPCGW_NODE_ROOT`` in the instance's environment override the metadata
 address and the work folder (the test emulator points them at 127.0.0.1 and a scratch folder).
 """
@@ -22,8 +34,10 @@ import shlex
 from dataclasses import dataclass, field
 
 from gateway.errors import CapabilityError
+from gateway.images.podman import CONTAINERS_CONF, STORAGE_CONF
 
 USER_DATA_LIMIT = 16 * 1024   # EC2 refuses larger user-data (before base64)
+WORK_MARK = "@HPCGW_WORK@"    # in ``command``: the instance's work folder
 q = shlex.quote
 
 
@@ -49,6 +63,20 @@ class RunUrls:
 
 
 @dataclass(frozen=True)
+class ClusterPlan:
+    """One node of a multi-node (or MPI) attempt and its S3 rendezvous objects."""
+
+    node: int
+    nodes: int
+    slots: int = 1                    # MPI ranks per node (tasks_per_node)
+    address: str = ""                 # workers: PUT URL of this node's address object
+    peers: list[str] = field(default_factory=list)   # node 0: GET URLs of nodes 1..n-1
+    done: str = ""                    # node 0: PUT URL of the completion object; workers: GET
+    mpi: bool = False                 # node 0 runs the command through mpirun --hostfile
+    wait_s: int = 600                 # node 0 waits this long for the others' addresses
+
+
+@dataclass(frozen=True)
 class BootstrapPlan:
     key: str
     argv: list[str]
@@ -66,6 +94,9 @@ class BootstrapPlan:
     spot: bool = True
     log_interval: int = 30
     node_root: str = "/var/lib/hpcgw"
+    command: list[str] = field(default_factory=list)   # podman: the container argv (WORK_MARK)
+    image_load_as: str = ""        # podman: the name skopeo copies the archive to
+    cluster: ClusterPlan | None = None
 
 
 HEAD = """\
@@ -88,6 +119,7 @@ URL_STDERR={stderr}
 URL_OUTPUTS={outputs}
 URL_STATUS={status}
 URL_INBOX={inbox}
+URL_DONE={done}
 """
 
 FUNCTIONS = r"""
@@ -108,6 +140,7 @@ hpcgw_status() {  # outcome exit_code signal reason (fixed words, never user dat
   hpcgw_logs
   hpcgw_put "$ROOT/status.json" "$URL_STATUS"
   hpcgw_put "$ROOT/status.json" "$URL_INBOX"
+  [ -z "$URL_DONE" ] || hpcgw_put "$ROOT/status.json" "$URL_DONE"
 }
 hpcgw_fail() { hpcgw_status error null null "\"$1\""; hpcgw_poweroff; exit 1; }
 hpcgw_spot_notice() {  # IMDSv2: a token first, then the interruption notice (404: none)
@@ -116,6 +149,42 @@ hpcgw_spot_notice() {  # IMDSv2: a token first, then the interruption notice (40
   tok=$(curl -fsS -m 2 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' "$IMDS/latest/api/token") || return 1
   curl -fsS -m 2 -o /dev/null -H "X-aws-ec2-metadata-token: $tok" "$IMDS/latest/meta-data/spot/instance-action"
 }
+"""
+
+ADDRESS = r"""# this node's private address (IMDSv2), for the rendezvous
+hpcgw_address() {
+  local tok
+  tok=$(curl -fsS -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' "$IMDS/latest/api/token") || return 1
+  curl -fsS -m 5 -H "X-aws-ec2-metadata-token: $tok" "$IMDS/latest/meta-data/local-ipv4" | tr -cd '0-9A-Za-z.:-'
+}
+ADDR=$(hpcgw_address)
+[ -n "$ADDR" ] || hpcgw_fail "no private address from the metadata service"
+"""
+
+WORKER = r"""printf '%s\n' "$ADDR" >"$ROOT/address"
+hpcgw_put "$ROOT/address" "$URL_ADDRESS" || hpcgw_fail "cannot publish this node's address"
+# node 0 runs the job; this node serves it until node 0's completion object appears
+until curl -fsS -m 10 -o /dev/null "$URL_DONE_GET"; do sleep 3; done
+hpcgw_logs
+hpcgw_poweroff
+exit 0
+"""
+
+GATHER = r"""# the other nodes' addresses -> the hostfile (each address once per slot)
+printf '%s\n' "$ADDR" >"$ROOT/addresses"
+WAIT_UNTIL=$(( $(date +%s) + WAIT_S ))
+for i in "${!PEERS[@]}"; do
+  until curl -fsS -m 10 -o "$ROOT/peer" "${PEERS[$i]}" 2>/dev/null; do
+    [ "$(date +%s)" -lt "$WAIT_UNTIL" ] || hpcgw_fail "node $((i + 1)) did not report its address"
+    sleep 2
+  done
+  peer=$(tr -cd '0-9A-Za-z.:-' <"$ROOT/peer")
+  [ -n "$peer" ] || hpcgw_fail "node $((i + 1)) sent an empty address"
+  printf '%s\n' "$peer" >>"$ROOT/addresses"
+done
+: >"$ROOT/hostfile"
+while read -r a; do for _ in $(seq "$SLOTS"); do printf '%s\n' "$a" >>"$ROOT/hostfile"; done; done <"$ROOT/addresses"
+export HPCGW_HOSTFILE="$ROOT/hostfile" HPCGW_NODES="$NODES"
 """
 
 WATCH = r"""JOB=$!
@@ -165,24 +234,46 @@ exit 0
 
 
 def render_bootstrap(plan: BootstrapPlan) -> str:
-    """The user-data script for one attempt; CapabilityError if it cannot be carried."""
+    """The user-data script for one node of an attempt; CapabilityError if it cannot be carried."""
     if plan.runtime not in ("host", "podman"):
         raise CapabilityError(f"aws: runtime {plan.runtime!r} is not supported on instances "
                               "(host or podman)")
+    cluster = plan.cluster
+    worker = cluster is not None and cluster.node > 0
     head = HEAD.format(
         key=q(plan.key), walltime=int(plan.walltime), grace=int(plan.grace),
         poweroff_after=int(plan.poweroff_after), log_interval=int(plan.log_interval),
         spot=1 if plan.spot else 0, image_digest=q(plan.image_digest), node_root=plan.node_root
         if _plain(plan.node_root) else _bad("node_root", plan.node_root),
         stdout=q(plan.urls.stdout), stderr=q(plan.urls.stderr), outputs=q(plan.urls.outputs),
-        status=q(plan.urls.status), inbox=q(plan.urls.inbox))
-    parts = [head, "OUTPUTS=(" + " ".join(q(o) for o in plan.outputs) + ")\n", FUNCTIONS,
-             _image(plan), _inputs(plan), _run(plan), WATCH, TAIL]
+        status=q(plan.urls.status), inbox=q(plan.urls.inbox),
+        done=q(cluster.done) if cluster is not None and not worker else "''")
+    parts = [head, _cluster_vars(cluster), "OUTPUTS=(" + " ".join(q(o) for o in plan.outputs) + ")\n",
+             FUNCTIONS, _podman_conf(plan), _image(plan), _inputs(plan)]
+    if cluster is not None:
+        parts.append(ADDRESS)
+    if worker:
+        parts.append(WORKER)
+    else:
+        parts += [GATHER if cluster is not None else "", _run(plan), WATCH, TAIL]
     text = "".join(parts)
     if len(text.encode()) > USER_DATA_LIMIT:
         raise CapabilityError(f"aws: the bootstrap for {plan.key} is {len(text.encode())} bytes, "
-                              f"over EC2's {USER_DATA_LIMIT}: bundle the inputs into fewer files")
+                              f"over EC2's {USER_DATA_LIMIT}: bundle the inputs into fewer files"
+                              + (" or use fewer nodes" if cluster is not None else ""))
     return text
+
+
+def _cluster_vars(cluster: ClusterPlan | None) -> str:
+    if cluster is None:
+        return ""
+    lines = [f"NODE={int(cluster.node)}\n", f"NODES={int(cluster.nodes)}\n",
+             f"SLOTS={int(cluster.slots)}\n", f"WAIT_S={int(cluster.wait_s)}\n"]
+    if cluster.node > 0:
+        lines += [f"URL_ADDRESS={q(cluster.address)}\n", f"URL_DONE_GET={q(cluster.done)}\n"]
+    else:
+        lines.append("PEERS=(" + " ".join(q(u) for u in cluster.peers) + ")\n")
+    return "".join(lines)
 
 
 def _plain(path: str) -> bool:
@@ -193,6 +284,22 @@ def _bad(what: str, value: str) -> str:
     raise CapabilityError(f"aws: {what} {value!r} must be an absolute path of letters, digits, /._-")
 
 
+def _podman_conf(plan: BootstrapPlan) -> str:
+    """podman's private configuration on the instance (the machine's own stays untouched)."""
+    if plan.runtime != "podman":
+        return ""
+    conf = CONTAINERS_CONF.format(root="$PODMAN_DIR")
+    storage = STORAGE_CONF.format(root="$PODMAN_DIR", runroot="$PODMAN_RUNROOT")
+    return ("# podman's private configuration: runc, cgroupfs, file events, nofile limit\n"
+            'PODMAN_DIR="$ROOT/podman"\n'
+            'PODMAN_RUNROOT="/run/hpcgw-node-$(printf %s "$ROOT" | sha256sum | cut -c1-12)"\n'
+            'mkdir -p "$PODMAN_DIR" "$PODMAN_RUNROOT" || hpcgw_fail "cannot create podman folders"\n'
+            f'cat >"$PODMAN_DIR/containers.conf" <<HPCGW_EOF\n{conf}HPCGW_EOF\n'
+            f'cat >"$PODMAN_DIR/storage.conf" <<HPCGW_EOF\n{storage}HPCGW_EOF\n'
+            'export CONTAINERS_CONF="$PODMAN_DIR/containers.conf" '
+            'CONTAINERS_STORAGE_CONF="$PODMAN_DIR/storage.conf"\n')
+
+
 def _image(plan: BootstrapPlan) -> str:
     if plan.image is None:
         return ""
@@ -201,7 +308,13 @@ def _image(plan: BootstrapPlan) -> str:
              f'[ "$(hpcgw_sha "$ROOT/image.tar")" = {q(plan.image.sha256)} ] '
              '|| hpcgw_fail "image archive sha256 mismatch"\n']
     if plan.runtime == "podman":
-        lines.append('podman load -q -i "$ROOT/image.tar" >/dev/null || hpcgw_fail "podman cannot load the image"\n')
+        load_as = plan.image_load_as or plan.image.name.split("@")[0]
+        lines += [f'skopeo copy --quiet oci-archive:"$ROOT/image.tar" containers-storage:{q(load_as)} '
+                  '|| hpcgw_fail "skopeo cannot load the image (a blob does not match?)"\n',
+                  f"FOUND=$(podman image inspect --format '{{{{.Digest}}}}' {q(plan.image.name)}) "
+                  '|| hpcgw_fail "podman does not know the loaded image"\n',
+                  '[ "$FOUND" = "$IMAGE_DIGEST" ] || hpcgw_fail "image digest mismatch after loading"\n',
+                  'rm -f "$ROOT/image.tar"\n']
     return "".join(lines)
 
 
@@ -223,19 +336,28 @@ def _inputs(plan: BootstrapPlan) -> str:
     return ("# inputs, each checked against its sha256\n" + "".join(lines)) if lines else ""
 
 
+def _word(arg: str) -> str:
+    """One argv element as one shell word; WORK_MARK becomes "$WORK"."""
+    if WORK_MARK not in arg:
+        return q(arg)
+    return '"$WORK"'.join(q(part) if part else "" for part in arg.split(WORK_MARK))
+
+
 def _run(plan: BootstrapPlan) -> str:
-    env = "".join(f"export {name}={q(value)}\n" for name, value in sorted(plan.env.items())
-                  if name.isidentifier())
+    names = sorted(name for name in plan.env if name.isidentifier())
+    env = "".join(f"export {name}={q(plan.env[name])}\n" for name in names)
     if plan.runtime == "podman":
-        if plan.image is None:
-            raise CapabilityError(f"aws: {plan.key} runs with podman but has no image")
-        flags = ["--rm", "--network=host", "--ipc=host", "--volume", '"$WORK"' + ":" + q(plan.workdir) + ":rw",
-                 "--workdir", q(plan.workdir)]
-        flags += [f"--env {q(name)}" for name in sorted(plan.env) if name.isidentifier()]
-        command = "podman run " + " ".join(flags) + " -- " + q(plan.image.name) + " " + \
-            " ".join(q(a) for a in plan.argv)
+        if plan.image is None or not plan.command:
+            raise CapabilityError(f"aws: {plan.key} runs with podman but has no image or command")
+        words = plan.command
     else:
         env += 'export HPCGW_WORK_DIR="$WORK"\n'
-        command = " ".join(q(a) for a in plan.argv)
+        words = plan.argv
+    command = " ".join(_word(a) for a in words)
+    cluster = plan.cluster
+    if cluster is not None and cluster.mpi:
+        forward = " ".join(f"-x {q(n)}" for n in [*names, "HPCGW_HOSTFILE", "HPCGW_NODES"])
+        command = ('mpirun --allow-run-as-root --hostfile "$ROOT/hostfile" '
+                   f"-np {int(cluster.nodes * cluster.slots)} {forward} {command}")
     return ("# the job, in its own process group\n" + env + 'cd "$WORK" || hpcgw_fail "no work folder"\n'
             f'setsid {command} </dev/null >>"$ROOT/stdout" 2>>"$ROOT/stderr" &\n')

@@ -55,10 +55,15 @@ class Choice:
 
     type: InstanceType
     spot: bool
+    observed: float | None = None   # from the spot price history, when the profile asks
 
     @property
     def price(self) -> float:
-        return self.type.price(self.spot)
+        return self.observed if self.observed is not None else self.type.price(self.spot)
+
+    @property
+    def source(self) -> str:
+        return "spot price history" if self.observed is not None else "catalog"
 
 
 class Catalog:
@@ -89,11 +94,13 @@ class Catalog:
                          if not market or t.spot is not None]
         return plan
 
-    def capabilities(self, *, max_walltime: int, runtimes: frozenset[str]) -> Capabilities:
+    def capabilities(self, *, max_walltime: int, runtimes: frozenset[str],
+                     max_nodes: int = 1) -> Capabilities:
         types = list(self.types.values())
         features: set[str] = set().union(*(t.features for t in types)) if types else set()
         return Capabilities(
-            max_nodes=1, max_cpus=max((t.vcpus for t in types), default=0),
+            max_nodes=max_nodes, max_cpus=max_nodes * max((t.vcpus for t in types), default=0),
+            mpi=frozenset({"mpirun"}),
             max_gpus=max((t.gpus.count for t in types), default=0),
             gpu_types=frozenset(t.gpus.type for t in types if t.gpus.type),
             features=frozenset(features), max_walltime=max_walltime, runtimes=runtimes,

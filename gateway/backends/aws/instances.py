@@ -22,6 +22,7 @@ TAG_KEY, TAG_JOB, TAG_ATTEMPT = "hpcgw:key", "hpcgw:job", "hpcgw:attempt"
 TAG_OWNER, TAG_PROFILE, TAG_EXPIRY = "hpcgw:owner", "hpcgw:profile", "hpcgw:expiry"
 TAG_PRICE, TAG_MARKET, TAG_PROJECT = "hpcgw:price", "hpcgw:market", "hpcgw:project"
 TAG_CANCELLED, TAG_REAPED = "hpcgw:cancelled", "hpcgw:reaped"
+TAG_NODE, TAG_NODES, TAG_DISCARDED = "hpcgw:node", "hpcgw:nodes", "hpcgw:discarded"
 
 # EC2 instance state -> gateway state while the instance lives; None: it has ended
 STATES: dict[str, State | None] = {
@@ -47,6 +48,9 @@ class InstanceView:
     cancelled: bool = False
     reaped: bool = False
     reason_code: str = ""
+    node: int = 0            # multi-node attempts: this instance's node index
+    nodes: int = 1           # and how many nodes the attempt has
+    discarded: bool = False  # terminated by the launcher after a capacity error on a sibling
 
     @property
     def alive(self) -> bool:
@@ -77,7 +81,9 @@ def view(inst: dict[str, Any]) -> InstanceView:
         price=_epoch(tags.get(TAG_PRICE)), launched=_epoch(inst.get("LaunchTime")),
         expiry=_epoch(tags.get(TAG_EXPIRY)), project=tags.get(TAG_PROJECT) or None,
         cancelled=TAG_CANCELLED in tags, reaped=TAG_REAPED in tags,
-        reason_code=str(inst.get("StateReason", {}).get("Code", "")))
+        reason_code=str(inst.get("StateReason", {}).get("Code", "")),
+        node=int(_epoch(tags.get(TAG_NODE))), nodes=max(1, int(_epoch(tags.get(TAG_NODES)) or 1)),
+        discarded=TAG_DISCARDED in tags)
 
 
 def views(pages: list[dict[str, Any]]) -> list[InstanceView]:
@@ -88,9 +94,25 @@ def newest_by_key(found: list[InstanceView]) -> dict[str, InstanceView]:
     """One instance per attempt key: a live one before an ended one, then the newest."""
     best: dict[str, InstanceView] = {}
     for inst in sorted(found, key=lambda v: (v.alive, v.launched)):
-        if inst.key:
+        if inst.key and inst.node == 0 and not inst.discarded:
             best[inst.key] = inst
     return best
+
+
+def nodes_by_key(found: list[InstanceView]) -> dict[str, dict[int, InstanceView]]:
+    """key -> node index -> instance (a live one before an ended one, then the newest);
+    instances the launcher discarded are left out."""
+    best: dict[str, dict[int, InstanceView]] = {}
+    for inst in sorted(found, key=lambda v: (v.alive, v.launched)):
+        if inst.key and not inst.discarded:
+            best.setdefault(inst.key, {})[inst.node] = inst
+    return best
+
+
+def complete(nodes: dict[int, InstanceView]) -> bool:
+    """Every node of the attempt was launched."""
+    want = max((v.nodes for v in nodes.values()), default=1)
+    return set(nodes) >= set(range(want))
 
 
 def live_observation(inst: InstanceView) -> Observation:

@@ -61,6 +61,10 @@ class AwsProfile(BaseModel):
     api_max_attempts: int = Field(5, ge=1, le=20, description="botocore's own retries (standard mode)")
     reap_interval_s: float = Field(60.0, ge=0, description="at most one reaper describe per this period")
     node_root: str = Field("/var/lib/hpcgw", description="the instance's work folder")
+    max_nodes: int = Field(16, ge=1, le=64, description="instances (nodes) one job may use")
+    placement_group: bool = Field(True, description="multi-node jobs: a cluster placement group per attempt")
+    spot_history: bool = Field(False, description="refine spot prices with describe_spot_price_history")
+    spot_history_ttl_s: float = Field(300.0, ge=0, description="how long one price history answer is used")
 
     @field_validator("max_walltime", mode="before")
     @classmethod

@@ -80,3 +80,20 @@ def emulator(aws_env: str, tmp_path: Path) -> Callable[..., Any]:
     yield start
     for emu in made:
         emu.__exit__(None, None, None)
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, aws_env: str, bucket: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """A gateway whose aws:test profile points at moto (test_aws_cloud.Cloud)."""
+    from test_aws_cloud import Cloud
+
+    made: list[Cloud] = []
+
+    def make(**profile: Any) -> Cloud:
+        owner = "".join(c if c.isalnum() or c in "_.-" else "-" for c in request.node.name)[:60]
+        made.append(Cloud(tmp_path, aws_env, bucket, owner=owner, **profile))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.gw.close()

@@ -3,7 +3,8 @@
 It watches moto for running instances that carry the gateway's tags, fetches each one's
 real user-data and runs it with bash on this machine, in a scratch folder per instance:
 ``HPCGW_NODE_ROOT`` points the bootstrap at that folder, ``HPCGW_IMDS`` at a metadata stub
-on 127.0.0.1 (IMDSv2 token + spot interruption notice), and ``poweroff``/``shutdown`` on the
+on 127.0.0.1 (IMDSv2 token, spot interruption notice, ``local-ipv4`` = 127.0.0.1: every
+emulated node of a multi-node attempt is this machine, as a separate bash process), and ``poweroff``/``shutdown`` on the
 script's PATH terminate the instance in moto. Everything else (curl to presigned S3 URLs,
 sha256 checks, the job, the uploads) runs for real. An instance moto reports as terminated
 (cancelled or reaped by the gateway) has its processes killed, as a vanishing VM would.
@@ -53,6 +54,8 @@ class _Imds(BaseHTTPRequestHandler):
             self._answer(401, b"")
         elif path == "/latest/meta-data/spot/instance-action" and instance in self.emulator.interrupted:
             self._answer(200, b'{"action": "terminate", "time": "2026-01-01T00:00:00Z"}')
+        elif path == "/latest/meta-data/local-ipv4":
+            self._answer(200, b"127.0.0.1")
         else:
             self._answer(404, b"")
 

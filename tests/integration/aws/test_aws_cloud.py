@@ -29,15 +29,20 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 class Faulty:
-    """A boto3 client whose next calls of an operation fail with scripted error codes."""
+    """A boto3 client whose next calls of an operation fail with scripted error codes;
+    ``fakes`` answers operations moto does not implement (placement groups); ``seen``
+    records every call's parameters by operation."""
 
-    def __init__(self, real: Any, plan: dict[str, list[str]]) -> None:
+    def __init__(self, real: Any, plan: dict[str, list[str]], fakes: dict[str, Callable[..., Any]],
+                 seen: dict[str, list[dict[str, Any]]]) -> None:
         self._real, self._plan, self.meta = real, plan, real.meta
+        self._fakes, self._seen = fakes, seen
 
     def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._real, name)
+        attr = self._fakes.get(name) or getattr(self._real, name)
 
         def call(**kwargs: Any) -> Any:
+            self._seen.setdefault(name, []).append(kwargs)
             codes = self._plan.get(name)
             if codes:
                 raise ClientError({"Error": {"Code": codes.pop(0), "Message": "injected"}}, name)
@@ -46,12 +51,41 @@ class Faulty:
         return call
 
 
+class FakePlacementGroups:
+    """moto 5 does not implement placement groups: this stands in for the three calls
+    (create, reused on a duplicate name; delete, refused while instances use the group)."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, list[dict[str, str]]] = {}
+        self.deleted: list[str] = []
+
+    def create_placement_group(self, GroupName: str, Strategy: str, **kw: Any) -> dict[str, Any]:
+        if GroupName in self.groups:
+            raise ClientError({"Error": {"Code": "InvalidPlacementGroup.Duplicate",
+                                         "Message": "exists"}}, "CreatePlacementGroup")
+        assert Strategy == "cluster"
+        self.groups[GroupName] = [t for spec in kw.get("TagSpecifications", []) for t in spec["Tags"]]
+        return {}
+
+    def delete_placement_group(self, GroupName: str) -> dict[str, Any]:
+        if self.groups.pop(GroupName, None) is None:
+            raise ClientError({"Error": {"Code": "InvalidPlacementGroup.Unknown",
+                                         "Message": "unknown"}}, "DeletePlacementGroup")
+        self.deleted.append(GroupName)
+        return {}
+
+
 class Cloud:
     """A gateway whose aws:test profile points at moto; faults and clock are the test's."""
 
     def __init__(self, tmp: Path, moto: str, bucket: str, owner: str,
-                 extra: dict[str, Any] | None = None, **profile: Any) -> None:
+                 extra_config: dict[str, Any] | None = None, **profile: Any) -> None:
         self.moto, self.owner, self.faults = moto, owner, {}
+        self.seen: dict[str, list[dict[str, Any]]] = {}
+        self.pgs = FakePlacementGroups()
+        self.fakes: dict[str, Callable[..., Any]] = {
+            "create_placement_group": self.pgs.create_placement_group,
+            "delete_placement_group": self.pgs.delete_placement_group}
         self.shift = 0.0
         self.home = tmp / "home"
         self.config_file = tmp / "config.yaml"
@@ -61,7 +95,7 @@ class Cloud:
         document: dict[str, Any] = {
             "data_dir": str(self.home), "agent": {"backoff_s": [0.1], "lost_after_misses": 3},
             "backends": {"aws": {"profiles": {"test": fields}}}}
-        for key, value in (extra or {}).items():
+        for key, value in (extra_config or {}).items():   # backends merge; the rest replaces
             if key == "backends":
                 document["backends"].update(value)
             else:
@@ -82,7 +116,7 @@ class Cloud:
                                               retries={"max_attempts": 1}))
 
     def _client(self, service: str) -> Any:
-        return Faulty(self._real(service), self.faults)
+        return Faulty(self._real(service), self.faults, self.fakes, self.seen)
 
     def submit(self, **spec: Any) -> str:
         fields = {"name": "job", "target": "aws:test", "command": ["true"], **spec}
@@ -102,19 +136,6 @@ class Cloud:
     def instances(self, key: str) -> list[dict[str, Any]]:
         pages = self.ec2.describe_instances(Filters=[{"Name": "tag:hpcgw:key", "Values": [key]}])
         return [i for r in pages["Reservations"] for i in r["Instances"]]
-
-
-@pytest.fixture
-def cloud(tmp_path: Path, aws_env: str, bucket: str, request: pytest.FixtureRequest) -> Callable[..., Cloud]:
-    made: list[Cloud] = []
-
-    def make(**profile: Any) -> Cloud:
-        made.append(Cloud(tmp_path, aws_env, bucket, owner=request.node.name[:60], **profile))
-        return made[-1]
-
-    yield make
-    for c in made:
-        c.gw.close()
 
 
 def test_a_job_runs_end_to_end(cloud: Callable[..., Cloud], emulator: Any, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def hybrid(tmp_path: Path, aws_env: str, bucket: str, small_slurm: SlurmCluster,
            request: pytest.FixtureRequest) -> Iterator[Cloud]:
     slurm = {"test": {"env": {**small_slurm.env, "PYTHONPATH": str(REPO)}}}
     cloud = Cloud(tmp_path, aws_env, bucket, owner=request.node.name[:60],
-                  extra={"backends": {"slurm": {"profiles": slurm}},
+                  extra_config={"backends": {"slurm": {"profiles": slurm}},
                          "broker": {"prefer": "slurm:test", "burst_after_s": 60}})
     yield cloud
     cloud.gw.close()

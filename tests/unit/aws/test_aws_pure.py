@@ -108,3 +108,26 @@ def test_outputs_tar_cannot_escape(tmp_path: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
     assert extract_outputs(tar_path, tmp_path / "out") == ["ok/a.txt"]
     assert not (tmp_path / "evil").exists()
+
+
+def test_node_sets_spot_history_and_cluster_cost() -> None:
+    from gateway.backends.aws.cluster import cost_of, join_ref, live, split_ref
+    from gateway.backends.aws.instances import complete, nodes_by_key
+    from gateway.backends.aws.pricing import newest
+
+    def node(n: int, state: str = "running", **tags: str) -> object:
+        inst = _inst(state, **{"hpcgw:node": str(n), "hpcgw:nodes": "2", **tags})
+        return view({**inst, "InstanceId": f"i-{n}{state[0]}"})
+
+    sets = nodes_by_key([node(0), node(1, "terminated", **{"hpcgw:discarded": "1"})])
+    assert list(sets["hpcgw.j1.1"]) == [0] and not complete(sets["hpcgw.j1.1"])
+    full = nodes_by_key([node(0), node(1, "terminated"), node(1)])["hpcgw.j1.1"]
+    assert complete(full) and full[1].id == "i-1r"          # the live one wins
+    assert live([full[0], full[1]]).state == State.RUNNING
+    assert live([full[0], node(1, "pending")]).state == State.QUEUED
+    assert split_ref(join_ref(["i-a", "i-b"])) == ["i-a", "i-b"] and split_ref("i-a") == ["i-a"]
+    assert cost_of([full[0], full[1]], 100 + 3600) == pytest.approx(1.0)   # 2 x 0.5 USD/h
+    old, new = datetime(2020, 1, 1, tzinfo=timezone.utc), datetime(2021, 1, 1, tzinfo=timezone.utc)
+    hist = [{"InstanceType": "c6i.large", "AvailabilityZone": "a", "SpotPrice": "0.02", "Timestamp": new},
+            {"InstanceType": "c6i.large", "AvailabilityZone": "a", "SpotPrice": "0.09", "Timestamp": old}]
+    assert newest(hist) == {("c6i.large", "a"): 0.02}

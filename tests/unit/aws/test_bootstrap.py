@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.backends.aws.bootstrap import BootstrapPlan, RunUrls, Staged, render_bootstrap
+from gateway.backends.aws.bootstrap import (WORK_MARK, BootstrapPlan, ClusterPlan, RunUrls, Staged,
+                                             render_bootstrap)
 from gateway.errors import CapabilityError
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -35,6 +36,10 @@ def _cases() -> dict[str, BootstrapPlan]:
         poweroff_after=7830, urls=urls(), runtime="podman",
         image=Staged(URL.format("image.tar"), "ab" * 32, "localhost/team/app@sha256:" + "cd" * 32),
         image_digest="sha256:" + "cd" * 32,
+        command=["podman", "run", "--rm", "--pull=never", "--read-only", "--network=host",
+                 f"--volume={WORK_MARK}:/work:rw", "--workdir=/work", "--env=OMP_NUM_THREADS=4",
+                 "--", "localhost/team/app@sha256:" + "cd" * 32, "python", "train.py"],
+        image_load_as="localhost/team/app:sha256-" + "cd" * 10,
         inputs=[Staged(URL.format("in0"), "11" * 32, "data/train.csv"),
                 Staged(URL.format("in1"), "22" * 32, "models", is_dir=True)],
         outputs=["out/*.npy", "metrics.json"], workdir="/work", spot=True, log_interval=15)
@@ -44,7 +49,17 @@ def _cases() -> dict[str, BootstrapPlan]:
         inputs=[Staged(URL.format("in0") + "&x='; rm -rf /", "33" * 32, name)
                 for name in HOSTILE[:2]],
         outputs=list(HOSTILE), spot=False)
-    return {"basic": basic, "full": full, "hostile": hostile}
+    peers = [URL.format(f"nodes/{n}.addr") for n in (1, 2)]
+    head = BootstrapPlan(
+        key="hpcgw.j4.1", argv=["./solver", "--in", "a'; echo foo"], env={"HPCGW_JOB_ID": "j4"},
+        walltime=600, grace=10, poweroff_after=1210, urls=urls(), outputs=["result.txt"],
+        cluster=ClusterPlan(node=0, nodes=3, slots=2, peers=peers, done=URL.format("nodes/done"),
+                            mpi=True, wait_s=300))
+    worker = BootstrapPlan(
+        key="hpcgw.j4.1", argv=["./solver"], env={"HPCGW_JOB_ID": "j4"}, walltime=600, grace=10,
+        poweroff_after=1210, urls=urls(),
+        cluster=ClusterPlan(node=2, nodes=3, slots=2, address=peers[1], done=URL.format("nodes/done")))
+    return {"basic": basic, "full": full, "hostile": hostile, "mpi-node0": head, "mpi-node2": worker}
 
 
 @pytest.mark.parametrize("name", sorted(_cases()))
@@ -91,6 +106,21 @@ def test_too_large_or_unsupported_is_refused() -> None:
                          inputs=[Staged(URL.format(i), "00" * 32, f"f{i}") for i in range(80)])
     with pytest.raises(CapabilityError, match="16384"):
         render_bootstrap(many)
+    with pytest.raises(CapabilityError, match="fewer nodes"):
+        render_bootstrap(BootstrapPlan(key="k", argv=["true"], env={}, walltime=1, grace=1,
+                                       poweroff_after=2, urls=urls(), cluster=ClusterPlan(
+                                           node=0, nodes=64, peers=[URL.format(n) * 2 for n in range(63)])))
     with pytest.raises(CapabilityError, match="runtime"):
         render_bootstrap(BootstrapPlan(key="k", argv=["true"], env={}, walltime=1, grace=1,
                                        poweroff_after=2, urls=urls(), runtime="charliecloud"))
+
+
+def test_work_folder_mark_and_cluster_roles() -> None:
+    cases = _cases()
+    full = render_bootstrap(cases["full"])
+    assert '--volume="$WORK":/work:rw' in full
+    assert "skopeo copy --quiet oci-archive:" in full and "CONTAINERS_STORAGE_CONF" in full
+    head, worker = render_bootstrap(cases["mpi-node0"]), render_bootstrap(cases["mpi-node2"])
+    assert 'mpirun --allow-run-as-root --hostfile "$ROOT/hostfile" -np 6' in head
+    assert "PEERS=(" in head and "URL_ADDRESS" not in head
+    assert "URL_ADDRESS=" in worker and "setsid" not in worker and "PEERS" not in worker

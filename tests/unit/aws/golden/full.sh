@@ -17,6 +17,7 @@ URL_STDERR='http://127.0.0.1:9/bucket/hpcgw/runs/hpcgw.j1.1/stderr?X-Amz-Signatu
 URL_OUTPUTS='http://127.0.0.1:9/bucket/hpcgw/runs/hpcgw.j1.1/outputs.tar?X-Amz-Signature=abc&X-Amz-Expires=3600'
 URL_STATUS='http://127.0.0.1:9/bucket/hpcgw/runs/hpcgw.j1.1/status.json?X-Amz-Signature=abc&X-Amz-Expires=3600'
 URL_INBOX='http://127.0.0.1:9/bucket/hpcgw/runs/hpcgw.j1.1/inbox?X-Amz-Signature=abc&X-Amz-Expires=3600'
+URL_DONE=''
 OUTPUTS=('out/*.npy' metrics.json)
 
 hpcgw_poweroff() { sync; poweroff || shutdown -h now; }
@@ -36,6 +37,7 @@ hpcgw_status() {  # outcome exit_code signal reason (fixed words, never user dat
   hpcgw_logs
   hpcgw_put "$ROOT/status.json" "$URL_STATUS"
   hpcgw_put "$ROOT/status.json" "$URL_INBOX"
+  [ -z "$URL_DONE" ] || hpcgw_put "$ROOT/status.json" "$URL_DONE"
 }
 hpcgw_fail() { hpcgw_status error null null "\"$1\""; hpcgw_poweroff; exit 1; }
 hpcgw_spot_notice() {  # IMDSv2: a token first, then the interruption notice (404: none)
@@ -44,10 +46,37 @@ hpcgw_spot_notice() {  # IMDSv2: a token first, then the interruption notice (40
   tok=$(curl -fsS -m 2 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' "$IMDS/latest/api/token") || return 1
   curl -fsS -m 2 -o /dev/null -H "X-aws-ec2-metadata-token: $tok" "$IMDS/latest/meta-data/spot/instance-action"
 }
+# podman's private configuration: runc, cgroupfs, file events, nofile limit
+PODMAN_DIR="$ROOT/podman"
+PODMAN_RUNROOT="/run/hpcgw-node-$(printf %s "$ROOT" | sha256sum | cut -c1-12)"
+mkdir -p "$PODMAN_DIR" "$PODMAN_RUNROOT" || hpcgw_fail "cannot create podman folders"
+cat >"$PODMAN_DIR/containers.conf" <<HPCGW_EOF
+# Written by hpcgw: podman configuration private to the gateway.
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+log_driver = "k8s-file"
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "$PODMAN_DIR/events.log"
+HPCGW_EOF
+cat >"$PODMAN_DIR/storage.conf" <<HPCGW_EOF
+# Written by hpcgw: container storage private to the gateway.
+[storage]
+driver = "overlay"
+graphroot = "$PODMAN_DIR/storage"
+runroot = "$PODMAN_RUNROOT"
+HPCGW_EOF
+export CONTAINERS_CONF="$PODMAN_DIR/containers.conf" CONTAINERS_STORAGE_CONF="$PODMAN_DIR/storage.conf"
 # the image: fetched, checked against its sha256, loaded
 hpcgw_get 'http://127.0.0.1:9/bucket/hpcgw/runs/hpcgw.j1.1/image.tar?X-Amz-Signature=abc&X-Amz-Expires=3600' "$ROOT/image.tar" || hpcgw_fail "cannot fetch the image archive"
 [ "$(hpcgw_sha "$ROOT/image.tar")" = abababababababababababababababababababababababababababababababab ] || hpcgw_fail "image archive sha256 mismatch"
-podman load -q -i "$ROOT/image.tar" >/dev/null || hpcgw_fail "podman cannot load the image"
+skopeo copy --quiet oci-archive:"$ROOT/image.tar" containers-storage:localhost/team/app:sha256-cdcdcdcdcdcdcdcdcdcd || hpcgw_fail "skopeo cannot load the image (a blob does not match?)"
+FOUND=$(podman image inspect --format '{{.Digest}}' localhost/team/app@sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd) || hpcgw_fail "podman does not know the loaded image"
+[ "$FOUND" = "$IMAGE_DIGEST" ] || hpcgw_fail "image digest mismatch after loading"
+rm -f "$ROOT/image.tar"
 # inputs, each checked against its sha256
 hpcgw_get 'http://127.0.0.1:9/bucket/hpcgw/runs/hpcgw.j1.1/in0?X-Amz-Signature=abc&X-Amz-Expires=3600' "$ROOT/input.0" || hpcgw_fail "cannot fetch input 0"
 [ "$(hpcgw_sha "$ROOT/input.0")" = 1111111111111111111111111111111111111111111111111111111111111111 ] || hpcgw_fail "input 0: sha256 mismatch"
@@ -59,7 +88,7 @@ mkdir -p "$WORK"/models && tar -xf "$ROOT/input.1" -C "$WORK"/models && rm -f "$
 export HPCGW_JOB_ID=j2
 export OMP_NUM_THREADS=4
 cd "$WORK" || hpcgw_fail "no work folder"
-setsid podman run --rm --network=host --ipc=host --volume "$WORK":/work:rw --workdir /work --env HPCGW_JOB_ID --env OMP_NUM_THREADS -- localhost/team/app@sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd python train.py --epochs 3 </dev/null >>"$ROOT/stdout" 2>>"$ROOT/stderr" &
+setsid podman run --rm --pull=never --read-only --network=host --volume="$WORK":/work:rw --workdir=/work --env=OMP_NUM_THREADS=4 -- localhost/team/app@sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd python train.py </dev/null >>"$ROOT/stdout" 2>>"$ROOT/stderr" &
 JOB=$!
 OUTCOME=exited
 TERM_AT=""

@@ -17,6 +17,7 @@ URL_STDERR='http://127.0.0.1:9/bucket/hpcgw/runs/hpcgw.j1.1/stderr?X-Amz-Signatu
 URL_OUTPUTS='http://127.0.0.1:9/bucket/hpcgw/runs/hpcgw.j1.1/outputs.tar?X-Amz-Signature=abc&X-Amz-Expires=3600'
 URL_STATUS='http://127.0.0.1:9/bucket/hpcgw/runs/hpcgw.j1.1/status.json?X-Amz-Signature=abc&X-Amz-Expires=3600'
 URL_INBOX='http://127.0.0.1:9/bucket/hpcgw/runs/hpcgw.j1.1/inbox?X-Amz-Signature=abc&X-Amz-Expires=3600'
+URL_DONE=''
 OUTPUTS=('a 0' 'a'"'"'; echo foo' 'a
 0' '$(rm -rf /)' 'x"y\z#w' '`id`;|&>*?~%j')
 
@@ -37,6 +38,7 @@ hpcgw_status() {  # outcome exit_code signal reason (fixed words, never user dat
   hpcgw_logs
   hpcgw_put "$ROOT/status.json" "$URL_STATUS"
   hpcgw_put "$ROOT/status.json" "$URL_INBOX"
+  [ -z "$URL_DONE" ] || hpcgw_put "$ROOT/status.json" "$URL_DONE"
 }
 hpcgw_fail() { hpcgw_status error null null "\"$1\""; hpcgw_poweroff; exit 1; }
 hpcgw_spot_notice() {  # IMDSv2: a token first, then the interruption notice (404: none)
