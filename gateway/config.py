@@ -48,6 +48,8 @@ class ImagesConfig(_Frozen):
     podman_dir: str = ""       # private podman config + storage; empty: DATA_DIR/podman
     podman_runroot: str = ""   # podman's run folder (sockets); empty: /run/hpcgw-<hash>
     node_profile: str = ""     # configs/nodes/<name>.yaml (or a path) used when GPUs are asked
+    container_user: str = Field("", pattern=r"^$|^[0-9]+(:[0-9]+)?$")  # podman --user UID[:GID]
+    cgroup_parent: str = Field("", pattern=r"^$|^/[A-Za-z0-9._/-]+$")   # podman --cgroup-parent
 
 
 class BackendProfiles(_Frozen):

@@ -51,7 +51,8 @@ def container_context(spec: JobSpec, runtime: str, config: Config, adir: Path,
                        runtime_env=renv, podman_dir=str(pdir), runroot=str(runroot))
         ctx = RunContext(work_dir=work, attempt_dir=str(adir), env=env,
                          image_ref=section["ref"], container_workdir=inner, runtime_env=renv,
-                         gpu=gpu)
+                         gpu=gpu, user=config.images.container_user or None,
+                         cgroup_parent=config.images.cgroup_parent or None)
         return ctx, section
     rootfs = unpacked_dir(store / "unpacked", digest) / "rootfs"
     section["path"] = str(rootfs)

@@ -176,3 +176,11 @@ def test_runtime_that_cannot_express_the_job_refuses_it(images_cli, busybox, tmp
     shown = submit(images_cli, write_spec(tmp_path, busybox[1], "podman", "true", workdir="/a:b"))
     assert shown["state"] == "FAILED" and shown["kind"] == "refused"
     assert "rename the folder" in shown["reason"]
+
+
+def test_podman_runs_as_the_configured_user(images_cli, busybox, tmp_path):  # type: ignore[no-untyped-def]
+    images_cli.env.update(HPCGW_IMAGES__CONTAINER_USER="1000:1000")
+    shown = submit(images_cli, write_spec(tmp_path, busybox[1], "podman", "id -u; id -g"))
+    assert shown["state"] == "SUCCEEDED", shown["reason"]
+    assert images_cli("logs", shown["id"]).stdout.split() == ["1000", "1000"]
+    assert "--user=1000:1000" in " ".join(shown["provenance"]["argv"])
