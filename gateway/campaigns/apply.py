@@ -79,14 +79,31 @@ def _spent(jobs: list[JobRecord]) -> float:
     return sum(core_hours(j, worst_case=not j.state.terminal) for j in jobs)
 
 
+def _member_money(gw: "Gateway", job_spec: Any) -> float:
+    """The most one member can cost where it would run (cloud: the catalog price for its
+    walltime plus boot and grace; Slurm and local: nothing)."""
+    where = gw.plan(job_spec)
+    return float(where.get("max_cost") or 0.0)
+
+
+def _spent_money(gw: "Gateway", jobs: list[JobRecord]) -> float:
+    """Money spent by finished members, plus the most the unfinished ones can still cost."""
+    spent = sum(j.cost or 0.0 for j in jobs if j.state.terminal)
+    return spent + sum(_member_money(gw, j.spec) for j in jobs if not j.state.terminal)
+
+
 def plan(gw: "Gateway", spec: CampaignSpec, base_dir: Path, *, cache: bool = True) -> Plan:
     result = Plan(spec)
     existing: dict[str, list[JobRecord]] = {}
     for job in gw.store.campaign_jobs(spec.campaign):
         existing.setdefault(job.member or "", []).append(job)
+    jobs = [j for js in existing.values() for j in js]
     budget_left = None
     if spec.budget.core_hours is not None:
-        budget_left = spec.budget.core_hours - _spent([j for js in existing.values() for j in js])
+        budget_left = spec.budget.core_hours - _spent(jobs)
+    money_left = None
+    if spec.budget.money is not None:
+        money_left = spec.budget.money - _spent_money(gw, jobs)
     past_deadline = spec.deadline is not None and datetime.now(timezone.utc) > _aware(spec.deadline)
     wanted = set()
     for params in expand(spec, base_dir):
@@ -95,15 +112,18 @@ def plan(gw: "Gateway", spec: CampaignSpec, base_dir: Path, *, cache: bool = Tru
         job_spec = _with_retries(spec, render_member(spec, params, base_dir))
         action = _decide(key, params, job_spec, existing.get(key, []))
         if action.kind in ("submit", "replace"):
-            if past_deadline:
-                action = Action("refused", key, params, job_spec, action.job, "deadline passed")
-            elif budget_left is not None:
-                cost = job_spec.resources.walltime * job_spec.resources.total_cpus / 3600.0
-                if cost > budget_left + 1e-9:
-                    action = Action("refused", key, params, job_spec, action.job,
-                                    f"budget: {cost:.2f} core-hours needed, {max(budget_left, 0):.2f} left")
-                else:
-                    budget_left -= cost
+            why = "deadline passed" if past_deadline else None
+            hours = job_spec.resources.walltime * job_spec.resources.total_cpus / 3600.0
+            money = _member_money(gw, job_spec) if money_left is not None else 0.0
+            if why is None and budget_left is not None and hours > budget_left + 1e-9:
+                why = f"budget: {hours:.2f} core-hours needed, {max(budget_left, 0):.2f} left"
+            if why is None and money_left is not None and money > money_left + 1e-9:
+                why = f"budget: ${money:.4f} needed at most, ${max(money_left, 0):.4f} left"
+            if why:
+                action = Action("refused", key, params, job_spec, action.job, why)
+            else:
+                budget_left = None if budget_left is None else budget_left - hours
+                money_left = None if money_left is None else money_left - money
         result.actions.append(action)
     for key, jobs in existing.items():
         if key not in wanted and not jobs[-1].state.terminal:

@@ -173,3 +173,26 @@ def test_parameters_from_csv_and_jsonl(cli, tmp_path):
         spec.write_text(f"campaign: from-{source.split('.')[1]}\ntemplate: {{command: 'echo {{{{x}}}}'}}\n"
                         f"parameters: {{file: {source}}}\n")
         assert sum(apply(cli, spec)["counts"].values()) == (2 if source == "p.csv" else 1)
+
+
+def test_money_budget_refuses_cloud_members_beyond_it(cli, tmp_path, gw_env):
+    """The most each cloud member can cost (catalog price x walltime) counts against the
+    campaign's money budget; no AWS call is needed to plan it."""
+    config = tmp_path / "aws.yaml"
+    config.write_text("backends: {aws: {profiles: {lab: {region: us-east-1, bucket: hpcgw-test,"
+                      " owner: tester}}}}\n")
+    cli.env = {**gw_env, "HPCGW_CONFIG": str(config)}
+    sweep = tmp_path / "cloud.yaml"
+    sweep.write_text(textwrap.dedent("""\
+        campaign: cloudy
+        template: {command: 'true', resources: {walltime: 1h}}
+        parameters: {grid: {i: [1, 2, 3, 4]}}
+        target: aws:lab
+        budget: {money: 0.09}
+        """))
+    done = cli("campaign", "plan", str(sweep), "--json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    counts = plan["counts"]
+    assert counts.get("refused", 0) >= 1 and counts.get("submit", 0) >= 1, plan
+    assert all("$" in a["reason"] for a in plan["actions"] if a["kind"] == "refused")
