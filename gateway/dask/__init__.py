@@ -40,11 +40,14 @@ def cluster_registry(gw: Gateway) -> Registry:
 
 def _python_for(gw: Gateway, target: str, image: str | None) -> str:
     """The interpreter that starts a worker: the image's python3, the Slurm profile's
-    ``python`` (the compute nodes' interpreter), or this very interpreter."""
+    ``python`` (the compute nodes' interpreter), the instance's ``python3`` on a cloud
+    target (this machine's path means nothing there), or this very interpreter."""
     if image:
         return "python3"
     profile = getattr(gw.backends.get(target), "profile", None)
-    return str(getattr(profile, "python", None) or sys.executable)
+    if getattr(profile, "python", None):
+        return str(getattr(profile, "python"))
+    return "python3" if gw.backends.backend_name(target).startswith("aws") else sys.executable
 
 
 def start_cluster(gw: Gateway, *, target: str | None = None, workers: int = 0,
