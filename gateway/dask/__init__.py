@@ -69,6 +69,10 @@ def start_cluster(gw: Gateway, *, target: str | None = None, workers: int = 0,
         raise SpecError(f"scheduler={scheduler!r}: use 'local' (the scheduler runs in this "
                         "process) or 'job' (it runs as a gateway job on the target)")
     target = target or gw.config.default_target
+    if scheduler == "job" and gw.backends.backend_name(target).startswith("aws"):
+        raise SpecError("scheduler='job' needs a file system shared with the target (local, "
+                        "slurm): a cloud instance cannot hand its scheduler file back while it "
+                        "runs; use scheduler='local' for aws workers")
     name = name or f"dask-{secrets.token_hex(3)}"
     reg = cluster_registry(gw)
     if reg.get(name) is not None:

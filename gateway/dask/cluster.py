@@ -141,9 +141,26 @@ class GatewayCluster(JobQueueCluster):
         if self._ticker is not None:
             self._ticker.stop()
         try:
+            await self._forget_ended_scheduler()
             await super()._close()
         finally:
             await self._sweep()
+
+    async def _forget_ended_scheduler(self) -> None:
+        """A scheduler job that already ended (closed from another process, walltime): do
+        not talk to it on close (each call would wait for a connect timeout)."""
+        if self.remote is None or self.status != Status.running or self.scheduler is None:
+            return
+        owner = self.remote[0]
+        await self.control.reconcile()
+        if await self.control.acall(lambda gw: owner.alive_in(gw.store)) is not False:
+            return
+        log.info("dask cluster %s: its scheduler job %s has ended", self.worker_plan.cluster,
+                 owner.job_id)
+        self.scheduler.status = Status.closed
+        if self.scheduler_comm is not None:
+            await self.scheduler_comm.close_rpc()
+            self.scheduler_comm = None
 
     async def _sweep(self) -> None:
         """Cancel whatever job of this cluster is left; forget the cluster."""

@@ -51,3 +51,12 @@ def test_two_cloud_workers_compute_and_close_leaves_no_instance(
         assert listed[job.id]["cost"] and listed[job.id]["cost"] > 0, listed[job.id]
         [inst] = c.instances(f"hpcgw.{job.id}.1")
         assert inst["State"]["Name"] == "terminated"
+
+
+def test_a_scheduler_job_is_refused_on_the_cloud(cloud: Callable[..., Cloud]) -> None:
+    from gateway.errors import SpecError
+
+    c = cloud()
+    with pytest.raises(SpecError, match="shared with the target"):
+        c.gw.dask_cluster("aws:test", 1, name="nope", scheduler="job")
+    assert c.gw.store.jobs() == []
