@@ -287,5 +287,12 @@ class Gateway:
 
         return connect(self, name, timeout=timeout)
 
+    def close_dask(self, name: str, *, timeout: float = 60) -> list[str]:
+        """Close the Dask cluster ``name`` from any process (its scheduler job and workers);
+        returns the job ids the backend has not confirmed ended."""
+        from gateway.dask import close
+
+        return close(self, name, timeout=timeout)
+
     def close(self) -> None:
         self.store.close()

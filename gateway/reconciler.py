@@ -129,8 +129,8 @@ class Reconciler:
                               for j in jobs])
 
     def _reap_dask(self) -> None:
-        """Dask clusters whose owner (the notebook's kernel) died on this host: cancel their
-        worker jobs, then forget the cluster. Costs one folder listing when there are none."""
+        """Dask clusters whose owner died (the notebook's kernel on this host, or the scheduler
+        job): cancel their worker jobs, then forget the cluster. One folder listing if none."""
         root = self.config.data_path / "dask"
         if not root.is_dir() or not any(root.glob("*.json")):
             return
@@ -138,7 +138,7 @@ class Reconciler:
 
         registry = Registry(root)
         for record in registry.all():
-            if record.owner.alive_here() is not False:
+            if record.owner.alive_in(self.store) is not False:
                 continue
             jobs = [j.id for j in self.store.jobs(labels={"hpcgw.dask": record.name})
                     if not j.state.terminal]

@@ -1,4 +1,4 @@
-"""`hpcgw dask`: list the Dask clusters this gateway knows, and reap those whose owner died."""
+"""`hpcgw dask`: list the Dask clusters this gateway knows, close one, reap those whose owner died."""
 
 from __future__ import annotations
 
@@ -71,4 +71,29 @@ def reap(ctx: click.Context, dry_run: bool, timeout: float, as_json: bool) -> No
         if not rows:
             render.console.print("nothing to reap")
     if any(row["still_active"] for row in rows):
+        sys.exit(1)
+
+
+@dask_group.command(name="close", context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--timeout", type=float, default=60, show_default=True,
+              help="Seconds to wait for the backend to confirm the cancellations.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handled
+def close_cluster(ctx: click.Context, name: str, timeout: float, as_json: bool) -> None:
+    """Close cluster NAME from any process: shut its scheduler down, cancel its scheduler
+    and worker jobs (exit 1 if some job could not be confirmed ended)."""
+    import sys
+
+    from gateway.cli import render
+    from gateway.dask import close
+
+    left = close(_gateway(ctx), name, timeout=timeout)
+    if as_json:
+        emit_json({"name": name, "still_active": left})
+    else:
+        render.console.print(f"closed {name}" + (f", still active: {', '.join(left)}"
+                                                  if left else ""))
+    if left:
         sys.exit(1)

@@ -28,6 +28,7 @@ from gateway.dask.control import Control, cancel_cluster_jobs
 from gateway.dask.job import GatewayJob
 from gateway.dask.registry import ClusterRecord, Owner, Registry
 from gateway.dask.renewal import Renewal
+from gateway.dask.scheduler_job import RemoteScheduler, dashboard_of
 from gateway.dask.workers import WorkerPlan
 
 log = logging.getLogger("hpcgw.dask")
@@ -41,16 +42,25 @@ class GatewayCluster(JobQueueCluster):
 
     def __init__(self, plan: WorkerPlan, control: Control, registry: Registry, *,
                  n_workers: int = 0, reconcile_interval: float = 5.0,
-                 scheduler_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 scheduler_options: dict[str, Any] | None = None,
+                 remote: tuple[Owner, dict[str, Any]] | None = None, **kwargs: Any) -> None:
+        """``remote``: (the scheduler job as owner, its scheduler file) when the scheduler
+        runs as a gateway job (``scheduler="job"``) instead of in this process."""
         self.worker_plan, self.control, self.registry = plan, control, registry
+        self.remote = remote
         self.reconcile_interval = reconcile_interval
         self.renewal = Renewal(renew_after=plan.renew_after)
         self._ticker: PeriodicCallback | None = None
         self._next_pass = 0.0
         self._swept = False
         options = {"dashboard_address": ":0", **(scheduler_options or {})}
+        if remote is not None:
+            kwargs["scheduler_cls"] = RemoteScheduler
+            options = {"address": remote[1]["address"]}
         super().__init__(n_workers=n_workers, name=plan.cluster, plan=plan, control=control,
                          scheduler_options=options, **kwargs)
+        if remote is not None:   # outlives this process: not closed at interpreter exit
+            self.shutdown_on_close = False
 
     # -- names and counts -----------------------------------------------------------------
     def _new_worker_name(self, worker_number: int) -> str:
@@ -110,9 +120,12 @@ class GatewayCluster(JobQueueCluster):
         await super()._start()
         plan = self.worker_plan
         address = str(getattr(self.scheduler, "address", ""))
+        owner, dashboard = Owner.me(), self._dashboard()
+        if self.remote is not None:
+            owner, dashboard = self.remote[0], dashboard_of(self.remote[1])
         self.registry.write(ClusterRecord(
-            name=plan.cluster, address=address, target=plan.target, owner=Owner.me(),
-            dashboard=self._dashboard(),
+            name=plan.cluster, address=address, target=plan.target, owner=owner,
+            dashboard=dashboard, scheduler="local" if self.remote is None else "job",
             options={"walltime": plan.walltime, "lifetime": plan.lifetime,
                      "nthreads": plan.nthreads, "image": plan.image}))
         self._ticker = PeriodicCallback(self._tick, TICK_S * 1000)
@@ -128,9 +141,26 @@ class GatewayCluster(JobQueueCluster):
         if self._ticker is not None:
             self._ticker.stop()
         try:
+            await self._forget_ended_scheduler()
             await super()._close()
         finally:
             await self._sweep()
+
+    async def _forget_ended_scheduler(self) -> None:
+        """A scheduler job that already ended (closed from another process, walltime): do
+        not talk to it on close (each call would wait for a connect timeout)."""
+        if self.remote is None or self.status != Status.running or self.scheduler is None:
+            return
+        owner = self.remote[0]
+        await self.control.reconcile()
+        if await self.control.acall(lambda gw: owner.alive_in(gw.store)) is not False:
+            return
+        log.info("dask cluster %s: its scheduler job %s has ended", self.worker_plan.cluster,
+                 owner.job_id)
+        self.scheduler.status = Status.closed
+        if self.scheduler_comm is not None:
+            await self.scheduler_comm.close_rpc()
+            self.scheduler_comm = None
 
     async def _sweep(self) -> None:
         """Cancel whatever job of this cluster is left; forget the cluster."""

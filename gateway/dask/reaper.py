@@ -1,7 +1,7 @@
 """Finding Dask clusters whose owner is gone, and cancelling their worker jobs.
 
-A cluster's owner is the process that runs its scheduler (the notebook's kernel). When it
-dies without closing the cluster, its workers lose the scheduler and exit after their
+A cluster's owner is the process that runs its scheduler (the notebook's kernel), or the
+scheduler's gateway job (``scheduler="job"``). When it ends without closing the cluster, its workers lose the scheduler and exit after their
 ``--death-timeout``, but worker jobs still waiting in a queue would start later for
 nothing: the reaper cancels every unfinished job labelled ``hpcgw.dask=<name>`` of such a
 cluster, and of clusters that have jobs but no registry file at all. No dask import here:
@@ -39,13 +39,14 @@ def status(gw: Gateway) -> list[dict[str, Any]]:
     jobs = active_workers(gw)
     rows = []
     for rec in registry_of(gw).all():
-        alive = rec.owner.alive_here()
+        alive = rec.owner.alive_in(gw.store)
         rows.append({"name": rec.name, "address": rec.address, "target": rec.target,
-                     "owner": f"{rec.owner.host}:{rec.owner.pid}",
+                     "owner": rec.owner.describe(), "scheduler": rec.scheduler,
                      "owner_alive": alive, "dashboard": rec.dashboard,
                      "created_at": rec.created_at, "active_jobs": jobs.pop(rec.name, [])})
     for name, ids in sorted(jobs.items()):
         rows.append({"name": name, "address": None, "target": None, "owner": None,
+                     "scheduler": None,
                      "owner_alive": False, "dashboard": None, "created_at": None,
                      "active_jobs": ids})
     return rows

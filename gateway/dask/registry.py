@@ -13,9 +13,13 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from gateway.errors import NotFoundError
 from gateway.node import alive, proc_start_ticks, read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from gateway.store import Store
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,19 @@ class Owner:
         if self.host != socket.gethostname():
             return None
         return alive(self.pid, self.ticks)
+
+    def alive_in(self, store: Store) -> bool | None:
+        """Is the cluster's owner alive? A scheduler job is alive while it is unfinished in
+        the store (whoever created it); a process, while it runs (None: another host)."""
+        if self.job_id is None:
+            return self.alive_here()
+        try:
+            return not store.get(self.job_id).state.terminal
+        except NotFoundError:
+            return False
+
+    def describe(self) -> str:
+        return f"job {self.job_id}" if self.job_id else f"{self.host}:{self.pid}"
 
 
 @dataclass(frozen=True)
@@ -87,5 +104,10 @@ class Registry:
         found = (self.get(p.stem) for p in sorted(self.root.glob("*.json")))
         return [r for r in found if r is not None]
 
+    def scheduler_file(self, name: str) -> Path:
+        """Where a scheduler job (``scheduler="job"``) writes its address."""
+        return self.root / "scheduler" / f"{name}.json"
+
     def remove(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
+        self.scheduler_file(name).unlink(missing_ok=True)

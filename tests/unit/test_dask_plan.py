@@ -104,3 +104,57 @@ def test_registry_round_trip_and_dead_owner(tmp_path: Path) -> None:
     assert [r.name for r in reg.all()] == ["c1"]
     reg.remove("c1")
     assert reg.all() == []
+
+
+def test_scheduler_job_spec() -> None:
+    pytest.importorskip("distributed")
+    from gateway.dask.scheduler_job import dashboard_of, scheduler_spec
+
+    plan = make_plan("c1", "slurm:test", python="/opt/py", env={"A": "1"},
+                     resources={"cpus_per_task": 2, "walltime": "10m"})
+    spec = scheduler_spec(plan, Path("/data/dask/scheduler/c1.json"), {"walltime": "2h"})
+    assert spec["command"] == ["/opt/py", "-m", "distributed.cli.dask_scheduler",
+                               "--scheduler-file", "/data/dask/scheduler/c1.json",
+                               "--port", "0", "--dashboard-address", ":0"]
+    assert spec["labels"] == {"hpcgw.dask": "c1", "hpcgw.dask-role": "scheduler"}
+    assert (spec["name"], spec["target"], spec["env"]) == ("c1-scheduler", "slurm:test", {"A": "1"})
+    assert spec["resources"]["walltime"] == "02:00:00" and spec["resources"]["cpus_per_task"] == 1
+    parse_spec(spec)
+    with pytest.raises(SpecError):
+        scheduler_spec(plan, Path("/f"), {"walltime": "soon"})
+    assert dashboard_of({"address": "tcp://10.1.2.3:4567", "services": {"dashboard": 8787}}) \
+        == "http://10.1.2.3:8787/status"
+    assert dashboard_of({"address": "tcp://10.1.2.3:4567", "services": {}}) is None
+
+
+class _Store:
+    def __init__(self, states: dict[str, "object"]) -> None:
+        self.states = states
+
+    def get(self, job_id: str) -> object:
+        from types import SimpleNamespace
+
+        from gateway.errors import NotFoundError
+
+        if job_id not in self.states:
+            raise NotFoundError(job_id)
+        return SimpleNamespace(state=self.states[job_id])
+
+
+def test_a_scheduler_job_owner_lives_as_long_as_its_job(tmp_path: Path) -> None:
+    from gateway.states import State
+
+    dead_creator = Owner(Owner.me().host, 2**22 + 7, 1, job_id="j1")   # its creator has exited
+    store = _Store({"j1": State.RUNNING})
+    assert dead_creator.alive_in(store) is True     # type: ignore[arg-type]
+    store.states["j1"] = State.CANCELLED
+    assert dead_creator.alive_in(store) is False    # type: ignore[arg-type]
+    assert Owner("h", 1, job_id="unknown").alive_in(store) is False   # type: ignore[arg-type]
+    assert dead_creator.describe() == "job j1"
+    reg = Registry(tmp_path / "dask")
+    reg.write(ClusterRecord("c2", "tcp://h:1", "local", dead_creator, scheduler="job"))
+    reg.scheduler_file("c2").parent.mkdir()
+    reg.scheduler_file("c2").write_text("{}")
+    assert reg.get("c2").owner.job_id == "j1"       # type: ignore[union-attr]
+    reg.remove("c2")
+    assert not reg.scheduler_file("c2").exists() and reg.get("c2") is None
