@@ -112,3 +112,39 @@ def test_sparsify_errors_and_empty():
     assert idx.size == vals.size == 0
     with pytest.raises(KernelInputError, match=r"indices must be in \[0, 3\)"):
         densify(np.array([3]), np.array([1.0]), 3)
+
+
+@pytest.mark.parametrize("k", [1, 2000, 30000])
+def test_topk_sparsify_threshold_path_matches_reference(k, dtype, tol, rng):
+    # n >= 65536 and k <= n / 8 take the sampled-threshold path
+    n = 200_003
+    r = np.zeros(n, dtype)
+    rr = np.zeros(n)
+    for step in range(3):
+        g = rng.standard_normal(n).astype(dtype)
+        g[::997] = np.round(g[::997])  # exact ties at the threshold, for small k too
+        if step == 2:
+            g[rng.integers(0, n, 50)] = 40.0  # a spike the strided sample likely misses
+        idx, vals = topk_sparsify(g, r, k)
+        ri, rv, rr = ref_topk_sparsify(g, rr, k)
+        np.testing.assert_array_equal(idx, ri)
+        np.testing.assert_allclose(vals, rv, **tol)
+        np.testing.assert_allclose(r, rr, **tol)
+
+
+def test_topk_sparsify_threshold_path_sample_misses_and_nan(rng):
+    n = 1 << 17
+    g = np.zeros(n)
+    g[1::64] = np.arange(1, n // 64 + 1)  # the strided sample sees only zeros
+    r = np.zeros(n)
+    idx, vals = topk_sparsify(g, r, 100)
+    np.testing.assert_array_equal(idx, np.sort(np.argsort(-g, kind="stable")[:100]))
+    np.testing.assert_array_equal(r + densify(idx, vals, n), g)
+    for pos in (0, 12345):  # NaN inside and outside the sample
+        g2 = rng.standard_normal(n)
+        g2[pos] = np.nan
+        r2 = rng.standard_normal(n)
+        before = r2.copy()
+        with pytest.raises(KernelInputError, match="NaN or inf"):
+            topk_sparsify(g2, r2, 100)
+        np.testing.assert_array_equal(r2, before)
