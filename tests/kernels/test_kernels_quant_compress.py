@@ -44,6 +44,21 @@ def test_quantize_strided_1d_and_empty(rng):
     assert dequantize_int8(q, s).shape == (0, 3)
 
 
+def test_quantize_out_buffer_and_nan_anywhere(dtype, rng):
+    w = rng.standard_normal((7, 37)).astype(dtype)
+    out = np.empty(w.shape, np.int8)
+    q, scale = quantize_int8(w, out=out)
+    assert q is out
+    np.testing.assert_array_equal(q, quantize_int8(w)[0])
+    for c, j, v in ((0, 0, np.nan), (3, 36, -np.nan), (6, 17, np.inf), (2, 5, -np.inf)):
+        bad = w.copy()
+        bad[c, j] = v
+        with pytest.raises(KernelInputError, match=rf"channel\(s\) \[{c}\]"):
+            quantize_int8(bad)
+    with pytest.raises(KernelDtypeError, match="out must be an int8"):
+        quantize_int8(w, out=np.empty(w.shape, np.int16))
+
+
 def test_quantize_refuses_nan_and_wrong_types():
     with pytest.raises(KernelInputError, match=r"NaN or inf in channel\(s\) \[1\]"):
         quantize_int8(np.array([[1.0, 2.0], [np.inf, 0.0]]))
