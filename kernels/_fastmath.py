@@ -87,36 +87,46 @@ def _exp_fast_overload(x):
     return lambda x: exp_f64(np.float64(x))
 
 
-@jit()
-def row_max(row):
-    """Max of a row with eight running maxima: LLVM will not vectorise a float max
-    reduction without 'nnan', and NaN must still reach the loss (it does, through exp)."""
-    c = row.size
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
-    j = 0
-    while j + 8 <= c:
-        m0, m1 = max(m0, row[j]), max(m1, row[j + 1])
-        m2, m3 = max(m2, row[j + 2]), max(m3, row[j + 3])
-        m4, m5 = max(m4, row[j + 4]), max(m5, row[j + 5])
-        m6, m7 = max(m6, row[j + 6]), max(m7, row[j + 7])
-        j += 8
-    for jj in range(j, c):
-        m0 = max(m0, row[jj])
-    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+def _bitcast_codegen(ftype: ir.Type):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ftype)
+
+    return codegen
+
+
+@intrinsic
+def bits_to_float(typingctx, i):
+    """The float whose bit pattern is ``i`` (int32 -> float32, int64 -> float64)."""
+    if i == types.int32:
+        return types.float32(types.int32), _bitcast_codegen(ir.FloatType())
+    if i == types.int64:
+        return types.float64(types.int64), _bitcast_codegen(ir.DoubleType())
+    return None
+
+
+def _order_key(b):  # pragma: no cover - replaced by the overload inside jitted code
+    """Map a float's bit pattern to an int of the same width ordered like the floats."""
+    raise NotImplementedError
+
+
+@overload(_order_key, inline="always")
+def _order_key_overload(b):
+    # numba widens int32 arithmetic to int64; cast back so float32 rows keep 16 lanes
+    if b == types.int32:
+        return lambda b: np.int32(b ^ ((b >> 31) & 0x7FFFFFFF))
+    return lambda b: b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
 
 
 @jit()
-def row_absmax(row):
-    """max |row[j]| with eight running maxima (vectorises like :func:`row_max`)."""
-    c = row.size
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = abs(row[0])
-    j = 0
-    while j + 8 <= c:
-        m0, m1 = max(m0, abs(row[j])), max(m1, abs(row[j + 1]))
-        m2, m3 = max(m2, abs(row[j + 2])), max(m3, abs(row[j + 3]))
-        m4, m5 = max(m4, abs(row[j + 4])), max(m5, abs(row[j + 5]))
-        m6, m7 = max(m6, abs(row[j + 6])), max(m7, abs(row[j + 7]))
-        j += 8
-    for jj in range(j, c):
-        m0 = max(m0, abs(row[jj]))
-    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+def row_max(rbits):
+    """Max of a float row given as its bit patterns (the row viewed as int32/int64).
+
+    ``b ^ ((b >> 31) & 0x7FFFFFFF)`` (float32; 63 bits for float64) maps float order onto
+    signed-int order, and an integer max vectorises with no fast-math NaN flags (a float
+    max reduction does not). A NaN in the row may or may not win; either way it still
+    reaches the caller's sum through ``exp(x - max)``, which is all softmax needs.
+    """
+    m = _order_key(rbits[0])
+    for j in range(rbits.size):
+        m = max(m, _order_key(rbits[j]))
+    return bits_to_float(_order_key(m))  # the map is its own inverse

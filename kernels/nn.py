@@ -30,11 +30,13 @@ __all__ = [
 
 
 @jit(parallel=True)
-def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
+def _softmax_xent(logits, lbits, labels, grad, losses, scale, want_grad, zero):
+    """One row at a time: max (on the bit patterns ``lbits``, see ``row_max``), exp and
+    sum (exp written into ``grad``), then scale."""
     n, c = logits.shape
     for i in prange(n):
         row = logits[i]
-        mx = row_max(row)
+        mx = row_max(lbits[i])
         s = zero
         if want_grad:
             g = grad[i]
@@ -84,7 +86,8 @@ def softmax_cross_entropy(
     if grad_scale is None:
         grad_scale = 1.0 / n if reduction == "mean" else 1.0
     scale = x.dtype.type(_checks.finite_float("grad_scale", grad_scale))
-    _softmax_xent(x, y, g, losses, scale, grad, x.dtype.type(0))
+    bits = x.view(np.int32 if x.dtype == np.float32 else np.int64)
+    _softmax_xent(x, bits, y, g, losses, scale, grad, x.dtype.type(0))
     total = float(losses.sum())
     return (total / n if reduction == "mean" else total), (g if grad else None)
 

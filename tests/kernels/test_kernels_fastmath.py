@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from kernels._erf import erf_f64, erfc_f64, normal_parts
-from kernels._fastmath import exp_fast
+from kernels._fastmath import exp_fast, row_max
 from kernels._jit import numba
 
 
@@ -88,3 +88,12 @@ def test_erf_f64_edges():
     np.testing.assert_array_equal(cdf[[0, 1, 3]], [1.0, 0.0, 0.5])
     np.testing.assert_array_equal(pdf[[0, 1]], [0.0, 0.0])
     assert np.isnan(erf[2]) and np.isnan(erfc[2]) and np.isnan(cdf[2]) and np.isnan(pdf[2])
+
+
+def test_row_max_on_bit_patterns(dtype, rng):
+    ity = np.int32 if dtype == np.float32 else np.int64
+    rows = [rng.standard_normal(37), -np.abs(rng.standard_normal(300)) - 1, np.array([-0.0, 0.0]),
+            np.array([-np.inf, -5.0]), np.array([3.0, np.inf, -np.inf]), np.array([-2.5])]
+    for row in rows:
+        r = row.astype(dtype)
+        assert row_max(r.view(ity)) == r.max()
