@@ -137,6 +137,17 @@ def _add_rows(x, labels, lo, hi, psum, pcnt):
                 psum[lab, t] += x[i, t]
 
 
+CHUNK_BYTES = 1 << 20  # size of one chunk's c @ x_chunk.T
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide worker pool per size (a Lloyd run calls this every iteration)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="kmeans-gemm")
+    return _POOLS[workers]
+
+
 def _assign_gemm(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarray,
                  mind: np.ndarray, sums: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """Chunked GEMM path, as scikit-learn: each worker thread takes chunks of rows whose
@@ -146,7 +157,7 @@ def _assign_gemm(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarra
     single-threaded inside the workers: BLAS threads and Numba's both spin-wait, and
     alternating the two pools on the same cores was 10x slower."""
     n, (k, d) = x.shape[0], c.shape
-    rows = max(64, min(n, (1 << 20) // (k * x.itemsize)))
+    rows = max(64, min(n, CHUNK_BYTES // (k * x.itemsize)))
     starts = list(range(0, n, rows))
     workers = max(1, min(num_threads(), len(starts)))
     zero = x.dtype.type(0)
@@ -167,8 +178,7 @@ def _assign_gemm(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarra
         if workers == 1:
             work(0)
         else:
-            with ThreadPoolExecutor(workers) as ex:
-                list(ex.map(work, range(workers)))
+            list(_pool(workers).map(work, range(workers)))
     return (psum.sum(axis=0), pcnt.sum(axis=0)) if sums else None
 
 
