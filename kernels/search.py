@@ -19,7 +19,7 @@ from kernels.errors import KernelInputError
 __all__ = ["merge_topk", "topk_cosine"]
 
 
-@jit(inline=True)
+@jit()
 def _insert(scores, idx, s, r):
     """Insert score ``s`` of row ``r`` into descending ``scores`` if it beats the last."""
     k = scores.size
@@ -34,7 +34,7 @@ def _insert(scores, idx, s, r):
     idx[p] = r
 
 
-@jit(inline=True)
+@jit()
 def _score_row(qs, qinv, e, einv, s_out, i_out, r, zero):
     """Score row ``e`` against all queries, four at a time (one load of e feeds four FMAs)."""
     nq, d = qs.shape
