@@ -21,7 +21,7 @@ import math
 
 from llvmlite import ir
 
-from kernels._fastmath import exp_f64
+from kernels._fastmath import exp_nonpos_f64
 from kernels._jit import intrinsic, jit, types
 
 _ERFCX = (
@@ -81,7 +81,7 @@ def exp_neg_sq(x, half):
     xc = min(abs(x), 1e5)
     hi = xc * xc
     lo = fma(xc, xc, -hi)
-    return exp_f64(-(hi * half)) * (1.0 - lo * half)
+    return exp_nonpos_f64(-(hi * half)) * (1.0 - lo * half)
 
 
 @jit(fastmath={"contract"}, inline=True)

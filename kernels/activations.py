@@ -4,7 +4,7 @@ GELU is the exact (erf) form, as ``torch.nn.functional.gelu`` by default. libm's
 is a scalar call that does not vectorise, so: float64 uses ``kernels._erf.normal_parts``
 (a vectorisable normal CDF/PDF, a few ulp); float32 uses a rational approximation of erf
 evaluated in float64 (max abs error 4e-9 on erf, far below float32 rounding). The
-derivative's exp is ``kernels._fastmath.exp_fast`` for the same reason.
+derivative's exp is ``kernels._fastmath.exp_nonpos`` for the same reason.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._erf import normal_parts
-from kernels._fastmath import exp_fast
+from kernels._fastmath import exp_nonpos
 from kernels._jit import jit, overload, prange, types
 from kernels.errors import KernelInputError
 
@@ -53,7 +53,7 @@ def _gelu_parts_overload(z):
         def f32(z):
             zf = np.float64(z)
             e = _erf_rational(zf * _SQRT1_2)
-            return 0.5 * (1.0 + e), zf * _INV_SQRT_2PI * exp_fast(np.float32(-0.5) * z * z)
+            return 0.5 * (1.0 + e), zf * _INV_SQRT_2PI * exp_nonpos(np.float32(-0.5) * z * z)
         return f32
 
     def f64(z):

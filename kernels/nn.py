@@ -1,7 +1,8 @@
 """Neural-network kernels: fused softmax + cross-entropy, layer norm forward/backward.
 
 Rows are independent, so each kernel is one ``prange`` over rows with the row held in
-cache between its passes; exp is the vectorisable ``kernels._fastmath.exp_fast``.
+cache between its passes; exp is the vectorisable ``kernels._fastmath.exp_nonpos``
+(``x - max <= 0``: no overflow branch).
 Parameter gradients (layer norm's dgamma/dbeta) are summed into per-chunk partial
 buffers and reduced at the end, so threads never share a write.
 GELU and bias + activation live in ``kernels.activations`` and are re-exported here.
@@ -13,7 +14,7 @@ import numpy as np
 
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
-from kernels._fastmath import exp_fast, row_max
+from kernels._fastmath import exp_nonpos, row_max
 from kernels._jit import jit, prange
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
@@ -41,12 +42,12 @@ def _softmax_xent(logits, lbits, labels, grad, losses, scale, want_grad, zero):
         if want_grad:
             g = grad[i]
             for j in range(c):
-                e = exp_fast(row[j] - mx)
+                e = exp_nonpos(row[j] - mx)
                 g[j] = e
                 s += e
         else:
             for j in range(c):
-                s += exp_fast(row[j] - mx)
+                s += exp_nonpos(row[j] - mx)
         lse = mx + np.log(s)
         losses[i] = lse - row[labels[i]]
         if want_grad:
