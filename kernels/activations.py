@@ -174,9 +174,9 @@ def _bias_act(x, b, out, act, nchunks):
 def _bias_gelu_bwd_rows(dy, x, b, dx, acc, lo, hi):
     for i in range(lo, hi):
         for j in range(x.shape[1]):
-            g = dy[i, j] * _act_grad(x[i, j] + b[j], 2)
-            dx[i, j] = g
-            acc[j] += g
+            dx[i, j] = dy[i, j] * _act_grad(x[i, j] + b[j], 2)
+        for j in range(x.shape[1]):  # separate loop: fewer pointers to check for aliasing
+            acc[j] += dx[i, j]
 
 
 @jit()
