@@ -88,14 +88,38 @@ def _argmin_cols(x, gt, cn, labels, mind, lo, zero):
     for r in range(m):
         best[r] = np.inf
         lab[r] = -1
-    for j in range(k):
-        cj = cn[j]
-        gj = gt[j]
+    j = 0
+    while j + 4 <= k:  # four centroids per sweep: a quarter of the loads/stores of best/lab
+        c0, c1, c2, c3 = cn[j], cn[j + 1], cn[j + 2], cn[j + 3]
+        g0, g1, g2, g3 = gt[j], gt[j + 1], gt[j + 2], gt[j + 3]
+        for r in range(m):
+            b = best[r]
+            lb = lab[r]
+            dist = c0 - 2.0 * g0[r]
+            win = dist < b
+            b = dist if win else b
+            lb = j if win else lb
+            dist = c1 - 2.0 * g1[r]
+            win = dist < b
+            b = dist if win else b
+            lb = j + 1 if win else lb
+            dist = c2 - 2.0 * g2[r]
+            win = dist < b
+            b = dist if win else b
+            lb = j + 2 if win else lb
+            dist = c3 - 2.0 * g3[r]
+            win = dist < b
+            best[r] = dist if win else b
+            lab[r] = j + 3 if win else lb
+        j += 4
+    for jj in range(j, k):
+        cj = cn[jj]
+        gj = gt[jj]
         for r in range(m):
             dist = cj - 2.0 * gj[r]
             win = dist < best[r]
             best[r] = dist if win else best[r]
-            lab[r] = j if win else lab[r]
+            lab[r] = jj if win else lab[r]
     for r in range(m):
         xi = x[lo + r]
         xn = zero
