@@ -75,6 +75,44 @@ def exp_f32(x):
     return x if np.isnan(x) else res
 
 
+# For x <= 0 (softmax's x - max, GELU's -x^2/2): no overflow branch and one 2^n instead
+# of two halves; results below the smallest normal flush to 0 (absolute error < 3e-308).
+@jit(fastmath={"contract"})
+def exp_nonpos_f64(x):
+    """e**x for x <= 0 to about 2 ulp (float64), vectorisable; NaN stays NaN."""
+    xc = max(x, -708.3965)  # e**-708.3965 ~ 2**-1022; numba's max keeps a NaN first argument
+    n = np.floor(xc * _LOG2E + 0.5)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    p = (((((((((((((F13 * r + F12) * r + F11) * r + F10) * r + F9) * r + F8) * r + F7) * r
+                 + F6) * r + F5) * r + F4) * r + F3) * r + F2) * r + F1) * r + F0)
+    res = p * _pow2i(n)
+    return 0.0 if x < -708.3965 else res
+
+
+@jit(fastmath={"contract"})
+def exp_nonpos_f32(x):
+    """e**x for float32 x <= 0 to about 2 ulp, in float32 arithmetic; NaN stays NaN."""
+    xc = max(x, np.float32(-87.3366))  # e**-87.3366 ~ 2**-126
+    n = np.floor(xc * np.float32(_LOG2E) + np.float32(0.5))
+    r = (xc - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    p = ((((((np.float32(F7) * r + np.float32(F6)) * r + np.float32(F5)) * r + np.float32(F4))
+           * r + np.float32(F3)) * r + np.float32(F2)) * r + np.float32(F1)) * r + np.float32(F0)
+    res = p * _pow2i(n)
+    return np.float32(0.0) if x < np.float32(-87.3366) else res
+
+
+def exp_nonpos(x):  # pragma: no cover - replaced by the overload inside jitted code
+    """``exp_fast`` for arguments known to be <= 0 (dispatch on the dtype)."""
+    raise NotImplementedError("exp_nonpos is only callable from jitted code")
+
+
+@overload(exp_nonpos, inline="always")
+def _exp_nonpos_overload(x):
+    if x == types.float32:
+        return lambda x: exp_nonpos_f32(x)
+    return lambda x: exp_nonpos_f64(np.float64(x))
+
+
 def exp_fast(x):  # pragma: no cover - replaced by the overload inside jitted code
     """Dispatch on the input type inside jitted code (float32 -> exp_f32, else exp_f64)."""
     raise NotImplementedError("exp_fast is only callable from jitted code")
@@ -87,36 +125,46 @@ def _exp_fast_overload(x):
     return lambda x: exp_f64(np.float64(x))
 
 
-@jit()
-def row_max(row):
-    """Max of a row with eight running maxima: LLVM will not vectorise a float max
-    reduction without 'nnan', and NaN must still reach the loss (it does, through exp)."""
-    c = row.size
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
-    j = 0
-    while j + 8 <= c:
-        m0, m1 = max(m0, row[j]), max(m1, row[j + 1])
-        m2, m3 = max(m2, row[j + 2]), max(m3, row[j + 3])
-        m4, m5 = max(m4, row[j + 4]), max(m5, row[j + 5])
-        m6, m7 = max(m6, row[j + 6]), max(m7, row[j + 7])
-        j += 8
-    for jj in range(j, c):
-        m0 = max(m0, row[jj])
-    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+def _bitcast_codegen(ftype: ir.Type):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ftype)
+
+    return codegen
+
+
+@intrinsic
+def bits_to_float(typingctx, i):
+    """The float whose bit pattern is ``i`` (int32 -> float32, int64 -> float64)."""
+    if i == types.int32:
+        return types.float32(types.int32), _bitcast_codegen(ir.FloatType())
+    if i == types.int64:
+        return types.float64(types.int64), _bitcast_codegen(ir.DoubleType())
+    return None
+
+
+def _order_key(b):  # pragma: no cover - replaced by the overload inside jitted code
+    """Map a float's bit pattern to an int of the same width ordered like the floats."""
+    raise NotImplementedError
+
+
+@overload(_order_key, inline="always")
+def _order_key_overload(b):
+    # numba widens int32 arithmetic to int64; cast back so float32 rows keep 16 lanes
+    if b == types.int32:
+        return lambda b: np.int32(b ^ ((b >> 31) & 0x7FFFFFFF))
+    return lambda b: b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
 
 
 @jit()
-def row_absmax(row):
-    """max |row[j]| with eight running maxima (vectorises like :func:`row_max`)."""
-    c = row.size
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = abs(row[0])
-    j = 0
-    while j + 8 <= c:
-        m0, m1 = max(m0, abs(row[j])), max(m1, abs(row[j + 1]))
-        m2, m3 = max(m2, abs(row[j + 2])), max(m3, abs(row[j + 3]))
-        m4, m5 = max(m4, abs(row[j + 4])), max(m5, abs(row[j + 5]))
-        m6, m7 = max(m6, abs(row[j + 6])), max(m7, abs(row[j + 7]))
-        j += 8
-    for jj in range(j, c):
-        m0 = max(m0, abs(row[jj]))
-    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+def row_max(rbits):
+    """Max of a float row given as its bit patterns (the row viewed as int32/int64).
+
+    ``b ^ ((b >> 31) & 0x7FFFFFFF)`` (float32; 63 bits for float64) maps float order onto
+    signed-int order, and an integer max vectorises with no fast-math NaN flags (a float
+    max reduction does not). A NaN in the row may or may not win; either way it still
+    reaches the caller's sum through ``exp(x - max)``, which is all softmax needs.
+    """
+    m = _order_key(rbits[0])
+    for j in range(rbits.size):
+        m = max(m, _order_key(rbits[j]))
+    return bits_to_float(_order_key(m))  # the map is its own inverse

@@ -67,13 +67,18 @@ if CACHE_DIR:
 __all__ = ["intrinsic", "jit", "num_threads", "numba", "overload", "prange", "types"]
 
 
-def jit(*, parallel: bool = False, fastmath: set[str] | None = None) -> Callable:
+def jit(*, parallel: bool = False, fastmath: set[str] | None = None,
+        inline: bool = False) -> Callable:
     """``numba.njit`` with the project's flags (cache, nogil, fast-math, parallel).
 
     ``fastmath`` overrides the flag set for code whose rounding must not be reassociated
-    (the bit tricks in ``kernels._fastmath``).
+    (the bit tricks in ``kernels._fastmath``). ``inline=True`` inlines the function into
+    its callers in Numba's IR: LLVM's own inliner may decline a large helper, and a call
+    left inside a loop stops that loop from vectorising.
     """
     opts = _CFG.jit_options(parallel=parallel)
+    if inline:
+        opts["inline"] = "always"
     opts["cache"] = _USE_CACHE
     if fastmath is not None and opts["fastmath"]:
         opts["fastmath"] = set(fastmath)

@@ -1,7 +1,8 @@
 """Neural-network kernels: fused softmax + cross-entropy, layer norm forward/backward.
 
 Rows are independent, so each kernel is one ``prange`` over rows with the row held in
-cache between its passes; exp is the vectorisable ``kernels._fastmath.exp_fast``.
+cache between its passes; exp is the vectorisable ``kernels._fastmath.exp_nonpos``
+(``x - max <= 0``: no overflow branch).
 Parameter gradients (layer norm's dgamma/dbeta) are summed into per-chunk partial
 buffers and reduced at the end, so threads never share a write.
 GELU and bias + activation live in ``kernels.activations`` and are re-exported here.
@@ -13,7 +14,7 @@ import numpy as np
 
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
-from kernels._fastmath import exp_fast, row_max
+from kernels._fastmath import exp_nonpos, row_max
 from kernels._jit import jit, prange
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
@@ -30,21 +31,23 @@ __all__ = [
 
 
 @jit(parallel=True)
-def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
+def _softmax_xent(logits, lbits, labels, grad, losses, scale, want_grad, zero):
+    """One row at a time: max (on the bit patterns ``lbits``, see ``row_max``), exp and
+    sum (exp written into ``grad``), then scale."""
     n, c = logits.shape
     for i in prange(n):
         row = logits[i]
-        mx = row_max(row)
+        mx = row_max(lbits[i])
         s = zero
         if want_grad:
             g = grad[i]
             for j in range(c):
-                e = exp_fast(row[j] - mx)
+                e = exp_nonpos(row[j] - mx)
                 g[j] = e
                 s += e
         else:
             for j in range(c):
-                s += exp_fast(row[j] - mx)
+                s += exp_nonpos(row[j] - mx)
         lse = mx + np.log(s)
         losses[i] = lse - row[labels[i]]
         if want_grad:
@@ -84,7 +87,8 @@ def softmax_cross_entropy(
     if grad_scale is None:
         grad_scale = 1.0 / n if reduction == "mean" else 1.0
     scale = x.dtype.type(_checks.finite_float("grad_scale", grad_scale))
-    _softmax_xent(x, y, g, losses, scale, grad, x.dtype.type(0))
+    bits = x.view(np.int32 if x.dtype == np.float32 else np.int64)
+    _softmax_xent(x, bits, y, g, losses, scale, grad, x.dtype.type(0))
     total = float(losses.sum())
     return (total / n if reduction == "mean" else total), (g if grad else None)
 

@@ -6,7 +6,8 @@
 
 Symmetric (no zero point) and -128 unused, so q and -q are both representable; the
 round-trip error is at most scale/2 per element. Each channel is two passes over a row
-held in cache (max, then quantise), rows in parallel. NaN or inf weights are refused.
+held in cache (max, then quantise + a NaN/inf probe), rows in parallel. NaN or inf
+weights are refused.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import _checks
-from kernels._fastmath import row_absmax
 from kernels._jit import jit, prange
 from kernels.errors import KernelDtypeError, KernelInputError
 
@@ -22,22 +22,33 @@ __all__ = ["dequantize_int8", "quantize_int8"]
 
 
 @jit(parallel=True)
-def _quantize(w, q, scale, bad, zero):
+def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits):
+    """Two passes per row held in L1. Pass 1 takes max |w| on the bit patterns
+    (``wbits`` is ``w`` viewed as int32/int64, sign bit masked off): an integer max
+    vectorises without fast-math NaN flags, and NaN/inf show up as patterns
+    ``>= inf_bits``, so no separate probe. The max's bits are stored through ``sbits``
+    (``scale`` viewed as ints) and read back as a float. Pass 2 quantises."""
     n, d = w.shape
     for c in prange(n):
-        row = w[c]
-        amax = row_absmax(row)
-        probe = zero
+        rb = wbits[c]
+        mb = rb[0] & mask
         for j in range(d):
-            probe += row[j] * 0.0  # NaN iff some element is NaN or inf
-        bad[c] = probe != 0.0  # True for NaN too
+            mb = max(mb, rb[j] & mask)
+        bad[c] = mb >= inf_bits
+        sbits[c] = mb
+        amax = scale[c]
         s = amax / 127.0 if amax > 0 else 1.0
         scale[c] = s
         inv = 1.0 / s
+        row = w[c]
         out = q[c]
         for j in range(d):
             v = np.rint(row[j] * inv)
             out[j] = np.int8(min(max(v, -127.0), 127.0))
+
+
+_BITS = {np.dtype(np.float32): (np.int32, 0x7FFFFFFF, 0x7F800000),
+         np.dtype(np.float64): (np.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
 
 
 @jit(parallel=True)
@@ -54,20 +65,22 @@ def _as_2d(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], int(np.prod(a.shape[1:])))
 
 
-def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_int8(w: np.ndarray, *, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Quantise ``w`` (ndim >= 1, channels on axis 0): returns ``(q int8, scale)``.
 
-    ``q`` has ``w``'s shape; ``scale`` has shape ``(w.shape[0],)`` and ``w``'s dtype.
+    ``q`` has ``w``'s shape (written into ``out`` when given: a C-contiguous int8 buffer);
+    ``scale`` has shape ``(w.shape[0],)`` and ``w``'s dtype.
     """
     wc = _checks.float_array("w", w)
     if wc.ndim == 0:
         raise KernelInputError("w must have at least 1 dimension (channels on axis 0)")
     w2 = _as_2d(wc) if wc.ndim != 1 else wc.reshape(-1, 1)
-    q = np.empty(w2.shape, np.int8)
+    q = _int8_out(out, wc.shape).reshape(w2.shape)
     scale = np.empty(w2.shape[0], wc.dtype)
-    bad = np.zeros(w2.shape[0], np.int64)
+    bad = np.zeros(w2.shape[0], np.bool_)
     if w2.size:
-        _quantize(w2, q, scale, bad, wc.dtype.type(0))
+        ity, mask, inf_bits = _BITS[wc.dtype]
+        _quantize(w2, w2.view(ity), q, scale, scale.view(ity), bad, ity(mask), ity(inf_bits))
     elif w2.shape[0]:
         scale[:] = 1.0
     if bad.any():
@@ -76,7 +89,20 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             f"w has NaN or inf in channel(s) {rows}; int8 cannot represent them, "
             "clean the weights (np.nan_to_num) before quantising"
         )
-    return q.reshape(wc.shape), scale
+    return (out if out is not None else q.reshape(wc.shape)), scale
+
+
+def _int8_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The caller's int8 buffer (checked) or a new one."""
+    if out is None:
+        return np.empty(shape, np.int8)
+    if not isinstance(out, np.ndarray) or out.dtype != np.int8:
+        got = out.dtype if isinstance(out, np.ndarray) else type(out).__name__
+        raise KernelDtypeError(f"out must be an int8 array, got {got}")
+    _checks.shape_is("out", out, shape)
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise KernelInputError("out must be C-contiguous and writable (np.empty(shape, np.int8))")
+    return out
 
 
 def dequantize_int8(

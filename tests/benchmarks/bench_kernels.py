@@ -197,8 +197,10 @@ def bench_data_kernels(tab: Table, rows: int, dt) -> None:
     w = rng.standard_normal((rows // 4, 1024)).astype(dt)
     q8, sc = quant.quantize_int8(w)
     wo = np.empty_like(w)
+    qo = np.empty(w.shape, np.int8)
     tab.add("quantize_int8", w.shape, dt, w.size * (s + 1),
-            ours=lambda: quant.quantize_int8(w), numpy=lambda: B.np_quantize(w))
+            ours=lambda: quant.quantize_int8(w), numpy=lambda: B.np_quantize(w),
+            ours_out=lambda: quant.quantize_int8(w, out=qo))
     tab.add("dequantize_int8", w.shape, dt, w.size * (s + 1),
             ours=lambda: quant.dequantize_int8(q8, sc, dt), numpy=lambda: q8 * sc[:, None],
             ours_out=lambda: quant.dequantize_int8(q8, sc, dt, out=wo))

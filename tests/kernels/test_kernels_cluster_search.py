@@ -131,3 +131,42 @@ def test_topk_normalized_flag_skips_norms_with_same_result(rng):
     # with unnormalised rows the flag changes the scores: it is really skipping the norms
     s3, _ = search.topk_cosine(q, 3 * e, 5, normalized=True)
     np.testing.assert_allclose(s3, 3 * s1, rtol=1e-12)
+
+
+def test_gemm_path_matches_reference_ties_and_nan(dtype, rng):
+    # d * k >= GEMM_MIN_DK selects the chunked-GEMM path; it must agree with the fused
+    # kernel (f64: exactly, f32: up to near-ties) and keep its tie/NaN rules (in float32,
+    # BLAS may round two equal centroids' dot products differently: no exact tie there)
+    d, k = 40, 33
+    assert cluster._uses_gemm(np.zeros((k, d)))
+    x = rng.standard_normal((3000, d)).astype(dtype)
+    c = rng.standard_normal((k, d)).astype(dtype)
+    c[7] = c[3]  # duplicate centroid: ties -> the lower index
+    x[5] = np.nan
+    labels, dist = cluster.kmeans_assign(x, c)
+    ref = ref_sq_dists(x, c)
+    ok = np.arange(3000) != 5
+    slack = 1e-3 if dtype == np.float32 else 1e-9
+    assert labels[5] == -1 and np.isnan(dist[5])
+    assert dtype == np.float32 or not np.any(labels == 7)
+    assert np.all(ref[ok, labels[ok]] <= ref[ok].min(axis=1) + slack)
+    np.testing.assert_allclose(dist[ok], ref[ok].min(axis=1), rtol=slack, atol=slack)
+    fused_labels = np.empty(3000, np.int64)
+    fused_dist = np.empty(3000, dtype)
+    cluster._assign(x, c, np.einsum("ij,ij->i", c, c), fused_labels, fused_dist, dtype.type(0))
+    same = np.where(labels == 7, 3, labels) == np.where(fused_labels == 7, 3, fused_labels)
+    agree = same if dtype == np.float32 else labels == fused_labels  # f32: 3 ~ 7 (a tie)
+    assert agree.mean() > 0.999 if dtype == np.float32 else agree.all()
+
+
+def test_kmeans_gemm_path_matches_the_fused_path(rng, monkeypatch):
+    x = rng.standard_normal((5000, 32))
+    init = x[:40].copy()
+    assert cluster._uses_gemm(init)
+    c1, l1, i1, n1 = cluster.kmeans(x, init, max_iter=8)
+    monkeypatch.setattr(cluster, "GEMM_MIN_DK", 10**9)  # force the fused kernel
+    c2, l2, i2, n2 = cluster.kmeans(x, init, max_iter=8)
+    assert n1 == n2
+    np.testing.assert_array_equal(l1, l2)
+    np.testing.assert_allclose(c1, c2, rtol=1e-10)
+    np.testing.assert_allclose(i1, i2, rtol=1e-10)

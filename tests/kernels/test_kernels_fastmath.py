@@ -1,10 +1,13 @@
-"""The vectorisable exp used inside the kernels, over its whole range."""
+"""The vectorisable exp and float64 erf/erfc/normal CDF used inside the kernels."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from kernels._fastmath import exp_fast
+from kernels._erf import erf_f64, erfc_f64, normal_parts
+from kernels._fastmath import exp_fast, exp_nonpos, row_max
 from kernels._jit import numba
 
 
@@ -12,6 +15,25 @@ from kernels._jit import numba
 def _exp_array(x, out):
     for i in range(x.size):
         out[i] = exp_fast(x[i])
+
+
+@numba.njit(cache=False)
+def _exp_nonpos_array(x, out):
+    for i in range(x.size):
+        out[i] = exp_nonpos(x[i])
+
+
+def test_exp_nonpos_is_within_two_ulp_and_flushes_below_tiny(dtype):
+    x = np.concatenate([np.linspace(-800, 0, 40001), np.linspace(-3, 0, 10001),
+                        np.log(np.finfo(dtype).tiny) + np.linspace(-1e-3, 1e-3, 101),
+                        [np.nan, -np.inf, -0.0]]).astype(dtype)
+    out = np.empty_like(x)
+    _exp_nonpos_array(x, out)
+    ref = np.exp(x.astype(np.float64))
+    normal = ref >= np.finfo(dtype).tiny
+    assert np.max(np.abs(out[normal] - ref[normal]) / ref[normal]) <= 2 * np.finfo(dtype).eps
+    assert np.all(np.abs(out[~normal][:-3]) < np.finfo(dtype).tiny)  # flushed or subnormal
+    assert np.isnan(out[-3]) and out[-2] == 0 and out[-1] == 1
 
 
 def test_exp_fast_is_within_two_ulp_and_handles_the_edges(dtype):
@@ -28,3 +50,69 @@ def test_exp_fast_is_within_two_ulp_and_handles_the_edges(dtype):
         assert np.all(np.isinf(out[over]))
         assert np.all(out[x.astype(np.float64) < np.log(np.finfo(dtype).smallest_subnormal) - 1] == 0)
     assert np.isnan(out[-4]) and out[-3] == np.inf and out[-2] == 0 and out[-1] == 1
+
+
+# -- float64 erf / erfc / normal CDF (kernels._erf) ----------------------------------
+
+@numba.njit(cache=False)
+def _erf_arrays(x, erf, erfc, cdf, pdf):
+    for i in range(x.size):
+        erf[i] = erf_f64(x[i])
+        erfc[i] = erfc_f64(x[i])
+        cdf[i], pdf[i] = normal_parts(x[i])
+
+
+def _erf_points() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    near = [np.linspace(c - 1e-3, c + 1e-3, 401) for c in (0.0, 0.5, 1.0, 4.0, 6.0)]
+    tiny = np.logspace(-300, 0, 601)
+    pos = np.concatenate([np.linspace(0, 30, 30001), tiny, 4 * np.abs(rng.standard_normal(5000)),
+                          *near])
+    return np.concatenate([pos, -pos])
+
+
+def _rel(a: np.ndarray, ref: np.ndarray) -> float:
+    ok = ref != 0
+    return float(np.max(np.abs(a[ok] - ref[ok]) / np.abs(ref[ok])))
+
+
+def test_erf_f64_matches_libm_to_a_few_ulp():
+    x = _erf_points()
+    out = [np.empty_like(x) for _ in range(4)]
+    _erf_arrays(x, *out)
+    erf, erfc, cdf, pdf = out
+    eps = np.finfo(np.float64).eps
+    assert _rel(erf, np.array([math.erf(v) for v in x])) <= 4 * eps
+    ref_c = np.array([math.erfc(v) for v in x])
+    normal = ref_c > 1e-300  # below, erfc is subnormal: absolute error only
+    assert _rel(erfc[normal], ref_c[normal]) <= 8 * eps
+    assert np.all(np.abs(erfc[~normal] - ref_c[~normal]) <= 1e-300)
+    assert np.array_equal(np.signbit(erf), np.signbit(x))  # odd, and erf(-0.0) = -0.0
+    # Phi(x) = erfc(-x / sqrt 2) / 2; the reference rounds x / sqrt 2, which costs it
+    # up to x^2 ulp in the lower tail: allow that on top of a few ulp
+    m = np.abs(x) <= 12
+    ref_cdf = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in x[m]])
+    assert np.all(np.abs(cdf[m] - ref_cdf) <= (8 + x[m] ** 2) * eps * ref_cdf)
+    ref_pdf = np.exp(-0.5 * x[m] ** 2) / math.sqrt(2 * math.pi)  # rounds x^2 likewise
+    assert np.all(np.abs(pdf[m] - ref_pdf) <= (8 + x[m] ** 2) * eps * ref_pdf)
+
+
+def test_erf_f64_edges():
+    x = np.array([np.inf, -np.inf, np.nan, 0.0, 40.0, -40.0])
+    out = [np.empty_like(x) for _ in range(4)]
+    _erf_arrays(x, *out)
+    erf, erfc, cdf, pdf = out
+    np.testing.assert_array_equal(erf[[0, 1, 3, 4, 5]], [1.0, -1.0, 0.0, 1.0, -1.0])
+    np.testing.assert_array_equal(erfc[[0, 1, 3, 4, 5]], [0.0, 2.0, 1.0, 0.0, 2.0])
+    np.testing.assert_array_equal(cdf[[0, 1, 3]], [1.0, 0.0, 0.5])
+    np.testing.assert_array_equal(pdf[[0, 1]], [0.0, 0.0])
+    assert np.isnan(erf[2]) and np.isnan(erfc[2]) and np.isnan(cdf[2]) and np.isnan(pdf[2])
+
+
+def test_row_max_on_bit_patterns(dtype, rng):
+    ity = np.int32 if dtype == np.float32 else np.int64
+    rows = [rng.standard_normal(37), -np.abs(rng.standard_normal(300)) - 1, np.array([-0.0, 0.0]),
+            np.array([-np.inf, -5.0]), np.array([3.0, np.inf, -np.inf]), np.array([-2.5])]
+    for row in rows:
+        r = row.astype(dtype)
+        assert row_max(r.view(ity)) == r.max()

@@ -153,6 +153,24 @@ def test_gelu_matches_erf_reference(dtype, tol, rng):
     np.testing.assert_allclose(nn.gelu_backward(np.ones_like(x), x), ref_gelu_grad(x), **tol)
 
 
+def test_gelu_float64_is_accurate_in_the_tails(rng):
+    # reference through erfc, so the lower tail is not lost to 1 + erf cancellation;
+    # it rounds x / sqrt 2, which costs it up to x^2 ulp there (allowed for below)
+    x = np.concatenate([np.linspace(-30, 30, 6001), np.linspace(-1e-3, 1e-3, 201),
+                        3 * rng.standard_normal(2000)])
+    cdf = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in x])
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    bound = (16 + x * x) * np.finfo(np.float64).eps
+    # the derivative cdf + x pdf crosses 0 near x = -0.75: scale by its terms' size
+    cases = ((nn.gelu(x), x * cdf, np.abs(x * cdf)),
+             (nn.gelu_backward(np.ones_like(x), x), cdf + x * pdf, cdf + np.abs(x * pdf)),
+             (nn.bias_act(x[None, :], np.zeros(x.size)), x * cdf, np.abs(x * cdf)))
+    for got, ref, size in cases:
+        ref = ref.reshape(got.shape)
+        ok = np.abs(got - ref) <= (bound * size).reshape(got.shape) + 1e-300
+        assert ok.all(), (x[~ok.ravel()][:5], got[~ok][:5], ref[~ok][:5])
+
+
 def test_gelu_in_place_strided_nan_and_empty(rng):
     base = rng.standard_normal((5, 8))
     view = base[:, 1::2]

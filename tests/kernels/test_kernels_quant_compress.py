@@ -44,6 +44,21 @@ def test_quantize_strided_1d_and_empty(rng):
     assert dequantize_int8(q, s).shape == (0, 3)
 
 
+def test_quantize_out_buffer_and_nan_anywhere(dtype, rng):
+    w = rng.standard_normal((7, 37)).astype(dtype)
+    out = np.empty(w.shape, np.int8)
+    q, scale = quantize_int8(w, out=out)
+    assert q is out
+    np.testing.assert_array_equal(q, quantize_int8(w)[0])
+    for c, j, v in ((0, 0, np.nan), (3, 36, -np.nan), (6, 17, np.inf), (2, 5, -np.inf)):
+        bad = w.copy()
+        bad[c, j] = v
+        with pytest.raises(KernelInputError, match=rf"channel\(s\) \[{c}\]"):
+            quantize_int8(bad)
+    with pytest.raises(KernelDtypeError, match="out must be an int8"):
+        quantize_int8(w, out=np.empty(w.shape, np.int16))
+
+
 def test_quantize_refuses_nan_and_wrong_types():
     with pytest.raises(KernelInputError, match=r"NaN or inf in channel\(s\) \[1\]"):
         quantize_int8(np.array([[1.0, 2.0], [np.inf, 0.0]]))
@@ -112,3 +127,39 @@ def test_sparsify_errors_and_empty():
     assert idx.size == vals.size == 0
     with pytest.raises(KernelInputError, match=r"indices must be in \[0, 3\)"):
         densify(np.array([3]), np.array([1.0]), 3)
+
+
+@pytest.mark.parametrize("k", [1, 2000, 30000])
+def test_topk_sparsify_threshold_path_matches_reference(k, dtype, tol, rng):
+    # n >= 65536 and k <= n / 8 take the sampled-threshold path
+    n = 200_003
+    r = np.zeros(n, dtype)
+    rr = np.zeros(n)
+    for step in range(3):
+        g = rng.standard_normal(n).astype(dtype)
+        g[::997] = np.round(g[::997])  # exact ties at the threshold, for small k too
+        if step == 2:
+            g[rng.integers(0, n, 50)] = 40.0  # a spike the strided sample likely misses
+        idx, vals = topk_sparsify(g, r, k)
+        ri, rv, rr = ref_topk_sparsify(g, rr, k)
+        np.testing.assert_array_equal(idx, ri)
+        np.testing.assert_allclose(vals, rv, **tol)
+        np.testing.assert_allclose(r, rr, **tol)
+
+
+def test_topk_sparsify_threshold_path_sample_misses_and_nan(rng):
+    n = 1 << 17
+    g = np.zeros(n)
+    g[1::64] = np.arange(1, n // 64 + 1)  # the strided sample sees only zeros
+    r = np.zeros(n)
+    idx, vals = topk_sparsify(g, r, 100)
+    np.testing.assert_array_equal(idx, np.sort(np.argsort(-g, kind="stable")[:100]))
+    np.testing.assert_array_equal(r + densify(idx, vals, n), g)
+    for pos in (0, 12345):  # NaN inside and outside the sample
+        g2 = rng.standard_normal(n)
+        g2[pos] = np.nan
+        r2 = rng.standard_normal(n)
+        before = r2.copy()
+        with pytest.raises(KernelInputError, match="NaN or inf"):
+            topk_sparsify(g2, r2, 100)
+        np.testing.assert_array_equal(r2, before)
