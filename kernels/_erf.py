@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 
-from llvmlite import ir
 
 from kernels._fastmath import exp_nonpos_f64
 from kernels._jit import intrinsic, jit, types
