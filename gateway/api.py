@@ -167,12 +167,17 @@ class Gateway:
             for i in indices]
         return self.submit_many(members, start=start)
 
-    def record(self, specs: Sequence[JobSpec], *, cache: bool = False) -> list[str]:
-        """Hash inputs, compute result keys, look up the cache, insert in one transaction."""
-        hashes = [{i.name: path_sha256(i.source) for i in s.inputs if not i.is_remote} for s in specs]
-        keys = [result_key(s, h) for s, h in zip(specs, hashes)]
+    def record(self, specs: Sequence[JobSpec], *, cache: bool = False,
+               hashes: Sequence[Mapping[str, str] | None] | None = None) -> list[str]:
+        """Hash inputs (unless the caller already did), compute result keys, look up the
+        cache, insert in one transaction."""
+        given = list(hashes) if hashes is not None else [None] * len(specs)
+        content = [dict(h) if h is not None else
+                   {i.name: path_sha256(i.source) for i in s.inputs if not i.is_remote}
+                   for s, h in zip(specs, given)]
+        keys = [result_key(s, h) for s, h in zip(specs, content)]
         hits = [self.store.find_result(k) if cache and k else None for k in keys]
-        return self.store.insert_jobs(specs, provenance=[{"inputs": h} for h in hashes],
+        return self.store.insert_jobs(specs, provenance=[{"inputs": h} for h in content],
                                       result_keys=keys, cached=hits)
 
     def run(self, command: Sequence[str] | str, *, name: str | None = None, **fields: Any) -> Job:

@@ -44,6 +44,7 @@ class Action:
     spec: Any = None
     job: JobRecord | None = None
     reason: str = ""
+    hashes: dict[str, str] | None = None   # input content hashes, computed once per apply
 
 
 @dataclass
@@ -164,6 +165,7 @@ def _mark_cached(gw: "Gateway", result: Plan) -> None:
     for action in result.actions:
         if action.kind in ("submit", "replace") and action.spec is not None:
             hashes = {i.name: path_sha256(i.source) for i in action.spec.inputs if not i.is_remote}
+            action.hashes = hashes
             key = result_key(action.spec, hashes)
             if key and gw.store.find_result(key):
                 action.reason = (action.reason + "; " if action.reason else "") + "cached result"
@@ -196,9 +198,11 @@ def apply(gw: "Gateway", spec: CampaignSpec, base_dir: Path, *, cache: bool = Tr
                  if a.kind in ("replace", "remove") and a.job and not a.job.state.terminal]
         if stale:
             gw.store.request_cancel(stale)
-        new = [a.spec for a in result.actions if a.kind in ("submit", "replace", "cached")]
+        fresh = [a for a in result.actions if a.kind in ("submit", "replace", "cached")]
+        new = [a.spec for a in fresh]
         if new:
-            gw.record(new, cache=cache)
+            known = [a.hashes for a in fresh]
+            gw.record(new, cache=cache, hashes=known if all(h is not None for h in known) else None)
             if os.environ.get("HPCGW_TEST_CRASH_AT") == "campaign-after-record":
                 os._exit(99)
     if start and (new or stale):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import yaml
 
 from gateway.backends.aws.profile import AwsProfile
 from gateway.errors import ConfigError
@@ -30,25 +29,10 @@ def boto3_module() -> Any:
 
 
 def load_profile(config: "Config", name: str) -> AwsProfile:
-    """The profile ``name`` from the config (``backends.aws.profiles``), else a packaged one."""
-    from pydantic import ValidationError
+    """The profile ``name`` from the config, else a packaged one (gateway.backends.profiles)."""
+    from gateway.backends.profiles import load_profile as load
 
-    from gateway.config import packaged_configs
-
-    data = config.backends.aws.profiles.get(name)
-    where = f"backends.aws.profiles.{name}"
-    if data is None:
-        packaged = packaged_configs() / "aws" / f"{name}.yaml"
-        if not packaged.is_file():
-            known = sorted(config.backends.aws.profiles) or ["(none configured)"]
-            raise ConfigError(f"no aws profile {name!r}; known: {', '.join(known)} "
-                              "(add one under backends.aws.profiles in your config)")
-        data, where = yaml.safe_load(packaged.read_text()) or {}, str(packaged)
-    try:
-        return AwsProfile.model_validate({**data, "name": name})
-    except ValidationError as exc:
-        lines = [f"  - {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"invalid aws profile in {where}:\n" + "\n".join(lines)) from None
+    return load(config, "aws", name, AwsProfile)
 
 
 def make_backend(config: "Config", profile: str) -> "AwsBackend":
