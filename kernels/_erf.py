@@ -4,11 +4,12 @@ libm's ``erf`` is a scalar call, so a loop using it does not vectorise and float
 was compute-bound at 5-7% of memory bandwidth. Here, branch-free (selects only):
 
     erfc(t) = exp(-t^2) * erfcx(t),   t = |x| >= 0
-    erfcx(t) = E(y) / (1 + 2t),       y = (t - 4) / (t + 4)  in [-1, 1)
+    erfcx(t) = E(z) / (1 + 2t),       y = (t - 3) / (t + 3),  z = A y + (A - 1)
 
-``E`` is one degree-24 polynomial valid on the whole half-line (``kernels._erf_fit``
-regenerates it: Chebyshev interpolation in 50-digit arithmetic); max rel. error of
-erfcx 3.6e-16. ``t^2`` is split exactly with an FMA (``hi + lo``) so ``exp(-t^2)`` keeps
+``E`` is one degree-20 polynomial (Estrin's scheme) valid for ``t`` in [0, 27.5], which
+``z`` maps onto [-1, 1]; past 27.5 ``exp(-t^2)`` underflows, so ``t`` is clamped there
+and erfc is still exactly 0 (``kernels._erf_fit`` regenerates it: Chebyshev
+interpolation in 50-digit arithmetic); max rel. error of erfcx 5.3e-16. ``t^2`` is split exactly with an FMA (``hi + lo``) so ``exp(-t^2)`` keeps
 its accuracy in the tails. ``erf`` uses ``t * S(t^2)`` (degree 9) for ``t < 0.5`` (where
 ``1 - erfc`` would cancel) and ``1 - erfc`` above. ``normal_parts`` gives the normal CDF
 and PDF that GELU needs from one exp and one polynomial, with the CDF's lower tail
@@ -24,15 +25,13 @@ from kernels._fastmath import exp_nonpos_f64
 from kernels._jit import intrinsic, jit, types
 
 _ERFCX = (
-    1.2329951186255526, -0.1396211168405623, 0.015379652102619604,
-    0.06809705425466908, -0.10103906603630056, 0.0937328349990944,
-    -0.06633036581218697, 0.03716751552655567, -0.016197734059799265,
-    0.005031970067657489, -0.0007577732613730956, -0.00019925714661091188,
-    0.0001506214900124047, -2.4397746422436416e-05, -1.1221287012353486e-05,
-    5.706604414895734e-06, 2.919733377963012e-07, -8.210939042560568e-07,
-    7.746992727017941e-08, 1.0633855618594884e-07, -2.05606492756992e-08,
-    -1.234686604382353e-08, 3.1695881915648173e-09, 9.311744978232572e-10,
-    -2.659599690242689e-10,
+    1.2657524946121061, -0.11001298260619138, -0.07595082875080741, 0.134607062038086,
+    -0.1033560597377006, 0.049304253526589216, -0.013400020093440301,
+    0.0003814415627531843, 0.0010980960661006373, -0.00024108853612808334,
+    -8.239306085803112e-05, 3.3541930357834104e-05, 8.251403247572391e-06,
+    -4.135003043850914e-06, -1.1876798926240161e-06, 4.768550200830231e-07,
+    2.019258562207712e-07, -4.560125268847787e-08, -3.071981944443428e-08,
+    2.6030239759303536e-09, 2.804422301306039e-09,
 )
 _ERF_SMALL = (
     1.1283791670955126, -0.3761263890318375, 0.1128379167095487,
@@ -41,11 +40,13 @@ _ERF_SMALL = (
     -1.4621341491012844e-07,
 )
 (E0, E1, E2, E3, E4, E5, E6, E7, E8, E9, E10, E11, E12, E13, E14, E15, E16, E17, E18,
- E19, E20, E21, E22, E23, E24) = _ERFCX
+ E19, E20) = _ERFCX
+_ERFCX_K = 3.0
+_T_MAX = 27.5
+_Z_SCALE = 2.0 / ((_T_MAX - _ERFCX_K) / (_T_MAX + _ERFCX_K) + 1.0)
 S0, S1, S2, S3, S4, S5, S6, S7, S8, S9 = _ERF_SMALL
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
-_T_MAX = 1e100  # erfc(t) is 0 long before; keeps (t + 4)(1 + 2t) finite for t = inf
 
 
 @intrinsic
@@ -61,15 +62,22 @@ def fma(typingctx, a, b, c):
 # 'contract' only: the polynomial order and the exact-square trick must not be reassociated.
 @jit(fastmath={"contract"}, inline=True)
 def erfcx_f64(t):
-    """``exp(t^2) erfc(t)`` for ``t >= 0`` (t = inf -> 0); one division."""
+    """``exp(t^2) erfc(t)`` for ``0 <= t <= 27.5`` (larger t are clamped to 27.5, where
+    ``exp(-t^2)`` is already 0); one division."""
     tc = min(t, _T_MAX)
-    r = 1.0 / ((tc + 4.0) * (1.0 + 2.0 * tc))
-    y = (tc - 4.0) * (1.0 + 2.0 * tc) * r
-    p = (((((E24 * y + E23) * y + E22) * y + E21) * y + E20) * y + E19) * y + E18
-    p = (((((p * y + E17) * y + E16) * y + E15) * y + E14) * y + E13) * y + E12
-    p = (((((p * y + E11) * y + E10) * y + E9) * y + E8) * y + E7) * y + E6
-    p = (((((p * y + E5) * y + E4) * y + E3) * y + E2) * y + E1) * y + E0
-    return p * ((tc + 4.0) * r)
+    u = 1.0 + 2.0 * tc
+    r = 1.0 / ((tc + _ERFCX_K) * u)
+    z = ((tc - _ERFCX_K) * u * r) * _Z_SCALE + (_Z_SCALE - 1.0)
+    z2 = z * z
+    z4 = z2 * z2
+    z8 = z4 * z4
+    a0 = (E0 + E1 * z) + (E2 + E3 * z) * z2
+    a1 = (E4 + E5 * z) + (E6 + E7 * z) * z2
+    a2 = (E8 + E9 * z) + (E10 + E11 * z) * z2
+    a3 = (E12 + E13 * z) + (E14 + E15 * z) * z2
+    a4 = (E16 + E17 * z) + (E18 + E19 * z) * z2
+    p = (a0 + a1 * z4) + (a2 + a3 * z4) * z8 + (a4 + E20 * z4) * (z8 * z8)
+    return p * ((tc + _ERFCX_K) * r)
 
 
 @jit(fastmath={"contract"}, inline=True)

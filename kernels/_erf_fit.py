@@ -1,4 +1,5 @@
-"""Regenerate the coefficients in ``kernels._erf`` (needs mpmath; not imported by kernels).
+"""Regenerate the coefficients in ``kernels._erf`` and ``kernels._fastmath``'s float64 exp
+(needs mpmath; not imported by kernels).
 
     python -m kernels._erf_fit
 
@@ -7,8 +8,12 @@ Each fit is the Chebyshev interpolant of the target at ``degree + 40`` Chebyshev
 (the Chebyshev coefficients fall geometrically, so the monomial form stays well
 conditioned: all coefficients below 1.3 in magnitude).
 
-- ``ERFCX``: ``erfcx(t) * (1 + 2t)`` as a polynomial in ``y = (t - 4) / (t + 4)``,
-  ``t`` in ``[0, inf)`` -> ``y`` in ``[-1, 1)``; degree 24, max rel. error 3.6e-16.
+- ``ERFCX``: ``erfcx(t) * (1 + 2t)`` as a polynomial in ``z``, where
+  ``y = (t - 3) / (t + 3)`` and ``z`` maps ``y``'s range for ``t`` in ``[0, 27.5]`` onto
+  ``[-1, 1]`` (past 27.5, ``exp(-t^2)`` underflows, so erfc is 0 whatever erfcx is);
+  degree 20, max rel. error 5.3e-16 (the half-line ``[0, inf)`` needed degree 24).
+- ``EXP``: ``e^r`` on ``|r| <= ln2 / 2``, degree 11, max rel. error 2e-16 in float64
+  (the Taylor series needs degree 13 for the same).
 - ``ERF_SMALL``: ``erf(t) / t`` as a polynomial in ``u = t^2`` on ``[0, 0.25]``;
   degree 9, max rel. error 2.2e-16.
 """
@@ -40,17 +45,32 @@ def _cheb_to_monomial(f: Callable, degree: int) -> list:
     return mono
 
 
-def fit_erfcx(k: float = 4.0, degree: int = 24) -> list[float]:
-    """``erfcx(t) (1 + 2t)`` in ``y = (t - k) / (t + k)``."""
+def erfcx_ymax(k: float = 3.0, tmax: float = 27.5) -> float:
+    """``y`` at ``t = tmax``; ``z = (y + 1) * 2 / (ymax + 1) - 1``."""
+    return (tmax - k) / (tmax + k)
+
+
+def fit_erfcx(k: float = 3.0, degree: int = 20, tmax: float = 27.5) -> list[float]:
+    """``erfcx(t) (1 + 2t)`` in ``z`` (``y = (t - k) / (t + k)`` rescaled onto [-1, 1])."""
     import mpmath as mp
 
-    def f(y):
-        if y == 1:
-            return 2 / mp.sqrt(mp.pi)
+    ymax = erfcx_ymax(k, tmax)
+
+    def f(z):
+        y = (z + 1) / 2 * (ymax + 1) - 1
         t = k * (1 + y) / (1 - y)
         return mp.erfc(t) * mp.exp(t * t) * (1 + 2 * t)
 
     return [float(c) for c in _cheb_to_monomial(f, degree)]
+
+
+def fit_exp(degree: int = 11) -> list[float]:
+    """``e^r`` in ``r`` on ``[-ln2 / 2, ln2 / 2]``."""
+    import mpmath as mp
+
+    half = mp.log(2) / 2
+    mono_y = _cheb_to_monomial(lambda y: mp.exp(y * half), degree)
+    return [float(a / half**i) for i, a in enumerate(mono_y)]
 
 
 def fit_erf_small(umax: float = 0.25, degree: int = 9) -> list[float]:
@@ -75,3 +95,4 @@ if __name__ == "__main__":
     mp.mp.dps = 50
     print("ERFCX =", tuple(fit_erfcx()))
     print("ERF_SMALL =", tuple(fit_erf_small()))
+    print("EXP =", tuple(fit_exp()))
