@@ -1,10 +1,14 @@
 """Top-k cosine similarity search over an embedding matrix.
 
-One pass over the embeddings: the rows are split into chunks (``prange``); each chunk
-reads a row once, scores it against every query and keeps a sorted top-k per query, so
-neither the q x n score matrix nor normalised copies are materialised. Chunk results are
-merged at the end. Scores are ``q.e / (|q| |e|)``; a zero-norm row or query scores 0;
-rows with NaN are never returned. Ties go to the lower row index.
+Few queries (fewer than ``GEMM_MIN_QUERIES``): one pass over the embeddings, the rows
+split into chunks (``prange``); each chunk reads a row once, scores it against every
+query and keeps a sorted top-k per query, so neither the q x n score matrix nor
+normalised copies are materialised; chunk results are merged at the end. This is a
+memory-bound scan. More queries make it compute-bound (2 q flops per element read), so
+the rows go in blocks of ``GEMM_BLOCK_ROWS`` through BLAS (``queries @ block.T``, a
+q x block score matrix that stays in cache) and a parallel kernel keeps each query's
+top-k from its row of scores. Scores are ``q.e / (|q| |e|)``; a zero-norm row or query
+scores 0; rows with NaN are never returned. Ties go to the lower row index.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
+from kernels._prefetch import prefetch_ahead
 from kernels.errors import KernelInputError
 
-__all__ = ["merge_topk", "topk_cosine"]
+__all__ = ["GEMM_BLOCK_ROWS", "GEMM_MIN_QUERIES", "merge_topk", "topk_cosine"]
+
+GEMM_MIN_QUERIES = 24  # below this the fused scan wins on this machine (docs/benchmarks.md)
+GEMM_BLOCK_ROWS = 4096
 
 
 @jit()
@@ -35,30 +43,47 @@ def _insert(scores, idx, s, r):
 
 
 @jit()
-def _score_row(qs, qinv, e, einv, s_out, i_out, r, zero):
-    """Score row ``e`` against all queries, four at a time (one load of e feeds four FMAs)."""
+def _score4(qs, qinv, emb, r0, einv, s_out, i_out, offset, zero):
+    """Score rows ``r0 .. r0 + 3`` against every query. Four rows at a time give four
+    independent sums per query (their reductions overlap instead of waiting on each
+    other) and one load of a query element feeds four FMAs."""
     nq, d = qs.shape
-    q = 0
-    while q + 4 <= nq:
+    e0, e1, e2, e3 = emb[r0], emb[r0 + 1], emb[r0 + 2], emb[r0 + 3]
+    for q in range(nq):
+        qv = qs[q]
         a0 = a1 = a2 = a3 = zero
-        q0, q1, q2, q3 = qs[q], qs[q + 1], qs[q + 2], qs[q + 3]
         for t in range(d):
-            v = e[t]
-            a0 += q0[t] * v
-            a1 += q1[t] * v
-            a2 += q2[t] * v
-            a3 += q3[t] * v
-        _insert(s_out[q], i_out[q], a0 * (qinv[q] * einv), r)
-        _insert(s_out[q + 1], i_out[q + 1], a1 * (qinv[q + 1] * einv), r)
-        _insert(s_out[q + 2], i_out[q + 2], a2 * (qinv[q + 2] * einv), r)
-        _insert(s_out[q + 3], i_out[q + 3], a3 * (qinv[q + 3] * einv), r)
-        q += 4
-    for qq in range(q, nq):
+            w = qv[t]
+            a0 += w * e0[t]
+            a1 += w * e1[t]
+            a2 += w * e2[t]
+            a3 += w * e3[t]
+        qi = qinv[q]
+        _insert(s_out[q], i_out[q], a0 * (qi * einv[0]), r0 + offset)
+        _insert(s_out[q], i_out[q], a1 * (qi * einv[1]), r0 + 1 + offset)
+        _insert(s_out[q], i_out[q], a2 * (qi * einv[2]), r0 + 2 + offset)
+        _insert(s_out[q], i_out[q], a3 * (qi * einv[3]), r0 + 3 + offset)
+
+
+@jit()
+def _inv_norm(s):
+    return 1.0 / np.sqrt(s) if s > 0 else (s if s != s else 0.0)
+
+
+@jit()
+def _score1(qs, qinv, emb, r, normalized, s_out, i_out, offset, zero):
+    """One row against every query (the last 1-3 rows of a chunk)."""
+    nq, d = qs.shape
+    e = emb[r]
+    sq = zero
+    for t in range(d):
+        sq += e[t] * e[t]
+    einv = 1.0 if normalized else _inv_norm(sq)
+    for q in range(nq):
         a = zero
-        qv = qs[qq]
         for t in range(d):
-            a += qv[t] * e[t]
-        _insert(s_out[qq], i_out[qq], a * (qinv[qq] * einv), r)
+            a += qs[q, t] * e[t]
+        _insert(s_out[q], i_out[q], a * (qinv[q] * einv), r + offset)
 
 
 @jit(parallel=True)
@@ -66,15 +91,76 @@ def _topk(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized):
     n, d = emb.shape
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
-        for r in range(lo, hi):
-            e = emb[r]
-            einv = 1.0
+        einv = np.ones(4, emb.dtype)
+        n4 = lo + (hi - lo) // 4 * 4
+        flat = emb.reshape(-1)
+        for r0 in range(lo, n4, 4):
+            prefetch_ahead(flat, r0 * d, 4 * d * flat.itemsize)
             if not normalized:
-                en = zero
+                e0, e1, e2, e3 = emb[r0], emb[r0 + 1], emb[r0 + 2], emb[r0 + 3]
+                s0 = s1 = s2 = s3 = zero
                 for t in range(d):
-                    en += e[t] * e[t]
-                einv = 1.0 / np.sqrt(en) if en > 0 else 0.0
-            _score_row(qs, qinv, e, einv, out_s[c], out_i[c], r + offset, zero)
+                    s0 += e0[t] * e0[t]
+                    s1 += e1[t] * e1[t]
+                    s2 += e2[t] * e2[t]
+                    s3 += e3[t] * e3[t]
+                einv[0] = _inv_norm(s0)
+                einv[1] = _inv_norm(s1)
+                einv[2] = _inv_norm(s2)
+                einv[3] = _inv_norm(s3)
+            _score4(qs, qinv, emb, r0, einv, out_s[c], out_i[c], offset, zero)
+        for r in range(n4, hi):
+            _score1(qs, qinv, emb, r, normalized, out_s[c], out_i[c], offset, zero)
+
+
+@jit()
+def _inv_norms(e, out, zero):
+    """``1 / |e_r|`` per row (0 for a zero row; NaN rows give NaN)."""
+    n, d = e.shape
+    for r in range(n):
+        s = zero
+        for t in range(d):
+            s += e[r, t] * e[r, t]
+        out[r] = 1.0 / np.sqrt(s) if s > 0 else (s if s != s else 0.0)
+
+
+@jit()
+def _select_rows(scores, einv, out_s, out_i, offset, scale):
+    """Per query (row of ``scores``): offer every column's score, times the
+    row's ``einv`` when ``scale``, to that query's sorted top-k. A score that cannot beat
+    the current k-th is rejected by one compare, so this is one streaming pass."""
+    nq, m = scores.shape
+    for q in range(nq):
+        srow = scores[q]
+        best = out_s[q]
+        idx = out_i[q]
+        kth = best[best.size - 1]
+        for r in range(m):
+            v = srow[r] * einv[r] if scale else srow[r]
+            if v > kth:
+                _insert(best, idx, v, r + offset)
+                kth = best[best.size - 1]
+
+
+def _topk_gemm(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: int,
+               normalized: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Many queries: BLAS scores a block of rows against all queries, then selection."""
+    nq, n = q.shape[0], e.shape[0]
+    qn = q * qinv[:, None]
+    out_s = np.full((nq, kk), -np.inf, q.dtype)
+    out_i = np.full((nq, kk), -1, np.int64)
+    buf = np.empty((nq, min(GEMM_BLOCK_ROWS, n)), q.dtype)
+    einv = np.ones(buf.shape[1], q.dtype)
+    zero = q.dtype.type(0)
+    for lo in range(0, n, GEMM_BLOCK_ROWS):
+        blk = e[lo:lo + GEMM_BLOCK_ROWS]
+        m = blk.shape[0]
+        sc = buf if m == buf.shape[1] else np.empty((nq, m), q.dtype)
+        np.matmul(qn, blk.T, out=sc)
+        if not normalized:
+            _inv_norms(blk, einv[:m], zero)
+        _select_rows(sc, einv[:m], out_s, out_i, lo + offset, not normalized)
+    return out_s, out_i
 
 
 def merge_topk(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +193,10 @@ def topk_cosine(
         )
     n = e.shape[0]
     kk = min(k, n)
+    if kk and q.shape[0] >= GEMM_MIN_QUERIES and e.shape[1]:
+        qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+        qinv = np.divide(1.0, qn, out=np.zeros_like(qn), where=qn > 0).astype(q.dtype)
+        return _topk_gemm(q, qinv, e, kk, int(offset), bool(normalized))
     nch = n_chunks(n, min_rows=512)
     out_s = np.full((nch, q.shape[0], max(kk, 1)), -np.inf, q.dtype)
     out_i = np.full((nch, q.shape[0], max(kk, 1)), -1, np.int64)

@@ -44,6 +44,11 @@ def np_gelu(x):
     return 0.5 * x * (1 + erf(x * np.float32(1 / math.sqrt(2))).astype(x.dtype))
 
 
+def np_topk_cosine_raw(q, e, k):
+    """NumPy search over raw embeddings: the row norms are part of the call, as ours."""
+    return np_topk_cosine(q, e / np.linalg.norm(e, axis=1, keepdims=True), k)
+
+
 def np_topk_cosine(q, e_normed, k):
     """NumPy search over pre-normalised embeddings (normalising once is not timed)."""
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)

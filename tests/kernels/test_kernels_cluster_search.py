@@ -86,8 +86,20 @@ def ref_topk(q, e, k):
     return np.take_along_axis(s, order, 1), order
 
 
+@pytest.fixture(params=["fused", "gemm"])
+def search_path(request, monkeypatch):
+    """Run a search test through the fused scan and through the blocked-GEMM path (with
+    blocks of 7 rows, so block edges, offsets and a short last block are all crossed)."""
+    if request.param == "gemm":
+        monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 1)
+        monkeypatch.setattr(search, "GEMM_BLOCK_ROWS", 7)
+    else:
+        monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("n", [5, 3000])  # 3000 rows: several chunks to merge
-def test_topk_matches_reference(n, dtype, tol, rng):
+def test_topk_matches_reference(n, dtype, tol, rng, search_path):
     e = rng.standard_normal((n, 16)).astype(dtype)
     q = rng.standard_normal((4, 16)).astype(dtype)
     s, i = search.topk_cosine(q, e, 8)
@@ -102,7 +114,7 @@ def test_topk_matches_reference(n, dtype, tol, rng):
         np.testing.assert_array_equal(i, ri)
 
 
-def test_topk_ties_zero_rows_nan_rows_and_offset():
+def test_topk_ties_zero_rows_nan_rows_and_offset(search_path):
     e = np.array([[1.0, 0.0], [np.nan, 1.0], [0.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
     q = np.array([[1.0, 0.0], [0.0, 0.0]])
     s, i = search.topk_cosine(q, e, 4, offset=10)
@@ -111,7 +123,7 @@ def test_topk_ties_zero_rows_nan_rows_and_offset():
     assert i[1].tolist() == [10, 12, 13, 14]  # a zero query scores 0 everywhere
 
 
-def test_topk_empty_and_errors():
+def test_topk_empty_and_errors(search_path):
     s, i = search.topk_cosine(np.ones((2, 3)), np.zeros((0, 3)), 5)
     assert s.shape == i.shape == (2, 0)
     with pytest.raises(KernelInputError, match="embeddings must have 3 columns"):
@@ -120,7 +132,7 @@ def test_topk_empty_and_errors():
         search.topk_cosine(np.ones((2, 3)), np.zeros((4, 3)), 0)
 
 
-def test_topk_normalized_flag_skips_norms_with_same_result(rng):
+def test_topk_normalized_flag_skips_norms_with_same_result(rng, search_path):
     e = rng.standard_normal((700, 12))
     e /= np.linalg.norm(e, axis=1, keepdims=True)
     q = rng.standard_normal((9, 12))  # 9 queries: two blocks of four plus one
@@ -131,6 +143,26 @@ def test_topk_normalized_flag_skips_norms_with_same_result(rng):
     # with unnormalised rows the flag changes the scores: it is really skipping the norms
     s3, _ = search.topk_cosine(q, 3 * e, 5, normalized=True)
     np.testing.assert_allclose(s3, 3 * s1, rtol=1e-12)
+
+
+def test_topk_gemm_path_agrees_with_the_fused_scan(rng, monkeypatch):
+    e = rng.standard_normal((2000, 24)).astype(np.float32)
+    # exact duplicates: the lowest index must come first (small integers, so every
+    # summation order BLAS may use gives the same dot product: a real tie)
+    e[[3, 100, 500]] = rng.integers(-4, 5, 24)
+    e[9] = np.nan
+    e[10] = 0
+    q = rng.standard_normal((20, 24)).astype(np.float32)
+    q[4] = e[100]
+    monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
+    fs, fi = search.topk_cosine(q, e, 12, offset=5)
+    monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 16)
+    monkeypatch.setattr(search, "GEMM_BLOCK_ROWS", 300)
+    gs, gi = search.topk_cosine(q, e, 12, offset=5)
+    assert gi[4, :3].tolist() == [8, 105, 505]  # the three copies, in row order
+    assert not np.isin([9 + 5], gi).any()
+    np.testing.assert_allclose(gs, fs, rtol=1e-5, atol=1e-6)
+    assert (gi == fi).mean() > 0.99  # float32 rounding may swap near-ties only
 
 
 def test_gemm_path_matches_reference_ties_and_nan(dtype, rng):
