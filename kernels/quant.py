@@ -7,7 +7,10 @@
 Symmetric (no zero point) and -128 unused, so q and -q are both representable; the
 round-trip error is at most scale/2 per element. Each channel is two passes over a row
 held in cache (max, then quantise + a NaN/inf probe), rows in parallel. NaN or inf
-weights are refused.
+weights are refused. Dequantising into an output of ``NT_MIN_BYTES`` or more uses
+non-temporal stores (``kernels._simd``): the output is not read into cache before it is
+overwritten, 81% -> 96-101% of the STREAM triad here; smaller outputs, which the caller
+will likely read back from cache, keep ordinary stores.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import _checks
+from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
+from kernels._simd import NT_STORES, address, dequant_store_nt, sfence
 from kernels.errors import KernelDtypeError, KernelInputError
 
-__all__ = ["dequantize_int8", "quantize_int8"]
+__all__ = ["NT_MIN_BYTES", "dequantize_int8", "quantize_int8"]
+
+NT_MIN_BYTES = 16 << 20  # half this machine's L3: larger outputs bypass the cache
 
 
 @jit(parallel=True)
@@ -58,6 +65,32 @@ def _dequantize(q, scale, w):
         s = scale[c]
         for j in range(d):
             w[c, j] = q[c, j] * s
+
+
+@jit(parallel=True)
+def _dequantize_nt(q, scale, w, nchunks):
+    """``_dequantize`` with 64-byte non-temporal stores; a scalar head until ``w[c, j]``
+    is 64-byte aligned and a scalar tail per row, one ``sfence`` per chunk of rows."""
+    n, d = q.shape
+    qf = q.reshape(-1)
+    wf = w.reshape(-1)
+    lanes = 64 // wf.itemsize
+    for ch in prange(nchunks):
+        lo, hi = chunk_bounds(n, nchunks, ch)
+        for c in range(lo, hi):
+            s = scale[c]
+            base = c * d
+            j = 0
+            while j < d and (address(wf, base + j) & 63) != 0:
+                wf[base + j] = qf[base + j] * s
+                j += 1
+            while j + lanes <= d:
+                dequant_store_nt(qf, s, wf, base + j)
+                j += lanes
+            while j < d:
+                wf[base + j] = qf[base + j] * s
+                j += 1
+        sfence()
 
 
 def _as_2d(a: np.ndarray) -> np.ndarray:
@@ -125,6 +158,8 @@ def dequantize_int8(
     q2 = _as_2d(np.ascontiguousarray(q))
     res = _checks.out_array("out", out, q.shape, dt)
     w = res.reshape(q2.shape)
-    if w.size:
+    if w.size and NT_STORES and w.nbytes >= NT_MIN_BYTES:
+        _dequantize_nt(q2, s, w, n_chunks(q2.shape[0], min_rows=1))
+    elif w.size:
         _dequantize(q2, s, w)
     return res

@@ -59,6 +59,28 @@ def test_quantize_out_buffer_and_nan_anywhere(dtype, rng):
         quantize_int8(w, out=np.empty(w.shape, np.int16))
 
 
+@pytest.mark.parametrize("d", [1, 15, 17, 64, 1024, 1000])
+def test_dequantize_non_temporal_path_equals_plain(d, dtype, rng, monkeypatch):
+    # every row width against every alignment of the output (0..15 elements off a
+    # 64-byte boundary): the scalar head/tail and the 64-byte stores must cover each
+    # element exactly once
+    from kernels import quant
+
+    if not quant.NT_STORES:
+        pytest.skip("non-temporal stores are only used on x86-64")
+    q = rng.integers(-127, 128, (37, d)).astype(np.int8)
+    scale = rng.random(37).astype(dtype) + 0.5
+    expect = (q.astype(np.float64) * scale[:, None].astype(np.float64)).astype(dtype)
+    monkeypatch.setattr(quant, "NT_MIN_BYTES", 0)
+    for off in range(16):
+        buf = np.full(q.size + 16, -7, dtype)
+        out = buf[off:off + q.size].reshape(q.shape)
+        got = dequantize_int8(q, scale, dtype, out=out)
+        assert got is out
+        np.testing.assert_array_equal(out, expect)
+        assert (buf[:off] == -7).all() and (buf[off + q.size:] == -7).all()  # nothing spilled
+
+
 def test_quantize_refuses_nan_and_wrong_types():
     with pytest.raises(KernelInputError, match=r"NaN or inf in channel\(s\) \[1\]"):
         quantize_int8(np.array([[1.0, 2.0], [np.inf, 0.0]]))
