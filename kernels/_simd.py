@@ -11,8 +11,14 @@
 - ``compress_candidates``: 16 float32 entries of ``r + g``; those with magnitude
   ``>= thr`` are packed (in index order) into ``cval``/``cidx`` at ``pos`` in one
   ``llvm.masked.compressstore`` each; returns ``hits + (non-finite << 32)``.
+- ``tile_argmin``: k-means assignment for 2 vectors of rows of a tile-major transposed
+  block, four centroids at a time with eight FMA accumulators and the running minima
+  held in registers (the loop vectoriser keeps accumulators in memory when the rows,
+  not ``d``, are the vector lanes).
 
-x86-64 only (``sfence``): callers check ``NT_STORES`` and keep a plain path.
+All but ``sfence`` are generic LLVM (vector types, ``llvm.fma``, masked compress), which
+LLVM lowers for any target; ``sfence`` is x86-64 only, so the non-temporal path is
+taken only where ``NT_STORES`` is true.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from numba.core import cgutils
 
 from kernels._jit import intrinsic, types
 
-__all__ = ["NT_STORES", "address", "compress_candidates", "dequant_store_nt", "sfence"]
+__all__ = ["NT_STORES", "address", "compress_candidates", "dequant_store_nt", "sfence",
+           "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 _I32 = ir.IntType(32)
@@ -140,3 +147,78 @@ def compress_candidates(typingctx, g, r, i, thr, cidx, cval, pos):
         return builder.or_(nhit, builder.shl(nbad, ir.Constant(_I64, 32)))
 
     return types.int64(g, r, i, thr, cidx, cval, pos), codegen
+
+
+@intrinsic
+def tile_argmin(typingctx, cf, cn, kp, xt, d, ldx, r0, best, lab):
+    """Nearest of ``kp`` centroids (``kp`` a multiple of 4) for the 2L rows from ``r0``
+    of a transposed block (see ``dot_tile``): for each group of four centroids the eight
+    dot-product accumulators stay in registers over the ``t`` loop, then
+    ``|c|^2 - 2 x.c`` is compared with each row's running best by vector selects
+    (strict ``<``: ties keep the lower index; NaN never wins). Writes ``best[:2L]`` and
+    ``lab[:2L]`` (-1 where nothing won)."""
+    if not (_is_1d(cf) and _is_1d(cn) and _is_1d(xt) and _is_1d(best) and _is_1d(lab)
+            and cf.dtype == cn.dtype == xt.dtype == best.dtype
+            and cf.dtype in (types.float32, types.float64) and lab.dtype == types.int64
+            and all(isinstance(a, types.Integer) for a in (kp, d, ldx, r0))):
+        return None
+    lanes = 512 // cf.dtype.bitwidth
+    fname = "f32" if cf.dtype == types.float32 else "f64"
+
+    def codegen(context, builder, sig, args):
+        cfa, cna, kpv, xta, dv, ldv, rv, besta, laba = args
+        ity = types.intp
+        kpv, dv, ldv, rv = (context.cast(builder, v, t, ity) for v, t in
+                            zip((kpv, dv, ldv, rv), (sig.args[2], sig.args[4], sig.args[5],
+                                                     sig.args[6])))
+        ft = context.get_value_type(sig.args[0].dtype)
+        vf = ir.VectorType(ft, lanes)
+        vi = ir.VectorType(_I64, lanes)
+        fma = _declare(builder, f"llvm.fma.v{lanes}{fname}", vf, [vf, vf, vf])
+        data = [context.make_array(sig.args[i])(context, builder, args[i]).data
+                for i in (0, 1, 3, 7, 8)]
+        cfd, cnd, xtd, bestd, labd = data
+        zero = ir.Constant(vf, [0.0] * lanes)
+        bests = [cgutils.alloca_once_value(builder, ir.Constant(vf, [float("inf")] * lanes))
+                 for _ in range(2)]
+        labs = [cgutils.alloca_once_value(builder, ir.Constant(vi, [-1] * lanes))
+                for _ in range(2)]
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(8)]
+        L = ir.Constant(_I64, lanes)
+        ngroups = builder.sdiv(kpv, ir.Constant(_I64, 4))
+        with cgutils.for_range(builder, ngroups) as gloop:
+            j = builder.mul(gloop.index, ir.Constant(_I64, 4))
+            for acc in accs:
+                builder.store(zero, acc)
+            with cgutils.for_range(builder, dv) as loop:
+                t = loop.index
+                xb = builder.add(builder.mul(t, ldv), rv)
+                xv = [builder.load(builder.bitcast(builder.gep(xtd, [builder.add(xb, off)]),
+                                                   vf.as_pointer()), align=1)
+                      for off in (ir.Constant(_I64, 0), L)]
+                for q in range(4):
+                    ci = builder.add(builder.mul(builder.add(j, ir.Constant(_I64, q)), dv), t)
+                    w = _splat(builder, builder.load(builder.gep(cfd, [ci])), vf)
+                    for v in range(2):
+                        acc = accs[q * 2 + v]
+                        builder.store(builder.call(fma, [w, xv[v], builder.load(acc)]), acc)
+            minus2 = ir.Constant(vf, [-2.0] * lanes)
+            for q in range(4):
+                jq = builder.add(j, ir.Constant(_I64, q))
+                cq = _splat(builder, builder.load(builder.gep(cnd, [jq])), vf)
+                jqv = _splat(builder, jq, vi)
+                for v in range(2):
+                    dist = builder.call(fma, [minus2, builder.load(accs[q * 2 + v]), cq])
+                    b = builder.load(bests[v])
+                    win = builder.fcmp_ordered("<", dist, b)
+                    builder.store(builder.select(win, dist, b), bests[v])
+                    builder.store(builder.select(win, jqv, builder.load(labs[v])), labs[v])
+        for v in range(2):
+            off = ir.Constant(_I64, v * lanes)
+            builder.store(builder.load(bests[v]),
+                          builder.bitcast(builder.gep(bestd, [off]), vf.as_pointer()), align=1)
+            builder.store(builder.load(labs[v]),
+                          builder.bitcast(builder.gep(labd, [off]), vi.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(cf, cn, kp, xt, d, ldx, r0, best, lab), codegen

@@ -4,7 +4,13 @@ Assignment never materialises the n x k distance matrix. For small ``d * k`` eac
 is compared with four centroids at a time (four accumulators, so each load of the point
 feeds four FMAs) using ``|c|^2 - 2 x.c`` and keeps the running minimum. For large
 ``d * k`` (see ``_uses_gemm``) chunks of rows go through BLAS GEMM as in scikit-learn,
-with the argmin (and, inside :func:`kmeans`, the cluster sums) done per chunk in cache. The update sums points per
+with the argmin done per chunk in cache. A whole Lloyd run (:func:`kmeans`) in that
+regime first makes a tile-major transposed copy of ``x`` (``_TiledLloyd``) and then
+assigns with ``kernels._simd.tile_argmin``: 32 float32 rows (16 float64) against four
+centroids at a time, the dot products and running minima in registers, no horizontal
+sums and no distance block in memory; 3.5 ms per iteration against 4.7-5.1 for the BLAS
+path at n = 100000, d = k = 64 (the copy, about 4 ms, pays back in one or two
+iterations), and the cluster sums are added per tile. The update sums points per
 cluster into per-chunk partial buffers (float64) and reduces them, which is also the
 shape the MPI and Dask versions need (partial sums + counts, then one all-reduce).
 Rows containing NaN are labelled -1 and left out of the update.
@@ -20,6 +26,7 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, num_threads, prange
+from kernels._simd import tile_argmin
 from kernels.errors import KernelInputError
 
 __all__ = [
@@ -159,12 +166,17 @@ def _blas_single_thread():
 @jit()
 def _add_rows(x, labels, lo, hi, psum, pcnt):
     """Add rows ``lo .. hi`` of ``x`` into their clusters' sums/counts (label -1 skipped)."""
+    # Branch-free: the same loop inside ``if lab >= 0`` ran 4-5x slower (measured); a
+    # skipped row adds selected zeros (not 0 * x, which would spread a NaN) to row 0.
     for i in range(lo, hi):
         lab = labels[i]
-        if lab >= 0:
-            pcnt[lab] += 1
-            for t in range(x.shape[1]):
-                psum[lab, t] += x[i, t]
+        ok = lab >= 0
+        row = lab if ok else 0
+        pcnt[row] += 1 if ok else 0
+        acc = psum[row]
+        xi = x[i]
+        for t in range(acc.size):
+            acc[t] += xi[t] if ok else 0.0
 
 
 CHUNK_BYTES = 1 << 20  # size of one chunk's c @ x_chunk.T
@@ -302,6 +314,110 @@ def kmeans_update(
     return centroids_from_sums(sums, counts, previous, x.dtype), counts
 
 
+@jit(parallel=True)
+def _transpose_tiles(x, xt, ldx):
+    """Tile-major transposed copy: tile ``b`` (rows ``b*T .. b*T+T-1``, T = 128 bytes of
+    the dtype) is the contiguous block ``xt[b*d*T : (b+1)*d*T]`` with
+    ``xt[b*d*T + t*T + l] = x[b*T + l, t]``; rows past ``n`` are zero. One sequential
+    stream per tile when read back (a plain ``(d, n)`` transpose made 64 streams)."""
+    n, d = x.shape
+    tile = 128 // xt.itemsize
+    for b in prange(ldx // tile):
+        r0 = b * tile
+        base = b * d * tile
+        if r0 + tile <= n:
+            for t in range(d):
+                for l in range(tile):
+                    xt[base + t * tile + l] = x[r0 + l, t]
+        else:
+            for t in range(d):
+                for l in range(tile):
+                    xt[base + t * tile + l] = x[r0 + l, t] if r0 + l < n else 0.0
+
+
+@jit(parallel=True)
+def _lloyd_tiles(x, xt, ldx, cf, cnp, kp, labels, psum, pcnt, nchunks):
+    """One Lloyd pass over a tile-major transposed copy of ``x`` (``_transpose_tiles``): per tile
+    of 2L rows, ``kernels._simd.tile_argmin`` finds each row's nearest centroid with the
+    dot products and running minima in registers (ties to the lower index, NaN never
+    wins, padded centroids have ``|c|^2 = inf``), then the tile's rows are added into
+    the chunk's cluster sums."""
+    n, d = x.shape
+    lanes = 64 // xt.itemsize
+    tile = 2 * lanes
+    ntiles = ldx // tile
+    for ch in prange(nchunks):
+        best = np.empty(tile, xt.dtype)
+        lab = np.empty(tile, np.int64)
+        for b in range(ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks):
+            r0 = b * tile
+            tile_argmin(cf, cnp, kp, xt, d, tile, b * d * tile, best, lab)
+            for l in range(min(tile, n - r0)):
+                labels[r0 + l] = lab[l]
+            _add_rows(x, labels, r0, min(r0 + tile, n), psum[ch], pcnt[ch])
+
+
+@jit(parallel=True)
+def _assign_tiles(xt, d, ldx, cf, cnp, kp, xn, labels, mind, nchunks):
+    """Labels and squared distances from the tile-major copy (as ``_lloyd_tiles``)."""
+    n = labels.size
+    tile = 128 // xt.itemsize
+    ntiles = ldx // tile
+    for ch in prange(nchunks):
+        best = np.empty(tile, xt.dtype)
+        lab = np.empty(tile, np.int64)
+        for b in range(ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks):
+            r0 = b * tile
+            tile_argmin(cf, cnp, kp, xt, d, tile, b * d * tile, best, lab)
+            for l in range(min(tile, n - r0)):
+                labels[r0 + l] = lab[l]
+                mind[r0 + l] = max(best[l] + xn[r0 + l], 0.0) if lab[l] >= 0 else np.nan
+
+
+class _TiledLloyd:
+    """The transposed, padded copy of ``x`` that :func:`_lloyd_tiles` reads, made once
+    per :func:`kmeans` run (a Lloyd run reads it every iteration; one ``kmeans_assign``
+    would not pay back the copy, so it keeps the BLAS path)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        tile = 128 // x.itemsize
+        self.ldx = (x.shape[0] + tile - 1) // tile * tile
+        self.xt = np.empty(x.shape[1] * self.ldx, x.dtype)
+        _transpose_tiles(x, self.xt, self.ldx)
+
+    def _padded(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Centroids padded to a multiple of 4 (extra rows never win: ``|c|^2 = inf``),
+        their squared norms, the padded count and a chunk count."""
+        (k, d), kp = c.shape, (c.shape[0] + 3) // 4 * 4
+        cp = np.zeros((kp, d), self.x.dtype)
+        cp[:k] = c
+        cnp = np.full(kp, np.inf, self.x.dtype)
+        cnp[:k] = np.einsum("ij,ij->i", c, c)
+        nch = max(1, min(4 * num_threads(), self.ldx // (128 // self.x.itemsize)))
+        return cp.reshape(-1), cnp, kp, nch
+
+    def step(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Labels, cluster sums (float64) and counts for centroids ``c``."""
+        x, k = self.x, c.shape[0]
+        cf, cnp, kp, nch = self._padded(c)
+        labels = np.empty(x.shape[0], np.int64)
+        psum = np.zeros((nch, kp, x.shape[1]), np.float64)
+        pcnt = np.zeros((nch, kp), np.int64)
+        _lloyd_tiles(x, self.xt, self.ldx, cf, cnp, kp, labels, psum, pcnt, nch)
+        return labels, psum.sum(axis=0)[:k], pcnt.sum(axis=0)[:k]
+
+    def assign(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What :func:`kmeans_assign` returns, from the tile-major copy."""
+        x = self.x
+        cf, cnp, kp, nch = self._padded(c)
+        xn = np.einsum("ij,ij->i", x, x)
+        labels = np.empty(x.shape[0], np.int64)
+        mind = np.empty(x.shape[0], x.dtype)
+        _assign_tiles(self.xt, x.shape[1], self.ldx, cf, cnp, kp, xn, labels, mind, nch)
+        return labels, mind
+
+
 def _lloyd_step(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels, cluster sums and counts for centroids ``c``: one pass over ``x`` on the
     GEMM path (sums added per chunk), assignment then partial sums on the fused path."""
@@ -327,8 +443,9 @@ def kmeans(
     max_iter = _checks.positive_int("max_iter", max_iter)
     prev = None
     n_iter = 0
+    tiled = _TiledLloyd(x) if x.shape[0] and x.shape[1] and _uses_gemm(c) else None
     for n_iter in range(1, max_iter + 1):
-        labels, sums, counts = _lloyd_step(x, c)
+        labels, sums, counts = tiled.step(c) if tiled else _lloyd_step(x, c)
         new_c = centroids_from_sums(sums, counts, c, x.dtype)
         shift = float(((new_c - c) ** 2).sum())
         c = new_c
@@ -337,5 +454,5 @@ def kmeans(
         if shift <= tol:
             break
         prev = labels
-    labels, mind = kmeans_assign(x, c)
+    labels, mind = tiled.assign(c) if tiled else kmeans_assign(x, c)
     return c, labels, float(np.nansum(mind, dtype=np.float64)), n_iter

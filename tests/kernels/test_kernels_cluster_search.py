@@ -202,3 +202,27 @@ def test_kmeans_gemm_path_matches_the_fused_path(rng, monkeypatch):
     np.testing.assert_array_equal(l1, l2)
     np.testing.assert_allclose(c1, c2, rtol=1e-10)
     np.testing.assert_allclose(i1, i2, rtol=1e-10)
+
+
+def test_kmeans_tile_path_matches_the_gemm_path(dtype, rng):
+    # the Lloyd loop's register-tiled kernel (kernels._simd.tile_argmin on a tile-major
+    # copy of x) against the BLAS path: k = 33 pads to 36 centroids, n = 1001 leaves a
+    # partial tile, a NaN row stays out, a duplicated centroid must lose to the lower index
+    # (integer-valued data: every summation order gives the same dot products, a real tie)
+    x = rng.integers(-3, 4, (1001, 40)).astype(dtype)
+    x[17] = np.nan
+    c = rng.integers(-3, 4, (33, 40)).astype(dtype)
+    c[30] = c[2]
+    assert cluster._uses_gemm(c)
+    tiled = cluster._TiledLloyd(x)
+    labels, sums, counts = tiled.step(c)
+    ref_labels, ref_sums, ref_counts = cluster._lloyd_step(x, c)
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert labels[17] == -1 and not np.any(labels == 30)
+    np.testing.assert_array_equal(counts, ref_counts)
+    np.testing.assert_allclose(sums, ref_sums, rtol=1e-12)
+    lab2, dist = tiled.assign(c)
+    ref_lab2, ref_dist = cluster.kmeans_assign(x, c)
+    np.testing.assert_array_equal(lab2, ref_lab2)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-6, equal_nan=True)
+    assert np.isnan(dist[17])
