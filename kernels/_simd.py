@@ -11,6 +11,7 @@
 - ``compress_candidates``: 16 float32 entries of ``r + g``; those with magnitude
   ``>= thr`` are packed (in index order) into ``cval``/``cidx`` at ``pos`` in one
   ``llvm.masked.compressstore`` each; returns ``hits + (non-finite << 32)``.
+  ``compress_candidates_update`` also stores ``r + g`` back into ``r`` (one pass).
 - ``tile_argmin``: k-means assignment for 2 vectors of rows of a tile-major transposed
   block, four centroids at a time with eight FMA accumulators and the running minima
   held in registers (the loop vectoriser keeps accumulators in memory when the rows,
@@ -30,8 +31,8 @@ from numba.core import cgutils
 
 from kernels._jit import intrinsic, types
 
-__all__ = ["NT_STORES", "address", "compress_candidates", "dequant_store_nt", "sfence",
-           "tile_argmin"]
+__all__ = ["NT_STORES", "address", "compress_candidates", "compress_candidates_update",
+           "dequant_store_nt", "sfence", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 _I32 = ir.IntType(32)
@@ -105,48 +106,61 @@ def _declare(builder, name: str, ret: ir.Type, args: list) -> ir.Function:
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
-@intrinsic
-def compress_candidates(typingctx, g, r, i, thr, cidx, cval, pos):
-    """One 64-byte block from ``i``: ``a = r + g``; the ``a`` with ``|a| >= thr`` go to
-    ``cval[pos:]`` and their indices to ``cidx[pos:]``, packed in index order (up to a
-    block's worth of slots from ``pos`` may be written). Returns
-    ``hits + (non-finite count << 32)``."""
-    if not (_is_1d(g) and _is_1d(r) and g.dtype == r.dtype == thr == cval.dtype
-            and g.dtype in (types.float32, types.float64) and _is_1d(cidx)
-            and cidx.dtype == types.int64 and _is_1d(cval)
-            and isinstance(i, types.Integer) and isinstance(pos, types.Integer)):
-        return None
-    lanes = 512 // g.dtype.bitwidth
-    fname = "f32" if g.dtype == types.float32 else "f64"
+def _compress_candidates(update: bool):
+    """Build ``compress_candidates`` (``update``: also store ``a`` back into ``r``)."""
 
-    def codegen(context, builder, sig, args):
-        ga, ra, iv, tv, ca, va, pv = args
-        gt, rt, it, _, ct, vt, pt = sig.args
-        ft = context.get_value_type(gt.dtype)
-        vf = ir.VectorType(ft, lanes)
-        vi = ir.VectorType(_I64, lanes)
-        vb = ir.VectorType(ir.IntType(1), lanes)
-        load = (lambda aty, aval: builder.load(builder.bitcast(
-            _elem_ptr(context, builder, aty, aval, iv, it), vf.as_pointer()), align=1))
-        a = builder.fadd(load(rt, ra), load(gt, ga))
-        mag = builder.call(_declare(builder, f"llvm.fabs.v{lanes}{fname}", vf, [vf]), [a])
-        hit = builder.fcmp_ordered(">=", mag, _splat(builder, tv, vf))
-        bad = builder.fcmp_unordered(">=", mag, _splat(builder, ir.Constant(ft, float("inf")), vf))
-        mty = ir.IntType(lanes)
-        ctpop = _declare(builder, f"llvm.ctpop.i{lanes}", mty, [mty])
-        nhit = builder.zext(builder.call(ctpop, [builder.bitcast(hit, mty)]), _I64)
-        nbad = builder.zext(builder.call(ctpop, [builder.bitcast(bad, mty)]), _I64)
-        start = context.cast(builder, iv, it, types.int64)
-        idx = builder.add(_splat(builder, start, vi), ir.Constant(vi, list(range(lanes))))
-        pval = builder.bitcast(_elem_ptr(context, builder, vt, va, pv, pt), ft.as_pointer())
-        pidx = builder.bitcast(_elem_ptr(context, builder, ct, ca, pv, pt), _I64.as_pointer())
-        builder.call(_declare(builder, f"llvm.masked.compressstore.v{lanes}{fname}",
-                              ir.VoidType(), [vf, ft.as_pointer(), vb]), [a, pval, hit])
-        builder.call(_declare(builder, f"llvm.masked.compressstore.v{lanes}i64",
-                              ir.VoidType(), [vi, _I64.as_pointer(), vb]), [idx, pidx, hit])
-        return builder.or_(nhit, builder.shl(nbad, ir.Constant(_I64, 32)))
+    def typer(typingctx, g, r, i, thr, cidx, cval, pos):
+        """One 64-byte block from ``i``: ``a = r + g``; the ``a`` with ``|a| >= thr`` go to
+        ``cval[pos:]`` and their indices to ``cidx[pos:]``, packed in index order (up to a
+        block's worth of slots from ``pos`` may be written). Returns
+        ``hits + (non-finite count << 32)``."""
+        if not (_is_1d(g) and _is_1d(r) and g.dtype == r.dtype == thr == cval.dtype
+                and g.dtype in (types.float32, types.float64) and _is_1d(cidx)
+                and cidx.dtype == types.int64 and _is_1d(cval)
+                and isinstance(i, types.Integer) and isinstance(pos, types.Integer)):
+            return None
+        lanes = 512 // g.dtype.bitwidth
+        fname = "f32" if g.dtype == types.float32 else "f64"
 
-    return types.int64(g, r, i, thr, cidx, cval, pos), codegen
+        def codegen(context, builder, sig, args):
+            ga, ra, iv, tv, ca, va, pv = args
+            gt, rt, it, _, ct, vt, pt = sig.args
+            ft = context.get_value_type(gt.dtype)
+            vf = ir.VectorType(ft, lanes)
+            vi = ir.VectorType(_I64, lanes)
+            vb = ir.VectorType(ir.IntType(1), lanes)
+            load = (lambda aty, aval: builder.load(builder.bitcast(
+                _elem_ptr(context, builder, aty, aval, iv, it), vf.as_pointer()), align=1))
+            a = builder.fadd(load(rt, ra), load(gt, ga))
+            if update:
+                pr = _elem_ptr(context, builder, rt, ra, iv, it)
+                builder.store(a, builder.bitcast(pr, vf.as_pointer()), align=1)
+            mag = builder.call(_declare(builder, f"llvm.fabs.v{lanes}{fname}", vf, [vf]), [a])
+            hit = builder.fcmp_ordered(">=", mag, _splat(builder, tv, vf))
+            bad = builder.fcmp_unordered(">=", mag, _splat(builder, ir.Constant(ft, float("inf")), vf))
+            mty = ir.IntType(lanes)
+            ctpop = _declare(builder, f"llvm.ctpop.i{lanes}", mty, [mty])
+            nhit = builder.zext(builder.call(ctpop, [builder.bitcast(hit, mty)]), _I64)
+            nbad = builder.zext(builder.call(ctpop, [builder.bitcast(bad, mty)]), _I64)
+            start = context.cast(builder, iv, it, types.int64)
+            idx = builder.add(_splat(builder, start, vi), ir.Constant(vi, list(range(lanes))))
+            pval = builder.bitcast(_elem_ptr(context, builder, vt, va, pv, pt), ft.as_pointer())
+            pidx = builder.bitcast(_elem_ptr(context, builder, ct, ca, pv, pt), _I64.as_pointer())
+            builder.call(_declare(builder, f"llvm.masked.compressstore.v{lanes}{fname}",
+                                  ir.VoidType(), [vf, ft.as_pointer(), vb]), [a, pval, hit])
+            builder.call(_declare(builder, f"llvm.masked.compressstore.v{lanes}i64",
+                                  ir.VoidType(), [vi, _I64.as_pointer(), vb]), [idx, pidx, hit])
+            return builder.or_(nhit, builder.shl(nbad, ir.Constant(_I64, 32)))
+
+        return types.int64(g, r, i, thr, cidx, cval, pos), codegen
+
+    typer.__name__ = typer.__qualname__ = (
+        "compress_candidates_update" if update else "compress_candidates")
+    return intrinsic(typer)
+
+
+compress_candidates = _compress_candidates(update=False)
+compress_candidates_update = _compress_candidates(update=True)
 
 
 @intrinsic

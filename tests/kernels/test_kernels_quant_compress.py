@@ -151,8 +151,9 @@ def test_sparsify_errors_and_empty():
         densify(np.array([3]), np.array([1.0]), 3)
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
 @pytest.mark.parametrize("k", [1, 2000, 30000])
-def test_topk_sparsify_threshold_path_matches_reference(k, dtype, tol, rng):
+def test_topk_sparsify_threshold_path_matches_reference(k, one_pass, dtype, tol, rng):
     # n >= 65536 and k <= n / 8 take the sampled-threshold path
     n = 200_003
     r = np.zeros(n, dtype)
@@ -162,21 +163,33 @@ def test_topk_sparsify_threshold_path_matches_reference(k, dtype, tol, rng):
         g[::997] = np.round(g[::997])  # exact ties at the threshold, for small k too
         if step == 2:
             g[rng.integers(0, n, 50)] = 40.0  # a spike the strided sample likely misses
-        idx, vals = topk_sparsify(g, r, k)
+        idx, vals = topk_sparsify(g, r, k, one_pass=one_pass)
         ri, rv, rr = ref_topk_sparsify(g, rr, k)
         np.testing.assert_array_equal(idx, ri)
         np.testing.assert_allclose(vals, rv, **tol)
         np.testing.assert_allclose(r, rr, **tol)
 
 
-def test_topk_sparsify_threshold_path_sample_misses_and_nan(rng):
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
+def test_topk_sparsify_threshold_path_sample_misses_and_nan(one_pass, rng):
     n = 1 << 17
     g = np.zeros(n)
     g[1::64] = np.arange(1, n // 64 + 1)  # the strided sample sees only zeros
     r = np.zeros(n)
-    idx, vals = topk_sparsify(g, r, 100)
+    # one-pass: the candidate scan already added g into r when the sample proves wrong;
+    # the exact path must then finish on r alone, not add g twice
+    idx, vals = topk_sparsify(g, r, 100, one_pass=one_pass)
     np.testing.assert_array_equal(idx, np.sort(np.argsort(-g, kind="stable")[:100]))
     np.testing.assert_array_equal(r + densify(idx, vals, n), g)
+    if one_pass:
+        g2 = rng.standard_normal(n)
+        g2[12345] = np.inf
+        r2 = rng.standard_normal(n)
+        expect = r2 + g2
+        with pytest.raises(KernelInputError, match="one_pass=True: residual already holds"):
+            topk_sparsify(g2, r2, 100, one_pass=True)
+        np.testing.assert_array_equal(r2, expect)  # as documented: residual absorbed grad
+        return
     for pos in (0, 12345):  # NaN inside and outside the sample
         g2 = rng.standard_normal(n)
         g2[pos] = np.nan
