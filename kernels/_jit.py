@@ -24,17 +24,19 @@ def source_fingerprint() -> str:
 _CFG = get_config()
 # Numba's cache key ignores compile flags, so the flags are part of the folder name too.
 _FLAGS = f"p{int(_CFG.parallel)}f{int(_CFG.fastmath)}"
-CACHE_DIR = (os.path.join(_CFG.cache_dir, f"src-{source_fingerprint()}-{_FLAGS}")
-             if _CFG.cache_dir else None)
-# Without a cache folder numba caches next to the sources, keyed without the flags: only
-# the default flags may use it, other settings compile in memory instead.
-_USE_CACHE = bool(CACHE_DIR) or (_CFG.parallel and _CFG.fastmath)
+# Without a configured folder the cache still goes to a fingerprinted folder, next to the
+# sources: numba's own key is the timestamp of the kernel's file only, so editing an
+# inlined helper (_fastmath, _erf, _simd) would otherwise leave stale machine code.
+_DEFAULT_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__", "numba")
+CACHE_DIR = os.path.join(_CFG.cache_dir or _DEFAULT_BASE,
+                         f"src-{source_fingerprint()}-{_FLAGS}")
+_USE_CACHE = True
 
 
-def _writable_or_fallback(folder: str) -> str:
-    """The configured cache folder, or, when it is absent and cannot be made (a read-only
-    image whose cache was not warmed for these sources), one under the temp folder, so a
-    job compiles once instead of failing."""
+def _writable_or_fallback(folder: str, *, warn: bool) -> str:
+    """The cache folder, or, when it is absent and cannot be made (a read-only install
+    or image whose cache was not warmed for these sources), one under the temp folder,
+    so a job compiles once instead of failing (a warning if the folder was configured)."""
     if os.path.isdir(folder):
         return folder
     try:
@@ -46,23 +48,22 @@ def _writable_or_fallback(folder: str) -> str:
 
         fallback = os.path.join(tempfile.gettempdir(), "hpcgw-numba-cache", os.path.basename(folder))
         os.makedirs(fallback, exist_ok=True)
-        warnings.warn(f"numba cache folder {folder} cannot be created; using {fallback}",
-                      stacklevel=2)
+        if warn:
+            warnings.warn(f"numba cache folder {folder} cannot be created; using {fallback}",
+                          stacklevel=2)
         return fallback
 
 
-if CACHE_DIR:
-    # numba reads NUMBA_CACHE_DIR when it is imported; set it first, then keep it in
-    # sync in case numba was imported earlier by someone else.
-    CACHE_DIR = _writable_or_fallback(CACHE_DIR)
-    os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
+# numba reads NUMBA_CACHE_DIR when it is imported; set it first, then keep it in sync in
+# case numba was imported earlier by someone else.
+CACHE_DIR = _writable_or_fallback(CACHE_DIR, warn=bool(_CFG.cache_dir))
+os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
 
 import numba
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
-if CACHE_DIR:
-    numba.config.CACHE_DIR = CACHE_DIR
+numba.config.CACHE_DIR = CACHE_DIR
 
 __all__ = ["intrinsic", "jit", "num_threads", "numba", "overload", "prange", "types"]
 

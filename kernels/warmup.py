@@ -60,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print {name: seconds} as JSON")
     args = ap.parse_args(argv)
     times = warm_all()
-    from kernels._jit import _USE_CACHE, CACHE_DIR
+    from kernels._jit import CACHE_DIR
 
-    where = CACHE_DIR or ("__pycache__ next to the sources" if _USE_CACHE else "not cached")
+    where = CACHE_DIR
 
     if args.json:
         print(json.dumps(times))
