@@ -54,9 +54,25 @@ def _writable_or_fallback(folder: str, *, warn: bool) -> str:
         return fallback
 
 
+def _prune_default_cache(keep: str) -> None:
+    """Drop default-location folders of other source versions (a developer's edits would
+    pile them up); a configured folder is left alone (an image may hold several)."""
+    import shutil
+
+    prefix = os.path.basename(keep).rsplit("-", 1)[0] + "-"  # src-HASH-, any flags
+    try:
+        for name in os.listdir(_DEFAULT_BASE):
+            if name.startswith("src-") and not name.startswith(prefix):
+                shutil.rmtree(os.path.join(_DEFAULT_BASE, name), ignore_errors=True)
+    except OSError:
+        pass
+
+
 # numba reads NUMBA_CACHE_DIR when it is imported; set it first, then keep it in sync in
 # case numba was imported earlier by someone else.
 CACHE_DIR = _writable_or_fallback(CACHE_DIR, warn=bool(_CFG.cache_dir))
+if not _CFG.cache_dir:
+    _prune_default_cache(CACHE_DIR)
 os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
 
 import numba
