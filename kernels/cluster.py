@@ -336,31 +336,14 @@ def _transpose_tiles(x, xt, ldx):
 
 
 @jit(parallel=True)
-def _lloyd_tiles(x, xt, ldx, cf, cnp, kp, labels, psum, pcnt, nchunks):
-    """One Lloyd pass over a tile-major transposed copy of ``x`` (``_transpose_tiles``): per tile
+def _tile_pass(x, xt, ldx, cf, cnp, kp, labels, sums, psum, pcnt, xn, mind, nchunks):
+    """One pass over a tile-major transposed copy of ``x`` (``_transpose_tiles``): per tile
     of 2L rows, ``kernels._simd.tile_argmin`` finds each row's nearest centroid with the
     dot products and running minima in registers (ties to the lower index, NaN never
-    wins, padded centroids have ``|c|^2 = inf``), then the tile's rows are added into
-    the chunk's cluster sums."""
+    wins, padded centroids have ``|c|^2 = inf``). Then, with ``sums`` (a Lloyd step), the
+    tile's rows are added into the chunk's cluster sums; without, ``mind`` gets the
+    squared distances (``|c|^2 - 2 x.c + |x|^2``, NaN for a row without a label)."""
     n, d = x.shape
-    lanes = 64 // xt.itemsize
-    tile = 2 * lanes
-    ntiles = ldx // tile
-    for ch in prange(nchunks):
-        best = np.empty(tile, xt.dtype)
-        lab = np.empty(tile, np.int64)
-        for b in range(ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks):
-            r0 = b * tile
-            tile_argmin(cf, cnp, kp, xt, d, tile, b * d * tile, best, lab)
-            for l in range(min(tile, n - r0)):
-                labels[r0 + l] = lab[l]
-            _add_rows(x, labels, r0, min(r0 + tile, n), psum[ch], pcnt[ch])
-
-
-@jit(parallel=True)
-def _assign_tiles(xt, d, ldx, cf, cnp, kp, xn, labels, mind, nchunks):
-    """Labels and squared distances from the tile-major copy (as ``_lloyd_tiles``)."""
-    n = labels.size
     tile = 128 // xt.itemsize
     ntiles = ldx // tile
     for ch in prange(nchunks):
@@ -369,13 +352,18 @@ def _assign_tiles(xt, d, ldx, cf, cnp, kp, xn, labels, mind, nchunks):
         for b in range(ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks):
             r0 = b * tile
             tile_argmin(cf, cnp, kp, xt, d, tile, b * d * tile, best, lab)
-            for l in range(min(tile, n - r0)):
+            m = min(tile, n - r0)
+            for l in range(m):
                 labels[r0 + l] = lab[l]
-                mind[r0 + l] = max(best[l] + xn[r0 + l], 0.0) if lab[l] >= 0 else np.nan
+            if sums:
+                _add_rows(x, labels, r0, r0 + m, psum[ch], pcnt[ch])
+            else:
+                for l in range(m):
+                    mind[r0 + l] = max(best[l] + xn[r0 + l], 0.0) if lab[l] >= 0 else np.nan
 
 
 class _TiledLloyd:
-    """The transposed, padded copy of ``x`` that :func:`_lloyd_tiles` reads, made once
+    """The transposed, padded copy of ``x`` that :func:`_tile_pass` reads, made once
     per :func:`kmeans` run (a Lloyd run reads it every iteration; one ``kmeans_assign``
     would not pay back the copy, so it keeps the BLAS path)."""
 
@@ -404,7 +392,8 @@ class _TiledLloyd:
         labels = np.empty(x.shape[0], np.int64)
         psum = np.zeros((nch, kp, x.shape[1]), np.float64)
         pcnt = np.zeros((nch, kp), np.int64)
-        _lloyd_tiles(x, self.xt, self.ldx, cf, cnp, kp, labels, psum, pcnt, nch)
+        none = np.empty(0, x.dtype)
+        _tile_pass(x, self.xt, self.ldx, cf, cnp, kp, labels, True, psum, pcnt, none, none, nch)
         return labels, psum.sum(axis=0)[:k], pcnt.sum(axis=0)[:k]
 
     def assign(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -414,7 +403,9 @@ class _TiledLloyd:
         xn = np.einsum("ij,ij->i", x, x)
         labels = np.empty(x.shape[0], np.int64)
         mind = np.empty(x.shape[0], x.dtype)
-        _assign_tiles(self.xt, x.shape[1], self.ldx, cf, cnp, kp, xn, labels, mind, nch)
+        psum = np.zeros((1, 1, 1), np.float64)
+        pcnt = np.zeros((1, 1), np.int64)
+        _tile_pass(x, self.xt, self.ldx, cf, cnp, kp, labels, False, psum, pcnt, xn, mind, nch)
         return labels, mind
 
 
