@@ -106,6 +106,51 @@ def _gelu_bwd(dy, x, out):
         out[i] = dy[i] * _act_grad(x[i], 2)
 
 
+@jit()
+def _gelu_rows(x, out, lo, hi):
+    for i in range(lo, hi):
+        for j in range(x.shape[1]):
+            out[i, j] = _act(x[i, j], 2)
+
+
+@jit()
+def _gelu_bwd_rows(dy, x, out, lo, hi):
+    for i in range(lo, hi):
+        for j in range(x.shape[1]):
+            out[i, j] = dy[i, j] * _act_grad(x[i, j], 2)
+
+
+@jit(parallel=True)
+def _gelu_2d(x, out, nchunks):
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(x.shape[0], nchunks, c)
+        _gelu_rows(x, out, lo, hi)
+
+
+@jit(parallel=True)
+def _gelu_bwd_2d(dy, x, out, nchunks):
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(x.shape[0], nchunks, c)
+        _gelu_bwd_rows(dy, x, out, lo, hi)
+
+
+_ROW = 512  # elements per row of the 2-D view
+
+
+def _elementwise(kernel_2d, kernel_flat, *arrays: np.ndarray) -> None:
+    """Run an elementwise kernel over flat C-contiguous arrays (the last one is the
+    output): the bulk as a ``(n // 512, 512)`` view in chunks of rows, the last
+    ``n % 512`` elements flat. Measured on float64 GELU backward: 80-82% of the triad
+    this way, 62-64% as one flat ``prange`` loop (forward: 58-60% vs 55-57%)."""
+    n = arrays[0].size
+    m = n // _ROW
+    if m:
+        views = [a[:m * _ROW].reshape(m, _ROW) for a in arrays]
+        kernel_2d(*views, n_chunks(m, min_rows=4))
+    if n - m * _ROW:
+        kernel_flat(*[a[m * _ROW:] for a in arrays])
+
+
 def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """Exact GELU, ``x * Phi(x)``, elementwise; ``out`` may be ``x`` itself (in place).
 
@@ -120,7 +165,7 @@ def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         res = out
     flat = res.reshape(-1) if res.flags.c_contiguous else np.empty(xc.size, xc.dtype)
     if xc.size:
-        _gelu(xc.reshape(-1), flat)
+        _elementwise(_gelu_2d, _gelu, xc.reshape(-1), flat)
     if not res.flags.c_contiguous:
         res[...] = flat.reshape(res.shape)
     return res
@@ -133,7 +178,7 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, *, out: np.ndarray | None = Non
     _checks.shape_is("dy", dyc, xc.shape)
     res = _checks.out_array("out", out, xc.shape, xc.dtype)
     if xc.size:
-        _gelu_bwd(dyc.reshape(-1), xc.reshape(-1), res.reshape(-1))
+        _elementwise(_gelu_bwd_2d, _gelu_bwd, dyc.reshape(-1), xc.reshape(-1), res.reshape(-1))
     return res
 
 
