@@ -237,6 +237,45 @@ def bench_data_kernels(tab: Table, rows: int, dt) -> None:
                 numpy=lambda qs=qs: B.np_topk_cosine(qs, en, 10))
 
 
+def bench_ceilings(rows: int = 2048, cols: int = 256) -> list[dict]:
+    """Compute ceilings: each elementwise/row kernel, on both cores, on a block that stays
+    in the 32 MB L3 (at most 12 MB in all), as ns per element per core and as the GB/s
+    it would move if memory cost nothing. A row whose ceiling is below 80% of the triad
+    cannot reach the goal in that run however its memory access is arranged: it is
+    compute-bound there."""
+    out = []
+    threads = numba.get_num_threads()
+    for dt in (np.float32, np.float64):
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal((rows, cols)).astype(dt)
+        dy = rng.standard_normal(x.shape).astype(dt)
+        o = np.empty_like(x)
+        y = rng.integers(0, cols, rows)
+        gam, bet = np.ones(cols, dt), np.zeros(cols, dt)
+        _, mu, rs = nn.layer_norm(x, gam, bet)
+        cases = [
+            ("softmax_cross_entropy+grad", 2, lambda: nn.softmax_cross_entropy(x, y, out=o)),
+            ("layer_norm", 2, lambda: nn.layer_norm(x, gam, bet, out=o)),
+            ("layer_norm_backward", 3, lambda: nn.layer_norm_backward(dy, x, gam, mu, rs, out=o)),
+            ("gelu", 2, lambda: nn.gelu(x, out=o)),
+            ("gelu_backward", 3, lambda: nn.gelu_backward(dy, x, out=o)),
+            ("bias_act gelu", 2, lambda: nn.bias_act(x, gam, out=o)),
+            ("bias_act_backward gelu", 3, lambda: nn.bias_act_backward(dy, x, gam, "gelu", out=o)),
+        ]
+        for name, streams, fn in cases:
+            def reps(fn=fn):
+                for _ in range(20):
+                    fn()
+            t = best(reps, repeat=5) / 20
+            out.append({"kernel": name, "dtype": str(np.dtype(dt)),
+                        "ns_per_elem": t * threads / x.size * 1e9,
+                        "gb_s_2cores": streams * x.nbytes / t / GB})
+    for r in out:
+        print(f"  ceiling {r['kernel']:28s} {r['dtype']:8s} {r['ns_per_elem']:.3f} ns/elem/core "
+              f"= {r['gb_s_2cores']:.0f} GB/s on 2 cores", flush=True)
+    return out
+
+
 def bench_kmeans(configs, iters: int) -> list[dict]:
     """Same data, same init, same number of Lloyd iterations: ours vs scikit-learn."""
     try:
@@ -428,9 +467,23 @@ def _train_compile_tables(res: dict) -> list[str]:
     return out
 
 
+def _ceiling_table(res: dict) -> list[str]:
+    out = ["", ("Compute ceilings: each kernel on a 2048 x 256 block that stays in the L3 "
+                "cache (Python call overhead included), both cores, as ns per element per "
+                "core and as the GB/s it would move if memory cost nothing (same byte "
+                "count as above). Where this is below 80% of a row's triad, that row is "
+                "compute-bound in that run:"), "",
+           "| kernel | dtype | ns / element / core | ceiling GB/s |", "|---|---|---|---|"]
+    for r in res.get("ceilings", []):
+        out.append(f"| {r['kernel']} | {r['dtype']} | {r['ns_per_elem']:.3f} | "
+                   f"{r['gb_s_2cores']:.0f} |")
+    return out
+
+
 def render(res: dict, command: str) -> str:
     """The ``## Kernels`` markdown section."""
-    lines = (_header(res, command) + _kernel_table(res["kernels"]) + _kmeans_table(res)
+    lines = (_header(res, command) + _kernel_table(res["kernels"]) + _ceiling_table(res)
+             + _kmeans_table(res)
              + _train_compile_tables(res))
     return "\n".join(lines) + "\n"
 
@@ -472,6 +525,7 @@ def main(argv=None) -> int:
         bench_nn(tab, tb, (1 << 17) // scale, 256, dt)
     bench_data_kernels(tab, (1 << 17) // scale, np.float32)
     res["kernels"] = tab.rows
+    res["ceilings"] = bench_ceilings(2048 // (4 if args.quick else 1))
     res["kmeans_iters"] = 20
     res["kmeans"] = bench_kmeans([(200_000 // scale, 16, 8, np.float32),
                                   (200_000 // scale, 16, 8, np.float64),
