@@ -20,6 +20,7 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
+from kernels._prefetch import prefetch_ahead
 from kernels._simd import NT_STORES, address, dequant_store_nt, sfence
 from kernels.errors import KernelDtypeError, KernelInputError
 
@@ -36,7 +37,9 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits):
     ``>= inf_bits``, so no separate probe. The max's bits are stored through ``sbits``
     (``scale`` viewed as ints) and read back as a float. Pass 2 quantises."""
     n, d = w.shape
+    wf = w.reshape(-1)
     for c in prange(n):
+        prefetch_ahead(wf, c * d, d * wf.itemsize)  # 41 -> 48 GB/s (A/B, one round-robin)
         rb = wbits[c]
         mb = rb[0] & mask
         for j in range(d):
