@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from gateway.testing.require import require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -188,8 +189,7 @@ def test_logs_follow_streams_until_the_end(cli):
 @pytest.mark.mpi
 def test_mpirun_job_runs_ranks_that_allreduce(cli, gw_env, tmp_path):
     pytest.importorskip("mpi4py")
-    if not shutil.which("mpirun"):
-        pytest.skip("mpirun (openmpi-bin) is not installed")
+    require_tool("mpirun", "apt-get install openmpi-bin")
     script = tmp_path / "allreduce.py"
     script.write_text(
         "from mpi4py import MPI\n"

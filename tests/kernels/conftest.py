@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from gateway.testing.require import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,9 +51,7 @@ def _run_app(name: str, *args: str, ranks: int = 1, ok: bool = True,
     """Run an app with 1 process, or ``ranks`` processes under mpirun; fail with its output."""
     argv = [sys.executable, "-m", f"kernels.apps.{name}", *args]
     if ranks > 1:
-        mpirun = shutil.which("mpirun")
-        if mpirun is None:
-            pytest.skip("mpirun not found: apt-get install openmpi-bin libopenmpi-dev")
+        mpirun = require_tool("mpirun", "apt-get install openmpi-bin libopenmpi-dev")
         argv = [mpirun, "-n", str(ranks), "--oversubscribe", *argv]
     proc = subprocess.run(argv, cwd=REPO, env=app_env(), capture_output=True, text=True,
                           check=False, timeout=timeout)

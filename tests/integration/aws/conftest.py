@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+
+from gateway.testing.require import require_tool
 
 REGION = "us-east-1"
 
@@ -25,8 +26,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.importorskip("moto.server", reason="needs moto[server]: pip install 'moto[server]'")
-    if shutil.which("curl") is None:
-        pytest.skip("needs curl (apt-get install curl)")
+    require_tool("curl", "apt-get install curl")
     port = _free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

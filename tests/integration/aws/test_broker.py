@@ -4,7 +4,6 @@ instances: with an idle cluster jobs stay on Slurm; with a long queue they burst
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -13,6 +12,7 @@ import pytest
 from test_aws_cloud import REPO, Cloud
 
 from gateway.states import State
+from gateway.testing.require import require_tool
 from gateway.testing.slurm_cluster import SlurmCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.aws, pytest.mark.slurm]
@@ -20,8 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.aws, pytest.mark.slurm]
 
 @pytest.fixture(scope="module")
 def small_slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    if shutil.which("slurmctld") is None:
-        pytest.skip("needs slurmctld (apt-get install slurm-wlm munge)")
+    require_tool("slurmctld", "apt-get install slurm-wlm munge")
     with SlurmCluster(tmp_path_factory.mktemp("broker-slurm"), "single", cpus=2) as cluster:
         yield cluster
 

@@ -7,28 +7,17 @@ environment variable CI is set they fail instead, so CI cannot silently skip the
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
+from gateway.testing.require import require, require_tool
 from gateway.testing.slurm_accounting import available as accounting_available
 from gateway.testing.slurm_cluster import SlurmCluster
 
 
-def _need(present: bool, what: str) -> None:
-    """Skip on a developer machine without the packages; in CI (``CI`` set) fail instead."""
-    if present:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} (CI must install it)")
-    pytest.skip(what)
-
-
 def _need_slurm() -> None:
-    _need(bool(shutil.which("slurmctld")),
-          "slurmctld is not installed (apt-get install slurm-wlm munge openmpi-bin)")
+    require_tool("slurmctld", "apt-get install slurm-wlm munge openmpi-bin")
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +41,7 @@ def slurm_cluster_acct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slu
     """Single node with slurmdbd + mariadbd (sacct works) and MinJobAge=2, so finished jobs
     soon leave slurmctld's memory and only accounting still knows them."""
     _need_slurm()
-    _need(accounting_available(), "slurmdbd/mariadbd are not installed "
+    require(accounting_available(), "slurmdbd/mariadbd are not installed "
           "(apt-get install slurmdbd mariadb-server slurm-wlm-mysql-plugin)")
     with SlurmCluster(tmp_path_factory.mktemp("slurmacct"), "single", accounting=True,
                       min_job_age=2) as cluster:
