@@ -30,7 +30,6 @@ _FLAGS = f"p{int(_CFG.parallel)}f{int(_CFG.fastmath)}"
 _DEFAULT_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__", "numba")
 CACHE_DIR = os.path.join(_CFG.cache_dir or _DEFAULT_BASE,
                          f"src-{source_fingerprint()}-{_FLAGS}")
-_USE_CACHE = True
 
 
 def _writable_or_fallback(folder: str, *, warn: bool) -> str:
@@ -96,7 +95,7 @@ def jit(*, parallel: bool = False, fastmath: set[str] | None = None,
     opts = _CFG.jit_options(parallel=parallel)
     if inline:
         opts["inline"] = "always"
-    opts["cache"] = _USE_CACHE
+    opts["cache"] = True
     if fastmath is not None and opts["fastmath"]:
         opts["fastmath"] = set(fastmath)
     return numba.njit(**opts)

@@ -193,17 +193,15 @@ def topk_cosine(
         )
     n = e.shape[0]
     kk = min(k, n)
+    qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+    qinv = np.divide(1.0, qn, out=np.zeros_like(qn), where=qn > 0).astype(q.dtype)
     if kk and q.shape[0] >= GEMM_MIN_QUERIES and e.shape[1]:
-        qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
-        qinv = np.divide(1.0, qn, out=np.zeros_like(qn), where=qn > 0).astype(q.dtype)
         return _topk_gemm(q, qinv, e, kk, int(offset), bool(normalized))
     nch = n_chunks(n, min_rows=512)
     out_s = np.full((nch, q.shape[0], max(kk, 1)), -np.inf, q.dtype)
     out_i = np.full((nch, q.shape[0], max(kk, 1)), -1, np.int64)
     if kk == 0 or q.shape[0] == 0:
         return out_s[0, :, :kk], out_i[0, :, :kk]
-    qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
-    qinv = np.divide(1.0, qn, out=np.zeros_like(qn), where=qn > 0).astype(q.dtype)
     _topk(q, qinv, e, out_s, out_i, nch, int(offset), q.dtype.type(0), bool(normalized))
     if nch == 1:
         return out_s[0], out_i[0]
