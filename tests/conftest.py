@@ -65,7 +65,7 @@ def gateway(home: Path, gw_env: dict[str, str], monkeypatch: pytest.MonkeyPatch)
     gw.close()
 
 
-MISSING_TOOL = ("needs ", "not installed", "apt-get install", "pip install")
+MISSING_TOOL = ("needs ", "not installed", "apt-get install", "pip install", "could not import")
 
 
 @pytest.hookimpl(hookwrapper=True)
