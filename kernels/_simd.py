@@ -11,7 +11,9 @@
 - ``compress_candidates``: 16 float32 entries of ``r + g``; those with magnitude
   ``>= thr`` are packed (in index order) into ``cval``/``cidx`` at ``pos`` in one
   ``llvm.masked.compressstore`` each; returns ``hits + (non-finite << 32)``.
-  ``compress_candidates_update`` also stores ``r + g`` back into ``r`` (one pass).
+  ``compress_candidates_update`` also stores ``r + g`` into ``o`` (``r`` itself for the
+  in-place one-pass mode); ``compress_candidates_nt`` stores it with a non-temporal
+  store (a separate, 64-byte aligned output: no write-allocate read).
 - ``tile_argmin``: k-means assignment for 2 vectors of rows of a tile-major transposed
   block, four centroids at a time with eight FMA accumulators and the running minima
   held in registers (the loop vectoriser keeps accumulators in memory when the rows,
@@ -31,8 +33,8 @@ from numba.core import cgutils
 
 from kernels._jit import intrinsic, types
 
-__all__ = ["NT_STORES", "address", "compress_candidates", "compress_candidates_update",
-           "dequant_store_nt", "sfence", "tile_argmin"]
+__all__ = ["NT_STORES", "address", "compress_candidates", "compress_candidates_nt",
+           "compress_candidates_update", "dequant_store_nt", "sfence", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 _I32 = ir.IntType(32)
@@ -69,8 +71,11 @@ def address(typingctx, arr, i):
 
 @intrinsic
 def sfence(typingctx):
-    """Order this thread's non-temporal stores before anything it does next."""
+    """Order this thread's non-temporal stores before anything it does next (x86-64; a
+    no-op elsewhere, where callers take no non-temporal path)."""
     def codegen(context, builder, sig, args):
+        if not NT_STORES:
+            return context.get_dummy_value()
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
                                             "llvm.x86.sse.sfence")
         builder.call(fn, [])
@@ -106,15 +111,18 @@ def _declare(builder, name: str, ret: ir.Type, args: list) -> ir.Function:
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
-def _compress_candidates(update: bool):
-    """Build ``compress_candidates`` (``update``: also store ``a`` back into ``r``)."""
+def _compress_candidates(store: str | None):
+    """Build a ``compress_candidates`` variant. ``store``: None (read only), "plain"
+    (``a`` also stored into ``o[i:]``) or "nt" (the same with a non-temporal store; the
+    address must be 64-byte aligned and the thread must ``sfence()`` afterwards)."""
 
-    def typer(typingctx, g, r, i, thr, cidx, cval, pos):
+    def typer(typingctx, g, r, o, i, thr, cidx, cval, pos):
         """One 64-byte block from ``i``: ``a = r + g``; the ``a`` with ``|a| >= thr`` go to
         ``cval[pos:]`` and their indices to ``cidx[pos:]``, packed in index order (up to a
         block's worth of slots from ``pos`` may be written). Returns
         ``hits + (non-finite count << 32)``."""
-        if not (_is_1d(g) and _is_1d(r) and g.dtype == r.dtype == thr == cval.dtype
+        if not (_is_1d(g) and _is_1d(r) and _is_1d(o)
+                and g.dtype == r.dtype == o.dtype == thr == cval.dtype
                 and g.dtype in (types.float32, types.float64) and _is_1d(cidx)
                 and cidx.dtype == types.int64 and _is_1d(cval)
                 and isinstance(i, types.Integer) and isinstance(pos, types.Integer)):
@@ -123,8 +131,8 @@ def _compress_candidates(update: bool):
         fname = "f32" if g.dtype == types.float32 else "f64"
 
         def codegen(context, builder, sig, args):
-            ga, ra, iv, tv, ca, va, pv = args
-            gt, rt, it, _, ct, vt, pt = sig.args
+            ga, ra, oa, iv, tv, ca, va, pv = args
+            gt, rt, ot, it, _, ct, vt, pt = sig.args
             ft = context.get_value_type(gt.dtype)
             vf = ir.VectorType(ft, lanes)
             vi = ir.VectorType(_I64, lanes)
@@ -132,9 +140,12 @@ def _compress_candidates(update: bool):
             load = (lambda aty, aval: builder.load(builder.bitcast(
                 _elem_ptr(context, builder, aty, aval, iv, it), vf.as_pointer()), align=1))
             a = builder.fadd(load(rt, ra), load(gt, ga))
-            if update:
-                pr = _elem_ptr(context, builder, rt, ra, iv, it)
-                builder.store(a, builder.bitcast(pr, vf.as_pointer()), align=1)
+            if store is not None:
+                po = builder.bitcast(_elem_ptr(context, builder, ot, oa, iv, it), vf.as_pointer())
+                st = builder.store(a, po, align=64 if store == "nt" else 1)
+                if store == "nt":
+                    st.set_metadata("nontemporal",
+                                    builder.module.add_metadata([ir.Constant(_I32, 1)]))
             mag = builder.call(_declare(builder, f"llvm.fabs.v{lanes}{fname}", vf, [vf]), [a])
             hit = builder.fcmp_ordered(">=", mag, _splat(builder, tv, vf))
             bad = builder.fcmp_unordered(">=", mag, _splat(builder, ir.Constant(ft, float("inf")), vf))
@@ -152,15 +163,17 @@ def _compress_candidates(update: bool):
                                   ir.VoidType(), [vi, _I64.as_pointer(), vb]), [idx, pidx, hit])
             return builder.or_(nhit, builder.shl(nbad, ir.Constant(_I64, 32)))
 
-        return types.int64(g, r, i, thr, cidx, cval, pos), codegen
+        return types.int64(g, r, o, i, thr, cidx, cval, pos), codegen
 
-    typer.__name__ = typer.__qualname__ = (
-        "compress_candidates_update" if update else "compress_candidates")
+    typer.__name__ = typer.__qualname__ = {
+        None: "compress_candidates", "plain": "compress_candidates_update",
+        "nt": "compress_candidates_nt"}[store]
     return intrinsic(typer)
 
 
-compress_candidates = _compress_candidates(update=False)
-compress_candidates_update = _compress_candidates(update=True)
+compress_candidates = _compress_candidates(None)
+compress_candidates_update = _compress_candidates("plain")
+compress_candidates_nt = _compress_candidates("nt")
 
 
 @intrinsic

@@ -12,6 +12,11 @@ the exact top-k among those is a small ``np.partition``; pass 2 is ``residual +=
 (streaming) and the k chosen entries are then zeroed. Whenever the sample misleads (fewer
 than k entries reach ``t``), or k is a large fraction of n, the exact fallback runs:
 ``np.partition`` over all magnitudes, then a serial selection pass.
+
+With ``out=`` (and in :class:`ErrorFeedback`) pass 1 also writes ``residual + grad`` into
+the separate buffer, with non-temporal stores on x86-64, and pass 2 is gone: one pass
+over the data, and the caller's ``residual`` is never written, so the NaN/inf guarantee
+holds without the second read.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
-from kernels._simd import compress_candidates, compress_candidates_update
+from kernels._simd import (NT_STORES, address, compress_candidates, compress_candidates_nt,
+                           compress_candidates_update, sfence)
 from kernels.errors import KernelInputError
 
-__all__ = ["densify", "topk_sparsify"]
+__all__ = ["ErrorFeedback", "densify", "topk_sparsify"]
 
 
 @jit(parallel=True)
@@ -40,7 +46,7 @@ def _accumulate_abs(g, r, mag):
 
 
 @jit()
-def _select(g, r, mag, thr, k, idx, vals):
+def _select(g, r, out, mag, thr, k, idx, vals):
     n_gt = 0
     for i in range(mag.size):
         if mag[i] > thr:
@@ -56,21 +62,21 @@ def _select(g, r, mag, thr, k, idx, vals):
             idx[o] = i
             vals[o] = a
             o += 1
-            r[i] = 0.0
+            out[i] = 0.0
         else:
-            r[i] = a
+            out[i] = a
 
 
 @jit()
-def _collect(g, r, thr, lo, hi, cidx, cval, base, cap, cnt, update):
+def _collect(g, r, o, thr, lo, hi, cidx, cval, base, cap, cnt, update):
     """Scalar: the entries ``>= thr`` in ``[lo, hi)`` into slots from ``base + cnt`` (past
     ``cap`` they are only counted); returns ``(cnt, non-finite count)``. ``update``
-    stores ``r + g`` back into ``r``."""
+    stores ``r + g`` into ``o`` (``r`` itself in the in-place mode)."""
     nbad = 0
     for i in range(lo, hi):
         a = r[i] + g[i]
         if update:
-            r[i] = a
+            o[i] = a
         m = abs(a)
         nbad += 0 if m < np.inf else 1
         if m >= thr:
@@ -81,14 +87,19 @@ def _collect(g, r, thr, lo, hi, cidx, cval, base, cap, cnt, update):
     return cnt, nbad
 
 
+_READ, _STORE, _STORE_NT = 0, 1, 2  # what the candidate pass does with r + g
+
+
 @jit(parallel=True)
-def _candidates(g, r, thr, nchunks, cap, cidx, cval, counts, update):
+def _candidates(g, r, o, thr, nchunks, cap, cidx, cval, counts, mode):
     """Entries with ``|r + g| >= thr``, in index order, into chunk ``c``'s slots
     ``[c * cap, c * cap + cap)``; ``counts[c]`` is the full count (may exceed ``cap``).
     Returns the number of non-finite entries. 64-byte blocks go through one masked
     compress-store each (``kernels._simd``) while a whole block's worth of slots is
-    free; the rest of a chunk (and a chunk that ran out of slots) is scalar. ``update``
-    also writes ``r + g`` into ``r`` (every entry exactly once): the one-pass mode."""
+    free; the rest of a chunk (and a chunk that ran out of slots) is scalar. ``mode``
+    ``_STORE`` also writes ``r + g`` into ``o`` (every entry exactly once; ``o`` may be
+    ``r``); ``_STORE_NT`` does so with non-temporal stores from the first 64-byte
+    aligned entry of each chunk (``o`` separate from ``r`` and ``g``)."""
     bad = 0
     lanes = 64 // g.itemsize
     for c in prange(nchunks):
@@ -97,15 +108,23 @@ def _candidates(g, r, thr, nchunks, cap, cidx, cval, counts, update):
         nbad = 0
         base = c * cap
         i = lo
+        if mode == _STORE_NT:
+            while i < hi and (address(o, i) & 63) != 0:
+                i += 1
+            cnt, nbad = _collect(g, r, o, thr, lo, i, cidx, cval, base, cap, cnt, True)
         while i + lanes <= hi and cnt + lanes <= cap:
-            if update:
-                res = compress_candidates_update(g, r, i, thr, cidx, cval, base + cnt)
+            if mode == _STORE_NT:
+                res = compress_candidates_nt(g, r, o, i, thr, cidx, cval, base + cnt)
+            elif mode == _STORE:
+                res = compress_candidates_update(g, r, o, i, thr, cidx, cval, base + cnt)
             else:
-                res = compress_candidates(g, r, i, thr, cidx, cval, base + cnt)
+                res = compress_candidates(g, r, o, i, thr, cidx, cval, base + cnt)
             cnt += res & 0xFFFFFFFF
             nbad += res >> 32
             i += lanes
-        cnt, nb = _collect(g, r, thr, i, hi, cidx, cval, base, cap, cnt, update)
+        cnt, nb = _collect(g, r, o, thr, i, hi, cidx, cval, base, cap, cnt, mode != _READ)
+        if mode == _STORE_NT:
+            sfence()
         counts[c] = cnt
         bad += nbad + nb
     return bad
@@ -127,25 +146,62 @@ def _gather_mags(cval, counts, cap, mag):
             o += 1
 
 
-@jit()
+@jit(parallel=True)
 def _pick(cidx, cval, counts, cap, t, k, idx, vals):
     """The k chosen candidates, in index order: all with ``|a| > t``, then ties at
-    ``t`` by lower index (chunks are in index order, and so is each chunk's list)."""
-    n_gt = 0
-    for c in range(counts.size):
-        for j in range(c * cap, c * cap + counts[c]):
-            n_gt += 1 if abs(cval[j]) > t else 0
-    n_eq = k - n_gt
-    o = 0
-    for c in range(counts.size):
-        for j in range(c * cap, c * cap + counts[c]):
-            m = abs(cval[j])
-            if m > t or (m == t and n_eq > 0):
+    ``t`` by lower index (chunks are in index order, and so is each chunk's list).
+    Parallel over chunks: count each chunk's ``> t`` and ``== t``, hand out the ties and
+    output offsets in chunk order, then each chunk writes its own slice."""
+    nch = counts.size
+    ngt = np.zeros(nch, np.int64)
+    neq = np.zeros(nch, np.int64)
+    for c in prange(nch):
+        a = 0
+        e = 0
+        for j in range(counts[c]):
+            m = abs(cval[c * cap + j])
+            a += 1 if m > t else 0
+            e += 1 if m == t else 0
+        ngt[c] = a
+        neq[c] = e
+    start = np.empty(nch, np.int64)
+    ties = np.empty(nch, np.int64)
+    n_eq = k - ngt.sum()
+    pos = 0
+    for c in range(nch):
+        start[c] = pos
+        ties[c] = min(neq[c], n_eq)
+        n_eq -= ties[c]
+        pos += ngt[c] + ties[c]
+    for c in prange(nch):
+        o = start[c]
+        te = ties[c]
+        for j in range(counts[c]):
+            v = cval[c * cap + j]
+            m = abs(v)
+            if m > t or (m == t and te > 0):
                 if m == t:
-                    n_eq -= 1
-                idx[o] = cidx[j]
-                vals[o] = cval[j]
+                    te -= 1
+                idx[o] = cidx[c * cap + j]
+                vals[o] = v
                 o += 1
+
+
+@jit(parallel=True)
+def _zero_at(a, idx):
+    for j in prange(idx.size):
+        a[idx[j]] = 0.0
+
+
+@jit(parallel=True)
+def _strided_abs(g, r, step, s):
+    """``s[j] = |r[j * step] + g[j * step]|``; returns the non-finite count."""
+    bad = 0
+    for j in prange(s.size):
+        a = abs(r[j * step] + g[j * step])
+        s[j] = a
+        bad += 0 if a < np.inf else 1
+    return bad
 
 
 _WS = threading.local()
@@ -170,21 +226,22 @@ def _sample_threshold(g: np.ndarray, r: np.ndarray, k: int) -> float | None:
     entries reach (about 1.2 k for k = 1% of n); None if the sample holds NaN/inf."""
     n = g.size
     step = max(1, n // 65536)
-    s = np.abs(r[::step] + g[::step])
-    if not np.isfinite(s).all():
+    s = np.empty((n + step - 1) // step, g.dtype)
+    if _strided_abs(g, r, step, s):
         return None
     want = k * s.size / n
     rank = min(s.size, int(want + 4 * np.sqrt(want) + 8))
     return float(np.partition(s, s.size - rank)[s.size - rank])
 
 
-_ADDED = object()  # one-pass mode fell back after residual already absorbed grad
+_ADDED = object()  # a one-pass mode fell back after ``o`` already absorbed grad
 
 
-def _topk_by_threshold(g: np.ndarray, r: np.ndarray, k: int, one_pass: bool):
+def _topk_by_threshold(g: np.ndarray, r: np.ndarray, o: np.ndarray, k: int, mode: int):
     """The threshold selection; None when the exact fallback must run instead (nothing
-    changed yet), ``_ADDED`` when it must run on ``r`` alone (one-pass mode: ``r``
-    already holds ``r + g``)."""
+    changed yet), ``_ADDED`` when it must run on ``o`` alone (one-pass modes: ``o``, which
+    is ``r`` itself in place, already holds ``r + g``)."""
+    one_pass = mode != _READ
     thr = _sample_threshold(g, r, k)
     if thr is None:
         return None
@@ -195,8 +252,8 @@ def _topk_by_threshold(g: np.ndarray, r: np.ndarray, k: int, one_pass: bool):
     for _ in range(2):  # second round only if a chunk overflowed its slots
         cidx = _workspace("cidx", nch * cap, np.int64)
         cval = _workspace("cval", nch * cap, g.dtype)
-        if _candidates(g, r, g.dtype.type(thr), nch, cap, cidx, cval, counts, one_pass):
-            if one_pass:
+        if _candidates(g, r, o, g.dtype.type(thr), nch, cap, cidx, cval, counts, mode):
+            if one_pass and o is r:
                 raise KernelInputError(_NONFINITE + " (one_pass=True: residual already "
                                        "holds residual + grad)")
             return None
@@ -216,7 +273,7 @@ def _topk_by_threshold(g: np.ndarray, r: np.ndarray, k: int, one_pass: bool):
     _pick(cidx, cval, counts, cap, t, k, idx, vals)
     if not one_pass:
         _add_into(r, g)
-    r[idx] = 0
+    _zero_at(o, idx)
     return idx, vals
 
 
@@ -224,42 +281,92 @@ _NONFINITE = "grad + residual has NaN or inf; skip this step (or reset residual 
 
 
 def topk_sparsify(
-    grad: np.ndarray, residual: np.ndarray, k: int, *, one_pass: bool = False
+    grad: np.ndarray, residual: np.ndarray, k: int, *, one_pass: bool = False,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Select the top-``k`` of ``grad + residual`` by magnitude; update ``residual`` in place.
+    """Select the top-``k`` of ``grad + residual`` by magnitude; update the residual.
 
-    ``grad`` and ``residual`` are flat (1-D) arrays of one dtype; ``residual`` must be
-    C-contiguous and writable (start it at zeros). Returns ``(indices int64 ascending,
-    values)``. Non-finite gradients are refused before ``residual`` is touched.
+    ``grad`` and ``residual`` are flat (1-D) arrays of one dtype (start ``residual`` at
+    zeros). Returns ``(indices int64 ascending, values)``. Non-finite gradients are
+    refused (:class:`KernelInputError`) before ``residual`` is touched.
 
-    ``one_pass=True`` reads ``grad`` and ``residual`` once instead of twice (the
-    candidate scan also stores ``residual + grad``), about 1.5x faster on large vectors.
-    A NaN or inf is still refused, but ``residual`` then already holds
-    ``residual + grad``: use it where the step is dropped on error anyway, or where the
-    gradients were checked before (as a loss-scaler does).
+    Where the new residual goes:
+
+    - default: into ``residual`` (C-contiguous, writable), in two passes over the data
+      (the first checks for NaN/inf before anything changes);
+    - ``out=spare``: into ``spare``, a second buffer like ``residual``, in one pass;
+      ``residual`` is only read, so it is intact if the call raises (``out`` then holds
+      nothing useful). Swap the two buffers between steps (as :class:`ErrorFeedback`
+      does). The fastest mode that keeps the guarantee;
+    - ``one_pass=True``: into ``residual`` in one pass, about 1.5x faster than the
+      default, no second buffer. A NaN or inf is still refused, but ``residual`` then
+      already holds ``residual + grad``: use it where the step is dropped on error anyway,
+      or where the gradients were checked before (as a loss-scaler does).
     """
     g = _checks.float_array("grad", grad, ndim=1)
-    _checks.writable_target("residual", residual, g)
-    if not residual.flags.c_contiguous:
-        raise KernelInputError("residual must be C-contiguous (it is updated in place)")
+    if out is None:
+        _checks.writable_target("residual", residual, g)
+        if not residual.flags.c_contiguous:
+            raise KernelInputError("residual must be C-contiguous (it is updated in place)")
+        r = o = residual
+        mode = _STORE if one_pass else _READ
+    else:
+        if one_pass:
+            raise KernelInputError("pass either out= (a separate buffer) or one_pass=True "
+                                   "(in place), not both")
+        r = _checks.float_array("residual", residual, ndim=1, dtype=g.dtype)
+        _checks.shape_is("residual", r, g.shape)
+        o = _checks.out_array("out", out, g.shape, g.dtype)
+        if np.shares_memory(o, r) or np.shares_memory(o, g):
+            raise KernelInputError("out must not overlap residual or grad; for an in-place "
+                                   "update leave out=None")
+        mode = _STORE_NT if NT_STORES else _STORE
     k = _checks.positive_int("k", k)
     k = min(k, g.size)
     if g.size == 0:
         return np.empty(0, np.int64), np.empty(0, g.dtype)
     if k <= g.size // 8 and g.size >= 1 << 16:
-        fast = _topk_by_threshold(g, residual, k, bool(one_pass))
+        fast = _topk_by_threshold(g, r, o, k, mode)
         if fast is _ADDED:
-            g = np.zeros_like(g)  # rare (the sample misled): finish on residual alone
+            g = np.zeros_like(g)  # rare (the sample misled): finish on o alone
+            r = o
         elif fast is not None:
             return fast
     idx = np.empty(k, np.int64)
     vals = np.empty(k, g.dtype)
     mag = np.empty_like(g)
-    if _accumulate_abs(g, residual, mag):
+    if _accumulate_abs(g, r, mag):
         raise KernelInputError(_NONFINITE)
     thr = np.partition(mag, g.size - k)[g.size - k]  # numpy's introselect, O(n)
-    _select(g, residual, mag, thr, k, idx, vals)
+    _select(g, r, o, mag, thr, k, idx, vals)
     return idx, vals
+
+
+class ErrorFeedback:
+    """Error-feedback state for one flat gradient: the residual and a spare buffer.
+
+    ``step(grad, k)`` sparsifies ``grad + residual`` in one pass into the spare buffer
+    (``topk_sparsify(..., out=)``) and then swaps the two, so a refused step (NaN/inf)
+    leaves :attr:`residual` exactly as it was. Costs a second vector's worth of memory.
+    """
+
+    def __init__(self, size: int, dtype=np.float32):
+        dt = np.dtype(dtype)
+        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise KernelInputError(f"dtype must be float32 or float64, got {dt}")
+        n = _checks.positive_int("size", size)
+        self._bufs = [np.zeros(n, dt), np.zeros(n, dt)]
+
+    @property
+    def residual(self) -> np.ndarray:
+        """What has not been sent yet (assign into it with ``[...] =`` to restore)."""
+        return self._bufs[0]
+
+    def step(self, grad: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, values)`` of the top-``k`` of ``grad + residual``; see topk_sparsify."""
+        res = topk_sparsify(grad, self._bufs[0], k, out=self._bufs[1])
+        self._bufs.reverse()
+        return res
 
 
 def densify(indices: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:

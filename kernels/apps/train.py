@@ -26,6 +26,7 @@ import numpy as np
 from kernels.apps import _mlp
 from kernels.apps._common import shard, synthetic_rows, write_json, write_npz
 from kernels.apps._mpi import Comm, get_comm, share_cores
+from kernels.compress import ErrorFeedback, densify
 
 _CKPT = re.compile(r"ckpt-epoch(\d+)\.npz$")
 
@@ -85,7 +86,8 @@ class Trainer:
         params = _mlp.init_params(self.shapes, args.seed, np.dtype(args.dtype))
         self.opt = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         self.grad = np.zeros_like(params)
-        self.residual = np.zeros_like(params)
+        # error feedback: residual + a spare buffer, so a refused step changes nothing
+        self.feedback = ErrorFeedback(params.size, params.dtype)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
 
@@ -94,10 +96,8 @@ class Trainer:
         if self.args.topk_ratio <= 0.0:
             self.comm.allreduce_sum(self.grad)
             return
-        from kernels.compress import densify, topk_sparsify
-
         k = max(1, int(self.args.topk_ratio * self.grad.size))
-        idx, vals = topk_sparsify(self.grad, self.residual, k)
+        idx, vals = self.feedback.step(self.grad, k)
         parts = self.comm.allgather((idx, vals))
         self.grad[...] = densify(np.concatenate([p[0] for p in parts]),
                                  np.concatenate([p[1] for p in parts]), self.grad.size)
@@ -145,7 +145,7 @@ def latest_checkpoint(folder: str | None) -> str | None:
 
 def save_checkpoint(tr: Trainer, folder: str) -> None:
     """Rank 0 writes the epoch's checkpoint; residuals are gathered from all ranks."""
-    residuals = tr.comm.allgather(tr.residual if tr.args.topk_ratio > 0 else None)
+    residuals = tr.comm.allgather(tr.feedback.residual if tr.args.topk_ratio > 0 else None)
     if tr.comm.rank != 0:
         return
     res = np.stack(residuals) if tr.args.topk_ratio > 0 else np.zeros((0,))
@@ -169,7 +169,7 @@ def load_checkpoint(tr: Trainer, path: str) -> None:
         tr.history = json.loads(str(ck["history"]))
         res = ck["residuals"]
         if res.size and res.shape[0] == tr.comm.size:
-            tr.residual[...] = res[tr.comm.rank]
+            tr.feedback.residual[...] = res[tr.comm.rank]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -218,6 +218,12 @@ def bench_data_kernels(tab: Table, rows: int, dt) -> None:
             "one pass: on NaN/inf it still raises, but r already holds r + g",
             ours=lambda: compress.topk_sparsify(g, r3, k, one_pass=True),
             numpy=lambda: B.np_topk_sparsify(g, r2, k))
+    ef = compress.ErrorFeedback(n, dt)
+    tab.add("topk_sparsify (1%) out= (ErrorFeedback)", (n,), dt, 3 * n * s,
+            "one pass into a spare buffer (non-temporal stores), swapped each step: r is "
+            "only read, so a NaN/inf is refused with r unchanged",
+            ours=lambda: ef.step(g, k),
+            numpy=lambda: B.np_topk_sparsify(g, r2, k))
     emb = rng.standard_normal((rows * 2, 64)).astype(dt)
     en = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     for nq in (1, 16, 64):

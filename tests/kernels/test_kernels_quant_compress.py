@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.compress import densify, topk_sparsify
+from kernels.compress import ErrorFeedback, densify, topk_sparsify
 from kernels.errors import KernelDtypeError, KernelInputError
 from kernels.quant import dequantize_int8, quantize_int8
 
@@ -151,9 +151,26 @@ def test_sparsify_errors_and_empty():
         densify(np.array([3]), np.array([1.0]), 3)
 
 
-@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
+MODES = ["two-pass", "one-pass", "out"]
+
+
+def sparsify_mode(g, r, k, mode):
+    """topk_sparsify in one of its three modes, always leaving the new residual in r. The
+    out= mode writes into a misaligned slice (so the scalar peel before the 64-byte
+    non-temporal blocks runs) and must not touch r itself."""
+    if mode != "out":
+        return topk_sparsify(g, r, k, one_pass=mode == "one-pass")
+    before = r.copy()
+    spare = np.full(r.size + 1, 99.0, r.dtype)[1:]
+    res = topk_sparsify(g, r, k, out=spare)
+    np.testing.assert_array_equal(r, before)
+    r[...] = spare
+    return res
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("k", [1, 2000, 30000])
-def test_topk_sparsify_threshold_path_matches_reference(k, one_pass, dtype, tol, rng):
+def test_topk_sparsify_threshold_path_matches_reference(k, mode, dtype, tol, rng):
     # n >= 65536 and k <= n / 8 take the sampled-threshold path
     n = 200_003
     r = np.zeros(n, dtype)
@@ -163,25 +180,25 @@ def test_topk_sparsify_threshold_path_matches_reference(k, one_pass, dtype, tol,
         g[::997] = np.round(g[::997])  # exact ties at the threshold, for small k too
         if step == 2:
             g[rng.integers(0, n, 50)] = 40.0  # a spike the strided sample likely misses
-        idx, vals = topk_sparsify(g, r, k, one_pass=one_pass)
+        idx, vals = sparsify_mode(g, r, k, mode)
         ri, rv, rr = ref_topk_sparsify(g, rr, k)
         np.testing.assert_array_equal(idx, ri)
         np.testing.assert_allclose(vals, rv, **tol)
         np.testing.assert_allclose(r, rr, **tol)
 
 
-@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
-def test_topk_sparsify_threshold_path_sample_misses_and_nan(one_pass, rng):
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_sparsify_threshold_path_sample_misses_and_nan(mode, rng):
     n = 1 << 17
     g = np.zeros(n)
     g[1::64] = np.arange(1, n // 64 + 1)  # the strided sample sees only zeros
     r = np.zeros(n)
     # one-pass: the candidate scan already added g into r when the sample proves wrong;
     # the exact path must then finish on r alone, not add g twice
-    idx, vals = topk_sparsify(g, r, 100, one_pass=one_pass)
+    idx, vals = sparsify_mode(g, r, 100, mode)
     np.testing.assert_array_equal(idx, np.sort(np.argsort(-g, kind="stable")[:100]))
     np.testing.assert_array_equal(r + densify(idx, vals, n), g)
-    if one_pass:
+    if mode == "one-pass":
         g2 = rng.standard_normal(n)
         g2[12345] = np.inf
         r2 = rng.standard_normal(n)
@@ -196,5 +213,47 @@ def test_topk_sparsify_threshold_path_sample_misses_and_nan(one_pass, rng):
         r2 = rng.standard_normal(n)
         before = r2.copy()
         with pytest.raises(KernelInputError, match="NaN or inf"):
-            topk_sparsify(g2, r2, 100)
+            if mode == "out":
+                topk_sparsify(g2, r2, 100, out=np.empty_like(r2))
+            else:
+                topk_sparsify(g2, r2, 100)
         np.testing.assert_array_equal(r2, before)
+
+
+@pytest.mark.parametrize("n", [1000, 200_003])  # exact path, threshold path
+def test_error_feedback_matches_reference_and_survives_a_refused_step(n, dtype, tol, rng):
+    ef = ErrorFeedback(n, dtype)
+    rr = np.zeros(n)
+    for _ in range(3):
+        g = rng.standard_normal(n).astype(dtype)
+        idx, vals = ef.step(g, n // 50)
+        ri, rv, rr = ref_topk_sparsify(g, rr, n // 50)
+        np.testing.assert_array_equal(idx, ri)
+        np.testing.assert_allclose(vals, rv, **tol)
+        np.testing.assert_allclose(ef.residual, rr, **tol)
+    before = ef.residual.copy()
+    bad = rng.standard_normal(n).astype(dtype)
+    bad[n // 3] = np.inf
+    with pytest.raises(KernelInputError, match="NaN or inf"):
+        ef.step(bad, n // 50)
+    np.testing.assert_array_equal(ef.residual, before)
+    idx, vals = ef.step(g, n // 50)  # and the next good step carries on from there
+    ri, rv, _ = ref_topk_sparsify(g, before.astype(np.float64), n // 50)
+    np.testing.assert_array_equal(idx, ri)
+
+
+def test_out_mode_errors():
+    g, r = np.ones(8), np.zeros(8)
+    with pytest.raises(KernelInputError, match="not both"):
+        topk_sparsify(g, r, 1, one_pass=True, out=np.zeros(8))
+    with pytest.raises(KernelInputError, match="out must not overlap residual"):
+        topk_sparsify(g, r, 1, out=r)
+    with pytest.raises(KernelInputError, match="out must not overlap"):
+        topk_sparsify(g, r, 1, out=g)
+    with pytest.raises(KernelInputError, match="out must have shape"):
+        topk_sparsify(g, r, 1, out=np.zeros(9))
+    with pytest.raises(KernelInputError, match="size must be"):
+        ErrorFeedback(0)
+    with pytest.raises(KernelInputError, match="dtype must be float32 or float64"):
+        ErrorFeedback(4, np.int32)
+    assert r.tolist() == [0.0] * 8
