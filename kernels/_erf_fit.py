@@ -89,6 +89,45 @@ def fit_erf_small(umax: float = 0.25, degree: int = 9) -> list[float]:
     return [float(c) for c in out]
 
 
+def fit_erfcx_pieces(k: float = 3.0, tmax: float = 27.5, pieces: int = 16,
+                     degree: int = 8) -> list[list[float]]:
+    """``F = 0.5 erfcx(a / sqrt2) (a + c)``, ``c = k sqrt2`` (so ``Phi(-a) =
+    exp(-a^2/2) F / (a + c)``), piecewise in ``s = (y + 1) S``, ``y = (a - c) / (a + c)``,
+    ``S = pieces / (1 + y(tmax sqrt2))``: one polynomial per unit interval ``[j, j+1]``
+    of ``s``, in ``v = s - j`` on ``[0, 1]``. Returns ``coef[m][j]``, the table of the
+    ``v^m`` coefficient over the pieces. Degree 8: max rel. error 2.2e-16 in float64."""
+    import mpmath as mp
+
+    c = k * mp.sqrt(2)
+    amax = tmax * mp.sqrt(2)
+    scale = pieces / (1 + (amax - c) / (amax + c))
+
+    def piece(j):
+        def f(w):  # w = 2v - 1 on [-1, 1]
+            y = (j + (w + 1) / 2) / scale - 1
+            a = c * (1 + y) / (1 - y)
+            return mp.erfc(a / mp.sqrt(2)) * mp.exp(a * a / 2) / 2 * (a + c)
+        mono_w = _cheb_to_monomial(f, degree)
+        out = [mp.mpf(0)] * (degree + 1)
+        for i, a in enumerate(mono_w):  # w = 2v - 1
+            for m in range(i + 1):
+                out[m] += a * mp.binomial(i, m) * mp.mpf(2) ** m * (-1) ** (i - m)
+        return out
+
+    cols = [piece(j) for j in range(pieces)]
+    return [[float(cols[j][m]) for j in range(pieces)] for m in range(degree + 1)]
+
+
+def fit_exp_table(degree: int = 6, parts: int = 16) -> list[float]:
+    """``e^r`` on ``|r| <= ln2 / (2 parts)`` (1% wider), for an exp that looks up
+    ``2^(j / parts)`` in a table; degree 6 for 16 parts: max rel. error 1.1e-16."""
+    import mpmath as mp
+
+    half = mp.log(2) / (2 * parts) * mp.mpf(1.01)
+    mono_y = _cheb_to_monomial(lambda y: mp.exp(y * half), degree)
+    return [float(a / half**i) for i, a in enumerate(mono_y)]
+
+
 if __name__ == "__main__":
     import mpmath as mp
 
@@ -96,3 +135,8 @@ if __name__ == "__main__":
     print("ERFCX =", tuple(fit_erfcx()))
     print("ERF_SMALL =", tuple(fit_erf_small()))
     print("EXP =", tuple(fit_exp()))
+    print("EXP16 =", tuple(fit_exp_table()))
+    print("ERFCX16 = (")
+    for row in fit_erfcx_pieces():
+        print("    (" + ", ".join(repr(c) for c in row) + "),")
+    print(")")

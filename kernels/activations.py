@@ -1,8 +1,10 @@
 """GELU and fused bias + activation, forward and backward.
 
 GELU is the exact (erf) form, as ``torch.nn.functional.gelu`` by default. libm's ``erf``
-is a scalar call that does not vectorise, so: float64 uses ``kernels._erf.normal_parts``
-(a vectorisable normal CDF/PDF, a few ulp); float32 uses a rational approximation of erf
+is a scalar call that does not vectorise, so: float64 uses ``kernels._vgelu`` (explicit
+AVX-512 vectors, table lookups, no division) where the CPU has AVX-512F, else
+``kernels._erf.normal_parts`` (a vectorisable normal CDF/PDF); both a few ulp, also in
+the lower tail. float32 uses a rational approximation of erf
 (max abs error 4e-9 in exact arithmetic) evaluated in float32, so a vector holds 16 lanes
 instead of 8; float32 rounding brings it to about 3e-7. The derivative's exp is
 ``kernels._fastmath.exp_nonpos`` for the same reason.
@@ -12,11 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import _checks
+from kernels import _checks, _vgelu
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._erf import normal_parts
 from kernels._fastmath import exp_nonpos
 from kernels._jit import jit, overload, prange, types
+from kernels._vgelu import (gelu_bias_bwd_f64, gelu_bias_bwd_f64_tail, gelu_bias_f64,
+                            gelu_bias_f64_tail, gelu_bwd_f64, gelu_bwd_f64_tail, gelu_f64,
+                            gelu_f64_tail)
 from kernels.errors import KernelInputError
 
 __all__ = ["ACTIVATIONS", "bias_act", "bias_act_backward", "gelu", "gelu_backward"]
@@ -136,6 +141,74 @@ def _gelu_bwd_2d(dy, x, out, nchunks):
 
 _ROW = 512  # elements per row of the 2-D view
 
+# -- float64 GELU through kernels._vgelu (AVX-512): 32 elements per call ------------------
+# fastmath "contract" only: the intrinsics' rounding tricks must not be reassociated.
+VEC_F64 = _vgelu.AVAILABLE  # tests turn it off to run the portable float64 path too
+_B = _vgelu.BLOCK
+
+
+@jit(parallel=True, fastmath={"contract"})
+def _gelu_f64_vec(x, out, nchunks):
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(x.size, nchunks, c)
+        i = lo
+        while i + _B <= hi:
+            gelu_f64(x, x, x, out, out, i, 0, _B)
+            i += _B
+        if i < hi:
+            gelu_f64_tail(x, x, x, out, out, i, 0, hi - i)
+
+
+@jit(parallel=True, fastmath={"contract"})
+def _gelu_bwd_f64_vec(dy, x, out, nchunks):
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(x.size, nchunks, c)
+        i = lo
+        while i + _B <= hi:
+            gelu_bwd_f64(dy, x, x, out, out, i, 0, _B)
+            i += _B
+        if i < hi:
+            gelu_bwd_f64_tail(dy, x, x, out, out, i, 0, hi - i)
+
+
+@jit(parallel=True, fastmath={"contract"})
+def _bias_gelu_f64_vec(x, b, out, nchunks):
+    """``x`` and ``out`` flat views of ``(rows, b.size)`` arrays."""
+    ncols = b.size
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(x.size // ncols, nchunks, c)
+        for r in range(lo, hi):
+            j = 0
+            while j + _B <= ncols:
+                gelu_bias_f64(x, x, b, out, out, r * ncols + j, j, _B)
+                j += _B
+            if j < ncols:
+                gelu_bias_f64_tail(x, x, b, out, out, r * ncols + j, j, ncols - j)
+
+
+@jit(parallel=True, fastmath={"contract"})
+def _bias_gelu_bwd_f64_vec(dy, x, b, dx, pdb, nchunks):
+    """Flat ``dy``, ``x``, ``dx``; the bias gradient of chunk ``c`` summed into ``pdb[c]``."""
+    ncols = b.size
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(x.size // ncols, nchunks, c)
+        acc = pdb[c]
+        for r in range(lo, hi):
+            j = 0
+            while j + _B <= ncols:
+                gelu_bias_bwd_f64(dy, x, b, dx, acc, r * ncols + j, j, _B)
+                j += _B
+            if j < ncols:
+                gelu_bias_bwd_f64_tail(dy, x, b, dx, acc, r * ncols + j, j, ncols - j)
+
+
+def _vec_f64(a: np.ndarray) -> bool:
+    return VEC_F64 and a.dtype == np.float64
+
+
+def _flat_chunks(n: int) -> int:
+    return n_chunks(n, min_rows=4096)
+
 
 def _elementwise(kernel_2d, kernel_flat, *arrays: np.ndarray) -> None:
     """Run an elementwise kernel over flat C-contiguous arrays (the last one is the
@@ -164,7 +237,9 @@ def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         _checks.writable_target("out", out, xc)
         res = out
     flat = res.reshape(-1) if res.flags.c_contiguous else np.empty(xc.size, xc.dtype)
-    if xc.size:
+    if xc.size and _vec_f64(xc):
+        _gelu_f64_vec(xc.reshape(-1), flat, _flat_chunks(xc.size))
+    elif xc.size:
         _elementwise(_gelu_2d, _gelu, xc.reshape(-1), flat)
     if not res.flags.c_contiguous:
         res[...] = flat.reshape(res.shape)
@@ -177,7 +252,10 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, *, out: np.ndarray | None = Non
     dyc = _checks.float_array("dy", dy, dtype=xc.dtype)
     _checks.shape_is("dy", dyc, xc.shape)
     res = _checks.out_array("out", out, xc.shape, xc.dtype)
-    if xc.size:
+    if xc.size and _vec_f64(xc):
+        _gelu_bwd_f64_vec(dyc.reshape(-1), xc.reshape(-1), res.reshape(-1),
+                          _flat_chunks(xc.size))
+    elif xc.size:
         _elementwise(_gelu_bwd_2d, _gelu_bwd, dyc.reshape(-1), xc.reshape(-1), res.reshape(-1))
     return res
 
@@ -277,7 +355,9 @@ def bias_act(
     code = _act_code(act)
     xc, bc = _bias_inputs(x, b)
     res = _checks.out_array("out", out, xc.shape, xc.dtype)
-    if xc.size:
+    if xc.size and code == 2 and _vec_f64(xc):
+        _bias_gelu_f64_vec(xc.reshape(-1), bc, res.reshape(-1), n_chunks(xc.shape[0]))
+    elif xc.size:
         _bias_act(xc, bc, res, code, n_chunks(xc.shape[0]))
     return res
 
@@ -297,6 +377,8 @@ def bias_act_backward(
     dx = _checks.out_array("out", out, xc.shape, xc.dtype)
     nch = n_chunks(xc.shape[0])
     pdb = np.zeros((nch, xc.shape[1]), xc.dtype)
-    if xc.size:
+    if xc.size and code == 2 and _vec_f64(xc):
+        _bias_gelu_bwd_f64_vec(dyc.reshape(-1), xc.reshape(-1), bc, dx.reshape(-1), pdb, nch)
+    elif xc.size:
         _bias_act_bwd(dyc, xc, bc, dx, pdb, code, nch)
     return dx, pdb.sum(axis=0)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kernels import nn
+from kernels import _vgelu, activations, nn
 from kernels.errors import KernelDtypeError, KernelInputError
 
 _erf = np.vectorize(math.erf)
@@ -147,13 +147,22 @@ def test_layer_norm_refuses_mismatched_gamma():
 
 # -- GELU, bias + activation -----------------------------------------------------------
 
-def test_gelu_matches_erf_reference(dtype, tol, rng):
+@pytest.fixture(params=["avx512", "portable"])
+def f64_path(request, monkeypatch):
+    """Run a float64 GELU test through each float64 implementation this CPU can run."""
+    if request.param == "avx512" and not _vgelu.AVAILABLE:
+        pytest.skip("this CPU has no AVX-512F; the portable float64 path is tested")
+    monkeypatch.setattr(activations, "VEC_F64", request.param == "avx512")
+    return request.param
+
+
+def test_gelu_matches_erf_reference(dtype, tol, rng, f64_path):
     x = np.concatenate([np.linspace(-12, 12, 2001), 3 * rng.standard_normal(500)]).astype(dtype)
     np.testing.assert_allclose(nn.gelu(x), ref_gelu(x), **tol)
     np.testing.assert_allclose(nn.gelu_backward(np.ones_like(x), x), ref_gelu_grad(x), **tol)
 
 
-def test_gelu_float64_is_accurate_in_the_tails(rng):
+def test_gelu_float64_is_accurate_in_the_tails(rng, f64_path):
     # reference through erfc, so the lower tail is not lost to 1 + erf cancellation;
     # it rounds x / sqrt 2, which costs it up to x^2 ulp there (allowed for below)
     x = np.concatenate([np.linspace(-30, 30, 6001), np.linspace(-1e-3, 1e-3, 201),
@@ -171,7 +180,7 @@ def test_gelu_float64_is_accurate_in_the_tails(rng):
         assert ok.all(), (x[~ok.ravel()][:5], got[~ok][:5], ref[~ok][:5])
 
 
-def test_gelu_in_place_strided_nan_and_empty(rng):
+def test_gelu_in_place_strided_nan_and_empty(rng, f64_path):
     base = rng.standard_normal((5, 8))
     view = base[:, 1::2]
     expect = ref_gelu(view)
@@ -183,7 +192,7 @@ def test_gelu_in_place_strided_nan_and_empty(rng):
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "gelu"])
-def test_bias_act_forward_and_backward(act, dtype, tol, rng):
+def test_bias_act_forward_and_backward(act, dtype, tol, rng, f64_path):
     x = rng.standard_normal((70, 9)).astype(dtype)
     b = rng.standard_normal(9).astype(dtype)
     dy = rng.standard_normal((70, 9)).astype(dtype)
@@ -194,6 +203,36 @@ def test_bias_act_forward_and_backward(act, dtype, tol, rng):
     dx, db = nn.bias_act_backward(dy, x, b, act)
     np.testing.assert_allclose(dx, dy * grad, **tol)
     np.testing.assert_allclose(db, (dy * grad).sum(axis=0), rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+
+
+@pytest.mark.parametrize("ncols", [1, 7, 32, 45, 64, 100])
+def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, monkeypatch):
+    # the AVX-512 path does 32 elements per call and a masked tail: every length, every
+    # position of a value inside a block, and the special values must match the portable
+    # path to a few ulp (NaN, +-inf, -0, huge, subnormal, past the underflow point)
+    if not _vgelu.AVAILABLE:
+        pytest.skip("this CPU has no AVX-512F; only the portable float64 path exists")
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e308, -1e308, 5e-324, -40.0,
+                        -38.5, 38.5, -8.3, 8.3])
+    x = 4 * rng.standard_normal((9, ncols))
+    x.ravel()[: special.size] = special[: x.size]
+    b = rng.standard_normal(ncols)
+    dy = rng.standard_normal(x.shape)
+    got, want = {}, {}
+    for flag, store in ((True, got), (False, want)):
+        monkeypatch.setattr(activations, "VEC_F64", flag)
+        store["gelu"] = nn.gelu(x)
+        store["grad"] = nn.gelu_backward(dy, x)
+        store["bias"] = nn.bias_act(x, b)
+        store["bias_grad"], store["db"] = nn.bias_act_backward(dy, x, b)
+        store["flat"] = [nn.gelu(x.ravel()[:n]) for n in range(1, 70)]
+    for key in ("gelu", "grad", "bias", "bias_grad", "db"):
+        # atol: the derivative crosses 0 near x = -0.75, where rel. differences grow
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-14, atol=1e-15,
+                                   equal_nan=True, err_msg=key)
+    for g, w in zip(got["flat"], want["flat"]):
+        np.testing.assert_allclose(g, w, rtol=1e-14, atol=1e-300, equal_nan=True)
+        np.testing.assert_array_equal(g, got["gelu"].ravel()[: g.size])  # same value anywhere
 
 
 def test_bias_act_refuses_unknown_activation_and_wrong_bias():
