@@ -2,30 +2,30 @@
 without a bias (the float64 path of ``kernels.activations`` where the CPU has AVX-512F).
 
 The scalar-style ``kernels._erf.normal_parts``, which LLVM vectorises on its own, costs
-about 71 vector operations and a division per 8 elements; this machine issues about two
-512-bit operations per cycle and one 8-lane ``vdivpd`` per 32 cycles, so float64 GELU
-was compute-bound at 1.1 ns per element per core. Here ``Phi(-a) = exp(-a^2 / 2) F(s) /
-(a + c)``, ``a = |x|``, takes about 55 operations and no division, using what LLVM's
-vectoriser cannot express: ``vpermi2pd`` (any of 16 doubles per lane, one instruction),
-``vscalefpd`` and ``vrcp14pd``:
+about 71 vector operations per 8 elements (a degree-11 exp, a division and a degree-20
+polynomial); this machine issues about two 512-bit operations per cycle, so float64
+GELU was compute-bound at 1.1 ns per element per core. Here ``Phi(-a) = exp(-a^2 / 2)
+F(s) / (a + c)``, ``a = |x|``, takes about 50, using what LLVM's vectoriser cannot
+express: ``vpermi2pd`` (any of 16 doubles per lane, one instruction) and ``vscalefpd``:
 
 - ``exp(-a^2/2)``: ``-a^2/2 = k ln2/16 + r``; ``2^((k mod 16) / 16)`` from a 16-entry
   table, ``e^r`` by a degree-6 polynomial (``|r| <= ln2/32``), ``2^floor(k/16)`` by
   ``vscalefpd`` (subnormals and 0 with no branch). ``a^2`` is split exactly (FMA) and
   its low part folded into ``r``, so the lower tail keeps its accuracy.
-- ``1 / (a + c)``: ``vrcp14pd`` (14 bits) and two Newton steps (about 1 ulp).
 - ``F = 0.5 erfcx(a / sqrt2) (a + c)``, ``c = 3 sqrt2``: ``s = (y + 1) S`` in [0, 16)
-  for ``y = (a - c) / (a + c) = 1 - 2c / (a + c)``; one degree-8 polynomial per unit
-  interval of ``s``, its 9 coefficients looked up per lane
-  (``kernels._erf_fit.fit_erfcx_pieces``; max rel. error 2.2e-16).
+  for ``y = (a - c) / (a + c) = 1 - 2c / (a + c)``, so one division gives both ``s`` and
+  the final ``1 / (a + c)``; one degree-8 polynomial per unit interval of ``s``, its 9
+  coefficients looked up per lane (``kernels._erf_fit.fit_erfcx_pieces``; max rel.
+  error 2.2e-16). (``vrcp14pd`` and two Newton steps instead of the division measured
+  7% slower.)
 
 Measured against mpmath: at most 8 ulp for ``x >= -36`` (the old path: 7); below that
 the result is subnormal (the old path flushed it to 0). Each call does 32 elements as 4
-vectors in lockstep, so their long dependency chains overlap (0.76 ns per element per
-core in cache, against 1.09 for the old path in the same run); ``_tail`` variants take
-the last, partial block with masked loads and stores, so every element goes through
-the same arithmetic wherever it sits. Callers must be compiled with
-``fastmath={"contract"}``: reassociation would undo the rounding tricks.
+vectors in lockstep, so their long dependency chains overlap (one core, in cache: 1, 2,
+4 and 8 vectors per call took 0.88, 0.85, 0.76 and 0.83 ns per element; the old path
+1.09); ``_tail`` variants take the last, partial block with masked loads and stores, so
+every element goes through the same arithmetic wherever it sits. Callers must be
+compiled with ``fastmath={"contract"}``: reassociation would undo the rounding tricks.
 """
 
 from __future__ import annotations
@@ -208,17 +208,6 @@ class _Vec:
         return self._map(lambda x, y: self.b.call(
             fn, [x, y, x, ir.Constant(ir.IntType(8), -1), ir.Constant(_I32, 4)]), a, e)
 
-    def recip(self, d):
-        """``1 / d`` to about 1 ulp without a division: ``vrcp14pd`` (14 bits) and two
-        Newton steps. (``vdivpd`` on 8 lanes measured 32 cycles here: it alone set the
-        speed of the scalar-style GELU.)"""
-        fn = self._fn("llvm.x86.avx512.rcp14.pd.512", _V8, [_V8, _V8, ir.IntType(8)])
-        x = self._map(lambda y: self.b.call(fn, [y, y, ir.Constant(ir.IntType(8), -1)]), d)
-        nd = self.neg(d)
-        for _ in range(2):
-            x = self.fma(x, self.fma(nd, x, self.const(1.0)), x)
-        return x
-
     def trunc_int(self, a):
         return self._map(lambda x: self.b.fptosi(x, _I8V), a)
 
@@ -260,7 +249,7 @@ def normal_tail_and_exp(v: _Vec, z):
     p = v.estrin([v.const(c) for c in EXP16], r)
     e = v.scalef(v.mul(v.lookup16(_POW2_16, v.bits(kf)), p), v.mul(kd, v.const(1.0 / 16)))
     # Phi(-a) = e F(s) / (a + c): s = (y + 1) S with y = (a - c) / (a + c) = 1 - 2c / (a + c)
-    q = v.recip(v.add(a, v.const(_C)))
+    q = v.div(v.const(1.0), v.add(a, v.const(_C)))
     s = v.fma(q, v.const(-2.0 * _C * _S_SCALE), v.const(2.0 * _S_SCALE))
     j = v.trunc_int(s)  # s >= -ulp: truncation gives piece 0 there, never -1
     u = v.sub(s, v.int_to_float(j))
@@ -308,8 +297,7 @@ def _is_f64(a) -> bool:
             and a.dtype == types.float64)
 
 
-BLOCK = 32  # elements per call: 4 vectors in lockstep (measured: 1 vector 0.88 ns per
-# element, 2 vectors 0.85, 4 vectors 0.76, 8 vectors 0.83; one core, in cache)
+BLOCK = 32  # elements per call: 4 vectors in lockstep (see above)
 _UNROLL = BLOCK // 8
 
 
