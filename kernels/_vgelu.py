@@ -38,8 +38,9 @@ from numba.core import cgutils
 
 from kernels._jit import intrinsic, types
 
-__all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_tail", "gelu_bias_f64",
-           "gelu_bias_f64_tail", "gelu_bwd_f64", "gelu_bwd_f64_tail", "gelu_f64",
+__all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
+           "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
+           "gelu_bwd_f64", "gelu_bwd_f64_nt", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
            "gelu_f64_tail"]
 
 # e^r on |r| <= 1.01 ln2/32, degree 6 (python -m kernels._erf_fit)
@@ -282,9 +283,13 @@ def _load(builder, ptr, mask):
     return builder.call(fn, [ptr, ir.Constant(_I32, 8), mask, ir.Constant(_V8, [0.0] * 8)])
 
 
-def _store(builder, val, ptr, mask):
+def _store(builder, val, ptr, mask, nt=False):
+    """Store 8 doubles (with a mask: only its lanes); ``nt``: a non-temporal store, which
+    skips the write-allocate read of the line (``ptr`` must be 64-byte aligned)."""
     if mask is None:
-        builder.store(val, ptr, align=8)
+        st = builder.store(val, ptr, align=64 if nt else 8)
+        if nt:
+            st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
         return
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [_V8, _V8.as_pointer(), _I32, _M8]),
@@ -301,14 +306,16 @@ BLOCK = 32  # elements per call: 4 vectors in lockstep (see above)
 _UNROLL = BLOCK // 8
 
 
-def _gelu_intrinsic(bias: bool, backward: bool, masked: bool):
-    """Build one ``gelu[_bias][_bwd]_f64[_tail]`` intrinsic: ``(dy, x, b, out, acc, i, j,
-    n)``, all arrays 1-D C float64 (ones a variant does not use may be any of them).
+def _gelu_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
+    """Build one ``gelu[_bias][_bwd]_f64[_tail|_nt]`` intrinsic: ``(dy, x, b, out, acc, i,
+    j, n)``, all arrays 1-D C float64 (ones a variant does not use may be any of them).
 
     ``z = x[i:i+n]`` (plus ``b[j:j+n]`` with a bias). Forward: ``out[i:i+n] = z Phi(z)``.
     Backward: ``out[i:i+n] = dy[i:i+n] (Phi(z) + z phi(z))``, and with a bias also
     ``acc[j:j+n] += out[i:i+n]``. ``n`` is ``BLOCK`` for the plain variants; the ``_tail``
-    ones take any ``n`` up to ``BLOCK`` (masked loads and stores, same arithmetic)."""
+    ones take any ``n`` up to ``BLOCK`` (masked loads and stores, same arithmetic). The
+    ``_nt`` ones write ``out`` with non-temporal stores: ``&out[i]`` must be 64-byte
+    aligned and the thread must ``sfence()`` before the results are read elsewhere."""
 
     def typer(typingctx, dy, x, b, out, acc, i, j, n):
         if not (all(_is_f64(a) for a in (dy, x, b, out, acc))
@@ -332,9 +339,9 @@ def _gelu_intrinsic(bias: bool, backward: bool, masked: bool):
             def load(k, base):
                 return [_load(builder, p, m) for p, m in zip(ptrs(k, base), masks)]
 
-            def store(vals, k, base):
+            def store(vals, k, base, nt=False):
                 for val, p, m in zip(vals, ptrs(k, base), masks):
-                    _store(builder, val, p, m)
+                    _store(builder, val, p, m, nt)
 
             z = load(1, i64)
             if bias:
@@ -344,7 +351,7 @@ def _gelu_intrinsic(bias: bool, backward: bool, masked: bool):
                 res = v.mul(load(0, i64), v.fma(v.mul(z, e), v.const(_INV_SQRT_2PI), cdf))
             else:
                 res = v.mul(z, cdf)
-            store(res, 3, i64)
+            store(res, 3, i64, nt)
             if bias and backward:
                 store(v.add(load(4, j64), res), 4, j64)
             return context.get_dummy_value()
@@ -353,15 +360,20 @@ def _gelu_intrinsic(bias: bool, backward: bool, masked: bool):
 
     typer.__name__ = typer.__qualname__ = ("gelu" + ("_bias" if bias else "")
                                            + ("_bwd" if backward else "") + "_f64"
-                                           + ("_tail" if masked else ""))
+                                           + ("_tail" if masked else "")
+                                           + ("_nt" if nt else ""))
     return intrinsic(typer)
 
 
 gelu_f64 = _gelu_intrinsic(False, False, False)
 gelu_f64_tail = _gelu_intrinsic(False, False, True)
+gelu_f64_nt = _gelu_intrinsic(False, False, False, nt=True)
 gelu_bwd_f64 = _gelu_intrinsic(False, True, False)
+gelu_bwd_f64_nt = _gelu_intrinsic(False, True, False, nt=True)
 gelu_bwd_f64_tail = _gelu_intrinsic(False, True, True)
 gelu_bias_f64 = _gelu_intrinsic(True, False, False)
 gelu_bias_f64_tail = _gelu_intrinsic(True, False, True)
+gelu_bias_f64_nt = _gelu_intrinsic(True, False, False, nt=True)
 gelu_bias_bwd_f64 = _gelu_intrinsic(True, True, False)
+gelu_bias_bwd_f64_nt = _gelu_intrinsic(True, True, False, nt=True)
 gelu_bias_bwd_f64_tail = _gelu_intrinsic(True, True, True)

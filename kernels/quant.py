@@ -21,12 +21,11 @@ from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
 from kernels._prefetch import prefetch_ahead
-from kernels._simd import NT_STORES, address, dequant_store_nt, sfence
+from kernels._simd import NT_MIN_BYTES, NT_STORES, address, dequant_store_nt, sfence
 from kernels.errors import KernelDtypeError, KernelInputError
 
 __all__ = ["NT_MIN_BYTES", "dequantize_int8", "quantize_int8"]
 
-NT_MIN_BYTES = 16 << 20  # half this machine's L3: larger outputs bypass the cache
 
 
 @jit(parallel=True)

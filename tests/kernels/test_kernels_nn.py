@@ -147,12 +147,15 @@ def test_layer_norm_refuses_mismatched_gamma():
 
 # -- GELU, bias + activation -----------------------------------------------------------
 
-@pytest.fixture(params=["avx512", "portable"])
+@pytest.fixture(params=["avx512", "avx512-nt", "portable"])
 def f64_path(request, monkeypatch):
-    """Run a float64 GELU test through each float64 implementation this CPU can run."""
-    if request.param == "avx512" and not _vgelu.AVAILABLE:
+    """Run a float64 GELU test through each float64 implementation this CPU can run
+    ("avx512-nt": with non-temporal stores however small the output)."""
+    if request.param != "portable" and not _vgelu.AVAILABLE:
         pytest.skip("this CPU has no AVX-512F; the portable float64 path is tested")
-    monkeypatch.setattr(activations, "VEC_F64", request.param == "avx512")
+    monkeypatch.setattr(activations, "VEC_F64", request.param != "portable")
+    if request.param == "avx512-nt":
+        monkeypatch.setattr(activations, "NT_MIN_BYTES", 0)
     return request.param
 
 
@@ -218,9 +221,11 @@ def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, 
     x.ravel()[: special.size] = special[: x.size]
     b = rng.standard_normal(ncols)
     dy = rng.standard_normal(x.shape)
-    got, want = {}, {}
-    for flag, store in ((True, got), (False, want)):
-        monkeypatch.setattr(activations, "VEC_F64", flag)
+    got, want, got_nt = {}, {}, {}
+    for flag, store in ((True, got), (False, want), ("nt", got_nt)):
+        monkeypatch.setattr(activations, "VEC_F64", bool(flag))
+        if flag == "nt":  # non-temporal stores, with their aligned head, at every size
+            monkeypatch.setattr(activations, "NT_MIN_BYTES", 0)
         store["gelu"] = nn.gelu(x)
         store["grad"] = nn.gelu_backward(dy, x)
         store["bias"] = nn.bias_act(x, b)
@@ -230,7 +235,12 @@ def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, 
         # atol: the derivative crosses 0 near x = -0.75, where rel. differences grow
         np.testing.assert_allclose(got[key], want[key], rtol=1e-14, atol=1e-15,
                                    equal_nan=True, err_msg=key)
-    for g, w in zip(got["flat"], want["flat"]):
+        if key == "db":  # blocks start elsewhere after the aligned head: another grouping
+            np.testing.assert_allclose(got_nt[key], got[key], rtol=1e-14, atol=1e-15)
+        else:
+            np.testing.assert_array_equal(got_nt[key], got[key], err_msg=key)
+    for g, w, n in zip(got["flat"], want["flat"], got_nt["flat"]):
+        np.testing.assert_array_equal(n, g)
         np.testing.assert_allclose(g, w, rtol=1e-14, atol=1e-300, equal_nan=True)
         np.testing.assert_array_equal(g, got["gelu"].ravel()[: g.size])  # same value anywhere
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kernels import compress
 from kernels.compress import ErrorFeedback, densify, topk_sparsify
 from kernels.errors import KernelDtypeError, KernelInputError
 from kernels.quant import dequantize_int8, quantize_int8
@@ -151,18 +152,24 @@ def test_sparsify_errors_and_empty():
         densify(np.array([3]), np.array([1.0]), 3)
 
 
-MODES = ["two-pass", "one-pass", "out"]
+MODES = ["two-pass", "one-pass", "out", "out-nt"]
 
 
 def sparsify_mode(g, r, k, mode):
     """topk_sparsify in one of its three modes, always leaving the new residual in r. The
     out= mode writes into a misaligned slice (so the scalar peel before the 64-byte
     non-temporal blocks runs) and must not touch r itself."""
-    if mode != "out":
+    if not mode.startswith("out"):
         return topk_sparsify(g, r, k, one_pass=mode == "one-pass")
     before = r.copy()
     spare = np.full(r.size + 1, 99.0, r.dtype)[1:]
-    res = topk_sparsify(g, r, k, out=spare)
+    saved = compress.NT_MIN_BYTES
+    if mode == "out-nt":  # non-temporal stores even for this small vector (x86-64 only)
+        compress.NT_MIN_BYTES = 0
+    try:
+        res = topk_sparsify(g, r, k, out=spare)
+    finally:
+        compress.NT_MIN_BYTES = saved
     np.testing.assert_array_equal(r, before)
     r[...] = spare
     return res
@@ -213,7 +220,7 @@ def test_topk_sparsify_threshold_path_sample_misses_and_nan(mode, rng):
         r2 = rng.standard_normal(n)
         before = r2.copy()
         with pytest.raises(KernelInputError, match="NaN or inf"):
-            if mode == "out":
+            if mode.startswith("out"):
                 topk_sparsify(g2, r2, 100, out=np.empty_like(r2))
             else:
                 topk_sparsify(g2, r2, 100)
