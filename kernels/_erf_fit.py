@@ -135,6 +135,7 @@ if __name__ == "__main__":
     print("ERFCX =", tuple(fit_erfcx()))
     print("ERF_SMALL =", tuple(fit_erf_small()))
     print("EXP =", tuple(fit_exp()))
+    print("EXP6_F32 =", tuple(fit_exp(6)))
     print("EXP16 =", tuple(fit_exp_table()))
     print("ERFCX16 = (")
     for row in fit_erfcx_pieces():

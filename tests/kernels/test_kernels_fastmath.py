@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from kernels._erf import erf_f64, erfc_f64, normal_parts
-from kernels._fastmath import exp_fast, exp_nonpos, row_max
+from kernels._fastmath import exp_fast, exp_nonpos, exp_softmax, row_max
 from kernels._jit import numba
 
 
@@ -34,6 +34,25 @@ def test_exp_nonpos_is_within_two_ulp_and_flushes_below_tiny(dtype):
     assert np.max(np.abs(out[normal] - ref[normal]) / ref[normal]) <= 2 * np.finfo(dtype).eps
     assert np.all(np.abs(out[~normal][:-3]) < np.finfo(dtype).tiny)  # flushed or subnormal
     assert np.isnan(out[-3]) and out[-2] == 0 and out[-1] == 1
+
+
+@numba.njit(cache=False)
+def _exp_softmax_array(x, out):
+    for i in range(x.size):
+        out[i] = exp_softmax(x[i])
+
+
+def test_exp_softmax_is_within_two_ulp_and_stays_below_tiny(dtype):
+    # softmax's exp: no flush to 0 below the smallest normal, only "at most about tiny"
+    x = np.concatenate([np.linspace(-800, 0, 40001), np.linspace(-3, 0, 10001),
+                        [np.nan, -np.inf, -0.0]]).astype(dtype)
+    out = np.empty_like(x)
+    _exp_softmax_array(x, out)
+    ref = np.exp(x.astype(np.float64))
+    normal = ref >= np.finfo(dtype).tiny
+    assert np.max(np.abs(out[normal] - ref[normal]) / ref[normal]) <= 2 * np.finfo(dtype).eps
+    assert np.all(out[~normal][:-3] <= 1.01 * np.finfo(dtype).tiny)
+    assert np.isnan(out[-3]) and out[-2] <= 1.01 * np.finfo(dtype).tiny and out[-1] == 1
 
 
 def test_exp_fast_is_within_two_ulp_and_handles_the_edges(dtype):
