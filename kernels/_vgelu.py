@@ -31,12 +31,11 @@ compiled with ``fastmath={"contract"}``: reassociation would undo the rounding t
 from __future__ import annotations
 
 import math
-import os
 
 from llvmlite import ir
 from numba.core import cgutils
 
-from kernels._jit import intrinsic, types
+from kernels._jit import intrinsic, numba, types
 
 __all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
@@ -112,10 +111,10 @@ _INV_SQRT_2PI = 0.3989422804014327
 def _target_has_avx512() -> bool:
     """True when numba compiles for a CPU with AVX-512F: the host (unless NUMBA_CPU_NAME
     names another target, as for a portable cache), or explicit NUMBA_CPU_FEATURES."""
-    feats = os.environ.get("NUMBA_CPU_FEATURES", "")
+    feats = numba.config.CPU_FEATURES
     if feats:
         return "+avx512f" in feats.split(",")
-    if os.environ.get("NUMBA_CPU_NAME", "host") not in ("", "host"):
+    if numba.config.CPU_NAME not in (None, "", "host"):
         return False
     try:
         import llvmlite.binding as llvm
@@ -187,10 +186,6 @@ class _Vec:
         fn = self._fn("llvm.minnum.v8f64", _V8, [_V8, _V8])
         return self._map(lambda x, y: self.b.call(fn, [x, y]), a, b)
 
-    def maxnum(self, a, b):
-        fn = self._fn("llvm.maxnum.v8f64", _V8, [_V8, _V8])
-        return self._map(lambda x, y: self.b.call(fn, [x, y]), a, b)
-
     def select_neg(self, z, a, b):
         """``a`` where ``z < 0``, else ``b``."""
         return self._map(lambda zz, x, y: self.b.select(
@@ -228,11 +223,6 @@ class _Vec:
             terms, x = nxt, self.mul(x, x)
         return terms[0]
 
-    def horner(self, coefs, u):
-        acc = coefs[-1]
-        for c in reversed(coefs[:-1]):
-            acc = self.fma(acc, u, c)
-        return acc
 
 
 def normal_tail_and_exp(v: _Vec, z):

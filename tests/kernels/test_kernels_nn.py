@@ -250,3 +250,17 @@ def test_bias_act_refuses_unknown_activation_and_wrong_bias():
         nn.bias_act(np.zeros((2, 3)), np.zeros(3), "tanh")
     with pytest.raises(KernelInputError, match=r"b must have shape \(3,\)"):
         nn.bias_act(np.zeros((2, 3)), np.zeros(2))
+
+
+def test_float64_gelu_for_a_generic_cpu_target_takes_the_portable_path(run_python, tmp_path):
+    # an image that carries a cache built for NUMBA_CPU_NAME=generic must not compile the
+    # AVX-512 intrinsics (they would not even select there); the portable path runs
+    out = run_python(
+        "import math, numpy as np\n"
+        "from kernels import _vgelu, nn\n"
+        "x = np.linspace(-10, 10, 1001)\n"
+        "ref = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x])\n"
+        "assert np.allclose(nn.gelu(x), ref, rtol=1e-13, atol=1e-300)\n"
+        "print(_vgelu.AVAILABLE)\n",
+        NUMBA_CPU_NAME="generic", HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    assert out.strip() == "False"
