@@ -364,7 +364,10 @@ class ErrorFeedback:
 
     def step(self, grad: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, values)`` of the top-``k`` of ``grad + residual``; see topk_sparsify."""
-        res = topk_sparsify(grad, self._bufs[0], k, out=self._bufs[1])
+        r = self._bufs[0]
+        g = _checks.float_array("grad", grad, ndim=1, dtype=r.dtype)
+        _checks.shape_is("grad", g, r.shape)
+        res = topk_sparsify(g, r, k, out=self._bufs[1])
         self._bufs.reverse()
         return res
 

@@ -263,4 +263,10 @@ def test_out_mode_errors():
         ErrorFeedback(0)
     with pytest.raises(KernelInputError, match="dtype must be float32 or float64"):
         ErrorFeedback(4, np.int32)
+    ef = ErrorFeedback(8, np.float32)  # the errors name grad, not the internal buffers
+    with pytest.raises(KernelDtypeError, match="grad has dtype float64 but must match"):
+        ef.step(np.ones(8), 1)
+    with pytest.raises(KernelInputError, match=r"grad must have shape \(8,\)"):
+        ef.step(np.ones(9, np.float32), 1)
+    assert not ef.residual.any()
     assert r.tolist() == [0.0] * 8
