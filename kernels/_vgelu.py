@@ -1,5 +1,7 @@
 """Float64 GELU on explicit 8-lane AVX-512 vectors: forward and backward, with or
-without a bias (the float64 path of ``kernels.activations`` where the CPU has AVX-512F).
+without a bias (the float64 path of ``kernels.activations`` where the CPU has AVX-512F);
+the same table exp also serves float64 softmax (``softmax_exp_f64``, in ``kernels.nn``:
+0.57 -> 0.50 ns per element per core in cache).
 
 The scalar-style ``kernels._erf.normal_parts``, which LLVM vectorises on its own, costs
 about 71 vector operations per 8 elements (a degree-11 exp, a division and a degree-20
@@ -37,7 +39,7 @@ from numba.core import cgutils
 
 from kernels._jit import intrinsic, numba, types
 
-__all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
+__all__ = ["AVAILABLE", "BLOCK", "softmax_exp_f64", "softmax_exp_f64_tail", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
            "gelu_bwd_f64", "gelu_bwd_f64_nt", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
            "gelu_f64_tail"]
@@ -186,10 +188,24 @@ class _Vec:
         fn = self._fn("llvm.minnum.v8f64", _V8, [_V8, _V8])
         return self._map(lambda x, y: self.b.call(fn, [x, y]), a, b)
 
+    def select_lt(self, p, q, a, b):
+        """``a`` where ``p < q`` (ordered: false for NaN), else ``b``."""
+        return self._map(lambda pp, qq, x, y: self.b.select(
+            self.b.fcmp_ordered("<", pp, qq), x, y), p, q, a, b)
+
     def select_neg(self, z, a, b):
         """``a`` where ``z < 0``, else ``b``."""
-        return self._map(lambda zz, x, y: self.b.select(
-            self.b.fcmp_ordered("<", zz, self.const(0.0)), x, y), z, a, b)
+        return self.select_lt(z, self.const(0.0), a, b)
+
+    def hsum(self, a):
+        """The sum of all lanes of all vectors in ``a`` (a tree: one double)."""
+        acc = a[0] if isinstance(a, list) else a
+        for x in (a[1:] if isinstance(a, list) else []):
+            acc = self.b.fadd(acc, x)
+        for half in (4, 2, 1):
+            mask = ir.Constant(ir.VectorType(_I32, 8), [(i + half) % 8 for i in range(8)])
+            acc = self.b.fadd(acc, self.b.shuffle_vector(acc, acc, mask))
+        return self.b.extract_element(acc, ir.Constant(_I32, 0))
 
     def lookup16(self, tab, idx_bits):
         """``tab[idx & 15]`` per lane (vpermi2pd over two 8-entry halves)."""
@@ -225,20 +241,35 @@ class _Vec:
 
 
 
-def normal_tail_and_exp(v: _Vec, z):
-    """``(cdf, e)``: ``Phi(z)`` and ``exp(-z^2 / 2)`` per lane (see the module text)."""
-    a = v.minnum(v.fabs(z), v.const(_A_CLAMP))
-    # exp(-a^2 / 2) = 2^(k / 16) e^r, a^2 = hi + lo exactly
-    hi = v.mul(a, a)
-    lo = v.fma(a, a, v.neg(hi))
-    w = v.mul(hi, v.const(-0.5))
+def _exp_reduce(v: _Vec, w):
+    """``w = k ln2/16 + r`` (|r| <= ln2/32): ``(kf, kd, r)``, ``kf`` holding ``k`` in its
+    low bits (for the table lookup), ``kd = k`` as a double. ``|w| < 2^47``."""
     kf = v.fma(w, v.const(16.0 / math.log(2)), v.const(_MAGIC))
     kd = v.sub(kf, v.const(_MAGIC))
     r = v.fma(kd, v.const(-_LN2_16_HI), w)
-    r = v.fma(kd, v.const(-_LN2_16_LO), r)
-    r = v.fma(lo, v.const(-0.5), r)
+    return kf, kd, v.fma(kd, v.const(-_LN2_16_LO), r)
+
+
+def _exp_finish(v: _Vec, kf, kd, r):
+    """``2^(k/16) e^r``: table, degree-6 polynomial, ``vscalefpd`` (0 on underflow)."""
     p = v.estrin([v.const(c) for c in EXP16], r)
-    e = v.scalef(v.mul(v.lookup16(_POW2_16, v.bits(kf)), p), v.mul(kd, v.const(1.0 / 16)))
+    return v.scalef(v.mul(v.lookup16(_POW2_16, v.bits(kf)), p), v.mul(kd, v.const(1.0 / 16)))
+
+
+def exp_nonpos(v: _Vec, w):
+    """``e^w`` for ``w <= 0`` (about 2 ulp; 0 below -745; NaN stays NaN)."""
+    w = v.select_lt(w, v.const(-746.0), v.const(-746.0), w)
+    return _exp_finish(v, *_exp_reduce(v, w))
+
+
+def normal_tail_and_exp(v: _Vec, z):
+    """``(cdf, e)``: ``Phi(z)`` and ``exp(-z^2 / 2)`` per lane (see the module text)."""
+    a = v.minnum(v.fabs(z), v.const(_A_CLAMP))
+    # exp(-a^2 / 2) = 2^(k / 16) e^r, a^2 = hi + lo exactly, lo folded into r
+    hi = v.mul(a, a)
+    lo = v.fma(a, a, v.neg(hi))
+    kf, kd, r = _exp_reduce(v, v.mul(hi, v.const(-0.5)))
+    e = _exp_finish(v, kf, kd, v.fma(lo, v.const(-0.5), r))
     # Phi(-a) = e F(s) / (a + c): s = (y + 1) S with y = (a - c) / (a + c) = 1 - 2c / (a + c)
     q = v.div(v.const(1.0), v.add(a, v.const(_C)))
     s = v.fma(q, v.const(-2.0 * _C * _S_SCALE), v.const(2.0 * _S_SCALE))
@@ -367,3 +398,48 @@ gelu_bias_f64_nt = _gelu_intrinsic(True, False, False, nt=True)
 gelu_bias_bwd_f64 = _gelu_intrinsic(True, True, False)
 gelu_bias_bwd_f64_nt = _gelu_intrinsic(True, True, False, nt=True)
 gelu_bias_bwd_f64_tail = _gelu_intrinsic(True, True, True)
+
+
+def _softmax_exp_intrinsic(masked: bool):
+    """Build ``softmax_exp_f64[_tail](x, g, i, mx, n)``: ``g[i:i+n] = exp(x[i:i+n] - mx)``
+    (``x <= mx``) and return their sum; ``n = BLOCK`` for the plain variant, up to
+    ``BLOCK`` (masked) for ``_tail``. For float64 softmax: the table exp takes about 13
+    vector operations per 8 lanes, the portable one about 28."""
+
+    def typer(typingctx, x, g, i, mx, n):
+        if not (_is_f64(x) and _is_f64(g) and mx == types.float64
+                and isinstance(i, types.Integer) and isinstance(n, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            xa, ga, iv, mxv, nv = args
+            v = _Vec(builder, _UNROLL)
+            n64 = context.cast(builder, nv, sig.args[4], types.int64)
+            i64 = context.cast(builder, iv, sig.args[2], types.int64)
+            offs = [ir.Constant(_I64, 8 * q) for q in range(_UNROLL)]
+            masks = ([_mask(builder, builder.sub(n64, o)) for o in offs] if masked
+                     else [None] * _UNROLL)
+            px = [_ptr(context, builder, sig.args[0], xa, builder.add(i64, o), types.int64)
+                  for o in offs]
+            pg = [_ptr(context, builder, sig.args[1], ga, builder.add(i64, o), types.int64)
+                  for o in offs]
+            mxb = builder.insert_element(ir.Constant(_V8, ir.Undefined), mxv,
+                                         ir.Constant(_I32, 0))
+            mxb = builder.shuffle_vector(mxb, ir.Constant(_V8, ir.Undefined),
+                                         ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
+            w = v.sub([_load(builder, p, m) for p, m in zip(px, masks)], mxb)
+            e = exp_nonpos(v, w)
+            if masked:  # lanes past n: w = 0 - mx there; keep them out of the sum
+                e = [builder.select(m, x, ir.Constant(_V8, [0.0] * 8)) for x, m in zip(e, masks)]
+            for val, p, m in zip(e, pg, masks):
+                _store(builder, val, p, m)
+            return v.hsum(e)
+
+        return types.float64(x, g, i, mx, n), codegen
+
+    typer.__name__ = typer.__qualname__ = "softmax_exp_f64" + ("_tail" if masked else "")
+    return intrinsic(typer)
+
+
+softmax_exp_f64 = _softmax_exp_intrinsic(False)
+softmax_exp_f64_tail = _softmax_exp_intrinsic(True)

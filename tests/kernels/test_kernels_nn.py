@@ -41,7 +41,16 @@ def ref_layer_norm(x, g, b, eps=1e-5):
 
 # -- softmax + cross-entropy ------------------------------------------------------------
 
-def test_xent_matches_reference(dtype, tol, rng):
+@pytest.fixture(params=["avx512", "portable"])
+def xent_path(request, monkeypatch):
+    """Run a softmax test through each float64 implementation this CPU can run."""
+    if request.param == "avx512" and not _vgelu.AVAILABLE:
+        pytest.skip("this CPU has no AVX-512F; the portable float64 path is tested")
+    monkeypatch.setattr(nn, "VEC_F64", request.param == "avx512")
+    return request.param
+
+
+def test_xent_matches_reference(dtype, tol, rng, xent_path):
     x = (5 * rng.standard_normal((50, 13))).astype(dtype)
     y = rng.integers(0, 13, 50)
     loss, g = nn.softmax_cross_entropy(x, y)
@@ -57,7 +66,7 @@ def test_xent_matches_reference(dtype, tol, rng):
     np.testing.assert_allclose(g2, rg * 50 * 0.25, **tol)
 
 
-def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng):
+def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng, xent_path):
     x = np.asfortranarray(rng.standard_normal((6, 4)) * 1e4)
     y = np.array([0, 1, 2, 3, 0, 1])
     loss, g = nn.softmax_cross_entropy(x, y)
@@ -67,12 +76,36 @@ def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng):
     np.testing.assert_allclose(g, rg, atol=1e-12)
 
 
-def test_xent_nan_logits_give_nan_loss_and_empty_is_defined():
+def test_xent_nan_logits_give_nan_loss_and_empty_is_defined(xent_path):
     x = np.array([[0.0, np.nan], [1.0, 2.0]])
     loss, _ = nn.softmax_cross_entropy(x, np.array([0, 1]))
     assert math.isnan(loss)
     loss, g = nn.softmax_cross_entropy(np.zeros((0, 3)), np.zeros(0, np.int64), reduction="sum")
     assert loss == 0.0 and g.shape == (0, 3)
+
+
+@pytest.mark.parametrize("c", [1, 7, 31, 32, 33, 64, 70, 256])
+def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeypatch):
+    # the AVX-512 exp pass does 32 classes per call and a masked tail; rows with NaN,
+    # +-inf, huge spreads (exp underflow to 0) and a lone class must match the portable
+    # path, and the sum must never see the masked-off lanes
+    if not _vgelu.AVAILABLE:
+        pytest.skip("this CPU has no AVX-512F; only the portable float64 path exists")
+    x = 4 * rng.standard_normal((8, c))
+    x[1, 0] = np.nan
+    x[2, -1] = np.inf
+    x[3, :] = -np.inf
+    x[4, 0] = 800.0  # everything else underflows
+    y = rng.integers(0, c, 8)
+    res = {}
+    for flag in (True, False):
+        monkeypatch.setattr(nn, "VEC_F64", flag)
+        res[flag] = (nn.softmax_cross_entropy(x, y, reduction="sum", out=np.empty_like(x)),
+                     nn.softmax_cross_entropy(x[5:], y[5:]))
+    for (lv, gv), (lp, gp) in zip(res[True], res[False]):
+        np.testing.assert_allclose(lv, lp, rtol=1e-14, equal_nan=True)
+        np.testing.assert_allclose(gv, gp, rtol=1e-13, atol=1e-16, equal_nan=True)
+    assert math.isnan(res[True][0][0]) and np.isfinite(res[True][1][0])
 
 
 def test_xent_refuses_bad_labels_and_dtypes():
