@@ -17,6 +17,7 @@ Modules:
 
 from __future__ import annotations
 
+from kernels._checks import empty_aligned
 from kernels.errors import KernelError, KernelInputError
 
-__all__ = ["KernelError", "KernelInputError"]
+__all__ = ["KernelError", "KernelInputError", "empty_aligned"]

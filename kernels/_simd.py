@@ -14,6 +14,9 @@
   ``compress_candidates_update`` also stores ``r + g`` into ``o`` (``r`` itself for the
   in-place one-pass mode); ``compress_candidates_nt`` stores it with a non-temporal
   store (a separate, 64-byte aligned output: no write-allocate read).
+- ``copy64_nt``: 64 bytes from a scratch buffer to an aligned destination with one
+  non-temporal store (float64 layer norm builds each output row in a scratch row and
+  streams it out this way).
 - ``tile_argmin``: k-means assignment for 2 vectors of rows of a tile-major transposed
   block, four centroids at a time with eight FMA accumulators and the running minima
   held in registers (the loop vectoriser keeps accumulators in memory when the rows,
@@ -34,7 +37,8 @@ from numba.core import cgutils
 from kernels._jit import intrinsic, types
 
 __all__ = ["NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates", "compress_candidates_nt",
-           "compress_candidates_update", "dequant_store_nt", "sfence", "tile_argmin"]
+           "compress_candidates_update", "copy64_nt", "dequant_store_nt", "sfence",
+           "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 # Outputs this large (half this machine's L3) are written with non-temporal stores: they
@@ -254,3 +258,27 @@ def tile_argmin(typingctx, cf, cn, kp, xt, d, ldx, r0, best, lab):
         return context.get_dummy_value()
 
     return types.void(cf, cn, kp, xt, d, ldx, r0, best, lab), codegen
+
+
+@intrinsic
+def copy64_nt(typingctx, dst, di, src, si):
+    """Copy 64 bytes from ``src[si:]`` (any alignment) to ``dst[di:]`` with one
+    non-temporal store (``&dst[di]`` 64-byte aligned; ``sfence()`` afterwards, as for
+    ``dequant_store_nt``). For kernels that build an output row in a small scratch buffer
+    and stream it out without the write-allocate read of the destination."""
+    if not (_is_1d(dst) and _is_1d(src) and dst.dtype == src.dtype
+            and dst.dtype in (types.float32, types.float64)
+            and isinstance(di, types.Integer) and isinstance(si, types.Integer)):
+        return None
+    lanes = 512 // dst.dtype.bitwidth
+
+    def codegen(context, builder, sig, args):
+        vf = ir.VectorType(context.get_value_type(sig.args[0].dtype), lanes)
+        ps = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
+        pd = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        v = builder.load(builder.bitcast(ps, vf.as_pointer()), align=1)
+        st = builder.store(v, builder.bitcast(pd, vf.as_pointer()), align=64)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+        return context.get_dummy_value()
+
+    return types.void(dst, di, src, si), codegen

@@ -171,6 +171,30 @@ def test_layer_norm_nan_row_stays_in_its_row_and_empty_works():
     assert y.shape == (0, 3) and mu.shape == (0,)
 
 
+@pytest.mark.parametrize("shape", [(37, 64), (5, 8), (9, 200)])
+def test_layer_norm_float64_non_temporal_rows_match(shape, rng, monkeypatch):
+    # rows built in a scratch row and streamed out with non-temporal stores (float64,
+    # every row 64-byte aligned: d = 8, 64, 200 here; forced on for these small arrays)
+    import kernels
+
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    g, b = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
+    y0, mean, rstd = nn.layer_norm(x, g, b)
+    dx0, dg0, db0 = nn.layer_norm_backward(dy, x, g, mean, rstd)
+    monkeypatch.setattr(nn, "NT_MIN_BYTES", 0)
+    for out in (None, kernels.empty_aligned(shape), np.empty(shape)):  # last: maybe not aligned
+        y1, _, _ = nn.layer_norm(x, g, b, out=out)
+        dx1, dg1, db1 = nn.layer_norm_backward(dy, x, g, mean, rstd, out=out if out is None
+                                               else np.empty_like(y1))
+        np.testing.assert_allclose(y1, y0, rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(dx1, dx0, rtol=1e-14, atol=1e-15)
+        np.testing.assert_array_equal(dg1, dg0)
+        np.testing.assert_array_equal(db1, db0)
+    np.testing.assert_allclose(y0, ref_layer_norm(x, g, b), rtol=1e-11, atol=1e-12)
+    assert kernels.empty_aligned(shape).ctypes.data % 64 == 0
+
+
 def test_layer_norm_refuses_mismatched_gamma():
     with pytest.raises(KernelInputError, match=r"gamma must have shape \(3,\)"):
         nn.layer_norm(np.zeros((2, 3)), np.ones(4), np.zeros(3))
