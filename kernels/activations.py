@@ -300,7 +300,7 @@ def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """
     xc = _checks.float_array("x", x)
     if out is None:
-        res = np.empty_like(xc)
+        res = _checks.empty_aligned(xc.shape, xc.dtype, like=xc)
     else:
         _checks.writable_target("out", out, xc)
         res = out
@@ -319,7 +319,7 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, *, out: np.ndarray | None = Non
     xc = _checks.float_array("x", x)
     dyc = _checks.float_array("dy", dy, dtype=xc.dtype)
     _checks.shape_is("dy", dyc, xc.shape)
-    res = _checks.out_array("out", out, xc.shape, xc.dtype)
+    res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
     if xc.size and _vec_f64(xc):
         _gelu_bwd_f64_vec(dyc.reshape(-1), xc.reshape(-1), res.reshape(-1),
                           _flat_chunks(xc.size), _nt(res))
@@ -422,7 +422,7 @@ def bias_act(
     """``act(x + b)`` for 2-D ``x`` and a per-column bias ``b``, one pass. act: none/relu/gelu."""
     code = _act_code(act)
     xc, bc = _bias_inputs(x, b)
-    res = _checks.out_array("out", out, xc.shape, xc.dtype)
+    res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
     if xc.size and code == 2 and _vec_f64(xc):
         _bias_gelu_f64_vec(xc.reshape(-1), _tiled(bc), res.reshape(-1), bc.size,
                            _flat_chunks(xc.size), _nt(res))
@@ -443,7 +443,7 @@ def bias_act_backward(
     xc, bc = _bias_inputs(x, b)
     dyc = _checks.float_array("dy", dy, ndim=2, dtype=xc.dtype)
     _checks.shape_is("dy", dyc, xc.shape)
-    dx = _checks.out_array("out", out, xc.shape, xc.dtype)
+    dx = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
     if xc.size and code == 2 and _vec_f64(xc):
         nch = _flat_chunks(xc.size)
         pdb = np.zeros((nch, bc.size + _B), xc.dtype)

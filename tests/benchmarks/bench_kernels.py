@@ -157,9 +157,11 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     y = rng.integers(0, cols, rows)
     gam, bet = np.ones(cols, dt), np.zeros(cols, dt)
     dy = rng.standard_normal((rows, cols)).astype(dt)
-    # out= buffers as the kernels allocate their own: 64-byte aligned, so that float64
-    # outputs can be streamed out with non-temporal stores (kernels.empty_aligned)
+    # out= buffers as the kernels allocate their own (kernels.empty_aligned): 64-byte
+    # aligned rows for layer norm, the input's offset in a cache line for GELU (whose
+    # blocks align to the output, and then to the inputs as well)
     o, o2 = empty_aligned(x.shape, dt), empty_aligned(x.shape, dt)
+    ol = empty_aligned(x.shape, dt, like=x)
     nb = rows * cols * np.dtype(dt).itemsize
     t = _torch_nn(tb, x, y, gam, bet, dy)
     _, mu, rs = nn.layer_norm(x, gam, bet)
@@ -181,15 +183,15 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
         ours=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs),
         ours_out=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs, out=o))
     add("gelu", x.shape, dt, 2 * nb, "numpy: scipy.special.erf", ours=lambda: nn.gelu(x),
-        ours_out=lambda: nn.gelu(x, out=o), numpy=lambda: B.np_gelu(x), torch=t.get("gelu"))
+        ours_out=lambda: nn.gelu(x, out=ol), numpy=lambda: B.np_gelu(x), torch=t.get("gelu"))
     add("gelu_backward", x.shape, dt, 3 * nb, ours=lambda: nn.gelu_backward(dy, x),
-        ours_out=lambda: nn.gelu_backward(dy, x, out=o))
+        ours_out=lambda: nn.gelu_backward(dy, x, out=ol))
     add("bias_act gelu", x.shape, dt, 2 * nb, "torch: gelu(x + b)",
-        ours=lambda: nn.bias_act(x, gam, "gelu"), ours_out=lambda: nn.bias_act(x, gam, out=o),
+        ours=lambda: nn.bias_act(x, gam, "gelu"), ours_out=lambda: nn.bias_act(x, gam, out=ol),
         numpy=lambda: B.np_gelu(x + gam), torch=t.get("bias_gelu"))
     add("bias_act_backward gelu", x.shape, dt, 3 * nb,
         ours=lambda: nn.bias_act_backward(dy, x, gam, "gelu"),
-        ours_out=lambda: nn.bias_act_backward(dy, x, gam, "gelu", out=o))
+        ours_out=lambda: nn.bias_act_backward(dy, x, gam, "gelu", out=ol))
 
 
 def bench_data_kernels(tab: Table, rows: int, dt) -> None:
@@ -257,7 +259,7 @@ def bench_ceilings(rows: int = 2048, cols: int = 256) -> list[dict]:
         rng = np.random.default_rng(3)
         x = rng.standard_normal((rows, cols)).astype(dt)
         dy = rng.standard_normal(x.shape).astype(dt)
-        o = empty_aligned(x.shape, dt)
+        o, ol = empty_aligned(x.shape, dt), empty_aligned(x.shape, dt, like=x)
         y = rng.integers(0, cols, rows)
         gam, bet = np.ones(cols, dt), np.zeros(cols, dt)
         _, mu, rs = nn.layer_norm(x, gam, bet)
@@ -265,10 +267,11 @@ def bench_ceilings(rows: int = 2048, cols: int = 256) -> list[dict]:
             ("softmax_cross_entropy+grad", 2, lambda: nn.softmax_cross_entropy(x, y, out=o)),
             ("layer_norm", 2, lambda: nn.layer_norm(x, gam, bet, out=o)),
             ("layer_norm_backward", 3, lambda: nn.layer_norm_backward(dy, x, gam, mu, rs, out=o)),
-            ("gelu", 2, lambda: nn.gelu(x, out=o)),
-            ("gelu_backward", 3, lambda: nn.gelu_backward(dy, x, out=o)),
-            ("bias_act gelu", 2, lambda: nn.bias_act(x, gam, out=o)),
-            ("bias_act_backward gelu", 3, lambda: nn.bias_act_backward(dy, x, gam, "gelu", out=o)),
+            ("gelu", 2, lambda: nn.gelu(x, out=ol)),
+            ("gelu_backward", 3, lambda: nn.gelu_backward(dy, x, out=ol)),
+            ("bias_act gelu", 2, lambda: nn.bias_act(x, gam, out=ol)),
+            ("bias_act_backward gelu", 3, lambda: nn.bias_act_backward(dy, x, gam, "gelu",
+                                                                     out=ol)),
         ]
         for name, streams, fn in cases:
             def reps(fn=fn):
@@ -422,8 +425,9 @@ def _header(res: dict, command: str) -> list[str]:
          "'% triad' is against that one. GB/s = the minimum bytes a kernel must move (reads + "
          "writes, no write-allocate, as STREAM counts) / best of 7 timed round-robin with the "
          "baselines, measured with a "
-         "reused, 64-byte aligned `out=` buffer (`kernels.empty_aligned`, as the kernels "
-         "allocate their own outputs) where the kernel has one. Kernels that write a "
+         "reused `out=` buffer where the kernel has one, allocated as the kernels allocate "
+         "their own outputs (`kernels.empty_aligned`: rows 64-byte aligned, or at the "
+         "input's offset in a cache line for GELU). Kernels that write a "
          "separate output with plain stores pay a write-allocate read the triad pays too; "
          "large outputs of float64 GELU and layer norm and of dequantisation skip it "
          "(non-temporal stores), and in-place AdamW pays none. Ratios (> 1 = Numba faster) "

@@ -193,6 +193,10 @@ def test_layer_norm_float64_non_temporal_rows_match(shape, rng, monkeypatch):
         np.testing.assert_array_equal(db1, db0)
     np.testing.assert_allclose(y0, ref_layer_norm(x, g, b), rtol=1e-11, atol=1e-12)
     assert kernels.empty_aligned(shape).ctypes.data % 64 == 0
+    for off in range(0, 64, 8):  # like=: the same offset within a cache line as the model
+        model = np.empty(x.size + 8)[off // 8:][: x.size]
+        got = kernels.empty_aligned(shape, np.float32, like=model)
+        assert got.ctypes.data % 64 == model.ctypes.data % 64 and got.shape == shape
 
 
 def test_layer_norm_refuses_mismatched_gamma():
