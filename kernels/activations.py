@@ -1,7 +1,7 @@
 """GELU and fused bias + activation, forward and backward.
 
 GELU is the exact (erf) form, as ``torch.nn.functional.gelu`` by default. libm's ``erf``
-is a scalar call that does not vectorise, so: float64 uses ``kernels._vgelu`` (explicit
+is a scalar call that does not vectorise, so: float64 uses ``kernels._avx512`` (explicit
 AVX-512 vectors, table lookups, no division) where the CPU has AVX-512F, else
 ``kernels._erf.normal_parts`` (a vectorisable normal CDF/PDF); both a few ulp, also in
 the lower tail. float32 uses a rational approximation of erf
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import _checks, _vgelu
+from kernels import _checks, _avx512
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._erf import normal_parts
 from kernels._fastmath import exp_nonpos
 from kernels._jit import jit, overload, prange, types
 from kernels._simd import NT_MIN_BYTES, NT_STORES, address, sfence
-from kernels._vgelu import (gelu_bias_bwd_f64, gelu_bias_bwd_f64_nt, gelu_bias_bwd_f64_tail,
+from kernels._avx512 import (gelu_bias_bwd_f64, gelu_bias_bwd_f64_nt, gelu_bias_bwd_f64_tail,
                             gelu_bias_f64, gelu_bias_f64_nt, gelu_bias_f64_tail, gelu_bwd_f64,
                             gelu_bwd_f64_nt, gelu_bwd_f64_tail, gelu_f64, gelu_f64_nt,
                             gelu_f64_tail)
@@ -143,13 +143,13 @@ def _gelu_bwd_2d(dy, x, out, nchunks):
 
 _ROW = 512  # elements per row of the 2-D view
 
-# -- float64 GELU through kernels._vgelu (AVX-512): 32 elements per call ------------------
+# -- float64 GELU through kernels._avx512 (AVX-512): 32 elements per call ------------------
 # fastmath "contract" only: the intrinsics' rounding tricks must not be reassociated.
 # ``nt``: outputs of NT_MIN_BYTES or more are written with non-temporal stores (after a
 # masked head up to the output's next 64-byte boundary; one sfence per chunk). Measured
 # in one round-robin at 2 x 128 Mi elements: GELU 26-28 -> 38 GB/s, bias + GELU 30 -> 37.
-VEC_F64 = _vgelu.AVAILABLE  # tests turn it off to run the portable float64 path too
-_B = _vgelu.BLOCK
+VEC_F64 = _avx512.AVAILABLE  # tests turn it off to run the portable float64 path too
+_B = _avx512.BLOCK
 
 
 @jit(inline=True)

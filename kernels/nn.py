@@ -3,7 +3,7 @@
 Rows are independent, so each kernel is one ``prange`` over rows with the row held in
 cache between its passes; exp is the vectorisable ``kernels._fastmath.exp_softmax``
 (``x - max <= 0``: no overflow branch, no flush to 0 of what the sum absorbs anyway), or
-for float64 with a gradient on an AVX-512 CPU ``kernels._vgelu.softmax_exp_f64`` (a
+for float64 with a gradient on an AVX-512 CPU ``kernels._avx512.softmax_exp_f64`` (a
 table exp on explicit vectors, 32 classes per call). Layer norm's forward asks for each row 8 KiB
 ahead (``kernels._prefetch``): its two reductions per row stall the loads, and with the
 hint it went from 49 to 65 GB/s (float64) and 68 to 76 (float32) when the machine gave
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import _checks, _vgelu
+from kernels import _checks, _avx512
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._fastmath import exp_softmax, row_max
 from kernels._jit import jit, prange
 from kernels._prefetch import prefetch_ahead
 from kernels._simd import NT_MIN_BYTES, NT_STORES, copy64_nt, sfence
-from kernels._vgelu import softmax_exp_f64, softmax_exp_f64_tail
+from kernels._avx512 import softmax_exp_f64, softmax_exp_f64_tail
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
 
@@ -66,9 +66,9 @@ def _softmax_xent(logits, lbits, labels, grad, losses, scale, want_grad, zero):
             g[labels[i]] -= scale
 
 
-VEC_F64 = _vgelu.AVAILABLE  # float64 softmax through kernels._vgelu's table exp (tests
+VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
 # switch it off to run the portable path too)
-_B = _vgelu.BLOCK
+_B = _avx512.BLOCK
 
 
 @jit(parallel=True, fastmath={"contract"})

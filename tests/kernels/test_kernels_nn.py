@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kernels import _vgelu, activations, nn
+from kernels import _avx512, activations, nn
 from kernels.errors import KernelDtypeError, KernelInputError
 
 _erf = np.vectorize(math.erf)
@@ -44,7 +44,7 @@ def ref_layer_norm(x, g, b, eps=1e-5):
 @pytest.fixture(params=["avx512", "portable"])
 def xent_path(request, monkeypatch):
     """Run a softmax test through each float64 implementation this CPU can run."""
-    if request.param == "avx512" and not _vgelu.AVAILABLE:
+    if request.param == "avx512" and not _avx512.AVAILABLE:
         pytest.skip("this CPU has no AVX-512F; the portable float64 path is tested")
     monkeypatch.setattr(nn, "VEC_F64", request.param == "avx512")
     return request.param
@@ -89,7 +89,7 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
     # the AVX-512 exp pass does 32 classes per call and a masked tail; rows with NaN,
     # +-inf, huge spreads (exp underflow to 0) and a lone class must match the portable
     # path, and the sum must never see the masked-off lanes
-    if not _vgelu.AVAILABLE:
+    if not _avx512.AVAILABLE:
         pytest.skip("this CPU has no AVX-512F; only the portable float64 path exists")
     x = 4 * rng.standard_normal((8, c))
     x[1, 0] = np.nan
@@ -212,7 +212,7 @@ def test_layer_norm_refuses_mismatched_gamma():
 def f64_path(request, monkeypatch):
     """Run a float64 GELU test through each float64 implementation this CPU can run
     ("avx512-nt": with non-temporal stores however small the output)."""
-    if request.param != "portable" and not _vgelu.AVAILABLE:
+    if request.param != "portable" and not _avx512.AVAILABLE:
         pytest.skip("this CPU has no AVX-512F; the portable float64 path is tested")
     monkeypatch.setattr(activations, "VEC_F64", request.param != "portable")
     if request.param == "avx512-nt":
@@ -274,7 +274,7 @@ def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, 
     # the AVX-512 path does 32 elements per call and a masked tail: every length, every
     # position of a value inside a block, and the special values must match the portable
     # path to a few ulp (NaN, +-inf, -0, huge, subnormal, past the underflow point)
-    if not _vgelu.AVAILABLE:
+    if not _avx512.AVAILABLE:
         pytest.skip("this CPU has no AVX-512F; only the portable float64 path exists")
     special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e308, -1e308, 5e-324, -40.0,
                         -38.5, 38.5, -8.3, 8.3])
@@ -318,10 +318,10 @@ def test_float64_gelu_for_a_generic_cpu_target_takes_the_portable_path(run_pytho
     # AVX-512 intrinsics (they would not even select there); the portable path runs
     out = run_python(
         "import math, numpy as np\n"
-        "from kernels import _vgelu, nn\n"
+        "from kernels import _avx512, nn\n"
         "x = np.linspace(-10, 10, 1001)\n"
         "ref = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x])\n"
         "assert np.allclose(nn.gelu(x), ref, rtol=1e-13, atol=1e-300)\n"
-        "print(_vgelu.AVAILABLE)\n",
+        "print(_avx512.AVAILABLE)\n",
         NUMBA_CPU_NAME="generic", HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     assert out.strip() == "False"
