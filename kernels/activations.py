@@ -14,16 +14,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import _checks, _avx512
+from kernels import _avx512, _checks
+from kernels._avx512 import (
+    gelu_bias_bwd_f64,
+    gelu_bias_bwd_f64_nt,
+    gelu_bias_bwd_f64_tail,
+    gelu_bias_f64,
+    gelu_bias_f64_nt,
+    gelu_bias_f64_tail,
+    gelu_bwd_f64,
+    gelu_bwd_f64_nt,
+    gelu_bwd_f64_tail,
+    gelu_f64,
+    gelu_f64_nt,
+    gelu_f64_tail,
+)
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._erf import normal_parts
 from kernels._fastmath import exp_nonpos
 from kernels._jit import jit, overload, prange, types
 from kernels._simd import NT_MIN_BYTES, NT_STORES, address, sfence
-from kernels._avx512 import (gelu_bias_bwd_f64, gelu_bias_bwd_f64_nt, gelu_bias_bwd_f64_tail,
-                            gelu_bias_f64, gelu_bias_f64_nt, gelu_bias_f64_tail, gelu_bwd_f64,
-                            gelu_bwd_f64_nt, gelu_bwd_f64_tail, gelu_f64, gelu_f64_nt,
-                            gelu_f64_tail)
 from kernels.errors import KernelInputError
 
 __all__ = ["ACTIVATIONS", "bias_act", "bias_act_backward", "gelu", "gelu_backward"]

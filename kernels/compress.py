@@ -28,8 +28,15 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
-from kernels._simd import (NT_MIN_BYTES, NT_STORES, address, compress_candidates,
-                           compress_candidates_nt, compress_candidates_update, sfence)
+from kernels._simd import (
+    NT_MIN_BYTES,
+    NT_STORES,
+    address,
+    compress_candidates,
+    compress_candidates_nt,
+    compress_candidates_update,
+    sfence,
+)
 from kernels.errors import KernelInputError
 
 __all__ = ["ErrorFeedback", "densify", "topk_sparsify"]

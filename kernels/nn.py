@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import _checks, _avx512
+from kernels import _avx512, _checks
+from kernels._avx512 import softmax_exp_f64, softmax_exp_f64_tail
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._fastmath import exp_softmax, row_max
 from kernels._jit import jit, prange
 from kernels._prefetch import prefetch_ahead
 from kernels._simd import NT_MIN_BYTES, NT_STORES, copy64_nt, sfence
-from kernels._avx512 import softmax_exp_f64, softmax_exp_f64_tail
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
 
