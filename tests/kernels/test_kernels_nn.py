@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from gateway.testing.require import require
 from kernels import _avx512, activations, nn
 from kernels.errors import KernelDtypeError, KernelInputError
 
@@ -41,16 +42,27 @@ def ref_layer_norm(x, g, b, eps=1e-5):
 
 # -- softmax + cross-entropy ------------------------------------------------------------
 
-@pytest.fixture(params=["avx512", "portable"])
-def xent_path(request, monkeypatch):
-    """Run a softmax test through each float64 implementation this CPU can run."""
-    if request.param == "avx512" and not _avx512.AVAILABLE:
-        pytest.skip("this CPU has no AVX-512F; the portable float64 path is tested")
-    monkeypatch.setattr(nn, "VEC_F64", request.param == "avx512")
+def require_avx512():
+    """The float64 vector path exists only on AVX-512F CPUs: skip elsewhere on a
+    developer machine, fail in CI (whose machines have it), so it cannot go untested."""
+    require(_avx512.AVAILABLE, "an AVX-512F CPU for the float64 vector path")
+
+
+@pytest.fixture(params=["avx512", "avx512-nt", "portable"])
+def f64_path(request, monkeypatch):
+    """Run a float64 test (GELU, softmax) through each float64 implementation: the
+    AVX-512 one ("avx512-nt": with non-temporal stores however small the output) and
+    the portable one."""
+    if request.param != "portable":
+        require_avx512()
+    monkeypatch.setattr(activations, "VEC_F64", request.param != "portable")
+    monkeypatch.setattr(nn, "VEC_F64", request.param != "portable")
+    if request.param == "avx512-nt":
+        monkeypatch.setattr(activations, "NT_MIN_BYTES", 0)
     return request.param
 
 
-def test_xent_matches_reference(dtype, tol, rng, xent_path):
+def test_xent_matches_reference(dtype, tol, rng, f64_path):
     x = (5 * rng.standard_normal((50, 13))).astype(dtype)
     y = rng.integers(0, 13, 50)
     loss, g = nn.softmax_cross_entropy(x, y)
@@ -66,7 +78,7 @@ def test_xent_matches_reference(dtype, tol, rng, xent_path):
     np.testing.assert_allclose(g2, rg * 50 * 0.25, **tol)
 
 
-def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng, xent_path):
+def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng, f64_path):
     x = np.asfortranarray(rng.standard_normal((6, 4)) * 1e4)
     y = np.array([0, 1, 2, 3, 0, 1])
     loss, g = nn.softmax_cross_entropy(x, y)
@@ -76,7 +88,7 @@ def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng, xent_path):
     np.testing.assert_allclose(g, rg, atol=1e-12)
 
 
-def test_xent_nan_logits_give_nan_loss_and_empty_is_defined(xent_path):
+def test_xent_nan_logits_give_nan_loss_and_empty_is_defined(f64_path):
     x = np.array([[0.0, np.nan], [1.0, 2.0]])
     loss, _ = nn.softmax_cross_entropy(x, np.array([0, 1]))
     assert math.isnan(loss)
@@ -89,8 +101,7 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
     # the AVX-512 exp pass does 32 classes per call and a masked tail; rows with NaN,
     # +-inf, huge spreads (exp underflow to 0) and a lone class must match the portable
     # path, and the sum must never see the masked-off lanes
-    if not _avx512.AVAILABLE:
-        pytest.skip("this CPU has no AVX-512F; only the portable float64 path exists")
+    require_avx512()
     x = 4 * rng.standard_normal((8, c))
     x[1, 0] = np.nan
     x[2, -1] = np.inf
@@ -208,18 +219,6 @@ def test_layer_norm_refuses_mismatched_gamma():
 
 # -- GELU, bias + activation -----------------------------------------------------------
 
-@pytest.fixture(params=["avx512", "avx512-nt", "portable"])
-def f64_path(request, monkeypatch):
-    """Run a float64 GELU test through each float64 implementation this CPU can run
-    ("avx512-nt": with non-temporal stores however small the output)."""
-    if request.param != "portable" and not _avx512.AVAILABLE:
-        pytest.skip("this CPU has no AVX-512F; the portable float64 path is tested")
-    monkeypatch.setattr(activations, "VEC_F64", request.param != "portable")
-    if request.param == "avx512-nt":
-        monkeypatch.setattr(activations, "NT_MIN_BYTES", 0)
-    return request.param
-
-
 def test_gelu_matches_erf_reference(dtype, tol, rng, f64_path):
     x = np.concatenate([np.linspace(-12, 12, 2001), 3 * rng.standard_normal(500)]).astype(dtype)
     np.testing.assert_allclose(nn.gelu(x), ref_gelu(x), **tol)
@@ -274,8 +273,7 @@ def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, 
     # the AVX-512 path does 32 elements per call and a masked tail: every length, every
     # position of a value inside a block, and the special values must match the portable
     # path to a few ulp (NaN, +-inf, -0, huge, subnormal, past the underflow point)
-    if not _avx512.AVAILABLE:
-        pytest.skip("this CPU has no AVX-512F; only the portable float64 path exists")
+    require_avx512()
     special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e308, -1e308, 5e-324, -40.0,
                         -38.5, 38.5, -8.3, 8.3])
     x = 4 * rng.standard_normal((9, ncols))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gateway.testing.require import require
 from kernels import compress
 from kernels.compress import ErrorFeedback, densify, topk_sparsify
 from kernels.errors import KernelDtypeError, KernelInputError
@@ -67,8 +68,7 @@ def test_dequantize_non_temporal_path_equals_plain(d, dtype, rng, monkeypatch):
     # element exactly once
     from kernels import quant
 
-    if not quant.NT_STORES:
-        pytest.skip("non-temporal stores are only used on x86-64")
+    require(quant.NT_STORES, "an x86-64 CPU for the non-temporal path")
     q = rng.integers(-127, 128, (37, d)).astype(np.int8)
     scale = rng.random(37).astype(dtype) + 0.5
     expect = (q.astype(np.float64) * scale[:, None].astype(np.float64)).astype(dtype)
