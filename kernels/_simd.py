@@ -38,7 +38,7 @@ from kernels._jit import intrinsic, types
 
 __all__ = ["NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates", "compress_candidates_nt",
            "compress_candidates_update", "copy64_nt", "dequant_store_nt", "sfence",
-           "tile_argmin"]
+           "stream_out", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 # Outputs this large (half this machine's L3) are written with non-temporal stores: they
@@ -46,6 +46,12 @@ NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 # the traffic of a kernel that reads one array and writes one. Smaller outputs keep
 # ordinary stores, so the next kernel finds them in cache.
 NT_MIN_BYTES = 16 << 20
+
+
+def stream_out(out) -> bool:
+    """Whether a kernel writes ``out`` with non-temporal stores: on x86-64, and when it
+    is ``NT_MIN_BYTES`` or more (the one place that decides, for every kernel)."""
+    return NT_STORES and out.nbytes >= NT_MIN_BYTES
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 

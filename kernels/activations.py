@@ -33,7 +33,7 @@ from kernels._chunks import chunk_bounds, n_chunks
 from kernels._erf import normal_parts
 from kernels._fastmath import exp_nonpos
 from kernels._jit import jit, overload, prange, types
-from kernels._simd import NT_MIN_BYTES, NT_STORES, address, sfence
+from kernels._simd import address, sfence, stream_out
 from kernels.errors import KernelInputError
 
 __all__ = ["ACTIVATIONS", "bias_act", "bias_act_backward", "gelu", "gelu_backward"]
@@ -280,10 +280,6 @@ def _vec_f64(a: np.ndarray) -> bool:
     return VEC_F64 and a.dtype == np.float64
 
 
-def _nt(out: np.ndarray) -> bool:
-    return NT_STORES and out.nbytes >= NT_MIN_BYTES
-
-
 def _flat_chunks(n: int) -> int:
     return n_chunks(n, min_rows=4096)
 
@@ -316,7 +312,7 @@ def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         res = out
     flat = res.reshape(-1) if res.flags.c_contiguous else np.empty(xc.size, xc.dtype)
     if xc.size and _vec_f64(xc):
-        _gelu_f64_vec(xc.reshape(-1), flat, _flat_chunks(xc.size), _nt(flat))
+        _gelu_f64_vec(xc.reshape(-1), flat, _flat_chunks(xc.size), stream_out(flat))
     elif xc.size:
         _elementwise(_gelu_2d, _gelu, xc.reshape(-1), flat)
     if not res.flags.c_contiguous:
@@ -332,7 +328,7 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, *, out: np.ndarray | None = Non
     res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
     if xc.size and _vec_f64(xc):
         _gelu_bwd_f64_vec(dyc.reshape(-1), xc.reshape(-1), res.reshape(-1),
-                          _flat_chunks(xc.size), _nt(res))
+                          _flat_chunks(xc.size), stream_out(res))
     elif xc.size:
         _elementwise(_gelu_bwd_2d, _gelu_bwd, dyc.reshape(-1), xc.reshape(-1), res.reshape(-1))
     return res
@@ -435,7 +431,7 @@ def bias_act(
     res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
     if xc.size and code == 2 and _vec_f64(xc):
         _bias_gelu_f64_vec(xc.reshape(-1), _tiled(bc), res.reshape(-1), bc.size,
-                           _flat_chunks(xc.size), _nt(res))
+                           _flat_chunks(xc.size), stream_out(res))
     elif xc.size:
         _bias_act(xc, bc, res, code, n_chunks(xc.shape[0]))
     return res
@@ -458,7 +454,7 @@ def bias_act_backward(
         nch = _flat_chunks(xc.size)
         pdb = np.zeros((nch, bc.size + _B), xc.dtype)
         _bias_gelu_bwd_f64_vec(dyc.reshape(-1), xc.reshape(-1), _tiled(bc), dx.reshape(-1), pdb,
-                               bc.size, nch, _nt(dx))
+                               bc.size, nch, stream_out(dx))
         return dx, _untile_sum(pdb, bc.size)
     nch = n_chunks(xc.shape[0])
     pdb = np.zeros((nch, xc.shape[1]), xc.dtype)

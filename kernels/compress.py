@@ -29,13 +29,12 @@ from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
 from kernels._simd import (
-    NT_MIN_BYTES,
-    NT_STORES,
     address,
     compress_candidates,
     compress_candidates_nt,
     compress_candidates_update,
     sfence,
+    stream_out,
 )
 from kernels.errors import KernelInputError
 
@@ -327,7 +326,7 @@ def topk_sparsify(
         if np.shares_memory(o, r) or np.shares_memory(o, g):
             raise KernelInputError("out must not overlap residual or grad; for an in-place "
                                    "update leave out=None")
-        mode = _STORE_NT if NT_STORES and o.nbytes >= NT_MIN_BYTES else _STORE
+        mode = _STORE_NT if stream_out(o) else _STORE
     k = _checks.positive_int("k", k)
     k = min(k, g.size)
     if g.size == 0:

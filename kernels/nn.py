@@ -24,7 +24,7 @@ from kernels._chunks import chunk_bounds, n_chunks
 from kernels._fastmath import exp_softmax, row_max
 from kernels._jit import jit, prange
 from kernels._prefetch import prefetch_ahead
-from kernels._simd import NT_MIN_BYTES, NT_STORES, copy64_nt, sfence
+from kernels._simd import copy64_nt, sfence, stream_out
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
 
@@ -153,7 +153,7 @@ def _nt_rows(out: np.ndarray) -> bool:
     scratch row costs more than the write-allocate it saves, so float32 keeps plain
     stores. With a scalar head and tail per row (unaligned rows) float32 layer norm
     backward ran at 27 GB/s instead of 48."""
-    return (NT_STORES and out.dtype == np.float64 and out.nbytes >= NT_MIN_BYTES
+    return (stream_out(out) and out.dtype == np.float64
             and out.ctypes.data % 64 == 0 and out.ndim == 2
             and out.shape[1] * out.itemsize % 64 == 0)
 

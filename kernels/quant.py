@@ -21,7 +21,7 @@ from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
 from kernels._prefetch import prefetch_ahead
-from kernels._simd import NT_MIN_BYTES, NT_STORES, address, dequant_store_nt, sfence
+from kernels._simd import NT_MIN_BYTES, address, dequant_store_nt, sfence, stream_out
 from kernels.errors import KernelDtypeError, KernelInputError
 
 __all__ = ["NT_MIN_BYTES", "dequantize_int8", "quantize_int8"]
@@ -160,7 +160,7 @@ def dequantize_int8(
     q2 = _as_2d(np.ascontiguousarray(q))
     res = _checks.out_array("out", out, q.shape, dt)
     w = res.reshape(q2.shape)
-    if w.size and NT_STORES and w.nbytes >= NT_MIN_BYTES:
+    if w.size and stream_out(w):
         _dequantize_nt(q2, s, w, n_chunks(q2.shape[0], min_rows=1))
     elif w.size:
         _dequantize(q2, s, w)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gateway.testing.require import require
-from kernels import _avx512, activations, nn
+from kernels import _avx512, _simd, activations, nn
 from kernels.errors import KernelDtypeError, KernelInputError
 
 _erf = np.vectorize(math.erf)
@@ -58,7 +58,7 @@ def f64_path(request, monkeypatch):
     monkeypatch.setattr(activations, "VEC_F64", request.param != "portable")
     monkeypatch.setattr(nn, "VEC_F64", request.param != "portable")
     if request.param == "avx512-nt":
-        monkeypatch.setattr(activations, "NT_MIN_BYTES", 0)
+        monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
     return request.param
 
 
@@ -193,7 +193,7 @@ def test_layer_norm_float64_non_temporal_rows_match(shape, rng, monkeypatch):
     g, b = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
     y0, mean, rstd = nn.layer_norm(x, g, b)
     dx0, dg0, db0 = nn.layer_norm_backward(dy, x, g, mean, rstd)
-    monkeypatch.setattr(nn, "NT_MIN_BYTES", 0)
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
     for out in (None, kernels.empty_aligned(shape), np.empty(shape)):  # last: maybe not aligned
         y1, _, _ = nn.layer_norm(x, g, b, out=out)
         dx1, dg1, db1 = nn.layer_norm_backward(dy, x, g, mean, rstd, out=out if out is None
@@ -284,7 +284,7 @@ def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, 
     for flag, store in ((True, got), (False, want), ("nt", got_nt)):
         monkeypatch.setattr(activations, "VEC_F64", bool(flag))
         if flag == "nt":  # non-temporal stores, with their aligned head, at every size
-            monkeypatch.setattr(activations, "NT_MIN_BYTES", 0)
+            monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
         store["gelu"] = nn.gelu(x)
         store["grad"] = nn.gelu_backward(dy, x)
         store["bias"] = nn.bias_act(x, b)

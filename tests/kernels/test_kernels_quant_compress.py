@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gateway.testing.require import require
-from kernels import compress
+from kernels import _simd
 from kernels.compress import ErrorFeedback, densify, topk_sparsify
 from kernels.errors import KernelDtypeError, KernelInputError
 from kernels.quant import dequantize_int8, quantize_int8
@@ -68,11 +68,11 @@ def test_dequantize_non_temporal_path_equals_plain(d, dtype, rng, monkeypatch):
     # element exactly once
     from kernels import quant
 
-    require(quant.NT_STORES, "an x86-64 CPU for the non-temporal path")
+    require(_simd.NT_STORES, "an x86-64 CPU for the non-temporal path")
     q = rng.integers(-127, 128, (37, d)).astype(np.int8)
     scale = rng.random(37).astype(dtype) + 0.5
     expect = (q.astype(np.float64) * scale[:, None].astype(np.float64)).astype(dtype)
-    monkeypatch.setattr(quant, "NT_MIN_BYTES", 0)
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
     for off in range(16):
         buf = np.full(q.size + 16, -7, dtype)
         out = buf[off:off + q.size].reshape(q.shape)
@@ -163,13 +163,13 @@ def sparsify_mode(g, r, k, mode):
         return topk_sparsify(g, r, k, one_pass=mode == "one-pass")
     before = r.copy()
     spare = np.full(r.size + 1, 99.0, r.dtype)[1:]
-    saved = compress.NT_MIN_BYTES
+    saved = _simd.NT_MIN_BYTES
     if mode == "out-nt":  # non-temporal stores even for this small vector (x86-64 only)
-        compress.NT_MIN_BYTES = 0
+        _simd.NT_MIN_BYTES = 0
     try:
         res = topk_sparsify(g, r, k, out=spare)
     finally:
-        compress.NT_MIN_BYTES = saved
+        _simd.NT_MIN_BYTES = saved
     np.testing.assert_array_equal(r, before)
     r[...] = spare
     return res
