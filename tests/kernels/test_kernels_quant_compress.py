@@ -66,8 +66,6 @@ def test_dequantize_non_temporal_path_equals_plain(d, dtype, rng, monkeypatch):
     # every row width against every alignment of the output (0..15 elements off a
     # 64-byte boundary): the scalar head/tail and the 64-byte stores must cover each
     # element exactly once
-    from kernels import quant
-
     require(_simd.NT_STORES, "an x86-64 CPU for the non-temporal path")
     q = rng.integers(-127, 128, (37, d)).astype(np.int8)
     scale = rng.random(37).astype(dtype) + 0.5
