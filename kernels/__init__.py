@@ -17,7 +17,17 @@ Modules:
 
 from __future__ import annotations
 
-from kernels._checks import empty_aligned
+from typing import Any
+
 from kernels.errors import KernelError, KernelInputError
 
 __all__ = ["KernelError", "KernelInputError", "empty_aligned"]
+
+
+def __getattr__(name: str) -> Any:
+    # ``kernels.empty_aligned`` loads NumPy on first use, so ``import kernels`` stays cheap
+    if name == "empty_aligned":
+        from kernels._checks import empty_aligned
+
+        return empty_aligned
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")

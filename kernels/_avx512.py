@@ -38,6 +38,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from kernels._jit import intrinsic, numba, types
+from kernels._simd import store_nt
 
 __all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
@@ -308,14 +309,37 @@ def _store(builder, val, ptr, mask, nt=False):
     """Store 8 doubles (with a mask: only its lanes); ``nt``: a non-temporal store, which
     skips the write-allocate read of the line (``ptr`` must be 64-byte aligned)."""
     if mask is None:
-        st = builder.store(val, ptr, align=64 if nt else 8)
         if nt:
-            st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+            store_nt(builder, val, ptr)
+        else:
+            builder.store(val, ptr, align=8)
         return
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [_V8, _V8.as_pointer(), _I32, _M8]),
         "llvm.masked.store.v8f64.p0")
     builder.call(fn, [val, ptr, ir.Constant(_I32, 8), mask])
+
+
+class _Block:
+    """The ``_UNROLL`` vectors of one call from flat index ``base`` of an array argument:
+    their pointers, and the lane masks of a masked call (``n`` elements valid)."""
+
+    def __init__(self, context, builder, sig, args, n64, masked: bool):
+        self.context, self.builder, self.sig, self.args = context, builder, sig, args
+        self.offs = [ir.Constant(_I64, 8 * q) for q in range(_UNROLL)]
+        self.masks = ([_mask(builder, builder.sub(n64, o)) for o in self.offs] if masked
+                      else [None] * _UNROLL)
+
+    def ptrs(self, k, base):
+        return [_ptr(self.context, self.builder, self.sig.args[k], self.args[k],
+                     self.builder.add(base, o), types.int64) for o in self.offs]
+
+    def load(self, k, base):
+        return [_load(self.builder, p, m) for p, m in zip(self.ptrs(k, base), self.masks)]
+
+    def store(self, vals, k, base, nt=False):
+        for val, p, m in zip(vals, self.ptrs(k, base), self.masks):
+            _store(self.builder, val, p, m, nt)
 
 
 def _is_f64(a) -> bool:
@@ -349,20 +373,8 @@ def _gelu_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
             n64 = context.cast(builder, args[7], nty, types.int64)
             i64 = context.cast(builder, args[5], ity, types.int64)
             j64 = context.cast(builder, args[6], jty, types.int64)
-            offs = [ir.Constant(_I64, 8 * q) for q in range(_UNROLL)]
-            masks = ([_mask(builder, builder.sub(n64, o)) for o in offs] if masked
-                     else [None] * _UNROLL)
-
-            def ptrs(k, base):
-                return [_ptr(context, builder, sig.args[k], args[k], builder.add(base, o),
-                             types.int64) for o in offs]
-
-            def load(k, base):
-                return [_load(builder, p, m) for p, m in zip(ptrs(k, base), masks)]
-
-            def store(vals, k, base, nt=False):
-                for val, p, m in zip(vals, ptrs(k, base), masks):
-                    _store(builder, val, p, m, nt)
+            blk = _Block(context, builder, sig, args, n64, masked)
+            load, store = blk.load, blk.store
 
             z = load(1, i64)
             if bias:
@@ -412,27 +424,20 @@ def _softmax_exp_intrinsic(masked: bool):
             return None
 
         def codegen(context, builder, sig, args):
-            xa, ga, iv, mxv, nv = args
+            _, _, iv, mxv, nv = args
             v = _Vec(builder, _UNROLL)
             n64 = context.cast(builder, nv, sig.args[4], types.int64)
             i64 = context.cast(builder, iv, sig.args[2], types.int64)
-            offs = [ir.Constant(_I64, 8 * q) for q in range(_UNROLL)]
-            masks = ([_mask(builder, builder.sub(n64, o)) for o in offs] if masked
-                     else [None] * _UNROLL)
-            px = [_ptr(context, builder, sig.args[0], xa, builder.add(i64, o), types.int64)
-                  for o in offs]
-            pg = [_ptr(context, builder, sig.args[1], ga, builder.add(i64, o), types.int64)
-                  for o in offs]
+            blk = _Block(context, builder, sig, args, n64, masked)
             mxb = builder.insert_element(ir.Constant(_V8, ir.Undefined), mxv,
                                          ir.Constant(_I32, 0))
             mxb = builder.shuffle_vector(mxb, ir.Constant(_V8, ir.Undefined),
                                          ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
-            w = v.sub([_load(builder, p, m) for p, m in zip(px, masks)], mxb)
-            e = exp_nonpos(v, w)
+            e = exp_nonpos(v, v.sub(blk.load(0, i64), mxb))
             if masked:  # lanes past n: w = 0 - mx there; keep them out of the sum
-                e = [builder.select(m, x, ir.Constant(_V8, [0.0] * 8)) for x, m in zip(e, masks)]
-            for val, p, m in zip(e, pg, masks):
-                _store(builder, val, p, m)
+                e = [builder.select(m, x, ir.Constant(_V8, [0.0] * 8))
+                     for x, m in zip(e, blk.masks)]
+            blk.store(e, 1, i64)
             return v.hsum(e)
 
         return types.float64(x, g, i, mx, n), codegen

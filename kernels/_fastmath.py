@@ -96,14 +96,19 @@ def exp_f32(x):
 # For x <= 0 (softmax's x - max, GELU's -x^2/2): no overflow branch and one 2^n instead
 # of two halves; results below the smallest normal flush to 0 (absolute error < 3e-308).
 @jit(fastmath={"contract"})
-def exp_nonpos_f64(x):
-    """e**x for x <= 0 to about 2 ulp (float64), vectorisable; NaN stays NaN."""
+def exp_softmax_f64(x):
+    """e**x for float64 x <= 0, results below 2.2e-308 not flushed; NaN stays NaN."""
     xc = max(x, -708.3965)  # e**-708.3965 ~ 2**-1022; numba's max keeps a NaN first argument
     n = np.floor(xc * _LOG2E + 0.5)
     r = (xc - n * _LN2_HI) - n * _LN2_LO
-    p = _exp_poly_f64(r)
-    res = p * _pow2i(n)
-    return 0.0 if x < -708.3965 else res
+    return _exp_poly_f64(r) * _pow2i(n)
+
+
+@jit(fastmath={"contract"})
+def exp_nonpos_f64(x):
+    """e**x for x <= 0 to about 2 ulp (float64), vectorisable; NaN stays NaN; results
+    below the smallest normal flushed to 0."""
+    return 0.0 if x < -708.3965 else exp_softmax_f64(x)
 
 
 @jit(fastmath={"contract"})
@@ -140,49 +145,30 @@ def exp_softmax_f32(x):
     return p * _pow2i(n)
 
 
-@jit(fastmath={"contract"})
-def exp_softmax_f64(x):
-    """e**x for float64 x <= 0, results below 2.2e-308 not flushed; NaN stays NaN."""
-    xc = max(x, -708.3965)
-    n = np.floor(xc * _LOG2E + 0.5)
-    r = (xc - n * _LN2_HI) - n * _LN2_LO
-    return _exp_poly_f64(r) * _pow2i(n)
+def _by_dtype(name: str, f32, f64, doc: str):
+    """A function callable only from jitted code, inlined there: ``f32`` for a float32
+    argument, else ``f64`` on the argument cast to float64."""
+
+    def stub(x):  # pragma: no cover - replaced by the overload inside jitted code
+        raise NotImplementedError(f"{name} is only callable from jitted code")
+
+    stub.__name__ = stub.__qualname__ = name
+    stub.__doc__ = doc
+
+    @overload(stub, inline="always")
+    def _impl(x):
+        if x == types.float32:
+            return lambda x: f32(x)
+        return lambda x: f64(np.float64(x))
+
+    return stub
 
 
-def exp_softmax(x):  # pragma: no cover - replaced by the overload inside jitted code
-    """``exp_nonpos`` for softmax (dispatch on the dtype); see ``exp_softmax_f32``."""
-    raise NotImplementedError("exp_softmax is only callable from jitted code")
-
-
-@overload(exp_softmax, inline="always")
-def _exp_softmax_overload(x):
-    if x == types.float32:
-        return lambda x: exp_softmax_f32(x)
-    return lambda x: exp_softmax_f64(np.float64(x))
-
-
-def exp_nonpos(x):  # pragma: no cover - replaced by the overload inside jitted code
-    """``exp_fast`` for arguments known to be <= 0 (dispatch on the dtype)."""
-    raise NotImplementedError("exp_nonpos is only callable from jitted code")
-
-
-@overload(exp_nonpos, inline="always")
-def _exp_nonpos_overload(x):
-    if x == types.float32:
-        return lambda x: exp_nonpos_f32(x)
-    return lambda x: exp_nonpos_f64(np.float64(x))
-
-
-def exp_fast(x):  # pragma: no cover - replaced by the overload inside jitted code
-    """Dispatch on the input type inside jitted code (float32 -> exp_f32, else exp_f64)."""
-    raise NotImplementedError("exp_fast is only callable from jitted code")
-
-
-@overload(exp_fast, inline="always")
-def _exp_fast_overload(x):
-    if x == types.float32:
-        return lambda x: exp_f32(x)
-    return lambda x: exp_f64(np.float64(x))
+exp_softmax = _by_dtype("exp_softmax", exp_softmax_f32, exp_softmax_f64,
+                        "``exp_nonpos`` for softmax (see ``exp_softmax_f32``).")
+exp_nonpos = _by_dtype("exp_nonpos", exp_nonpos_f32, exp_nonpos_f64,
+                       "``exp_fast`` for arguments known to be <= 0.")
+exp_fast = _by_dtype("exp_fast", exp_f32, exp_f64, "e**x, vectorisable (float32 in float32).")
 
 
 def _bitcast_codegen(ftype: ir.Type):

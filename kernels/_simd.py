@@ -67,6 +67,12 @@ def _splat(builder, value, vty: ir.VectorType):
     return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask)
 
 
+def store_nt(builder, val, ptr):
+    """A 64-byte aligned store of ``val`` marked ``!nontemporal`` (no write-allocate)."""
+    st = builder.store(val, ptr, align=64)
+    st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+
+
 def _is_1d(a) -> bool:
     return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
 
@@ -115,8 +121,7 @@ def dequant_store_nt(typingctx, q, s, w, i):
         codes = builder.load(builder.bitcast(pq, ir.VectorType(ir.IntType(8), lanes).as_pointer()),
                              align=1)
         vals = builder.fmul(builder.sitofp(codes, vf), _splat(builder, args[1], vf))
-        st = builder.store(vals, builder.bitcast(pw, vf.as_pointer()), align=64)
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+        store_nt(builder, vals, builder.bitcast(pw, vf.as_pointer()))
         return context.get_dummy_value()
 
     return types.void(q, s, w, i), codegen
@@ -157,10 +162,10 @@ def _compress_candidates(store: str | None):
             a = builder.fadd(load(rt, ra), load(gt, ga))
             if store is not None:
                 po = builder.bitcast(_elem_ptr(context, builder, ot, oa, iv, it), vf.as_pointer())
-                st = builder.store(a, po, align=64 if store == "nt" else 1)
                 if store == "nt":
-                    st.set_metadata("nontemporal",
-                                    builder.module.add_metadata([ir.Constant(_I32, 1)]))
+                    store_nt(builder, a, po)
+                else:
+                    builder.store(a, po, align=1)
             mag = builder.call(_declare(builder, f"llvm.fabs.v{lanes}{fname}", vf, [vf]), [a])
             hit = builder.fcmp_ordered(">=", mag, _splat(builder, tv, vf))
             bad = builder.fcmp_unordered(">=", mag, _splat(builder, ir.Constant(ft, float("inf")), vf))
@@ -283,8 +288,7 @@ def copy64_nt(typingctx, dst, di, src, si):
         ps = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
         pd = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
         v = builder.load(builder.bitcast(ps, vf.as_pointer()), align=1)
-        st = builder.store(v, builder.bitcast(pd, vf.as_pointer()), align=64)
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+        store_nt(builder, v, builder.bitcast(pd, vf.as_pointer()))
         return context.get_dummy_value()
 
     return types.void(dst, di, src, si), codegen
