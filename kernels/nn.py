@@ -231,30 +231,46 @@ def layer_norm(
 
 
 @jit(parallel=True)
-def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, scratch, nt):
-    """``nt``: as in ``_ln_fwd``, each dx row goes through ``scratch[c]``."""
+def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt):
+    """One chunk of rows per thread. ``work[c]`` holds three scratch rows: copies of the
+    x and dy rows, and the dx row when ``nt`` (built there and streamed out as in
+    ``_ln_fwd``).
+
+    x and dy are read from memory once, in order: the first loop keeps a copy of each
+    row in ``work`` and the second loop reads the copy. Re-reading the input rows made
+    the hardware prefetcher fall behind (131072 x 256 float32, NumPy's inputs at 16
+    bytes into a cache line, A/B in one round-robin when the triad gave 80 GB/s: 50 ->
+    66 GB/s), for about 12% more work when the data is in cache. Summing dgamma/dbeta
+    in float32 over a few rows before float64, which cuts the work, was slower here
+    (57 GB/s)."""
     n, d = x.shape
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
-        buf = scratch[c]
+        xs = work[c, 0]
+        ds = work[c, 1]
+        buf = work[c, 2]
         for i in range(lo, hi):
             mu = mean[i]
             r = rstd[i]
             a = 0.0
             b = 0.0
             for j in range(d):
-                xh = (x[i, j] - mu) * r
-                g = dy[i, j] * gamma[j]
+                xv = x[i, j]
+                dv = dy[i, j]
+                xs[j] = xv
+                ds[j] = dv
+                xh = (xv - mu) * r
+                g = dv * gamma[j]
                 a += g
                 b += g * xh
-                pg[c, j] += dy[i, j] * xh
-                pb[c, j] += dy[i, j]
+                pg[c, j] += dv * xh
+                pb[c, j] += dv
             a /= d
             b /= d
             out = buf if nt else dx[i]
             for j in range(d):
-                xh = (x[i, j] - mu) * r
-                out[j] = r * (dy[i, j] * gamma[j] - a - xh * b)
+                xh = (xs[j] - mu) * r
+                out[j] = r * (ds[j] * gamma[j] - a - xh * b)
             if nt:
                 _stream_row(dxflat, i * d, buf, d)
         if nt:
@@ -281,7 +297,6 @@ def layer_norm_backward(
     pg = np.zeros((nch, d), np.float64)
     pb = np.zeros((nch, d), np.float64)
     if n and d:
-        scratch = np.empty((nch, d), x.dtype)
-        _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), scratch,
-                _nt_rows(dx))
+        work = _checks.empty_aligned((nch, 3, d), x.dtype)
+        _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, _nt_rows(dx))
     return dx, pg.sum(axis=0).astype(x.dtype), pb.sum(axis=0).astype(x.dtype)
