@@ -139,8 +139,9 @@ def _compress_candidates(store: str | None):
     def typer(typingctx, g, r, o, i, thr, cidx, cval, pos):
         """One 64-byte block from ``i``: ``a = r + g``; the ``a`` with ``|a| >= thr`` go to
         ``cval[pos:]`` and their indices to ``cidx[pos:]``, packed in index order (up to a
-        block's worth of slots from ``pos`` may be written). Returns
-        ``hits + (non-finite count << 32)``."""
+        block's worth of slots from ``pos`` may be written). The storing variants write
+        ``a`` into ``o[i:]`` with 0 in place of each candidate (the caller puts back the
+        candidates it does not choose). Returns ``hits + (non-finite count << 32)``."""
         if not (_is_1d(g) and _is_1d(r) and _is_1d(o)
                 and g.dtype == r.dtype == o.dtype == thr == cval.dtype
                 and g.dtype in (types.float32, types.float64) and _is_1d(cidx)
@@ -160,14 +161,15 @@ def _compress_candidates(store: str | None):
             load = (lambda aty, aval: builder.load(builder.bitcast(
                 _elem_ptr(context, builder, aty, aval, iv, it), vf.as_pointer()), align=1))
             a = builder.fadd(load(rt, ra), load(gt, ga))
-            if store is not None:
-                po = builder.bitcast(_elem_ptr(context, builder, ot, oa, iv, it), vf.as_pointer())
-                if store == "nt":
-                    store_nt(builder, a, po)
-                else:
-                    builder.store(a, po, align=1)
             mag = builder.call(_declare(builder, f"llvm.fabs.v{lanes}{fname}", vf, [vf]), [a])
             hit = builder.fcmp_ordered(">=", mag, _splat(builder, tv, vf))
+            if store is not None:
+                po = builder.bitcast(_elem_ptr(context, builder, ot, oa, iv, it), vf.as_pointer())
+                kept = builder.select(hit, ir.Constant(vf, [0.0] * lanes), a)
+                if store == "nt":
+                    store_nt(builder, kept, po)
+                else:
+                    builder.store(kept, po, align=1)
             bad = builder.fcmp_unordered(">=", mag, _splat(builder, ir.Constant(ft, float("inf")), vf))
             mty = ir.IntType(lanes)
             ctpop = _declare(builder, f"llvm.ctpop.i{lanes}", mty, [mty])

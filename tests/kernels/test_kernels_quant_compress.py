@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gateway.testing.require import require
-from kernels import _simd
+from kernels import _simd, compress
 from kernels.compress import ErrorFeedback, densify, topk_sparsify
 from kernels.errors import KernelDtypeError, KernelInputError
 from kernels.quant import dequantize_int8, quantize_int8
@@ -195,8 +195,12 @@ def test_topk_sparsify_threshold_path_matches_reference(k, mode, dtype, tol, rng
 @pytest.mark.parametrize("mode", MODES)
 def test_topk_sparsify_threshold_path_sample_misses_and_nan(mode, rng):
     n = 1 << 17
+    pos, stride, block = compress._sample_layout(n, 8)
+    i = np.arange(n)
+    unseen = np.flatnonzero((i % stride >= block) | (i // stride >= pos))[::32]
+    assert unseen.size >= 1000
     g = np.zeros(n)
-    g[1::64] = np.arange(1, n // 64 + 1)  # the strided sample sees only zeros
+    g[unseen] = np.arange(1, unseen.size + 1)  # the threshold sample sees only zeros
     r = np.zeros(n)
     # one-pass: the candidate scan already added g into r when the sample proves wrong;
     # the exact path must then finish on r alone, not add g twice
