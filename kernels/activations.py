@@ -6,8 +6,9 @@ AVX-512 vectors, table lookups, no division) where the CPU has AVX-512F, else
 ``kernels._erf.normal_parts`` (a vectorisable normal CDF/PDF); both a few ulp, also in
 the lower tail. float32 uses a rational approximation of erf
 (max abs error 4e-9 in exact arithmetic) evaluated in float32, so a vector holds 16 lanes
-instead of 8; float32 rounding brings it to about 3e-7. The derivative's exp is
-``kernels._fastmath.exp_nonpos`` for the same reason.
+instead of 8; float32 rounding brings it to about 3e-7. The float32 derivative does not
+need erf: it is written through Mills' ratio (``_gelu_grad``), within 2e-7, with the
+exp of ``kernels._fastmath.exp_nonpos``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,42 @@ def _gelu_parts_overload(z):
     return f64
 
 
+# GELU'(z) in float32 without erf: for a = |z|, Phi(-a) = phi(a) R(a) (R: Mills' ratio),
+# so GELU'(z) = 1 - phi(a) (R(a) - a) for z >= 0 and phi(a) (R(a) - a) below, and the
+# derivative needs phi anyway. R(a) ~= t (M1 + M2 t + ... + M6 t^5), t = 1 / (1 + MP a),
+# fitted here to max |phi (R - fit)| = 5e-9 on [0, 12] (weighted least squares, checked
+# against scipy in tests/kernels/test_kernels_nn.py). Against the rational erf plus
+# exp: 6 instead of 14 multiply-adds per vector, and the same one division.
+_MP = 0.275
+_M = (0.29530451881266745, 0.10555465953994059, 0.8370518962027043, -0.8296868934986321,
+      1.1329984864998628, -0.2879085183460168)
+FMP = _F(_MP)
+FM1, FM2, FM3, FM4, FM5, FM6 = (_F(c) for c in _M)
+
+
+def _gelu_grad(z):  # pragma: no cover - replaced by the overload inside jitted code
+    """GELU'(z) = Phi(z) + z phi(z); float32 by Mills' ratio, float64 by its parts."""
+    raise NotImplementedError
+
+
+@overload(_gelu_grad, inline="always")
+def _gelu_grad_overload(z):
+    if z == types.float32:
+        def f32(z):
+            a = abs(z)
+            a = _F(20.0) if a > _F(20.0) else a  # +-inf: phi = 0 times a finite; NaN stays
+            t = _F(1.0) / (_F(1.0) + FMP * a)
+            r = t * (FM1 + t * (FM2 + t * (FM3 + t * (FM4 + t * (FM5 + t * FM6)))))
+            pm = _F(_INV_SQRT_2PI) * exp_nonpos(_F(-0.5) * a * a) * (r - a)
+            return _F(1.0) - pm if z >= _F(0.0) else pm
+        return f32
+
+    def f64(z):
+        cdf, zpdf = _gelu_parts(z)
+        return cdf + zpdf
+    return f64
+
+
 @jit(inline=True)
 def _act(z, act):
     """act: 0 none, 1 relu, 2 gelu (exact erf form)."""
@@ -106,8 +143,7 @@ def _act_grad(z, act):
     if act == 1:
         return 1.0 if z > 0.0 else 0.0
     if act == 2:
-        cdf, zpdf = _gelu_parts(z)
-        return cdf + zpdf
+        return _gelu_grad(z)
     return 1.0
 
 
@@ -378,11 +414,13 @@ def _bias_act(x, b, out, act, nchunks):
 
 @jit()
 def _bias_gelu_bwd_rows(dy, x, b, dx, acc, lo, hi):
+    """One loop: 0.43 -> 0.38 ns per element on one core in cache against a second loop
+    that re-read the dx row for the bias gradient."""
     for i in range(lo, hi):
         for j in range(x.shape[1]):
-            dx[i, j] = dy[i, j] * _act_grad(x[i, j] + b[j], 2)
-        for j in range(x.shape[1]):  # separate loop: fewer pointers to check for aliasing
-            acc[j] += dx[i, j]
+            v = dy[i, j] * _act_grad(x[i, j] + b[j], 2)
+            dx[i, j] = v
+            acc[j] += v
 
 
 @jit()

@@ -5,7 +5,7 @@ the rest in ``residual`` for the next step (error feedback: nothing is dropped, 
 delayed). Ranks then all-gather ``(indices, values)`` and scatter-add them with
 :func:`densify`. Ties at the threshold go to the lower index (deterministic).
 
-Selection by threshold, two parallel passes over the data: a strided sample gives a
+Selection by threshold, two parallel passes over the data: a sample gives a
 magnitude ``t`` that at least ``k`` entries reach (with a margin); pass 1 checks for
 NaN/inf and collects the few entries ``>= t`` (about 1.2 k) into per-chunk buffers;
 the exact top-k among those is a small ``np.partition``; pass 2 is ``residual += grad``
@@ -16,7 +16,8 @@ than k entries reach ``t``), or k is a large fraction of n, the exact fallback r
 With ``out=`` (and in :class:`ErrorFeedback`) pass 1 also writes ``residual + grad`` into
 the separate buffer, with non-temporal stores on x86-64, and pass 2 is gone: one pass
 over the data, and the caller's ``residual`` is never written, so the NaN/inf guarantee
-holds without the second read.
+holds without the second read. In the one-pass modes the candidates are written as 0
+and the ones not chosen are put back (``_restore``, or inside ``_pick``).
 """
 
 from __future__ import annotations
