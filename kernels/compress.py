@@ -105,9 +105,8 @@ _READ, _STORE, _STORE_NT = 0, 1, 2  # what the candidate pass does with r + g
 def _candidates(g, r, o, thr, nchunks, cap, cidx, cval, counts, mode):
     """Entries with ``|r + g| >= thr``, in index order, into chunk ``c``'s slots
     ``[c * cap, c * cap + cap)``; ``counts[c]`` is the full count (may exceed ``cap``).
-    Returns the number of non-finite entries. 64-byte blocks go through one masked
-    compress-store each (``kernels._simd``) while a whole block's worth of slots is
-    free; the rest of a chunk (and a chunk that ran out of slots) is scalar. ``mode``
+    Returns the number of non-finite entries. 64-byte blocks go through one vector
+    compress each (``kernels._simd``) while a whole block's worth of slots is free; the rest of a chunk (and a chunk that ran out of slots) is scalar. ``mode``
     ``_STORE`` also writes ``r + g`` into ``o`` (every entry exactly once; ``o`` may be
     ``r``), with 0 for each candidate kept in a slot (``_restore`` / ``_pick`` put back
     those not chosen: far fewer scattered writes than zeroing the k chosen afterwards);
