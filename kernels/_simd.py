@@ -38,7 +38,7 @@ from numba.core import cgutils
 from kernels._jit import intrinsic, types
 
 __all__ = ["NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates", "compress_candidates_nt",
-           "compress_candidates_update", "copy64_nt", "dequant_store_nt", "sfence",
+           "compress_candidates_update", "copy64_nt", "dequant_store_nt", "scan_scores", "sfence",
            "stream_out", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
@@ -325,3 +325,100 @@ def copy64_nt(typingctx, dst, di, src, si):
         return context.get_dummy_value()
 
     return types.void(dst, di, src, si), codegen
+
+
+def _reduce_lanes(builder, vecs: list) -> ir.Value:
+    """``L`` vectors of ``L`` lanes -> one vector whose lane ``i`` is the sum of
+    ``vecs[i]``: pairwise, each step halving the partial sums per row (two two-source
+    shuffles and one add per pair, ``L - 1`` pairs in all), instead of ``L`` separate
+    horizontal reductions (about ``2 log2 L`` dependent operations each)."""
+    lanes = vecs[0].type.count
+    width = lanes  # partial lanes per row in each vector
+    while len(vecs) > 1:
+        half = width // 2
+        rows = lanes // width  # rows held per vector at this level
+        lo, hi = [], []
+        for src in range(2):  # output: the rows of a, then the rows of b
+            for r in range(rows):
+                base = src * lanes + r * width
+                lo += list(range(base, base + half))
+                hi += list(range(base + half, base + width))
+        mlo = ir.Constant(ir.VectorType(_I32, lanes), lo)
+        mhi = ir.Constant(ir.VectorType(_I32, lanes), hi)
+        vecs = [builder.fadd(builder.shuffle_vector(a, b, mlo), builder.shuffle_vector(a, b, mhi))
+                for a, b in zip(vecs[0::2], vecs[1::2])]
+        width = half
+    return vecs[0]
+
+
+@intrinsic
+def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
+    """Cosine scores of ``L`` rows (``L`` = 16 float32 / 8 float64, one 512-bit vector)
+    from row ``r0`` of the flat ``(n, d)`` embedding ``emb`` against each of the ``nq``
+    flat ``(nq, d)`` queries ``qs``: ``sc[q * L + l] = (qs[q] . e) * (qinv[q] * einv)``,
+    ``einv = 1 / |e|`` (0 for a zero row, NaN for a NaN row; 1 when ``normalized``).
+    ``d`` must be a multiple of ``L``.
+
+    Each row's dot product is accumulated in one vector over its ``d / L`` pieces, and
+    the ``L`` vectors are summed across lanes together (``_reduce_lanes``): the scan
+    as LLVM vectorised it, one horizontal reduction per row and query, was
+    compute-bound at 0.17 ns per element per core (48 GB/s on 2 cores)."""
+    if not (_is_1d(emb) and _is_1d(qs) and _is_1d(qinv) and _is_1d(sc)
+            and emb.dtype == qs.dtype == qinv.dtype == sc.dtype
+            and emb.dtype in (types.float32, types.float64)
+            and all(isinstance(a, types.Integer) for a in (r0, d, nq))
+            and isinstance(normalized, types.Boolean)):
+        return None
+    lanes = 512 // emb.dtype.bitwidth
+    fname = "f32" if emb.dtype == types.float32 else "f64"
+
+    def codegen(context, builder, sig, args):
+        ity = types.intp
+        embd, qsd, qid, scd = (context.make_array(sig.args[i])(context, builder, args[i]).data
+                               for i in (0, 3, 5, 7))
+        r0v, dv, nqv = (context.cast(builder, args[i], sig.args[i], ity) for i in (1, 2, 4))
+        ft = context.get_value_type(sig.args[0].dtype)
+        vf = ir.VectorType(ft, lanes)
+        fma = _declare(builder, f"llvm.fma.v{lanes}{fname}", vf, [vf, vf, vf])
+        sqrt = _declare(builder, f"llvm.sqrt.v{lanes}{fname}", vf, [vf])
+        zero = ir.Constant(vf, [0.0] * lanes)
+        L = ir.Constant(_I64, lanes)
+        npieces = builder.sdiv(dv, L)
+        rows = [builder.mul(builder.add(r0v, ir.Constant(_I64, r)), dv) for r in range(lanes)]
+
+        def vload(base, off):
+            return builder.load(builder.bitcast(builder.gep(base, [off]), vf.as_pointer()), align=1)
+
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(lanes)]
+        einv = cgutils.alloca_once_value(builder, ir.Constant(vf, [1.0] * lanes))
+        with builder.if_then(builder.not_(args[6])):
+            for acc in accs:
+                builder.store(zero, acc)
+            with cgutils.for_range(builder, npieces) as loop:
+                off = builder.mul(loop.index, L)
+                for r, acc in enumerate(accs):
+                    e = vload(embd, builder.add(rows[r], off))
+                    builder.store(builder.call(fma, [e, e, builder.load(acc)]), acc)
+            sq = _reduce_lanes(builder, [builder.load(a) for a in accs])
+            inv = builder.fdiv(ir.Constant(vf, [1.0] * lanes), builder.call(sqrt, [sq]))
+            nan_or_0 = builder.select(builder.fcmp_unordered("uno", sq, sq), sq, zero)
+            builder.store(builder.select(builder.fcmp_ordered(">", sq, zero), inv, nan_or_0),
+                          einv)
+        with cgutils.for_range(builder, nqv) as qloop:
+            qbase = builder.mul(qloop.index, dv)
+            for acc in accs:
+                builder.store(zero, acc)
+            with cgutils.for_range(builder, npieces) as loop:
+                off = builder.mul(loop.index, L)
+                w = vload(qsd, builder.add(qbase, off))
+                for r, acc in enumerate(accs):
+                    e = vload(embd, builder.add(rows[r], off))
+                    builder.store(builder.call(fma, [w, e, builder.load(acc)]), acc)
+            dot = _reduce_lanes(builder, [builder.load(a) for a in accs])
+            qi = _splat(builder, builder.load(builder.gep(qid, [qloop.index])), vf)
+            score = builder.fmul(dot, builder.fmul(qi, builder.load(einv)))
+            builder.store(score, builder.bitcast(
+                builder.gep(scd, [builder.mul(qloop.index, L)]), vf.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(emb, r0, d, qs, nq, qinv, normalized, sc), codegen

@@ -19,11 +19,13 @@ from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
 from kernels._prefetch import prefetch_ahead
+from kernels._simd import scan_scores
 from kernels.errors import KernelInputError
 
 __all__ = ["GEMM_BLOCK_ROWS", "GEMM_MIN_QUERIES", "merge_topk", "topk_cosine"]
 
 GEMM_MIN_QUERIES = 24  # below this the fused scan wins on this machine (docs/benchmarks.md)
+VEC_SCAN = True  # the fused scan through kernels._simd.scan_scores (tests turn it off too)
 GEMM_BLOCK_ROWS = 4096
 
 
@@ -110,6 +112,34 @@ def _topk(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized):
                 einv[3] = _inv_norm(s3)
             _score4(qs, qinv, emb, r0, einv, out_s[c], out_i[c], offset, zero)
         for r in range(n4, hi):
+            _score1(qs, qinv, emb, r, normalized, out_s[c], out_i[c], offset, zero)
+
+
+@jit(parallel=True)
+def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, lanes, sc):
+    """``_topk`` with ``lanes`` rows at a time scored by ``kernels._simd.scan_scores``
+    (``d`` a multiple of ``lanes``); ``sc[c]`` holds chunk ``c``'s scores. A score that
+    cannot beat a query's current k-th is rejected by one compare."""
+    n, d = emb.shape
+    nq = qs.shape[0]
+    flat = emb.reshape(-1)
+    qflat = qs.reshape(-1)
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(n, nchunks, c)
+        buf = sc[c]
+        nb = lo + (hi - lo) // lanes * lanes
+        for r0 in range(lo, nb, lanes):
+            prefetch_ahead(flat, r0 * d, lanes * d * flat.itemsize)
+            scan_scores(flat, r0, d, qflat, nq, qinv, normalized, buf)
+            for q in range(nq):
+                best = out_s[c, q]
+                kth = best[best.size - 1]
+                for j in range(lanes):
+                    v = buf[q * lanes + j]
+                    if v > kth:
+                        _insert(best, out_i[c, q], v, r0 + j + offset)
+                        kth = best[best.size - 1]
+        for r in range(nb, hi):
             _score1(qs, qinv, emb, r, normalized, out_s[c], out_i[c], offset, zero)
 
 
@@ -202,7 +232,13 @@ def topk_cosine(
     out_i = np.full((nch, q.shape[0], max(kk, 1)), -1, np.int64)
     if kk == 0 or q.shape[0] == 0:
         return out_s[0, :, :kk], out_i[0, :, :kk]
-    _topk(q, qinv, e, out_s, out_i, nch, int(offset), q.dtype.type(0), bool(normalized))
+    lanes = 64 // q.itemsize
+    if VEC_SCAN and e.shape[1] % lanes == 0 and e.shape[1] and e.flags.c_contiguous:
+        sc = np.empty((nch, q.shape[0] * lanes), q.dtype)
+        _topk_vec(np.ascontiguousarray(q), qinv, e, out_s, out_i, nch, int(offset),
+                  q.dtype.type(0), bool(normalized), lanes, sc)
+    else:
+        _topk(q, qinv, e, out_s, out_i, nch, int(offset), q.dtype.type(0), bool(normalized))
     if nch == 1:
         return out_s[0], out_i[0]
     return merge_topk(np.concatenate(out_s, axis=1), np.concatenate(out_i, axis=1), kk)

@@ -86,15 +86,18 @@ def ref_topk(q, e, k):
     return np.take_along_axis(s, order, 1), order
 
 
-@pytest.fixture(params=["fused", "gemm"])
+@pytest.fixture(params=["fused", "fused-portable", "gemm"])
 def search_path(request, monkeypatch):
-    """Run a search test through the fused scan and through the blocked-GEMM path (with
-    blocks of 7 rows, so block edges, offsets and a short last block are all crossed)."""
+    """Run a search test through the fused scan (on explicit vectors where the width is a
+    multiple of one vector, ``kernels._simd.scan_scores``, and as LLVM vectorises it) and
+    through the blocked-GEMM path (with blocks of 7 rows, so block edges, offsets and a
+    short last block are all crossed)."""
     if request.param == "gemm":
         monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 1)
         monkeypatch.setattr(search, "GEMM_BLOCK_ROWS", 7)
     else:
         monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
+        monkeypatch.setattr(search, "VEC_SCAN", request.param == "fused")
     return request.param
 
 
@@ -114,13 +117,22 @@ def test_topk_matches_reference(n, dtype, tol, rng, search_path):
         np.testing.assert_array_equal(i, ri)
 
 
-def test_topk_ties_zero_rows_nan_rows_and_offset(search_path):
-    e = np.array([[1.0, 0.0], [np.nan, 1.0], [0.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
-    q = np.array([[1.0, 0.0], [0.0, 0.0]])
-    s, i = search.topk_cosine(q, e, 4, offset=10)
-    assert i[0].tolist() == [10, 13, 12, 14]  # tie 1.0 -> lower index; NaN row never
-    np.testing.assert_allclose(s[0], [1.0, 1.0, 0.0, 0.0])
-    assert i[1].tolist() == [10, 12, 13, 14]  # a zero query scores 0 everywhere
+@pytest.mark.parametrize("width", [2, 16])  # 16: a whole vector per row (both dtypes)
+@pytest.mark.parametrize("dtype_", [np.float32, np.float64])
+def test_topk_ties_zero_rows_nan_rows_and_offset(width, dtype_, search_path):
+    base = np.array([[1.0, 0.0], [np.nan, 1.0], [0.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    # zero columns change no cosine; 16 + 3 rows: one block of 16 and a scalar tail
+    e = np.zeros((19, width), dtype_)
+    e[:5, :2] = base
+    e[5:, 0] = -1.0
+    e[17, :2] = [np.nan, np.nan]
+    e[18, :2] = [3.0, 0.0]  # in the tail: ties with rows 0 and 3, after them
+    q = np.zeros((2, width), dtype_)
+    q[0, 0] = 1.0
+    s, i = search.topk_cosine(q, e, 5, offset=10)
+    assert i[0].tolist() == [10, 13, 28, 12, 14]  # ties -> lower index; NaN rows never
+    np.testing.assert_allclose(s[0], [1.0, 1.0, 1.0, 0.0, 0.0])
+    assert i[1].tolist() == [10, 12, 13, 14, 15]  # a zero query scores 0 everywhere
 
 
 def test_topk_empty_and_errors(search_path):
