@@ -144,6 +144,22 @@ def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, la
 
 
 @jit()
+def _merge_chunks(out_s, out_i):
+    """Chunk lists merged into chunk 0's, in chunk order: a later chunk's entry that ties
+    goes after the ones already there, so ties keep the lower row index. (NumPy's
+    ``merge_topk`` took 0.1 ms of a 1 ms one-query scan.)"""
+    nch, nq, k = out_s.shape
+    for q in range(nq):
+        best = out_s[0, q]
+        idx = out_i[0, q]
+        for c in range(1, nch):
+            for j in range(k):
+                if not out_s[c, q, j] > best[k - 1]:
+                    break
+                _insert(best, idx, out_s[c, q, j], out_i[c, q, j])
+
+
+@jit()
 def _inv_norms(e, out, zero):
     """``1 / |e_r|`` per row (0 for a zero row; NaN rows give NaN)."""
     n, d = e.shape
@@ -239,6 +255,5 @@ def topk_cosine(
                   q.dtype.type(0), bool(normalized), lanes, sc)
     else:
         _topk(q, qinv, e, out_s, out_i, nch, int(offset), q.dtype.type(0), bool(normalized))
-    if nch == 1:
-        return out_s[0], out_i[0]
-    return merge_topk(np.concatenate(out_s, axis=1), np.concatenate(out_i, axis=1), kk)
+    _merge_chunks(out_s, out_i)
+    return out_s[0], out_i[0]
