@@ -173,7 +173,6 @@ def _compress_candidates(store: str | None):
             gt, rt, ot, it, _, ct, vt, pt = sig.args
             ft = context.get_value_type(gt.dtype)
             vf = ir.VectorType(ft, lanes)
-            vi = ir.VectorType(_I64, lanes)
             vb = ir.VectorType(ir.IntType(1), lanes)
             load = (lambda aty, aval: builder.load(builder.bitcast(
                 _elem_ptr(context, builder, aty, aval, iv, it), vf.as_pointer()), align=1))
