@@ -96,6 +96,32 @@ def test_xent_nan_logits_give_nan_loss_and_empty_is_defined(f64_path):
     assert loss == 0.0 and g.shape == (0, 3)
 
 
+def test_xent_float32_special_rows_follow_float64(rng):
+    # float32 takes the row max with a vector float max (no NaN semantics): a NaN, +inf
+    # or all -inf row still gives NaN in its own row only, -inf entries (masking) give
+    # at most the smallest normal (the softmax exp does not flush), and a huge spread
+    # underflows like float64
+    x = 4 * rng.standard_normal((7, 37))
+    x[1, 3] = np.nan
+    x[2, -1] = np.inf
+    x[3, :] = -np.inf
+    x[4, 0] = 80.0
+    x[5, ::2] = -np.inf
+    y = np.array([0, 1, 2, 3, 0, 1, 5])
+    l32, g32 = nn.softmax_cross_entropy(x.astype(np.float32), y, reduction="sum")
+    l64, g64 = nn.softmax_cross_entropy(x, y, reduction="sum")
+    assert math.isnan(l32) and math.isnan(l64)
+    bad = np.isnan(g64).any(axis=1)
+    assert bad.tolist() == [False, True, True, True, False, False, False]
+    assert np.isnan(g32[bad]).any(axis=1).all()
+    np.testing.assert_allclose(g32[~bad], g64[~bad], rtol=1e-5, atol=1e-6)
+    assert (np.abs(g32[5, ::2]) <= np.finfo(np.float32).tiny).all()
+    for rows in ([0], [4, 5, 6]):
+        a, _ = nn.softmax_cross_entropy(x[rows].astype(np.float32), y[rows])
+        b, _ = nn.softmax_cross_entropy(x[rows], y[rows])
+        assert a == pytest.approx(b, rel=1e-5)
+
+
 @pytest.mark.parametrize("c", [1, 7, 31, 32, 33, 64, 70, 256])
 def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeypatch):
     # the AVX-512 exp pass does 32 classes per call and a masked tail; rows with NaN,
