@@ -128,6 +128,28 @@ def fit_exp_table(degree: int = 6, parts: int = 16) -> list[float]:
     return [float(a / half**i) for i, a in enumerate(mono_y)]
 
 
+def fit_exp_rel(degree: int = 5, iters: int = 200) -> list[float]:
+    """``e^r`` on ``|r| <= ln2 / 2`` with the constant fixed at 1 (so ``e^0`` is exact),
+    for the least maximum *relative* error: weighted least squares, reweighted toward
+    the worst points (degree 5: 9.2e-8 in exact arithmetic)."""
+    import numpy as np
+
+    r = np.linspace(-np.log(2) / 2, np.log(2) / 2, 20001)
+    f = np.exp(r)
+    v = np.vander(r, degree + 1, increasing=True)[:, 1:]
+    wt = np.ones_like(r)
+    best = (np.inf, None)
+    for _ in range(iters):
+        c, *_ = np.linalg.lstsq(v * (wt / f)[:, None], (f - 1) * wt / f, rcond=None)
+        err = (1 + v @ c) / f - 1
+        worst = np.abs(err).max()
+        if worst < best[0]:
+            best = (worst, c)
+        wt = wt * (np.abs(err) / worst + 1e-4) ** 0.5
+        wt /= wt.mean()
+    return [1.0] + [float(x) for x in best[1]]
+
+
 if __name__ == "__main__":
     import mpmath as mp
 
@@ -135,7 +157,7 @@ if __name__ == "__main__":
     print("ERFCX =", tuple(fit_erfcx()))
     print("ERF_SMALL =", tuple(fit_erf_small()))
     print("EXP =", tuple(fit_exp()))
-    print("EXP6_F32 =", tuple(fit_exp(6)))
+    print("EXP5_F32 =", tuple(fit_exp_rel(5)))
     print("EXP16 =", tuple(fit_exp_table()))
     print("ERFCX16 = (")
     for row in fit_erfcx_pieces():
