@@ -8,7 +8,7 @@ the lower tail. float32 uses a rational approximation of erf
 (max abs error 4e-9 in exact arithmetic) evaluated in float32, so a vector holds 16 lanes
 instead of 8; float32 rounding brings it to about 3e-7. The float32 derivative does not
 need erf: it is written through Mills' ratio (``_gelu_grad``), within 2e-7, with the
-exp of ``kernels._fastmath.exp_nonpos``.
+exp of ``kernels._fastmath.exp_softmax``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from kernels._avx512 import (
 )
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._erf import normal_parts
-from kernels._fastmath import exp_nonpos
+from kernels._fastmath import exp_nonpos, exp_softmax
 from kernels._jit import jit, overload, prange, types
 from kernels._simd import address, sfence, stream_out
 from kernels.errors import KernelInputError
@@ -95,7 +95,9 @@ def _gelu_parts_overload(z):
 # derivative needs phi anyway. R(a) ~= t (M1 + M2 t + ... + M6 t^5), t = 1 / (1 + MP a),
 # fitted here to max |phi (R - fit)| = 5e-9 on [0, 12] (weighted least squares, checked
 # against scipy in tests/kernels/test_kernels_nn.py). Against the rational erf plus
-# exp: 6 instead of 14 multiply-adds per vector, and the same one division.
+# exp: 6 instead of 14 multiply-adds per vector, and the same one division. The exp is
+# softmax's (degree 5, no flush to 0): below x = -13.2, where GELU' is under 1e-37 in
+# size, the result is about -9e-38 instead of 0 (0.292 -> 0.263 ns per element).
 _MP = 0.275
 _M = (0.29530451881266745, 0.10555465953994059, 0.8370518962027043, -0.8296868934986321,
       1.1329984864998628, -0.2879085183460168)
@@ -116,7 +118,7 @@ def _gelu_grad_overload(z):
             a = _F(20.0) if a > _F(20.0) else a  # +-inf: phi = 0 times a finite; NaN stays
             t = _F(1.0) / (_F(1.0) + FMP * a)
             r = t * (FM1 + t * (FM2 + t * (FM3 + t * (FM4 + t * (FM5 + t * FM6)))))
-            pm = _F(_INV_SQRT_2PI) * exp_nonpos(_F(-0.5) * a * a) * (r - a)
+            pm = _F(_INV_SQRT_2PI) * exp_softmax(_F(-0.5) * a * a) * (r - a)
             return _F(1.0) - pm if z >= _F(0.0) else pm
         return f32
 
