@@ -141,8 +141,8 @@ def _compress_to(builder, vec, mask, ptr) -> None:
     -> 0.09 ns per element read-only, 0.30 -> 0.12 storing, with the empty blocks
     skipped as well)."""
     vty = vec.type
-    fn = _declare(builder, f"llvm.experimental.vector.compress.v{vty.count}"
-                  f"{'f32' if vty.element == ir.FloatType() else 'f64' if vty.element == ir.DoubleType() else 'i64'}",
+    elem = {ir.FloatType(): "f32", ir.DoubleType(): "f64"}.get(vty.element, "i64")
+    fn = _declare(builder, f"llvm.experimental.vector.compress.v{vty.count}{elem}",
                   vty, [vty, mask.type, vty])
     packed = builder.call(fn, [vec, mask, ir.Constant(vty, ir.Undefined)])
     builder.store(packed, builder.bitcast(ptr, vty.as_pointer()), align=1)

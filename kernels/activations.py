@@ -32,7 +32,7 @@ from kernels._avx512 import (
 )
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._erf import normal_parts
-from kernels._fastmath import exp_nonpos, exp_softmax
+from kernels._fastmath import exp_softmax
 from kernels._jit import jit, overload, prange, types
 from kernels._simd import address, sfence, stream_out
 from kernels.errors import KernelInputError
@@ -69,25 +69,16 @@ def _erf_rational(t):
     return t * p / q
 
 
-def _gelu_parts(z):  # pragma: no cover - replaced by the overload inside jitted code
-    """(Phi(z), z * phi(z)) in float64; the erf/exp variant is chosen by z's dtype."""
+def _gelu_cdf(z):  # pragma: no cover - replaced by the overload inside jitted code
+    """Phi(z): the rational erf in float32, ``kernels._erf.normal_parts`` in float64."""
     raise NotImplementedError
 
 
-@overload(_gelu_parts, inline="always")
-def _gelu_parts_overload(z):
+@overload(_gelu_cdf, inline="always")
+def _gelu_cdf_overload(z):
     if z == types.float32:
-        def f32(z):
-            e = _erf_rational(z * _F(_SQRT1_2))
-            return (_F(0.5) + _F(0.5) * e,
-                    z * _F(_INV_SQRT_2PI) * exp_nonpos(_F(-0.5) * z * z))
-        return f32
-
-    def f64(z):
-        zf = np.float64(z)
-        cdf, pdf = normal_parts(zf)
-        return cdf, zf * pdf
-    return f64
+        return lambda z: _F(0.5) + _F(0.5) * _erf_rational(z * _F(_SQRT1_2))
+    return lambda z: normal_parts(np.float64(z))[0]
 
 
 # GELU'(z) in float32 without erf: for a = |z|, Phi(-a) = phi(a) R(a) (R: Mills' ratio),
@@ -123,8 +114,9 @@ def _gelu_grad_overload(z):
         return f32
 
     def f64(z):
-        cdf, zpdf = _gelu_parts(z)
-        return cdf + zpdf
+        zf = np.float64(z)
+        cdf, pdf = normal_parts(zf)
+        return cdf + zf * pdf
     return f64
 
 
@@ -134,8 +126,7 @@ def _act(z, act):
     if act == 1:
         return max(z, 0.0)
     if act == 2:
-        cdf, _ = _gelu_parts(z)
-        return z * cdf
+        return z * _gelu_cdf(z)
     return z
 
 

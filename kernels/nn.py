@@ -135,10 +135,10 @@ def softmax_cross_entropy(
     if grad_scale is None:
         grad_scale = 1.0 / n if reduction == "mean" else 1.0
     scale = x.dtype.type(_checks.finite_float("grad_scale", grad_scale))
-    bits = x.view(np.int32 if x.dtype == np.float32 else np.int64)
     if grad and VEC_F64 and x.dtype == np.float64:
         gaps = np.empty(n, np.float64)
-        _softmax_xent_f64_vec(x, x.reshape(-1), bits, y, g, g.reshape(-1), sums, gaps, scale)
+        _softmax_xent_f64_vec(x, x.reshape(-1), x.view(np.int64), y, g, g.reshape(-1), sums,
+                              gaps, scale)
         losses = np.log(sums) + gaps
     else:
         losses = sums
