@@ -28,6 +28,18 @@ vectors in lockstep, so their long dependency chains overlap (one core, in cache
 1.09); ``_tail`` variants take the last, partial block with masked loads and stores, so
 every element goes through the same arithmetic wherever it sits. Callers must be
 compiled with ``fastmath={"contract"}``: reassociation would undo the rounding tricks.
+
+The forward pass (GELU, bias + GELU) takes a cheaper road for ``|x| < 4.99``, where
+nearly all activations are: ``Phi(-a)`` straight from 16 pieces of width 0.3125, a
+degree-12 polynomial each, its 13 coefficients looked up per lane (no exp, no
+division: about 33 operations per 8 elements instead of 50; at most 3 ulp against
+mpmath, mean 0.34, where the path above has mean 0.73). Lanes outside (and NaN) are
+put aside, their ``z`` and index appended to per-chunk buffers, and finished 32 at a
+time by the path above (``gelu_wide_f64``), so a lane's result depends only on its
+value, never on its neighbours or on where the blocks fall. One core, in cache, ns
+per element: 0.80 -> 0.56 for ``N(0, 1)`` inputs, 0.82 -> 0.77 for ``N(0, 3^2)``
+(9.5% of the lanes put aside). The backward pass needs ``exp(-a^2 / 2)`` anyway and
+keeps the path above.
 """
 
 from __future__ import annotations
@@ -38,9 +50,9 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from kernels._jit import intrinsic, numba, types
-from kernels._simd import store_nt
+from kernels._simd import _compress_to, store_nt
 
-__all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
+__all__ = ["AVAILABLE", "BLOCK", "gelu_wide_f64", "gelu_wide_f64_tail", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
            "gelu_bwd_f64", "gelu_bwd_f64_nt", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
            "gelu_f64_tail", "softmax_exp_f64", "softmax_exp_f64_tail"]
@@ -98,6 +110,81 @@ ERFCX16 = (
      -1.511590367091826e-11, -1.480910971761554e-11, -1.252557526539335e-11,
      -9.201725417671032e-12, -5.754239110919507e-12, -2.8220386299436045e-12),
 )
+# NORMAL_TAIL16[m][j]: coefficient of t^m on piece j (python -m kernels._erf_fit)
+NORMAL_TAIL16 = (
+    (0.43791798319170516, 0.31962417151711764, 0.21732773567808564, 0.1370323193049116,
+     0.07982495082140524, 0.042829951702417116, 0.021114820317715284, 0.009545481536386156,
+     0.0039507506607768085, 0.0014950687953494024, 0.0005167404839400355,
+     0.00016297630075898362, 4.6869765016455215e-05, 1.2283023933861451e-05,
+     2.9317849284740416e-06, 6.370561470021116e-07),
+    (-0.39410198245666234, -0.3574349775195373, -0.2940179925240424, -0.21935078679126926,
+     -0.1484201665251779, -0.09108252507607337, -0.05069505972497667, -0.02559084613085238,
+     -0.011716343114668255, -0.004865057158683172, -0.001832197313865754,
+     -0.0006258135563984128, -0.00019386799581302502, -5.446979040605382e-05,
+     -1.3880135864086436e-05, -3.2078951113598653e-06),
+    (0.030789217379426744, 0.08377382285614154, 0.11485077832970408, 0.11995746152647538,
+     0.10435792958801571, 0.07827404498725055, 0.05148717003317943, 0.029989272809592637,
+     0.015560768199168774, 0.007221569219920334, 0.0030059487180610026, 0.001124508734153398,
+     0.0003786484293223145, 0.00011489721413776978, 3.144718281707083e-05,
+     7.769120972824671e-06),
+    (0.06408005867093149, 0.046482836431984136, 0.01909394189731371, -0.007176026716315649,
+     -0.02418108507351945, -0.029664084094600307, -0.026411928089135926, -0.01916397836068548,
+     -0.01182503965723589, -0.006335501680765592, -0.0029823901914016026,
+     -0.0012427654950548758, -0.000460720476377937, -0.00015249590898023082,
+     -4.5184993069267396e-05, -1.2009244052144821e-05),
+    (-0.007634663521737585, -0.0194095112037298, -0.022871081915102953, -0.018030715449170082,
+     -0.008891825543510283, -0.00029938803014329583, 0.0048311122272344555,
+     0.006230681435782123, 0.005259104030855131, 0.003498535283706493, 0.0019455005008739389,
+     0.0009291290021044485, 0.00038681426865910535, 0.000141685993312961,
+     4.594492782510389e-05, 1.3247590473924808e-05),
+    (-0.009373425565443839, -0.005152783789461437, 0.0007095152645042467, 0.0050206230118586,
+     0.006127988695163323, 0.004552527249630147, 0.001999149871098959, -4.6035168932045865e-05,
+     -0.0010201430678352386, -0.001126930072600038, -0.0008293761749861681,
+     -0.00048139664599783003, -0.000233090575929698, -9.667317051043603e-05,
+     -3.485984188185024e-05, -1.1032216664350471e-05),
+    (0.0012620547602986115, 0.0029904960606506274, 0.0029570927885812916,
+     0.0014888776567073528, -0.00025067061125041984, -0.0012641909643412174,
+     -0.0013209438262504424, -0.0008127750369261427, -0.00024958803346912317,
+     9.112423767799876e-05, 0.00019416502891743504, 0.0001644526658154879,
+     0.00010017644121720429, 4.908185723953779e-05, 2.0200452710535156e-05,
+     7.139871181163691e-06),
+    (0.0010877131108194267, 0.00041317021086338164, -0.0004144987614631658,
+     -0.0008303303362596046, -0.0006791645316631767, -0.0002315635092959494,
+     0.00014531555418759642, 0.00027761487790935576, 0.00021615535220577685,
+     9.551190387603679e-05, 7.720401325044444e-06, -2.7119700358510124e-05,
+     -2.815315433911833e-05, -1.807187287690729e-05, -8.926204626056937e-06,
+     -3.6271766569669413e-06),
+    (-0.00015646454566056611, -0.00034461947665888684, -0.0002763529718205104,
+     -4.6000883121239406e-05, 0.00014624195076287189, 0.00018519900212836385,
+     0.00010463316929174824, 5.750558108695202e-06, -4.5028755595786355e-05,
+     -4.5207181876161934e-05, -2.3969967390725022e-05, -5.437250964090712e-06,
+     3.0134671886491686e-06, 4.271318861184781e-06, 2.891523938347874e-06,
+     1.431155948886485e-06),
+    (-0.00010303213025971138, -2.222052424690685e-05, 6.428618396289608e-05,
+     8.63160377972631e-05, 4.317980200632884e-05, -1.2853995070118093e-05,
+     -3.774261808156009e-05, -2.8487991529811798e-05, -7.725643175786674e-06,
+     5.6260760983004745e-06, 7.9884763003335e-06, 4.807824462963577e-06,
+     1.4292176688556218e-06, -2.451898142544072e-07, -5.879836258959663e-07,
+     -4.1760335011860204e-07),
+    (1.551759879501963e-05, 3.167397372032044e-05, 1.9542137582333188e-05,
+     -5.351676776130273e-06, -1.9071143347317788e-05, -1.425271790265331e-05,
+     -1.63432836583374e-06, 6.16558279993944e-06, 6.0546166686401175e-06,
+     2.3481858968975334e-06, -4.905208835482819e-07, -1.2444801764990777e-06,
+     -8.26148834669565e-07, -2.762375131574486e-07, 9.401945346011388e-09,
+     7.506119626971203e-08),
+    (8.165012431863763e-06, 4.725352716358366e-07, -6.605774432459458e-06,
+     -6.5003500350178976e-06, -1.102087806932608e-06, 3.25407157458677e-06,
+     3.3764562695774527e-06, 1.0209143749124411e-06, -8.208982037411353e-07,
+     -1.0896155077953558e-06, -5.07946377888867e-07, 1.116489766991267e-08,
+     1.753296658882371e-07, 1.2589749490161686e-07, 4.446719483360474e-08,
+     1.2901429879156438e-09),
+    (-1.2747531867277682e-06, -2.404441954263355e-06, -1.0443077347618951e-06,
+     9.925261481890656e-07, 1.5650511207104334e-06, 6.099657631904582e-07,
+     -4.453873240405849e-07, -6.626965296558925e-07, -2.7526881132091265e-07,
+     9.124384435215107e-08, 1.7505199559662116e-07, 9.037885124666456e-08,
+     5.455047228999997e-09, -2.3205886091716515e-08, -1.7398491929132015e-08,
+     -6.16703660963923e-09),
+)
 # ln2/16 in two parts (fdlibm's split of ln2, 32 + 53 bits): k * _LN2_16_HI is exact
 _LN2_16_HI = 0.6931471803691238 / 16
 _LN2_16_LO = 1.9082149292705877e-10 / 16
@@ -108,6 +195,10 @@ _A_FIT = 27.5 * math.sqrt(2.0)  # the fit covers a <= _A_FIT (s < 16)
 _A_CLAMP = 38.7
 _S_SCALE = 16.0 / (1.0 + (_A_FIT - _C) / (_A_FIT + _C))
 _POW2_16 = tuple(2.0 ** (j / 16) for j in range(16))
+# the forward's central pieces: 16 of width _H cover a < 16 _H = 5; lanes at or past
+# _A_CENTRAL (or NaN) are put aside (1 / _H is inexact: the margin keeps the piece <= 15)
+_H = 0.3125
+_A_CENTRAL = 4.99
 _INV_SQRT_2PI = 0.3989422804014327
 
 
@@ -281,6 +372,30 @@ def normal_tail_and_exp(v: _Vec, z):
     return v.select_neg(z, h, v.sub(v.const(1.0), h)), e
 
 
+def normal_tail_central(v: _Vec, a):
+    """``Phi(-a)`` for ``0 <= a < _A_CENTRAL`` (garbage elsewhere), without exp or
+    division: piece ``j = round(a / h - 1/2)`` of ``NORMAL_TAIL16``, a degree-12
+    polynomial in ``t = a - (j + 1/2) h``, its 13 coefficients looked up per lane.
+    ``t`` is exact (``(j + 1/2) h`` is a short binary fraction, within a factor 2 of
+    ``a``) except for ``a < h / 4``, where its error is below 1e-17."""
+    kf = v.add(v.fma(a, v.const(1.0 / _H), v.const(-0.5)), v.const(_MAGIC))
+    kd = v.sub(kf, v.const(_MAGIC))
+    t = v.sub(a, v.fma(kd, v.const(_H), v.const(_H / 2)))
+    idx = v.bits(kf)
+    # Horner in t^2 on the even and the odd coefficients, joined at the end: each
+    # coefficient is looked up just before its multiply-add, which keeps 4 vectors in
+    # lockstep within the registers (Estrin's scheme looks all 13 up first and spilled:
+    # one core in cache, 0.63 against 0.56 ns per element)
+    t2 = v.mul(t, t)
+    halves = []
+    for rows in (NORMAL_TAIL16[0::2], NORMAL_TAIL16[1::2]):
+        acc = v.lookup16(rows[-1], idx)
+        for row in rows[-2::-1]:
+            acc = v.fma(acc, t2, v.lookup16(row, idx))
+        halves.append(acc)
+    return v.fma(halves[1], t, halves[0])
+
+
 def _ptr(context, builder, aryty, ary, idx, idxty):
     data = context.make_array(aryty)(context, builder, ary).data
     p = builder.gep(data, [context.cast(builder, idx, idxty, types.intp)])
@@ -398,15 +513,97 @@ def _gelu_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
     return intrinsic(typer)
 
 
-gelu_f64 = _gelu_intrinsic(False, False, False)
-gelu_f64_tail = _gelu_intrinsic(False, False, True)
-gelu_f64_nt = _gelu_intrinsic(False, False, False, nt=True)
+def _gelu_fwd_intrinsic(bias: bool, masked: bool, nt: bool = False):
+    """Build one ``gelu[_bias]_f64[_tail|_nt]`` intrinsic: ``(x, b, out, i, j, n, pz, pi,
+    cnt) -> cnt``; arrays 1-D C, ``pi`` int64, the others float64.
+
+    ``z = x[i:i+n]`` (plus ``b[j:j+n]`` with a bias); ``out[i:i+n] = z Phi(z)`` through
+    ``normal_tail_central``. Lanes with ``|z| >= _A_CENTRAL`` (or NaN) get junk there
+    and are put aside instead: ``z`` appended to ``pz`` and its index in ``out`` to
+    ``pi``, from ``cnt`` on (both need ``BLOCK + 8`` free slots); the new count is
+    returned. The caller finishes them with ``gelu_wide_f64_tail`` (``finish_wide`` in
+    ``kernels.activations``), so each lane's arithmetic depends only on its own value.
+    ``n``, ``_tail``, ``_nt``: as ``_gelu_intrinsic``."""
+
+    def typer(typingctx, x, b, out, i, j, n, pz, pi, cnt):
+        if not (all(_is_f64(a) for a in (x, b, out, pz))
+                and isinstance(pi, types.Array) and pi.ndim == 1 and pi.layout == "C"
+                and pi.dtype == types.int64
+                and all(isinstance(a, types.Integer) for a in (i, j, n, cnt))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            v = _Vec(builder, _UNROLL)
+            ity, jty, nty = sig.args[3:6]
+            i64 = context.cast(builder, args[3], ity, types.int64)
+            j64 = context.cast(builder, args[4], jty, types.int64)
+            n64 = context.cast(builder, args[5], nty, types.int64)
+            cnt = context.cast(builder, args[8], sig.args[8], types.int64)
+            # _Block indexes (dy, x, b, out, acc): x at 1, b at 2, out at 3
+            bsig = types.void(sig.args[0], sig.args[0], sig.args[1], sig.args[2], sig.args[2])
+            blk = _Block(context, builder, bsig, [args[0], args[0], args[1], args[2], args[2]],
+                         n64, masked)
+            z = blk.load(1, i64)
+            if bias:
+                z = v.add(z, blk.load(2, j64))
+            a = v.fabs(z)
+            q = normal_tail_central(v, a)
+            blk.store(v.mul(z, v.select_neg(z, q, v.sub(v.const(1.0), q))), 3, i64, nt)
+
+            i8 = ir.IntType(8)
+            outs = v._map(lambda x: builder.fcmp_unordered(">=", x, v.const(_A_CENTRAL)), a)
+            bits = [builder.bitcast(o, i8) for o in outs]
+            anyb = bits[0]
+            for bq in bits[1:]:
+                anyb = builder.or_(anyb, bq)
+            before = builder.block
+            with builder.if_then(builder.icmp_unsigned("!=", anyb, ir.Constant(i8, 0)),
+                                 likely=False):
+                popc = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
+                pos = cnt
+                for q, (zq, oq, bq) in enumerate(zip(z, outs, bits)):
+                    lane = builder.add(_splat64(builder, builder.add(i64, ir.Constant(_I64, 8 * q))),
+                                       ir.Constant(_I8V, list(range(8))))
+                    _compress_to(builder, zq, oq, _elem(context, builder, sig.args[6], args[6], pos))
+                    _compress_to(builder, lane, oq, _elem(context, builder, sig.args[7], args[7], pos))
+                    pos = builder.add(pos, builder.zext(builder.call(popc, [bq]), _I64))
+                after = builder.block
+            res = builder.phi(_I64)
+            res.add_incoming(cnt, before)
+            res.add_incoming(pos, after)
+            return res
+
+        return types.int64(x, b, out, i, j, n, pz, pi, cnt), codegen
+
+    typer.__name__ = typer.__qualname__ = ("gelu" + ("_bias" if bias else "") + "_f64"
+                                           + ("_tail" if masked else "")
+                                           + ("_nt" if nt else ""))
+    return intrinsic(typer)
+
+
+def _splat64(builder, x):
+    vec = builder.insert_element(ir.Constant(_I8V, ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(_I8V, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
+
+
+def _elem(context, builder, aryty, ary, idx):
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.gep(data, [idx])
+
+
+gelu_f64 = _gelu_fwd_intrinsic(False, False)
+gelu_f64_tail = _gelu_fwd_intrinsic(False, True)
+gelu_f64_nt = _gelu_fwd_intrinsic(False, False, nt=True)
+gelu_bias_f64 = _gelu_fwd_intrinsic(True, False)
+gelu_bias_f64_tail = _gelu_fwd_intrinsic(True, True)
+gelu_bias_f64_nt = _gelu_fwd_intrinsic(True, False, nt=True)
+gelu_wide_f64 = _gelu_intrinsic(False, False, False)
+gelu_wide_f64_tail = _gelu_intrinsic(False, False, True)
 gelu_bwd_f64 = _gelu_intrinsic(False, True, False)
 gelu_bwd_f64_nt = _gelu_intrinsic(False, True, False, nt=True)
 gelu_bwd_f64_tail = _gelu_intrinsic(False, True, True)
-gelu_bias_f64 = _gelu_intrinsic(True, False, False)
-gelu_bias_f64_tail = _gelu_intrinsic(True, False, True)
-gelu_bias_f64_nt = _gelu_intrinsic(True, False, False, nt=True)
 gelu_bias_bwd_f64 = _gelu_intrinsic(True, True, False)
 gelu_bias_bwd_f64_nt = _gelu_intrinsic(True, True, False, nt=True)
 gelu_bias_bwd_f64_tail = _gelu_intrinsic(True, True, True)

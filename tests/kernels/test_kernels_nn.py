@@ -254,8 +254,11 @@ def test_gelu_matches_erf_reference(dtype, tol, rng, f64_path):
 def test_gelu_float64_is_accurate_in_the_tails(rng, f64_path):
     # reference through erfc, so the lower tail is not lost to 1 + erf cancellation;
     # it rounds x / sqrt 2, which costs it up to x^2 ulp there (allowed for below)
+    # with the float64 central pieces' boundaries (j * 0.3125) and the 4.99 switch, +-1 ulp
+    edges = np.array([j * 0.3125 for j in range(17)] + [4.99])
+    edges = np.concatenate([edges, np.nextafter(edges, 0), np.nextafter(edges, 9)])
     x = np.concatenate([np.linspace(-30, 30, 6001), np.linspace(-1e-3, 1e-3, 201),
-                        3 * rng.standard_normal(2000)])
+                        3 * rng.standard_normal(2000), edges, -edges])
     cdf = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in x])
     pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     bound = (16 + x * x) * np.finfo(np.float64).eps
@@ -349,6 +352,38 @@ def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, 
         np.testing.assert_array_equal(n, g)
         np.testing.assert_allclose(g, w, rtol=1e-14, atol=1e-300, equal_nan=True)
         np.testing.assert_array_equal(g, got["gelu"].ravel()[: g.size])  # same value anywhere
+
+
+def test_gelu_float64_lanes_past_the_central_pieces_are_finished_wherever_they_are(
+        rng, monkeypatch):
+    # float64 forward: |z| < 4.99 by the central pieces; other lanes (and NaN) are put
+    # aside and finished in batches, more than one batch per chunk here (half the lanes
+    # of x are wide), in place too. Each value must not depend on its neighbours: the
+    # same x shifted by a few places gives the same values, bit for bit
+    require_avx512()
+    x = 8 * rng.standard_normal((300, 96))
+    x[::7, 3] = np.nan
+    x[5, :] = np.inf
+    b = rng.standard_normal(96)
+    monkeypatch.setattr(activations, "VEC_F64", False)
+    want, want_b = nn.gelu(x), nn.bias_act(x, b)
+    monkeypatch.setattr(activations, "VEC_F64", True)
+    for nt in (False, True):
+        if nt:
+            monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+        got, got_b = nn.gelu(x), nn.bias_act(x, b)
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-300, equal_nan=True)
+        np.testing.assert_allclose(got_b, want_b, rtol=1e-14, atol=1e-300, equal_nan=True)
+        assert np.sum(np.abs(x) >= 4.99) > 2 * activations._PEND
+        for shift in (1, 5, 31):
+            flat = np.roll(x.ravel(), shift)
+            np.testing.assert_array_equal(np.roll(nn.gelu(flat), -shift), got.ravel())
+        inplace = x.copy()
+        assert nn.gelu(inplace, out=inplace) is inplace
+        np.testing.assert_array_equal(inplace, got)
+        inplace = x.copy()
+        assert nn.bias_act(inplace, b, out=inplace) is inplace
+        np.testing.assert_array_equal(inplace, got_b)
 
 
 def test_bias_act_refuses_unknown_activation_and_wrong_bias():
