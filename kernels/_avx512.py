@@ -52,7 +52,8 @@ from numba.core import cgutils
 from kernels._jit import intrinsic, numba, types
 from kernels._simd import _compress_to, store_nt
 
-__all__ = ["AVAILABLE", "BLOCK", "gelu_wide_f64", "gelu_wide_f64_tail", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
+__all__ = ["AVAILABLE", "BLOCK", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail",
+           "gelu_wide_f64", "gelu_wide_f64_tail", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
            "gelu_bwd_f64", "gelu_bwd_f64_nt", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
            "gelu_f64_tail", "softmax_exp_f64", "softmax_exp_f64_tail"]
@@ -184,6 +185,79 @@ NORMAL_TAIL16 = (
      9.124384435215107e-08, 1.7505199559662116e-07, 9.037885124666456e-08,
      5.455047228999997e-09, -2.3205886091716515e-08, -1.7398491929132015e-08,
      -6.16703660963923e-09),
+)
+# GELU_GRAD16[m][j]: the same for R(a) = a phi(a) - Phi(-a) (the backward pass)
+GELU_GRAD16 = (
+    (-0.37633954843285167, -0.15207652580483452, 0.012373820981322526, 0.10288260374803916,
+     0.12889090835462616, 0.11371813827208399, 0.08185951974864358, 0.050433064082799114,
+     0.02717078573756074, 0.012948069644491265, 0.00549515695218197, 0.0020860411675478123,
+     0.0007104270936281738, 0.0002175114043416781, 5.996258070566761e-05,
+     1.490118579864723e-05),
+    (0.7785823344822538, 0.6363319961114419, 0.4085816439079223, 0.17629462649337363,
+     0.0033336560840616105, -0.08690197949152703, -0.1077765088098381, -0.08939302403326072,
+     -0.05923389482874761, -0.03314795292591064, -0.016062143834543824, -0.0068307794139307225,
+     -0.002570454862454532, -0.0008605056634753248, -0.0002572298225515315,
+     -6.884756920151927e-05),
+    (-0.12240517964027957, -0.31668795730090227, -0.3893037613109403, -0.33632604691651447,
+     -0.21105983611013723, -0.08186670134897006, 0.006486176693632958, 0.04477890441979213,
+     0.047548480171092866, 0.03476085418455794, 0.020340057292426453, 0.010025039291099972,
+     0.004263122794586879, 0.0015853347056177238, 0.0005198919510841719,
+     0.00015120196471428012),
+    (-0.2515485699826357, -0.1495385122209439, -0.004903636604562316, 0.10758848695537925,
+     0.14674085897632438, 0.12071462908563879, 0.0663949255102646, 0.018243274982283803,
+     -0.008577821698893052, -0.016203099770952446, -0.013605133308363842,
+     -0.008385167425031755, -0.004201091042286723, -0.0017809675012353174,
+     -0.0006520118445529648, -0.00020863508922372372),
+    (0.045496306331799956, 0.10912439302516506, 0.11158386557302317, 0.06269704514923274,
+     0.0013717072048484277, -0.03762634090011981, -0.044459427014089975, -0.030613932543129285,
+     -0.012746745034971488, -0.0007648081535851833, 0.003879450366531939, 0.00400445097236816,
+     0.002618478967900368, 0.0013307697238968436, 0.0005600686534933951,
+     0.0002009485449566273),
+    (0.05505737705376663, 0.02250593256637644, -0.018118464032399393, -0.039894497692649224,
+     -0.03465289888888321, -0.014278194178642362, 0.004104103655612081, 0.011705859970553156,
+     0.010098667690645957, 0.005138429952016222, 0.0011536330430539322, -0.0006576307307089634,
+     -0.000949341885463256, -0.0006623454883070277, -0.0003400407567696768,
+     -0.00014130920621388836),
+    (-0.010024069558485067, -0.02228918717222904, -0.01843285931571379, -0.004064926858526264,
+     0.00844022010504407, 0.011635335089330654, 0.007180401162889308, 0.00113480619552064,
+     -0.002272022270571203, -0.002622726374974395, -0.0015364831772011513,
+     -0.0004689387215469825, 6.85777118777727e-05, 0.00019011199381585914,
+     0.0001417248873031655, 7.300486290871826e-05),
+    (-0.008506124086887728, -0.0020130386692066202, 0.0050431960496313015,
+     0.007045150349518234, 0.003788094341843195, -0.0006939781385120427, -0.002862813411169337,
+     -0.0023287420075086473, -0.0007723817844470097, 0.00030957533272104215,
+     0.0005674484387856142, 0.000373278573297783, 0.00013105438645992441,
+     4.179708018363015e-07, -3.3408106483015584e-05, -2.643988003520822e-05),
+    (0.0015530717255944526, 0.003195317536700301, 0.0020351555097342508,
+     -0.0004356744522993274, -0.0018626690937768608, -0.0014679441729697827,
+     -0.000251708847412351, 0.0005491611137490448, 0.0005899433552700125,
+     0.00025653930034737644, -2.0179383476908374e-05, -0.00010656579660456616,
+     -7.736594800680518e-05, -2.913219579956144e-05, -2.0452973354029246e-06,
+     5.324259771399497e-06),
+    (0.0010060697027383463, 7.373439042760594e-05, -0.0007955295123768142,
+     -0.0008046233244197448, -0.00016361164234039737, 0.0003735055183813195,
+     0.0004106224143208357, 0.0001403749648007488, -8.356826713288393e-05,
+     -0.00012597226448970018, -6.378979133610448e-05, -3.354975494889489e-06,
+     1.7979198802228154e-05, 1.4105697739902202e-05, 5.453843667948825e-06,
+     5.402691673463889e-07),
+    (-0.00018480255438349554, -0.000350826595701424, -0.00015783446464573831,
+     0.00013743235703084604, 0.00022671706733836186, 9.479263052080937e-05,
+     -5.776302946100454e-05, -9.404435415169615e-05, -4.235074478989433e-05,
+     9.897523010997267e-06, 2.3705359360315123e-05, 1.3167131465287015e-05,
+     1.5062668769559686e-06, -2.8087517554093656e-06, -2.308253395176151e-06,
+     -8.850926909195385e-07),
+    (-9.550230402370729e-05, 7.83982085981391e-06, 8.897321796508709e-05,
+     6.492668759729252e-05, -1.3159369368625572e-05, -5.157990224506212e-05,
+     -2.9643768811739447e-05, 6.37268116977455e-06, 1.86076642396274e-05,
+     9.820477341236565e-06, -7.933045922990058e-07, -4.027680313077456e-06,
+     -2.3586231820077535e-06, -3.364554641133728e-07, 4.118950468860108e-07,
+     3.427747730653462e-07),
+    (1.769413297681535e-05, 3.090585854479162e-05, 8.203914377042759e-06,
+     -1.821387937132279e-05, -1.865617261988959e-05, -1.0039532025203098e-06,
+     1.0227816054531725e-05, 7.162756632880238e-06, -3.599088677477203e-07,
+     -3.3430707073171714e-06, -1.9173141376988007e-06, 2.837718766452348e-08,
+     6.391628243158894e-07, 3.7516289039025405e-07, 5.370534018010212e-08,
+     -5.865907972714676e-08),
 )
 # ln2/16 in two parts (fdlibm's split of ln2, 32 + 53 bits): k * _LN2_16_HI is exact
 _LN2_16_HI = 0.6931471803691238 / 16
@@ -372,12 +446,13 @@ def normal_tail_and_exp(v: _Vec, z):
     return v.select_neg(z, h, v.sub(v.const(1.0), h)), e
 
 
-def normal_tail_central(v: _Vec, a):
-    """``Phi(-a)`` for ``0 <= a < _A_CENTRAL`` (garbage elsewhere), without exp or
-    division: piece ``j = round(a / h - 1/2)`` of ``NORMAL_TAIL16``, a degree-12
-    polynomial in ``t = a - (j + 1/2) h``, its 13 coefficients looked up per lane.
-    ``t`` is exact (``(j + 1/2) h`` is a short binary fraction, within a factor 2 of
-    ``a``) except for ``a < h / 4``, where its error is below 1e-17."""
+def central_pieces(v: _Vec, a, table=None):
+    """``Phi(-a)`` (``table`` ``GELU_GRAD16``: ``R(a)``) for ``0 <= a < _A_CENTRAL``
+    (junk elsewhere), without exp or division: piece ``j = round(a / h - 1/2)``, a
+    degree-12 polynomial in ``t = a - (j + 1/2) h``, its 13 coefficients looked up per
+    lane. ``t`` is exact (``(j + 1/2) h`` is a short binary fraction, within a factor 2
+    of ``a``) except for ``a < h / 4``, where its error is below 1e-17."""
+    table = NORMAL_TAIL16 if table is None else table
     kf = v.add(v.fma(a, v.const(1.0 / _H), v.const(-0.5)), v.const(_MAGIC))
     kd = v.sub(kf, v.const(_MAGIC))
     t = v.sub(a, v.fma(kd, v.const(_H), v.const(_H / 2)))
@@ -388,7 +463,7 @@ def normal_tail_central(v: _Vec, a):
     # one core in cache, 0.63 against 0.56 ns per element)
     t2 = v.mul(t, t)
     halves = []
-    for rows in (NORMAL_TAIL16[0::2], NORMAL_TAIL16[1::2]):
+    for rows in (table[0::2], table[1::2]):
         acc = v.lookup16(rows[-1], idx)
         for row in rows[-2::-1]:
             acc = v.fma(acc, t2, v.lookup16(row, idx))
@@ -513,45 +588,53 @@ def _gelu_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
     return intrinsic(typer)
 
 
-def _gelu_fwd_intrinsic(bias: bool, masked: bool, nt: bool = False):
-    """Build one ``gelu[_bias]_f64[_tail|_nt]`` intrinsic: ``(x, b, out, i, j, n, pz, pi,
-    cnt) -> cnt``; arrays 1-D C, ``pi`` int64, the others float64.
+def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
+    """Build one ``gelu[_bias][_bwd]_f64[_tail|_nt]`` intrinsic: ``(dy, x, b, out, acc, i,
+    j, n, pz, pdy, pi, pj, cnt) -> cnt``; as ``_gelu_intrinsic`` for the first 8 arguments,
+    but through ``central_pieces``: ``out[i:i+n] = z Phi(z)``, or backward ``dy (1 +
+    R(|z|))`` (``z >= 0``) and ``-dy R(|z|)``.
 
-    ``z = x[i:i+n]`` (plus ``b[j:j+n]`` with a bias); ``out[i:i+n] = z Phi(z)`` through
-    ``normal_tail_central``. Lanes with ``|z| >= _A_CENTRAL`` (or NaN) get junk there
-    and are put aside instead: ``z`` appended to ``pz`` and its index in ``out`` to
-    ``pi``, from ``cnt`` on (both need ``BLOCK + 8`` free slots); the new count is
-    returned. The caller finishes them with ``gelu_wide_f64_tail`` (``finish_wide`` in
-    ``kernels.activations``), so each lane's arithmetic depends only on its own value.
-    ``n``, ``_tail``, ``_nt``: as ``_gelu_intrinsic``."""
+    Lanes with ``|z| >= _A_CENTRAL`` (or NaN) get junk in ``out`` (and add nothing to
+    ``acc``) and are put aside instead: ``z`` appended to ``pz``, ``dy`` to ``pdy``
+    (backward), the index in ``out`` to ``pi`` and (bias backward) the one in ``acc`` to
+    ``pj`` (both int64), from ``cnt`` on (each needs
+    ``BLOCK + 8`` free slots); the new count is returned. The caller finishes them with
+    the ``gelu_wide_*`` intrinsics (``kernels.activations._finish_*``), so each lane's
+    arithmetic depends only on its own value."""
 
-    def typer(typingctx, x, b, out, i, j, n, pz, pi, cnt):
-        if not (all(_is_f64(a) for a in (x, b, out, pz))
-                and isinstance(pi, types.Array) and pi.ndim == 1 and pi.layout == "C"
-                and pi.dtype == types.int64
+    def typer(typingctx, dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt):
+        if not (all(_is_f64(a) for a in (dy, x, b, out, acc, pz, pdy))
+                and all(isinstance(p, types.Array) and p.ndim == 1 and p.layout == "C"
+                        and p.dtype == types.int64 for p in (pi, pj))
                 and all(isinstance(a, types.Integer) for a in (i, j, n, cnt))):
             return None
 
         def codegen(context, builder, sig, args):
             v = _Vec(builder, _UNROLL)
-            ity, jty, nty = sig.args[3:6]
-            i64 = context.cast(builder, args[3], ity, types.int64)
-            j64 = context.cast(builder, args[4], jty, types.int64)
-            n64 = context.cast(builder, args[5], nty, types.int64)
-            cnt = context.cast(builder, args[8], sig.args[8], types.int64)
-            # _Block indexes (dy, x, b, out, acc): x at 1, b at 2, out at 3
-            bsig = types.void(sig.args[0], sig.args[0], sig.args[1], sig.args[2], sig.args[2])
-            blk = _Block(context, builder, bsig, [args[0], args[0], args[1], args[2], args[2]],
-                         n64, masked)
+            ity, jty, nty = sig.args[5:8]
+            i64 = context.cast(builder, args[5], ity, types.int64)
+            j64 = context.cast(builder, args[6], jty, types.int64)
+            n64 = context.cast(builder, args[7], nty, types.int64)
+            cnt = context.cast(builder, args[12], sig.args[12], types.int64)
+            blk = _Block(context, builder, sig, args, n64, masked)
             z = blk.load(1, i64)
             if bias:
                 z = v.add(z, blk.load(2, j64))
             a = v.fabs(z)
-            q = normal_tail_central(v, a)
-            blk.store(v.mul(z, v.select_neg(z, q, v.sub(v.const(1.0), q))), 3, i64, nt)
+            outs = v._map(lambda x: builder.fcmp_unordered(">=", x, v.const(_A_CENTRAL)), a)
+            if backward:
+                r = central_pieces(v, a, GELU_GRAD16)
+                dyv = blk.load(0, i64)
+                res = v.mul(dyv, v.select_neg(z, v.neg(r), v.add(v.const(1.0), r)))
+            else:
+                q = central_pieces(v, a)
+                res = v.mul(z, v.select_neg(z, q, v.sub(v.const(1.0), q)))
+            blk.store(res, 3, i64, nt)
+            if bias and backward:
+                kept = v._map(builder.select, outs, v.const(0.0), res)
+                blk.store(v.add(blk.load(4, j64), kept), 4, j64)
 
             i8 = ir.IntType(8)
-            outs = v._map(lambda x: builder.fcmp_unordered(">=", x, v.const(_A_CENTRAL)), a)
             bits = [builder.bitcast(o, i8) for o in outs]
             anyb = bits[0]
             for bq in bits[1:]:
@@ -562,21 +645,30 @@ def _gelu_fwd_intrinsic(bias: bool, masked: bool, nt: bool = False):
                 popc = cgutils.get_or_insert_function(
                     builder.module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
                 pos = cnt
-                for q, (zq, oq, bq) in enumerate(zip(z, outs, bits)):
-                    lane = builder.add(_splat64(builder, builder.add(i64, ir.Constant(_I64, 8 * q))),
-                                       ir.Constant(_I8V, list(range(8))))
-                    _compress_to(builder, zq, oq, _elem(context, builder, sig.args[6], args[6], pos))
-                    _compress_to(builder, lane, oq, _elem(context, builder, sig.args[7], args[7], pos))
-                    pos = builder.add(pos, builder.zext(builder.call(popc, [bq]), _I64))
+                lanes = ir.Constant(_I8V, list(range(8)))
+                for q in range(_UNROLL):
+                    off = ir.Constant(_I64, 8 * q)
+                    put = [(z[q], 8), (builder.add(_splat64(builder, builder.add(i64, off)),
+                                                   lanes), 10)]
+                    if backward:
+                        put.append((dyv[q], 9))
+                    if backward and bias:
+                        put.append((builder.add(_splat64(builder, builder.add(j64, off)),
+                                                lanes), 11))
+                    for val, k in put:
+                        _compress_to(builder, val, outs[q],
+                                     _elem(context, builder, sig.args[k], args[k], pos))
+                    pos = builder.add(pos, builder.zext(builder.call(popc, [bits[q]]), _I64))
                 after = builder.block
             res = builder.phi(_I64)
             res.add_incoming(cnt, before)
             res.add_incoming(pos, after)
             return res
 
-        return types.int64(x, b, out, i, j, n, pz, pi, cnt), codegen
+        return types.int64(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt), codegen
 
-    typer.__name__ = typer.__qualname__ = ("gelu" + ("_bias" if bias else "") + "_f64"
+    typer.__name__ = typer.__qualname__ = ("gelu" + ("_bias" if bias else "")
+                                           + ("_bwd" if backward else "") + "_f64"
                                            + ("_tail" if masked else "")
                                            + ("_nt" if nt else ""))
     return intrinsic(typer)
@@ -593,20 +685,23 @@ def _elem(context, builder, aryty, ary, idx):
     return builder.gep(data, [idx])
 
 
-gelu_f64 = _gelu_fwd_intrinsic(False, False)
-gelu_f64_tail = _gelu_fwd_intrinsic(False, True)
-gelu_f64_nt = _gelu_fwd_intrinsic(False, False, nt=True)
-gelu_bias_f64 = _gelu_fwd_intrinsic(True, False)
-gelu_bias_f64_tail = _gelu_fwd_intrinsic(True, True)
-gelu_bias_f64_nt = _gelu_fwd_intrinsic(True, False, nt=True)
+gelu_f64 = _gelu_central_intrinsic(False, False, False)
+gelu_f64_tail = _gelu_central_intrinsic(False, False, True)
+gelu_f64_nt = _gelu_central_intrinsic(False, False, False, nt=True)
+gelu_bias_f64 = _gelu_central_intrinsic(True, False, False)
+gelu_bias_f64_tail = _gelu_central_intrinsic(True, False, True)
+gelu_bias_f64_nt = _gelu_central_intrinsic(True, False, False, nt=True)
+gelu_bwd_f64 = _gelu_central_intrinsic(False, True, False)
+gelu_bwd_f64_nt = _gelu_central_intrinsic(False, True, False, nt=True)
+gelu_bwd_f64_tail = _gelu_central_intrinsic(False, True, True)
+gelu_bias_bwd_f64 = _gelu_central_intrinsic(True, True, False)
+gelu_bias_bwd_f64_nt = _gelu_central_intrinsic(True, True, False, nt=True)
+gelu_bias_bwd_f64_tail = _gelu_central_intrinsic(True, True, True)
+# the lanes the ones above put aside, through normal_tail_and_exp
 gelu_wide_f64 = _gelu_intrinsic(False, False, False)
 gelu_wide_f64_tail = _gelu_intrinsic(False, False, True)
-gelu_bwd_f64 = _gelu_intrinsic(False, True, False)
-gelu_bwd_f64_nt = _gelu_intrinsic(False, True, False, nt=True)
-gelu_bwd_f64_tail = _gelu_intrinsic(False, True, True)
-gelu_bias_bwd_f64 = _gelu_intrinsic(True, True, False)
-gelu_bias_bwd_f64_nt = _gelu_intrinsic(True, True, False, nt=True)
-gelu_bias_bwd_f64_tail = _gelu_intrinsic(True, True, True)
+gelu_wide_bwd_f64 = _gelu_intrinsic(False, True, False)
+gelu_wide_bwd_f64_tail = _gelu_intrinsic(False, True, True)
 
 
 def _softmax_exp_intrinsic(masked: bool):

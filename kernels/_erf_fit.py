@@ -150,25 +150,30 @@ def fit_exp_rel(degree: int = 5, iters: int = 200) -> list[float]:
     return [1.0] + [float(x) for x in best[1]]
 
 
-def fit_normal_tail_pieces(h: float = 0.3125, pieces: int = 16,
-                           degree: int = 12) -> list[list[float]]:
-    """``Phi(-a) = erfc(a / sqrt2) / 2`` on ``[0, pieces h]``: one polynomial per piece
-    ``[j h, (j+1) h]``, in ``t = a - (j + 1/2) h``. Returns ``coef[m][j]``, the table of
-    the ``t^m`` coefficient over the pieces. The degree needed grows with ``a h``, the
-    change of ``log Phi(-a)`` over a piece: for 1.5 ulp, width 0.25 (a < 4) needs 11,
-    0.3125 (a < 5) 12, 0.375 (a < 6) 13; width 0.3125 at degree 11 gives 12 ulp."""
+def fit_normal_tail_pieces(h: float = 0.3125, pieces: int = 16, degree: int = 12,
+                           grad: bool = False) -> list[list[float]]:
+    """``Phi(-a) = erfc(a / sqrt2) / 2`` on ``[0, pieces h]`` (with ``grad``: ``R(a) =
+    a phi(a) - Phi(-a)``, so that ``GELU'(x) = 1 + R(|x|)`` for ``x >= 0`` and
+    ``-R(|x|)`` below): one polynomial per piece ``[j h, (j+1) h]``, in ``t = a - (j +
+    1/2) h``. Returns ``coef[m][j]``, the table of the ``t^m`` coefficient over the
+    pieces. The degree needed grows with ``a h``, the change of ``log Phi(-a)`` over a
+    piece: for 1.5 ulp, width 0.25 (a < 4) needs 11, 0.3125 (a < 5) 12, 0.375 (a < 6)
+    13; width 0.3125 at degree 11 gives 12 ulp. ``R`` at width 0.3125, degree 12: within
+    1.7 ulp of ``a phi(a) + Phi(-a)`` (it crosses 0 at a = 0.75)."""
     import mpmath as mp
 
     hh = mp.mpf(h)
 
+    def target(a):
+        return a * mp.npdf(a) - mp.ncdf(-a) if grad else mp.erfc(a / mp.sqrt(2)) / 2
+
     def piece(j):
         def f(y):  # y = 2t / h on [-1, 1]
-            return mp.erfc(((j + mp.mpf(0.5)) * hh + y * hh / 2) / mp.sqrt(2)) / 2
+            return target((j + mp.mpf(0.5)) * hh + y * hh / 2)
         return [c / (hh / 2) ** m for m, c in enumerate(_cheb_to_monomial(f, degree))]
 
     cols = [piece(j) for j in range(pieces)]
     return [[float(cols[j][m]) for j in range(pieces)] for m in range(degree + 1)]
-
 
 if __name__ == "__main__":
     import mpmath as mp
@@ -183,7 +188,8 @@ if __name__ == "__main__":
     for row in fit_erfcx_pieces():
         print("    (" + ", ".join(repr(c) for c in row) + "),")
     print(")")
-    print("NORMAL_TAIL16 = (")
-    for row in fit_normal_tail_pieces():
-        print("    (" + ", ".join(repr(c) for c in row) + "),")
-    print(")")
+    for name, grad in (("NORMAL_TAIL16", False), ("GELU_GRAD16", True)):
+        print(name, "= (")
+        for row in fit_normal_tail_pieces(grad=grad):
+            print("    (" + ", ".join(repr(c) for c in row) + "),")
+        print(")")

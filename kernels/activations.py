@@ -29,6 +29,8 @@ from kernels._avx512 import (
     gelu_f64,
     gelu_f64_nt,
     gelu_f64_tail,
+    gelu_wide_bwd_f64,
+    gelu_wide_bwd_f64_tail,
     gelu_wide_f64,
     gelu_wide_f64_tail,
 )
@@ -202,74 +204,92 @@ def _head(out, i, hi, nt):
     return min(hi, i + ((64 - (address(out, i) & 63)) & 63) // 8)
 
 
-# Forward: ``|z| < 4.99`` by the central pieces, no exp (``_avx512.normal_tail_central``);
-# other lanes are put aside per chunk and finished in batches by ``finish_wide``.
+# Both directions: ``|z| < 4.99`` by the central pieces (``_avx512.central_pieces``, no
+# exp); the other lanes are put aside per chunk and finished in batches by ``_finish``.
 _PEND = 256  # put-aside lanes per chunk before a batch is finished
 
 
 @jit(inline=True)
 def _pending(nchunks):
-    """Per-chunk buffers for the put-aside lanes, ``z`` and their indices (one
-    allocation; pages are only touched where lanes are put aside)."""
-    return (np.empty((nchunks, _PEND + 2 * _B)),
-            np.empty((nchunks, _PEND + 2 * _B), np.int64))
+    """Per-chunk buffers for the put-aside lanes: ``z``, ``dy``, the index in the output
+    and the one in the bias gradient (one allocation each; pages are only touched where
+    lanes are put aside)."""
+    m = _PEND + 2 * _B
+    return (np.empty((nchunks, m)), np.empty((nchunks, m)),
+            np.empty((nchunks, m), np.int64), np.empty((nchunks, m), np.int64))
 
 
 @jit(inline=True, fastmath={"contract"})
-def finish_wide(pz, pi, cnt, out):
-    """``out[pi[t]] = pz[t] Phi(pz[t])`` for ``t < cnt`` (the lanes the central pieces
-    put aside: ``|z| >= 4.99`` or NaN), 32 at a time; returns 0, the new count."""
+def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
+    """The ``cnt`` lanes put aside (``|z| >= 4.99`` or NaN), 32 at a time through the
+    full-range path: ``out[pi[t]] = pz[t] Phi(pz[t])``, or backward ``pdy[t]
+    GELU'(pz[t])``; with ``bias``, also added to ``acc[pj[t]]`` (the bias gradient).
+    Returns 0, the new count."""
     k = 0
     while k + _B <= cnt:
-        gelu_wide_f64(pz, pz, pz, pz, pz, k, 0, _B)
+        if backward:
+            gelu_wide_bwd_f64(pdy, pz, pz, pz, pz, k, 0, _B)
+        else:
+            gelu_wide_f64(pz, pz, pz, pz, pz, k, 0, _B)
         k += _B
     if k < cnt:
-        gelu_wide_f64_tail(pz, pz, pz, pz, pz, k, 0, cnt - k)
+        if backward:
+            gelu_wide_bwd_f64_tail(pdy, pz, pz, pz, pz, k, 0, cnt - k)
+        else:
+            gelu_wide_f64_tail(pz, pz, pz, pz, pz, k, 0, cnt - k)
     for t in range(cnt):
         out[pi[t]] = pz[t]
+        if bias:
+            acc[pj[t]] += pz[t]
     return 0
 
 
 @jit(parallel=True, fastmath={"contract"})
 def _gelu_f64_vec(x, out, nchunks, nt):
-    pzs, pis = _pending(nchunks)
+    pzs, pdys, pis, pjs = _pending(nchunks)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(x.size, nchunks, c)
-        pz, pi = pzs[c], pis[c]
+        pz, pdy, pi, pj = pzs[c], pdys[c], pis[c], pjs[c]
         cnt = 0
         i = _head(out, lo, hi, nt)
         if i > lo:
-            cnt = gelu_f64_tail(x, x, out, lo, 0, i - lo, pz, pi, cnt)
+            cnt = gelu_f64_tail(x, x, x, out, out, lo, 0, i - lo, pz, pdy, pi, pj, cnt)
         while i + _B <= hi:
             if nt:
-                cnt = gelu_f64_nt(x, x, out, i, 0, _B, pz, pi, cnt)
+                cnt = gelu_f64_nt(x, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, cnt)
             else:
-                cnt = gelu_f64(x, x, out, i, 0, _B, pz, pi, cnt)
+                cnt = gelu_f64(x, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, cnt)
             if cnt > _PEND:
-                cnt = finish_wide(pz, pi, cnt, out)
+                cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
             i += _B
         if i < hi:
-            cnt = gelu_f64_tail(x, x, out, i, 0, hi - i, pz, pi, cnt)
-        finish_wide(pz, pi, cnt, out)
+            cnt = gelu_f64_tail(x, x, x, out, out, i, 0, hi - i, pz, pdy, pi, pj, cnt)
+        _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
         if nt:
             sfence()
 
 
 @jit(parallel=True, fastmath={"contract"})
 def _gelu_bwd_f64_vec(dy, x, out, nchunks, nt):
+    pzs, pdys, pis, pjs = _pending(nchunks)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(x.size, nchunks, c)
+        pz, pdy, pi, pj = pzs[c], pdys[c], pis[c], pjs[c]
+        cnt = 0
         i = _head(out, lo, hi, nt)
         if i > lo:
-            gelu_bwd_f64_tail(dy, x, x, out, out, lo, 0, i - lo)
+            cnt = gelu_bwd_f64_tail(dy, x, x, out, out, lo, 0, i - lo, pz, pdy, pi, pj, cnt)
         while i + _B <= hi:
             if nt:
-                gelu_bwd_f64_nt(dy, x, x, out, out, i, 0, _B)
+                cnt = gelu_bwd_f64_nt(dy, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, cnt)
             else:
-                gelu_bwd_f64(dy, x, x, out, out, i, 0, _B)
+                cnt = gelu_bwd_f64(dy, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, cnt)
+            if cnt > _PEND:
+                cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, True)
             i += _B
         if i < hi:
-            gelu_bwd_f64_tail(dy, x, x, out, out, i, 0, hi - i)
+            cnt = gelu_bwd_f64_tail(dy, x, x, out, out, i, 0, hi - i, pz, pdy, pi, pj, cnt)
+        _finish(pz, pdy, pi, pj, cnt, out, out, False, True)
         if nt:
             sfence()
 
@@ -281,29 +301,30 @@ def _bias_gelu_f64_vec(x, bt, out, ncols, nchunks, nt):
     row still reads its bias contiguously (``bt[j:j+32]``, ``j`` the column). No head
     and tail per row: masked stores are slow here, and with non-temporal stores rows
     that do not start on a 64-byte boundary took two each (21 instead of 38 GB/s)."""
-    pzs, pis = _pending(nchunks)
+    pzs, pdys, pis, pjs = _pending(nchunks)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(x.size, nchunks, c)
-        pz, pi = pzs[c], pis[c]
+        pz, pdy, pi, pj = pzs[c], pdys[c], pis[c], pjs[c]
         cnt = 0
         i = _head(out, lo, hi, nt)
         if i > lo:
-            cnt = gelu_bias_f64_tail(x, bt, out, lo, lo % ncols, i - lo, pz, pi, cnt)
+            cnt = gelu_bias_f64_tail(x, x, bt, out, out, lo, lo % ncols, i - lo,
+                                     pz, pdy, pi, pj, cnt)
         j = i % ncols
         while i + _B <= hi:
             if nt:
-                cnt = gelu_bias_f64_nt(x, bt, out, i, j, _B, pz, pi, cnt)
+                cnt = gelu_bias_f64_nt(x, x, bt, out, out, i, j, _B, pz, pdy, pi, pj, cnt)
             else:
-                cnt = gelu_bias_f64(x, bt, out, i, j, _B, pz, pi, cnt)
+                cnt = gelu_bias_f64(x, x, bt, out, out, i, j, _B, pz, pdy, pi, pj, cnt)
             if cnt > _PEND:
-                cnt = finish_wide(pz, pi, cnt, out)
+                cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
             i += _B
             j += _B
             if j >= ncols:
                 j %= ncols
         if i < hi:
-            cnt = gelu_bias_f64_tail(x, bt, out, i, j, hi - i, pz, pi, cnt)
-        finish_wide(pz, pi, cnt, out)
+            cnt = gelu_bias_f64_tail(x, x, bt, out, out, i, j, hi - i, pz, pdy, pi, pj, cnt)
+        _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
         if nt:
             sfence()
 
@@ -311,25 +332,32 @@ def _bias_gelu_f64_vec(x, bt, out, ncols, nchunks, nt):
 @jit(parallel=True, fastmath={"contract"})
 def _bias_gelu_bwd_f64_vec(dy, x, bt, dx, pdb, ncols, nchunks, nt):
     """As ``_bias_gelu_f64_vec``; chunk ``c`` sums its bias gradient into ``pdb[c]``,
-    tiled like ``bt`` (``tiled_sum`` folds it back)."""
+    tiled like ``bt`` (``_untile_sum`` folds it back)."""
+    pzs, pdys, pis, pjs = _pending(nchunks)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(x.size, nchunks, c)
+        pz, pdy, pi, pj = pzs[c], pdys[c], pis[c], pjs[c]
+        cnt = 0
         acc = pdb[c]
         i = _head(dx, lo, hi, nt)
         if i > lo:
-            gelu_bias_bwd_f64_tail(dy, x, bt, dx, acc, lo, lo % ncols, i - lo)
+            cnt = gelu_bias_bwd_f64_tail(dy, x, bt, dx, acc, lo, lo % ncols, i - lo,
+                                         pz, pdy, pi, pj, cnt)
         j = i % ncols
         while i + _B <= hi:
             if nt:
-                gelu_bias_bwd_f64_nt(dy, x, bt, dx, acc, i, j, _B)
+                cnt = gelu_bias_bwd_f64_nt(dy, x, bt, dx, acc, i, j, _B, pz, pdy, pi, pj, cnt)
             else:
-                gelu_bias_bwd_f64(dy, x, bt, dx, acc, i, j, _B)
+                cnt = gelu_bias_bwd_f64(dy, x, bt, dx, acc, i, j, _B, pz, pdy, pi, pj, cnt)
+            if cnt > _PEND:
+                cnt = _finish(pz, pdy, pi, pj, cnt, dx, acc, True, True)
             i += _B
             j += _B
             if j >= ncols:
                 j %= ncols
         if i < hi:
-            gelu_bias_bwd_f64_tail(dy, x, bt, dx, acc, i, j, hi - i)
+            cnt = gelu_bias_bwd_f64_tail(dy, x, bt, dx, acc, i, j, hi - i, pz, pdy, pi, pj, cnt)
+        _finish(pz, pdy, pi, pj, cnt, dx, acc, True, True)
         if nt:
             sfence()
 

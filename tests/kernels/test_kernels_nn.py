@@ -356,34 +356,49 @@ def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, 
 
 def test_gelu_float64_lanes_past_the_central_pieces_are_finished_wherever_they_are(
         rng, monkeypatch):
-    # float64 forward: |z| < 4.99 by the central pieces; other lanes (and NaN) are put
-    # aside and finished in batches, more than one batch per chunk here (half the lanes
-    # of x are wide), in place too. Each value must not depend on its neighbours: the
-    # same x shifted by a few places gives the same values, bit for bit
+    # float64, both directions: |z| < 4.99 by the central pieces; other lanes (and NaN)
+    # are put aside and finished in batches, more than one batch per chunk here (half
+    # the lanes of x are wide), in place too. Each value must not depend on its
+    # neighbours: the same x shifted by a few places gives the same values, bit for bit
     require_avx512()
     x = 8 * rng.standard_normal((300, 96))
     x[::7, 3] = np.nan
     x[5, :] = np.inf
+    x[6, :] = -np.inf
     b = rng.standard_normal(96)
+    dy = rng.standard_normal(x.shape)
+
+    def run():
+        dx, db = nn.bias_act_backward(dy, x, b)
+        return {"gelu": nn.gelu(x), "bias": nn.bias_act(x, b),
+                "grad": nn.gelu_backward(dy, x), "bias_grad": dx, "db": db}
+
     monkeypatch.setattr(activations, "VEC_F64", False)
-    want, want_b = nn.gelu(x), nn.bias_act(x, b)
+    want = run()
     monkeypatch.setattr(activations, "VEC_F64", True)
+    assert np.sum(np.abs(x) >= 4.99) > 2 * activations._PEND
     for nt in (False, True):
         if nt:
             monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
-        got, got_b = nn.gelu(x), nn.bias_act(x, b)
-        np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-300, equal_nan=True)
-        np.testing.assert_allclose(got_b, want_b, rtol=1e-14, atol=1e-300, equal_nan=True)
-        assert np.sum(np.abs(x) >= 4.99) > 2 * activations._PEND
+        got = run()
+        for key in want:
+            # the derivative crosses 0 near x = -0.75: atol for its relative differences
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-14, atol=1e-15,
+                                       equal_nan=True, err_msg=key)
         for shift in (1, 5, 31):
             flat = np.roll(x.ravel(), shift)
-            np.testing.assert_array_equal(np.roll(nn.gelu(flat), -shift), got.ravel())
+            np.testing.assert_array_equal(np.roll(nn.gelu(flat), -shift), got["gelu"].ravel())
+            back = nn.gelu_backward(np.roll(dy.ravel(), shift), flat)
+            np.testing.assert_array_equal(np.roll(back, -shift), got["grad"].ravel())
         inplace = x.copy()
         assert nn.gelu(inplace, out=inplace) is inplace
-        np.testing.assert_array_equal(inplace, got)
+        np.testing.assert_array_equal(inplace, got["gelu"])
         inplace = x.copy()
         assert nn.bias_act(inplace, b, out=inplace) is inplace
-        np.testing.assert_array_equal(inplace, got_b)
+        np.testing.assert_array_equal(inplace, got["bias"])
+        inplace = dy.copy()
+        assert nn.gelu_backward(inplace, x, out=inplace) is inplace
+        np.testing.assert_array_equal(inplace, got["grad"])
 
 
 def test_bias_act_refuses_unknown_activation_and_wrong_bias():
