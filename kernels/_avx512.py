@@ -590,7 +590,8 @@ def _gelu_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
 
 def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
     """Build one ``gelu[_bias][_bwd]_f64[_tail|_nt]`` intrinsic: ``(dy, x, b, out, acc, i,
-    j, n, pz, pdy, pi, pj, cnt) -> cnt``; as ``_gelu_intrinsic`` for the first 8 arguments,
+    j, n, pz, pdy, pi, pj, stage, spos, cnt) -> cnt``; as ``_gelu_intrinsic`` for the
+    first 8 arguments,
     but through ``central_pieces``: ``out[i:i+n] = z Phi(z)``, or backward ``dy (1 +
     R(|z|))`` (``z >= 0``) and ``-dy R(|z|)``.
 
@@ -599,11 +600,18 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
     (backward), the index in ``out`` to ``pi`` and (bias backward) the one in ``acc`` to
     ``pj`` (both int64), from ``cnt`` on (each needs
     ``BLOCK + 8`` free slots); the new count is returned. The caller finishes them with
-    the ``gelu_wide_*`` intrinsics (``kernels.activations._finish_*``), so each lane's
-    arithmetic depends only on its own value."""
+    the ``gelu_wide_*`` intrinsics (``kernels.activations._finish``), so each lane's
+    arithmetic depends only on its own value.
 
-    def typer(typingctx, dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt):
-        if not (all(_is_f64(a) for a in (dy, x, b, out, acc, pz, pdy))
+    ``_nt``: a block with lanes put aside is not streamed to ``out`` but stored to
+    ``stage[spos:spos+32]`` (in cache), and the indices put aside are into ``stage``;
+    the caller finishes the lanes there and then streams the block out (a store into a
+    line just written non-temporally waits for it to reach memory and reads it back:
+    finishing lanes in place made wide inputs 2x slower from memory)."""
+
+    def typer(typingctx, dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, stage, spos, cnt):
+        if not (all(_is_f64(a) for a in (dy, x, b, out, acc, pz, pdy, stage))
+                and isinstance(spos, types.Integer)
                 and all(isinstance(p, types.Array) and p.ndim == 1 and p.layout == "C"
                         and p.dtype == types.int64 for p in (pi, pj))
                 and all(isinstance(a, types.Integer) for a in (i, j, n, cnt))):
@@ -615,7 +623,8 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
             i64 = context.cast(builder, args[5], ity, types.int64)
             j64 = context.cast(builder, args[6], jty, types.int64)
             n64 = context.cast(builder, args[7], nty, types.int64)
-            cnt = context.cast(builder, args[12], sig.args[12], types.int64)
+            cnt = context.cast(builder, args[14], sig.args[14], types.int64)
+            spos = context.cast(builder, args[13], sig.args[13], types.int64)
             blk = _Block(context, builder, sig, args, n64, masked)
             z = blk.load(1, i64)
             if bias:
@@ -629,7 +638,8 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
             else:
                 q = central_pieces(v, a)
                 res = v.mul(z, v.select_neg(z, q, v.sub(v.const(1.0), q)))
-            blk.store(res, 3, i64, nt)
+            if not nt:
+                blk.store(res, 3, i64)
             if bias and backward:
                 kept = v._map(builder.select, outs, v.const(0.0), res)
                 blk.store(v.add(blk.load(4, j64), kept), 4, j64)
@@ -639,33 +649,45 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
             anyb = bits[0]
             for bq in bits[1:]:
                 anyb = builder.or_(anyb, bq)
-            before = builder.block
-            with builder.if_then(builder.icmp_unsigned("!=", anyb, ir.Constant(i8, 0)),
-                                 likely=False):
-                popc = cgutils.get_or_insert_function(
-                    builder.module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
-                pos = cnt
-                lanes = ir.Constant(_I8V, list(range(8)))
-                for q in range(_UNROLL):
-                    off = ir.Constant(_I64, 8 * q)
-                    put = [(z[q], 8), (builder.add(_splat64(builder, builder.add(i64, off)),
-                                                   lanes), 10)]
-                    if backward:
-                        put.append((dyv[q], 9))
-                    if backward and bias:
-                        put.append((builder.add(_splat64(builder, builder.add(j64, off)),
-                                                lanes), 11))
-                    for val, k in put:
-                        _compress_to(builder, val, outs[q],
-                                     _elem(context, builder, sig.args[k], args[k], pos))
-                    pos = builder.add(pos, builder.zext(builder.call(popc, [bits[q]]), _I64))
-                after = builder.block
+            with builder.if_else(builder.icmp_unsigned("!=", anyb, ir.Constant(i8, 0)),
+                                 likely=False) as (aside, plain):
+                with aside:
+                    base = i64
+                    if nt:  # staged (see above)
+                        for q in range(_UNROLL):
+                            p = _elem(context, builder, sig.args[12], args[12],
+                                      builder.add(spos, ir.Constant(_I64, 8 * q)))
+                            _store(builder, res[q], builder.bitcast(p, _V8.as_pointer()), None)
+                        base = spos
+                    popc = cgutils.get_or_insert_function(
+                        builder.module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
+                    pos = cnt
+                    lanes = ir.Constant(_I8V, list(range(8)))
+                    for q in range(_UNROLL):
+                        off = ir.Constant(_I64, 8 * q)
+                        put = [(z[q], 8), (builder.add(_splat64(builder, builder.add(base, off)),
+                                                       lanes), 10)]
+                        if backward:
+                            put.append((dyv[q], 9))
+                        if backward and bias:
+                            put.append((builder.add(_splat64(builder, builder.add(j64, off)),
+                                                    lanes), 11))
+                        for val, k in put:
+                            _compress_to(builder, val, outs[q],
+                                         _elem(context, builder, sig.args[k], args[k], pos))
+                        pos = builder.add(pos, builder.zext(builder.call(popc, [bits[q]]), _I64))
+                    after = builder.block
+                with plain:
+                    if nt:
+                        blk.store(res, 3, i64, nt)
+                    before = builder.block
             res = builder.phi(_I64)
             res.add_incoming(cnt, before)
             res.add_incoming(pos, after)
             return res
 
-        return types.int64(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt), codegen
+        return (types.int64(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, stage, spos, cnt),
+                codegen)
 
     typer.__name__ = typer.__qualname__ = ("gelu" + ("_bias" if bias else "")
                                            + ("_bwd" if backward else "") + "_f64"

@@ -38,7 +38,7 @@ from kernels._chunks import chunk_bounds, n_chunks
 from kernels._erf import normal_parts
 from kernels._fastmath import exp_softmax
 from kernels._jit import jit, overload, prange, types
-from kernels._simd import address, sfence, stream_out
+from kernels._simd import address, copy64_nt, sfence, stream_out
 from kernels.errors import KernelInputError
 
 __all__ = ["ACTIVATIONS", "bias_act", "bias_act_backward", "gelu", "gelu_backward"]
@@ -207,16 +207,19 @@ def _head(out, i, hi, nt):
 # Both directions: ``|z| < 4.99`` by the central pieces (``_avx512.central_pieces``, no
 # exp); the other lanes are put aside per chunk and finished in batches by ``_finish``.
 _PEND = 256  # put-aside lanes per chunk before a batch is finished
+_STAGE = 64  # blocks with lanes put aside held in cache before they are streamed out
 
 
 @jit(inline=True)
 def _pending(nchunks):
     """Per-chunk buffers for the put-aside lanes: ``z``, ``dy``, the index in the output
-    and the one in the bias gradient (one allocation each; pages are only touched where
-    lanes are put aside)."""
+    (or in the stage) and the one in the bias gradient; the stage for blocks with lanes
+    put aside under non-temporal stores, and where each goes. One allocation each;
+    pages are only touched where lanes are put aside."""
     m = _PEND + 2 * _B
     return (np.empty((nchunks, m)), np.empty((nchunks, m)),
-            np.empty((nchunks, m), np.int64), np.empty((nchunks, m), np.int64))
+            np.empty((nchunks, m), np.int64), np.empty((nchunks, m), np.int64),
+            np.empty((nchunks, _STAGE * _B)), np.empty((nchunks, _STAGE), np.int64))
 
 
 @jit(inline=True, fastmath={"contract"})
@@ -244,26 +247,49 @@ def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
     return 0
 
 
+@jit(inline=True)
+def _stream(stage, sdst, scnt, out):
+    """Stream the ``scnt`` staged blocks to ``out[sdst[s]:]`` (non-temporal); returns 0."""
+    for s in range(scnt):
+        for q in range(0, _B, 8):
+            copy64_nt(out, sdst[s] + q, stage, s * _B + q)
+    return 0
+
+
 @jit(parallel=True, fastmath={"contract"})
 def _gelu_f64_vec(x, out, nchunks, nt):
-    pzs, pdys, pis, pjs = _pending(nchunks)
+    pzs, pdys, pis, pjs, stages, sdsts = _pending(nchunks)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(x.size, nchunks, c)
-        pz, pdy, pi, pj = pzs[c], pdys[c], pis[c], pjs[c]
-        cnt = 0
+        pz, pdy, pi, pj, stage, sdst = pzs[c], pdys[c], pis[c], pjs[c], stages[c], sdsts[c]
+        cnt = scnt = 0
         i = _head(out, lo, hi, nt)
         if i > lo:
-            cnt = gelu_f64_tail(x, x, x, out, out, lo, 0, i - lo, pz, pdy, pi, pj, cnt)
+            cnt = gelu_f64_tail(x, x, x, out, out, lo, 0, i - lo, pz, pdy, pi, pj, stage, 0,
+                                cnt)
+            cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
         while i + _B <= hi:
             if nt:
-                cnt = gelu_f64_nt(x, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, cnt)
+                c0 = cnt
+                cnt = gelu_f64_nt(x, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, stage,
+                                  scnt * _B, cnt)
+                if cnt != c0:
+                    sdst[scnt] = i
+                    scnt += 1
+                    if cnt > _PEND or scnt == _STAGE:
+                        cnt = _finish(pz, pdy, pi, pj, cnt, stage, out, False, False)
+                        scnt = _stream(stage, sdst, scnt, out)
             else:
-                cnt = gelu_f64(x, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, cnt)
-            if cnt > _PEND:
-                cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
+                cnt = gelu_f64(x, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, stage, 0, cnt)
+                if cnt > _PEND:
+                    cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
             i += _B
+        if nt:
+            cnt = _finish(pz, pdy, pi, pj, cnt, stage, out, False, False)
+            _stream(stage, sdst, scnt, out)
         if i < hi:
-            cnt = gelu_f64_tail(x, x, x, out, out, i, 0, hi - i, pz, pdy, pi, pj, cnt)
+            cnt = gelu_f64_tail(x, x, x, out, out, i, 0, hi - i, pz, pdy, pi, pj, stage, 0,
+                                cnt)
         _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
         if nt:
             sfence()
@@ -271,24 +297,39 @@ def _gelu_f64_vec(x, out, nchunks, nt):
 
 @jit(parallel=True, fastmath={"contract"})
 def _gelu_bwd_f64_vec(dy, x, out, nchunks, nt):
-    pzs, pdys, pis, pjs = _pending(nchunks)
+    pzs, pdys, pis, pjs, stages, sdsts = _pending(nchunks)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(x.size, nchunks, c)
-        pz, pdy, pi, pj = pzs[c], pdys[c], pis[c], pjs[c]
-        cnt = 0
+        pz, pdy, pi, pj, stage, sdst = pzs[c], pdys[c], pis[c], pjs[c], stages[c], sdsts[c]
+        cnt = scnt = 0
         i = _head(out, lo, hi, nt)
         if i > lo:
-            cnt = gelu_bwd_f64_tail(dy, x, x, out, out, lo, 0, i - lo, pz, pdy, pi, pj, cnt)
+            cnt = gelu_bwd_f64_tail(dy, x, x, out, out, lo, 0, i - lo, pz, pdy, pi, pj,
+                                    stage, 0, cnt)
+            cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, True)
         while i + _B <= hi:
             if nt:
-                cnt = gelu_bwd_f64_nt(dy, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, cnt)
+                c0 = cnt
+                cnt = gelu_bwd_f64_nt(dy, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, stage,
+                                      scnt * _B, cnt)
+                if cnt != c0:
+                    sdst[scnt] = i
+                    scnt += 1
+                    if cnt > _PEND or scnt == _STAGE:
+                        cnt = _finish(pz, pdy, pi, pj, cnt, stage, out, False, True)
+                        scnt = _stream(stage, sdst, scnt, out)
             else:
-                cnt = gelu_bwd_f64(dy, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, cnt)
-            if cnt > _PEND:
-                cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, True)
+                cnt = gelu_bwd_f64(dy, x, x, out, out, i, 0, _B, pz, pdy, pi, pj, stage, 0,
+                                   cnt)
+                if cnt > _PEND:
+                    cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, True)
             i += _B
+        if nt:
+            cnt = _finish(pz, pdy, pi, pj, cnt, stage, out, False, True)
+            _stream(stage, sdst, scnt, out)
         if i < hi:
-            cnt = gelu_bwd_f64_tail(dy, x, x, out, out, i, 0, hi - i, pz, pdy, pi, pj, cnt)
+            cnt = gelu_bwd_f64_tail(dy, x, x, out, out, i, 0, hi - i, pz, pdy, pi, pj,
+                                    stage, 0, cnt)
         _finish(pz, pdy, pi, pj, cnt, out, out, False, True)
         if nt:
             sfence()
@@ -301,29 +342,43 @@ def _bias_gelu_f64_vec(x, bt, out, ncols, nchunks, nt):
     row still reads its bias contiguously (``bt[j:j+32]``, ``j`` the column). No head
     and tail per row: masked stores are slow here, and with non-temporal stores rows
     that do not start on a 64-byte boundary took two each (21 instead of 38 GB/s)."""
-    pzs, pdys, pis, pjs = _pending(nchunks)
+    pzs, pdys, pis, pjs, stages, sdsts = _pending(nchunks)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(x.size, nchunks, c)
-        pz, pdy, pi, pj = pzs[c], pdys[c], pis[c], pjs[c]
-        cnt = 0
+        pz, pdy, pi, pj, stage, sdst = pzs[c], pdys[c], pis[c], pjs[c], stages[c], sdsts[c]
+        cnt = scnt = 0
         i = _head(out, lo, hi, nt)
         if i > lo:
             cnt = gelu_bias_f64_tail(x, x, bt, out, out, lo, lo % ncols, i - lo,
-                                     pz, pdy, pi, pj, cnt)
+                                     pz, pdy, pi, pj, stage, 0, cnt)
+            cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
         j = i % ncols
         while i + _B <= hi:
             if nt:
-                cnt = gelu_bias_f64_nt(x, x, bt, out, out, i, j, _B, pz, pdy, pi, pj, cnt)
+                c0 = cnt
+                cnt = gelu_bias_f64_nt(x, x, bt, out, out, i, j, _B, pz, pdy, pi, pj, stage,
+                                       scnt * _B, cnt)
+                if cnt != c0:
+                    sdst[scnt] = i
+                    scnt += 1
+                    if cnt > _PEND or scnt == _STAGE:
+                        cnt = _finish(pz, pdy, pi, pj, cnt, stage, out, False, False)
+                        scnt = _stream(stage, sdst, scnt, out)
             else:
-                cnt = gelu_bias_f64(x, x, bt, out, out, i, j, _B, pz, pdy, pi, pj, cnt)
-            if cnt > _PEND:
-                cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
+                cnt = gelu_bias_f64(x, x, bt, out, out, i, j, _B, pz, pdy, pi, pj, stage, 0,
+                                    cnt)
+                if cnt > _PEND:
+                    cnt = _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
             i += _B
             j += _B
             if j >= ncols:
                 j %= ncols
+        if nt:
+            cnt = _finish(pz, pdy, pi, pj, cnt, stage, out, False, False)
+            _stream(stage, sdst, scnt, out)
         if i < hi:
-            cnt = gelu_bias_f64_tail(x, x, bt, out, out, i, j, hi - i, pz, pdy, pi, pj, cnt)
+            cnt = gelu_bias_f64_tail(x, x, bt, out, out, i, j, hi - i, pz, pdy, pi, pj,
+                                     stage, 0, cnt)
         _finish(pz, pdy, pi, pj, cnt, out, out, False, False)
         if nt:
             sfence()
@@ -333,30 +388,44 @@ def _bias_gelu_f64_vec(x, bt, out, ncols, nchunks, nt):
 def _bias_gelu_bwd_f64_vec(dy, x, bt, dx, pdb, ncols, nchunks, nt):
     """As ``_bias_gelu_f64_vec``; chunk ``c`` sums its bias gradient into ``pdb[c]``,
     tiled like ``bt`` (``_untile_sum`` folds it back)."""
-    pzs, pdys, pis, pjs = _pending(nchunks)
+    pzs, pdys, pis, pjs, stages, sdsts = _pending(nchunks)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(x.size, nchunks, c)
-        pz, pdy, pi, pj = pzs[c], pdys[c], pis[c], pjs[c]
-        cnt = 0
+        pz, pdy, pi, pj, stage, sdst = pzs[c], pdys[c], pis[c], pjs[c], stages[c], sdsts[c]
+        cnt = scnt = 0
         acc = pdb[c]
         i = _head(dx, lo, hi, nt)
         if i > lo:
             cnt = gelu_bias_bwd_f64_tail(dy, x, bt, dx, acc, lo, lo % ncols, i - lo,
-                                         pz, pdy, pi, pj, cnt)
+                                         pz, pdy, pi, pj, stage, 0, cnt)
+            cnt = _finish(pz, pdy, pi, pj, cnt, dx, acc, True, True)
         j = i % ncols
         while i + _B <= hi:
             if nt:
-                cnt = gelu_bias_bwd_f64_nt(dy, x, bt, dx, acc, i, j, _B, pz, pdy, pi, pj, cnt)
+                c0 = cnt
+                cnt = gelu_bias_bwd_f64_nt(dy, x, bt, dx, acc, i, j, _B, pz, pdy, pi, pj,
+                                           stage, scnt * _B, cnt)
+                if cnt != c0:
+                    sdst[scnt] = i
+                    scnt += 1
+                    if cnt > _PEND or scnt == _STAGE:
+                        cnt = _finish(pz, pdy, pi, pj, cnt, stage, acc, True, True)
+                        scnt = _stream(stage, sdst, scnt, dx)
             else:
-                cnt = gelu_bias_bwd_f64(dy, x, bt, dx, acc, i, j, _B, pz, pdy, pi, pj, cnt)
-            if cnt > _PEND:
-                cnt = _finish(pz, pdy, pi, pj, cnt, dx, acc, True, True)
+                cnt = gelu_bias_bwd_f64(dy, x, bt, dx, acc, i, j, _B, pz, pdy, pi, pj, stage,
+                                        0, cnt)
+                if cnt > _PEND:
+                    cnt = _finish(pz, pdy, pi, pj, cnt, dx, acc, True, True)
             i += _B
             j += _B
             if j >= ncols:
                 j %= ncols
+        if nt:
+            cnt = _finish(pz, pdy, pi, pj, cnt, stage, acc, True, True)
+            _stream(stage, sdst, scnt, dx)
         if i < hi:
-            cnt = gelu_bias_bwd_f64_tail(dy, x, bt, dx, acc, i, j, hi - i, pz, pdy, pi, pj, cnt)
+            cnt = gelu_bias_bwd_f64_tail(dy, x, bt, dx, acc, i, j, hi - i, pz, pdy, pi, pj,
+                                         stage, 0, cnt)
         _finish(pz, pdy, pi, pj, cnt, dx, acc, True, True)
         if nt:
             sfence()
