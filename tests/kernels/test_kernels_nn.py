@@ -360,12 +360,22 @@ def test_gelu_float64_lanes_past_the_central_pieces_are_finished_wherever_they_a
     # are put aside and finished in batches, more than one batch per chunk here (half
     # the lanes of x are wide), in place too. Each value must not depend on its
     # neighbours: the same x shifted by a few places gives the same values, bit for bit
+    # (and, one lane in 32 past 4.99, blocks wait in the stage until it is full)
     require_avx512()
-    x = 8 * rng.standard_normal((300, 96))
-    x[::7, 3] = np.nan
-    x[5, :] = np.inf
-    x[6, :] = -np.inf
-    b = rng.standard_normal(96)
+    wide = 8 * rng.standard_normal((300, 96))
+    wide[::7, 3] = np.nan
+    wide[5, :] = np.inf
+    wide[6, :] = -np.inf
+    sparse = 0.5 * rng.standard_normal((300, 96))
+    sparse.ravel()[::32] = 7.0
+    for x in (wide, sparse):
+        _check_put_aside(x, rng, monkeypatch)
+    assert np.sum(np.abs(wide) >= 4.99) > 2 * activations._PEND * 8  # batches per chunk
+    assert np.sum(np.abs(sparse) >= 4.99) / 8 > activations._STAGE  # stage full per chunk
+
+
+def _check_put_aside(x, rng, monkeypatch):
+    b = rng.standard_normal(x.shape[1])
     dy = rng.standard_normal(x.shape)
 
     def run():
@@ -376,10 +386,8 @@ def test_gelu_float64_lanes_past_the_central_pieces_are_finished_wherever_they_a
     monkeypatch.setattr(activations, "VEC_F64", False)
     want = run()
     monkeypatch.setattr(activations, "VEC_F64", True)
-    assert np.sum(np.abs(x) >= 4.99) > 2 * activations._PEND
     for nt in (False, True):
-        if nt:
-            monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+        monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0 if nt else 1 << 62)
         got = run()
         for key in want:
             # the derivative crosses 0 near x = -0.75: atol for its relative differences
