@@ -2,7 +2,8 @@
 
 GELU is the exact (erf) form, as ``torch.nn.functional.gelu`` by default. libm's ``erf``
 is a scalar call that does not vectorise, so: float64 uses ``kernels._avx512`` (explicit
-AVX-512 vectors, table lookups, no division) where the CPU has AVX-512F, else
+AVX-512 vectors, table lookups, no division; for ``|x| < 4.99`` polynomial pieces with
+no exp either, the other lanes finished in batches) where the CPU has AVX-512F, else
 ``kernels._erf.normal_parts`` (a vectorisable normal CDF/PDF); both a few ulp, also in
 the lower tail. float32 uses a rational approximation of erf
 (max abs error 4e-9 in exact arithmetic) evaluated in float32, so a vector holds 16 lanes
