@@ -54,11 +54,11 @@ from numba.core import cgutils
 from kernels._jit import intrinsic, numba, types
 from kernels._simd import _compress_to, store_nt
 
-__all__ = ["AVAILABLE", "BLOCK", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail",
-           "gelu_wide_f64", "gelu_wide_f64_tail", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
+__all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
            "gelu_bwd_f64", "gelu_bwd_f64_nt", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
-           "gelu_f64_tail", "softmax_exp_f64", "softmax_exp_f64_tail"]
+           "gelu_f64_tail", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail", "gelu_wide_f64",
+           "gelu_wide_f64_tail", "softmax_exp_f64", "softmax_exp_f64_tail"]
 
 # e^r on |r| <= 1.01 ln2/32, degree 6 (python -m kernels._erf_fit)
 EXP16 = (1.0, 1.0000000000000024, 0.5000000000000007, 0.16666666662689536,
@@ -593,18 +593,17 @@ def _gelu_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
 
 def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
     """Build one ``gelu[_bias][_bwd]_f64[_tail|_nt]`` intrinsic: ``(dy, x, b, out, acc, i,
-    j, n, pz, pdy, pi, pj, stage, spos, cnt) -> cnt``; as ``_gelu_intrinsic`` for the
-    first 8 arguments,
-    but through ``central_pieces``: ``out[i:i+n] = z Phi(z)``, or backward ``dy (1 +
-    R(|z|))`` (``z >= 0``) and ``-dy R(|z|)``.
+    j, n, pz, pdy, pi, pj, stage, spos, cnt) -> cnt``. The first 8 arguments are as for
+    ``_gelu_intrinsic``, but the arithmetic is ``central_pieces``: ``out[i:i+n] = z
+    Phi(z)``, or backward ``dy (1 + R(|z|))`` (``z >= 0``) and ``-dy R(|z|)``.
 
     Lanes with ``|z| >= _A_CENTRAL`` (or NaN) get junk in ``out`` (and add nothing to
-    ``acc``) and are put aside instead: ``z`` appended to ``pz``, ``dy`` to ``pdy``
-    (backward), the index in ``out`` to ``pi`` and (bias backward) the one in ``acc`` to
-    ``pj`` (both int64), from ``cnt`` on (each needs
-    ``BLOCK + 8`` free slots); the new count is returned. The caller finishes them with
-    the ``gelu_wide_*`` intrinsics (``kernels.activations._finish``), so each lane's
-    arithmetic depends only on its own value.
+    ``acc``) and are put aside instead, appended from ``cnt`` on: ``z`` to ``pz``,
+    ``dy`` to ``pdy`` (backward), the index in ``out`` to ``pi`` and (bias backward)
+    the one in ``acc`` to ``pj`` (int64; each buffer needs ``BLOCK + 8`` free slots).
+    The new count is returned. The caller finishes them with the ``gelu_wide_*``
+    intrinsics (``kernels.activations._finish``), so each lane's arithmetic depends only
+    on its own value.
 
     ``_nt``: a block with lanes put aside is not streamed to ``out`` but stored to
     ``stage[spos:spos+32]`` (in cache), and the indices put aside are into ``stage``;

@@ -11,7 +11,8 @@
 - ``compress_candidates``: 16 float32 entries of ``r + g``; those with magnitude
   ``>= thr`` are packed (in index order) into ``cval``/``cidx`` at ``pos`` by vector
   compresses into registers (``llvm.experimental.vector.compress``) and plain stores,
-  skipped when nothing hit; returns ``hits + (non-finite << 32)``.
+  skipped when nothing hit; returns ``hits + (non-finite << 32)``. With an LLVM older
+  than 19 (no vector compress), ``llvm.masked.compressstore`` instead.
   ``compress_candidates_update`` also stores ``r + g`` into ``o`` (``r`` itself for the
   in-place one-pass mode); ``compress_candidates_nt`` stores it with a non-temporal
   store (a separate, 64-byte aligned output: no write-allocate read).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import platform
 
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba.core import cgutils
 
@@ -42,6 +44,9 @@ __all__ = ["NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates", "compr
            "stream_out", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
+# llvm.experimental.vector.compress arrived in LLVM 19; an older LLVM (llvmlite before
+# 0.44, e.g. Debian 12's numba) does not know it and aborts the process when it links
+VECTOR_COMPRESS = llvm.llvm_version_info >= (19,)
 # Outputs this large (half this machine's L3) are written with non-temporal stores: they
 # would not stay in cache anyway, and skipping the write-allocate read saves a third of
 # the traffic of a kernel that reads one array and writes one. Smaller outputs keep
@@ -142,6 +147,11 @@ def _compress_to(builder, vec, mask, ptr) -> None:
     skipped as well)."""
     vty = vec.type
     elem = {ir.FloatType(): "f32", ir.DoubleType(): "f64"}.get(vty.element, "i64")
+    if not VECTOR_COMPRESS:  # an LLVM before 19 (Debian 12's numba): the slow, sure way
+        fn = _declare(builder, f"llvm.masked.compressstore.v{vty.count}{elem}",
+                      ir.VoidType(), [vty, vty.element.as_pointer(), mask.type])
+        builder.call(fn, [vec, builder.bitcast(ptr, vty.element.as_pointer()), mask])
+        return
     fn = _declare(builder, f"llvm.experimental.vector.compress.v{vty.count}{elem}",
                   vty, [vty, mask.type, vty])
     packed = builder.call(fn, [vec, mask, ir.Constant(vty, ir.Undefined)])

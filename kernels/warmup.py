@@ -22,6 +22,7 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     x = np.linspace(-1, 1, 24, dtype=dt).reshape(4, 6)
     v = np.ones(6, dt)
     lab = np.array([0, 1, 0, 1])
+    big = np.linspace(-1, 1, 1 << 16, dtype=dt)
     _, mu, rs = nn.layer_norm(x, v, v)
     return {
         "adamw_step": lambda: optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1),
@@ -38,6 +39,9 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         "quantize_int8": lambda: quant.quantize_int8(x),
         "dequantize_int8": lambda: quant.dequantize_int8(quant.quantize_int8(x)[0], v[:4], dt),
         "topk_sparsify": lambda: compress.topk_sparsify(x.ravel(), np.zeros(24, dt), 3),
+        # large inputs select by a sampled threshold: other kernels, compiled here too
+        "topk_sparsify threshold": lambda: compress.topk_sparsify(
+            big, np.zeros(big.size, dt), 64),
     }
 
 

@@ -416,6 +416,30 @@ def test_bias_act_refuses_unknown_activation_and_wrong_bias():
         nn.bias_act(np.zeros((2, 3)), np.zeros(2))
 
 
+def test_vector_compress_falls_back_on_an_older_llvm(run_python, tmp_path):
+    # llvm.experimental.vector.compress arrived in LLVM 19: with an older llvmlite (as in
+    # Debian 12's numba, which the Python image carries) the process would abort when it
+    # links. There the put-aside lanes of float64 GELU and the sparsification's
+    # candidates go through llvm.masked.compressstore; run that path here, in a fresh
+    # cache, against the default one
+    code = (
+        "import hashlib, numpy as np\n"
+        "from kernels import _simd, compress, nn\n"
+        "_simd.VECTOR_COMPRESS = {flag}\n"
+        "rng = np.random.default_rng(3)\n"
+        "x = 8 * rng.standard_normal((300, 96)); x[::7, 3] = np.nan\n"
+        "b = rng.standard_normal(96)\n"
+        "g = rng.standard_normal(1 << 17).astype(np.float32)\n"
+        "r = rng.standard_normal(1 << 17).astype(np.float32)\n"
+        "idx, val = compress.topk_sparsify(g, r, 1000)\n"
+        "dx, db = nn.bias_act_backward(x, x, b)\n"
+        "for a in (nn.gelu(x), nn.gelu_backward(x, x), nn.bias_act(x, b), dx, db, idx, val, r):\n"
+        "    print(hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())\n")
+    got = run_python(code.format(flag=False), HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "old"))
+    want = run_python(code.format(flag=True), HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "new"))
+    assert got == want
+
+
 def test_float64_gelu_for_a_generic_cpu_target_takes_the_portable_path(run_python, tmp_path):
     # an image that carries a cache built for NUMBA_CPU_NAME=generic must not compile the
     # AVX-512 intrinsics (they would not even select there); the portable path runs
