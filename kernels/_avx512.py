@@ -593,7 +593,7 @@ def _gelu_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
 
 def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
     """Build one ``gelu[_bias][_bwd]_f64[_tail|_nt]`` intrinsic: ``(dy, x, b, out, acc, i,
-    j, n, pz, pdy, pi, pj, stage, spos, cnt) -> cnt``. The first 8 arguments are as for
+    j, n, pz, pdy, pi, pj, cnt) -> cnt``. The first 8 arguments are as for
     ``_gelu_intrinsic``, but the arithmetic is ``central_pieces``: ``out[i:i+n] = z
     Phi(z)``, or backward ``dy (1 + R(|z|))`` (``z >= 0``) and ``-dy R(|z|)``.
 
@@ -605,15 +605,15 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
     intrinsics (``kernels.activations._finish``), so each lane's arithmetic depends only
     on its own value.
 
-    ``_nt``: a block with lanes put aside is not streamed to ``out`` but stored to
-    ``stage[spos:spos+32]`` (in cache), and the indices put aside are into ``stage``;
-    the caller finishes the lanes there and then streams the block out (a store into a
-    line just written non-temporally waits for it to reach memory and reads it back:
-    finishing lanes in place made wide inputs 2x slower from memory)."""
+    ``_nt``: a block with lanes put aside is written with plain stores, through the
+    cache, where its finished lanes land soon after (a store into a line just written
+    non-temporally waits for it to reach memory and reads it back: finishing lanes in
+    place made wide inputs 2x slower from memory; holding such blocks in a small stage
+    and streaming them out after their lanes were finished measured 12% slower than
+    plain stores for GELU on wide inputs from memory)."""
 
-    def typer(typingctx, dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, stage, spos, cnt):
-        if not (all(_is_f64(a) for a in (dy, x, b, out, acc, pz, pdy, stage))
-                and isinstance(spos, types.Integer)
+    def typer(typingctx, dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt):
+        if not (all(_is_f64(a) for a in (dy, x, b, out, acc, pz, pdy))
                 and all(isinstance(p, types.Array) and p.ndim == 1 and p.layout == "C"
                         and p.dtype == types.int64 for p in (pi, pj))
                 and all(isinstance(a, types.Integer) for a in (i, j, n, cnt))):
@@ -625,8 +625,7 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
             i64 = context.cast(builder, args[5], ity, types.int64)
             j64 = context.cast(builder, args[6], jty, types.int64)
             n64 = context.cast(builder, args[7], nty, types.int64)
-            cnt = context.cast(builder, args[14], sig.args[14], types.int64)
-            spos = context.cast(builder, args[13], sig.args[13], types.int64)
+            cnt = context.cast(builder, args[12], sig.args[12], types.int64)
             blk = _Block(context, builder, sig, args, n64, masked)
             z = blk.load(1, i64)
             if bias:
@@ -654,20 +653,15 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
             with builder.if_else(builder.icmp_unsigned("!=", anyb, ir.Constant(i8, 0)),
                                  likely=False) as (aside, plain):
                 with aside:
-                    base = i64
-                    if nt:  # staged (see above)
-                        for q in range(_UNROLL):
-                            p = _elem(context, builder, sig.args[12], args[12],
-                                      builder.add(spos, ir.Constant(_I64, 8 * q)))
-                            _store(builder, res[q], builder.bitcast(p, _V8.as_pointer()), None)
-                        base = spos
+                    if nt:  # plain stores (see above)
+                        blk.store(res, 3, i64)
                     popc = cgutils.get_or_insert_function(
                         builder.module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
                     pos = cnt
                     lanes = ir.Constant(_I8V, list(range(8)))
                     for q in range(_UNROLL):
                         off = ir.Constant(_I64, 8 * q)
-                        put = [(z[q], 8), (builder.add(_splat64(builder, builder.add(base, off)),
+                        put = [(z[q], 8), (builder.add(_splat64(builder, builder.add(i64, off)),
                                                        lanes), 10)]
                         if backward:
                             put.append((dyv[q], 9))
@@ -688,8 +682,7 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
             res.add_incoming(pos, after)
             return res
 
-        return (types.int64(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, stage, spos, cnt),
-                codegen)
+        return types.int64(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt), codegen
 
     typer.__name__ = typer.__qualname__ = ("gelu" + ("_bias" if bias else "")
                                            + ("_bwd" if backward else "") + "_f64"

@@ -39,7 +39,7 @@ from kernels._chunks import chunk_bounds, n_chunks
 from kernels._erf import normal_parts
 from kernels._fastmath import exp_softmax
 from kernels._jit import jit, overload, prange, types
-from kernels._simd import address, copy64_nt, sfence, stream_out
+from kernels._simd import address, sfence, stream_out
 from kernels.errors import KernelInputError
 
 __all__ = ["ACTIVATIONS", "bias_act", "bias_act_backward", "gelu", "gelu_backward"]
@@ -208,19 +208,16 @@ def _head(out, i, hi, nt):
 # Both directions: ``|z| < 4.99`` by the central pieces (``_avx512.central_pieces``, no
 # exp); the other lanes are put aside per chunk and finished in batches by ``_finish``.
 _PEND = 96  # put-aside lanes per chunk before a batch is finished (see _finish)
-_STAGE = 64  # blocks with lanes put aside held in cache before they are streamed out
 
 
 @jit(inline=True)
 def _pending(nchunks):
     """Per-chunk buffers for the put-aside lanes: ``z``, ``dy``, the index in the output
-    (or in the stage) and the one in the bias gradient; the stage for blocks with lanes
-    put aside under non-temporal stores, and where each goes. One allocation each;
-    pages are only touched where lanes are put aside."""
+    and the one in the bias gradient. One allocation each; pages are only touched where
+    lanes are put aside."""
     m = _PEND + 2 * _B
     return (np.empty((nchunks, m)), np.empty((nchunks, m)),
-            np.empty((nchunks, m), np.int64), np.empty((nchunks, m), np.int64),
-            np.empty((nchunks, _STAGE * _B)), np.empty((nchunks, _STAGE), np.int64))
+            np.empty((nchunks, m), np.int64), np.empty((nchunks, m), np.int64))
 
 
 @jit(fastmath={"contract"})
@@ -251,15 +248,6 @@ def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
     return 0
 
 
-@jit()
-def _stream(stage, sdst, scnt, out):
-    """Stream the ``scnt`` staged blocks to ``out[sdst[s]:]`` (non-temporal); returns 0."""
-    for s in range(scnt):
-        for q in range(0, _B, 8):
-            copy64_nt(out, sdst[s] + q, stage, s * _B + q)
-    return 0
-
-
 _GELU_F64_BLOCKS = {  # (bias, backward): the plain, masked tail and non-temporal intrinsic
     (False, False): (gelu_f64, gelu_f64_tail, gelu_f64_nt),
     (False, True): (gelu_bwd_f64, gelu_bwd_f64_tail, gelu_bwd_f64_nt),
@@ -268,14 +256,14 @@ _GELU_F64_BLOCKS = {  # (bias, backward): the plain, masked tail and non-tempora
 }
 
 
-def _gelu_block(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj, stage,
-                spos, cnt):  # pragma: no cover - replaced by the overload inside jitted code
+def _gelu_block(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj,
+                cnt):  # pragma: no cover - replaced by the overload inside jitted code
     raise NotImplementedError
 
 
 @overload(_gelu_block, inline="always")
 def _gelu_block_overload(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj,
-                         stage, spos, cnt):
+                         cnt):
     """One call of the ``_avx512`` intrinsic for the constants ``kind`` (0 the plain
     block, 1 the masked ``_tail``, 2 the non-temporal ``_nt``), ``bias`` and
     ``backward``: chosen while typing, so each call site compiles only its own."""
@@ -284,9 +272,8 @@ def _gelu_block_overload(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz,
         return None
     fn = _GELU_F64_BLOCKS[bias.literal_value, backward.literal_value][kind.literal_value]
 
-    def impl(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj, stage,
-             spos, cnt):
-        return fn(dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj, stage, spos, cnt)
+    def impl(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj, cnt):
+        return fn(dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj, cnt)
     return impl
 
 
@@ -304,49 +291,38 @@ def _gelu_chunk(c, dy, x, bt, out, pdb, ncols, nchunks, nt, bufs, bias, backward
     start on a 64-byte boundary took two each, 21 instead of 38 GB/s); the backward
     sums the chunk's bias gradient into ``pdb[c]``, tiled like ``bt`` (``_untile_sum``
     folds it back). Without a bias ``ncols`` is past ``x.size`` and ``bt``, ``pdb`` are
-    not read. Lanes put aside: see ``_finish``; with ``nt`` their blocks wait in the
-    stage until they are finished (``_avx512``)."""
-    pzs, pdys, pis, pjs, stages, sdsts = bufs
+    not read. Lanes put aside: see ``_finish`` (with ``nt``, their blocks are written
+    through the cache: ``_avx512``)."""
+    pzs, pdys, pis, pjs = bufs
     # run-time booleans for _finish (not the constants), so that it compiles once for
     # all four kernels rather than once per kernel
     grad_b = nchunks > 0 and bias and backward
     wide_b = nchunks > 0 and backward
     lo, hi = chunk_bounds(x.size, nchunks, c)
-    pz, pdy, pi, pj, stage, sdst = pzs[c], pdys[c], pis[c], pjs[c], stages[c], sdsts[c]
+    pz, pdy, pi, pj = pzs[c], pdys[c], pis[c], pjs[c]
     acc = pdb[c]
-    cnt = scnt = 0
+    cnt = 0
     i = _head(out, lo, hi, nt)
     if i > lo:
         cnt = _gelu_block(1, bias, backward, dy, x, bt, out, acc, lo, lo % ncols, i - lo,
-                          pz, pdy, pi, pj, stage, 0, cnt)
-        cnt = _finish(pz, pdy, pi, pj, cnt, out, acc, grad_b, wide_b)
+                          pz, pdy, pi, pj, cnt)
     j = i % ncols
     while i + _B <= hi:
         if nt:
-            c0 = cnt
             cnt = _gelu_block(2, bias, backward, dy, x, bt, out, acc, i, j, _B,
-                              pz, pdy, pi, pj, stage, scnt * _B, cnt)
-            if cnt != c0:
-                sdst[scnt] = i
-                scnt += 1
-                if cnt > _PEND or scnt == _STAGE:
-                    cnt = _finish(pz, pdy, pi, pj, cnt, stage, acc, grad_b, wide_b)
-                    scnt = _stream(stage, sdst, scnt, out)
+                              pz, pdy, pi, pj, cnt)
         else:
             cnt = _gelu_block(0, bias, backward, dy, x, bt, out, acc, i, j, _B,
-                              pz, pdy, pi, pj, stage, 0, cnt)
-            if cnt > _PEND:
-                cnt = _finish(pz, pdy, pi, pj, cnt, out, acc, grad_b, wide_b)
+                              pz, pdy, pi, pj, cnt)
+        if cnt > _PEND:
+            cnt = _finish(pz, pdy, pi, pj, cnt, out, acc, grad_b, wide_b)
         i += _B
         j += _B
         if j >= ncols:
             j %= ncols
-    if nt:
-        cnt = _finish(pz, pdy, pi, pj, cnt, stage, acc, grad_b, wide_b)
-        _stream(stage, sdst, scnt, out)
     if i < hi:
         cnt = _gelu_block(1, bias, backward, dy, x, bt, out, acc, i, j, hi - i,
-                          pz, pdy, pi, pj, stage, 0, cnt)
+                          pz, pdy, pi, pj, cnt)
     _finish(pz, pdy, pi, pj, cnt, out, acc, grad_b, wide_b)
     if nt:
         sfence()

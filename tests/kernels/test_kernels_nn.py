@@ -360,7 +360,7 @@ def test_gelu_float64_lanes_past_the_central_pieces_are_finished_wherever_they_a
     # are put aside and finished in batches, more than one batch per chunk here (half
     # the lanes of x are wide), in place too. Each value must not depend on its
     # neighbours: the same x shifted by a few places gives the same values, bit for bit
-    # (and, one lane in 32 past 4.99, blocks wait in the stage until it is full)
+    # (and with one lane in 32 past 4.99: nearly every block has one put aside)
     require_avx512()
     wide = 8 * rng.standard_normal((300, 96))
     wide[::7, 3] = np.nan
@@ -371,7 +371,7 @@ def test_gelu_float64_lanes_past_the_central_pieces_are_finished_wherever_they_a
     for x in (wide, sparse):
         _check_put_aside(x, rng, monkeypatch)
     assert np.sum(np.abs(wide) >= 4.99) > 2 * activations._PEND * 8  # batches per chunk
-    assert np.sum(np.abs(sparse) >= 4.99) / 8 > activations._STAGE  # stage full per chunk
+    assert np.sum(np.abs(sparse) >= 4.99) / 8 > activations._PEND  # batches per chunk
 
 
 def _check_put_aside(x, rng, monkeypatch):
