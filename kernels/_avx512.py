@@ -52,7 +52,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from kernels._jit import intrinsic, numba, types
-from kernels._simd import _compress_to, store_nt
+from kernels._simd import _compress_to, _elem_ptr, _splat, store_nt
 
 __all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
@@ -480,11 +480,7 @@ def _ptr(context, builder, aryty, ary, idx, idxty):
 
 
 def _mask(builder, n):
-    lanes = ir.Constant(_I8V, list(range(8)))
-    nv = builder.insert_element(ir.Constant(_I8V, ir.Undefined), n, ir.Constant(_I32, 0))
-    nv = builder.shuffle_vector(nv, ir.Constant(_I8V, ir.Undefined),
-                                ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
-    return builder.icmp_signed("<", lanes, nv)
+    return builder.icmp_signed("<", ir.Constant(_I8V, list(range(8))), _splat(builder, n, _I8V))
 
 
 def _load(builder, ptr, mask):
@@ -543,59 +539,53 @@ BLOCK = 32  # elements per call: 4 vectors in lockstep (see above)
 _UNROLL = BLOCK // 8
 
 
-def _gelu_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
-    """Build one ``gelu_wide[_bias][_bwd]_f64[_tail|_nt]`` intrinsic, the full-range path
-    (``normal_tail_and_exp``): ``(dy, x, b, out, acc, i, j, n)``, all arrays 1-D C
-    float64 (ones a variant does not use may be any of them).
+def _gelu_wide_intrinsic(backward: bool, masked: bool):
+    """Build one ``gelu_wide[_bwd]_f64[_tail]`` intrinsic, the full-range path
+    (``normal_tail_and_exp``), for the lanes the central pieces put aside: ``(dy, x,
+    out, i, n)``, all arrays 1-D C float64 (the forward does not read ``dy``).
 
-    ``z = x[i:i+n]`` (plus ``b[j:j+n]`` with a bias). Forward: ``out[i:i+n] = z Phi(z)``.
-    Backward: ``out[i:i+n] = dy[i:i+n] (Phi(z) + z phi(z))``, and with a bias also
-    ``acc[j:j+n] += out[i:i+n]``. ``n`` is ``BLOCK`` for the plain variants; the ``_tail``
-    ones take any ``n`` up to ``BLOCK`` (masked loads and stores, same arithmetic). The
-    ``_nt`` ones write ``out`` with non-temporal stores: ``&out[i]`` must be 64-byte
-    aligned and the thread must ``sfence()`` before the results are read elsewhere."""
+    ``z = x[i:i+n]``. Forward: ``out[i:i+n] = z Phi(z)``. Backward: ``out[i:i+n] =
+    dy[i:i+n] (Phi(z) + z phi(z))``. ``n`` is ``BLOCK`` for the plain variants; the
+    ``_tail`` ones take any ``n`` up to ``BLOCK`` (masked loads and stores, same
+    arithmetic)."""
 
-    def typer(typingctx, dy, x, b, out, acc, i, j, n):
-        if not (all(_is_f64(a) for a in (dy, x, b, out, acc))
-                and all(isinstance(a, types.Integer) for a in (i, j, n))):
+    def typer(typingctx, dy, x, out, i, n):
+        if not (all(_is_f64(a) for a in (dy, x, out))
+                and all(isinstance(a, types.Integer) for a in (i, n))):
             return None
 
         def codegen(context, builder, sig, args):
-            ity, jty, nty = sig.args[5:]
             v = _Vec(builder, _UNROLL)
-            n64 = context.cast(builder, args[7], nty, types.int64)
-            i64 = context.cast(builder, args[5], ity, types.int64)
-            j64 = context.cast(builder, args[6], jty, types.int64)
+            i64 = context.cast(builder, args[3], sig.args[3], types.int64)
+            n64 = context.cast(builder, args[4], sig.args[4], types.int64)
             blk = _Block(context, builder, sig, args, n64, masked)
-            load, store = blk.load, blk.store
-
-            z = load(1, i64)
-            if bias:
-                z = v.add(z, load(2, j64))
+            z = blk.load(1, i64)
             cdf, e = normal_tail_and_exp(v, z)
             if backward:
-                res = v.mul(load(0, i64), v.fma(v.mul(z, e), v.const(_INV_SQRT_2PI), cdf))
+                res = v.mul(blk.load(0, i64), v.fma(v.mul(z, e), v.const(_INV_SQRT_2PI), cdf))
             else:
                 res = v.mul(z, cdf)
-            store(res, 3, i64, nt)
-            if bias and backward:
-                store(v.add(load(4, j64), res), 4, j64)
+            blk.store(res, 2, i64)
             return context.get_dummy_value()
 
-        return types.void(dy, x, b, out, acc, i, j, n), codegen
+        return types.void(dy, x, out, i, n), codegen
 
-    typer.__name__ = typer.__qualname__ = ("gelu_wide" + ("_bias" if bias else "")
-                                           + ("_bwd" if backward else "") + "_f64"
-                                           + ("_tail" if masked else "")
-                                           + ("_nt" if nt else ""))
+    typer.__name__ = typer.__qualname__ = ("gelu_wide" + ("_bwd" if backward else "") + "_f64"
+                                           + ("_tail" if masked else ""))
     return intrinsic(typer)
 
 
 def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
     """Build one ``gelu[_bias][_bwd]_f64[_tail|_nt]`` intrinsic: ``(dy, x, b, out, acc, i,
-    j, n, pz, pdy, pi, pj, cnt) -> cnt``. The first 8 arguments are as for
-    ``_gelu_intrinsic``, but the arithmetic is ``central_pieces``: ``out[i:i+n] = z
-    Phi(z)``, or backward ``dy (1 + R(|z|))`` (``z >= 0``) and ``-dy R(|z|)``.
+    j, n, pz, pdy, pi, pj, cnt) -> cnt``; arrays 1-D C, ``pi``/``pj`` int64, the others
+    float64 (ones a variant does not use may be any of them), through
+    ``central_pieces``. ``z = x[i:i+n]`` (plus ``b[j:j+n]`` with a bias). Forward:
+    ``out[i:i+n] = z Phi(z)``. Backward: ``out[i:i+n] = dy (1 + R(|z|))`` where ``z >=
+    0``, ``-dy R(|z|)`` below, and with a bias also ``acc[j:j+n] += out[i:i+n]``. ``n``
+    is ``BLOCK`` for the plain variants; the ``_tail`` ones take any ``n`` up to
+    ``BLOCK`` (masked loads and stores, same arithmetic). The ``_nt`` ones write ``out``
+    with non-temporal stores: ``&out[i]`` must be 64-byte aligned and the thread must
+    ``sfence()`` before the results are read elsewhere.
 
     Lanes with ``|z| >= _A_CENTRAL`` (or NaN) get junk in ``out`` (and add nothing to
     ``acc``) and are put aside instead, appended from ``cnt`` on: ``z`` to ``pz``,
@@ -661,16 +651,16 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
                     lanes = ir.Constant(_I8V, list(range(8)))
                     for q in range(_UNROLL):
                         off = ir.Constant(_I64, 8 * q)
-                        put = [(z[q], 8), (builder.add(_splat64(builder, builder.add(i64, off)),
-                                                       lanes), 10)]
+                        put = [(z[q], 8), (builder.add(_splat(builder, builder.add(i64, off),
+                                                              _I8V), lanes), 10)]
                         if backward:
                             put.append((dyv[q], 9))
                         if backward and bias:
-                            put.append((builder.add(_splat64(builder, builder.add(j64, off)),
-                                                    lanes), 11))
+                            put.append((builder.add(_splat(builder, builder.add(j64, off),
+                                                           _I8V), lanes), 11))
                         for val, k in put:
-                            _compress_to(builder, val, outs[q],
-                                         _elem(context, builder, sig.args[k], args[k], pos))
+                            _compress_to(builder, val, outs[q], _elem_ptr(
+                                context, builder, sig.args[k], args[k], pos, types.int64))
                         pos = builder.add(pos, builder.zext(builder.call(popc, [bits[q]]), _I64))
                     after = builder.block
                 with plain:
@@ -691,17 +681,6 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
     return intrinsic(typer)
 
 
-def _splat64(builder, x):
-    vec = builder.insert_element(ir.Constant(_I8V, ir.Undefined), x, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(vec, ir.Constant(_I8V, ir.Undefined),
-                                  ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
-
-
-def _elem(context, builder, aryty, ary, idx):
-    data = context.make_array(aryty)(context, builder, ary).data
-    return builder.gep(data, [idx])
-
-
 gelu_f64 = _gelu_central_intrinsic(False, False, False)
 gelu_f64_tail = _gelu_central_intrinsic(False, False, True)
 gelu_f64_nt = _gelu_central_intrinsic(False, False, False, nt=True)
@@ -715,10 +694,10 @@ gelu_bias_bwd_f64 = _gelu_central_intrinsic(True, True, False)
 gelu_bias_bwd_f64_nt = _gelu_central_intrinsic(True, True, False, nt=True)
 gelu_bias_bwd_f64_tail = _gelu_central_intrinsic(True, True, True)
 # the lanes the ones above put aside, through normal_tail_and_exp
-gelu_wide_f64 = _gelu_intrinsic(False, False, False)
-gelu_wide_f64_tail = _gelu_intrinsic(False, False, True)
-gelu_wide_bwd_f64 = _gelu_intrinsic(False, True, False)
-gelu_wide_bwd_f64_tail = _gelu_intrinsic(False, True, True)
+gelu_wide_f64 = _gelu_wide_intrinsic(False, False)
+gelu_wide_f64_tail = _gelu_wide_intrinsic(False, True)
+gelu_wide_bwd_f64 = _gelu_wide_intrinsic(True, False)
+gelu_wide_bwd_f64_tail = _gelu_wide_intrinsic(True, True)
 
 
 def _softmax_exp_intrinsic(masked: bool):

@@ -232,15 +232,15 @@ def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
     k = 0
     while k + _B <= cnt:
         if backward:
-            gelu_wide_bwd_f64(pdy, pz, pz, pz, pz, k, 0, _B)
+            gelu_wide_bwd_f64(pdy, pz, pz, k, _B)
         else:
-            gelu_wide_f64(pz, pz, pz, pz, pz, k, 0, _B)
+            gelu_wide_f64(pdy, pz, pz, k, _B)
         k += _B
     if k < cnt:
         if backward:
-            gelu_wide_bwd_f64_tail(pdy, pz, pz, pz, pz, k, 0, cnt - k)
+            gelu_wide_bwd_f64_tail(pdy, pz, pz, k, cnt - k)
         else:
-            gelu_wide_f64_tail(pz, pz, pz, pz, pz, k, 0, cnt - k)
+            gelu_wide_f64_tail(pdy, pz, pz, k, cnt - k)
     for t in range(cnt):
         out[pi[t]] = pz[t]
         if bias:
