@@ -59,7 +59,15 @@ def stream_triad(n: int) -> float:
 SETTLE_S = 0.15  # OpenBLAS's idle worker threads spin for about 0.1 s after a call
 
 
-def race(fns: dict, repeat: int = 7) -> dict[str, float]:
+@jit(parallel=True)
+def _read_all(a):
+    s = 0.0
+    for i in prange(a.size):
+        s += a[i]
+    return s
+
+
+def race(fns: dict, repeat: int = 7, clean=None) -> dict[str, float]:
     """Best time of each callable, timed round-robin so that load from other work on this
     shared machine hits all of them alike (a ratio of two separate best-ofs does not).
 
@@ -68,13 +76,17 @@ def race(fns: dict, repeat: int = 7) -> dict[str, float]:
     after a call (OpenBLAS for about 0.1 s), and a Numba kernel timed inside that window
     shares the 2 cores with them (measured: a 1.1 ms search scan took 4-7 ms right after
     a NumPy GEMM). The untimed call brings the cores back up after the pause, so the
-    next timed call starts as it would in a tight loop."""
+    next timed call starts as it would in a tight loop.
+
+    ``clean``, when given, runs untimed before every timed call (see ``Table``)."""
     for fn in fns.values():
         fn()
     first = next(iter(fns.values()))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            if clean is not None:
+                clean()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -88,14 +100,38 @@ class Table:
     """Kernel rows. ``ours`` is the plain call (allocating its output, as the baselines
     do) and is what the ratios use; ``ours_out`` writes into a reused ``out=`` buffer and
     is what the bandwidth uses (a fresh 100+ MB output costs page faults that belong to the
-    allocator, not the kernel)."""
+    allocator, not the kernel).
 
-    def __init__(self, triad_n: int) -> None:
+    Every timed call of a row (the triad's too) starts from the same cache: one that a
+    read of ``CLEAN_BYTES`` (3x this machine's 32 MB L3) has filled with clean lines.
+    Without it, whichever call came right after the triad paid for writing back the
+    L3's worth of the triad's dirty lines, and ``ours`` always came right after it
+    (measured: the 64 MiB one-query search scan took 1.50 ms after the triad against
+    1.27-1.33 ms after a read; the triad itself moves 768 MiB and did not change)."""
+
+    CLEAN_BYTES = 96 << 20
+
+    def __init__(self, triad_n: int, wait_triad: float = 0.0, wait_max_s: float = 600.0) -> None:
         self.rows: list[dict] = []
+        self.wait_triad, self.wait_max_s = wait_triad, wait_max_s
         self._abc = (np.empty(triad_n), np.full(triad_n, 1.0), np.full(triad_n, 2.0))
+        self._fill = np.ones(self.CLEAN_BYTES // 8)
+
+    def _clean(self) -> None:
+        _read_all(self._fill)
 
     def _triad(self) -> None:
         _triad(*self._abc, 3.0)
+
+    def _wait_for_bandwidth(self) -> None:
+        """With ``--wait-triad``: poll the triad until it reaches that many GB/s (at most
+        ``wait_max_s``), so that a run characterises one of this shared machine's
+        bandwidth regimes (it switches between about 47 and about 80 GB/s)."""
+        deadline = time.perf_counter() + self.wait_max_s
+        while self.wait_triad and time.perf_counter() < deadline:
+            if 3 * self._abc[0].nbytes / best(self._triad, repeat=2) / GB >= self.wait_triad:
+                return
+            time.sleep(2.0)
 
     def add(self, name, shape, dtype, nbytes, note="", **fns) -> None:
         """Race ``fns`` (keys: ours, ours_out, numpy, torch) with a STREAM triad; one row.
@@ -103,7 +139,9 @@ class Table:
         The triad runs in the same round-robin, so '% triad' compares the kernel with the
         bandwidth the machine gave during the same seconds (it is shared and varies 2x).
         """
-        t = race({"triad": self._triad, **{k: f for k, f in fns.items() if f is not None}})
+        self._wait_for_bandwidth()
+        t = race({"triad": self._triad, **{k: f for k, f in fns.items() if f is not None}},
+                 clean=self._clean)
         triad = 3 * self._abc[0].nbytes / t["triad"] / GB
         ms = {k: t[k] * 1e3 if k in t else None for k in ("ours", "ours_out", "numpy", "torch")}
         gbs = nbytes / t.get("ours_out", t["ours"]) / GB if nbytes else None
@@ -546,6 +584,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="markdown file whose '## Kernels' section is replaced")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not figures)")
+    ap.add_argument("--wait-triad", type=float, default=0.0, metavar="GBS",
+                    help="before each kernel row, wait (at most 10 min) until a triad reaches "
+                         "GBS: measures the rows in one bandwidth regime of a shared machine")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="only the kernel rows and compute ceilings (no k-means, training, "
+                         "compile times)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     scale = 16 if args.quick else 1
@@ -557,13 +601,18 @@ def main(argv=None) -> int:
     res["triad_n"] = (1 << 25) // scale
     res["triad_gb_s"] = max(stream_triad(res["triad_n"]) for _ in range(3))
     print(f"  STREAM triad: {res['triad_gb_s']:.1f} GB/s", flush=True)
-    tab = Table(res["triad_n"])
+    tab = Table(res["triad_n"], wait_triad=args.wait_triad)
     for dt in (np.float32, np.float64):
         bench_adamw(tab, tb, (1 << 24) // scale, dt)
         bench_nn(tab, tb, (1 << 17) // scale, 256, dt)
     bench_data_kernels(tab, (1 << 17) // scale, np.float32)
     res["kernels"] = tab.rows
     res["ceilings"] = bench_ceilings(2048 // (4 if args.quick else 1))
+    if args.kernels_only:  # the tables on stdout; --out is left alone
+        print("\n".join(_kernel_table(res["kernels"]) + _ceiling_table(res)))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2, default=str))
+        return 0
     res["kmeans_iters"] = 20
     res["kmeans"] = bench_kmeans([(200_000 // scale, 16, 8, np.float32),
                                   (200_000 // scale, 16, 8, np.float64),
