@@ -352,6 +352,12 @@ class _Vec:
         fn = self._fn("llvm.fabs.v8f64", _V8, [_V8])
         return self._map(lambda x: self.b.call(fn, [x]), a)
 
+    def max_x86(self, a, b):
+        """``vmaxpd a, b``: ``b`` when ``a > b`` is false, so ``b`` where both are zeros of
+        either sign or either is NaN (``max_x86(0, z)`` keeps ``z = -0.0``)."""
+        fn = self._fn("llvm.x86.avx512.max.pd.512", _V8, [_V8, _V8, _I32])
+        return self._map(lambda x, y: self.b.call(fn, [x, y, ir.Constant(_I32, 4)]), a, b)
+
     def minnum(self, a, b):
         fn = self._fn("llvm.minnum.v8f64", _V8, [_V8, _V8])
         return self._map(lambda x, y: self.b.call(fn, [x, y]), a, b)
@@ -627,8 +633,8 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
                 dyv = blk.load(0, i64)
                 res = v.mul(dyv, v.select_neg(z, v.neg(r), v.add(v.const(1.0), r)))
             else:
-                q = central_pieces(v, a)
-                res = v.mul(z, v.select_neg(z, q, v.sub(v.const(1.0), q)))
+                # z Phi(z) = max(z, 0) - a Phi(-a): one multiply-add, no select
+                res = v.fma(v.neg(a), central_pieces(v, a), v.max_x86(v.const(0.0), z))
             if not nt:
                 blk.store(res, 3, i64)
             if bias and backward:

@@ -493,7 +493,12 @@ def _header(res: dict, command: str) -> list[str]:
          "use the plain call that allocates its output, as the NumPy/PyTorch calls do. "
          f"After each baseline call the round waits {SETTLE_S} s and runs the triad once "
          "untimed: the baselines' BLAS/OpenMP threads spin for about 0.1 s after a call, "
-         "and a kernel timed inside that window shares the 2 cores with them."), "",
+         "and a kernel timed inside that window shares the 2 cores with them. Every timed "
+         f"call (the triad's too) starts after an untimed read of {Table.CLEAN_BYTES >> 20} "
+         "MiB (3x the L3), so none of them pays for writing back the dirty lines a writer "
+         "before it left in the cache (before this, `ours` always came right after the "
+         "triad and paid for the L3's worth of them: the one-query search took 1.50 ms "
+         "there against 1.27-1.33 ms after a read)."), "",
     ]
 
 
