@@ -742,3 +742,161 @@ def _softmax_exp_intrinsic(masked: bool):
 
 softmax_exp_f64 = _softmax_exp_intrinsic(False)
 softmax_exp_f64_tail = _softmax_exp_intrinsic(True)
+
+
+# -- softmax + cross-entropy of short rows (a few vectors each), held in registers -------
+
+_F32 = ir.FloatType()
+_V16 = ir.VectorType(_F32, 16)
+
+
+def _exp_softmax_f32(builder, w):
+    """``kernels._fastmath.exp_softmax_f32`` on 16 float32 lanes: the same operations in
+    the same order, so the same results, but ``2^n`` by ``vscalefps`` instead of bit
+    tricks and a multiply."""
+    from kernels._fastmath import _EXP5_F32, _LOG2E
+
+    def fn(name, nargs):
+        return cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16, [_V16] * nargs), name)
+
+    def c(v):
+        return ir.Constant(_V16, [float(_F32_round(v))] * 16)
+
+    fma = fn("llvm.fma.v16f32", 3)
+    xc = builder.select(builder.fcmp_unordered("uno", w, w), w,
+                        builder.call(fn("llvm.maxnum.v16f32", 2), [w, c(-87.3366)]))
+    n = builder.call(fn("llvm.floor.v16f32", 1), [builder.call(fma, [xc, c(_LOG2E), c(0.5)])])
+    r = builder.call(fma, [builder.fneg(n), c(0.693359375), xc])
+    r = builder.call(fma, [builder.fneg(n), c(-2.12194440e-4), r])
+    p = c(_EXP5_F32[5])
+    for g in _EXP5_F32[4::-1]:
+        p = builder.call(fma, [p, r, c(g)])
+    scalef = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16, ir.IntType(16), _I32]),
+        "llvm.x86.avx512.mask.scalef.ps.512")
+    return builder.call(scalef, [p, n, p, ir.Constant(ir.IntType(16), -1), ir.Constant(_I32, 4)])
+
+
+def _full_or_masked(builder, n, need, plain, masked):
+    """``plain()`` where ``n >= need`` (a whole vector), else ``masked()``: masked loads
+    and stores of whole vectors are slow here."""
+    full = builder.icmp_signed(">=", n, ir.Constant(_I64, need))
+    with builder.if_else(full, likely=True) as (a, b):
+        with a:
+            va = plain()
+            ba = builder.block
+        with b:
+            vb = masked()
+            bb = builder.block
+    phi = builder.phi(va.type)
+    phi.add_incoming(va, ba)
+    phi.add_incoming(vb, bb)
+    return phi
+
+
+def _F32_round(v):
+    import numpy as np
+    return np.float32(v)
+
+
+def _softmax_rows_intrinsic(f32: bool, nvec: int):
+    """Build ``softmax_row{nvec}_f32|f64(x, g, i, c, label, scale) -> (s, mx)`` for a
+    row of ``c <= nvec * L`` classes (``L`` = 16 float32 / 8 float64 lanes) at
+    ``x[i:i+c]``: ``mx`` its max, ``s`` the sum of ``e = exp(x - mx)``, and ``g[i:i+c] =
+    e * (scale / s)``, minus ``scale`` at ``g[i + label]`` (here rather than by the
+    caller: a load from a masked store that has not reached the cache yet waits for it). The row is loaded once (masked) and stays in registers for the max, the exp,
+    the sum and the scaling; the exps are those of the long-row kernels
+    (``exp_softmax_f32`` / ``exp_nonpos``), so the results match them. The max ignores
+    a NaN (it reaches the sum through its own exp anyway)."""
+    lanes = 16 if f32 else 8
+    dt = types.float32 if f32 else types.float64
+
+    def ok(a):
+        return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt
+
+    def typer(typingctx, x, g, i, c, label, scale):
+        if not (ok(x) and ok(g) and scale == dt
+                and all(isinstance(a, types.Integer) for a in (i, c, label))):
+            return None
+        ret = types.UniTuple(dt, 2)
+
+        def codegen(context, builder, sig, args):
+            ft = _F32 if f32 else _F64
+            vty = _V16 if f32 else _V8
+            mty = ir.VectorType(ir.IntType(1), lanes)
+            i64 = context.cast(builder, args[2], sig.args[2], types.int64)
+            c64 = context.cast(builder, args[3], sig.args[3], types.int64)
+            lane_ids = ir.Constant(ir.VectorType(_I64, lanes), list(range(lanes)))
+            sfx = f"v{lanes}{'f32' if f32 else 'f64'}"
+            mload = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty.as_pointer(), _I32, mty, vty]),
+                f"llvm.masked.load.{sfx}.p0")
+            mstore = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [vty, vty.as_pointer(), _I32, mty]),
+                f"llvm.masked.store.{sfx}.p0")
+            masks, ptrs, xs = [], [], []
+            ninf = ir.Constant(vty, [float("-inf")] * lanes)
+            for q in range(nvec):
+                off = ir.Constant(_I64, q * lanes)
+                masks.append(builder.icmp_signed("<", lane_ids, _splat(
+                    builder, builder.sub(c64, off), ir.VectorType(_I64, lanes))))
+                base = builder.add(i64, off)
+                px = builder.bitcast(_elem_ptr(context, builder, sig.args[0], args[0], base,
+                                               types.int64), vty.as_pointer())
+                ptrs.append(builder.bitcast(_elem_ptr(context, builder, sig.args[1], args[1],
+                                                      base, types.int64), vty.as_pointer()))
+                xs.append(_full_or_masked(builder, c64, (q + 1) * lanes,
+                                          lambda: builder.load(px, align=4),
+                                          lambda: builder.call(mload, [px, ir.Constant(_I32, 4),
+                                                                       masks[q], ninf])))
+            vmax = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{sfx}")
+            m = xs[0]
+            for xv in xs[1:]:
+                m = builder.call(vmax, [m, xv], fastmath=("nnan",))
+            rmax = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ft, [vty]), f"llvm.vector.reduce.fmax.{sfx}")
+            mx = builder.call(rmax, [m], fastmath=("nnan",))
+            mxs = _splat(builder, mx, vty)
+            zero = ir.Constant(vty, [0.0] * lanes)
+            if f32:
+                es = [_exp_softmax_f32(builder, builder.fsub(xv, mxs)) for xv in xs]
+            else:
+                es = exp_nonpos(_Vec(builder, nvec), [builder.fsub(xv, mxs) for xv in xs])
+                es = es if isinstance(es, list) else [es]
+            es = [builder.select(mk, e, zero) for mk, e in zip(masks, es)]
+            acc = es[0]
+            for e in es[1:]:
+                acc = builder.fadd(acc, e)
+            radd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ft, [ft, vty]), f"llvm.vector.reduce.fadd.{sfx}")
+            s = builder.call(radd, [ir.Constant(ft, -0.0), acc], fastmath=("reassoc",))
+            f = _splat(builder, builder.fdiv(args[5], s), vty)
+            lab = context.cast(builder, args[4], sig.args[4], types.int64)
+            sub = _splat(builder, args[5], vty)
+            for q, (e, p, mk) in enumerate(zip(es, ptrs, masks)):
+                at = builder.icmp_signed("==", lane_ids, _splat(builder, builder.sub(
+                    lab, ir.Constant(_I64, q * lanes)), ir.VectorType(_I64, lanes)))
+                val = builder.fmul(e, f)
+                val = builder.select(at, builder.fsub(val, sub), val)
+                full = builder.icmp_signed(">=", c64, ir.Constant(_I64, (q + 1) * lanes))
+                with builder.if_else(full, likely=True) as (plain, part):
+                    with plain:
+                        builder.store(val, p, align=4)
+                    with part:
+                        builder.call(mstore, [val, p, ir.Constant(_I32, 4), mk])
+            return context.make_tuple(builder, ret, [s, mx])
+
+        return ret(x, g, i, c, label, scale), codegen
+
+    typer.__name__ = typer.__qualname__ = f"softmax_row{nvec}_{'f32' if f32 else 'f64'}"
+    return intrinsic(typer)
+
+
+# rows of up to 16 / 32 / 64 float32 (8 / 16 / 32 float64) classes
+softmax_row1_f32, softmax_row2_f32, softmax_row4_f32 = (
+    _softmax_rows_intrinsic(True, k) for k in (1, 2, 4))
+softmax_row1_f64, softmax_row2_f64, softmax_row4_f64 = (
+    _softmax_rows_intrinsic(False, k) for k in (1, 2, 4))
+SHORT_ROW_VECTORS = 4  # rows of up to this many vectors take the kernels above

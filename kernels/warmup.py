@@ -23,10 +23,12 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     v = np.ones(6, dt)
     lab = np.array([0, 1, 0, 1])
     big = np.linspace(-1, 1, 1 << 16, dtype=dt)
+    wide = np.linspace(-1, 1, 4 * 80, dtype=dt).reshape(4, 80)  # past the short-row kernel
     _, mu, rs = nn.layer_norm(x, v, v)
     return {
         "adamw_step": lambda: optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1),
-        "softmax_cross_entropy": lambda: nn.softmax_cross_entropy(x, lab),
+        "softmax_cross_entropy": lambda: nn.softmax_cross_entropy(x, lab),  # short rows
+        "softmax_cross_entropy long rows": lambda: nn.softmax_cross_entropy(wide, lab),
         "layer_norm": lambda: nn.layer_norm(x, v, v),
         "layer_norm_backward": lambda: nn.layer_norm_backward(x, x, v, mu, rs),
         "gelu": lambda: nn.gelu(x),

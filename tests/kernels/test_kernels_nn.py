@@ -57,6 +57,7 @@ def f64_path(request, monkeypatch):
         require_avx512()
     monkeypatch.setattr(activations, "VEC_F64", request.param != "portable")
     monkeypatch.setattr(nn, "VEC_F64", request.param != "portable")
+    monkeypatch.setattr(nn, "VEC_SHORT", request.param != "portable")
     if request.param == "avx512-nt":
         monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
     return request.param
@@ -122,7 +123,7 @@ def test_xent_float32_special_rows_follow_float64(rng):
         assert a == pytest.approx(b, rel=1e-5)
 
 
-@pytest.mark.parametrize("c", [1, 7, 31, 32, 33, 64, 70, 256])
+@pytest.mark.parametrize("c", [1, 7, 8, 9, 10, 16, 17, 24, 31, 32, 33, 64, 70, 256])
 def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeypatch):
     # the AVX-512 exp pass does 32 classes per call and a masked tail; rows with NaN,
     # +-inf, huge spreads (exp underflow to 0) and a lone class must match the portable
@@ -137,12 +138,57 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
     res = {}
     for flag in (True, False):
         monkeypatch.setattr(nn, "VEC_F64", flag)
+        monkeypatch.setattr(nn, "VEC_SHORT", flag)
         res[flag] = (nn.softmax_cross_entropy(x, y, reduction="sum", out=np.empty_like(x)),
                      nn.softmax_cross_entropy(x[5:], y[5:]))
     for (lv, gv), (lp, gp) in zip(res[True], res[False]):
         np.testing.assert_allclose(lv, lp, rtol=1e-14, equal_nan=True)
         np.testing.assert_allclose(gv, gp, rtol=1e-13, atol=1e-16, equal_nan=True)
     assert math.isnan(res[True][0][0]) and np.isfinite(res[True][1][0])
+
+
+@pytest.mark.parametrize("c", [1, 5, 10, 15, 16, 17, 31, 32, 33, 40, 48, 63, 64, 65])
+def test_xent_float32_short_rows_match_the_long_row_kernel(c, rng, monkeypatch):
+    # rows of up to 4 vectors (64 float32 classes) are held in registers: full vectors
+    # with plain loads and stores, the last one masked; the same exp as the long-row
+    # kernel, so only the order of the sum differs. Special rows stay in their row.
+    require_avx512()
+    x = (4 * rng.standard_normal((9, c))).astype(np.float32)
+    x[1, 0] = np.nan
+    x[2, -1] = np.inf
+    x[3, :] = -np.inf
+    x[4, 0] = 80.0  # the rest lands near float32's smallest normal, not flushed
+    y = rng.integers(0, c, 9)
+    y[6] = c - 1  # the label in the last lane
+    res = {}
+    for flag in (True, False):
+        monkeypatch.setattr(nn, "VEC_SHORT", flag)
+        out = np.full_like(x, 7.0)
+        res[flag] = (nn.softmax_cross_entropy(x, y, reduction="sum", out=out),
+                     nn.softmax_cross_entropy(x[5:], y[5:]))
+    for (lv, gv), (lp, gp) in zip(res[True], res[False]):
+        np.testing.assert_allclose(lv, lp, rtol=2e-6, equal_nan=True)
+        np.testing.assert_allclose(gv, gp, rtol=2e-6, atol=1e-12, equal_nan=True)
+    assert math.isnan(res[True][0][0]) and np.isfinite(res[True][1][0])
+    g = res[True][0][1]
+    assert np.isnan(g[[1, 2, 3]]).any(axis=1).all() and not np.isnan(g[[0, 4, 5, 6, 7, 8]]).any()
+    rl, rg = ref_xent(x[5:].astype(np.float64), y[5:])
+    np.testing.assert_allclose(res[True][1][0], rl, rtol=1e-5)
+    np.testing.assert_allclose(res[True][1][1], rg, rtol=1e-4, atol=1e-7)
+
+
+def test_xent_short_rows_write_nothing_past_the_output():
+    # the row kernel stores whole vectors where a row has them and masks the rest: the
+    # memory right after the last row of ``out`` keeps its contents
+    require_avx512()
+    for dt, c in ((np.float32, 10), (np.float64, 10), (np.float32, 33), (np.float64, 17)):
+        x = np.arange(4 * c, dtype=dt).reshape(4, c) / 7
+        y = np.array([0, c - 1, 3, 1])
+        big = np.full(4 * c + 64, -5.0, dt)
+        view = big[:4 * c].reshape(4, c)
+        _, g = nn.softmax_cross_entropy(x, y, out=view)
+        assert g is view and (big[4 * c:] == -5.0).all()
+        np.testing.assert_allclose(g, ref_xent(x.astype(np.float64), y)[1], rtol=1e-5, atol=1e-7)
 
 
 def test_xent_refuses_bad_labels_and_dtypes():
