@@ -58,7 +58,9 @@ __all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
            "gelu_bwd_f64", "gelu_bwd_f64_nt", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
            "gelu_f64_tail", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail", "gelu_wide_f64",
-           "gelu_wide_f64_tail", "softmax_exp_f64", "softmax_exp_f64_tail"]
+           "gelu_wide_f64_tail", "softmax_exp_f64", "softmax_exp_f64_tail",
+           "SHORT_ROW_VECTORS", "softmax_row1_f32", "softmax_row1_f64", "softmax_row2_f32",
+           "softmax_row2_f64", "softmax_row4_f32", "softmax_row4_f64"]
 
 # e^r on |r| <= 1.01 ln2/32, degree 6 (python -m kernels._erf_fit)
 EXP16 = (1.0, 1.0000000000000024, 0.5000000000000007, 0.16666666662689536,
