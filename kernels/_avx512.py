@@ -47,10 +47,12 @@ in their place: 0.34).
 from __future__ import annotations
 
 import math
+import struct
 
 from llvmlite import ir
 from numba.core import cgutils
 
+from kernels._fastmath import _EXP5_F32, _LOG2E
 from kernels._jit import intrinsic, numba, types
 from kernels._simd import _compress_to, _elem_ptr, _splat, store_nt
 
@@ -756,14 +758,12 @@ def _exp_softmax_f32(builder, w):
     """``kernels._fastmath.exp_softmax_f32`` on 16 float32 lanes: the same operations in
     the same order, so the same results, but ``2^n`` by ``vscalefps`` instead of bit
     tricks and a multiply."""
-    from kernels._fastmath import _EXP5_F32, _LOG2E
-
     def fn(name, nargs):
         return cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_V16, [_V16] * nargs), name)
 
     def c(v):
-        return ir.Constant(_V16, [float(_F32_round(v))] * 16)
+        return ir.Constant(_V16, [_to_f32(v)] * 16)
 
     fma = fn("llvm.fma.v16f32", 3)
     xc = builder.select(builder.fcmp_unordered("uno", w, w), w,
@@ -781,8 +781,8 @@ def _exp_softmax_f32(builder, w):
 
 
 def _full_or_masked(builder, n, need, plain, masked):
-    """``plain()`` where ``n >= need`` (a whole vector), else ``masked()``: masked loads
-    and stores of whole vectors are slow here."""
+    """``plain()`` where ``n >= need`` (a whole vector), else ``masked()``, and the
+    value they return if any: masked loads and stores of whole vectors are slow here."""
     full = builder.icmp_signed(">=", n, ir.Constant(_I64, need))
     with builder.if_else(full, likely=True) as (a, b):
         with a:
@@ -791,15 +791,17 @@ def _full_or_masked(builder, n, need, plain, masked):
         with b:
             vb = masked()
             bb = builder.block
+    if va is None:
+        return None
     phi = builder.phi(va.type)
     phi.add_incoming(va, ba)
     phi.add_incoming(vb, bb)
     return phi
 
 
-def _F32_round(v):
-    import numpy as np
-    return np.float32(v)
+def _to_f32(v: float) -> float:
+    """``v`` rounded to float32 (an LLVM float constant must be exact in float32)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 def _softmax_rows_intrinsic(f32: bool, nvec: int):
@@ -807,10 +809,13 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
     row of ``c <= nvec * L`` classes (``L`` = 16 float32 / 8 float64 lanes) at
     ``x[i:i+c]``: ``mx`` its max, ``s`` the sum of ``e = exp(x - mx)``, and ``g[i:i+c] =
     e * (scale / s)``, minus ``scale`` at ``g[i + label]`` (here rather than by the
-    caller: a load from a masked store that has not reached the cache yet waits for it). The row is loaded once (masked) and stays in registers for the max, the exp,
-    the sum and the scaling; the exps are those of the long-row kernels
-    (``exp_softmax_f32`` / ``exp_nonpos``), so the results match them. The max ignores
-    a NaN (it reaches the sum through its own exp anyway)."""
+    caller: a load from a masked store that has not reached the cache yet waits for it).
+
+    The row is loaded once and stays in registers for the max, the exp, the sum and the
+    scaling: whole vectors with plain loads and stores, the last, partial one masked.
+    The exps are those of the long-row kernels (``exp_softmax_f32`` / ``exp_nonpos``),
+    so the results match theirs up to the order of the sum. The max ignores a NaN (it
+    reaches the sum through its own exp anyway)."""
     lanes = 16 if f32 else 8
     dt = types.float32 if f32 else types.float64
 
@@ -882,12 +887,14 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
                     lab, ir.Constant(_I64, q * lanes)), ir.VectorType(_I64, lanes)))
                 val = builder.fmul(e, f)
                 val = builder.select(at, builder.fsub(val, sub), val)
-                full = builder.icmp_signed(">=", c64, ir.Constant(_I64, (q + 1) * lanes))
-                with builder.if_else(full, likely=True) as (plain, part):
-                    with plain:
-                        builder.store(val, p, align=4)
-                    with part:
-                        builder.call(mstore, [val, p, ir.Constant(_I32, 4), mk])
+
+                def plain(val=val, p=p):
+                    builder.store(val, p, align=4)
+
+                def masked(val=val, p=p, mk=mk):
+                    builder.call(mstore, [val, p, ir.Constant(_I32, 4), mk])
+
+                _full_or_masked(builder, c64, (q + 1) * lanes, plain, masked)
             return context.make_tuple(builder, ret, [s, mx])
 
         return ret(x, g, i, c, label, scale), codegen
