@@ -62,7 +62,8 @@ __all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_f64_tail", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail", "gelu_wide_f64",
            "gelu_wide_f64_tail", "softmax_exp_f64", "softmax_exp_f64_tail",
            "SHORT_ROW_VECTORS", "softmax_row1_f32", "softmax_row1_f64", "softmax_row2_f32",
-           "softmax_row2_f64", "softmax_row4_f32", "softmax_row4_f64"]
+           "softmax_row2_f64", "softmax_row4_f32", "softmax_row4_f64", "softmax_row8_f32",
+           "softmax_row8_f64"]
 
 # e^r on |r| <= 1.01 ln2/32, degree 6 (python -m kernels._erf_fit)
 EXP16 = (1.0, 1.0000000000000024, 0.5000000000000007, 0.16666666662689536,
@@ -853,10 +854,12 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
                                                types.int64), vty.as_pointer())
                 ptrs.append(builder.bitcast(_elem_ptr(context, builder, sig.args[1], args[1],
                                                       base, types.int64), vty.as_pointer()))
-                xs.append(_full_or_masked(builder, c64, (q + 1) * lanes,
-                                          lambda: builder.load(px, align=4),
-                                          lambda: builder.call(mload, [px, ir.Constant(_I32, 4),
-                                                                       masks[q], ninf])))
+                xs.append(_full_or_masked(
+                    builder, c64, (q + 1) * lanes, lambda: builder.load(px, align=4),
+                    lambda: _full_or_masked(  # lanes past the row: none loaded at all
+                        builder, c64, q * lanes + 1,
+                        lambda: builder.call(mload, [px, ir.Constant(_I32, 4), masks[q], ninf]),
+                        lambda: ninf)))
             vmax = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{sfx}")
             m = xs[0]
@@ -891,8 +894,10 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
                 def plain(val=val, p=p):
                     builder.store(val, p, align=4)
 
-                def masked(val=val, p=p, mk=mk):
-                    builder.call(mstore, [val, p, ir.Constant(_I32, 4), mk])
+                def masked(val=val, p=p, mk=mk, q=q):
+                    with builder.if_then(builder.icmp_signed(
+                            ">", c64, ir.Constant(_I64, q * lanes))):
+                        builder.call(mstore, [val, p, ir.Constant(_I32, 4), mk])
 
                 _full_or_masked(builder, c64, (q + 1) * lanes, plain, masked)
             return context.make_tuple(builder, ret, [s, mx])
@@ -903,9 +908,9 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
     return intrinsic(typer)
 
 
-# rows of up to 16 / 32 / 64 float32 (8 / 16 / 32 float64) classes
-softmax_row1_f32, softmax_row2_f32, softmax_row4_f32 = (
-    _softmax_rows_intrinsic(True, k) for k in (1, 2, 4))
-softmax_row1_f64, softmax_row2_f64, softmax_row4_f64 = (
-    _softmax_rows_intrinsic(False, k) for k in (1, 2, 4))
-SHORT_ROW_VECTORS = 4  # rows of up to this many vectors take the kernels above
+# rows of up to 16 / 32 / 64 / 128 float32 (8 / 16 / 32 / 64 float64) classes
+softmax_row1_f32, softmax_row2_f32, softmax_row4_f32, softmax_row8_f32 = (
+    _softmax_rows_intrinsic(True, k) for k in (1, 2, 4, 8))
+softmax_row1_f64, softmax_row2_f64, softmax_row4_f64, softmax_row8_f64 = (
+    _softmax_rows_intrinsic(False, k) for k in (1, 2, 4, 8))
+SHORT_ROW_VECTORS = (1, 2, 4, 8)  # vectors per row of the kernels above

@@ -31,6 +31,8 @@ from kernels._avx512 import (
     softmax_row2_f64,
     softmax_row4_f32,
     softmax_row4_f64,
+    softmax_row8_f32,
+    softmax_row8_f64,
 )
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._fastmath import exp_softmax, row_max, row_max_float
@@ -126,23 +128,26 @@ def _short_row(xflat, gflat, base, c, label, scale, nvec):  # pragma: no cover -
 def _short_row_overload(xflat, gflat, base, c, label, scale, nvec):
     """The ``kernels._avx512.softmax_row*`` intrinsic for ``nvec`` vectors, of the
     array's dtype (chosen while typing: each dtype compiles only its own three)."""
-    one, two, four = ((softmax_row1_f32, softmax_row2_f32, softmax_row4_f32)
-                      if xflat.dtype == types.float32 else
-                      (softmax_row1_f64, softmax_row2_f64, softmax_row4_f64))
+    one, two, four, eight = (
+        (softmax_row1_f32, softmax_row2_f32, softmax_row4_f32, softmax_row8_f32)
+        if xflat.dtype == types.float32 else
+        (softmax_row1_f64, softmax_row2_f64, softmax_row4_f64, softmax_row8_f64))
 
     def impl(xflat, gflat, base, c, label, scale, nvec):
         if nvec == 1:
             return one(xflat, gflat, base, c, label, scale)
         if nvec == 2:
             return two(xflat, gflat, base, c, label, scale)
-        return four(xflat, gflat, base, c, label, scale)
+        if nvec == 4:
+            return four(xflat, gflat, base, c, label, scale)
+        return eight(xflat, gflat, base, c, label, scale)
     return impl
 
 
 @jit(parallel=True, fastmath={"contract"})
 def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, nvec):
-    """Rows of at most ``nvec`` (1, 2 or 4) AVX-512 vectors, each held in registers from
-    its load to its store (``kernels._avx512.softmax_row*``): the loops of
+    """Rows of at most ``nvec`` (1, 2, 4 or 8) AVX-512 vectors, each held in registers
+    from its load to its store (``kernels._avx512.softmax_row*``): the loops of
     ``_softmax_xent`` run almost entirely in their scalar remainders on such rows (10
     classes: 22 ns per row per core). Row ``i``'s loss is ``log(sums[i]) + gaps[i]``."""
     n, c = logits.shape
@@ -201,7 +206,9 @@ def softmax_cross_entropy(
         grad_scale = 1.0 / n if reduction == "mean" else 1.0
     scale = x.dtype.type(_checks.finite_float("grad_scale", grad_scale))
     lanes = 64 // x.itemsize
-    nvec = next((k for k in (1, 2, SHORT_ROW_VECTORS) if c <= k * lanes), 0)
+    nvec = next((k for k in SHORT_ROW_VECTORS if c <= k * lanes), 0)
+    if nvec == 8 and c <= 5 * lanes:  # 3 of 8 vectors idle: the long-row kernel wins
+        nvec = 0
     if grad and VEC_SHORT and nvec:
         _softmax_xent_short(x, x.reshape(-1), y, g.reshape(-1), sums, gaps, scale, nvec)
         total = float(np.log(sums, out=sums).sum() + gaps.sum())

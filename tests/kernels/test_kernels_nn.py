@@ -123,7 +123,8 @@ def test_xent_float32_special_rows_follow_float64(rng):
         assert a == pytest.approx(b, rel=1e-5)
 
 
-@pytest.mark.parametrize("c", [1, 7, 8, 9, 10, 16, 17, 24, 31, 32, 33, 64, 70, 256])
+@pytest.mark.parametrize("c", [1, 7, 8, 9, 10, 16, 17, 24, 31, 32, 33, 40, 41, 48, 49, 64, 65,
+                               70, 256])
 def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeypatch):
     # the AVX-512 exp pass does 32 classes per call and a masked tail; rows with NaN,
     # +-inf, huge spreads (exp underflow to 0) and a lone class must match the portable
@@ -147,11 +148,13 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
     assert math.isnan(res[True][0][0]) and np.isfinite(res[True][1][0])
 
 
-@pytest.mark.parametrize("c", [1, 5, 10, 15, 16, 17, 31, 32, 33, 40, 48, 63, 64, 65])
+@pytest.mark.parametrize("c", [1, 5, 10, 15, 16, 17, 31, 32, 33, 40, 48, 63, 64, 65, 80, 96, 97,
+                               100, 128, 129])
 def test_xent_float32_short_rows_match_the_long_row_kernel(c, rng, monkeypatch):
-    # rows of up to 4 vectors (64 float32 classes) are held in registers: full vectors
-    # with plain loads and stores, the last one masked; the same exp as the long-row
-    # kernel, so only the order of the sum differs. Special rows stay in their row.
+    # rows of up to 8 vectors (128 float32 classes; not 5) are held in registers: full
+    # vectors with plain loads and stores, the partial one masked, the ones past the row
+    # not touched; the same exp as the long-row kernel, so only the order of the sum
+    # differs. Special rows stay in their row.
     require_avx512()
     x = (4 * rng.standard_normal((9, c))).astype(np.float32)
     x[1, 0] = np.nan
@@ -181,7 +184,8 @@ def test_xent_short_rows_write_nothing_past_the_output():
     # the row kernel stores whole vectors where a row has them and masks the rest: the
     # memory right after the last row of ``out`` keeps its contents
     require_avx512()
-    for dt, c in ((np.float32, 10), (np.float64, 10), (np.float32, 33), (np.float64, 17)):
+    for dt, c in ((np.float32, 10), (np.float64, 10), (np.float32, 33), (np.float64, 17),
+                  (np.float32, 100), (np.float64, 50)):
         x = np.arange(4 * c, dtype=dt).reshape(4, c) / 7
         y = np.array([0, c - 1, 3, 1])
         big = np.full(4 * c + 64, -5.0, dt)
