@@ -1,7 +1,8 @@
 """Float64 GELU on explicit 8-lane AVX-512 vectors: forward and backward, with or
 without a bias (the float64 path of ``kernels.activations`` where the CPU has AVX-512F);
 the same table exp also serves float64 softmax (``softmax_exp_f64``, in ``kernels.nn``:
-0.57 -> 0.50 ns per element per core in cache).
+0.57 -> 0.50 ns per element per core in cache). At the end: softmax + cross-entropy of
+short rows, float32 and float64, each row held in up to 8 vectors (``softmax_row*``).
 
 The scalar-style ``kernels._erf.normal_parts``, which LLVM vectorises on its own, costs
 about 71 vector operations per 8 elements (a degree-11 exp, a division and a degree-20

@@ -4,7 +4,9 @@ Rows are independent, so each kernel is one ``prange`` over rows with the row he
 cache between its passes; exp is the vectorisable ``kernels._fastmath.exp_softmax``
 (``x - max <= 0``: no overflow branch, no flush to 0 of what the sum absorbs anyway), or
 for float64 with a gradient on an AVX-512 CPU ``kernels._avx512.softmax_exp_f64`` (a
-table exp on explicit vectors, 32 classes per call). Layer norm's forward asks for each row 8 KiB
+table exp on explicit vectors, 32 classes per call); softmax rows of up to 8 AVX-512
+vectors (128 float32 / 64 float64 classes) are held in registers from load to store
+instead (``_softmax_xent_short``). Layer norm's forward asks for each row 8 KiB
 ahead (``kernels._prefetch``): its two reductions per row stall the loads, and with the
 hint it went from 49 to 65 GB/s (float64) and 68 to 76 (float32) when the machine gave
 80 GB/s to the triad. The same hint made softmax, layer norm backward and the GELU
@@ -89,7 +91,7 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
 
 VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
 # switch it off to run the portable path too)
-VEC_SHORT = _avx512.AVAILABLE  # rows of up to 4 vectors held in registers (_softmax_xent_short)
+VEC_SHORT = _avx512.AVAILABLE  # rows of up to 8 vectors held in registers (_softmax_xent_short)
 _B = _avx512.BLOCK
 
 
@@ -127,7 +129,7 @@ def _short_row(xflat, gflat, base, c, label, scale, nvec):  # pragma: no cover -
 @overload(_short_row, inline="always")
 def _short_row_overload(xflat, gflat, base, c, label, scale, nvec):
     """The ``kernels._avx512.softmax_row*`` intrinsic for ``nvec`` vectors, of the
-    array's dtype (chosen while typing: each dtype compiles only its own three)."""
+    array's dtype (chosen while typing: each dtype compiles only its own four)."""
     one, two, four, eight = (
         (softmax_row1_f32, softmax_row2_f32, softmax_row4_f32, softmax_row8_f32)
         if xflat.dtype == types.float32 else
