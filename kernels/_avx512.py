@@ -53,7 +53,7 @@ import struct
 from llvmlite import ir
 from numba.core import cgutils
 
-from kernels._fastmath import _EXP5_F32, _LOG2E
+from kernels._fastmath import _EXP5_F32, _LOG2E, EXP_MIN_F32, LN2_HI_F32, LN2_LO_F32
 from kernels._jit import intrinsic, numba, types
 from kernels._simd import _compress_to, _elem_ptr, _splat, store_nt
 
@@ -306,7 +306,6 @@ _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
 _V8 = ir.VectorType(_F64, 8)
 _I8V = ir.VectorType(_I64, 8)
-_M8 = ir.VectorType(ir.IntType(1), 8)
 
 
 class _Vec:
@@ -491,33 +490,48 @@ def _ptr(context, builder, aryty, ary, idx, idxty):
     return builder.bitcast(p, _V8.as_pointer())
 
 
-def _mask(builder, n):
-    return builder.icmp_signed("<", ir.Constant(_I8V, list(range(8))), _splat(builder, n, _I8V))
+def _mask(builder, n, lanes: int = 8):
+    """Lanes ``0 .. n-1`` of a ``lanes``-wide vector (``n`` an int64)."""
+    ity = ir.VectorType(_I64, lanes)
+    return builder.icmp_signed("<", ir.Constant(ity, list(range(lanes))), _splat(builder, n, ity))
 
 
-def _load(builder, ptr, mask):
-    """8 doubles from ``ptr`` (any alignment); with a mask, only its lanes (others 0)."""
+def _vec_name(vty: ir.VectorType) -> str:
+    return f"v{vty.count}{'f32' if vty.element == ir.FloatType() else 'f64'}"
+
+
+def _elem_bytes(vty: ir.VectorType) -> int:
+    return 4 if vty.element == ir.FloatType() else 8
+
+
+def _load(builder, ptr, mask, passthru=None):
+    """A vector (``ptr``'s pointee: 8 doubles or 16 floats) from ``ptr``, any alignment;
+    with a mask, only its lanes (the others ``passthru``, default 0)."""
+    vty = ptr.type.pointee
+    align = _elem_bytes(vty)
     if mask is None:
-        return builder.load(ptr, align=8)
+        return builder.load(ptr, align=align)
     fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_V8, [_V8.as_pointer(), _I32, _M8, _V8]),
-        "llvm.masked.load.v8f64.p0")
-    return builder.call(fn, [ptr, ir.Constant(_I32, 8), mask, ir.Constant(_V8, [0.0] * 8)])
+        builder.module, ir.FunctionType(vty, [ptr.type, _I32, mask.type, vty]),
+        f"llvm.masked.load.{_vec_name(vty)}.p0")
+    fill = passthru if passthru is not None else ir.Constant(vty, [0.0] * vty.count)
+    return builder.call(fn, [ptr, ir.Constant(_I32, align), mask, fill])
 
 
 def _store(builder, val, ptr, mask, nt=False):
-    """Store 8 doubles (with a mask: only its lanes); ``nt``: a non-temporal store, which
+    """Store a vector (with a mask: only its lanes); ``nt``: a non-temporal store, which
     skips the write-allocate read of the line (``ptr`` must be 64-byte aligned)."""
+    align = _elem_bytes(val.type)
     if mask is None:
         if nt:
             store_nt(builder, val, ptr)
         else:
-            builder.store(val, ptr, align=8)
+            builder.store(val, ptr, align=align)
         return
     fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [_V8, _V8.as_pointer(), _I32, _M8]),
-        "llvm.masked.store.v8f64.p0")
-    builder.call(fn, [val, ptr, ir.Constant(_I32, 8), mask])
+        builder.module, ir.FunctionType(ir.VoidType(), [val.type, ptr.type, _I32, mask.type]),
+        f"llvm.masked.store.{_vec_name(val.type)}.p0")
+    builder.call(fn, [val, ptr, ir.Constant(_I32, align), mask])
 
 
 class _Block:
@@ -769,10 +783,10 @@ def _exp_softmax_f32(builder, w):
 
     fma = fn("llvm.fma.v16f32", 3)
     xc = builder.select(builder.fcmp_unordered("uno", w, w), w,
-                        builder.call(fn("llvm.maxnum.v16f32", 2), [w, c(-87.3366)]))
+                        builder.call(fn("llvm.maxnum.v16f32", 2), [w, c(EXP_MIN_F32)]))
     n = builder.call(fn("llvm.floor.v16f32", 1), [builder.call(fma, [xc, c(_LOG2E), c(0.5)])])
-    r = builder.call(fma, [builder.fneg(n), c(0.693359375), xc])
-    r = builder.call(fma, [builder.fneg(n), c(-2.12194440e-4), r])
+    r = builder.call(fma, [builder.fneg(n), c(LN2_HI_F32), xc])
+    r = builder.call(fma, [builder.fneg(n), c(LN2_LO_F32), r])
     p = c(_EXP5_F32[5])
     for g in _EXP5_F32[4::-1]:
         p = builder.call(fma, [p, r, c(g)])
@@ -833,34 +847,25 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
         def codegen(context, builder, sig, args):
             ft = _F32 if f32 else _F64
             vty = _V16 if f32 else _V8
-            mty = ir.VectorType(ir.IntType(1), lanes)
             i64 = context.cast(builder, args[2], sig.args[2], types.int64)
             c64 = context.cast(builder, args[3], sig.args[3], types.int64)
             lane_ids = ir.Constant(ir.VectorType(_I64, lanes), list(range(lanes)))
-            sfx = f"v{lanes}{'f32' if f32 else 'f64'}"
-            mload = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty.as_pointer(), _I32, mty, vty]),
-                f"llvm.masked.load.{sfx}.p0")
-            mstore = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [vty, vty.as_pointer(), _I32, mty]),
-                f"llvm.masked.store.{sfx}.p0")
+            sfx = _vec_name(vty)
             masks, ptrs, xs = [], [], []
             ninf = ir.Constant(vty, [float("-inf")] * lanes)
             for q in range(nvec):
                 off = ir.Constant(_I64, q * lanes)
-                masks.append(builder.icmp_signed("<", lane_ids, _splat(
-                    builder, builder.sub(c64, off), ir.VectorType(_I64, lanes))))
+                masks.append(_mask(builder, builder.sub(c64, off), lanes))
                 base = builder.add(i64, off)
                 px = builder.bitcast(_elem_ptr(context, builder, sig.args[0], args[0], base,
                                                types.int64), vty.as_pointer())
                 ptrs.append(builder.bitcast(_elem_ptr(context, builder, sig.args[1], args[1],
                                                       base, types.int64), vty.as_pointer()))
                 xs.append(_full_or_masked(
-                    builder, c64, (q + 1) * lanes, lambda: builder.load(px, align=4),
+                    builder, c64, (q + 1) * lanes, lambda: _load(builder, px, None),
                     lambda: _full_or_masked(  # lanes past the row: none loaded at all
                         builder, c64, q * lanes + 1,
-                        lambda: builder.call(mload, [px, ir.Constant(_I32, 4), masks[q], ninf]),
-                        lambda: ninf)))
+                        lambda: _load(builder, px, masks[q], ninf), lambda: ninf)))
             vmax = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{sfx}")
             m = xs[0]
@@ -893,12 +898,12 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
                 val = builder.select(at, builder.fsub(val, sub), val)
 
                 def plain(val=val, p=p):
-                    builder.store(val, p, align=4)
+                    _store(builder, val, p, None)
 
                 def masked(val=val, p=p, mk=mk, q=q):
                     with builder.if_then(builder.icmp_signed(
                             ">", c64, ir.Constant(_I64, q * lanes))):
-                        builder.call(mstore, [val, p, ir.Constant(_I32, 4), mk])
+                        _store(builder, val, p, mk)
 
                 _full_or_masked(builder, c64, (q + 1) * lanes, plain, masked)
             return context.make_tuple(builder, ret, [s, mx])

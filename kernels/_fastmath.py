@@ -19,6 +19,10 @@ from kernels._jit import intrinsic, jit, overload, types
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.6931471803691238  # ln2 split so n*LN2_HI is exact for |n| < 2**20
 _LN2_LO = 1.9082149292705877e-10
+# float32: ln2 split (8 + 24 bits) and the argument below which e**x is under 2**-126
+LN2_HI_F32 = np.float32(0.693359375)
+LN2_LO_F32 = np.float32(-2.12194440e-4)
+EXP_MIN_F32 = np.float32(-87.3366)
 _INV_FACT = tuple(1.0 / float(np.prod(np.arange(1, k + 1))) for k in range(8))
 (F0, F1, F2, F3, F4, F5, F6, F7) = _INV_FACT
 # e^r on |r| <= ln2/2, degree 11 (python -m kernels._erf_fit), max rel. error 2e-16
@@ -84,7 +88,7 @@ def exp_f32(x):
     """e**x for float32 to about 2 ulp, in float32 arithmetic (8 lanes on AVX2)."""
     xc = min(max(x, np.float32(-104.0)), np.float32(89.0))
     n = np.floor(xc * np.float32(_LOG2E) + np.float32(0.5))
-    r = (xc - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    r = (xc - n * LN2_HI_F32) - n * LN2_LO_F32
     p = ((((((np.float32(F7) * r + np.float32(F6)) * r + np.float32(F5)) * r + np.float32(F4))
            * r + np.float32(F3)) * r + np.float32(F2)) * r + np.float32(F1)) * r + np.float32(F0)
     h = np.floor(n * np.float32(0.5))
@@ -115,13 +119,13 @@ def exp_nonpos_f64(x):
 @jit(fastmath={"contract"})
 def exp_nonpos_f32(x):
     """e**x for float32 x <= 0 to about 2 ulp, in float32 arithmetic; NaN stays NaN."""
-    xc = max(x, np.float32(-87.3366))  # e**-87.3366 ~ 2**-126
+    xc = max(x, EXP_MIN_F32)  # e**-87.3366 ~ 2**-126
     n = np.floor(xc * np.float32(_LOG2E) + np.float32(0.5))
-    r = (xc - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    r = (xc - n * LN2_HI_F32) - n * LN2_LO_F32
     p = ((((((np.float32(F7) * r + np.float32(F6)) * r + np.float32(F5)) * r + np.float32(F4))
            * r + np.float32(F3)) * r + np.float32(F2)) * r + np.float32(F1)) * r + np.float32(F0)
     res = p * _pow2i(n)
-    return np.float32(0.0) if x < np.float32(-87.3366) else res
+    return np.float32(0.0) if x < EXP_MIN_F32 else res
 
 
 # Softmax only: e**x for x <= 0 where anything below the smallest normal may come out as
@@ -140,9 +144,9 @@ _EXP5_F32 = (1.0, 0.9999997072079899, 0.4999914965556638, 0.16667636294586302,
 @jit(fastmath={"contract"})
 def exp_softmax_f32(x):
     """e**x for float32 x <= 0, results below 1.2e-38 not flushed (see above); NaN stays."""
-    xc = max(x, np.float32(-87.3366))
+    xc = max(x, EXP_MIN_F32)
     n = np.floor(xc * np.float32(_LOG2E) + np.float32(0.5))
-    r = (xc - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    r = (xc - n * LN2_HI_F32) - n * LN2_LO_F32
     p = ((((G5 * r + G4) * r + G3) * r + G2) * r + G1) * r + G0
     return p * _pow2i(n)
 
