@@ -244,6 +244,20 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     add("layer_norm_backward", x.shape, dt, 3 * nb,
         ours=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs),
         ours_out=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs, out=o))
+    for d in (10, 64):  # few features (the short-row kernels): the same bytes in rows of d
+        xd = x.reshape(-1)[:x.size // d * d].reshape(-1, d)
+        dyd = dy.reshape(-1)[:xd.size].reshape(xd.shape)
+        od, od2 = empty_aligned(xd.shape, dt), empty_aligned(xd.shape, dt)
+        td = _torch_nn(tb, xd, ys[:1], gam[:d], bet[:d], dyd)
+
+        def ln_fb_d(out=None, out2=None, xd=xd, dyd=dyd, d=d):
+            _, mu_, rs_ = nn.layer_norm(xd, gam[:d], bet[:d], out=out)
+            nn.layer_norm_backward(dyd, xd, gam[:d], mu_, rs_, out=out2)
+
+        add(f"layer_norm fwd+bwd, {d} features", xd.shape, dt, 5 * xd.nbytes,
+            "bytes: fwd 2 + bwd 3 passes" + ("; short rows: work per row" if d < 16 else ""),
+            ours=ln_fb_d, ours_out=lambda f=ln_fb_d, a=od, b=od2: f(a, b),
+            torch=td.get("ln_fb"))
     add("gelu", x.shape, dt, 2 * nb, "numpy: scipy.special.erf", ours=lambda: nn.gelu(x),
         ours_out=lambda: nn.gelu(x, out=ol), numpy=lambda: B.np_gelu(x), torch=t.get("gelu"))
     add("gelu_backward", x.shape, dt, 3 * nb, ours=lambda: nn.gelu_backward(dy, x),

@@ -286,6 +286,85 @@ def test_layer_norm_float64_non_temporal_rows_match(shape, rng, monkeypatch):
         assert got.ctypes.data % 64 == model.ctypes.data % 64 and got.shape == shape
 
 
+def _ln_both(x, g, b, dy, out=None, dout=None):
+    y, mu, rstd = nn.layer_norm(x, g, b, out=out)
+    return (y.copy(), mu, rstd) + nn.layer_norm_backward(dy, x, g, mu, rstd, out=dout)
+
+
+@pytest.mark.parametrize("dt, widths, rtol", [
+    (np.float32, [*range(1, 41), 47, 63, 64, 65, 80, 96, 127, 128, 129], 2e-5),
+    (np.float64, [*range(1, 70)], 1e-12)])
+def test_layer_norm_short_rows_match_the_long_row_kernel(dt, widths, rtol, rng, monkeypatch):
+    # rows of up to 8 AVX-512 vectors are held in registers (kernels._avx512.ln_row and
+    # ln_bwd_row): whole, partial and absent vectors, partial ones loaded and stored
+    # whole inside a chunk and masked at its end (301 rows: 4 chunks of 75-76)
+    require_avx512()
+    for d in widths:
+        x = (2 + 3 * rng.standard_normal((301, d))).astype(dt)
+        dy = rng.standard_normal((301, d)).astype(dt)
+        g, b = rng.standard_normal(d).astype(dt), rng.standard_normal(d).astype(dt)
+        res = {}
+        for flag in (True, False):
+            monkeypatch.setattr(nn, "VEC_SHORT", flag)
+            res[flag] = _ln_both(x, g, b, dy)
+        # dx's size: that of its terms (at d = 1 the long kernel's dx is rounding noise)
+        dx_scale = np.abs(dy * g * res[False][2][:, None].astype(np.float64)).max()
+        for name, short, long_ in zip(("y", "mean", "rstd", "dx", "dgamma", "dbeta"),
+                                      res[True], res[False]):
+            assert short.dtype == dt, name
+            scale = dx_scale if name == "dx" else np.abs(long_.astype(np.float64)).max()
+            np.testing.assert_allclose(short, long_, rtol=rtol, atol=rtol * scale,
+                                       err_msg=f"{name}, d={d}")
+        np.testing.assert_allclose(res[True][0], ref_layer_norm(x, g, b),
+                                   rtol=100 * rtol, atol=100 * rtol)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_layer_norm_short_rows_in_place_and_nothing_written_past_the_output(dt, rng):
+    # in place (out=x, out=dy) the rows may not spill into the next row, which is still
+    # input; a view into a bigger buffer keeps everything after its last row
+    require_avx512()
+    for d in (3, 10, 17, 40):
+        x = rng.standard_normal((150, d)).astype(dt)
+        dy = rng.standard_normal((150, d)).astype(dt)
+        g, b = rng.standard_normal(d).astype(dt), rng.standard_normal(d).astype(dt)
+        want = _ln_both(x, g, b, dy)
+        xi, dyi = x.copy(), dy.copy()
+        y, mu, rstd = nn.layer_norm(xi, g, b, out=xi)
+        assert y is xi
+        np.testing.assert_array_equal(y, want[0])
+        dx, _, _ = nn.layer_norm_backward(dyi, x, g, mu, rstd, out=dyi)
+        assert dx is dyi
+        np.testing.assert_array_equal(dx, want[3])
+        big = np.full(x.size + 64, -5.0, dt)
+        dbig = np.full(x.size + 64, -5.0, dt)
+        got = _ln_both(x, g, b, dy, out=big[:x.size].reshape(x.shape),
+                       dout=dbig[:x.size].reshape(x.shape))
+        assert (big[x.size:] == -5.0).all() and (dbig[x.size:] == -5.0).all()
+        for a, w in zip(got, want):
+            np.testing.assert_array_equal(a, w)
+
+
+def test_layer_norm_short_rows_keep_nan_and_inf_in_their_row():
+    # a partial vector read whole brings in the next row's lanes: they must not reach
+    # this row's sums (float32 rows of 5 features: 3 rows per vector)
+    require_avx512()
+    for dt in (np.float32, np.float64):
+        x = np.tile(np.arange(5, dtype=dt), (200, 1))
+        x[50, 2] = np.nan
+        x[51, 0] = np.inf
+        dy = np.ones_like(x)
+        dy[100, 1] = np.nan
+        y, mu, rstd, dx, _, _ = _ln_both(x, np.ones(5, dt), np.zeros(5, dt), dy)
+        bad = np.zeros(200, bool)
+        bad[[50, 51]] = True
+        assert np.isnan(y[bad]).all() and np.isfinite(y[~bad]).all()
+        assert np.isfinite(mu[~bad]).all() and np.isfinite(rstd[~bad]).all()
+        bad[100] = True
+        assert np.isnan(dx[bad]).all() and np.isfinite(dx[~bad]).all()
+        np.testing.assert_allclose(y[0], (np.arange(5) - 2) / np.sqrt(2 + 1e-5), rtol=1e-6)
+
+
 def test_layer_norm_refuses_mismatched_gamma():
     with pytest.raises(KernelInputError, match=r"gamma must have shape \(3,\)"):
         nn.layer_norm(np.zeros((2, 3)), np.ones(4), np.zeros(3))
