@@ -29,6 +29,7 @@ from kernels._avx512 import (
     SHORT_ROW_VECTORS,
     ln_bwd_row,
     ln_row,
+    softmax_block,
     softmax_exp_f64,
     softmax_exp_f64_tail,
     softmax_row1_f32,
@@ -96,6 +97,8 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
 VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
 # switch it off to run the portable path too)
 VEC_SHORT = _avx512.AVAILABLE  # rows of up to 8 vectors held in registers (_softmax_xent_short)
+VEC_BLOCKS = _avx512.AVAILABLE  # blocks of rows of few classes, transposed (_softmax_xent_blocks)
+BLOCK_MAX_CLASSES = {16: 24, 8: 15}  # by lanes (float32, float64): above, the row kernel wins
 _B = _avx512.BLOCK
 
 
@@ -172,6 +175,17 @@ def _short_vectors(c: int, dtype: np.dtype) -> int:
     return next((k for k in SHORT_ROW_VECTORS if c <= k * lanes), 0)
 
 
+@jit(parallel=True, fastmath={"contract"})
+def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, nblocks, scale, cls):
+    """Rows of ``c <= L`` classes (16 float32 / 8 float64), ``L`` rows at a time, each
+    block transposed in registers (``kernels._avx512.softmax_block``). ``cls`` is a tuple
+    of ``c`` zeros: its type carries ``c`` to the compiler, so each ``c`` compiles on
+    first use and is cached (``numba.literally`` did the same but cost about 4 ms per
+    call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``."""
+    for b in prange(nblocks):
+        softmax_block(xflat, gflat, labels, prods, gaps, b, scale, cls)
+
+
 _SCRATCH = threading.local()
 _SCRATCH_MAX_ROWS = 1 << 21
 
@@ -221,7 +235,18 @@ def softmax_cross_entropy(
     nvec = _short_vectors(c, x.dtype)
     if nvec == 8 and c <= 5 * 64 // x.itemsize:  # 3 of 8 vectors idle: long rows win
         nvec = 0
-    if grad and VEC_SHORT and nvec:
+    lanes = 64 // x.itemsize
+    nblk = n // lanes if grad and VEC_BLOCKS and 2 <= c <= BLOCK_MAX_CLASSES[lanes] else 0
+    if nblk:  # whole blocks of rows, then the rest row by row
+        _softmax_xent_blocks(x.reshape(-1), y, g.reshape(-1), sums, gaps, nblk, scale, (0,) * c)
+        done = nblk * lanes
+        if done < n:
+            rest = slice(nblk, nblk + n - done)
+            _softmax_xent_short(x[done:], x[done:].reshape(-1), y[done:], g[done:].reshape(-1),
+                                sums[rest], gaps[rest], scale, _short_vectors(c, x.dtype))
+        used = slice(0, nblk + n - done)
+        total = float(np.log(sums[used], out=sums[used]).sum() + gaps[used].sum())
+    elif grad and VEC_SHORT and nvec:
         _softmax_xent_short(x, x.reshape(-1), y, g.reshape(-1), sums, gaps, scale, nvec)
         total = float(np.log(sums, out=sums).sum() + gaps.sum())
     elif grad and VEC_F64 and x.dtype == np.float64:

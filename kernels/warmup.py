@@ -25,6 +25,8 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     big = np.linspace(-1, 1, 1 << 16, dtype=dt)
     wide = np.linspace(-1, 1, 4 * 160, dtype=dt).reshape(4, 160)  # past the short-row kernels
     vw = np.ones(160, dt)
+    ten = np.linspace(-1, 1, 320, dtype=dt).reshape(32, 10)
+    lab10 = np.arange(32) % 10
     # statistics for the backward calls from NumPy, so each kernel compiles in its own entry
     mu, rs = x.mean(axis=1), 1 / np.sqrt(x.var(axis=1) + 1e-5)
     muw, rsw = wide.mean(axis=1), 1 / np.sqrt(wide.var(axis=1) + 1e-5)
@@ -32,6 +34,8 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         "adamw_step": lambda: optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1),
         "softmax_cross_entropy": lambda: nn.softmax_cross_entropy(x, lab),  # short rows
         "softmax_cross_entropy long rows": lambda: nn.softmax_cross_entropy(wide, lab),
+        # 10 classes, 32 rows: blocks of rows (compiled per class count; 10 is the common one)
+        "softmax_cross_entropy 10 classes": lambda: nn.softmax_cross_entropy(ten, lab10),
         "layer_norm": lambda: nn.layer_norm(x, v, v),  # short rows
         "layer_norm_backward": lambda: nn.layer_norm_backward(x, x, v, mu, rs),
         "layer_norm long rows": lambda: nn.layer_norm(wide, vw, vw),

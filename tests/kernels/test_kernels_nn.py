@@ -58,6 +58,7 @@ def f64_path(request, monkeypatch):
     monkeypatch.setattr(activations, "VEC_F64", request.param != "portable")
     monkeypatch.setattr(nn, "VEC_F64", request.param != "portable")
     monkeypatch.setattr(nn, "VEC_SHORT", request.param != "portable")
+    monkeypatch.setattr(nn, "VEC_BLOCKS", request.param != "portable")
     if request.param == "avx512-nt":
         monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
     return request.param
@@ -137,6 +138,7 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
     x[4, 0] = 800.0  # everything else underflows
     y = rng.integers(0, c, 8)
     res = {}
+    monkeypatch.setattr(nn, "VEC_BLOCKS", False)  # blocks of rows: their own test below
     for flag in (True, False):
         monkeypatch.setattr(nn, "VEC_F64", flag)
         monkeypatch.setattr(nn, "VEC_SHORT", flag)
@@ -164,6 +166,7 @@ def test_xent_float32_short_rows_match_the_long_row_kernel(c, rng, monkeypatch):
     y = rng.integers(0, c, 9)
     y[6] = c - 1  # the label in the last lane
     res = {}
+    monkeypatch.setattr(nn, "VEC_BLOCKS", False)  # blocks of rows: their own test below
     for flag in (True, False):
         monkeypatch.setattr(nn, "VEC_SHORT", flag)
         out = np.full_like(x, 7.0)
@@ -178,6 +181,47 @@ def test_xent_float32_short_rows_match_the_long_row_kernel(c, rng, monkeypatch):
     rl, rg = ref_xent(x[5:].astype(np.float64), y[5:])
     np.testing.assert_allclose(res[True][1][0], rl, rtol=1e-5)
     np.testing.assert_allclose(res[True][1][1], rg, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_xent_blocks_of_rows_match_the_row_kernel(dt, rng, monkeypatch):
+    # rows of few classes go 16 (float32) or 8 (float64) at a time through one block
+    # transposed in registers, the rows after the last whole block through the row
+    # kernel: every class count the blocks take (and one past), special rows inside a
+    # block, labels in the first and last column, nothing written past the output
+    require_avx512()
+    lanes = 64 // np.dtype(dt).itemsize
+    n = 3 * lanes + 5
+    special = [lanes + 1, lanes + 2, lanes + 3]
+    for c in range(2, nn.BLOCK_MAX_CLASSES[lanes] + 2):
+        x = (4 * rng.standard_normal((n, c))).astype(dt)
+        x[special[0], 0] = np.nan
+        x[special[1], -1] = np.inf
+        x[special[2], :] = -np.inf
+        x[2 * lanes, 0] = 80.0  # the rest of its row underflows
+        y = rng.integers(0, c, n)
+        y[:2] = [c - 1, 0]
+        finite = np.delete(np.arange(n), special)
+        res = {}
+        for flag in (True, False):
+            monkeypatch.setattr(nn, "VEC_BLOCKS", flag)
+            big = np.full(n * c + 64, 7.0, dt)
+            out = big[:n * c].reshape(n, c)
+            res[flag] = (nn.softmax_cross_entropy(x, y, reduction="sum", out=out),
+                         nn.softmax_cross_entropy(x[finite], y[finite], grad_scale=0.5))
+            assert (big[n * c:] == 7.0).all(), c
+        rtol = 2e-6 if dt == np.float32 else 1e-13
+        for (lb, gb), (lr, gr) in zip(res[True], res[False]):
+            np.testing.assert_allclose(lb, lr, rtol=rtol, equal_nan=True, err_msg=f"c={c}")
+            # absolute: the label's entry cancels (e/s - 1), and the sums' order differs
+            np.testing.assert_allclose(gb, gr, rtol=rtol, atol=rtol * np.nanmax(np.abs(gr)),
+                                       equal_nan=True, err_msg=f"c={c}")
+        g = res[True][0][1]
+        assert math.isnan(res[True][0][0]) and np.isnan(g[special]).any(axis=1).all()
+        assert not np.isnan(g[finite]).any()
+        rl, rg = ref_xent(x[finite].astype(np.float64), y[finite])
+        np.testing.assert_allclose(res[True][1][0], rl, rtol=1e-5)
+        np.testing.assert_allclose(res[True][1][1], rg * len(finite) * 0.5, rtol=1e-4, atol=1e-7)
 
 
 def test_xent_short_rows_write_nothing_past_the_output():
