@@ -62,7 +62,7 @@ __all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
            "gelu_bwd_f64", "gelu_bwd_f64_nt", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
            "gelu_f64_tail", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail", "gelu_wide_f64",
-           "gelu_wide_f64_tail", "ln_bwd_row", "ln_row", "softmax_block", "softmax_exp_f64",
+           "gelu_wide_f64_tail", "ln_block", "ln_bwd_block", "ln_bwd_row", "ln_row", "softmax_block", "softmax_exp_f64",
            "softmax_exp_f64_tail",
            "SHORT_ROW_VECTORS", "softmax_row1_f32", "softmax_row1_f64", "softmax_row2_f32",
            "softmax_row2_f64", "softmax_row4_f32", "softmax_row4_f64", "softmax_row8_f32",
@@ -1168,6 +1168,34 @@ def _gather_lanes(builder, srcs, where):
     return out
 
 
+def _to_columns(builder, src):
+    """``L`` rows of ``c`` elements held as ``c`` vectors (``src``, the rows one after
+    another) -> ``c`` column vectors, lane ``r`` of column ``j`` = element ``j`` of row
+    ``r`` (``_gather_lanes``: about ``c / 2`` permutes per column)."""
+    lanes, c = src[0].type.count, len(src)
+    return [_gather_lanes(builder, src, [divmod(r * c + j, lanes) for r in range(lanes)])
+            for j in range(c)]
+
+
+def _to_rows(builder, cols):
+    """The inverse of ``_to_columns``: ``c`` column vectors -> the ``c`` vectors of the
+    ``L`` rows laid out one after another."""
+    lanes, c = cols[0].type.count, len(cols)
+    return [_gather_lanes(builder, cols, [((lanes * k + ln) % c, (lanes * k + ln) // c)
+                                          for ln in range(lanes)]) for k in range(c)]
+
+
+def _count(c):
+    """The count a kernel is compiled for: a literal int, or a tuple's length (a tuple of
+    ``c`` zeros carries ``c`` in its type, so each count compiles once and is cached;
+    ``numba.literally`` did the same but cost about 4 ms of dispatch per call)."""
+    if isinstance(c, types.IntegerLiteral):
+        return c.literal_value
+    if isinstance(c, types.BaseTuple):
+        return len(c)
+    return None
+
+
 def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, c):
     """``softmax_block(x, g, labels, prods, gaps, b, scale, c)``: softmax + cross-entropy
     with its gradient for the ``L`` rows of block ``b`` (rows ``b*L .. b*L+L-1``; ``L`` =
@@ -1184,18 +1212,13 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, c):
     sums ``s`` (each in ``[1, c]``, so the product of 16 stays far from overflow);
     ``gaps[b]``: the sum of ``max - x[label]``; the block's loss is ``log(prods[b]) +
     gaps[b]``, one log per block. The exps are those of the other softmax kernels."""
-    if isinstance(c, types.IntegerLiteral):
-        ncls = c.literal_value
-    elif isinstance(c, types.BaseTuple):
-        ncls = len(c)
-    else:
-        return None
+    ncls = _count(c)
     dt = x.dtype if isinstance(x, types.Array) else None
     if dt not in (types.float32, types.float64) or scale != dt:
         return None
     f32 = dt == types.float32
     lanes = 16 if f32 else 8
-    if not 2 <= ncls <= 2 * lanes:
+    if ncls is None or not 2 <= ncls <= 2 * lanes:
         return None
 
     def codegen(context, builder, sig, args):
@@ -1215,8 +1238,7 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, c):
             return builder.add(base, ir.Constant(_I64, k * lanes))
 
         src = [_load(builder, ptr(0, at(k), vty), None) for k in range(ncls)]
-        cols = [_gather_lanes(builder, src, [divmod(r * ncls + j, lanes) for r in range(lanes)])
-                for j in range(ncls)]
+        cols = _to_columns(builder, src)
         vmax = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{_vec_name(vty)}")
         mx = cols[0]
@@ -1249,9 +1271,7 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, c):
         gap = _hsum64(builder, builder.fsub(wide(mx), wide(xl)))
         builder.store(prod, _elem_ptr(context, builder, sig.args[3], args[3], blk, types.int64))
         builder.store(gap, _elem_ptr(context, builder, sig.args[4], args[4], blk, types.int64))
-        for k in range(ncls):
-            vec = _gather_lanes(builder, grads, [((lanes * k + ln) % ncls, (lanes * k + ln) // ncls)
-                                                 for ln in range(lanes)])
+        for k, vec in enumerate(_to_rows(builder, grads)):
             _store(builder, vec, ptr(1, at(k), vty), None)
         return context.get_dummy_value()
 
@@ -1260,3 +1280,132 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, c):
 
 _softmax_block_typer.__name__ = _softmax_block_typer.__qualname__ = "softmax_block"
 softmax_block = intrinsic(_softmax_block_typer)
+
+
+def _layer_norm_block_intrinsic(backward: bool):
+    """Build ``ln_block`` / ``ln_bwd_block``: layer norm of the ``L`` rows of block ``b``
+    (``L`` = 16 float32 / 8 float64 lanes) of ``d`` features, ``d`` known when compiling
+    (``_count``), the block held as ``d`` whole vectors and transposed in registers into
+    ``d`` columns of one row per lane (as ``softmax_block``).
+
+    ``ln_block(x, y, gamma, beta, mean, rstd, b, eps, d)``: a row's mean and variance are
+    sums over the columns, in float64 (float32 columns widened); ``gamma[j]``,
+    ``beta[j]`` are one broadcast per column; ``mean``/``rstd`` of the ``L`` rows are
+    one vector store each.
+
+    ``ln_bwd_block(dy, x, gamma, dx, mean, rstd, pg, pb, b, d)``: ``dx``, and for each
+    column ``j`` the lanes of ``dy * xhat`` and ``dy`` added to ``pg[j*L:(j+1)*L]`` and
+    ``pb[...]`` (float64; the caller sums the lanes). The row sums ``mean(dy * gamma)``
+    and ``mean(dy * gamma * xhat)`` run over the columns in float64."""
+
+    def check(args):
+        d = _count(args[-1])
+        dt = args[0].dtype if isinstance(args[0], types.Array) else None
+        if dt not in (types.float32, types.float64):
+            return None
+        lanes = 16 if dt == types.float32 else 8
+        if d is None or not 1 <= d <= 2 * lanes:
+            return None
+        if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+                   and a.dtype == dt for a in args[:6]):
+            return None
+        if backward and not all(isinstance(a, types.Array) and a.dtype == types.float64
+                                for a in args[6:8]):
+            return None
+        f32 = dt == types.float32
+
+        def codegen(context, builder, sig, cargs):
+            vty = _V16 if f32 else _V8
+            d64v = ir.VectorType(_F64, lanes)
+            kb = 8 if backward else 6
+            blk = context.cast(builder, cargs[kb], sig.args[kb], types.int64)
+            row0 = builder.mul(blk, ir.Constant(_I64, lanes))
+            base = builder.mul(row0, ir.Constant(_I64, d))
+
+            def ptr(k, at, ty=vty):
+                return builder.bitcast(_elem_ptr(context, builder, sig.args[k], cargs[k], at,
+                                                 types.int64), ty.as_pointer())
+
+            def block(k):
+                return _to_columns(builder, [
+                    _load(builder, ptr(k, builder.add(base, ir.Constant(_I64, q * lanes))), None)
+                    for q in range(d)])
+
+            def put(k, cols):
+                for q, vec in enumerate(_to_rows(builder, cols)):
+                    _store(builder, vec, ptr(k, builder.add(base, ir.Constant(_I64, q * lanes))),
+                           None)
+
+            def param(k, j):
+                v = builder.load(_elem_ptr(context, builder, sig.args[k], cargs[k],
+                                           ir.Constant(_I64, j), types.int64))
+                return _splat(builder, v, vty)
+
+            def wide(v):
+                return builder.fpext(v, d64v) if f32 else v
+
+            def narrow(v):
+                return builder.fptrunc(v, vty) if f32 else v
+
+            def total(vs):
+                acc = wide(vs[0])
+                for v in vs[1:]:
+                    acc = builder.fadd(acc, wide(v))
+                return acc
+
+            dinv = _splat(builder, ir.Constant(_F64, 1.0 / d), d64v)
+            if not backward:
+                cols = block(0)
+                mu = builder.fmul(total(cols), dinv)
+                mu_t = narrow(mu)
+                ts = [builder.fsub(v, mu_t) for v in cols]
+                ss = None
+                for t in ts:
+                    t64 = wide(t)
+                    ss = builder.fmul(t64, t64) if ss is None else builder.fadd(
+                        ss, builder.fmul(t64, t64))
+                eps = _splat(builder, context.cast(builder, cargs[7], sig.args[7], types.float64),
+                             d64v)
+                sqrt = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(d64v, [d64v]), f"llvm.sqrt.{_vec_name(d64v)}")
+                r = builder.fdiv(_splat(builder, ir.Constant(_F64, 1.0), d64v), builder.call(
+                    sqrt, [builder.fadd(builder.fmul(ss, dinv), eps)]))
+                r_t = narrow(r)
+                _store(builder, mu_t, ptr(4, row0), None)
+                _store(builder, r_t, ptr(5, row0), None)
+                put(1, [builder.fadd(builder.fmul(builder.fmul(t, r_t), param(2, j)), param(3, j))
+                        for j, t in enumerate(ts)])
+                return context.get_dummy_value()
+            dys, xs = block(0), block(1)
+            mu = _load(builder, ptr(4, row0), None)
+            r = _load(builder, ptr(5, row0), None)
+            xh = [builder.fmul(builder.fsub(v, mu), r) for v in xs]
+            g = [builder.fmul(dy, param(2, j)) for j, dy in enumerate(dys)]
+            a = narrow(builder.fmul(total(g), dinv))
+            bsum = None
+            for gj, h in zip(g, xh):
+                p = wide(builder.fmul(gj, h))
+                bsum = p if bsum is None else builder.fadd(bsum, p)
+            bb = narrow(builder.fmul(bsum, dinv))
+            put(3, [builder.fmul(builder.fsub(builder.fsub(gj, a), builder.fmul(h, bb)), r)
+                    for gj, h in zip(g, xh)])
+            for j, (dy, h) in enumerate(zip(dys, xh)):
+                for k, add in ((6, builder.fmul(dy, h)), (7, dy)):
+                    p = ptr(k, ir.Constant(_I64, j * lanes), d64v)
+                    builder.store(builder.fadd(builder.load(p, align=8), wide(add)), p, align=8)
+            return context.get_dummy_value()
+
+        return types.none(*args), codegen
+
+    if backward:
+        def typer(typingctx, dy, x, gamma, dx, mean, rstd, pg, pb, b, d):
+            return check((dy, x, gamma, dx, mean, rstd, pg, pb, b, d))
+    else:
+        def typer(typingctx, x, y, gamma, beta, mean, rstd, b, eps, d):
+            return check((x, y, gamma, beta, mean, rstd, b, eps, d))
+    typer.__name__ = typer.__qualname__ = "ln_bwd_block" if backward else "ln_block"
+    return intrinsic(typer)
+
+
+ln_block = _layer_norm_block_intrinsic(False)
+ln_bwd_block = _layer_norm_block_intrinsic(True)

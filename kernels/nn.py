@@ -27,6 +27,8 @@ import numpy as np
 from kernels import _avx512, _checks
 from kernels._avx512 import (
     SHORT_ROW_VECTORS,
+    ln_block,
+    ln_bwd_block,
     ln_bwd_row,
     ln_row,
     softmax_block,
@@ -98,6 +100,10 @@ VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table e
 # switch it off to run the portable path too)
 VEC_SHORT = _avx512.AVAILABLE  # rows of up to 8 vectors held in registers (_softmax_xent_short)
 VEC_BLOCKS = _avx512.AVAILABLE  # blocks of rows of few classes, transposed (_softmax_xent_blocks)
+# by lanes (float32, float64): the most features layer norm's blocks of rows take,
+# forward and backward (above, the row kernels were as fast or faster)
+LN_BLOCK_MAX_FEATURES = {16: 12, 8: 6}
+LN_BWD_BLOCK_MAX_FEATURES = {16: 8, 8: 4}
 BLOCK_MAX_CLASSES = {16: 24, 8: 15}  # by lanes (float32, float64): above, the row kernel wins
 _B = _avx512.BLOCK
 
@@ -358,6 +364,37 @@ def _padded(v: np.ndarray, nvec: int) -> np.ndarray:
     return out
 
 
+def _ln_blocks(n: int, d: int, dtype: np.dtype, limits: dict[int, int]) -> int:
+    """How many whole blocks of ``L`` rows (16 float32 / 8 float64) go through the
+    transposed block kernels (``_ln_fwd_blocks``, ``_ln_bwd_blocks``): 0 unless ``d`` is
+    at most ``limits[L]``."""
+    lanes = 64 // np.dtype(dtype).itemsize
+    return n // lanes if VEC_BLOCKS and d <= limits[lanes] else 0
+
+
+@jit(parallel=True)
+def _ln_fwd_blocks(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, feats):
+    """Blocks of ``L`` rows of ``d = len(feats)`` features, each transposed in registers
+    (``kernels._avx512.ln_block``; ``feats``: see ``_softmax_xent_blocks``)."""
+    for b in prange(nblocks):
+        ln_block(xflat, yflat, gamma, beta, mean, rstd, b, eps, feats)
+
+
+def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
+    """Layer norm row by row: short rows in registers, or the row loops."""
+    n, d = x.shape
+    nt = _nt_rows(y)
+    nch = n_chunks(n)
+    nvec = _short_vectors(d, x.dtype) if VEC_SHORT else 0
+    if nvec:
+        _ln_fwd_short(x.reshape(-1), _padded(gamma, nvec), _padded(beta, nvec), eps,
+                      y.reshape(-1), mean, rstd, n, d, nch, nt, not np.may_share_memory(x, y),
+                      nvec)
+    else:
+        scratch = np.empty((nch, d), x.dtype)
+        _ln_fwd(x, gamma, beta, eps, y, mean, rstd, y.reshape(-1), scratch, nt)
+
+
 def layer_norm(
     x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, *, eps: float = 1e-5,
     out: np.ndarray | None = None,
@@ -379,16 +416,13 @@ def layer_norm(
     mean = np.empty(n, x.dtype)
     rstd = np.empty(n, x.dtype)
     if n and d:
-        nt = _nt_rows(y)
-        nch = n_chunks(n)
-        nvec = _short_vectors(d, x.dtype) if VEC_SHORT else 0
-        if nvec:
-            _ln_fwd_short(x.reshape(-1), _padded(gamma, nvec), _padded(beta, nvec), eps,
-                          y.reshape(-1), mean, rstd, n, d, nch, nt,
-                          not np.may_share_memory(x, y), nvec)
-        else:
-            scratch = np.empty((nch, d), x.dtype)
-            _ln_fwd(x, gamma, beta, eps, y, mean, rstd, y.reshape(-1), scratch, nt)
+        nblk = _ln_blocks(n, d, x.dtype, LN_BLOCK_MAX_FEATURES)
+        if nblk:
+            _ln_fwd_blocks(x.reshape(-1), gamma, beta, eps, y.reshape(-1), mean, rstd, nblk,
+                           (0,) * d)
+        done = nblk * 64 // x.itemsize
+        if done < n:
+            _ln_fwd_rows(x[done:], gamma, beta, eps, y[done:], mean[done:], rstd[done:])
     elif n:
         mean[:] = np.nan
         rstd[:] = np.nan
@@ -470,6 +504,18 @@ def _ln_bwd_short(dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, d, nchunk
             sfence()
 
 
+@jit(parallel=True)
+def _ln_bwd_blocks(dyflat, xflat, gamma, dxflat, mean, rstd, pg, pb, nblocks, nchunks, feats):
+    """Blocks of ``L`` rows transposed in registers (``kernels._avx512.ln_bwd_block``);
+    ``pg[c]``, ``pb[c]``: chunk ``c``'s float64 sums per feature and lane."""
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(nblocks, nchunks, c)
+        g = pg[c]
+        b = pb[c]
+        for blk in range(lo, hi):
+            ln_bwd_block(dyflat, xflat, gamma, dxflat, mean, rstd, g, b, blk, feats)
+
+
 def layer_norm_backward(
     dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
     *, out: np.ndarray | None = None,
@@ -486,9 +532,34 @@ def layer_norm_backward(
     _checks.shape_is("mean", mean, (n,))
     _checks.shape_is("rstd", rstd, (n,))
     dx = _checks.out_array("out", out, x.shape, x.dtype)
+    dg, db = np.zeros(d), np.zeros(d)
+    if n and d:
+        nblk = _ln_blocks(n, d, x.dtype, LN_BWD_BLOCK_MAX_FEATURES)
+        lanes = 64 // x.itemsize
+        if nblk:
+            nch = n_chunks(nblk, min_rows=8)
+            acc = _checks.empty_aligned((2, nch, d * lanes), np.float64)
+            acc[:] = 0.0
+            _ln_bwd_blocks(dy.reshape(-1), x.reshape(-1), gamma, dx.reshape(-1), mean, rstd,
+                           acc[0], acc[1], nblk, nch, (0,) * d)
+            sums = acc.reshape(2, nch, d, lanes).sum(axis=(1, 3))
+            dg += sums[0]
+            db += sums[1]
+        done = nblk * lanes
+        if done < n:
+            g, b = _ln_bwd_rows(dy[done:], x[done:], gamma, mean[done:], rstd[done:], dx[done:])
+            dg += g
+            db += b
+    return dx, dg.astype(x.dtype), db.astype(x.dtype)
+
+
+def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
+    """Layer norm backward row by row (short rows in registers, or the row loops):
+    writes ``dx``, returns the float64 sums for dgamma and dbeta."""
+    n, d = x.shape
     nch = n_chunks(n)
     nvec = _short_vectors(d, x.dtype) if VEC_SHORT else 0
-    if n and d and nvec:
+    if nvec:
         width = nvec * 64 // x.itemsize
         pg, pb = _checks.empty_aligned((2, nch, width), np.float64)
         pg[:] = 0.0
@@ -496,10 +567,9 @@ def layer_norm_backward(
         spill = not (np.may_share_memory(dx, x) or np.may_share_memory(dx, dy))
         _ln_bwd_short(dy.reshape(-1), x.reshape(-1), _padded(gamma, nvec), mean, rstd,
                       dx.reshape(-1), pg, pb, n, d, nch, _nt_rows(dx), spill, nvec)
-        return dx, pg[:, :d].sum(axis=0).astype(x.dtype), pb[:, :d].sum(axis=0).astype(x.dtype)
+        return pg[:, :d].sum(axis=0), pb[:, :d].sum(axis=0)
     pg = np.zeros((nch, d), np.float64)
     pb = np.zeros((nch, d), np.float64)
-    if n and d:
-        work = _checks.empty_aligned((nch, 3, d), x.dtype)
-        _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, _nt_rows(dx))
-    return dx, pg.sum(axis=0).astype(x.dtype), pb.sum(axis=0).astype(x.dtype)
+    work = _checks.empty_aligned((nch, 3, d), x.dtype)
+    _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, _nt_rows(dx))
+    return pg.sum(axis=0), pb.sum(axis=0)

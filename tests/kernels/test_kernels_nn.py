@@ -341,32 +341,38 @@ def _ln_both(x, g, b, dy, out=None, dout=None):
 def test_layer_norm_short_rows_match_the_long_row_kernel(dt, widths, rtol, rng, monkeypatch):
     # rows of up to 8 AVX-512 vectors are held in registers (kernels._avx512.ln_row and
     # ln_bwd_row): whole, partial and absent vectors, partial ones loaded and stored
-    # whole inside a chunk and masked at its end (301 rows: 4 chunks of 75-76)
+    # whole inside a chunk and masked at its end (301 rows: 4 chunks of 75-76); rows of
+    # few features also go 16 / 8 at a time through blocks transposed in registers
+    # (ln_block, ln_bwd_block; 301 rows: the last 13 / 5 through the row kernels)
     require_avx512()
     for d in widths:
         x = (2 + 3 * rng.standard_normal((301, d))).astype(dt)
         dy = rng.standard_normal((301, d)).astype(dt)
         g, b = rng.standard_normal(d).astype(dt), rng.standard_normal(d).astype(dt)
         res = {}
-        for flag in (True, False):
-            monkeypatch.setattr(nn, "VEC_SHORT", flag)
-            res[flag] = _ln_both(x, g, b, dy)
+        for short, blocks in ((False, False), (True, False), (True, True)):
+            monkeypatch.setattr(nn, "VEC_SHORT", short)
+            monkeypatch.setattr(nn, "VEC_BLOCKS", blocks)
+            res[short, blocks] = _ln_both(x, g, b, dy)
+        long_res = res[False, False]
         # dx's size: that of its terms (at d = 1 the long kernel's dx is rounding noise)
-        dx_scale = np.abs(dy * g * res[False][2][:, None].astype(np.float64)).max()
-        for name, short, long_ in zip(("y", "mean", "rstd", "dx", "dgamma", "dbeta"),
-                                      res[True], res[False]):
-            assert short.dtype == dt, name
-            scale = dx_scale if name == "dx" else np.abs(long_.astype(np.float64)).max()
-            np.testing.assert_allclose(short, long_, rtol=rtol, atol=rtol * scale,
-                                       err_msg=f"{name}, d={d}")
-        np.testing.assert_allclose(res[True][0], ref_layer_norm(x, g, b),
+        dx_scale = np.abs(dy * g * long_res[2][:, None].astype(np.float64)).max()
+        for way in ((True, False), (True, True)):
+            for name, got, want in zip(("y", "mean", "rstd", "dx", "dgamma", "dbeta"),
+                                       res[way], long_res):
+                assert got.dtype == dt, name
+                scale = dx_scale if name == "dx" else np.abs(want.astype(np.float64)).max()
+                np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale,
+                                           err_msg=f"{name}, d={d}, short/blocks={way}")
+        np.testing.assert_allclose(res[True, True][0], ref_layer_norm(x, g, b),
                                    rtol=100 * rtol, atol=100 * rtol)
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 def test_layer_norm_short_rows_in_place_and_nothing_written_past_the_output(dt, rng):
     # in place (out=x, out=dy) the rows may not spill into the next row, which is still
-    # input; a view into a bigger buffer keeps everything after its last row
+    # input; a view into a bigger buffer keeps everything after its last row (3 and 10
+    # features: blocks of rows, then the row kernel for the last rows)
     require_avx512()
     for d in (3, 10, 17, 40):
         x = rng.standard_normal((150, d)).astype(dt)
