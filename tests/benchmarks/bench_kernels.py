@@ -255,7 +255,8 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
             nn.layer_norm_backward(dyd, xd, gam[:d], mu_, rs_, out=out2)
 
         add(f"layer_norm fwd+bwd, {d} features", xd.shape, dt, 5 * xd.nbytes,
-            "bytes: fwd 2 + bwd 3 passes" + ("; short rows: work per row" if d < 16 else ""),
+            "bytes: fwd 2 + bwd 3 passes" + (
+                "; float32 forward in blocks of rows, the rest row by row" if d < 16 else ""),
             ours=ln_fb_d, ours_out=lambda f=ln_fb_d, a=od, b=od2: f(a, b),
             torch=td.get("ln_fb"))
     add("gelu", x.shape, dt, 2 * nb, "numpy: scipy.special.erf", ours=lambda: nn.gelu(x),
