@@ -1196,9 +1196,9 @@ def _count(c):
     return None
 
 
-def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, c):
-    """``softmax_block(x, g, labels, prods, gaps, b, scale, c)``: softmax + cross-entropy
-    with its gradient for the ``L`` rows of block ``b`` (rows ``b*L .. b*L+L-1``; ``L`` =
+def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, c):
+    """``softmax_block(x, g, labels, prods, gaps, b, scale, grad, c)``: softmax +
+    cross-entropy with its gradient (stored when ``grad`` is true) for the ``L`` rows of block ``b`` (rows ``b*L .. b*L+L-1``; ``L`` =
     16 float32 / 8 float64) of ``c`` classes, ``2 <= c <= L`` known when compiling: ``c``
     is a literal or a tuple of ``c`` items (whose type carries its length).
 
@@ -1271,11 +1271,13 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, c):
         gap = _hsum64(builder, builder.fsub(wide(mx), wide(xl)))
         builder.store(prod, _elem_ptr(context, builder, sig.args[3], args[3], blk, types.int64))
         builder.store(gap, _elem_ptr(context, builder, sig.args[4], args[4], blk, types.int64))
-        for k, vec in enumerate(_to_rows(builder, grads)):
-            _store(builder, vec, ptr(1, at(k), vty), None)
+        want = context.cast(builder, args[7], sig.args[7], types.boolean)
+        with builder.if_then(want, likely=True):
+            for k, vec in enumerate(_to_rows(builder, grads)):
+                _store(builder, vec, ptr(1, at(k), vty), None)
         return context.get_dummy_value()
 
-    return types.none(x, g, labels, prods, gaps, b, scale, c), codegen
+    return types.none(x, g, labels, prods, gaps, b, scale, grad, c), codegen
 
 
 _softmax_block_typer.__name__ = _softmax_block_typer.__qualname__ = "softmax_block"

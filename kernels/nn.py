@@ -182,14 +182,15 @@ def _short_vectors(c: int, dtype: np.dtype) -> int:
 
 
 @jit(parallel=True, fastmath={"contract"})
-def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, nblocks, scale, cls):
+def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, nblocks, scale, grad, cls):
     """Rows of ``c <= L`` classes (16 float32 / 8 float64), ``L`` rows at a time, each
     block transposed in registers (``kernels._avx512.softmax_block``). ``cls`` is a tuple
     of ``c`` zeros: its type carries ``c`` to the compiler, so each ``c`` compiles on
     first use and is cached (``numba.literally`` did the same but cost about 4 ms per
-    call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``."""
+    call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``; the gradient
+    goes into ``gflat`` only when ``grad``."""
     for b in prange(nblocks):
-        softmax_block(xflat, gflat, labels, prods, gaps, b, scale, cls)
+        softmax_block(xflat, gflat, labels, prods, gaps, b, scale, grad, cls)
 
 
 _SCRATCH = threading.local()
@@ -242,13 +243,16 @@ def softmax_cross_entropy(
     if nvec == 8 and c <= 5 * 64 // x.itemsize:  # 3 of 8 vectors idle: long rows win
         nvec = 0
     lanes = 64 // x.itemsize
-    nblk = n // lanes if grad and VEC_BLOCKS and 2 <= c <= BLOCK_MAX_CLASSES[lanes] else 0
+    nblk = n // lanes if VEC_BLOCKS and 2 <= c <= BLOCK_MAX_CLASSES[lanes] else 0
     if nblk:  # whole blocks of rows, then the rest row by row
-        _softmax_xent_blocks(x.reshape(-1), y, g.reshape(-1), sums, gaps, nblk, scale, (0,) * c)
+        # without a gradient nothing is stored: x stands in for the output array
+        gflat = g.reshape(-1) if grad else x.reshape(-1)
+        _softmax_xent_blocks(x.reshape(-1), y, gflat, sums, gaps, nblk, scale, grad, (0,) * c)
         done = nblk * lanes
         if done < n:
             rest = slice(nblk, nblk + n - done)
-            _softmax_xent_short(x[done:], x[done:].reshape(-1), y[done:], g[done:].reshape(-1),
+            gr = g[done:] if grad else np.empty((n - done, c), x.dtype)
+            _softmax_xent_short(x[done:], x[done:].reshape(-1), y[done:], gr.reshape(-1),
                                 sums[rest], gaps[rest], scale, _short_vectors(c, x.dtype))
         used = slice(0, nblk + n - done)
         total = float(np.log(sums[used], out=sums[used]).sum() + gaps[used].sum())

@@ -188,7 +188,8 @@ def test_xent_blocks_of_rows_match_the_row_kernel(dt, rng, monkeypatch):
     # rows of few classes go 16 (float32) or 8 (float64) at a time through one block
     # transposed in registers, the rows after the last whole block through the row
     # kernel: every class count the blocks take (and one past), special rows inside a
-    # block, labels in the first and last column, nothing written past the output
+    # block, labels in the first and last column, nothing written past the output, and
+    # the loss without a gradient
     require_avx512()
     lanes = 64 // np.dtype(dt).itemsize
     n = 3 * lanes + 5
@@ -218,6 +219,13 @@ def test_xent_blocks_of_rows_match_the_row_kernel(dt, rng, monkeypatch):
                                        equal_nan=True, err_msg=f"c={c}")
         g = res[True][0][1]
         assert math.isnan(res[True][0][0]) and np.isnan(g[special]).any(axis=1).all()
+        # the loss alone (nothing stored) is the same loss
+        monkeypatch.setattr(nn, "VEC_BLOCKS", True)
+        xf = x[finite]
+        before = xf.copy()
+        loss, none = nn.softmax_cross_entropy(xf, y[finite], grad=False)
+        assert none is None and np.array_equal(xf, before)
+        np.testing.assert_allclose(loss, res[True][1][0], rtol=rtol, err_msg=f"c={c}")
         assert not np.isnan(g[finite]).any()
         rl, rg = ref_xent(x[finite].astype(np.float64), y[finite])
         np.testing.assert_allclose(res[True][1][0], rl, rtol=1e-5)
