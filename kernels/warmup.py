@@ -27,9 +27,11 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     vw = np.ones(160, dt)
     ten = np.linspace(-1, 1, 320, dtype=dt).reshape(32, 10)
     lab10 = np.arange(32) % 10
+    four = ten.reshape(-1)[:128].reshape(32, 4)
     # statistics for the backward calls from NumPy, so each kernel compiles in its own entry
     mu, rs = x.mean(axis=1), 1 / np.sqrt(x.var(axis=1) + 1e-5)
     muw, rsw = wide.mean(axis=1), 1 / np.sqrt(wide.var(axis=1) + 1e-5)
+    mu4, rs4 = four.mean(axis=1), 1 / np.sqrt(four.var(axis=1) + 1e-5)
     return {
         "adamw_step": lambda: optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1),
         "softmax_cross_entropy": lambda: nn.softmax_cross_entropy(x, lab),  # short rows
@@ -38,6 +40,10 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         "softmax_cross_entropy 10 classes": lambda: nn.softmax_cross_entropy(ten, lab10),
         "layer_norm": lambda: nn.layer_norm(x, v, v),  # short rows
         "layer_norm_backward": lambda: nn.layer_norm_backward(x, x, v, mu, rs),
+        # 4 features, 32 rows: blocks of rows (compiled per feature count)
+        "layer_norm 4 features": lambda: nn.layer_norm(four, v[:4], v[:4]),
+        "layer_norm_backward 4 features": lambda: nn.layer_norm_backward(
+            four, four, v[:4], mu4, rs4),
         "layer_norm long rows": lambda: nn.layer_norm(wide, vw, vw),
         "layer_norm_backward long rows": lambda: nn.layer_norm_backward(wide, wide, vw, muw, rsw),
         "gelu": lambda: nn.gelu(x),
