@@ -1196,9 +1196,10 @@ def _count(c):
     return None
 
 
-def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, c):
-    """``softmax_block(x, g, labels, prods, gaps, b, scale, grad, c)``: softmax +
-    cross-entropy with its gradient (stored when ``grad`` is true) for the ``L`` rows of block ``b`` (rows ``b*L .. b*L+L-1``; ``L`` =
+def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, nt, c):
+    """``softmax_block(x, g, labels, prods, gaps, b, scale, grad, nt, c)``: softmax +
+    cross-entropy with its gradient (stored when ``grad`` is true; non-temporally when
+    ``nt`` is, ``g`` then 64-byte aligned) for the ``L`` rows of block ``b`` (rows ``b*L .. b*L+L-1``; ``L`` =
     16 float32 / 8 float64) of ``c`` classes, ``2 <= c <= L`` known when compiling: ``c``
     is a literal or a tuple of ``c`` items (whose type carries its length).
 
@@ -1272,12 +1273,17 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, c
         builder.store(prod, _elem_ptr(context, builder, sig.args[3], args[3], blk, types.int64))
         builder.store(gap, _elem_ptr(context, builder, sig.args[4], args[4], blk, types.int64))
         want = context.cast(builder, args[7], sig.args[7], types.boolean)
+        nt = context.cast(builder, args[8], sig.args[8], types.boolean)
         with builder.if_then(want, likely=True):
-            for k, vec in enumerate(_to_rows(builder, grads)):
-                _store(builder, vec, ptr(1, at(k), vty), None)
+            rows = _to_rows(builder, grads)
+            with builder.if_else(nt) as (yes, no):
+                for branch, streamed in ((yes, True), (no, False)):
+                    with branch:
+                        for k, vec in enumerate(rows):
+                            _store(builder, vec, ptr(1, at(k), vty), None, nt=streamed)
         return context.get_dummy_value()
 
-    return types.none(x, g, labels, prods, gaps, b, scale, grad, c), codegen
+    return types.none(x, g, labels, prods, gaps, b, scale, grad, nt, c), codegen
 
 
 _softmax_block_typer.__name__ = _softmax_block_typer.__qualname__ = "softmax_block"

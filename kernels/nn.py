@@ -182,15 +182,27 @@ def _short_vectors(c: int, dtype: np.dtype) -> int:
 
 
 @jit(parallel=True, fastmath={"contract"})
-def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, nblocks, scale, grad, cls):
+def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, nblocks, nchunks, scale, grad, nt,
+                         cls):
     """Rows of ``c <= L`` classes (16 float32 / 8 float64), ``L`` rows at a time, each
     block transposed in registers (``kernels._avx512.softmax_block``). ``cls`` is a tuple
     of ``c`` zeros: its type carries ``c`` to the compiler, so each ``c`` compiles on
     first use and is cached (``numba.literally`` did the same but cost about 4 ms per
     call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``; the gradient
-    goes into ``gflat`` only when ``grad``."""
-    for b in prange(nblocks):
-        softmax_block(xflat, gflat, labels, prods, gaps, b, scale, grad, cls)
+    goes into ``gflat`` only when ``grad``, with non-temporal stores when ``nt``. Each
+    block of 512 bytes or more asks for the input 8 KiB ahead (``kernels._prefetch``).
+    2^25 float32 logits of 10 classes, from memory: 10.8-11.4 ms with neither, 9.4-9.5
+    with both; float64 16-19 -> 14.3-14.5. With 2 classes (128-byte blocks) the
+    prefetch cost 2-5% (one hint per 2 vectors), in cache and from memory."""
+    step = len(cls) * (64 // xflat.itemsize)  # elements per block (known when compiling)
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(nblocks, nchunks, c)
+        for b in range(lo, hi):
+            if step * xflat.itemsize >= 512:
+                prefetch_ahead(xflat, b * step, step * xflat.itemsize)
+            softmax_block(xflat, gflat, labels, prods, gaps, b, scale, grad, nt, cls)
+        if nt:
+            sfence()  # this thread's streamed lines, before the call returns
 
 
 _SCRATCH = threading.local()
@@ -247,7 +259,9 @@ def softmax_cross_entropy(
     if nblk:  # whole blocks of rows, then the rest row by row
         # without a gradient nothing is stored: x stands in for the output array
         gflat = g.reshape(-1) if grad else x.reshape(-1)
-        _softmax_xent_blocks(x.reshape(-1), y, gflat, sums, gaps, nblk, scale, grad, (0,) * c)
+        nt = grad and stream_out(g) and g.ctypes.data % 64 == 0
+        _softmax_xent_blocks(x.reshape(-1), y, gflat, sums, gaps, nblk,
+                             n_chunks(nblk, min_rows=4), scale, grad, nt, (0,) * c)
         done = nblk * lanes
         if done < n:
             rest = slice(nblk, nblk + n - done)

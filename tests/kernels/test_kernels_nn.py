@@ -232,6 +232,23 @@ def test_xent_blocks_of_rows_match_the_row_kernel(dt, rng, monkeypatch):
         np.testing.assert_allclose(res[True][1][1], rg * len(finite) * 0.5, rtol=1e-4, atol=1e-7)
 
 
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_xent_blocks_with_non_temporal_stores_match(dt, rng, monkeypatch):
+    # large aligned gradients leave the blocks with non-temporal stores (forced on here
+    # for a small one): the same values as plain stores
+    require_avx512()
+    import kernels
+
+    x = (3 * rng.standard_normal((101, 10))).astype(dt)
+    y = rng.integers(0, 10, 101)
+    want_loss, want = nn.softmax_cross_entropy(x, y, out=np.empty_like(x))
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    out = kernels.empty_aligned(x.shape, dt)
+    loss, got = nn.softmax_cross_entropy(x, y, out=out)
+    assert got is out and loss == want_loss
+    np.testing.assert_array_equal(got, want)
+
 def test_xent_short_rows_write_nothing_past_the_output():
     # the row kernel stores whole vectors where a row has them and masks the rest: the
     # memory right after the last row of ``out`` keeps its contents
