@@ -62,8 +62,8 @@ __all__ = ["AVAILABLE", "BLOCK", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
            "gelu_bwd_f64", "gelu_bwd_f64_nt", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
            "gelu_f64_tail", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail", "gelu_wide_f64",
-           "gelu_wide_f64_tail", "ln_block", "ln_bwd_block", "ln_bwd_row", "ln_row", "softmax_block", "softmax_exp_f64",
-           "softmax_exp_f64_tail",
+           "gelu_wide_f64_tail", "ln_block", "ln_bwd_block", "ln_bwd_row", "ln_row",
+           "softmax_block", "softmax_exp_f64", "softmax_exp_f64_tail",
            "SHORT_ROW_VECTORS", "softmax_row1_f32", "softmax_row1_f64", "softmax_row2_f32",
            "softmax_row2_f64", "softmax_row4_f32", "softmax_row4_f64", "softmax_row8_f32",
            "softmax_row8_f64"]
@@ -1080,7 +1080,8 @@ def _layer_norm_rows_intrinsic(backward: bool):
                 var = builder.fmul(_hsum64(builder, sq), dinv)
                 sqrt = cgutils.get_or_insert_function(
                     builder.module, ir.FunctionType(_F64, [_F64]), "llvm.sqrt.f64")
-                r = builder.fdiv(ir.Constant(_F64, 1.0), builder.call(sqrt, [builder.fadd(var, eps)]))
+                r = builder.fdiv(ir.Constant(_F64, 1.0),
+                                 builder.call(sqrt, [builder.fadd(var, eps)]))
                 r_t = builder.fptrunc(r, ft) if f32 else r
                 rs = _splat(builder, r_t, vty)
                 gs, bs = row(2, False), row(3, False)
@@ -1163,7 +1164,8 @@ def _gather_lanes(builder, srcs, where):
         if out is None:
             out = p
         else:
-            keep = ir.Constant(ir.VectorType(ir.IntType(1), lanes), [ln in mine for ln in range(lanes)])
+            keep = ir.Constant(ir.VectorType(ir.IntType(1), lanes),
+                               [ln in mine for ln in range(lanes)])
             out = builder.select(keep, p, out)
     return out
 
@@ -1199,9 +1201,10 @@ def _count(c):
 def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, nt, c):
     """``softmax_block(x, g, labels, prods, gaps, b, scale, grad, nt, c)``: softmax +
     cross-entropy with its gradient (stored when ``grad`` is true; non-temporally when
-    ``nt`` is, ``g`` then 64-byte aligned) for the ``L`` rows of block ``b`` (rows ``b*L .. b*L+L-1``; ``L`` =
-    16 float32 / 8 float64) of ``c`` classes, ``2 <= c <= L`` known when compiling: ``c``
-    is a literal or a tuple of ``c`` items (whose type carries its length).
+    ``nt`` is, ``g`` then 64-byte aligned) for the ``L`` rows of block ``b`` (rows
+    ``b*L .. b*L+L-1``; ``L`` = 16 float32 / 8 float64) of ``c`` classes, ``2 <= c <= 2 L``
+    known when compiling: ``c`` is a literal or a tuple of ``c`` items (whose type
+    carries its length).
 
     The block is ``c`` whole vectors of ``x`` (``L`` rows of ``c``), loaded plainly and
     transposed in registers (two-source permutes) into ``c`` column vectors, one lane

@@ -184,11 +184,11 @@ def _short_vectors(c: int, dtype: np.dtype) -> int:
 @jit(parallel=True, fastmath={"contract"})
 def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, nblocks, nchunks, scale, grad, nt,
                          cls):
-    """Rows of ``c <= L`` classes (16 float32 / 8 float64), ``L`` rows at a time, each
-    block transposed in registers (``kernels._avx512.softmax_block``). ``cls`` is a tuple
-    of ``c`` zeros: its type carries ``c`` to the compiler, so each ``c`` compiles on
-    first use and is cached (``numba.literally`` did the same but cost about 4 ms per
-    call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``; the gradient
+    """Rows of few classes (``BLOCK_MAX_CLASSES``), ``L`` rows (16 float32 / 8 float64)
+    at a time, each block transposed in registers (``kernels._avx512.softmax_block``).
+    ``cls`` is a tuple of ``c`` zeros: its type carries ``c`` to the compiler, so each
+    ``c`` compiles on first use and is cached (``numba.literally`` did the same but cost
+    about 4 ms per call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``; the gradient
     goes into ``gflat`` only when ``grad``, with non-temporal stores when ``nt``. Each
     block of 512 bytes or more asks for the input 8 KiB ahead (``kernels._prefetch``).
     2^25 float32 logits of 10 classes, from memory: 10.8-11.4 ms with neither, 9.4-9.5
