@@ -188,9 +188,9 @@ def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, nblocks, nchunks, sc
     at a time, each block transposed in registers (``kernels._avx512.softmax_block``).
     ``cls`` is a tuple of ``c`` zeros: its type carries ``c`` to the compiler, so each
     ``c`` compiles on first use and is cached (``numba.literally`` did the same but cost
-    about 4 ms per call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``; the gradient
-    goes into ``gflat`` only when ``grad``, with non-temporal stores when ``nt``. Each
-    block of 512 bytes or more asks for the input 8 KiB ahead (``kernels._prefetch``).
+    about 4 ms per call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``;
+    the gradient goes into ``gflat`` only when ``grad``, with non-temporal stores when
+    ``nt``. Each block of 512 bytes or more asks for the input 8 KiB ahead (``kernels._prefetch``).
     2^25 float32 logits of 10 classes, from memory: 10.8-11.4 ms with neither, 9.4-9.5
     with both; float64 16-19 -> 14.3-14.5. With 2 classes (128-byte blocks) the
     prefetch cost 2-5% (one hint per 2 vectors), in cache and from memory."""
