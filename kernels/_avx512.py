@@ -822,6 +822,62 @@ def _to_f32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
+def _opaque(builder, v):
+    """``v``, hidden from the optimiser by an empty inline asm: a select on a plain load
+    is otherwise folded into a zero-masked load, 2x slower here from memory (layer norm
+    backward of 16 float32 features: 0.9 -> 1.9 ms at 2^22 elements)."""
+    asm = ir.InlineAsm(ir.FunctionType(v.type, [v.type]), "", "=v,0")
+    return builder.call(asm, [v])
+
+
+def _row_load(builder, ptr, n, room, q, lanes, fill=0.0):
+    """Vector ``q`` of a row of ``n`` elements at ``ptr``, lanes past the row ``fill``,
+    when ``room`` elements from the row's start may be read: a plain load where the row
+    covers the vector, or where ``room`` does (the lanes past the row then set in
+    registers), else a masked load; a ``fill`` vector, and no load, when the row ends
+    before the vector starts (masked loads of whole or empty vectors measured 2-3x
+    slower from memory). ``room=None``: no plain load of a partial vector (this branch
+    cost rows of 8 vectors 10-20%: float64 layer norm backward at 64 features, 1.8 ->
+    2.1 ms)."""
+    rest = ir.Constant(ptr.type.pointee, [fill] * lanes)
+    start = ir.Constant(_I64, q * lanes)
+
+    def partial():
+        mask = _mask(builder, builder.sub(n, start), lanes)
+        if room is None:
+            return _load(builder, ptr, mask, rest)
+        return _full_or_masked(
+            builder, room, (q + 1) * lanes,
+            lambda: builder.select(mask, _opaque(builder, _load(builder, ptr, None)), rest),
+            lambda: _load(builder, ptr, mask, rest))
+
+    return _full_or_masked(
+        builder, n, (q + 1) * lanes, lambda: _load(builder, ptr, None),
+        lambda: _full_or_masked(builder, n, q * lanes + 1, partial, lambda: rest))
+
+
+def _row_store(builder, val, ptr, n, room, q, lanes, nt=None):
+    """Store vector ``q`` of a row of ``n`` elements when ``room`` elements from the
+    row's start may be written: plain where they cover the vector (non-temporal where
+    the i1 ``nt`` is true), else masked; nothing when the row ends before the vector."""
+    def plain():
+        if nt is None:
+            _store(builder, val, ptr, None)
+            return
+        with builder.if_else(nt) as (yes, no):
+            with yes:
+                _store(builder, val, ptr, None, nt=True)
+            with no:
+                _store(builder, val, ptr, None)
+
+    def masked():
+        _store(builder, val, ptr, _mask(builder, builder.sub(
+            n, ir.Constant(_I64, q * lanes)), lanes), None)
+
+    with builder.if_then(builder.icmp_signed(">", n, ir.Constant(_I64, q * lanes)), likely=True):
+        _full_or_masked(builder, room, (q + 1) * lanes, plain, masked)
+
+
 def _softmax_rows_intrinsic(f32: bool, nvec: int):
     """Build ``softmax_row{nvec}_f32|f64(x, g, i, c, label, scale) -> (s, mx)`` for a
     row of ``c <= nvec * L`` classes (``L`` = 16 float32 / 8 float64 lanes) at
@@ -854,7 +910,6 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
             lane_ids = ir.Constant(ir.VectorType(_I64, lanes), list(range(lanes)))
             sfx = _vec_name(vty)
             masks, ptrs, xs = [], [], []
-            ninf = ir.Constant(vty, [float("-inf")] * lanes)
             for q in range(nvec):
                 off = ir.Constant(_I64, q * lanes)
                 masks.append(_mask(builder, builder.sub(c64, off), lanes))
@@ -863,11 +918,7 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
                                                types.int64), vty.as_pointer())
                 ptrs.append(builder.bitcast(_elem_ptr(context, builder, sig.args[1], args[1],
                                                       base, types.int64), vty.as_pointer()))
-                xs.append(_full_or_masked(
-                    builder, c64, (q + 1) * lanes, lambda: _load(builder, px, None),
-                    lambda: _full_or_masked(  # lanes past the row: none loaded at all
-                        builder, c64, q * lanes + 1,
-                        lambda: _load(builder, px, masks[q], ninf), lambda: ninf)))
+                xs.append(_row_load(builder, px, c64, None, q, lanes, float("-inf")))
             vmax = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{sfx}")
             m = xs[0]
@@ -907,6 +958,8 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
                             ">", c64, ir.Constant(_I64, q * lanes))):
                         _store(builder, val, p, mk)
 
+                # not _row_store: its order of tests (the row's end first) cost these
+                # 8-vector rows 8-10%, and the other order cost layer norm's 50%
                 _full_or_masked(builder, c64, (q + 1) * lanes, plain, masked)
             return context.make_tuple(builder, ret, [s, mx])
 
@@ -922,60 +975,6 @@ softmax_row1_f32, softmax_row2_f32, softmax_row4_f32, softmax_row8_f32 = (
 softmax_row1_f64, softmax_row2_f64, softmax_row4_f64, softmax_row8_f64 = (
     _softmax_rows_intrinsic(False, k) for k in (1, 2, 4, 8))
 SHORT_ROW_VECTORS = (1, 2, 4, 8)  # vectors per row of the kernels above
-
-
-def _opaque(builder, v):
-    """``v``, hidden from the optimiser by an empty inline asm: a select on a plain load
-    is otherwise folded into a zero-masked load, 2x slower here from memory (layer norm
-    backward of 16 float32 features: 0.9 -> 1.9 ms at 2^22 elements)."""
-    asm = ir.InlineAsm(ir.FunctionType(v.type, [v.type]), "", "=v,0")
-    return builder.call(asm, [v])
-
-
-def _row_load(builder, ptr, n, room, q, lanes):
-    """Vector ``q`` of a row of ``n`` elements at ``ptr``, lanes past the row 0, when
-    ``room`` elements from the row's start may be read: a plain load where the row covers
-    the vector, or where ``room`` does (the lanes past the row then cleared in registers),
-    else a masked load; a zero vector, and no load, when the row ends before the vector
-    starts. ``room=None``: no plain load of a partial vector (this branch cost rows of 8
-    vectors 10-20%: float64 layer norm backward at 64 features, 1.8 -> 2.1 ms)."""
-    zero = ir.Constant(ptr.type.pointee, [0.0] * lanes)
-    start = ir.Constant(_I64, q * lanes)
-
-    def partial():
-        mask = _mask(builder, builder.sub(n, start), lanes)
-        if room is None:
-            return _load(builder, ptr, mask)
-        return _full_or_masked(
-            builder, room, (q + 1) * lanes,
-            lambda: builder.select(mask, _opaque(builder, _load(builder, ptr, None)), zero),
-            lambda: _load(builder, ptr, mask))
-
-    return _full_or_masked(
-        builder, n, (q + 1) * lanes, lambda: _load(builder, ptr, None),
-        lambda: _full_or_masked(builder, n, q * lanes + 1, partial, lambda: zero))
-
-
-def _row_store(builder, val, ptr, n, room, q, lanes, nt=None):
-    """Store vector ``q`` of a row of ``n`` elements when ``room`` elements from the
-    row's start may be written: plain where they cover the vector (non-temporal where
-    the i1 ``nt`` is true), else masked; nothing when the row ends before the vector."""
-    def plain():
-        if nt is None:
-            _store(builder, val, ptr, None)
-            return
-        with builder.if_else(nt) as (yes, no):
-            with yes:
-                _store(builder, val, ptr, None, nt=True)
-            with no:
-                _store(builder, val, ptr, None)
-
-    def masked():
-        _store(builder, val, ptr, _mask(builder, builder.sub(
-            n, ir.Constant(_I64, q * lanes)), lanes), None)
-
-    with builder.if_then(builder.icmp_signed(">", n, ir.Constant(_I64, q * lanes)), likely=True):
-        _full_or_masked(builder, room, (q + 1) * lanes, plain, masked)
 
 
 def _hsum64(builder, v):
@@ -1037,7 +1036,6 @@ def _layer_norm_rows_intrinsic(backward: bool):
             i64, d64, rin, rout = (context.cast(builder, cargs[k], sig.args[k], types.int64)
                                    for k in range(k_i, k_i + 4))
             nt = context.cast(builder, cargs[-2], sig.args[-2], types.boolean)
-            big = ir.Constant(_I64, nv * lanes)
 
             def ptr(k, q, at_row=True):
                 base = ir.Constant(_I64, q * lanes)
@@ -1053,8 +1051,7 @@ def _layer_norm_rows_intrinsic(backward: bool):
                 """The row of array ``k``, its lanes past ``d`` 0 (a parameter vector:
                 whole vectors from its start)."""
                 if not at_row:
-                    return [_row_load(builder, ptr(k, q, False), big, big, q, lanes)
-                            for q in range(nv)]
+                    return [_load(builder, ptr(k, q, False), None) for q in range(nv)]
                 return [_row_load(builder, ptr(k, q), d64, rin if nv <= 2 else None, q, lanes)
                         for q in range(nv)]
 

@@ -267,7 +267,7 @@ def softmax_cross_entropy(
             rest = slice(nblk, nblk + n - done)
             gr = g[done:] if grad else np.empty((n - done, c), x.dtype)
             _softmax_xent_short(x[done:], x[done:].reshape(-1), y[done:], gr.reshape(-1),
-                                sums[rest], gaps[rest], scale, _short_vectors(c, x.dtype))
+                                sums[rest], gaps[rest], scale, nvec)
         used = slice(0, nblk + n - done)
         total = float(np.log(sums[used], out=sums[used]).sum() + gaps[used].sum())
     elif grad and VEC_SHORT and nvec:

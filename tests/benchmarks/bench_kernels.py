@@ -175,12 +175,14 @@ def bench_adamw(tab: Table, tb, n_params: int, dt) -> None:
 
 
 def _torch_nn(tb, x, y, gam, bet, dy) -> dict:
-    """PyTorch callables for the nn kernels (empty without torch)."""
+    """PyTorch callables for the nn kernels (empty without torch); ``y=None``: no labels,
+    so no cross-entropy."""
     if not tb:
         return {}
     torch, F = tb
     cols = x.shape[1]
-    xt, yt, gt, bt, dyt = (torch.from_numpy(a) for a in (x, y, gam, bet, dy))
+    xt, gt, bt, dyt = (torch.from_numpy(a) for a in (x, gam, bet, dy))
+    yt = torch.from_numpy(y) if y is not None else None
     xr = xt.clone().requires_grad_()
 
     def xent():
@@ -197,7 +199,7 @@ def _torch_nn(tb, x, y, gam, bet, dy) -> dict:
                 fn()
         return run
 
-    return {"xent": xent, "ln_fb": ln_fb,
+    return {"xent": xent if yt is not None else None, "ln_fb": ln_fb,
             "ln": no_grad(lambda: F.layer_norm(xt, (cols,), gt, bt)),
             "gelu": no_grad(lambda: F.gelu(xt)), "bias_gelu": no_grad(lambda: F.gelu(xt + bt))}
 
@@ -248,7 +250,7 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
         xd = x.reshape(-1)[:x.size // d * d].reshape(-1, d)
         dyd = dy.reshape(-1)[:xd.size].reshape(xd.shape)
         od, od2 = empty_aligned(xd.shape, dt), empty_aligned(xd.shape, dt)
-        td = _torch_nn(tb, xd, ys[:1], gam[:d], bet[:d], dyd)
+        td = _torch_nn(tb, xd, None, gam[:d], bet[:d], dyd)
 
         def ln_fb_d(out=None, out2=None, xd=xd, dyd=dyd, d=d):
             _, mu_, rs_ = nn.layer_norm(xd, gam[:d], bet[:d], out=out)
