@@ -879,11 +879,12 @@ def _row_store(builder, val, ptr, n, room, q, lanes, nt=None):
 
 
 def _softmax_rows_intrinsic(f32: bool, nvec: int):
-    """Build ``softmax_row{nvec}_f32|f64(x, g, i, c, label, scale) -> (s, mx)`` for a
-    row of ``c <= nvec * L`` classes (``L`` = 16 float32 / 8 float64 lanes) at
-    ``x[i:i+c]``: ``mx`` its max, ``s`` the sum of ``e = exp(x - mx)``, and ``g[i:i+c] =
-    e * (scale / s)``, minus ``scale`` at ``g[i + label]`` (here rather than by the
-    caller: a load from a masked store that has not reached the cache yet waits for it).
+    """Build ``softmax_row{nvec}_f32|f64(x, g, i, c, label, scale, grad) -> (s, mx)`` for
+    a row of ``c <= nvec * L`` classes (``L`` = 16 float32 / 8 float64 lanes) at
+    ``x[i:i+c]``: ``mx`` its max, ``s`` the sum of ``e = exp(x - mx)``, and, when
+    ``grad``, ``g[i:i+c] = e * (scale / s)``, minus ``scale`` at ``g[i + label]`` (here
+    rather than by the caller: a load from a masked store that has not reached the cache
+    yet waits for it). Without ``grad`` nothing is stored (``g`` may be ``x``).
 
     The row is loaded once and stays in registers for the max, the exp, the sum and the
     scaling: whole vectors with plain loads and stores, the last, partial one masked.
@@ -896,8 +897,8 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
     def ok(a):
         return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt
 
-    def typer(typingctx, x, g, i, c, label, scale):
-        if not (ok(x) and ok(g) and scale == dt
+    def typer(typingctx, x, g, i, c, label, scale, grad):
+        if not (ok(x) and ok(g) and scale == dt and isinstance(grad, types.Boolean)
                 and all(isinstance(a, types.Integer) for a in (i, c, label))):
             return None
         ret = types.UniTuple(dt, 2)
@@ -907,7 +908,6 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
             vty = _V16 if f32 else _V8
             i64 = context.cast(builder, args[2], sig.args[2], types.int64)
             c64 = context.cast(builder, args[3], sig.args[3], types.int64)
-            lane_ids = ir.Constant(ir.VectorType(_I64, lanes), list(range(lanes)))
             sfx = _vec_name(vty)
             masks, ptrs, xs = [], [], []
             for q in range(nvec):
@@ -941,32 +941,42 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
             radd = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ft, [ft, vty]), f"llvm.vector.reduce.fadd.{sfx}")
             s = builder.call(radd, [ir.Constant(ft, -0.0), acc], fastmath=("reassoc",))
-            f = _splat(builder, builder.fdiv(args[5], s), vty)
-            lab = context.cast(builder, args[4], sig.args[4], types.int64)
-            sub = _splat(builder, args[5], vty)
-            for q, (e, p, mk) in enumerate(zip(es, ptrs, masks)):
-                at = builder.icmp_signed("==", lane_ids, _splat(builder, builder.sub(
-                    lab, ir.Constant(_I64, q * lanes)), ir.VectorType(_I64, lanes)))
-                val = builder.fmul(e, f)
-                val = builder.select(at, builder.fsub(val, sub), val)
-
-                def plain(val=val, p=p):
-                    _store(builder, val, p, None)
-
-                def masked(val=val, p=p, mk=mk, q=q):
-                    with builder.if_then(builder.icmp_signed(
-                            ">", c64, ir.Constant(_I64, q * lanes))):
-                        _store(builder, val, p, mk)
-
-                # not _row_store: its order of tests (the row's end first) cost these
-                # 8-vector rows 8-10%, and the other order cost layer norm's 50%
-                _full_or_masked(builder, c64, (q + 1) * lanes, plain, masked)
+            with builder.if_then(args[6]):
+                _softmax_row_grad(context, builder, sig, args, es, ptrs, masks, s, lanes)
             return context.make_tuple(builder, ret, [s, mx])
 
-        return ret(x, g, i, c, label, scale), codegen
+        return ret(x, g, i, c, label, scale, grad), codegen
 
     typer.__name__ = typer.__qualname__ = f"softmax_row{nvec}_{'f32' if f32 else 'f64'}"
     return intrinsic(typer)
+
+
+def _softmax_row_grad(context, builder, sig, args, es, ptrs, masks, s, lanes):
+    """The gradient stores of ``softmax_row*``: ``e * (scale / s)``, minus ``scale`` at
+    the label."""
+    vty = es[0].type
+    c64 = context.cast(builder, args[3], sig.args[3], types.int64)
+    lane_ids = ir.Constant(ir.VectorType(_I64, lanes), list(range(lanes)))
+    f = _splat(builder, builder.fdiv(args[5], s), vty)
+    lab = context.cast(builder, args[4], sig.args[4], types.int64)
+    sub = _splat(builder, args[5], vty)
+    for q, (e, p, mk) in enumerate(zip(es, ptrs, masks)):
+        at = builder.icmp_signed("==", lane_ids, _splat(builder, builder.sub(
+            lab, ir.Constant(_I64, q * lanes)), ir.VectorType(_I64, lanes)))
+        val = builder.fmul(e, f)
+        val = builder.select(at, builder.fsub(val, sub), val)
+
+        def plain(val=val, p=p):
+            _store(builder, val, p, None)
+
+        def masked(val=val, p=p, mk=mk, q=q):
+            with builder.if_then(builder.icmp_signed(
+                    ">", c64, ir.Constant(_I64, q * lanes))):
+                _store(builder, val, p, mk)
+
+        # not _row_store: its order of tests (the row's end first) cost these
+        # 8-vector rows 8-10%, and the other order cost layer norm's 50%
+        _full_or_masked(builder, c64, (q + 1) * lanes, plain, masked)
 
 
 # rows of up to 16 / 32 / 64 / 128 float32 (8 / 16 / 32 / 64 float64) classes

@@ -135,12 +135,12 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
         grad[i, labels[i]] -= scale
 
 
-def _short_row(xflat, gflat, base, c, label, scale, nvec):  # pragma: no cover - overloaded
-    raise NotImplementedError
+def _short_row(xflat, gflat, base, c, label, scale, grad, nvec):  # pragma: no cover
+    raise NotImplementedError  # overloaded
 
 
 @overload(_short_row, inline="always")
-def _short_row_overload(xflat, gflat, base, c, label, scale, nvec):
+def _short_row_overload(xflat, gflat, base, c, label, scale, grad, nvec):
     """The ``kernels._avx512.softmax_row*`` intrinsic for ``nvec`` vectors, of the
     array's dtype (chosen while typing: each dtype compiles only its own four)."""
     one, two, four, eight = (
@@ -148,28 +148,29 @@ def _short_row_overload(xflat, gflat, base, c, label, scale, nvec):
         if xflat.dtype == types.float32 else
         (softmax_row1_f64, softmax_row2_f64, softmax_row4_f64, softmax_row8_f64))
 
-    def impl(xflat, gflat, base, c, label, scale, nvec):
+    def impl(xflat, gflat, base, c, label, scale, grad, nvec):
         if nvec == 1:
-            return one(xflat, gflat, base, c, label, scale)
+            return one(xflat, gflat, base, c, label, scale, grad)
         if nvec == 2:
-            return two(xflat, gflat, base, c, label, scale)
+            return two(xflat, gflat, base, c, label, scale, grad)
         if nvec == 4:
-            return four(xflat, gflat, base, c, label, scale)
-        return eight(xflat, gflat, base, c, label, scale)
+            return four(xflat, gflat, base, c, label, scale, grad)
+        return eight(xflat, gflat, base, c, label, scale, grad)
     return impl
 
 
 @jit(parallel=True, fastmath={"contract"})
-def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, nvec):
+def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, grad, nvec):
     """Rows of at most ``nvec`` (1, 2, 4 or 8) AVX-512 vectors, each held in registers
     from its load to its store (``kernels._avx512.softmax_row*``): the loops of
     ``_softmax_xent`` run almost entirely in their scalar remainders on such rows (10
-    classes: 22 ns per row per core). Row ``i``'s loss is ``log(sums[i]) + gaps[i]``."""
+    classes: 22 ns per row per core). Row ``i``'s loss is ``log(sums[i]) + gaps[i]``;
+    the gradient goes into ``gflat`` only when ``grad``."""
     n, c = logits.shape
     for i in prange(n):
         base = i * c
         lab = labels[i]
-        s, mx = _short_row(xflat, gflat, base, c, lab, scale, nvec)
+        s, mx = _short_row(xflat, gflat, base, c, lab, scale, grad, nvec)
         sums[i] = s
         gaps[i] = np.float64(mx) - np.float64(logits[i, lab])
 
@@ -265,13 +266,15 @@ def softmax_cross_entropy(
         done = nblk * lanes
         if done < n:
             rest = slice(nblk, nblk + n - done)
-            gr = g[done:] if grad else np.empty((n - done, c), x.dtype)
-            _softmax_xent_short(x[done:], x[done:].reshape(-1), y[done:], gr.reshape(-1),
-                                sums[rest], gaps[rest], scale, nvec)
+            xr = x[done:].reshape(-1)
+            _softmax_xent_short(x[done:], xr, y[done:], g[done:].reshape(-1) if grad else xr,
+                                sums[rest], gaps[rest], scale, grad, nvec)
         used = slice(0, nblk + n - done)
         total = float(np.log(sums[used], out=sums[used]).sum() + gaps[used].sum())
-    elif grad and VEC_SHORT and nvec:
-        _softmax_xent_short(x, x.reshape(-1), y, g.reshape(-1), sums, gaps, scale, nvec)
+    elif VEC_SHORT and nvec:  # without a gradient x stands in for the output array
+        xflat = x.reshape(-1)
+        _softmax_xent_short(x, xflat, y, g.reshape(-1) if grad else xflat, sums, gaps, scale,
+                            grad, nvec)
         total = float(np.log(sums, out=sums).sum() + gaps.sum())
     elif grad and VEC_F64 and x.dtype == np.float64:
         _softmax_xent_f64_vec(x, x.reshape(-1), x.view(np.int64), y, g, g.reshape(-1), sums,

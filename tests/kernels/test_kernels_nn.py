@@ -148,6 +148,20 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
         np.testing.assert_allclose(lv, lp, rtol=1e-14, equal_nan=True)
         np.testing.assert_allclose(gv, gp, rtol=1e-13, atol=1e-16, equal_nan=True)
     assert math.isnan(res[True][0][0]) and np.isfinite(res[True][1][0])
+    monkeypatch.setattr(nn, "VEC_SHORT", True)
+    _assert_loss_alone_matches(x, y, res[True], rtol=1e-14)
+
+
+def _assert_loss_alone_matches(x, y, with_grad, rtol):
+    # grad=False (the loss alone) runs the same row kernel without its stores: the same
+    # losses ((sum over all rows, NaN), mean over rows 5:), the input left as it was
+    before = x.copy()
+    alone = (nn.softmax_cross_entropy(x, y, grad=False, reduction="sum"),
+             nn.softmax_cross_entropy(x[5:], y[5:], grad=False))
+    assert np.array_equal(x, before, equal_nan=True)
+    for (la, none), (lg, _) in zip(alone, with_grad):
+        assert none is None
+        np.testing.assert_allclose(la, lg, rtol=rtol, equal_nan=True)
 
 
 @pytest.mark.parametrize("c", [1, 5, 10, 15, 16, 17, 31, 32, 33, 40, 48, 63, 64, 65, 80, 96, 97,
@@ -176,6 +190,8 @@ def test_xent_float32_short_rows_match_the_long_row_kernel(c, rng, monkeypatch):
         np.testing.assert_allclose(lv, lp, rtol=2e-6, equal_nan=True)
         np.testing.assert_allclose(gv, gp, rtol=2e-6, atol=1e-12, equal_nan=True)
     assert math.isnan(res[True][0][0]) and np.isfinite(res[True][1][0])
+    monkeypatch.setattr(nn, "VEC_SHORT", True)
+    _assert_loss_alone_matches(x, y, res[True], rtol=2e-6)
     g = res[True][0][1]
     assert np.isnan(g[[1, 2, 3]]).any(axis=1).all() and not np.isnan(g[[0, 4, 5, 6, 7, 8]]).any()
     rl, rg = ref_xent(x[5:].astype(np.float64), y[5:])
