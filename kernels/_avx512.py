@@ -784,8 +784,11 @@ def _exp_softmax_f32(builder, w):
         return ir.Constant(_V16, [_to_f32(v)] * 16)
 
     fma = fn("llvm.fma.v16f32", 3)
-    xc = builder.select(builder.fcmp_unordered("uno", w, w), w,
-                        builder.call(fn("llvm.maxnum.v16f32", 2), [w, c(EXP_MIN_F32)]))
+    # vmaxps(lo, w) is w where w is NaN: one instruction for the clamp and the NaN
+    # (maxnum and a select on an unordered compare took three)
+    vmax = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16, [_V16, _V16, _I32]), "llvm.x86.avx512.max.ps.512")
+    xc = builder.call(vmax, [c(EXP_MIN_F32), w, ir.Constant(_I32, 4)])
     n = builder.call(fn("llvm.floor.v16f32", 1), [builder.call(fma, [xc, c(_LOG2E), c(0.5)])])
     r = builder.call(fma, [builder.fneg(n), c(LN2_HI_F32), xc])
     r = builder.call(fma, [builder.fneg(n), c(LN2_LO_F32), r])
