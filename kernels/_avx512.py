@@ -882,12 +882,13 @@ def _row_store(builder, val, ptr, n, room, q, lanes, nt=None):
 
 
 def _softmax_rows_intrinsic(f32: bool, nvec: int):
-    """Build ``softmax_row{nvec}_f32|f64(x, g, i, c, label, scale, grad) -> (s, mx)`` for
-    a row of ``c <= nvec * L`` classes (``L`` = 16 float32 / 8 float64 lanes) at
+    """Build ``softmax_row{nvec}_f32|f64(x, g, i, c, label, scale, grad, nt) -> (s, mx)``
+    for a row of ``c <= nvec * L`` classes (``L`` = 16 float32 / 8 float64 lanes) at
     ``x[i:i+c]``: ``mx`` its max, ``s`` the sum of ``e = exp(x - mx)``, and, when
     ``grad``, ``g[i:i+c] = e * (scale / s)``, minus ``scale`` at ``g[i + label]`` (here
     rather than by the caller: a load from a masked store that has not reached the cache
-    yet waits for it). Without ``grad`` nothing is stored (``g`` may be ``x``).
+    yet waits for it). Without ``grad`` nothing is stored (``g`` may be ``x``). With
+    ``nt`` whole vectors are stored non-temporally (``&g[i]`` then 64-byte aligned).
 
     The row is loaded once and stays in registers for the max, the exp, the sum and the
     scaling: whole vectors with plain loads and stores, the last, partial one masked.
@@ -900,8 +901,9 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
     def ok(a):
         return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt
 
-    def typer(typingctx, x, g, i, c, label, scale, grad):
-        if not (ok(x) and ok(g) and scale == dt and isinstance(grad, types.Boolean)
+    def typer(typingctx, x, g, i, c, label, scale, grad, nt):
+        if not (ok(x) and ok(g) and scale == dt
+                and all(isinstance(a, types.Boolean) for a in (grad, nt))
                 and all(isinstance(a, types.Integer) for a in (i, c, label))):
             return None
         ret = types.UniTuple(dt, 2)
@@ -945,18 +947,22 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
                 builder.module, ir.FunctionType(ft, [ft, vty]), f"llvm.vector.reduce.fadd.{sfx}")
             s = builder.call(radd, [ir.Constant(ft, -0.0), acc], fastmath=("reassoc",))
             with builder.if_then(args[6]):
-                _softmax_row_grad(context, builder, sig, args, es, ptrs, masks, s, lanes)
+                with builder.if_else(args[7]) as (yes, no):
+                    for branch, streamed in ((yes, True), (no, False)):
+                        with branch:
+                            _softmax_row_grad(context, builder, sig, args, es, ptrs, masks, s,
+                                              lanes, streamed)
             return context.make_tuple(builder, ret, [s, mx])
 
-        return ret(x, g, i, c, label, scale, grad), codegen
+        return ret(x, g, i, c, label, scale, grad, nt), codegen
 
     typer.__name__ = typer.__qualname__ = f"softmax_row{nvec}_{'f32' if f32 else 'f64'}"
     return intrinsic(typer)
 
 
-def _softmax_row_grad(context, builder, sig, args, es, ptrs, masks, s, lanes):
+def _softmax_row_grad(context, builder, sig, args, es, ptrs, masks, s, lanes, nt):
     """The gradient stores of ``softmax_row*``: ``e * (scale / s)``, minus ``scale`` at
-    the label."""
+    the label; whole vectors non-temporal when ``nt``."""
     vty = es[0].type
     c64 = context.cast(builder, args[3], sig.args[3], types.int64)
     lane_ids = ir.Constant(ir.VectorType(_I64, lanes), list(range(lanes)))
@@ -970,7 +976,7 @@ def _softmax_row_grad(context, builder, sig, args, es, ptrs, masks, s, lanes):
         val = builder.select(at, builder.fsub(val, sub), val)
 
         def plain(val=val, p=p):
-            _store(builder, val, p, None)
+            _store(builder, val, p, None, nt=nt)
 
         def masked(val=val, p=p, mk=mk, q=q):
             with builder.if_then(builder.icmp_signed(

@@ -135,12 +135,12 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
         grad[i, labels[i]] -= scale
 
 
-def _short_row(xflat, gflat, base, c, label, scale, grad, nvec):  # pragma: no cover
+def _short_row(xflat, gflat, base, c, label, scale, grad, nt, nvec):  # pragma: no cover
     raise NotImplementedError  # overloaded
 
 
 @overload(_short_row, inline="always")
-def _short_row_overload(xflat, gflat, base, c, label, scale, grad, nvec):
+def _short_row_overload(xflat, gflat, base, c, label, scale, grad, nt, nvec):
     """The ``kernels._avx512.softmax_row*`` intrinsic for ``nvec`` vectors, of the
     array's dtype (chosen while typing: each dtype compiles only its own four)."""
     one, two, four, eight = (
@@ -148,31 +148,37 @@ def _short_row_overload(xflat, gflat, base, c, label, scale, grad, nvec):
         if xflat.dtype == types.float32 else
         (softmax_row1_f64, softmax_row2_f64, softmax_row4_f64, softmax_row8_f64))
 
-    def impl(xflat, gflat, base, c, label, scale, grad, nvec):
+    def impl(xflat, gflat, base, c, label, scale, grad, nt, nvec):
         if nvec == 1:
-            return one(xflat, gflat, base, c, label, scale, grad)
+            return one(xflat, gflat, base, c, label, scale, grad, nt)
         if nvec == 2:
-            return two(xflat, gflat, base, c, label, scale, grad)
+            return two(xflat, gflat, base, c, label, scale, grad, nt)
         if nvec == 4:
-            return four(xflat, gflat, base, c, label, scale, grad)
-        return eight(xflat, gflat, base, c, label, scale, grad)
+            return four(xflat, gflat, base, c, label, scale, grad, nt)
+        return eight(xflat, gflat, base, c, label, scale, grad, nt)
     return impl
 
 
 @jit(parallel=True, fastmath={"contract"})
-def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, grad, nvec):
-    """Rows of at most ``nvec`` (1, 2, 4 or 8) AVX-512 vectors, each held in registers
-    from its load to its store (``kernels._avx512.softmax_row*``): the loops of
-    ``_softmax_xent`` run almost entirely in their scalar remainders on such rows (10
+def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, grad, nt, nchunks,
+                        nvec):
+    """Rows of at most ``nvec`` (1, 2, 4 or 8) AVX-512 vectors, each held in
+    registers from its load to its store (``kernels._avx512.softmax_row*``): the loops
+    of ``_softmax_xent`` run almost entirely in their scalar remainders on such rows (10
     classes: 22 ns per row per core). Row ``i``'s loss is ``log(sums[i]) + gaps[i]``;
-    the gradient goes into ``gflat`` only when ``grad``."""
+    the gradient goes into ``gflat`` only when ``grad``, its whole vectors streamed
+    (non-temporal) when ``nt``."""
     n, c = logits.shape
-    for i in prange(n):
-        base = i * c
-        lab = labels[i]
-        s, mx = _short_row(xflat, gflat, base, c, lab, scale, grad, nvec)
-        sums[i] = s
-        gaps[i] = np.float64(mx) - np.float64(logits[i, lab])
+    for ch in prange(nchunks):
+        lo, hi = chunk_bounds(n, nchunks, ch)
+        for i in range(lo, hi):
+            base = i * c
+            lab = labels[i]
+            s, mx = _short_row(xflat, gflat, base, c, lab, scale, grad, nt, nvec)
+            sums[i] = s
+            gaps[i] = np.float64(mx) - np.float64(logits[i, lab])
+        if nt:
+            sfence()
 
 
 def _short_vectors(c: int, dtype: np.dtype) -> int:
@@ -252,29 +258,30 @@ def softmax_cross_entropy(
     if grad_scale is None:
         grad_scale = 1.0 / n if reduction == "mean" else 1.0
     scale = x.dtype.type(_checks.finite_float("grad_scale", grad_scale))
-    nvec = _short_vectors(c, x.dtype)
-    if nvec == 8 and c <= 5 * 64 // x.itemsize:  # 3 of 8 vectors idle: long rows win
-        nvec = 0
     lanes = 64 // x.itemsize
+    nvec = _short_vectors(c, x.dtype)
+    if nvec == 8 and c <= 5 * lanes:  # 3 of 8 vectors idle: long rows win
+        nvec = 0
+    streamed = grad and stream_out(g) and g.ctypes.data % 64 == 0
     nblk = n // lanes if VEC_BLOCKS and 2 <= c <= BLOCK_MAX_CLASSES[lanes] else 0
     if nblk:  # whole blocks of rows, then the rest row by row
         # without a gradient nothing is stored: x stands in for the output array
         gflat = g.reshape(-1) if grad else x.reshape(-1)
-        nt = grad and stream_out(g) and g.ctypes.data % 64 == 0
         _softmax_xent_blocks(x.reshape(-1), y, gflat, sums, gaps, nblk,
-                             n_chunks(nblk, min_rows=4), scale, grad, nt, (0,) * c)
+                             n_chunks(nblk, min_rows=4), scale, grad, streamed, (0,) * c)
         done = nblk * lanes
         if done < n:
             rest = slice(nblk, nblk + n - done)
             xr = x[done:].reshape(-1)
             _softmax_xent_short(x[done:], xr, y[done:], g[done:].reshape(-1) if grad else xr,
-                                sums[rest], gaps[rest], scale, grad, nvec)
+                                sums[rest], gaps[rest], scale, grad, False, 1, nvec)
         used = slice(0, nblk + n - done)
         total = float(np.log(sums[used], out=sums[used]).sum() + gaps[used].sum())
     elif VEC_SHORT and nvec:  # without a gradient x stands in for the output array
         xflat = x.reshape(-1)
+        # non-temporal stores need every row's vectors whole and aligned
         _softmax_xent_short(x, xflat, y, g.reshape(-1) if grad else xflat, sums, gaps, scale,
-                            grad, nvec)
+                            grad, streamed and c % lanes == 0, n_chunks(n), nvec)
         total = float(np.log(sums, out=sums).sum() + gaps.sum())
     elif grad and VEC_F64 and x.dtype == np.float64:
         _softmax_xent_f64_vec(x, x.reshape(-1), x.view(np.int64), y, g, g.reshape(-1), sums,

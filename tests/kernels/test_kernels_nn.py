@@ -250,20 +250,27 @@ def test_xent_blocks_of_rows_match_the_row_kernel(dt, rng, monkeypatch):
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
-def test_xent_blocks_with_non_temporal_stores_match(dt, rng, monkeypatch):
-    # large aligned gradients leave the blocks with non-temporal stores (forced on here
-    # for a small one): the same values as plain stores
+def test_xent_blocks_and_rows_with_non_temporal_stores_match(dt, rng, monkeypatch):
+    # large aligned gradients leave the blocks, and the short rows that are whole
+    # vectors, with non-temporal stores (forced on here for small ones): the same values
+    # as plain stores, and nothing written past the output
     require_avx512()
     import kernels
 
-    x = (3 * rng.standard_normal((101, 10))).astype(dt)
-    y = rng.integers(0, 10, 101)
-    want_loss, want = nn.softmax_cross_entropy(x, y, out=np.empty_like(x))
-    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
-    out = kernels.empty_aligned(x.shape, dt)
-    loss, got = nn.softmax_cross_entropy(x, y, out=out)
-    assert got is out and loss == want_loss
-    np.testing.assert_array_equal(got, want)
+    lanes = 64 // np.dtype(dt).itemsize
+    for c in (10, lanes, 2 * lanes, 4 * lanes, 8 * lanes):
+        x = (3 * rng.standard_normal((101, c))).astype(dt)
+        y = rng.integers(0, c, 101)
+        monkeypatch.setattr(_simd, "NT_MIN_BYTES", 1 << 62)
+        want_loss, want = nn.softmax_cross_entropy(x, y, out=kernels.empty_aligned(x.shape, dt))
+        monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+        big = kernels.empty_aligned((x.size + 64,), dt)
+        big[:] = 7.0
+        out = big[:x.size].reshape(x.shape)
+        loss, got = nn.softmax_cross_entropy(x, y, out=out)
+        assert got is out and loss == want_loss, c
+        np.testing.assert_array_equal(got, want, err_msg=f"c={c}")
+        assert (big[x.size:] == 7.0).all()
 
 def test_xent_short_rows_write_nothing_past_the_output():
     # the row kernel stores whole vectors where a row has them and masks the rest: the
