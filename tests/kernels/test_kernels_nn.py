@@ -416,6 +416,47 @@ def test_layer_norm_short_rows_match_the_long_row_kernel(dt, widths, rtol, rng, 
                                    rtol=100 * rtol, atol=100 * rtol)
 
 
+@pytest.mark.parametrize("dt, widths", [(np.float32, [1023, 1024, 1500, 4096]),
+                                       (np.float64, [511, 512, 700, 2048])])
+def test_layer_norm_backward_wide_rows_match_the_row_kernel_and_float64(dt, widths, rng,
+                                                                       monkeypatch):
+    # rows of 4 KiB or more take their own backward kernel (a read-only first pass;
+    # float32 dgamma/dbeta shares summed over 32 rows before float64): the same results
+    # as the row kernel up to rounding, close to a float64 reference, in place as well;
+    # 150 rows: chunks of 37-38 rows, so a chunk moves its float32 sums mid-way
+    for d in widths:
+        x = (1 + 2 * rng.standard_normal((150, d))).astype(dt)
+        dy = rng.standard_normal((150, d)).astype(dt)
+        g = rng.standard_normal(d).astype(dt)
+        _, mu, rstd = nn.layer_norm(x, g, g)
+        res = {}
+        for wide in (True, False):
+            monkeypatch.setattr(nn, "LN_BWD_WIDE_BYTES", 4096 if wide else 1 << 62)
+            res[wide] = nn.layer_norm_backward(dy, x, g, mu, rstd)
+        rtol = 2e-5 if dt == np.float32 else 1e-12
+        for got, want, name in zip(res[True], res[False], ("dx", "dgamma", "dbeta")):
+            assert got.dtype == dt, name
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max(),
+                                       err_msg=f"{name}, d={d}")
+        # float64 reference from the definition
+        x64, dy64, g64 = (a.astype(np.float64) for a in (x, dy, g))
+        xh = (x64 - mu.astype(np.float64)[:, None]) * rstd.astype(np.float64)[:, None]
+        gy = dy64 * g64
+        dx_ref = rstd.astype(np.float64)[:, None] * (
+            gy - gy.mean(axis=1, keepdims=True) - xh * (gy * xh).mean(axis=1, keepdims=True))
+        ref = (dx_ref, (dy64 * xh).sum(axis=0), dy64.sum(axis=0))
+        for got, want, name in zip(res[True], ref, ("dx", "dgamma", "dbeta")):
+            np.testing.assert_allclose(got, want, rtol=50 * rtol,
+                                       atol=50 * rtol * np.abs(want).max(),
+                                       err_msg=f"{name} vs float64, d={d}")
+        monkeypatch.setattr(nn, "LN_BWD_WIDE_BYTES", 4096)
+        dyc = dy.copy()
+        dx_in, dg_in, db_in = nn.layer_norm_backward(dyc, x, g, mu, rstd, out=dyc)
+        assert dx_in is dyc
+        np.testing.assert_array_equal(dx_in, res[True][0])
+        np.testing.assert_array_equal(dg_in, res[True][1])
+
+
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 def test_layer_norm_short_rows_in_place_and_nothing_written_past_the_output(dt, rng):
     # in place (out=x, out=dy) the rows may not spill into the next row, which is still
