@@ -246,19 +246,22 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     add("layer_norm_backward", x.shape, dt, 3 * nb,
         ours=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs),
         ours_out=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs, out=o))
-    for d in (10, 64):  # few features (the short-row kernels): the same bytes in rows of d
+    # few features (the short-row kernels) and wide rows: the same bytes in rows of d
+    for d in (10, 64, 4096):
         xd = x.reshape(-1)[:x.size // d * d].reshape(-1, d)
         dyd = dy.reshape(-1)[:xd.size].reshape(xd.shape)
+        gd, bd = np.ones(d, dt), np.zeros(d, dt)
         od, od2 = empty_aligned(xd.shape, dt), empty_aligned(xd.shape, dt)
-        td = _torch_nn(tb, xd, None, gam[:d], bet[:d], dyd)
+        td = _torch_nn(tb, xd, None, gd, bd, dyd)
 
-        def ln_fb_d(out=None, out2=None, xd=xd, dyd=dyd, d=d):
-            _, mu_, rs_ = nn.layer_norm(xd, gam[:d], bet[:d], out=out)
-            nn.layer_norm_backward(dyd, xd, gam[:d], mu_, rs_, out=out2)
+        def ln_fb_d(out=None, out2=None, xd=xd, dyd=dyd, gd=gd, bd=bd):
+            _, mu_, rs_ = nn.layer_norm(xd, gd, bd, out=out)
+            nn.layer_norm_backward(dyd, xd, gd, mu_, rs_, out=out2)
 
+        note = {10: "; float32 forward in blocks of rows, the rest row by row",
+                4096: "; backward: a read-only pass, then dx and the dgamma/dbeta shares"}
         add(f"layer_norm fwd+bwd, {d} features", xd.shape, dt, 5 * xd.nbytes,
-            "bytes: fwd 2 + bwd 3 passes" + (
-                "; float32 forward in blocks of rows, the rest row by row" if d < 16 else ""),
+            "bytes: fwd 2 + bwd 3 passes" + note.get(d, ""),
             ours=ln_fb_d, ours_out=lambda f=ln_fb_d, a=od, b=od2: f(a, b),
             torch=td.get("ln_fb"))
     add("gelu", x.shape, dt, 2 * nb, "numpy: scipy.special.erf", ours=lambda: nn.gelu(x),
