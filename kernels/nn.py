@@ -96,6 +96,7 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
             g[labels[i]] -= scale
 
 
+LN_FWD_ONE_PASS = True  # float32 long rows: _ln_fwd_one_pass (tests switch it off)
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
 LN_BWD_PARTIAL_ROWS = 32  # its float32 dgamma/dbeta shares: rows summed before float64
 VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
@@ -346,6 +347,39 @@ def _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, yflat, buf, nt):
 
 
 @jit(parallel=True)
+def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks):
+    """Layer norm of float32 rows past the short-row kernels: mean and variance from
+    one pass, float64 sums of ``t = x - x[0]`` and ``t^2``, then the output pass
+    (``_ln_fwd`` takes two passes for the statistics). ``(x[0] - mean)^2 <= d var``, so
+    ``var = mean(t^2) - mean(t)^2`` keeps a relative error of about ``d`` float64 ulps,
+    far below float32's: the outputs matched ``_ln_fwd``'s bit for bit at 256-8192
+    features. 2^22 elements in cache 1.25-1.4x faster; 2^25 from memory (74-82 GB/s
+    triad) 256 features +5-9%, 1024-2048 within 3%, 8192 +20-25%."""
+    n, d = x.shape
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(n, nchunks, c)
+        for i in range(lo, hi):
+            row = x[i]
+            x0 = np.float64(row[0])
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(d):
+                t = np.float64(row[j]) - x0
+                s1 += t
+                s2 += t * t
+            m1 = s1 / d
+            var = s2 / d - m1 * m1
+            if var < 0.0:  # rounding; a NaN stays
+                var = 0.0
+            mean[i] = x0 + m1
+            rstd[i] = 1.0 / np.sqrt(var + eps)
+            mu_t, r_t = mean[i], rstd[i]  # in x's dtype, so the output loop stays in it
+            out = y[i]
+            for j in range(d):
+                out[j] = (row[j] - mu_t) * r_t * gamma[j] + beta[j]
+
+
+@jit(parallel=True)
 def _ln_fwd(x, gamma, beta, eps, y, mean, rstd, yflat, scratch, nt):
     """``nt``: each output row is built in ``scratch[c]`` (one row per chunk, in L1) and
     streamed out with non-temporal stores (``_stream_row``)."""
@@ -420,6 +454,8 @@ def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
         _ln_fwd_short(x.reshape(-1), _padded(gamma, nvec), _padded(beta, nvec), eps,
                       y.reshape(-1), mean, rstd, n, d, nch, nt, not np.may_share_memory(x, y),
                       nvec)
+    elif x.dtype == np.float32 and LN_FWD_ONE_PASS:
+        _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nch)
     else:
         scratch = np.empty((nch, d), x.dtype)
         _ln_fwd(x, gamma, beta, eps, y, mean, rstd, y.reshape(-1), scratch, nt)

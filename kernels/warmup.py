@@ -25,12 +25,16 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     big = np.linspace(-1, 1, 1 << 16, dtype=dt)
     wide = np.linspace(-1, 1, 4 * 160, dtype=dt).reshape(4, 160)  # past the short-row kernels
     vw = np.ones(160, dt)
+    # rows of 4 KiB: the wide-row backward
+    broad = np.linspace(-1, 1, 4 * 4096 // dt.itemsize, dtype=dt).reshape(4, -1)
+    vb = np.ones(broad.shape[1], dt)
     ten = np.linspace(-1, 1, 320, dtype=dt).reshape(32, 10)
     lab10 = np.arange(32) % 10
     four = ten.reshape(-1)[:128].reshape(32, 4)
     # statistics for the backward calls from NumPy, so each kernel compiles in its own entry
     mu, rs = x.mean(axis=1), 1 / np.sqrt(x.var(axis=1) + 1e-5)
     muw, rsw = wide.mean(axis=1), 1 / np.sqrt(wide.var(axis=1) + 1e-5)
+    mub, rsb = broad.mean(axis=1), 1 / np.sqrt(broad.var(axis=1) + 1e-5)
     mu4, rs4 = four.mean(axis=1), 1 / np.sqrt(four.var(axis=1) + 1e-5)
     return {
         "adamw_step": lambda: optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1),
@@ -46,6 +50,8 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
             four, four, v[:4], mu4, rs4),
         "layer_norm long rows": lambda: nn.layer_norm(wide, vw, vw),
         "layer_norm_backward long rows": lambda: nn.layer_norm_backward(wide, wide, vw, muw, rsw),
+        "layer_norm_backward wide rows": lambda: nn.layer_norm_backward(
+            broad, broad, vb, mub, rsb),
         "gelu": lambda: nn.gelu(x),
         "gelu_backward": lambda: nn.gelu_backward(x, x),
         "bias_act": lambda: nn.bias_act(x, v, "gelu"),

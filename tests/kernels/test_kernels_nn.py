@@ -416,6 +416,38 @@ def test_layer_norm_short_rows_match_the_long_row_kernel(dt, widths, rtol, rng, 
                                    rtol=100 * rtol, atol=100 * rtol)
 
 
+def test_layer_norm_float32_one_pass_statistics_match_two_passes(rng, monkeypatch):
+    # float32 rows past the short-row kernels take their mean and variance from one pass
+    # (float64 sums shifted by the row's first element): the same outputs as two passes
+    # up to a float32 rounding, also for a large offset against a small spread, an
+    # outlier first element, a constant row, and NaN / inf rows (which stay in their row)
+    for d in (129, 256, 1000, 4096):
+        x = (2 + 3 * rng.standard_normal((40, d))).astype(np.float32)
+        x[1] = 1e4 + rng.standard_normal(d)  # mean / std = 1e4
+        x[2, 0] = 1e3  # x[0] an outlier: (x0 - mean)^2 close to d var
+        x[3] = 5.0  # variance 0
+        x[4, 7] = np.nan
+        x[5, 3] = np.inf
+        x[6] = 1e7 + np.round(3 * rng.standard_normal(d))  # mean^2 / var = 1e13
+        g, b = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+        res = {}
+        for one in (True, False):
+            monkeypatch.setattr(nn, "LN_FWD_ONE_PASS", one)
+            res[one] = [a.copy() for a in nn.layer_norm(x, g, b)]
+        for got, want, name in zip(res[True], res[False], ("y", "mean", "rstd")):
+            np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.nanmax(np.abs(
+                want[np.isfinite(want)])), equal_nan=True, err_msg=f"{name}, d={d}")
+        y = res[True][0]
+        assert np.isnan(y[4]).all() and np.isnan(y[5]).all()
+        assert np.isfinite(np.delete(y, [4, 5], axis=0)).all()
+        assert (y[3] == b).all()  # a constant row is beta
+        # against float64 (rows 1 and 6 aside: x - mean in float32 there is off by half
+        # an ulp of the mean, in either kernel)
+        keep = [0, 2, 3, *range(7, 40)]
+        np.testing.assert_allclose(y[keep], ref_layer_norm(x[keep], g, b), rtol=1e-4,
+                                   atol=1e-4)
+
+
 @pytest.mark.parametrize("dt, widths", [(np.float32, [1023, 1024, 1500, 4096]),
                                        (np.float64, [511, 512, 700, 2048])])
 def test_layer_norm_backward_wide_rows_match_the_row_kernel_and_float64(dt, widths, rng,
