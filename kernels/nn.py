@@ -9,10 +9,12 @@ vectors (128 float32 / 64 float64 classes) are held in registers from load to st
 instead (``_softmax_xent_short``). Layer norm's forward asks for each row 8 KiB
 ahead (``kernels._prefetch``): its two reductions per row stall the loads, and with the
 hint it went from 49 to 65 GB/s (float64) and 68 to 76 (float32) when the machine gave
-80 GB/s to the triad. The same hint made softmax, layer norm backward and the GELU
-rows slower (measured, A/B in one round-robin), so they have none. Layer norm rows of up
-to 8 vectors are held in registers too (``_ln_fwd_short``, ``_ln_bwd_short``): 1.2-3.4x
-faster than the row loops at 8-64 features.
+80 GB/s to the triad (float32 long rows now take their statistics in one pass instead,
+``_ln_fwd_one_pass``, faster still without the hint). The same hint made softmax, layer
+norm backward and the GELU rows slower (measured, A/B in one round-robin), so they have
+none. Layer norm rows of up to 8 vectors are held in registers too (``_ln_fwd_short``,
+``_ln_bwd_short``): 1.2-3.4x faster than the row loops at 8-64 features; rows of 4 KiB or
+more have their own backward (``_ln_bwd_wide``).
 Parameter gradients (layer norm's dgamma/dbeta) are summed into per-chunk partial
 buffers and reduced at the end, so threads never share a write.
 GELU and bias + activation live in ``kernels.activations`` and are re-exported here.
@@ -352,8 +354,9 @@ def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks):
     one pass, float64 sums of ``t = x - x[0]`` and ``t^2``, then the output pass
     (``_ln_fwd`` takes two passes for the statistics). ``(x[0] - mean)^2 <= d var``, so
     ``var = mean(t^2) - mean(t)^2`` keeps a relative error of about ``d`` float64 ulps,
-    far below float32's: the outputs matched ``_ln_fwd``'s bit for bit at 256-8192
-    features. 2^22 elements in cache 1.25-1.4x faster; 2^25 from memory (74-82 GB/s
+    far below float32's: the outputs matched ``_ln_fwd``'s bit for bit on ``N(3, 1)``
+    rows of 256-8192 features. No prefetch hint (``_ln_fwd``'s): without it this was
+    still the faster one at 256 features from memory. 2^22 elements in cache 1.25-1.4x faster; 2^25 from memory (74-82 GB/s
     triad) 256 features +5-9%, 1024-2048 within 3%, 8192 +20-25%."""
     n, d = x.shape
     for c in prange(nchunks):
