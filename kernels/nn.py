@@ -356,8 +356,9 @@ def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks):
     ``var = mean(t^2) - mean(t)^2`` keeps a relative error of about ``d`` float64 ulps,
     far below float32's: the outputs matched ``_ln_fwd``'s bit for bit on ``N(3, 1)``
     rows of 256-8192 features. No prefetch hint (``_ln_fwd``'s): without it this was
-    still the faster one at 256 features from memory. 2^22 elements in cache 1.25-1.4x faster; 2^25 from memory (74-82 GB/s
-    triad) 256 features +5-9%, 1024-2048 within 3%, 8192 +20-25%."""
+    still as fast or faster at 256 features from memory. 2^22 elements in cache
+    1.25-1.4x faster; 2^25 from memory (74-82 GB/s triad, three processes) 256
+    features +0-9%, 1024-2048 within 3%, 8192 +17-25%."""
     n, d = x.shape
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
