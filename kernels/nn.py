@@ -101,6 +101,7 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
 LN_FWD_ONE_PASS = True  # float32 long rows: _ln_fwd_one_pass (tests switch it off)
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
 LN_BWD_PARTIAL_ROWS = 32  # its float32 dgamma/dbeta shares: rows summed before float64
+LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
 VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
 # switch it off to run the portable path too)
 VEC_SHORT = _avx512.AVAILABLE  # rows of up to 8 vectors held in registers (_softmax_xent_short)
@@ -548,7 +549,7 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt):
 
 @jit(parallel=True)
 def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg, qb, every,
-                 zero, cast):
+                 pair, zero, cast):
     """``_ln_bwd`` for wide rows (``LN_BWD_WIDE_BYTES`` or more), where ``_ln_bwd``'s
     per-row footprint (the row, its two copies, gamma and two float64 sums per feature:
     72 KiB at 2048 float32 features) overflowed L1 and every row went through L2
@@ -557,42 +558,75 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt
     the row from cache, writes dx and adds the row's dgamma/dbeta shares to ``qg[c]``,
     ``qb[c]``: in the input's dtype, moved into the float64 ``pg[c]``, ``pb[c]`` every
     ``every`` rows (float32: half the bytes per feature; float64 passes ``every`` past
-    the chunk, so only the chunk's end moves them). ``work[c, 0]``: the dx row when
-    ``nt``. 2^25 float32 elements from memory (triad 41-48 GB/s), ``_ln_bwd`` against
-    this: 2048 features 16.7 -> 10.4 ms, 4096: 17.4 -> 11.5, 8192: 14.4 -> 10.7."""
+    the chunk, so only the chunk's end moves them). With ``pair`` (float32, never with
+    ``nt``) the second pass takes two rows at once, so each share is loaded and stored
+    once per two rows. ``work[c, 0]``: the dx row when ``nt``. 2^25 float32 elements
+    from memory (triad 41-48 GB/s), ``_ln_bwd`` against this without ``pair``: 2048
+    features 16.7 -> 10.4 ms, 4096: 17.4 -> 11.5, 8192: 14.4 -> 10.7; ``pair`` then
+    +10-18% at 2048-8192 (85 GB/s triad) but -17% at 1024, so it starts at 8 KiB."""
     n, d = x.shape
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
-        buf = work[c, 0]
         sg = qg[c]
         sb = qb[c]
-        for i in range(lo, hi):
-            if i > lo and (i - lo) % every == 0:
+        i = lo
+        held = 0  # rows in sg, sb
+        while i < hi:
+            if held >= every:
                 _move_sums(pg[c], pb[c], sg, sb)
-            xr = x[i]
-            dr = dy[i]
-            mu = mean[i]
-            r = rstd[i]
-            a = zero
-            b = zero
+                held = 0
+            x0 = x[i]
+            d0 = dy[i]
+            m0 = mean[i]
+            r0 = rstd[i]
+            a0, b0 = _ln_bwd_row_sums(x0, d0, gamma, m0, r0, zero, cast)
+            o0 = work[c, 0] if nt else dx[i]
+            if not pair or i + 1 == hi:
+                for j in range(d):
+                    u0 = d0[j]
+                    h0 = (x0[j] - m0) * r0
+                    o0[j] = r0 * (u0 * gamma[j] - a0 - h0 * b0)
+                    sg[j] += u0 * h0
+                    sb[j] += u0
+                if nt:
+                    _stream_row(dxflat, i * d, o0, d)
+                i += 1
+                held += 1
+                continue
+            x1 = x[i + 1]
+            d1 = dy[i + 1]
+            m1 = mean[i + 1]
+            r1 = rstd[i + 1]
+            a1, b1 = _ln_bwd_row_sums(x1, d1, gamma, m1, r1, zero, cast)
+            o1 = dx[i + 1]
             for j in range(d):
-                g = dr[j] * gamma[j]
-                a += g
-                b += g * ((xr[j] - mu) * r)
-            at = cast(np.float64(a) / d)
-            bt = cast(np.float64(b) / d)
-            out = buf if nt else dx[i]
-            for j in range(d):
-                dv = dr[j]
-                xh = (xr[j] - mu) * r
-                out[j] = r * (dv * gamma[j] - at - xh * bt)
-                sg[j] += dv * xh
-                sb[j] += dv
-            if nt:
-                _stream_row(dxflat, i * d, buf, d)
+                u0 = d0[j]
+                u1 = d1[j]
+                h0 = (x0[j] - m0) * r0
+                h1 = (x1[j] - m1) * r1
+                gj = gamma[j]
+                o0[j] = r0 * (u0 * gj - a0 - h0 * b0)
+                o1[j] = r1 * (u1 * gj - a1 - h1 * b1)
+                sg[j] += u0 * h0 + u1 * h1
+                sb[j] += u0 + u1
+            i += 2
+            held += 2
         _move_sums(pg[c], pb[c], sg, sb)
         if nt:
             sfence()
+
+
+@jit(inline=True)
+def _ln_bwd_row_sums(xr, dr, gamma, mu, r, zero, cast):
+    """A row's ``mean(dy * gamma)`` and ``mean(dy * gamma * xhat)`` (summed in the
+    input's dtype, divided in float64), cast back to the input's dtype."""
+    a = zero
+    b = zero
+    for j in range(xr.size):
+        g = dr[j] * gamma[j]
+        a += g
+        b += g * ((xr[j] - mu) * r)
+    return cast(np.float64(a) / xr.size), cast(np.float64(b) / xr.size)
 
 
 @jit(inline=True)
@@ -705,6 +739,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
         work = _checks.empty_aligned((nch, 1, d), x.dtype)
         _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work,
                      _nt_rows(dx), q[0], q[1], LN_BWD_PARTIAL_ROWS if part else n + 1,
+                     part and d * x.itemsize >= LN_BWD_PAIR_BYTES and not _nt_rows(dx),
                      x.dtype.type(0), x.dtype.type)
         return pg.sum(axis=0), pb.sum(axis=0)
     work = _checks.empty_aligned((nch, 3, d), x.dtype)
