@@ -801,6 +801,15 @@ def _exp_softmax_f32(builder, w):
     return builder.call(scalef, [p, n, p, ir.Constant(ir.IntType(16), -1), ir.Constant(_I32, 4)])
 
 
+def _streamed_or_not(builder, nt, emit):
+    """``emit(True)`` where the i1 ``nt`` is true, else ``emit(False)``: the stores
+    emitted non-temporal or plain (the choice must be known when emitting them)."""
+    with builder.if_else(nt) as (yes, no):
+        for branch, streamed in ((yes, True), (no, False)):
+            with branch:
+                emit(streamed)
+
+
 def _full_or_masked(builder, n, need, plain, masked):
     """``plain()`` where ``n >= need`` (a whole vector), else ``masked()``, and the
     value they return if any: masked loads and stores of whole vectors are slow here."""
@@ -866,12 +875,9 @@ def _row_store(builder, val, ptr, n, room, q, lanes, nt=None):
     def plain():
         if nt is None:
             _store(builder, val, ptr, None)
-            return
-        with builder.if_else(nt) as (yes, no):
-            with yes:
-                _store(builder, val, ptr, None, nt=True)
-            with no:
-                _store(builder, val, ptr, None)
+        else:
+            _streamed_or_not(builder, nt, lambda streamed: _store(builder, val, ptr, None,
+                                                                  nt=streamed))
 
     def masked():
         _store(builder, val, ptr, _mask(builder, builder.sub(
@@ -947,11 +953,8 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
                 builder.module, ir.FunctionType(ft, [ft, vty]), f"llvm.vector.reduce.fadd.{sfx}")
             s = builder.call(radd, [ir.Constant(ft, -0.0), acc], fastmath=("reassoc",))
             with builder.if_then(args[6]):
-                with builder.if_else(args[7]) as (yes, no):
-                    for branch, streamed in ((yes, True), (no, False)):
-                        with branch:
-                            _softmax_row_grad(context, builder, sig, args, es, ptrs, masks, s,
-                                              lanes, streamed)
+                _streamed_or_not(builder, args[7], lambda streamed: _softmax_row_grad(
+                    context, builder, sig, args, es, ptrs, masks, s, lanes, streamed))
             return context.make_tuple(builder, ret, [s, mx])
 
         return ret(x, g, i, c, label, scale, grad, nt), codegen
@@ -1295,11 +1298,12 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
         nt = context.cast(builder, args[8], sig.args[8], types.boolean)
         with builder.if_then(want, likely=True):
             rows = _to_rows(builder, grads)
-            with builder.if_else(nt) as (yes, no):
-                for branch, streamed in ((yes, True), (no, False)):
-                    with branch:
-                        for k, vec in enumerate(rows):
-                            _store(builder, vec, ptr(1, at(k), vty), None, nt=streamed)
+
+            def store_rows(streamed):
+                for k, vec in enumerate(rows):
+                    _store(builder, vec, ptr(1, at(k), vty), None, nt=streamed)
+
+            _streamed_or_not(builder, nt, store_rows)
         return context.get_dummy_value()
 
     return types.none(x, g, labels, prods, gaps, b, scale, grad, nt, c), codegen

@@ -720,6 +720,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     """Layer norm backward row by row (short rows in registers, or the row loops):
     writes ``dx``, returns the float64 sums for dgamma and dbeta."""
     n, d = x.shape
+    nt = _nt_rows(dx)
     nch = n_chunks(n)
     nvec = _short_vectors(d, x.dtype) if VEC_SHORT else 0
     if nvec:
@@ -729,19 +730,19 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
         pb[:] = 0.0
         spill = not (np.may_share_memory(dx, x) or np.may_share_memory(dx, dy))
         _ln_bwd_short(dy.reshape(-1), x.reshape(-1), _padded(gamma, nvec), mean, rstd,
-                      dx.reshape(-1), pg, pb, n, d, nch, _nt_rows(dx), spill, nvec)
+                      dx.reshape(-1), pg, pb, n, d, nch, nt, spill, nvec)
         return pg[:, :d].sum(axis=0), pb[:, :d].sum(axis=0)
     pg = np.zeros((nch, d), np.float64)
     pb = np.zeros((nch, d), np.float64)
     if d * x.itemsize >= LN_BWD_WIDE_BYTES:
-        part = x.dtype == np.float32  # float32 shares summed over a few rows first
-        q = np.zeros((2, nch, d), x.dtype if part else np.float64)
+        f32 = x.dtype == np.float32  # float32 shares summed over a few rows first
+        q = np.zeros((2, nch, d), x.dtype)  # the shares in the input's dtype
         work = _checks.empty_aligned((nch, 1, d), x.dtype)
-        _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work,
-                     _nt_rows(dx), q[0], q[1], LN_BWD_PARTIAL_ROWS if part else n + 1,
-                     part and d * x.itemsize >= LN_BWD_PAIR_BYTES and not _nt_rows(dx),
+        _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, nt,
+                     q[0], q[1], LN_BWD_PARTIAL_ROWS if f32 else n + 1,
+                     f32 and d * x.itemsize >= LN_BWD_PAIR_BYTES and not nt,
                      x.dtype.type(0), x.dtype.type)
         return pg.sum(axis=0), pb.sum(axis=0)
     work = _checks.empty_aligned((nch, 3, d), x.dtype)
-    _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, _nt_rows(dx))
+    _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, nt)
     return pg.sum(axis=0), pb.sum(axis=0)

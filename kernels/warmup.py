@@ -32,10 +32,13 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     lab10 = np.arange(32) % 10
     four = ten.reshape(-1)[:128].reshape(32, 4)
     # statistics for the backward calls from NumPy, so each kernel compiles in its own entry
-    mu, rs = x.mean(axis=1), 1 / np.sqrt(x.var(axis=1) + 1e-5)
-    muw, rsw = wide.mean(axis=1), 1 / np.sqrt(wide.var(axis=1) + 1e-5)
-    mub, rsb = broad.mean(axis=1), 1 / np.sqrt(broad.var(axis=1) + 1e-5)
-    mu4, rs4 = four.mean(axis=1), 1 / np.sqrt(four.var(axis=1) + 1e-5)
+    def stats(a):
+        return a.mean(axis=1), 1 / np.sqrt(a.var(axis=1) + 1e-5)
+
+    mu, rs = stats(x)
+    muw, rsw = stats(wide)
+    mub, rsb = stats(broad)
+    mu4, rs4 = stats(four)
     return {
         "adamw_step": lambda: optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1),
         "softmax_cross_entropy": lambda: nn.softmax_cross_entropy(x, lab),  # short rows

@@ -455,7 +455,8 @@ def test_layer_norm_backward_wide_rows_match_the_row_kernel_and_float64(dt, widt
     # rows of 4 KiB or more take their own backward kernel (a read-only first pass;
     # float32 dgamma/dbeta shares summed over 32 rows before float64): the same results
     # as the row kernel up to rounding, close to a float64 reference, in place as well;
-    # 150 rows: chunks of 37-38 rows, so a chunk moves its float32 sums mid-way
+    # 150 rows: chunks of 75 rows, so a chunk moves its float32 sums mid-way and ends
+    # (two rows per pass at 4096 float32 features) on a row of its own
     for d in widths:
         x = (1 + 2 * rng.standard_normal((150, d))).astype(dt)
         dy = rng.standard_normal((150, d)).astype(dt)
