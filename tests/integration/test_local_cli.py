@@ -120,9 +120,13 @@ def test_agent_killed_while_jobs_run_then_restarted(cli, gw_env, tmp_path):
 
 def test_slot_limit_queues_instead_of_overcommitting(cli, gw_env, home):
     cli.env = {**gw_env, "HPCGW_LOCAL__CPUS": "1"}
-    ids = [job_id(cli("run", "--json", "--", "sleep", "0.5")) for _ in range(3)]
-    waiting = cli.json("show", ids[2])
-    assert waiting["state"] == "PENDING" and "free slots" in (waiting["reason"] or "")
+    ids = [job_id(cli("run", "--json", "--", "sleep", "1.5")) for _ in range(3)]
+    # a verb's own pass is skipped while another process holds the reconciler's lock, so
+    # the reason may land a pass later: poll (the third job waits at least 1.5 s)
+    def queued():
+        shown = cli.json("show", ids[2])
+        return shown["state"] == "PENDING" and "free slots" in (shown["reason"] or "")
+    assert _wait_for(queued, 10)
     assert cli("wait", *ids, "--timeout", "60").returncode == 0
     spans = sorted((r["started_at"], r["ended_at"]) for r in (cli.json("show", i) for i in ids))
     assert all(a[1] <= b[0] + 0.05 for a, b in zip(spans, spans[1:])), spans
