@@ -12,7 +12,9 @@ hint it went from 49 to 65 GB/s (float64) and 68 to 76 (float32) when the machin
 80 GB/s to the triad (float32 long rows now take their statistics in one pass instead,
 ``_ln_fwd_one_pass``, faster still without the hint). The same hint made softmax, layer
 norm backward and the GELU rows slower (measured, A/B in one round-robin), so they have
-none. Layer norm rows of up to 8 vectors are held in registers too (``_ln_fwd_short``,
+none. Layer norm rows streamed out through a scratch row (``_stream_row``) prefetch the
+next row's inputs while they write, one line per line written. Layer norm rows of up
+to 8 vectors are held in registers too (``_ln_fwd_short``,
 ``_ln_bwd_short``): 1.2-3.4x faster than the row loops at 8-64 features; rows of 4 KiB or
 more have their own backward (``_ln_bwd_wide``).
 Parameter gradients (layer norm's dgamma/dbeta) are summed into per-chunk partial
@@ -48,7 +50,7 @@ from kernels._avx512 import (
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._fastmath import exp_softmax, row_max, row_max_float
 from kernels._jit import jit, overload, prange, types
-from kernels._prefetch import prefetch_ahead
+from kernels._prefetch import prefetch, prefetch_ahead
 from kernels._simd import copy64_nt, sfence, stream_out
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
@@ -99,6 +101,8 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
 
 
 LN_FWD_ONE_PASS = True  # float32 long rows: _ln_fwd_one_pass (tests switch it off)
+STREAM_AHEAD_BYTES = 16384  # _stream_row prefetches the next row's inputs up to this width
+LN_FWD_NT_BYTES = 2048  # float32 forward rows of this many bytes or more: streamed out
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
 LN_BWD_PARTIAL_ROWS = 32  # its float32 dgamma/dbeta shares: rows summed before float64
 LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
@@ -300,26 +304,43 @@ def softmax_cross_entropy(
 
 
 @jit(inline=True)
-def _stream_row(dst, base, buf, d):
+def _stream_row(dst, base, buf, d, ahead, nxt):
     """``dst[base:base+d] = buf[:d]`` with non-temporal 64-byte stores (``&dst[base]``
-    64-byte aligned, ``d`` a whole number of 64-byte blocks)."""
+    64-byte aligned, ``d`` a whole number of 64-byte blocks), and a prefetch of
+    ``a[nxt:nxt+d]`` for each flat input array ``a`` in the tuple ``ahead`` (the next
+    row's inputs; clamped to the arrays), one line per 64 bytes written, so that row's
+    read from memory overlaps these writes instead of starting after them (no hint for
+    rows wider than ``STREAM_AHEAD_BYTES``).
+
+    Measured on float32 layer norm forward, 2^25 elements from memory, A/B in one
+    process (``_ln_fwd_one_pass`` with plain stores / streamed / streamed + this
+    prefetch, GB/s): 83 GB/s triad, 2048 features 47 / 55 / 69, 4096: 43 / 47 / 55;
+    49 GB/s triad, 4096: 38 / 39 / 45, 8192: 40 / 39 / 47. At 32 KiB rows (8192 float32
+    features) the hint cost 4-10% when the triad gave 80 GB/s (and gained 10-18% at 48),
+    so wider rows go without it."""
     step = 64 // dst.itemsize
+    hint = d * dst.itemsize <= STREAM_AHEAD_BYTES
     for j in range(0, d, step):
         copy64_nt(dst, base + j, buf, j)
+        if hint:
+            for a in ahead:
+                prefetch(a, min(nxt + j, a.size - 1))
 
 
-def _nt_rows(out: np.ndarray) -> bool:
-    """Stream ``out`` (2-D, C) out with non-temporal stores: float64, large, and every
-    row starting on a 64-byte boundary (kernels allocate their outputs so, see
-    ``kernels.empty_aligned``).
+def _nt_rows(out: np.ndarray, dtype: type = np.float64) -> bool:
+    """Stream ``out`` (2-D, C) out with non-temporal stores: of ``dtype`` (float64, or
+    float32 where a caller measured that it pays: forward rows of ``LN_FWD_NT_BYTES``
+    or more, ``_ln_bwd_wide``), large, and every row starting on a 64-byte boundary
+    (kernels allocate their outputs so, see ``kernels.empty_aligned``).
 
     Measured on layer norm at 131072 x 256, A/B in one process: float64 forward +9-16%
     and backward +23% whether the triad gave 48 or 80 GB/s; float32 +15-21% at 48 but
     -8-14% at 80, where its row kernel is nearly compute-bound and the copy through the
     scratch row costs more than the write-allocate it saves, so float32 keeps plain
-    stores. With a scalar head and tail per row (unaligned rows) float32 layer norm
-    backward ran at 27 GB/s instead of 48."""
-    return (stream_out(out) and out.dtype == np.float64
+    stores there (and in ``_ln_bwd`` at 512-768 features: 0.7-0.95x at 80 GB/s). With
+    a scalar head and tail per row (unaligned rows) float32 layer norm backward ran at
+    27 GB/s instead of 48."""
+    return (stream_out(out) and out.dtype == dtype
             and out.ctypes.data % 64 == 0 and out.ndim == 2
             and out.shape[1] * out.itemsize % 64 == 0)
 
@@ -328,7 +349,8 @@ def _nt_rows(out: np.ndarray) -> bool:
 def _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, yflat, buf, nt):
     """Row ``i``: statistics in float64, then the output (into ``buf`` and streamed out
     when ``nt``)."""
-    prefetch_ahead(flat, i * d, d * flat.itemsize)
+    if not nt or d * flat.itemsize > STREAM_AHEAD_BYTES:  # else the stream prefetched it
+        prefetch_ahead(flat, i * d, d * flat.itemsize)
     row = x[i]
     s = 0.0
     for j in range(d):
@@ -346,11 +368,11 @@ def _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, yflat, buf, nt):
     for j in range(d):
         out[j] = (row[j] - mu_t) * r_t * gamma[j] + beta[j]
     if nt:
-        _stream_row(yflat, i * d, buf, d)
+        _stream_row(yflat, i * d, buf, d, (flat,), (i + 1) * d)
 
 
 @jit(parallel=True)
-def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks):
+def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, yflat, scratch, nt):
     """Layer norm of float32 rows past the short-row kernels: mean and variance from
     one pass, float64 sums of ``t = x - x[0]`` and ``t^2``, then the output pass
     (``_ln_fwd`` takes two passes for the statistics). ``(x[0] - mean)^2 <= d var``, so
@@ -359,10 +381,16 @@ def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks):
     rows of 256-8192 features. No prefetch hint (``_ln_fwd``'s): without it this was
     still as fast or faster at 256 features from memory. 2^22 elements in cache
     1.25-1.4x faster; 2^25 from memory (74-82 GB/s triad, three processes) 256
-    features +0-9%, 1024-2048 within 3%, 8192 +17-25%."""
+    features +0-9%, 1024-2048 within 3%, 8192 +17-25%. ``nt``: each output row built
+    in ``scratch[c]`` and streamed out by ``_stream_row`` (rows of 2 KiB or more: from
+    memory at 75-85 GB/s, 768-2048 features 1.25-1.56x, 512: 0.97-1.16x, 8192: 1.05x;
+    at 48 GB/s 4096-8192 1.1-1.25x)."""
     n, d = x.shape
-    for c in prange(nchunks):
-        lo, hi = chunk_bounds(n, nchunks, c)
+    flat = x.reshape(-1)
+    nch = scratch.shape[0]
+    for c in prange(nch):
+        lo, hi = chunk_bounds(n, nch, c)
+        buf = scratch[c]
         for i in range(lo, hi):
             row = x[i]
             x0 = np.float64(row[0])
@@ -379,9 +407,13 @@ def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks):
             mean[i] = x0 + m1
             rstd[i] = 1.0 / np.sqrt(var + eps)
             mu_t, r_t = mean[i], rstd[i]  # in x's dtype, so the output loop stays in it
-            out = y[i]
+            out = buf if nt else y[i]
             for j in range(d):
                 out[j] = (row[j] - mu_t) * r_t * gamma[j] + beta[j]
+            if nt:
+                _stream_row(yflat, i * d, buf, d, (flat,), (i + 1) * d)
+        if nt:
+            sfence()
 
 
 @jit(parallel=True)
@@ -460,7 +492,9 @@ def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
                       y.reshape(-1), mean, rstd, n, d, nch, nt, not np.may_share_memory(x, y),
                       nvec)
     elif x.dtype == np.float32 and LN_FWD_ONE_PASS:
-        _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nch)
+        nt = _nt_rows(y, np.float32) and d * x.itemsize >= LN_FWD_NT_BYTES
+        _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, y.reshape(-1),
+                         np.empty((nch, d), x.dtype), nt)
     else:
         scratch = np.empty((nch, d), x.dtype)
         _ln_fwd(x, gamma, beta, eps, y, mean, rstd, y.reshape(-1), scratch, nt)
@@ -514,6 +548,8 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt):
     in float32 over a few rows before float64, which cuts the work, was slower here
     (57 GB/s)."""
     n, d = x.shape
+    xflat = x.reshape(-1)
+    dyflat = dy.reshape(-1)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
         xs = work[c, 0]
@@ -542,7 +578,7 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt):
                 xh = (xs[j] - mu) * r
                 out[j] = r * (ds[j] * gamma[j] - a - xh * b)
             if nt:
-                _stream_row(dxflat, i * d, buf, d)
+                _stream_row(dxflat, i * d, buf, d, (xflat, dyflat), (i + 1) * d)
         if nt:
             sfence()
 
@@ -560,11 +596,15 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt
     ``every`` rows (float32: half the bytes per feature; float64 passes ``every`` past
     the chunk, so only the chunk's end moves them). With ``pair`` (float32, never with
     ``nt``) the second pass takes two rows at once, so each share is loaded and stored
-    once per two rows. ``work[c, 0]``: the dx row when ``nt``. 2^25 float32 elements
+    once per two rows. ``work[c, 0]``: the dx row when ``nt`` (float32 too: from memory
+    it gained 9-37% at 1024-8192 features over plain stores with ``pair``, in both
+    regimes of the machine). 2^25 float32 elements
     from memory (triad 41-48 GB/s), ``_ln_bwd`` against this without ``pair``: 2048
     features 16.7 -> 10.4 ms, 4096: 17.4 -> 11.5, 8192: 14.4 -> 10.7; ``pair`` then
     +10-18% at 2048-8192 (85 GB/s triad) but -17% at 1024, so it starts at 8 KiB."""
     n, d = x.shape
+    xflat = x.reshape(-1)
+    dyflat = dy.reshape(-1)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
         sg = qg[c]
@@ -589,7 +629,7 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt
                     sg[j] += u0 * h0
                     sb[j] += u0
                 if nt:
-                    _stream_row(dxflat, i * d, o0, d)
+                    _stream_row(dxflat, i * d, o0, d, (xflat, dyflat), (i + 1) * d)
                 i += 1
                 held += 1
                 continue
@@ -736,6 +776,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     pb = np.zeros((nch, d), np.float64)
     if d * x.itemsize >= LN_BWD_WIDE_BYTES:
         f32 = x.dtype == np.float32  # float32 shares summed over a few rows first
+        nt = nt or _nt_rows(dx, np.float32)
         q = np.zeros((2, nch, d), x.dtype)  # the shares in the input's dtype
         work = _checks.empty_aligned((nch, 1, d), x.dtype)
         _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, nt,

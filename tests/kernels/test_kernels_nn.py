@@ -490,6 +490,50 @@ def test_layer_norm_backward_wide_rows_match_the_row_kernel_and_float64(dt, widt
         np.testing.assert_array_equal(dg_in, res[True][1])
 
 
+@pytest.mark.parametrize("dt, widths", [(np.float32, [300, 512, 1024, 1500, 2048, 4096]),
+                                       (np.float64, [150, 256, 512, 700, 1024])])
+def test_layer_norm_streamed_rows_match_plain_stores(dt, widths, rng, monkeypatch):
+    # large outputs whose rows are whole cache lines are streamed out (float64 rows past
+    # the short-row kernels, float32 rows of 2 KiB or more forward and of 4 KiB or more
+    # backward), each row written while the next row's inputs are prefetched: the same
+    # values as plain stores, bit for bit (dgamma/dbeta up to rounding: float32 rows of
+    # 8 KiB take two rows per pass only with plain stores), in place, into an unaligned
+    # output (plain stores then), and nothing written past the output
+    import kernels
+    for d in widths:
+        n = 70  # 2 chunks of 35: the last row of a chunk prefetches the other's first
+        x = (1 + 2 * rng.standard_normal((n, d))).astype(dt)
+        dy = rng.standard_normal((n, d)).astype(dt)
+        g, b = rng.standard_normal(d).astype(dt), rng.standard_normal(d).astype(dt)
+        res = {}
+        for nt in (False, True):
+            monkeypatch.setattr(_simd, "NT_MIN_BYTES", 1 << 62 if nt is False else 0)
+            big = kernels.empty_aligned((n * d + 64,), dt)
+            big[:] = 7.0
+            y, mu, rstd = nn.layer_norm(x, g, b, out=big[: n * d].reshape(n, d))
+            dbig = kernels.empty_aligned((n * d + 64,), dt)
+            dbig[:] = 7.0
+            grads = nn.layer_norm_backward(dy, x, g, mu, rstd,
+                                           out=dbig[: n * d].reshape(n, d))
+            assert (big[n * d:] == 7.0).all() and (dbig[n * d:] == 7.0).all(), d
+            res[nt] = [a.copy() for a in (y, mu, rstd, *grads)]
+            xc, dyc = x.copy(), dy.copy()
+            np.testing.assert_array_equal(nn.layer_norm(xc, g, b, out=xc)[0], y)
+            np.testing.assert_array_equal(
+                nn.layer_norm_backward(dyc, x, g, mu, rstd, out=dyc)[0], grads[0])
+            odd = np.empty(n * d + 1, dt)[1:].reshape(n, d)  # 4 or 8 bytes off a line
+            np.testing.assert_array_equal(nn.layer_norm(x, g, b, out=odd)[0], y)
+        for k, name in enumerate(("y", "mean", "rstd", "dx", "dgamma", "dbeta")):
+            if k < 4:
+                np.testing.assert_array_equal(res[True][k], res[False][k], err_msg=name)
+            else:
+                np.testing.assert_allclose(res[True][k], res[False][k], rtol=1e-5,
+                                           atol=1e-5 * np.abs(res[False][k]).max())
+        np.testing.assert_allclose(res[True][0], ref_layer_norm(x, g, b),
+                                   rtol=1e-4 if dt == np.float32 else 1e-11,
+                                   atol=1e-4 if dt == np.float32 else 1e-11)
+
+
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 def test_layer_norm_short_rows_in_place_and_nothing_written_past_the_output(dt, rng):
     # in place (out=x, out=dy) the rows may not spill into the next row, which is still
