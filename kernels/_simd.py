@@ -17,8 +17,10 @@
   in-place one-pass mode); ``compress_candidates_nt`` stores it with a non-temporal
   store (a separate, 64-byte aligned output: no write-allocate read).
 - ``copy64_nt``: 64 bytes from a scratch buffer to an aligned destination with one
-  non-temporal store (float64 layer norm builds each output row in a scratch row and
+  non-temporal store (layer norm's backward builds each output row in a scratch row and
   streams it out this way).
+- ``ln_out``: one vector of layer norm's output, stored plainly or non-temporally (the
+  row loops call it vector by vector with a prefetch after each).
 - ``tile_argmin``: k-means assignment for 2 vectors of rows of a tile-major transposed
   block, four centroids at a time with eight FMA accumulators and the running minima
   held in registers (the loop vectoriser keeps accumulators in memory when the rows,
@@ -40,7 +42,8 @@ from numba.core import cgutils
 from kernels._jit import intrinsic, types
 
 __all__ = ["NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates", "compress_candidates_nt",
-           "compress_candidates_update", "copy64_nt", "dequant_store_nt", "scan_scores", "sfence",
+           "compress_candidates_update", "copy64_nt", "dequant_store_nt", "ln_out", "scan_scores",
+           "sfence",
            "stream_out", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
@@ -334,6 +337,51 @@ def copy64_nt(typingctx, dst, di, src, si):
         return context.get_dummy_value()
 
     return types.void(dst, di, src, si), codegen
+
+
+@intrinsic
+def ln_out(typingctx, x, xi, gamma, beta, gi, y, yi, mu, r, nt):
+    """One 64-byte vector of layer norm's output: ``y[yi:yi+L] = fma((x[xi:xi+L] - mu) *
+    r, gamma[gi:gi+L], beta[gi:gi+L])`` (``L`` = 64 bytes of the dtype; loads at any
+    alignment), stored non-temporally when ``nt`` (``&y[yi]`` then 64-byte aligned,
+    ``sfence()`` afterwards) or plainly (any alignment). Explicit, so the row loop can
+    ask for a line ahead after each vector (LLVM stops vectorising a loop that holds a
+    prefetch) and streams straight out, without a scratch row."""
+    ok = all(_is_1d(a) for a in (x, gamma, beta, y))
+    if not (ok and x.dtype in (types.float32, types.float64)
+            and all(a.dtype == x.dtype for a in (gamma, beta, y)) and mu == x.dtype
+            and r == x.dtype and all(isinstance(i, types.Integer) for i in (xi, gi, yi))
+            and isinstance(nt, types.Boolean)):
+        return None
+    lanes = 512 // x.dtype.bitwidth
+
+    def codegen(context, builder, sig, args):
+        bits = sig.args[0].dtype.bitwidth
+        vf = ir.VectorType(context.get_value_type(sig.args[0].dtype), lanes)
+        align = bits // 8
+
+        def vec(k, i):
+            p = _elem_ptr(context, builder, sig.args[k], args[k], args[i], sig.args[i])
+            return builder.bitcast(p, vf.as_pointer())
+
+        xv = builder.load(vec(0, 1), align=align)
+        g = builder.load(vec(2, 4), align=align)
+        b = builder.load(vec(3, 4), align=align)
+        t = builder.fmul(builder.fsub(xv, _splat(builder, args[7], vf)),
+                         _splat(builder, args[8], vf))
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vf, [vf, vf, vf]),
+            f"llvm.fma.v{lanes}f{bits}")
+        out = builder.call(fma, [t, g, b])
+        dst = vec(5, 6)
+        with builder.if_else(args[9]) as (streamed, plain):
+            with streamed:
+                store_nt(builder, out, dst)
+            with plain:
+                builder.store(out, dst, align=align)
+        return context.get_dummy_value()
+
+    return types.void(x, xi, gamma, beta, gi, y, yi, mu, r, nt), codegen
 
 
 def _reduce_lanes(builder, vecs: list) -> ir.Value:

@@ -12,8 +12,8 @@ hint it went from 49 to 65 GB/s (float64) and 68 to 76 (float32) when the machin
 80 GB/s to the triad (float32 long rows now take their statistics in one pass instead,
 ``_ln_fwd_one_pass``, faster still without the hint). The same hint made softmax, layer
 norm backward and the GELU rows slower (measured, A/B in one round-robin), so they have
-none. Layer norm rows streamed out through a scratch row (``_stream_row``) prefetch the
-next row's inputs while they write, one line per line written. Layer norm rows of up
+none. Layer norm rows streamed out (``_ln_out_row``, ``_stream_row``) prefetch a later
+row's inputs while they write, one line per line written. Layer norm rows of up
 to 8 vectors are held in registers too (``_ln_fwd_short``,
 ``_ln_bwd_short``): 1.2-3.4x faster than the row loops at 8-64 features; rows of 4 KiB or
 more have their own backward (``_ln_bwd_wide``).
@@ -51,7 +51,7 @@ from kernels._chunks import chunk_bounds, n_chunks
 from kernels._fastmath import exp_softmax, row_max, row_max_float
 from kernels._jit import jit, overload, prange, types
 from kernels._prefetch import prefetch, prefetch_ahead
-from kernels._simd import copy64_nt, sfence, stream_out
+from kernels._simd import copy64_nt, ln_out, sfence, stream_out
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
 
@@ -101,7 +101,7 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
 
 
 LN_FWD_ONE_PASS = True  # float32 long rows: _ln_fwd_one_pass (tests switch it off)
-STREAM_AHEAD_BYTES = 16384  # _stream_row prefetches the next row's inputs up to this width
+STREAM_AHEAD_BYTES = 16384  # streamed rows prefetch later rows' inputs up to this width
 LN_FWD_NT_BYTES = 2048  # float32 forward rows of this many bytes or more: streamed out
 LN_FWD_LEAD_BYTES = 8192  # streamed forward rows prefetch this far ahead (or the next row)
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
@@ -308,20 +308,19 @@ def softmax_cross_entropy(
 def _stream_row(dst, base, buf, d, ahead, nxt):
     """``dst[base:base+d] = buf[:d]`` with non-temporal 64-byte stores (``&dst[base]``
     64-byte aligned, ``d`` a whole number of 64-byte blocks), and a prefetch of
-    ``a[nxt:nxt+d]`` for each flat input array ``a`` in the tuple ``ahead`` (a later
+    ``a[nxt:nxt+d]`` for each flat input array ``a`` in the tuple ``ahead`` (the next
     row's inputs; clamped to the arrays), one line per 64 bytes written, so that the
     read from memory overlaps these writes instead of starting after them (no hint for
-    rows wider than ``STREAM_AHEAD_BYTES``). The backward kernels prefetch the next
-    row; the forward ones ``LN_FWD_LEAD_BYTES`` ahead when rows are narrower: float64
-    256 / 512 features from memory 1.05-1.41x / 1.13-1.29x against the next row, but
-    the backward 0.89-0.97x with that lead (two inputs), so it keeps the next row.
+    rows wider than ``STREAM_AHEAD_BYTES``). For the backward kernels, whose output row
+    is built in a scratch row; the forward streams straight out (``_ln_out_row``).
 
-    Measured on float32 layer norm forward, 2^25 elements from memory, A/B in one
-    process (``_ln_fwd_one_pass`` with plain stores / streamed / streamed + this
-    prefetch, GB/s): 83 GB/s triad, 2048 features 47 / 55 / 69, 4096: 43 / 47 / 55;
-    49 GB/s triad, 4096: 38 / 39 / 45, 8192: 40 / 39 / 47. At 32 KiB rows (8192 float32
+    Measured first on float32 layer norm forward through such a scratch row, 2^25
+    elements from memory, A/B in one process (plain stores / streamed / streamed + this
+    prefetch, GB/s): 83 GB/s triad, 2048 features 47 / 55 / 69, 4096: 43 / 47 / 55; 49
+    GB/s triad, 4096: 38 / 39 / 45, 8192: 40 / 39 / 47. At 32 KiB rows (8192 float32
     features) the hint cost 4-10% when the triad gave 80 GB/s (and gained 10-18% at 48),
-    so wider rows go without it."""
+    so wider rows go without it. Prefetching 8 KiB ahead instead of the next row (the
+    forward's lead) made the backward 3-11% slower at 256-512 float64 features."""
     step = 64 // dst.itemsize
     hint = d * dst.itemsize <= STREAM_AHEAD_BYTES
     for j in range(0, d, step):
@@ -350,9 +349,8 @@ def _nt_rows(out: np.ndarray, dtype: type = np.float64) -> bool:
 
 
 @jit(inline=True)
-def _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, yflat, buf, nt):
-    """Row ``i``: statistics in float64, then the output (into ``buf`` and streamed out
-    when ``nt``)."""
+def _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, nt):
+    """Row ``i``: statistics in float64, then the output (streamed out when ``nt``)."""
     if not nt or d * flat.itemsize > STREAM_AHEAD_BYTES:  # else the stream prefetched it
         prefetch_ahead(flat, i * d, d * flat.itemsize)
     row = x[i]
@@ -367,17 +365,39 @@ def _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, yflat, buf, nt):
     r = 1.0 / np.sqrt(ss / d + eps)
     mean[i] = mu
     rstd[i] = r
-    mu_t, r_t = mean[i], rstd[i]  # in x's dtype, so the output loop stays in it
-    out = buf if nt else y[i]
-    for j in range(d):
-        out[j] = (row[j] - mu_t) * r_t * gamma[j] + beta[j]
-    if nt:
-        lead = max(d, LN_FWD_LEAD_BYTES // flat.itemsize)
-        _stream_row(yflat, i * d, buf, d, (flat,), i * d + lead)
+    _ln_out_row(row, gamma, beta, y[i], mean[i], rstd[i], nt, flat,
+                i * d + max(d, LN_FWD_LEAD_BYTES // flat.itemsize))
+
+
+@jit(inline=True)
+def _ln_out_row(row, gamma, beta, out, mu, r, nt, flat, ahead):
+    """``out = (row - mu) * r * gamma + beta`` (``mu``, ``r`` in the input's dtype).
+    With ``nt``, vector by vector through ``ln_out`` with non-temporal stores (no
+    scratch row), each followed by a prefetch of ``flat[ahead + j]``: a later row's
+    line, ``LN_FWD_LEAD_BYTES`` or a row ahead, whichever is further (rows of up to
+    ``STREAM_AHEAD_BYTES`` only), spread over the row's writes. From memory, against the
+    scratch row and ``_stream_row`` at a 44-50 GB/s triad: float32 1024 / 4096 / 8192
+    features 1.07-1.08x / 1.0-1.07x / 1.06-1.14x, float64 256 / 4096 1.0-1.09x /
+    1.04-1.12x; in cache (plain stores, unchanged) the same. The 8 KiB lead against the
+    next row (through the scratch row): float64 256 / 512 features 1.05-1.41x /
+    1.13-1.29x."""
+    d = row.size
+    if not nt:
+        for j in range(d):
+            t = (row[j] - mu) * r
+            out[j] = t * gamma[j] + beta[j]
+        return
+    step = 64 // row.itemsize
+    hint = d * row.itemsize <= STREAM_AHEAD_BYTES
+    last = flat.size - 1
+    for j in range(0, d, step):
+        ln_out(row, j, gamma, beta, j, out, j, mu, r, True)
+        if hint:
+            prefetch(flat, min(ahead + j, last))
 
 
 @jit(parallel=True)
-def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, yflat, scratch, nt):
+def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
     """Layer norm of float32 rows past the short-row kernels: mean and variance from
     one pass, float64 sums of ``t = x - x[0]`` and ``t^2``, then the output pass
     (``_ln_fwd`` takes two passes for the statistics). ``(x[0] - mean)^2 <= d var``, so
@@ -386,17 +406,13 @@ def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, yflat, scratch, nt):
     rows of 256-8192 features. No prefetch hint (``_ln_fwd``'s): without it this was
     still as fast or faster at 256 features from memory. 2^22 elements in cache
     1.25-1.4x faster; 2^25 from memory (74-82 GB/s triad, three processes) 256
-    features +0-9%, 1024-2048 within 3%, 8192 +17-25%. ``nt``: each output row built
-    in ``scratch[c]`` and streamed out by ``_stream_row`` (rows of 2 KiB or more: from
-    memory at 75-85 GB/s, 768-2048 features 1.25-1.56x, 512: 0.97-1.16x, 8192: 1.05x;
-    at 48 GB/s 4096-8192 1.1-1.25x)."""
+    features +0-9%, 1024-2048 within 3%, 8192 +17-25%. ``nt``: the output streamed out
+    (``_ln_out_row``; float32 rows of 2 KiB or more, ``LN_FWD_NT_BYTES``)."""
     n, d = x.shape
     flat = x.reshape(-1)
     lead = max(d, LN_FWD_LEAD_BYTES // x.itemsize)
-    nch = scratch.shape[0]
-    for c in prange(nch):
-        lo, hi = chunk_bounds(n, nch, c)
-        buf = scratch[c]
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(n, nchunks, c)
         for i in range(lo, hi):
             row = x[i]
             x0 = np.float64(row[0])
@@ -412,28 +428,21 @@ def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, yflat, scratch, nt):
                 var = 0.0
             mean[i] = x0 + m1
             rstd[i] = 1.0 / np.sqrt(var + eps)
-            mu_t, r_t = mean[i], rstd[i]  # in x's dtype, so the output loop stays in it
-            out = buf if nt else y[i]
-            for j in range(d):
-                out[j] = (row[j] - mu_t) * r_t * gamma[j] + beta[j]
-            if nt:
-                _stream_row(yflat, i * d, buf, d, (flat,), i * d + lead)
+            _ln_out_row(row, gamma, beta, y[i], mean[i], rstd[i], nt, flat, i * d + lead)
         if nt:
             sfence()
 
 
 @jit(parallel=True)
-def _ln_fwd(x, gamma, beta, eps, y, mean, rstd, yflat, scratch, nt):
-    """``nt``: each output row is built in ``scratch[c]`` (one row per chunk, in L1) and
-    streamed out with non-temporal stores (``_stream_row``)."""
+def _ln_fwd(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
+    """Layer norm row by row, statistics in two passes; ``nt``: the output streamed out
+    with non-temporal stores (``_ln_out_row``)."""
     n, d = x.shape
     flat = x.reshape(-1)
-    nch = scratch.shape[0]
-    for c in prange(nch):
-        lo, hi = chunk_bounds(n, nch, c)
-        buf = scratch[c]
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(n, nchunks, c)
         for i in range(lo, hi):
-            _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, yflat, buf, nt)
+            _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, nt)
         if nt:
             sfence()
 
@@ -499,11 +508,9 @@ def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
                       nvec)
     elif x.dtype == np.float32 and LN_FWD_ONE_PASS:
         nt = _nt_rows(y, np.float32) and d * x.itemsize >= LN_FWD_NT_BYTES
-        _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, y.reshape(-1),
-                         np.empty((nch, d), x.dtype), nt)
+        _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nch, nt)
     else:
-        scratch = np.empty((nch, d), x.dtype)
-        _ln_fwd(x, gamma, beta, eps, y, mean, rstd, y.reshape(-1), scratch, nt)
+        _ln_fwd(x, gamma, beta, eps, y, mean, rstd, nch, nt)
 
 
 def layer_norm(
