@@ -19,8 +19,9 @@
 - ``copy64_nt``: 64 bytes from a scratch buffer to an aligned destination with one
   non-temporal store (layer norm's backward builds each output row in a scratch row and
   streams it out this way).
-- ``ln_out``: one vector of layer norm's output, stored plainly or non-temporally (the
-  row loops call it vector by vector with a prefetch after each).
+- ``ln_out``, ``ln_bwd_out``: one vector of layer norm's output (plain or
+  non-temporal stores) / of its backward (``dx`` non-temporal, the dgamma/dbeta shares
+  updated): the row loops call them vector by vector with a prefetch after each.
 - ``tile_argmin``: k-means assignment for 2 vectors of rows of a tile-major transposed
   block, four centroids at a time with eight FMA accumulators and the running minima
   held in registers (the loop vectoriser keeps accumulators in memory when the rows,
@@ -42,9 +43,8 @@ from numba.core import cgutils
 from kernels._jit import intrinsic, types
 
 __all__ = ["NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates", "compress_candidates_nt",
-           "compress_candidates_update", "copy64_nt", "dequant_store_nt", "ln_out", "scan_scores",
-           "sfence",
-           "stream_out", "tile_argmin"]
+           "compress_candidates_update", "copy64_nt", "dequant_store_nt", "ln_bwd_out", "ln_out",
+           "scan_scores", "sfence", "stream_out", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 # llvm.experimental.vector.compress arrived in LLVM 19; an older LLVM (llvmlite before
@@ -382,6 +382,48 @@ def ln_out(typingctx, x, xi, gamma, beta, gi, y, yi, mu, r, nt):
         return context.get_dummy_value()
 
     return types.void(x, xi, gamma, beta, gi, y, yi, mu, r, nt), codegen
+
+
+@intrinsic
+def ln_bwd_out(typingctx, x, dy, gamma, sg, sb, dx, j, mu, r, a, b):
+    """One 64-byte vector of layer norm's backward at ``j`` (rows ``x``, ``dy``, ``dx``,
+    the row's share sums ``sg``, ``sb``): ``h = (x - mu) * r``, ``dx = r * (dy * gamma -
+    a - h * b)`` stored non-temporally (``&dx[j]`` 64-byte aligned, ``sfence()``
+    afterwards), ``sg += dy * h``, ``sb += dy``; loads at any alignment. Explicit, so
+    the row loop can ask for a line of the next row after each vector and stream
+    straight out, without a scratch row (``ln_out`` does the forward's)."""
+    arrs = (x, dy, gamma, sg, sb, dx)
+    if not (all(_is_1d(v) for v in arrs) and x.dtype in (types.float32, types.float64)
+            and all(v.dtype == x.dtype for v in arrs) and isinstance(j, types.Integer)
+            and all(v == x.dtype for v in (mu, r, a, b))):
+        return None
+    lanes = 512 // x.dtype.bitwidth
+
+    def codegen(context, builder, sig, args):
+        bits = sig.args[0].dtype.bitwidth
+        vf = ir.VectorType(context.get_value_type(sig.args[0].dtype), lanes)
+        align = bits // 8
+
+        def ptr(k):
+            p = _elem_ptr(context, builder, sig.args[k], args[k], args[6], sig.args[6])
+            return builder.bitcast(p, vf.as_pointer())
+
+        def splat(k):
+            return _splat(builder, args[k], vf)
+
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{lanes}f{bits}")
+        xv, u, g, pg, pb = (builder.load(ptr(k), align=align) for k in range(5))
+        r = splat(8)
+        h = builder.fmul(builder.fsub(xv, splat(7)), r)
+        t = builder.call(fma, [u, g, builder.fneg(splat(9))])
+        t = builder.call(fma, [builder.fneg(h), splat(10), t])
+        store_nt(builder, builder.fmul(r, t), ptr(5))
+        builder.store(builder.call(fma, [u, h, pg]), ptr(3), align=align)
+        builder.store(builder.fadd(pb, u), ptr(4), align=align)
+        return context.get_dummy_value()
+
+    return types.void(x, dy, gamma, sg, sb, dx, j, mu, r, a, b), codegen
 
 
 def _reduce_lanes(builder, vecs: list) -> ir.Value:

@@ -51,7 +51,7 @@ from kernels._chunks import chunk_bounds, n_chunks
 from kernels._fastmath import exp_softmax, row_max, row_max_float
 from kernels._jit import jit, overload, prange, types
 from kernels._prefetch import prefetch, prefetch_ahead
-from kernels._simd import copy64_nt, ln_out, sfence, stream_out
+from kernels._simd import copy64_nt, ln_bwd_out, ln_out, sfence, stream_out
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
 
@@ -597,8 +597,8 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt):
 
 
 @jit(parallel=True)
-def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg, qb, every,
-                 pair, zero, cast):
+def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, every, pair, zero,
+                 cast):
     """``_ln_bwd`` for wide rows (``LN_BWD_WIDE_BYTES`` or more), where ``_ln_bwd``'s
     per-row footprint (the row, its two copies, gamma and two float64 sums per feature:
     72 KiB at 2048 float32 features) overflowed L1 and every row went through L2
@@ -609,15 +609,25 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt
     ``every`` rows (float32: half the bytes per feature; float64 passes ``every`` past
     the chunk, so only the chunk's end moves them). With ``pair`` (float32, never with
     ``nt``) the second pass takes two rows at once, so each share is loaded and stored
-    once per two rows. ``work[c, 0]``: the dx row when ``nt`` (float32 too: from memory
-    it gained 9-37% at 1024-8192 features over plain stores with ``pair``, in both
-    regimes of the machine). 2^25 float32 elements
+    once per two rows. With ``nt`` (float32 too) the second pass goes vector by vector
+    (``ln_bwd_out``: dx streamed straight out, the shares updated), a line of the next
+    row's x and dy prefetched after each vector (rows of up to ``STREAM_AHEAD_BYTES``);
+    its multiply-adds are explicit, so its dx can differ from the plain loop's by a few
+    ulps of the largest terms. Streaming float32 rows too gained 9-37% at 1024-8192
+    features over plain stores with ``pair`` (both regimes of the machine); going
+    vector by vector instead of through a scratch row and ``_stream_row`` then, from
+    memory at a 43-50 GB/s triad: float32 1024-4096 features 1.04-1.20x (8192:
+    0.84-1.10x), float64 512-4096 1.08-1.25x.
+    2^25 float32 elements
     from memory (triad 41-48 GB/s), ``_ln_bwd`` against this without ``pair``: 2048
     features 16.7 -> 10.4 ms, 4096: 17.4 -> 11.5, 8192: 14.4 -> 10.7; ``pair`` then
     +10-18% at 2048-8192 (85 GB/s triad) but -17% at 1024, so it starts at 8 KiB."""
     n, d = x.shape
     xflat = x.reshape(-1)
     dyflat = dy.reshape(-1)
+    step = 64 // x.itemsize
+    hint = d * x.itemsize <= STREAM_AHEAD_BYTES
+    last = xflat.size - 1
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
         sg = qg[c]
@@ -633,7 +643,17 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt
             m0 = mean[i]
             r0 = rstd[i]
             a0, b0 = _ln_bwd_row_sums(x0, d0, gamma, m0, r0, zero, cast)
-            o0 = work[c, 0] if nt else dx[i]
+            o0 = dx[i]
+            if nt:
+                nxt = (i + 1) * d
+                for j in range(0, d, step):
+                    ln_bwd_out(x0, d0, gamma, sg, sb, o0, j, m0, r0, a0, b0)
+                    if hint:
+                        prefetch(xflat, min(nxt + j, last))
+                        prefetch(dyflat, min(nxt + j, last))
+                i += 1
+                held += 1
+                continue
             if not pair or i + 1 == hi:
                 for j in range(d):
                     u0 = d0[j]
@@ -641,8 +661,6 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt
                     o0[j] = r0 * (u0 * gamma[j] - a0 - h0 * b0)
                     sg[j] += u0 * h0
                     sb[j] += u0
-                if nt:
-                    _stream_row(dxflat, i * d, o0, d, (xflat, dyflat), (i + 1) * d)
                 i += 1
                 held += 1
                 continue
@@ -791,8 +809,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
         f32 = x.dtype == np.float32  # float32 shares summed over a few rows first
         nt = nt or _nt_rows(dx, np.float32)
         q = np.zeros((2, nch, d), x.dtype)  # the shares in the input's dtype
-        work = _checks.empty_aligned((nch, 1, d), x.dtype)
-        _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, nt,
+        _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nch, nt,
                      q[0], q[1], LN_BWD_PARTIAL_ROWS if f32 else n + 1,
                      f32 and d * x.itemsize >= LN_BWD_PAIR_BYTES and not nt,
                      x.dtype.type(0), x.dtype.type)
