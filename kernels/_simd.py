@@ -19,9 +19,9 @@
 - ``copy64_nt``: 64 bytes from a scratch buffer to an aligned destination with one
   non-temporal store (layer norm's backward builds each output row in a scratch row and
   streams it out this way).
-- ``ln_out``, ``ln_bwd_out``: one vector of layer norm's output (plain or
-  non-temporal stores) / of its backward (``dx`` non-temporal, the dgamma/dbeta shares
-  updated): the row loops call them vector by vector with a prefetch after each.
+- ``ln_out``, ``ln_bwd_out``: one vector of layer norm's output / of its backward
+  (``dx``; the dgamma/dbeta shares updated), written with a non-temporal store: the
+  row loops of streamed rows call them vector by vector with a prefetch after each.
 - ``tile_argmin``: k-means assignment for 2 vectors of rows of a tile-major transposed
   block, four centroids at a time with eight FMA accumulators and the running minima
   held in registers (the loop vectoriser keeps accumulators in memory when the rows,
@@ -339,49 +339,48 @@ def copy64_nt(typingctx, dst, di, src, si):
     return types.void(dst, di, src, si), codegen
 
 
+def _fvec(context, builder, sig, lanes):
+    """``(vector type, element alignment, llvm.fma)`` for an intrinsic over ``lanes``
+    elements of ``sig.args[0]``'s dtype."""
+    bits = sig.args[0].dtype.bitwidth
+    vf = ir.VectorType(context.get_value_type(sig.args[0].dtype), lanes)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf] * 3),
+                                         f"llvm.fma.v{lanes}f{bits}")
+    return vf, bits // 8, fma
+
+
+def _vec_ptr(context, builder, sig, args, k, i, vf):
+    """A ``vf`` pointer to ``args[k][args[i]]``."""
+    p = _elem_ptr(context, builder, sig.args[k], args[k], args[i], sig.args[i])
+    return builder.bitcast(p, vf.as_pointer())
+
+
 @intrinsic
-def ln_out(typingctx, x, xi, gamma, beta, gi, y, yi, mu, r, nt):
+def ln_out(typingctx, x, xi, gamma, beta, gi, y, yi, mu, r):
     """One 64-byte vector of layer norm's output: ``y[yi:yi+L] = fma((x[xi:xi+L] - mu) *
     r, gamma[gi:gi+L], beta[gi:gi+L])`` (``L`` = 64 bytes of the dtype; loads at any
-    alignment), stored non-temporally when ``nt`` (``&y[yi]`` then 64-byte aligned,
-    ``sfence()`` afterwards) or plainly (any alignment). Explicit, so the row loop can
-    ask for a line ahead after each vector (LLVM stops vectorising a loop that holds a
-    prefetch) and streams straight out, without a scratch row."""
-    ok = all(_is_1d(a) for a in (x, gamma, beta, y))
-    if not (ok and x.dtype in (types.float32, types.float64)
+    alignment), stored non-temporally (``&y[yi]`` 64-byte aligned, ``sfence()``
+    afterwards). Explicit, so the row loop can ask for a line ahead after each vector
+    (LLVM stops vectorising a loop that holds a prefetch) and streams straight out,
+    without a scratch row."""
+    if not (all(_is_1d(a) for a in (x, gamma, beta, y))
+            and x.dtype in (types.float32, types.float64)
             and all(a.dtype == x.dtype for a in (gamma, beta, y)) and mu == x.dtype
-            and r == x.dtype and all(isinstance(i, types.Integer) for i in (xi, gi, yi))
-            and isinstance(nt, types.Boolean)):
+            and r == x.dtype and all(isinstance(i, types.Integer) for i in (xi, gi, yi))):
         return None
     lanes = 512 // x.dtype.bitwidth
 
     def codegen(context, builder, sig, args):
-        bits = sig.args[0].dtype.bitwidth
-        vf = ir.VectorType(context.get_value_type(sig.args[0].dtype), lanes)
-        align = bits // 8
-
-        def vec(k, i):
-            p = _elem_ptr(context, builder, sig.args[k], args[k], args[i], sig.args[i])
-            return builder.bitcast(p, vf.as_pointer())
-
-        xv = builder.load(vec(0, 1), align=align)
-        g = builder.load(vec(2, 4), align=align)
-        b = builder.load(vec(3, 4), align=align)
+        vf, align, fma = _fvec(context, builder, sig, lanes)
+        xv, g, b = (builder.load(_vec_ptr(context, builder, sig, args, k, i, vf), align=align)
+                    for k, i in ((0, 1), (2, 4), (3, 4)))
         t = builder.fmul(builder.fsub(xv, _splat(builder, args[7], vf)),
                          _splat(builder, args[8], vf))
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vf, [vf, vf, vf]),
-            f"llvm.fma.v{lanes}f{bits}")
-        out = builder.call(fma, [t, g, b])
-        dst = vec(5, 6)
-        with builder.if_else(args[9]) as (streamed, plain):
-            with streamed:
-                store_nt(builder, out, dst)
-            with plain:
-                builder.store(out, dst, align=align)
+        store_nt(builder, builder.call(fma, [t, g, b]),
+                 _vec_ptr(context, builder, sig, args, 5, 6, vf))
         return context.get_dummy_value()
 
-    return types.void(x, xi, gamma, beta, gi, y, yi, mu, r, nt), codegen
+    return types.void(x, xi, gamma, beta, gi, y, yi, mu, r), codegen
 
 
 @intrinsic
@@ -400,27 +399,20 @@ def ln_bwd_out(typingctx, x, dy, gamma, sg, sb, dx, j, mu, r, a, b):
     lanes = 512 // x.dtype.bitwidth
 
     def codegen(context, builder, sig, args):
-        bits = sig.args[0].dtype.bitwidth
-        vf = ir.VectorType(context.get_value_type(sig.args[0].dtype), lanes)
-        align = bits // 8
-
-        def ptr(k):
-            p = _elem_ptr(context, builder, sig.args[k], args[k], args[6], sig.args[6])
-            return builder.bitcast(p, vf.as_pointer())
+        vf, align, fma = _fvec(context, builder, sig, lanes)
+        ptr = [_vec_ptr(context, builder, sig, args, k, 6, vf) for k in range(6)]
 
         def splat(k):
             return _splat(builder, args[k], vf)
 
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{lanes}f{bits}")
-        xv, u, g, pg, pb = (builder.load(ptr(k), align=align) for k in range(5))
+        xv, u, g, pg, pb = (builder.load(ptr[k], align=align) for k in range(5))
         r = splat(8)
         h = builder.fmul(builder.fsub(xv, splat(7)), r)
         t = builder.call(fma, [u, g, builder.fneg(splat(9))])
         t = builder.call(fma, [builder.fneg(h), splat(10), t])
-        store_nt(builder, builder.fmul(r, t), ptr(5))
-        builder.store(builder.call(fma, [u, h, pg]), ptr(3), align=align)
-        builder.store(builder.fadd(pb, u), ptr(4), align=align)
+        store_nt(builder, builder.fmul(r, t), ptr[5])
+        builder.store(builder.call(fma, [u, h, pg]), ptr[3], align=align)
+        builder.store(builder.fadd(pb, u), ptr[4], align=align)
         return context.get_dummy_value()
 
     return types.void(x, dy, gamma, sg, sb, dx, j, mu, r, a, b), codegen

@@ -391,7 +391,7 @@ def _ln_out_row(row, gamma, beta, out, mu, r, nt, flat, ahead):
     hint = d * row.itemsize <= STREAM_AHEAD_BYTES
     last = flat.size - 1
     for j in range(0, d, step):
-        ln_out(row, j, gamma, beta, j, out, j, mu, r, True)
+        ln_out(row, j, gamma, beta, j, out, j, mu, r)
         if hint:
             prefetch(flat, min(ahead + j, last))
 
