@@ -1193,17 +1193,36 @@ def _to_columns(builder, src):
     """``L`` rows of ``c`` elements held as ``c`` vectors (``src``, the rows one after
     another) -> ``c`` column vectors, lane ``r`` of column ``j`` = element ``j`` of row
     ``r`` (``_gather_lanes``: about ``c / 2`` permutes per column)."""
-    lanes, c = src[0].type.count, len(src)
-    return [_gather_lanes(builder, src, [divmod(r * c + j, lanes) for r in range(lanes)])
-            for j in range(c)]
+    return _columns_of(builder, [src])[0]
+
+
+def _columns_of(builder, blocks):
+    """``_to_columns`` of each block in ``blocks``, column by column in turn (the
+    blocks' instructions interleaved): one list of columns per block."""
+    lanes, c = blocks[0][0].type.count, len(blocks[0])
+    out = [[] for _ in blocks]
+    for j in range(c):
+        where = [divmod(r * c + j, lanes) for r in range(lanes)]
+        for b, cols in zip(blocks, out):
+            cols.append(_gather_lanes(builder, b, where))
+    return out
 
 
 def _to_rows(builder, cols):
     """The inverse of ``_to_columns``: ``c`` column vectors -> the ``c`` vectors of the
     ``L`` rows laid out one after another."""
-    lanes, c = cols[0].type.count, len(cols)
-    return [_gather_lanes(builder, cols, [((lanes * k + ln) % c, (lanes * k + ln) // c)
-                                          for ln in range(lanes)]) for k in range(c)]
+    return _rows_of(builder, [cols])[0]
+
+
+def _rows_of(builder, blocks):
+    """``_to_rows`` of each block of columns in ``blocks``, interleaved."""
+    lanes, c = blocks[0][0].type.count, len(blocks[0])
+    out = [[] for _ in blocks]
+    for k in range(c):
+        where = [((lanes * k + ln) % c, (lanes * k + ln) // c) for ln in range(lanes)]
+        for b, rows in zip(blocks, out):
+            rows.append(_gather_lanes(builder, b, where))
+    return out
 
 
 def _count(c):
@@ -1217,13 +1236,29 @@ def _count(c):
     return None
 
 
+# classes up to which softmax_block takes two blocks per call (by lanes: float32, float64)
+SOFTMAX_PAIR_MAX_CLASSES = {16: 6, 8: 8}
+
+
+def softmax_blocks_per_call(c: int, lanes: int) -> int:
+    """Blocks of rows one ``softmax_block`` call takes for ``c`` classes: two for few
+    classes (their steps interleaved, so the two blocks' dependency chains overlap), one
+    above, where the second block's registers spill. 2^22 logits in cache, two against
+    one: float32 2-6 classes 1.17-1.42x, 8: 1.03x, 10-24: 0.62-0.91x; float64 2-8
+    1.07-1.25x, 10: 1.03x, 12: 0.90x. From memory (2^25): float32 4 / 6 / 8 classes
+    1.09x / 1.23x / 0.91-0.93x, 2: 0.95x; float64 2-8 1.02-1.13x."""
+    return 2 if c <= SOFTMAX_PAIR_MAX_CLASSES[lanes] else 1
+
+
 def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, nt, c):
     """``softmax_block(x, g, labels, prods, gaps, b, scale, grad, nt, c)``: softmax +
     cross-entropy with its gradient (stored when ``grad`` is true; non-temporally when
-    ``nt`` is, ``g`` then 64-byte aligned) for the ``L`` rows of block ``b`` (rows
-    ``b*L .. b*L+L-1``; ``L`` = 16 float32 / 8 float64) of ``c`` classes, ``2 <= c <= 2 L``
-    known when compiling: ``c`` is a literal or a tuple of ``c`` items (whose type
-    carries its length).
+    ``nt`` is, ``g`` then 64-byte aligned) for the ``W`` blocks of ``L`` rows of call
+    ``b`` (blocks ``b*W .. b*W+W-1``, block ``k`` rows ``k*L .. k*L+L-1``; ``L`` = 16
+    float32 / 8 float64, ``W`` = ``softmax_blocks_per_call(c, L)``, each block's steps
+    interleaved with the other's) of ``c`` classes, ``2 <= c <= 2 L`` known when
+    compiling: ``c`` is a literal or a tuple of ``c`` items (whose type carries its
+    length).
 
     The block is ``c`` whole vectors of ``x`` (``L`` rows of ``c``), loaded plainly and
     transposed in registers (two-source permutes) into ``c`` column vectors, one lane
@@ -1234,7 +1269,8 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
     row at about 8 ns per core in cache. ``prods[b]``: the product of the block's row
     sums ``s`` (each in ``[1, c]``, so the product of 16 stays far from overflow);
     ``gaps[b]``: the sum of ``max - x[label]``; the block's loss is ``log(prods[b]) +
-    gaps[b]``, one log per block. The exps are those of the other softmax kernels."""
+    gaps[b]``, one log per block (``b`` a block's index here, not the call's). The exps
+    are those of the other softmax kernels."""
     ncls = _count(c)
     dt = x.dtype if isinstance(x, types.Array) else None
     if dt not in (types.float32, types.float64) or scale != dt:
@@ -1248,60 +1284,80 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
         vty = _V16 if f32 else _V8
         ity = ir.VectorType(_I32 if f32 else _I64, lanes)
         d64 = ir.VectorType(_F64, lanes)
-        row0 = builder.mul(context.cast(builder, args[5], sig.args[5], types.int64),
-                           ir.Constant(_I64, lanes))
-        base = builder.mul(row0, ir.Constant(_I64, ncls))
-        blk = context.cast(builder, args[5], sig.args[5], types.int64)
+        W = softmax_blocks_per_call(ncls, lanes)
+        each = range(W)
+        first = builder.mul(context.cast(builder, args[5], sig.args[5], types.int64),
+                            ir.Constant(_I64, W))
+        blk = [builder.add(first, ir.Constant(_I64, w)) for w in each]
+        row0 = [builder.mul(b_, ir.Constant(_I64, lanes)) for b_ in blk]
+        base = [builder.mul(r_, ir.Constant(_I64, ncls)) for r_ in row0]
 
         def ptr(k, at, ty):
             return builder.bitcast(_elem_ptr(context, builder, sig.args[k], args[k], at,
                                              types.int64), ty.as_pointer())
 
-        def at(k):
-            return builder.add(base, ir.Constant(_I64, k * lanes))
+        def at(w, k):
+            return builder.add(base[w], ir.Constant(_I64, k * lanes))
 
-        src = [_load(builder, ptr(0, at(k), vty), None) for k in range(ncls)]
-        cols = _to_columns(builder, src)
+        src = [[_load(builder, ptr(0, at(w, k), vty), None) for k in range(ncls)]
+               for w in each]
+        # the W blocks' steps interleaved, so their dependency chains overlap
+        cols = _columns_of(builder, src)
         vmax = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{_vec_name(vty)}")
-        mx = cols[0]
-        for v in cols[1:]:
-            mx = builder.call(vmax, [mx, v], fastmath=("nnan",))
+        mx = [cols[w][0] for w in each]
+        for jc in range(1, ncls):
+            for w in each:
+                mx[w] = builder.call(vmax, [mx[w], cols[w][jc]], fastmath=("nnan",))
         if f32:
-            es = [_exp_softmax_f32(builder, builder.fsub(v, mx)) for v in cols]
+            es = [[None] * ncls for _ in each]
+            for jc in range(ncls):
+                for w in each:
+                    es[w][jc] = _exp_softmax_f32(builder, builder.fsub(cols[w][jc], mx[w]))
         else:
-            es = exp_nonpos(_Vec(builder, ncls), [builder.fsub(v, mx) for v in cols])
-        s = es[0]
-        for e in es[1:]:
-            s = builder.fadd(s, e)
+            flat = exp_nonpos(_Vec(builder, ncls * W), [builder.fsub(cols[w][jc], mx[w])
+                                                        for jc in range(ncls) for w in each])
+            es = [[flat[jc * W + w] for jc in range(ncls)] for w in each]
+        ssum = [es[w][0] for w in each]
+        for jc in range(1, ncls):
+            for w in each:
+                ssum[w] = builder.fadd(ssum[w], es[w][jc])
         sc = _splat(builder, args[6], vty)
-        f = builder.fdiv(sc, s)
-        lab = _load(builder, ptr(2, row0, ir.VectorType(_I64, lanes)), None)
-        if f32:
-            lab = builder.trunc(lab, ity)
-        grads, xl = [], cols[0]
-        for j, (e, v) in enumerate(zip(es, cols)):
-            hit = builder.icmp_signed("==", lab, ir.Constant(ity, [j] * lanes))
-            val = builder.fmul(e, f)
-            grads.append(builder.select(hit, builder.fsub(val, sc), val))
-            if j:
-                xl = builder.select(hit, v, xl)
+        f = [builder.fdiv(sc, ssum[w]) for w in each]
+        lab = []
+        for w in each:
+            v = _load(builder, ptr(2, row0[w], ir.VectorType(_I64, lanes)), None)
+            lab.append(builder.trunc(v, ity) if f32 else v)
+        grads = [[] for _ in each]
+        xl = [cols[w][0] for w in each]
+        for jc in range(ncls):
+            for w in each:
+                hit = builder.icmp_signed("==", lab[w], ir.Constant(ity, [jc] * lanes))
+                val = builder.fmul(es[w][jc], f[w])
+                grads[w].append(builder.select(hit, builder.fsub(val, sc), val))
+                if jc:
+                    xl[w] = builder.select(hit, cols[w][jc], xl[w])
         wide = (lambda v: builder.fpext(v, d64)) if f32 else (lambda v: v)
         rmul = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_F64, [_F64, d64]),
             f"llvm.vector.reduce.fmul.{_vec_name(d64)}")
-        prod = builder.call(rmul, [ir.Constant(_F64, 1.0), wide(s)], fastmath=("reassoc",))
-        gap = _hsum64(builder, builder.fsub(wide(mx), wide(xl)))
-        builder.store(prod, _elem_ptr(context, builder, sig.args[3], args[3], blk, types.int64))
-        builder.store(gap, _elem_ptr(context, builder, sig.args[4], args[4], blk, types.int64))
+        for w in each:
+            prod = builder.call(rmul, [ir.Constant(_F64, 1.0), wide(ssum[w])],
+                                fastmath=("reassoc",))
+            gap = _hsum64(builder, builder.fsub(wide(mx[w]), wide(xl[w])))
+            builder.store(prod, _elem_ptr(context, builder, sig.args[3], args[3], blk[w],
+                                          types.int64))
+            builder.store(gap, _elem_ptr(context, builder, sig.args[4], args[4], blk[w],
+                                         types.int64))
         want = context.cast(builder, args[7], sig.args[7], types.boolean)
         nt = context.cast(builder, args[8], sig.args[8], types.boolean)
         with builder.if_then(want, likely=True):
-            rows = _to_rows(builder, grads)
+            rows = _rows_of(builder, grads)
 
             def store_rows(streamed):
-                for k, vec in enumerate(rows):
-                    _store(builder, vec, ptr(1, at(k), vty), None, nt=streamed)
+                for k in range(ncls):
+                    for w in each:
+                        _store(builder, rows[w][k], ptr(1, at(w, k), vty), None, nt=streamed)
 
             _streamed_or_not(builder, nt, store_rows)
         return context.get_dummy_value()

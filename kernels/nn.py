@@ -36,6 +36,7 @@ from kernels._avx512 import (
     ln_bwd_row,
     ln_row,
     softmax_block,
+    softmax_blocks_per_call,
     softmax_exp_f64,
     softmax_exp_f64_tail,
     softmax_row1_f32,
@@ -200,21 +201,23 @@ def _short_vectors(c: int, dtype: np.dtype) -> int:
 
 
 @jit(parallel=True, fastmath={"contract"})
-def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, nblocks, nchunks, scale, grad, nt,
-                         cls):
+def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, ncalls, nchunks, scale, grad, nt,
+                         cls, per):
     """Rows of few classes (``BLOCK_MAX_CLASSES``), ``L`` rows (16 float32 / 8 float64)
-    at a time, each block transposed in registers (``kernels._avx512.softmax_block``).
+    at a time, each block transposed in registers (``kernels._avx512.softmax_block``),
+    ``per`` blocks per call (``softmax_blocks_per_call``: ``ncalls`` calls).
     ``cls`` is a tuple of ``c`` zeros: its type carries ``c`` to the compiler, so each
     ``c`` compiles on first use and is cached (``numba.literally`` did the same but cost
     about 4 ms per call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``;
     the gradient goes into ``gflat`` only when ``grad``, with non-temporal stores when
-    ``nt``. Each block of 512 bytes or more asks for the input 8 KiB ahead (``kernels._prefetch``).
+    ``nt``. Each call of 512 bytes or more asks for the input 8 KiB ahead
+    (``kernels._prefetch``).
     2^25 float32 logits of 10 classes, from memory: 10.8-11.4 ms with neither, 9.4-9.5
     with both; float64 16-19 -> 14.3-14.5. With 2 classes (128-byte blocks) the
     prefetch cost 2-5% (one hint per 2 vectors), in cache and from memory."""
-    step = len(cls) * (64 // xflat.itemsize)  # elements per block (known when compiling)
+    step = len(cls) * (64 // xflat.itemsize) * per  # elements per call
     for c in prange(nchunks):
-        lo, hi = chunk_bounds(nblocks, nchunks, c)
+        lo, hi = chunk_bounds(ncalls, nchunks, c)
         for b in range(lo, hi):
             if step * xflat.itemsize >= 512:
                 prefetch_ahead(xflat, b * step, step * xflat.itemsize)
@@ -274,12 +277,15 @@ def softmax_cross_entropy(
     if nvec == 8 and c <= 5 * lanes:  # 3 of 8 vectors idle: long rows win
         nvec = 0
     streamed = grad and stream_out(g) and g.ctypes.data % 64 == 0
-    nblk = n // lanes if VEC_BLOCKS and 2 <= c <= BLOCK_MAX_CLASSES[lanes] else 0
-    if nblk:  # whole blocks of rows, then the rest row by row
+    blocks = VEC_BLOCKS and 2 <= c <= BLOCK_MAX_CLASSES[lanes]
+    per = softmax_blocks_per_call(c, lanes) if blocks else 1
+    nblk = n // lanes // per * per if blocks else 0
+    if nblk:  # whole blocks of rows (``per`` per call), then the rest row by row
         # without a gradient nothing is stored: x stands in for the output array
         gflat = g.reshape(-1) if grad else x.reshape(-1)
-        _softmax_xent_blocks(x.reshape(-1), y, gflat, sums, gaps, nblk,
-                             n_chunks(nblk, min_rows=4), scale, grad, streamed, (0,) * c)
+        _softmax_xent_blocks(x.reshape(-1), y, gflat, sums, gaps, nblk // per,
+                             n_chunks(nblk // per, min_rows=4), scale, grad, streamed,
+                             (0,) * c, per)
         done = nblk * lanes
         if done < n:
             rest = slice(nblk, nblk + n - done)
