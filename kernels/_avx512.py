@@ -1305,10 +1305,15 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
         cols = _columns_of(builder, src)
         vmax = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{_vec_name(vty)}")
-        mx = [cols[w][0] for w in each]
-        for jc in range(1, ncls):
-            for w in each:
-                mx[w] = builder.call(vmax, [mx[w], cols[w][jc]], fastmath=("nnan",))
+
+        def fold(op, vecs):  # each block's vectors folded left to right, blocks in turn
+            acc = [v[0] for v in vecs]
+            for jc in range(1, ncls):
+                for w in each:
+                    acc[w] = op(acc[w], vecs[w][jc])
+            return acc
+
+        mx = fold(lambda a, v: builder.call(vmax, [a, v], fastmath=("nnan",)), cols)
         if f32:
             es = [[None] * ncls for _ in each]
             for jc in range(ncls):
@@ -1318,10 +1323,7 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
             flat = exp_nonpos(_Vec(builder, ncls * W), [builder.fsub(cols[w][jc], mx[w])
                                                         for jc in range(ncls) for w in each])
             es = [[flat[jc * W + w] for jc in range(ncls)] for w in each]
-        ssum = [es[w][0] for w in each]
-        for jc in range(1, ncls):
-            for w in each:
-                ssum[w] = builder.fadd(ssum[w], es[w][jc])
+        ssum = fold(builder.fadd, es)
         sc = _splat(builder, args[6], vty)
         f = [builder.fdiv(sc, ssum[w]) for w in each]
         lab = []

@@ -336,11 +336,12 @@ def _stream_row(dst, base, buf, d, ahead, nxt):
                 prefetch(a, min(nxt + j, a.size - 1))
 
 
-def _nt_rows(out: np.ndarray, dtype: type = np.float64) -> bool:
-    """Stream ``out`` (2-D, C) out with non-temporal stores: of ``dtype`` (float64, or
-    float32 where a caller measured that it pays: forward rows of ``LN_FWD_NT_BYTES``
-    or more, ``_ln_bwd_wide``), large, and every row starting on a 64-byte boundary
-    (kernels allocate their outputs so, see ``kernels.empty_aligned``).
+def _nt_rows(out: np.ndarray, f32_from: int | None = None) -> bool:
+    """Stream ``out`` (2-D, C) out with non-temporal stores: large, every row starting
+    on a 64-byte boundary (kernels allocate their outputs so, see
+    ``kernels.empty_aligned``), and float64, or float32 with rows of ``f32_from`` bytes
+    or more where a caller measured that it pays (forward ``LN_FWD_NT_BYTES``,
+    backward ``LN_BWD_WIDE_BYTES``; ``None``: never).
 
     Measured on layer norm at 131072 x 256, A/B in one process: float64 forward +9-16%
     and backward +23% whether the triad gave 48 or 80 GB/s; float32 +15-21% at 48 but
@@ -349,14 +350,17 @@ def _nt_rows(out: np.ndarray, dtype: type = np.float64) -> bool:
     stores there (and in ``_ln_bwd`` at 512-768 features: 0.7-0.95x at 80 GB/s). With
     a scalar head and tail per row (unaligned rows) float32 layer norm backward ran at
     27 GB/s instead of 48."""
-    return (stream_out(out) and out.dtype == dtype
-            and out.ctypes.data % 64 == 0 and out.ndim == 2
-            and out.shape[1] * out.itemsize % 64 == 0)
+    row = out.shape[-1] * out.itemsize
+    wanted = out.dtype == np.float64 or (
+        out.dtype == np.float32 and f32_from is not None and row >= f32_from)
+    return (wanted and stream_out(out) and out.ctypes.data % 64 == 0 and out.ndim == 2
+            and row % 64 == 0)
 
 
 @jit(inline=True)
-def _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, nt):
-    """Row ``i``: statistics in float64, then the output (streamed out when ``nt``)."""
+def _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, nt, lead):
+    """Row ``i``: statistics in float64, then the output (streamed out when ``nt``,
+    prefetching ``lead`` elements ahead)."""
     if not nt or d * flat.itemsize > STREAM_AHEAD_BYTES:  # else the stream prefetched it
         prefetch_ahead(flat, i * d, d * flat.itemsize)
     row = x[i]
@@ -371,8 +375,7 @@ def _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, nt):
     r = 1.0 / np.sqrt(ss / d + eps)
     mean[i] = mu
     rstd[i] = r
-    _ln_out_row(row, gamma, beta, y[i], mean[i], rstd[i], nt, flat,
-                i * d + max(d, LN_FWD_LEAD_BYTES // flat.itemsize))
+    _ln_out_row(row, gamma, beta, y[i], mean[i], rstd[i], nt, flat, i * d + lead)
 
 
 @jit(inline=True)
@@ -445,10 +448,11 @@ def _ln_fwd(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
     with non-temporal stores (``_ln_out_row``)."""
     n, d = x.shape
     flat = x.reshape(-1)
+    lead = max(d, LN_FWD_LEAD_BYTES // x.itemsize)
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
         for i in range(lo, hi):
-            _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, nt)
+            _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, nt, lead)
         if nt:
             sfence()
 
@@ -505,7 +509,7 @@ def _ln_fwd_blocks(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, feats):
 def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
     """Layer norm row by row: short rows in registers, or the row loops."""
     n, d = x.shape
-    nt = _nt_rows(y)
+    nt = _nt_rows(y, LN_FWD_NT_BYTES)
     nch = n_chunks(n)
     nvec = _short_vectors(d, x.dtype) if VEC_SHORT else 0
     if nvec:
@@ -513,7 +517,6 @@ def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
                       y.reshape(-1), mean, rstd, n, d, nch, nt, not np.may_share_memory(x, y),
                       nvec)
     elif x.dtype == np.float32 and LN_FWD_ONE_PASS:
-        nt = _nt_rows(y, np.float32) and d * x.itemsize >= LN_FWD_NT_BYTES
         _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nch, nt)
     else:
         _ln_fwd(x, gamma, beta, eps, y, mean, rstd, nch, nt)
@@ -797,7 +800,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     """Layer norm backward row by row (short rows in registers, or the row loops):
     writes ``dx``, returns the float64 sums for dgamma and dbeta."""
     n, d = x.shape
-    nt = _nt_rows(dx)
+    nt = _nt_rows(dx, LN_BWD_WIDE_BYTES)
     nch = n_chunks(n)
     nvec = _short_vectors(d, x.dtype) if VEC_SHORT else 0
     if nvec:
@@ -813,7 +816,6 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     pb = np.zeros((nch, d), np.float64)
     if d * x.itemsize >= LN_BWD_WIDE_BYTES:
         f32 = x.dtype == np.float32  # float32 shares summed over a few rows first
-        nt = nt or _nt_rows(dx, np.float32)
         q = np.zeros((2, nch, d), x.dtype)  # the shares in the input's dtype
         _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nch, nt,
                      q[0], q[1], LN_BWD_PARTIAL_ROWS if f32 else n + 1,
