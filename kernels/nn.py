@@ -35,6 +35,7 @@ from kernels._avx512 import (
     ln_bwd_block,
     ln_bwd_row,
     ln_row,
+    row_lane_classes,
     softmax_block,
     softmax_blocks_per_call,
     softmax_exp_f64,
@@ -47,6 +48,7 @@ from kernels._avx512 import (
     softmax_row4_f64,
     softmax_row8_f32,
     softmax_row8_f64,
+    spread_columns,
 )
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._fastmath import exp_softmax, row_max, row_max_float
@@ -113,9 +115,12 @@ VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table e
 VEC_SHORT = _avx512.AVAILABLE  # rows of up to 8 vectors held in registers (_softmax_xent_short)
 VEC_BLOCKS = _avx512.AVAILABLE  # blocks of rows of few classes, transposed (_softmax_xent_blocks)
 # by lanes (float32, float64): the most features layer norm's blocks of rows take,
-# forward and backward (above, the row kernels were as fast or faster)
-LN_BLOCK_MAX_FEATURES = {16: 12, 8: 6}
-LN_BWD_BLOCK_MAX_FEATURES = {16: 8, 8: 4}
+# forward and backward (above, the row kernels were as fast or faster: 2^20 and 2^23
+# elements, forward float32 13-14 features 1.27-1.45x faster in blocks, 15 0.88-1.11x;
+# float64 7-13 1.02-1.96x, 14 0.91x; backward float32 9-10 1.27-2.07x, 11 1.0x, 12
+# 0.78-0.87x; float64 5 1.13-1.23x, 6 0.86-0.93x)
+LN_BLOCK_MAX_FEATURES = {16: 14, 8: 13}
+LN_BWD_BLOCK_MAX_FEATURES = {16: 10, 8: 5}
 BLOCK_MAX_CLASSES = {16: 24, 8: 15}  # by lanes (float32, float64): above, the row kernel wins
 _B = _avx512.BLOCK
 
@@ -498,6 +503,21 @@ def _ln_blocks(n: int, d: int, dtype: np.dtype, limits: dict[int, int]) -> int:
     return n // lanes if VEC_BLOCKS and d <= limits[lanes] else 0
 
 
+def _block_features(d: int, lanes: int) -> np.ndarray:
+    """``(d, L)`` ints: the feature that lane ``r`` of column ``j`` holds in the block
+    kernels (``row_lane_classes`` where ``spread_columns``, else ``j`` in every lane)."""
+    if spread_columns(d, lanes):
+        return np.array(row_lane_classes(d, lanes))
+    return np.repeat(np.arange(d), lanes).reshape(d, lanes)
+
+
+def _block_params(p: np.ndarray, lanes: int) -> np.ndarray:
+    """``p`` (one value per feature) as the block kernels take it: spread over the
+    columns' lanes (``(d, L)``, flattened) where ``spread_columns``, else as is."""
+    d = p.shape[0]
+    return p[_block_features(d, lanes)].reshape(-1) if spread_columns(d, lanes) else p
+
+
 @jit(parallel=True)
 def _ln_fwd_blocks(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, feats):
     """Blocks of ``L`` rows of ``d = len(feats)`` features, each transposed in registers
@@ -545,7 +565,9 @@ def layer_norm(
     if n and d:
         nblk = _ln_blocks(n, d, x.dtype, LN_BLOCK_MAX_FEATURES)
         if nblk:
-            _ln_fwd_blocks(x.reshape(-1), gamma, beta, eps, y.reshape(-1), mean, rstd, nblk,
+            lanes = 64 // x.itemsize
+            _ln_fwd_blocks(x.reshape(-1), _block_params(gamma, lanes),
+                           _block_params(beta, lanes), eps, y.reshape(-1), mean, rstd, nblk,
                            (0,) * d)
         done = nblk * 64 // x.itemsize
         if done < n:
@@ -783,11 +805,12 @@ def layer_norm_backward(
             nch = n_chunks(nblk, min_rows=8)
             acc = _checks.empty_aligned((2, nch, d * lanes), np.float64)
             acc[:] = 0.0
-            _ln_bwd_blocks(dy.reshape(-1), x.reshape(-1), gamma, dx.reshape(-1), mean, rstd,
-                           acc[0], acc[1], nblk, nch, (0,) * d)
-            sums = acc.reshape(2, nch, d, lanes).sum(axis=(1, 3))
-            dg += sums[0]
-            db += sums[1]
+            _ln_bwd_blocks(dy.reshape(-1), x.reshape(-1), _block_params(gamma, lanes),
+                           dx.reshape(-1), mean, rstd, acc[0], acc[1], nblk, nch, (0,) * d)
+            sums = acc.reshape(2, nch, d * lanes).sum(axis=1)  # by column and lane
+            feat = _block_features(d, lanes).reshape(-1)
+            dg += np.bincount(feat, sums[0], d)
+            db += np.bincount(feat, sums[1], d)
         done = nblk * lanes
         if done < n:
             g, b = _ln_bwd_rows(dy[done:], x[done:], gamma, mean[done:], rstd[done:], dx[done:])

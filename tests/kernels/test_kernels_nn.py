@@ -251,6 +251,23 @@ def test_xent_blocks_of_rows_match_the_row_kernel(dt, rng, monkeypatch):
 
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_block_columns_hold_each_row_once_and_each_lane_once(lanes):
+    # the blocks' columns (kernels._avx512.row_lane_classes): column j takes one element
+    # of every row, each from a different lane of the row layout (so blends and one
+    # permute gather it), and across the c columns every element of every row once
+    for c in range(1, 2 * lanes + 1):
+        cols = _avx512.row_lane_classes(c, lanes)
+        assert len(cols) == c
+        for j, col in enumerate(cols):
+            assert len(col) == lanes and all(0 <= t < c for t in col), (c, j)
+            assert len({(r * c + t) % lanes for r, t in enumerate(col)}) == lanes, (c, j)
+        for r in range(lanes):
+            assert sorted(col[r] for col in cols) == list(range(c)), (c, r)
+    assert _avx512.spread_columns(10, 16) and not _avx512.spread_columns(8, 16)
+    assert not _avx512.spread_columns(16, 16) and _avx512.spread_columns(5, 8)
+
+
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 def test_xent_blocks_and_rows_with_non_temporal_stores_match(dt, rng, monkeypatch):
     # large aligned gradients leave the blocks, and the short rows that are whole
