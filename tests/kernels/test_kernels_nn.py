@@ -613,6 +613,33 @@ def test_layer_norm_refuses_mismatched_gamma():
         nn.layer_norm(np.zeros((2, 3)), np.ones(3), np.zeros(3, np.float32))
 
 
+@pytest.mark.parametrize("d", [10, 300])
+def test_layer_norm_statistics_into_callers_buffers(d, rng):
+    # mean_out / rstd_out: the statistics land in the caller's buffers (returned as
+    # such), the same values as fresh ones; a wrong shape, dtype, layout or a buffer
+    # that overlaps another is refused before anything is written
+    x = rng.standard_normal((37, d)).astype(np.float32)
+    g, b = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    y0, mu0, rs0 = nn.layer_norm(x, g, b)
+    mu, rs = np.full(37, 9.0, np.float32), np.full(37, 9.0, np.float32)
+    y, mu1, rs1 = nn.layer_norm(x, g, b, mean_out=mu, rstd_out=rs)
+    assert mu1 is mu and rs1 is rs
+    np.testing.assert_array_equal(mu, mu0)
+    np.testing.assert_array_equal(rs, rs0)
+    np.testing.assert_array_equal(y, y0)
+    out = np.full_like(x, 5.0)
+    for kwargs, err, match in [
+        (dict(mean_out=np.empty(36, np.float32)), KernelInputError, r"mean_out must have shape"),
+        (dict(rstd_out=np.empty(37)), KernelDtypeError, "rstd_out must be a float32 array"),
+        (dict(mean_out=np.empty(74, np.float32)[::2]), KernelInputError, "C-contiguous"),
+        (dict(mean_out=mu, rstd_out=mu), KernelInputError, "buffers of their own"),
+        (dict(mean_out=out.reshape(-1)[:37], out=out), KernelInputError, "their own"),
+    ]:
+        before = (mu.copy(), out.copy())
+        with pytest.raises(err, match=match):
+            nn.layer_norm(x, g, b, **kwargs)
+        assert np.array_equal(mu, before[0]) and np.array_equal(out, before[1])
+
 # -- GELU, bias + activation -----------------------------------------------------------
 
 def test_gelu_matches_erf_reference(dtype, tol, rng, f64_path):
