@@ -220,8 +220,11 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     t = _torch_nn(tb, x, y, gam, bet, dy)
     _, mu, rs = nn.layer_norm(x, gam, bet)
 
-    def ln_fb(out=None, out2=None):
-        _, mu_, rs_ = nn.layer_norm(x, gam, bet, out=out)
+    # ours_out: the statistics too go into reused buffers (mean_out=, rstd_out=)
+    st = (empty_aligned(rows, dt), empty_aligned(rows, dt))
+
+    def ln_fb(out=None, out2=None, stats=(None, None)):
+        _, mu_, rs_ = nn.layer_norm(x, gam, bet, out=out, mean_out=stats[0], rstd_out=stats[1])
         nn.layer_norm_backward(dy, x, gam, mu_, rs_, out=out2)
 
     add = tab.add
@@ -239,10 +242,10 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
         numpy=lambda: B.np_xent(xs, ys), ours_out=lambda: nn.softmax_cross_entropy(xs, ys, out=os_),
         torch=ts.get("xent"))
     add("layer_norm", x.shape, dt, 2 * nb, ours=lambda: nn.layer_norm(x, gam, bet),
-        ours_out=lambda: nn.layer_norm(x, gam, bet, out=o),
+        ours_out=lambda: nn.layer_norm(x, gam, bet, out=o, mean_out=st[0], rstd_out=st[1]),
         numpy=lambda: B.np_layer_norm(x, gam, bet), torch=t.get("ln"))
     add("layer_norm fwd+bwd", x.shape, dt, 5 * nb, "bytes: fwd 2 + bwd 3 passes", ours=ln_fb,
-        ours_out=lambda: ln_fb(o, o2), torch=t.get("ln_fb"))
+        ours_out=lambda: ln_fb(o, o2, st), torch=t.get("ln_fb"))
     add("layer_norm_backward", x.shape, dt, 3 * nb,
         ours=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs),
         ours_out=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs, out=o))
@@ -252,17 +255,19 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
         dyd = dy.reshape(-1)[:xd.size].reshape(xd.shape)
         gd, bd = np.ones(d, dt), np.zeros(d, dt)
         od, od2 = empty_aligned(xd.shape, dt), empty_aligned(xd.shape, dt)
+        std = (empty_aligned(xd.shape[0], dt), empty_aligned(xd.shape[0], dt))
         td = _torch_nn(tb, xd, None, gd, bd, dyd)
 
-        def ln_fb_d(out=None, out2=None, xd=xd, dyd=dyd, gd=gd, bd=bd):
-            _, mu_, rs_ = nn.layer_norm(xd, gd, bd, out=out)
+        def ln_fb_d(out=None, out2=None, stats=(None, None), xd=xd, dyd=dyd, gd=gd, bd=bd):
+            _, mu_, rs_ = nn.layer_norm(xd, gd, bd, out=out, mean_out=stats[0],
+                                        rstd_out=stats[1])
             nn.layer_norm_backward(dyd, xd, gd, mu_, rs_, out=out2)
 
         note = {10: "; float32 forward in blocks of rows, the rest row by row",
                 4096: "; backward: a read-only pass, then dx and the dgamma/dbeta shares"}
         add(f"layer_norm fwd+bwd, {d} features", xd.shape, dt, 5 * xd.nbytes,
             "bytes: fwd 2 + bwd 3 passes" + note.get(d, ""),
-            ours=ln_fb_d, ours_out=lambda f=ln_fb_d, a=od, b=od2: f(a, b),
+            ours=ln_fb_d, ours_out=lambda f=ln_fb_d, a=od, b=od2, s=std: f(a, b, s),
             torch=td.get("ln_fb"))
     add("gelu", x.shape, dt, 2 * nb, "numpy: scipy.special.erf", ours=lambda: nn.gelu(x),
         ours_out=lambda: nn.gelu(x, out=ol), numpy=lambda: B.np_gelu(x), torch=t.get("gelu"))
@@ -352,9 +357,11 @@ def bench_ceilings(rows: int = 2048, cols: int = 256) -> list[dict]:
         y = rng.integers(0, cols, rows)
         gam, bet = np.ones(cols, dt), np.zeros(cols, dt)
         _, mu, rs = nn.layer_norm(x, gam, bet)
+        st = (empty_aligned(rows, dt), empty_aligned(rows, dt))
         cases = [
             ("softmax_cross_entropy+grad", 2, lambda: nn.softmax_cross_entropy(x, y, out=o)),
-            ("layer_norm", 2, lambda: nn.layer_norm(x, gam, bet, out=o)),
+            ("layer_norm", 2, lambda: nn.layer_norm(x, gam, bet, out=o, mean_out=st[0],
+                                                    rstd_out=st[1])),
             ("layer_norm_backward", 3, lambda: nn.layer_norm_backward(dy, x, gam, mu, rs, out=o)),
             ("gelu", 2, lambda: nn.gelu(x, out=ol)),
             ("gelu_backward", 3, lambda: nn.gelu_backward(dy, x, out=ol)),
