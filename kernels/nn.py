@@ -116,10 +116,10 @@ VEC_SHORT = _avx512.AVAILABLE  # rows of up to 8 vectors held in registers (_sof
 VEC_BLOCKS = _avx512.AVAILABLE  # blocks of rows of few classes, transposed (_softmax_xent_blocks)
 # by lanes (float32, float64): the most features layer norm's blocks of rows take,
 # forward and backward (above, the row kernels were as fast or faster: 2^20 and 2^23
-# elements, forward float32 13-14 features 1.27-1.45x faster in blocks, 15 0.88-1.11x;
-# float64 7-13 1.02-1.96x, 14 0.91x; backward float32 9-10 1.27-2.07x, 11 1.0x, 12
-# 0.78-0.87x; float64 5 1.13-1.23x, 6 0.86-0.93x)
-LN_BLOCK_MAX_FEATURES = {16: 14, 8: 13}
+# elements, forward float32 13-20 features 1.35-1.88x faster in blocks, 24 0.92-1.27x,
+# 28-32 0.76-1.09x; float64 7-13 1.04-1.96x, 14 0.94-1.36x; backward float32 9-10
+# 1.27-2.07x, 11 1.0x, 12 0.78-0.87x; float64 5 1.13-1.23x, 6 0.86-0.93x)
+LN_BLOCK_MAX_FEATURES = {16: 20, 8: 13}
 LN_BWD_BLOCK_MAX_FEATURES = {16: 10, 8: 5}
 BLOCK_MAX_CLASSES = {16: 24, 8: 15}  # by lanes (float32, float64): above, the row kernel wins
 _B = _avx512.BLOCK
@@ -513,8 +513,8 @@ def _block_features(d: int, lanes: int) -> np.ndarray:
 
 
 def _block_params(p: np.ndarray, lanes: int) -> np.ndarray:
-    """``p`` (one value per feature) as the block kernels take it: spread over the
-    columns' lanes (``(d, L)``, flattened) where ``spread_columns``, else as is."""
+    """``p`` (one value per feature) as the backward block kernel takes it: spread over
+    the columns' lanes (``(d, L)``, flattened) where ``spread_columns``, else as is."""
     d = p.shape[0]
     return p[_block_features(d, lanes)].reshape(-1) if spread_columns(d, lanes) else p
 
@@ -574,9 +574,9 @@ def layer_norm(
         nblk = _ln_blocks(n, d, x.dtype, LN_BLOCK_MAX_FEATURES)
         if nblk:
             lanes = 64 // x.itemsize
-            _ln_fwd_blocks(x.reshape(-1), _block_params(gamma, lanes),
-                           _block_params(beta, lanes), eps, y.reshape(-1), mean, rstd, nblk,
-                           (0,) * d)
+            # gamma, beta tiled over a block (ln_block writes y in the row layout)
+            _ln_fwd_blocks(x.reshape(-1), np.tile(gamma, lanes), np.tile(beta, lanes), eps,
+                           y.reshape(-1), mean, rstd, nblk, (0,) * d)
         done = nblk * 64 // x.itemsize
         if done < n:
             _ln_fwd_rows(x[done:], gamma, beta, eps, y[done:], mean[done:], rstd[done:])
