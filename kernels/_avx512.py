@@ -1519,8 +1519,10 @@ def _layer_norm_block_intrinsic(backward: bool):
 
     ``ln_bwd_block(dy, x, gamma, dx, mean, rstd, pg, pb, b, d)``: ``dx``, and for each
     column ``j`` the lanes of ``dy * xhat`` and ``dy`` added to ``pg[j*L:(j+1)*L]`` and
-    ``pb[...]`` (float64; the caller sums the lanes). The row sums ``mean(dy * gamma)``
-    and ``mean(dy * gamma * xhat)`` run over the columns in float64.
+    ``pb[...]`` (float64, or the input's dtype: then no widening, and the caller moves
+    them into float64 every few blocks; the caller sums the lanes). The row sums
+    ``mean(dy * gamma)`` and ``mean(dy * gamma * xhat)`` run over the columns in
+    float64.
 
     Where ``spread_columns(d, L)`` the columns come from ``_columns_any``: lane ``r`` of
     column ``j`` holds feature ``row_lane_classes(d, L)[j][r]``, so the backward's
@@ -1539,8 +1541,8 @@ def _layer_norm_block_intrinsic(backward: bool):
         if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
                    and a.dtype == dt for a in args[:6]):
             return None
-        if backward and not all(isinstance(a, types.Array) and a.dtype == types.float64
-                                for a in args[6:8]):
+        if backward and not all(isinstance(a, types.Array) and a.dtype in (types.float64, dt)
+                                and a.dtype == args[6].dtype for a in args[6:8]):
             return None
         f32 = dt == types.float32
 
@@ -1638,10 +1640,13 @@ def _layer_norm_block_intrinsic(backward: bool):
             bb = narrow(builder.fmul(bsum, dinv))
             put(3, [builder.fmul(builder.fsub(builder.fsub(gj, a), builder.fmul(h, bb)), r)
                     for gj, h in zip(g, xh)])
+            same = sig.args[6].dtype == sig.args[0].dtype  # partial sums in the dtype
             for j, (dy, h) in enumerate(zip(dys, xh)):
                 for k, add in ((6, builder.fmul(dy, h)), (7, dy)):
-                    p = ptr(k, ir.Constant(_I64, j * lanes), d64v)
-                    builder.store(builder.fadd(builder.load(p, align=8), wide(add)), p, align=8)
+                    p = ptr(k, ir.Constant(_I64, j * lanes), vty if same else d64v)
+                    al = 4 if same and f32 else 8
+                    builder.store(builder.fadd(builder.load(p, align=al),
+                                               add if same else wide(add)), p, align=al)
             return context.get_dummy_value()
 
         return types.none(*args), codegen

@@ -118,9 +118,10 @@ VEC_BLOCKS = _avx512.AVAILABLE  # blocks of rows of few classes, transposed (_so
 # forward and backward (above, the row kernels were as fast or faster: 2^20 and 2^23
 # elements, forward float32 13-20 features 1.35-1.88x faster in blocks, 24 0.92-1.27x,
 # 28-32 0.76-1.09x; float64 7-13 1.04-1.96x, 14 0.94-1.36x; backward float32 9-10
-# 1.27-2.07x, 11 1.0x, 12 0.78-0.87x; float64 5 1.13-1.23x, 6 0.86-0.93x)
+# 1.27-2.07x, 11 1.0-1.22x, 12 0.77-0.88x; float64 5 1.13-1.26x, 6 1.18x, 7 0.95x)
 LN_BLOCK_MAX_FEATURES = {16: 20, 8: 13}
-LN_BWD_BLOCK_MAX_FEATURES = {16: 10, 8: 5}
+LN_BWD_BLOCK_MAX_FEATURES = {16: 11, 8: 6}
+LN_BWD_BLOCK_PARTIAL = 8  # float32 backward blocks: dgamma/dbeta shares summed per 8 blocks
 BLOCK_MAX_CLASSES = {16: 24, 8: 15}  # by lanes (float32, float64): above, the row kernel wins
 _B = _avx512.BLOCK
 
@@ -778,15 +779,29 @@ def _ln_bwd_short(dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, d, nchunk
 
 
 @jit(parallel=True)
-def _ln_bwd_blocks(dyflat, xflat, gamma, dxflat, mean, rstd, pg, pb, nblocks, nchunks, feats):
+def _ln_bwd_blocks(dyflat, xflat, gamma, dxflat, mean, rstd, pg, pb, qg, qb, every, nblocks,
+                   nchunks, feats):
     """Blocks of ``L`` rows transposed in registers (``kernels._avx512.ln_bwd_block``);
-    ``pg[c]``, ``pb[c]``: chunk ``c``'s float64 sums per feature and lane."""
+    ``pg[c]``, ``pb[c]``: chunk ``c``'s float64 sums per feature and lane, gathered in
+    ``qg[c]``, ``qb[c]`` (the input's dtype) and moved into them every ``every`` blocks:
+    the block kernel then adds its shares without widening them, and loads and stores
+    half the bytes (float32, one core in L2, 2 / 4 / 8 / 10 features: 72 / 162 / 373 /
+    471 -> 58 / 139 / 339 / 425 cycles per block; without any updates 10 features took
+    333). float64 sums stay in ``qg`` until the chunk ends (``every`` = all blocks)."""
     for c in prange(nchunks):
         lo, hi = chunk_bounds(nblocks, nchunks, c)
-        g = pg[c]
-        b = pb[c]
+        g, b, sg, sb = qg[c], qb[c], pg[c], pb[c]
+        left = every
         for blk in range(lo, hi):
             ln_bwd_block(dyflat, xflat, gamma, dxflat, mean, rstd, g, b, blk, feats)
+            left -= 1
+            if left == 0 or blk == hi - 1:
+                left = every
+                for k in range(g.shape[0]):
+                    sg[k] += g[k]
+                    sb[k] += b[k]
+                    g[k] = 0.0
+                    b[k] = 0.0
 
 
 def layer_norm_backward(
@@ -811,10 +826,12 @@ def layer_norm_backward(
         lanes = 64 // x.itemsize
         if nblk:
             nch = n_chunks(nblk, min_rows=8)
-            acc = _checks.empty_aligned((2, nch, d * lanes), np.float64)
-            acc[:] = 0.0
+            acc = np.zeros((2, nch, d * lanes))
+            part = np.zeros((2, nch, d * lanes), x.dtype)
+            every = LN_BWD_BLOCK_PARTIAL if x.dtype == np.float32 else nblk
             _ln_bwd_blocks(dy.reshape(-1), x.reshape(-1), _block_params(gamma, lanes),
-                           dx.reshape(-1), mean, rstd, acc[0], acc[1], nblk, nch, (0,) * d)
+                           dx.reshape(-1), mean, rstd, acc[0], acc[1], part[0], part[1],
+                           every, nblk, nch, (0,) * d)
             sums = acc.reshape(2, nch, d * lanes).sum(axis=1)  # by column and lane
             feat = _block_features(d, lanes).reshape(-1)
             dg += np.bincount(feat, sums[0], d)
