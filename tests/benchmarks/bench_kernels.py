@@ -475,6 +475,12 @@ def environment() -> dict:
             info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in fh if "model name" in ln)
     except (OSError, StopIteration):
         pass
+    # the core generation LLVM compiles for: the VM's model name is only "AMD EPYC", and
+    # hosts differ between sessions (znver4 runs 512-bit FMAs at half znver5's rate, and
+    # the compute-bound rows move with it)
+    import llvmlite.binding as llvm
+
+    info["cpu"] += f" ({llvm.get_host_cpu_name()})"
     try:
         from threadpoolctl import threadpool_info
 
