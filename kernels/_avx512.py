@@ -1190,16 +1190,12 @@ def _gather_lanes(builder, srcs, where):
     return out
 
 
-def _to_columns(builder, src):
-    """``L`` rows of ``c`` elements held as ``c`` vectors (``src``, the rows one after
-    another) -> ``c`` column vectors, lane ``r`` of column ``j`` = element ``j`` of row
-    ``r`` (``_gather_lanes``: about ``c / 2`` permutes per column)."""
-    return _columns_of(builder, [src])[0]
-
-
 def _columns_of(builder, blocks):
-    """``_to_columns`` of each block in ``blocks``, column by column in turn (the
-    blocks' instructions interleaved): one list of columns per block."""
+    """Each block in ``blocks`` (``L`` rows of ``c`` elements held as ``c`` vectors, the
+    rows one after another) -> ``c`` column vectors, lane ``r`` of column ``j`` = element
+    ``j`` of row ``r`` (``_gather_lanes``: about ``c / 2`` permutes per column); column by
+    column in turn, the blocks' instructions interleaved: one list of columns per
+    block."""
     lanes, c = blocks[0][0].type.count, len(blocks[0])
     out = [[] for _ in blocks]
     for j in range(c):
@@ -1209,14 +1205,9 @@ def _columns_of(builder, blocks):
     return out
 
 
-def _to_rows(builder, cols):
-    """The inverse of ``_to_columns``: ``c`` column vectors -> the ``c`` vectors of the
-    ``L`` rows laid out one after another."""
-    return _rows_of(builder, [cols])[0]
-
-
 def _rows_of(builder, blocks):
-    """``_to_rows`` of each block of columns in ``blocks``, interleaved."""
+    """The inverse of ``_columns_of``: each block's ``c`` column vectors -> the ``c``
+    vectors of its ``L`` rows laid out one after another, the blocks interleaved."""
     lanes, c = blocks[0][0].type.count, len(blocks[0])
     out = [[] for _ in blocks]
     for k in range(c):
@@ -1287,6 +1278,31 @@ def spread_columns(c: int, lanes: int) -> bool:
     """Whether blocks of ``c`` classes/features go through ``_columns_any`` (more than
     half a vector per row, not a whole number of vectors)."""
     return lanes // 2 < c and c % lanes != 0
+
+
+def block_order(c: int, lanes: int) -> tuple[tuple[int, ...], ...]:
+    """The element of its row that lane ``r`` of column ``j`` holds in the block kernels,
+    ``[j][r]``: ``row_lane_classes`` where ``spread_columns``, else ``j``."""
+    if spread_columns(c, lanes):
+        return row_lane_classes(c, lanes)
+    return tuple((j,) * lanes for j in range(c))
+
+
+def _block_columns(builder, blocks):
+    """The columns of each block (``_columns_any`` or ``_columns_of``, as
+    ``spread_columns`` says), their lanes in the order ``block_order`` gives."""
+    lanes, c = blocks[0][0].type.count, len(blocks[0])
+    if spread_columns(c, lanes):
+        return _columns_any(builder, blocks, row_lane_classes(c, lanes))
+    return _columns_of(builder, blocks)
+
+
+def _block_rows(builder, blocks):
+    """The inverse of ``_block_columns``."""
+    lanes, c = blocks[0][0].type.count, len(blocks[0])
+    if spread_columns(c, lanes):
+        return _rows_any(builder, blocks, row_lane_classes(c, lanes))
+    return _rows_of(builder, blocks)
 
 
 def _blend_tree(builder, parts):
@@ -1431,9 +1447,8 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
         src = [[_load(builder, ptr(0, at(w, k), vty), None) for k in range(ncls)]
                for w in each]
         # the W blocks' steps interleaved, so their dependency chains overlap
-        spread = spread_columns(ncls, lanes)
-        cls = row_lane_classes(ncls, lanes) if spread else [[j] * lanes for j in range(ncls)]
-        cols = _columns_any(builder, src, cls) if spread else _columns_of(builder, src)
+        cls = block_order(ncls, lanes)
+        cols = _block_columns(builder, src)
         vmax = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{_vec_name(vty)}")
 
@@ -1485,7 +1500,7 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
         want = context.cast(builder, args[7], sig.args[7], types.boolean)
         nt = context.cast(builder, args[8], sig.args[8], types.boolean)
         with builder.if_then(want, likely=True):
-            rows = _rows_any(builder, grads, cls) if spread else _rows_of(builder, grads)
+            rows = _block_rows(builder, grads)
 
             def store_rows(streamed):
                 for k in range(ncls):
@@ -1525,10 +1540,10 @@ def _layer_norm_block_intrinsic(backward: bool):
     float64.
 
     Where ``spread_columns(d, L)`` the columns come from ``_columns_any``: lane ``r`` of
-    column ``j`` holds feature ``row_lane_classes(d, L)[j][r]``, so the backward's
+    column ``j`` holds feature ``block_order(d, L)[j][r]``, so the backward's
     ``gamma`` is then a ``(d, L)`` array spread the same way (one vector load per
     column) and the caller adds lane ``r`` of ``pg[j*L:(j+1)*L]`` to that feature
-    (``kernels.nn._block_params``, ``_block_features``)."""
+    (``block_order``; ``kernels.nn._block_params``)."""
 
     def check(args):
         d = _count(args[-1])
@@ -1559,20 +1574,16 @@ def _layer_norm_block_intrinsic(backward: bool):
                                                  types.int64), ty.as_pointer())
 
             spread = spread_columns(d, lanes)
-            order = row_lane_classes(d, lanes) if spread else None
 
             def load_rows(k):
                 return [_load(builder, ptr(k, builder.add(base, ir.Constant(_I64, q * lanes))),
                               None) for q in range(d)]
 
             def block(k, vecs=None):
-                vecs = load_rows(k) if vecs is None else vecs
-                return (_columns_any(builder, [vecs], order)[0] if spread
-                        else _to_columns(builder, vecs))
+                return _block_columns(builder, [load_rows(k) if vecs is None else vecs])[0]
 
             def put(k, cols):
-                rows = _rows_any(builder, [cols], order)[0] if spread else _to_rows(builder, cols)
-                for q, vec in enumerate(rows):
+                for q, vec in enumerate(_block_rows(builder, [cols])[0]):
                     _store(builder, vec, ptr(k, builder.add(base, ir.Constant(_I64, q * lanes))),
                            None)
 

@@ -34,8 +34,8 @@ from kernels._avx512 import (
     ln_block,
     ln_bwd_block,
     ln_bwd_row,
+    block_order,
     ln_row,
-    row_lane_classes,
     softmax_block,
     softmax_blocks_per_call,
     softmax_exp_f64,
@@ -237,9 +237,9 @@ _SCRATCH_MAX_ROWS = 1 << 21
 
 
 def _row_scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two float64 buffers of ``n`` per-row values (sums, gaps), kept per thread between
-    calls up to ``_SCRATCH_MAX_ROWS`` rows: fresh ones of a few MB page-fault on every
-    call (10 classes x 419430 rows: 2.2 ms on top of a 1.7 ms kernel)."""
+    """Two float64 buffers of ``n`` values (sums, gaps: per row, or per block of rows),
+    kept per thread between calls up to ``_SCRATCH_MAX_ROWS``: fresh ones of a few MB
+    page-fault on every call (10 classes x 419430 rows: 2.2 ms on top of a 1.7 ms kernel)."""
     if n > _SCRATCH_MAX_ROWS:
         return np.empty(n), np.empty(n)
     buf = getattr(_SCRATCH, "buf", None)
@@ -505,19 +505,11 @@ def _ln_blocks(n: int, d: int, dtype: np.dtype, limits: dict[int, int]) -> int:
     return n // lanes if VEC_BLOCKS and d <= limits[lanes] else 0
 
 
-def _block_features(d: int, lanes: int) -> np.ndarray:
-    """``(d, L)`` ints: the feature that lane ``r`` of column ``j`` holds in the block
-    kernels (``row_lane_classes`` where ``spread_columns``, else ``j`` in every lane)."""
-    if spread_columns(d, lanes):
-        return np.array(row_lane_classes(d, lanes))
-    return np.repeat(np.arange(d), lanes).reshape(d, lanes)
-
-
 def _block_params(p: np.ndarray, lanes: int) -> np.ndarray:
     """``p`` (one value per feature) as the backward block kernel takes it: spread over
     the columns' lanes (``(d, L)``, flattened) where ``spread_columns``, else as is."""
     d = p.shape[0]
-    return p[_block_features(d, lanes)].reshape(-1) if spread_columns(d, lanes) else p
+    return p[np.array(block_order(d, lanes))].reshape(-1) if spread_columns(d, lanes) else p
 
 
 @jit(parallel=True)
@@ -575,12 +567,11 @@ def layer_norm(
                                "overlap each other, x or out)")
     if n and d:
         nblk = _ln_blocks(n, d, x.dtype, LN_BLOCK_MAX_FEATURES)
-        if nblk:
-            lanes = 64 // x.itemsize
-            # gamma, beta tiled over a block (ln_block writes y in the row layout)
+        lanes = 64 // x.itemsize
+        if nblk:  # gamma, beta tiled over a block (ln_block writes y in the row layout)
             _ln_fwd_blocks(x.reshape(-1), np.tile(gamma, lanes), np.tile(beta, lanes), eps,
                            y.reshape(-1), mean, rstd, nblk, (0,) * d)
-        done = nblk * 64 // x.itemsize
+        done = nblk * lanes
         if done < n:
             _ln_fwd_rows(x[done:], gamma, beta, eps, y[done:], mean[done:], rstd[done:])
     elif n:
@@ -835,7 +826,7 @@ def layer_norm_backward(
                            dx.reshape(-1), mean, rstd, acc[0], acc[1], part[0], part[1],
                            every, nblk, nch, (0,) * d)
             sums = acc.reshape(2, nch, d * lanes).sum(axis=1)  # by column and lane
-            feat = _block_features(d, lanes).reshape(-1)
+            feat = np.array(block_order(d, lanes)).reshape(-1)  # each lane's feature
             dg += np.bincount(feat, sums[0], d)
             db += np.bincount(feat, sums[1], d)
         done = nblk * lanes
