@@ -59,8 +59,7 @@ class Store:
                                    check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+            self._wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
         except (sqlite3.Error, OSError) as exc:
@@ -68,6 +67,24 @@ class Store:
                              "check the path (store.path / HPCGW_DATA_DIR) and permissions") from exc
         self._migrate(conn)
         return conn
+
+    def _wal(self, conn: sqlite3.Connection) -> None:
+        """Put the store in WAL mode. Switching needs the database to itself, and SQLite
+        answers "database is locked" at once when another process opens a new store at
+        the same moment (its busy timeout does not cover the switch: seen in CI with
+        three processes creating one store), so retry until the busy timeout."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        pause = 0.005
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
