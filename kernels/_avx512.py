@@ -554,6 +554,19 @@ class _Block:
     def load(self, k, base):
         return [_load(self.builder, p, m) for p, m in zip(self.ptrs(k, base), self.masks)]
 
+    def reload(self, k, base, vals):
+        """``vals`` (this block's ``load(k, base)``) read again, by loads that LLVM may not
+        merge with the first, so that it need not keep them in registers or on the stack
+        in between (masked calls keep ``vals``): see ``_gelu_central_intrinsic``."""
+        if self.masks[0] is not None:
+            return vals
+        b = self.builder
+        ptrs = self.ptrs(k, base)
+        # the first pointer through an empty asm: LLVM no longer knows it is the same one
+        p0 = b.asm(ir.FunctionType(ptrs[0].type, [ptrs[0].type]), "", "=r,0", [ptrs[0]],
+                   side_effect=True)
+        return [_load(b, b.gep(p0, [ir.Constant(_I64, q)]), None) for q in range(_UNROLL)]
+
     def store(self, vals, k, base, nt=False):
         for val, p, m in zip(vals, self.ptrs(k, base), self.masks):
             _store(self.builder, val, p, m, nt)
@@ -646,18 +659,26 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
             n64 = context.cast(builder, args[7], nty, types.int64)
             cnt = context.cast(builder, args[12], sig.args[12], types.int64)
             blk = _Block(context, builder, sig, args, n64, masked)
-            z = blk.load(1, i64)
+            xs = blk.load(1, i64)
+            bs = blk.load(2, j64) if bias else None
+            z = v.add(xs, bs) if bias else xs
+            pieces = central_pieces(v, v.fabs(z), GELU_GRAD16 if backward else None)
+            # z again, read from memory after the pieces: kept in registers across them,
+            # LLVM spilled it to the stack there, and where one of those spill slots lay
+            # 4 KiB apart from something the loop reads, the _nt variants ran 3.6x slower
+            # (a 450-byte band of stack positions in every 4 KiB, the slots' pattern; the
+            # stack position depends on the caller, so it came and went by process)
+            z = blk.reload(1, i64, xs)
             if bias:
-                z = v.add(z, blk.load(2, j64))
+                z = v.add(z, blk.reload(2, j64, bs))
             a = v.fabs(z)
             outs = v._map(lambda x: builder.fcmp_unordered(">=", x, v.const(_A_CENTRAL)), a)
             if backward:
-                r = central_pieces(v, a, GELU_GRAD16)
                 dyv = blk.load(0, i64)
-                res = v.mul(dyv, v.select_neg(z, v.neg(r), v.add(v.const(1.0), r)))
+                res = v.mul(dyv, v.select_neg(z, v.neg(pieces), v.add(v.const(1.0), pieces)))
             else:
                 # z Phi(z) = max(z, 0) - a Phi(-a): one multiply-add, no select
-                res = v.fma(v.neg(a), central_pieces(v, a), v.max_x86(v.const(0.0), z))
+                res = v.fma(v.neg(a), pieces, v.max_x86(v.const(0.0), z))
             if not nt:
                 blk.store(res, 3, i64)
             if bias and backward:
