@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 
+import numba
 import numpy as np
 import pytest
 
@@ -804,6 +806,47 @@ def _check_put_aside(x, rng, monkeypatch):
         inplace = dy.copy()
         assert nn.gelu_backward(inplace, x, out=inplace) is inplace
         np.testing.assert_array_equal(inplace, got["grad"])
+
+
+def _loops_with(asm: str, needle: str) -> list[list[str]]:
+    """The innermost loops of ``asm`` (LLVM's AT&T text) that hold ``needle``: the lines
+    from a label to the last jump back to it."""
+    lines = asm.splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines)
+              if (m := re.match(r"\s*(\.LBB\w+):", ln))}
+    loops = []
+    for i, ln in enumerate(lines):
+        if needle not in ln:
+            continue
+        spans = [(labels[m.group(1)], j) for j in range(i, len(lines))
+                 if (m := re.search(r"\bj\w+\s+(\.LBB\w+)", lines[j]))
+                 and labels.get(m.group(1), i + 1) <= i]
+        if spans:
+            lo, hi = min(spans, key=lambda s: s[1] - s[0])
+            loops.append(lines[lo:hi + 1])
+    return loops
+
+
+def test_float64_gelu_streaming_loops_store_nothing_to_the_stack():
+    # a value spilled to the stack inside the non-temporal loop made these kernels 3.6x
+    # slower at 10 of every 128 stack positions (a spill slot 4 KiB apart from an address
+    # the loop reads: docs/kernels.md); z is read again from memory instead. Compiled here
+    # afresh (cached code cannot be inspected), as the kernels compile
+    require_avx512()
+    x = np.linspace(-6, 6, 4096).reshape(16, 256)
+    b = np.linspace(-1, 1, 256)
+    pdb = np.zeros((1, 256 + activations._B))
+    out = np.empty_like(x).reshape(-1)
+    for (bias, backward), kernel in activations._GELU_F64.items():
+        opts = {k: v for k, v in kernel.targetoptions.items() if k != "cache"}
+        fresh = numba.jit(**opts)(kernel.py_func)
+        bt = activations._tiled(b) if bias else x.reshape(-1)
+        fresh(x.reshape(-1), x.reshape(-1), bt, out, pdb, 256 if bias else x.size + 1, 1, True)
+        loops = _loops_with(fresh.inspect_asm(fresh.signatures[0]), "vmovntpd")
+        assert loops, (bias, backward)
+        spills = [ln.strip() for loop in loops for ln in loop
+                  if re.search(r"^\s*v?mov\w*\s+%\w+, -?\w*\(%rsp\)", ln)]
+        assert spills == [], (bias, backward, spills[:5])
 
 
 def test_bias_act_refuses_unknown_activation_and_wrong_bias():
