@@ -109,6 +109,7 @@ LN_FWD_NT_BYTES = 2048  # float32 forward rows of this many bytes or more: strea
 LN_FWD_LEAD_BYTES = 8192  # streamed forward rows prefetch this far ahead (or the next row)
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
 LN_BWD_PARTIAL_ROWS = 32  # its float32 dgamma/dbeta shares: rows summed before float64
+LN_BWD_ROW_PARTIAL = 16  # _ln_bwd, float32: rows of dgamma/dbeta shares before float64
 LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
 VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
 # switch it off to run the portable path too)
@@ -581,18 +582,25 @@ def layer_norm(
 
 
 @jit(parallel=True)
-def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt):
+def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg, qb, every,
+            zero, cast):
     """One chunk of rows per thread. ``work[c]`` holds three scratch rows: copies of the
     x and dy rows, and the dx row when ``nt`` (built there and streamed out as in
-    ``_ln_fwd``).
+    ``_ln_fwd``). The row sums and the dgamma/dbeta shares are in the input's dtype
+    (``zero``, ``cast``): the shares go to ``qg[c]``, ``qb[c]`` and are moved into the
+    float64 ``pg[c]``, ``pb[c]`` every ``every`` rows (float64 passes ``pg``, ``pb``
+    themselves and ``every = n``). In float64 the float32 loops ran at half width with
+    a conversion per value: float32 in cache (2^18 elements, one core) 0.74-0.81 ->
+    0.44-0.54 ns per element at 256-768 features (both cores: 1.34-1.39x at 1024 x 256
+    and x 512); from memory (2^25, A/B by rounds) 256 features 0.96-1.02x, 768
+    1.22-1.23x; every 8 / 16 / 32 rows within noise.
 
     x and dy are read from memory once, in order: the first loop keeps a copy of each
     row in ``work`` and the second loop reads the copy. Re-reading the input rows made
     the hardware prefetcher fall behind (131072 x 256 float32, NumPy's inputs at 16
-    bytes into a cache line, A/B in one round-robin when the triad gave 80 GB/s: 50 ->
-    66 GB/s), for about 12% more work when the data is in cache. Summing dgamma/dbeta
-    in float32 over a few rows before float64, which cuts the work, was slower here
-    (57 GB/s)."""
+    bytes into a cache line, A/B in one round-robin when the triad gave 80 GB/s on the
+    Zen 5 host: 50 -> 66 GB/s); on the Zen 4 host re-reading was within noise (0.98-1.11x
+    from memory)."""
     n, d = x.shape
     xflat = x.reshape(-1)
     dyflat = dy.reshape(-1)
@@ -601,11 +609,18 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt):
         xs = work[c, 0]
         ds = work[c, 1]
         buf = work[c, 2]
+        sg = qg[c]
+        sb = qb[c]
+        held = 0
         for i in range(lo, hi):
+            if held == every:
+                _move_sums(pg[c], pb[c], sg, sb)
+                held = 0
+            held += 1
             mu = mean[i]
             r = rstd[i]
-            a = 0.0
-            b = 0.0
+            a = zero
+            b = zero
             for j in range(d):
                 xv = x[i, j]
                 dv = dy[i, j]
@@ -615,16 +630,18 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt):
                 g = dv * gamma[j]
                 a += g
                 b += g * xh
-                pg[c, j] += dv * xh
-                pb[c, j] += dv
-            a /= d
-            b /= d
+                sg[j] += dv * xh
+                sb[j] += dv
+            a = cast(np.float64(a) / d)
+            b = cast(np.float64(b) / d)
             out = buf if nt else dx[i]
             for j in range(d):
                 xh = (xs[j] - mu) * r
                 out[j] = r * (ds[j] * gamma[j] - a - xh * b)
             if nt:
                 _stream_row(dxflat, i * d, buf, d, (xflat, dyflat), (i + 1) * d)
+        if every < n:
+            _move_sums(pg[c], pb[c], sg, sb)
         if nt:
             sfence()
 
@@ -864,5 +881,11 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
                      x.dtype.type(0), x.dtype.type)
         return pg.sum(axis=0), pb.sum(axis=0)
     work = _checks.empty_aligned((nch, 3, d), x.dtype)
-    _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, nt)
+    if x.dtype == np.float32:  # float32 shares, moved into pg, pb every few rows
+        q = np.zeros((2, nch, d), x.dtype)
+        qg, qb, every = q[0], q[1], LN_BWD_ROW_PARTIAL
+    else:  # float64: the shares go straight into pg, pb
+        qg, qb, every = pg, pb, n
+    _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, nt, qg, qb,
+            every, x.dtype.type(0), x.dtype.type)
     return pg.sum(axis=0), pb.sum(axis=0)

@@ -350,9 +350,12 @@ def test_layer_norm_backward_matches_finite_differences(rng):
         np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-7)
 
 
-def test_layer_norm_backward_float32_agrees_with_float64(rng):
-    x, dy = rng.standard_normal((300, 40)), rng.standard_normal((300, 40))
-    g, b = rng.standard_normal(40), rng.standard_normal(40)
+@pytest.mark.parametrize("d", [40, 300])
+def test_layer_norm_backward_float32_agrees_with_float64(d, rng):
+    # 40 features: rows in registers; 300: the row kernel, whose float32 dgamma/dbeta
+    # shares move into float64 every LN_BWD_ROW_PARTIAL rows (300 rows: chunks of 150)
+    x, dy = rng.standard_normal((300, d)), rng.standard_normal((300, d))
+    g, b = rng.standard_normal(d), rng.standard_normal(d)
     outs = []
     for dt in (np.float32, np.float64):
         args = [a.astype(dt) for a in (x, g, b)]
