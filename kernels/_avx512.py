@@ -664,10 +664,10 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
             z = v.add(xs, bs) if bias else xs
             pieces = central_pieces(v, v.fabs(z), GELU_GRAD16 if backward else None)
             # z again, read from memory after the pieces: kept in registers across them,
-            # LLVM spilled it to the stack there, and where one of those spill slots lay
-            # 4 KiB apart from something the loop reads, the _nt variants ran 3.6x slower
-            # (a 450-byte band of stack positions in every 4 KiB, the slots' pattern; the
-            # stack position depends on the caller, so it came and went by process)
+            # LLVM spilled it to the stack (64-byte slots, 16-byte aligned), and where a
+            # 32-byte half of a slot straddled a 4 KiB page boundary the _nt variants ran
+            # 3.6x slower (10 of 256 stack positions per page; the stack position depends
+            # on the callers, so it came and went by process: docs/kernels.md)
             z = blk.reload(1, i64, xs)
             if bias:
                 z = v.add(z, blk.reload(2, j64, bs))

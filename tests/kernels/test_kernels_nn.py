@@ -832,8 +832,8 @@ def _loops_with(asm: str, needle: str) -> list[list[str]]:
 
 def test_float64_gelu_streaming_loops_store_nothing_to_the_stack():
     # a value spilled to the stack inside the non-temporal loop made these kernels 3.6x
-    # slower at 10 of every 128 stack positions (a spill slot 4 KiB apart from an address
-    # the loop reads: docs/kernels.md); z is read again from memory instead. Compiled here
+    # slower at 10 of every 256 stack positions (where the spill slot straddled a page
+    # boundary: docs/kernels.md); z is read again from memory instead. Compiled here
     # afresh (cached code cannot be inspected), as the kernels compile
     require_avx512()
     x = np.linspace(-6, 6, 4096).reshape(16, 256)
