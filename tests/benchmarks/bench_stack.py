@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Does a kernel's speed depend on where the caller's stack ends? One command:
 
-    python tests/benchmarks/bench_stack.py [--step 32] [--only gelu]
+    python tests/benchmarks/bench_stack.py [--step 16] [--only gelu]
 
 Each kernel that streams its output (non-temporal stores, forced on for these small
 arrays, which stay in the cache) is called from below a C frame of ``n`` bytes
 (``alloca``), for ``n`` = 0, step, ... up to 4 KiB: every stack position within a page,
-on one thread (the calling one). A loop that spills a 512-bit register to the stack
+on one thread (the calling one). The stack pointer moves in 16-byte steps, so the
+default step of 16 visits every position; 32 visits half of them (a 64-byte slot at 16
+mod 32 straddles a page at positions that step never reaches). A loop that spills a 512-bit register to the stack
 may run several times slower at the positions where the spill slot straddles a page
 boundary (docs/kernels.md, "Spill slots across a page boundary"), and a process lands
 at one such position or another depending on its callers. The table gives the best
@@ -101,7 +103,7 @@ def kernels(rng: np.random.Generator) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--step", type=int, default=32, help="bytes between stack positions")
+    ap.add_argument("--step", type=int, default=16, help="bytes between stack positions")
     ap.add_argument("--only", default="", help="run the kernels whose name holds this")
     ap.add_argument("--repeat", type=int, default=5, help="calls per position (best taken)")
     args = ap.parse_args()
