@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from gateway.testing.require import require
-from kernels import _avx512, _simd, activations, nn
-from kernels._checks import empty_aligned as kernels_empty_aligned
+from kernels import _avx512, _simd, activations, empty_aligned, nn
 from kernels.errors import KernelDtypeError, KernelInputError
 
 _erf = np.vectorize(math.erf)
@@ -827,19 +826,25 @@ def _loops_with(asm: str, needle: str) -> list[list[str]]:
             if any(needle in ln for ln in lines[lo:hi + 1])]
 
 
+def _compiled_afresh(kernel):
+    """``kernel`` compiled as the kernels compile, but not through the cache, whose code
+    cannot be inspected."""
+    return numba.jit(**{k: v for k, v in kernel.targetoptions.items() if k != "cache"})(
+        kernel.py_func)
+
+
 def test_float64_gelu_streaming_loops_store_nothing_to_the_stack():
     # a value spilled to the stack inside the non-temporal loop made these kernels 3.6x
     # slower at 10 of every 256 stack positions (where the spill slot straddled a page
     # boundary: docs/kernels.md); z is read again from memory instead. Compiled here
-    # afresh (cached code cannot be inspected), as the kernels compile
+    # afresh
     require_avx512()
     x = np.linspace(-6, 6, 4096).reshape(16, 256)
     b = np.linspace(-1, 1, 256)
     pdb = np.zeros((1, 256 + activations._B))
     out = np.empty_like(x).reshape(-1)
     for (bias, backward), kernel in activations._GELU_F64.items():
-        opts = {k: v for k, v in kernel.targetoptions.items() if k != "cache"}
-        fresh = numba.jit(**opts)(kernel.py_func)
+        fresh = _compiled_afresh(kernel)
         bt = activations._tiled(b) if bias else x.reshape(-1)
         fresh(x.reshape(-1), x.reshape(-1), bt, out, pdb, 256 if bias else x.size + 1, 1, True)
         loops = _loops_with(fresh.inspect_asm(fresh.signatures[0]), "vmovntpd")
@@ -860,11 +865,9 @@ def test_layer_norm_backward_streaming_loop_takes_no_references(monkeypatch):
     _, mu, rstd = nn.layer_norm(x, g, g)
     nch = 1
     pg, pb = np.zeros((nch, 256)), np.zeros((nch, 256))
-    dx = kernels_empty_aligned(x.shape, np.float64)
-    work = kernels_empty_aligned((nch, 3, 256), np.float64)
-    kernel = nn._ln_bwd
-    opts = {k: v for k, v in kernel.targetoptions.items() if k != "cache"}
-    fresh = numba.jit(**opts)(kernel.py_func)
+    dx = empty_aligned(x.shape, np.float64)
+    work = empty_aligned((nch, 3, 256), np.float64)
+    fresh = _compiled_afresh(nn._ln_bwd)
     fresh(x, x, g, mu, rstd, dx, pg, pb, nch, dx.reshape(-1), work, True, pg, pb, 64,
           np.float64(0), np.float64)
     np.testing.assert_allclose(dx, nn.layer_norm_backward(x, x, g, mu, rstd)[0], rtol=1e-12,
