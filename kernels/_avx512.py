@@ -487,6 +487,20 @@ def central_pieces(v: _Vec, a, table=None):
     return v.fma(halves[1], t, halves[0])
 
 
+def _aligned_frame(builder):
+    """Give the function this intrinsic is lowered into (a kernel's parfor body) a 64-byte
+    aligned stack frame, so a 512-bit register it spills lands in a 64-byte aligned slot.
+    Without a realigned frame LLVM gives such slots the ABI's 16-byte alignment, and a slot
+    whose 32-byte half straddles a 4 KiB page boundary made a streaming loop up to 3.6x
+    slower at the stack positions where that happens (docs/kernels.md, "Spill slots
+    across a page boundary"). Costs one ``and`` in the prologue and the frame pointer's
+    register."""
+    attrs = builder.function.attributes
+    attrs.alignstack = 64
+    attrs.add("nounwind")  # numba's code never unwinds; llvmlite prints alignstack only
+    # when the set holds another attribute
+
+
 def _ptr(context, builder, aryty, ary, idx, idxty):
     data = context.make_array(aryty)(context, builder, ary).data
     p = builder.gep(data, [context.cast(builder, idx, idxty, types.intp)])
@@ -597,6 +611,7 @@ def _gelu_wide_intrinsic(backward: bool, masked: bool):
             return None
 
         def codegen(context, builder, sig, args):
+            _aligned_frame(builder)
             v = _Vec(builder, _UNROLL)
             i64 = context.cast(builder, args[3], sig.args[3], types.int64)
             n64 = context.cast(builder, args[4], sig.args[4], types.int64)
@@ -652,6 +667,7 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
             return None
 
         def codegen(context, builder, sig, args):
+            _aligned_frame(builder)
             v = _Vec(builder, _UNROLL)
             ity, jty, nty = sig.args[5:8]
             i64 = context.cast(builder, args[5], ity, types.int64)
@@ -762,6 +778,7 @@ def _softmax_exp_intrinsic(masked: bool):
             return None
 
         def codegen(context, builder, sig, args):
+            _aligned_frame(builder)
             _, _, iv, mxv, nv = args
             v = _Vec(builder, _UNROLL)
             n64 = context.cast(builder, nv, sig.args[4], types.int64)
@@ -937,6 +954,7 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
         ret = types.UniTuple(dt, 2)
 
         def codegen(context, builder, sig, args):
+            _aligned_frame(builder)
             ft = _F32 if f32 else _F64
             vty = _V16 if f32 else _V8
             i64 = context.cast(builder, args[2], sig.args[2], types.int64)
@@ -1072,6 +1090,7 @@ def _layer_norm_rows_intrinsic(backward: bool):
         ret = types.none if backward else types.UniTuple(dt, 2)
 
         def codegen(context, builder, sig, cargs):
+            _aligned_frame(builder)
             lanes = 16 if f32 else 8
             ft = _F32 if f32 else _F64
             vty = _V16 if f32 else _V8
@@ -1447,6 +1466,7 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
         return None
 
     def codegen(context, builder, sig, args):
+        _aligned_frame(builder)
         vty = _V16 if f32 else _V8
         ity = ir.VectorType(_I32 if f32 else _I64, lanes)
         d64 = ir.VectorType(_F64, lanes)
@@ -1583,6 +1603,7 @@ def _layer_norm_block_intrinsic(backward: bool):
         f32 = dt == types.float32
 
         def codegen(context, builder, sig, cargs):
+            _aligned_frame(builder)
             vty = _V16 if f32 else _V8
             d64v = ir.VectorType(_F64, lanes)
             kb = 8 if backward else 6

@@ -854,6 +854,55 @@ def test_float64_gelu_streaming_loops_store_nothing_to_the_stack():
         assert spills == [], (bias, backward, spills[:5])
 
 
+def _zmm_stack_slots(asm: str) -> dict[str, tuple[bool, list[tuple[str, int]]]]:
+    """Per function of ``asm``: whether its prologue aligns the stack pointer to 64 bytes,
+    and the (base register, offset) of each of its 512-bit loads and stores on the stack."""
+    parts = re.split(r"^\s*\.type\s+(\S+),@function", asm, flags=re.M)
+    slots = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        found = re.finditer(r"%zmm\d+, (-?\d*)\(%(r[sb]p)\)|\s(-?\d*)\(%(r[sb]p)\), %zmm", body)
+        slots[name] = ("andq\t$-64, %rsp" in body,
+                       [(m[2] or m[4], int(m[1] or m[3] or 0)) for m in found])
+    return slots
+
+
+@pytest.mark.parametrize("dtype,c", [(np.float32, 10), (np.float64, 10), (np.float64, 4),
+                                     (np.float64, 64)])
+def test_softmax_kernels_spill_only_to_aligned_slots(dtype, c):
+    # a 512-bit register spilled to a 16-byte aligned slot whose half straddled a 4 KiB
+    # page boundary made these kernels up to 2.7x slower at some stack positions (in the
+    # non-temporal loops: docs/kernels.md); the intrinsics now give the parfor body a
+    # 64-byte aligned frame. Compiled here afresh (block kernel; 64 float64 classes: the
+    # 8-vector short rows); its gradient must still be right
+    require_avx512()
+    rng = np.random.default_rng(3)
+    lanes = 64 // np.dtype(dtype).itemsize
+    n = 8 * lanes
+    x = rng.standard_normal((n, c)).astype(dtype)
+    y = rng.integers(0, c, n)
+    g = empty_aligned(x.shape, dtype)
+    sums, gaps = np.zeros(n), np.zeros(n)
+    scale = dtype(1.0 / n)
+    if c <= nn.BLOCK_MAX_CLASSES[lanes]:
+        per = nn.softmax_blocks_per_call(c, lanes)
+        fresh = _compiled_afresh(nn._softmax_xent_blocks)
+        fresh(x.reshape(-1), y, g.reshape(-1), sums, gaps, n // lanes // per, 1, scale, True,
+              True, (0,) * c, per)
+    else:
+        fresh = _compiled_afresh(nn._softmax_xent_short)
+        fresh(x, x.reshape(-1), y, g.reshape(-1), sums, gaps, scale, True, True, 1,
+              nn._short_vectors(c, x.dtype))
+    want = nn.softmax_cross_entropy(x.astype(np.float64), y)[1]
+    np.testing.assert_allclose(g, want, rtol=1e-4 if dtype == np.float32 else 1e-10,
+                               atol=1e-7 if dtype == np.float32 else 1e-14)
+    bodies = {name: v for name, v in _zmm_stack_slots(fresh.inspect_asm(fresh.signatures[0]))
+              .items() if "parfor_gufunc" in name and not name.startswith("__gufunc__")}
+    assert bodies
+    for name, (realigned, slots) in bodies.items():
+        assert realigned, name
+        assert [s for s in slots if s[0] != "rsp" or s[1] % 64] == [], name
+
+
 def test_layer_norm_backward_streaming_loop_takes_no_references(monkeypatch):
     # _stream_row once looped over a tuple of arrays to prefetch them: numba left an NRT
     # incref/decref pair per array in each 64-byte step of the float64 streaming loop
