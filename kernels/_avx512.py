@@ -1493,12 +1493,13 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
         vmax = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vty, [vty, vty]), f"llvm.maxnum.{_vec_name(vty)}")
 
-        def fold(op, vecs):  # each block's vectors folded left to right, blocks in turn
-            acc = [v[0] for v in vecs]
-            for jc in range(1, ncls):
-                for w in each:
-                    acc[w] = op(acc[w], vecs[w][jc])
-            return acc
+        def fold(op, vecs):  # pairwise (float32 in cache 1.0-1.14x), blocks in turn
+            level = [list(v) for v in vecs]
+            while len(level[0]) > 1:
+                pairs = range(0, len(level[0]) - 1, 2)
+                nxt = [[op(level[w][i], level[w][i + 1]) for i in pairs] for w in each]
+                level = [nxt[w] + level[w][len(level[w]) // 2 * 2:] for w in each]
+            return [lv[0] for lv in level]
 
         mx = fold(lambda a, v: builder.call(vmax, [a, v], fastmath=("nnan",)), cols)
         if f32:

@@ -54,7 +54,7 @@ from kernels._chunks import chunk_bounds, n_chunks
 from kernels._fastmath import exp_softmax, row_max, row_max_float
 from kernels._jit import jit, overload, prange, types
 from kernels._prefetch import prefetch, prefetch_ahead
-from kernels._simd import copy64_nt, ln_bwd_out, ln_out, sfence, stream_out
+from kernels._simd import NT_MIN_BYTES, copy64_nt, ln_bwd_out, ln_out, sfence, stream_out
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
 
@@ -123,7 +123,12 @@ VEC_BLOCKS = _avx512.AVAILABLE  # blocks of rows of few classes, transposed (_so
 LN_BLOCK_MAX_FEATURES = {16: 20, 8: 13}
 LN_BWD_BLOCK_MAX_FEATURES = {16: 11, 8: 6}
 LN_BWD_BLOCK_PARTIAL = 8  # float32 backward blocks: dgamma/dbeta shares summed per 8 blocks
-BLOCK_MAX_CLASSES = {16: 24, 8: 15}  # by lanes (float32, float64): above, the row kernel wins
+# classes up to which rows go in blocks (by lanes: float32, float64); above, the row kernel
+# wins in cache (2^19 logits: float32 25-28 classes 1.12-1.31x in blocks, 29 / 31 / 32
+# 1.0x / 0.93x / 0.86x; float64 16 1.0x). From memory the blocks win up to 2 L classes
+# (2^25 logits: float32 25 / 28 / 32 1.46x / 1.27x / 1.22x, float64 16 1.62x), so
+# inputs of NT_MIN_BYTES or more go in blocks up to there
+BLOCK_MAX_CLASSES = {16: 28, 8: 16}
 _B = _avx512.BLOCK
 
 
@@ -186,7 +191,9 @@ def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, grad, n
     of ``_softmax_xent`` run almost entirely in their scalar remainders on such rows (10
     classes: 22 ns per row per core). Row ``i``'s loss is ``log(sums[i]) + gaps[i]``;
     the gradient goes into ``gflat`` only when ``grad``, its whole vectors streamed
-    (non-temporal) when ``nt``."""
+    (non-temporal) when ``nt``. No prefetch: asking for each row 8 KiB ahead made
+    float32 33-100 classes from memory (2^25 logits) 4-27% slower, float64 17-64
+    classes about even."""
     n, c = logits.shape
     for ch in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, ch)
@@ -283,7 +290,8 @@ def softmax_cross_entropy(
     if nvec == 8 and c <= 5 * lanes:  # 3 of 8 vectors idle: long rows win
         nvec = 0
     streamed = grad and stream_out(g) and g.ctypes.data % 64 == 0
-    blocks = VEC_BLOCKS and 2 <= c <= BLOCK_MAX_CLASSES[lanes]
+    large = x.nbytes >= NT_MIN_BYTES
+    blocks = VEC_BLOCKS and 2 <= c <= (2 * lanes if large else BLOCK_MAX_CLASSES[lanes])
     per = softmax_blocks_per_call(c, lanes) if blocks else 1
     nblk = n // lanes // per * per if blocks else 0
     # one sum per block (then per row left over) or per row
