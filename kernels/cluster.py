@@ -4,8 +4,8 @@ Assignment never materialises the n x k distance matrix. For small ``d * k`` eac
 is compared with four centroids at a time (four accumulators, so each load of the point
 feeds four FMAs) using ``|c|^2 - 2 x.c`` and keeps the running minimum. For large
 ``d * k`` (see ``_uses_gemm``) chunks of rows go through BLAS GEMM as in scikit-learn,
-with the argmin done per chunk in cache. A whole Lloyd run (:func:`kmeans`) in that
-regime first makes a tile-major transposed copy of ``x`` (``_TiledLloyd``) and then
+with the argmin done per chunk in cache. A whole Lloyd run (:func:`kmeans`), whatever
+``d`` and ``k``, first makes a tile-major transposed copy of ``x`` (``_TiledLloyd``) and then
 assigns with ``kernels._simd.tile_argmin``: 32 float32 rows (16 float64) against four
 centroids at a time, the dot products and running minima in registers, no horizontal
 sums and no distance block in memory; 3.5 ms per iteration against 4.7-5.1 for the BLAS
@@ -319,20 +319,23 @@ def _transpose_tiles(x, xt, ldx):
     """Tile-major transposed copy: tile ``b`` (rows ``b*T .. b*T+T-1``, T = 128 bytes of
     the dtype) is the contiguous block ``xt[b*d*T : (b+1)*d*T]`` with
     ``xt[b*d*T + t*T + l] = x[b*T + l, t]``; rows past ``n`` are zero. One sequential
-    stream per tile when read back (a plain ``(d, n)`` transpose made 64 streams)."""
+    stream per tile when read back (a plain ``(d, n)`` transpose made 64 streams). Row
+    by row, each row read in order and written down its column of the tile (which stays
+    in L1): 1.6-3.4x faster than column by column (200000 x 16 float32 2.97 -> 0.88 ms,
+    x 100 17.9 -> 8.9)."""
     n, d = x.shape
     tile = 128 // xt.itemsize
     for b in prange(ldx // tile):
         r0 = b * tile
         base = b * d * tile
-        if r0 + tile <= n:
-            for t in range(d):
-                for l in range(tile):
-                    xt[base + t * tile + l] = x[r0 + l, t]
-        else:
-            for t in range(d):
-                for l in range(tile):
-                    xt[base + t * tile + l] = x[r0 + l, t] if r0 + l < n else 0.0
+        for l in range(tile):
+            if r0 + l < n:
+                row = x[r0 + l]
+                for t in range(d):
+                    xt[base + t * tile + l] = row[t]
+            else:
+                for t in range(d):
+                    xt[base + t * tile + l] = 0.0
 
 
 @jit(parallel=True)
@@ -434,7 +437,7 @@ def kmeans(
     max_iter = _checks.positive_int("max_iter", max_iter)
     prev = None
     n_iter = 0
-    tiled = _TiledLloyd(x) if x.shape[0] and x.shape[1] and _uses_gemm(c) else None
+    tiled = _TiledLloyd(x) if x.shape[0] and x.shape[1] else None
     for n_iter in range(1, max_iter + 1):
         labels, sums, counts = tiled.step(c) if tiled else _lloyd_step(x, c)
         new_c = centroids_from_sums(sums, counts, c, x.dtype)
