@@ -3,9 +3,10 @@
     python -m kernels.apps.kmeans --rows 200000 --dim 16 --k 8 --iters 20 --out r.json
     mpirun -n 2 python -m kernels.apps.kmeans ...
 
-Per iteration a rank runs the fused assignment kernel on its rows, sums points and
-counts per cluster (float64), and one Allreduce of ``k*(d+1)`` numbers gives every rank
-the same new centroids. Initial centroids are the first ``k`` global rows (every rank can
+A rank copies its rows once into the tile layout of ``kernels.cluster.KMeansTiles``;
+per iteration it assigns them there (register-tiled, no sums across lanes), sums points
+and counts per cluster (float64) and its inertia in the same pass, and one Allreduce of
+``k*(d+1)+1`` numbers gives every rank the same new centroids. Initial centroids are the first ``k`` global rows (every rank can
 build them), so 1 and N ranks follow the same trajectory.
 """
 
@@ -50,7 +51,7 @@ def blobs(args: argparse.Namespace, lo: int, hi: int) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kernels.cluster import centroids_from_sums, kmeans_assign, kmeans_partial_sums
+    from kernels.cluster import KMeansTiles, centroids_from_sums
 
     args = parse_args(argv)
     comm = get_comm()
@@ -61,11 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     inertia = []
     comm.barrier()
     t0 = time.perf_counter()
+    tiles = KMeansTiles(x)  # the shard copied once into the tile layout, read every step
     for _ in range(args.iters):
-        labels, dist = kmeans_assign(x, c)
-        sums, counts = kmeans_partial_sums(x, labels, args.k)
-        buf = np.concatenate([sums.ravel(), counts.astype(np.float64),
-                              [float(np.nansum(dist, dtype=np.float64))]])
+        _, sums, counts, shard_inertia = tiles.step(c)
+        buf = np.concatenate([sums.ravel(), counts.astype(np.float64), [shard_inertia]])
         comm.allreduce_sum(buf)
         kd = args.k * args.dim
         c = centroids_from_sums(buf[:kd].reshape(args.k, args.dim), buf[kd:kd + args.k],

@@ -50,6 +50,28 @@ def test_train_with_topk_compression_still_learns(tmp_path, run_app):
     assert m["final"]["eval_accuracy"] > 0.4
 
 
+def test_kmeans_app_follows_the_public_steps(tmp_path, run_app):
+    # the app's rank steps on a tile-major copy of its shard (kernels.cluster.KMeansTiles):
+    # the same centroids and inertias as a loop over kmeans_assign / kmeans_partial_sums
+    from kernels import cluster
+    from kernels.apps import kmeans as app
+
+    argv = ["--rows", "3000", "--dim", "5", "--k", "4", "--iters", "6"]
+    run_app("kmeans", *argv, "--out", str(tmp_path / "k.json"))
+    got = json.loads((tmp_path / "k.json").read_text())
+    args = app.parse_args(argv)
+    x, c = app.blobs(args, 0, args.rows), app.blobs(args, 0, args.k)
+    inertias = []
+    for _ in range(args.iters):
+        labels, dist = cluster.kmeans_assign(x, c)
+        sums, counts = cluster.kmeans_partial_sums(x, labels, args.k)
+        inertias.append(float(np.nansum(dist, dtype=np.float64)))
+        c = cluster.centroids_from_sums(sums, counts, c, x.dtype)
+    np.testing.assert_allclose(got["centroids"], c, rtol=1e-10)
+    np.testing.assert_allclose(got["inertia"], inertias, rtol=1e-10)
+    assert inertias[-1] < inertias[0]
+
+
 @pytest.mark.mpi
 def test_two_ranks_agree_with_one(tmp_path, run_app):
     for ranks in (1, 2):

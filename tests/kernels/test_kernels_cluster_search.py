@@ -244,8 +244,8 @@ def test_kmeans_tile_path_matches_the_gemm_path(dtype, rng):
     c = rng.integers(-3, 4, (33, 40)).astype(dtype)
     c[30] = c[2]
     assert cluster._uses_gemm(c)
-    tiled = cluster._TiledLloyd(x)
-    labels, sums, counts = tiled.step(c)
+    tiled = cluster.KMeansTiles(x)
+    labels, sums, counts, inertia = tiled.step(c)
     ref_labels, ref_sums, ref_counts = cluster._lloyd_step(x, c)
     np.testing.assert_array_equal(labels, ref_labels)
     assert labels[17] == -1 and not np.any(labels == 30)
@@ -256,3 +256,24 @@ def test_kmeans_tile_path_matches_the_gemm_path(dtype, rng):
     np.testing.assert_array_equal(lab2, ref_lab2)
     np.testing.assert_allclose(dist, ref_dist, rtol=1e-6, equal_nan=True)
     assert np.isnan(dist[17])
+    # the step's inertia: the labelled rows' squared distances, summed per chunk
+    np.testing.assert_allclose(inertia, np.nansum(ref_dist, dtype=np.float64), rtol=1e-6)
+    assert np.isnan(tiled.step(c, inertia=False)[3])
+
+
+def test_kmeans_tiles_take_an_empty_shard_and_refuse_bad_centroids():
+    # an MPI rank may hold no rows: zero sums and counts, inertia 0
+    tiles = cluster.KMeansTiles(np.zeros((0, 3)))
+    labels, sums, counts, inertia = tiles.step(np.ones((2, 3)))
+    assert labels.shape == (0,) and inertia == 0.0
+    np.testing.assert_array_equal(sums, np.zeros((2, 3)))
+    np.testing.assert_array_equal(counts, [0, 0])
+    with pytest.raises(KernelInputError, match="at least one column"):
+        cluster.KMeansTiles(np.zeros((5, 0)))
+    tiles = cluster.KMeansTiles(np.ones((5, 3)))
+    with pytest.raises(KernelInputError, match=r"centroids must have 3 columns"):
+        tiles.step(np.zeros((2, 4)))
+    with pytest.raises(KernelInputError, match="centroids is empty"):
+        tiles.assign(np.zeros((0, 3)))
+    with pytest.raises(KernelInputError, match=r"init must have 3 columns"):
+        cluster.kmeans(np.ones((5, 3)), np.zeros((2, 4)))
