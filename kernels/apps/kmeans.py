@@ -6,8 +6,9 @@
 A rank copies its rows once into the tile layout of ``kernels.cluster.KMeansTiles``;
 per iteration it assigns them there (register-tiled, no sums across lanes), sums points
 and counts per cluster (float64) and its inertia in the same pass, and one Allreduce of
-``k*(d+1)+1`` numbers gives every rank the same new centroids. Initial centroids are the first ``k`` global rows (every rank can
-build them), so 1 and N ranks follow the same trajectory.
+``k*(d+1)+1`` numbers gives every rank the same new centroids. Initial centroids are
+the first ``k`` global rows (every rank can build them), so 1 and N ranks follow the
+same trajectory.
 """
 
 from __future__ import annotations
