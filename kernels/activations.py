@@ -18,6 +18,19 @@ import numpy as np
 
 from kernels import _avx512, _checks
 from kernels._avx512 import (
+    BLOCK32,
+    gelu_bias_bwd_f32,
+    gelu_bias_bwd_f32_nt,
+    gelu_bias_bwd_f32_tail,
+    gelu_bias_f32,
+    gelu_bias_f32_nt,
+    gelu_bias_f32_tail,
+    gelu_bwd_f32,
+    gelu_bwd_f32_nt,
+    gelu_bwd_f32_tail,
+    gelu_f32,
+    gelu_f32_nt,
+    gelu_f32_tail,
     gelu_bias_bwd_f64,
     gelu_bias_bwd_f64_nt,
     gelu_bias_bwd_f64_tail,
@@ -82,7 +95,15 @@ def _gelu_cdf(z):  # pragma: no cover - replaced by the overload inside jitted c
 @overload(_gelu_cdf, inline="always")
 def _gelu_cdf_overload(z):
     if z == types.float32:
-        return lambda z: _F(0.5) + _F(0.5) * _erf_rational(z * _F(_SQRT1_2))
+        def f32(z):
+            t = z * _F(_SQRT1_2)
+            # below t = -4, where erf is clamped (its float32 value there is not -1: x =
+            # -3e38 gave -9e30), Phi(z) < 8e-9: 0, so -inf gives NaN as on the vector path;
+            # above, rounding took Phi below 0 near -5.4 (GELU +3e-7 instead of -2e-7)
+            if t < _F(-4.0):
+                return _F(0.0)
+            return max(_F(0.5) + _F(0.5) * _erf_rational(t), _F(0.0))
+        return f32
     return lambda z: normal_parts(np.float64(z))[0]
 
 
@@ -187,26 +208,30 @@ def _gelu_bwd_2d(dy, x, out, nchunks):
 
 _ROW = 512  # elements per row of the 2-D view
 
-# -- float64 GELU through kernels._avx512 (AVX-512): 32 elements per call ------------------
+# -- GELU through kernels._avx512 (AVX-512): 32 float64 or 64 float32 elements per call ---
 # fastmath "contract" only: the intrinsics' rounding tricks must not be reassociated.
 # ``nt``: outputs of NT_MIN_BYTES or more are written with non-temporal stores (after a
 # masked head up to the output's next 64-byte boundary; one sfence per chunk). Measured
 # in one round-robin at 2 x 128 Mi elements: GELU 26-28 -> 38 GB/s, bias + GELU 30 -> 37.
 VEC_F64 = _avx512.AVAILABLE  # tests turn it off to run the portable float64 path too
+VEC_F32 = _avx512.AVAILABLE  # and this one the portable float32 path
 _B = _avx512.BLOCK
+_TILE = max(_B, BLOCK32)  # the bias is tiled this far past its end (see _gelu_chunk)
 
 
 @jit(inline=True)
 def _head(out, i, hi, nt):
-    """Where the 32-element blocks of ``[i, hi)`` start: ``i``, or with ``nt`` the first
+    """Where the blocks of ``[i, hi)`` start: ``i``, or with ``nt`` the first
     index whose ``out`` address is 64-byte aligned (a non-temporal store needs it)."""
     if not nt:
         return i
-    return min(hi, i + ((64 - (address(out, i) & 63)) & 63) // 8)
+    return min(hi, i + ((64 - (address(out, i) & 63)) & 63) // out.itemsize)
 
 
-# Both directions: ``|z| < 4.99`` by the central pieces (``_avx512.central_pieces``, no
-# exp); the other lanes are put aside per chunk and finished in batches by ``_finish``.
+# Both directions, float64: ``|z| < 4.99`` by the central pieces (``_avx512.central_pieces``,
+# no exp); the other lanes are put aside per chunk and finished in batches by ``_finish``.
+# float32 needs no lanes put aside: its pieces cover |z| < 5.99, and past that the result
+# is z or 0 (GELU') to float32 accuracy (``_avx512._pieces_f32``).
 _PEND = 96  # put-aside lanes per chunk before a batch is finished (see _finish)
 
 
@@ -254,6 +279,12 @@ _GELU_F64_BLOCKS = {  # (bias, backward): the plain, masked tail and non-tempora
     (True, False): (gelu_bias_f64, gelu_bias_f64_tail, gelu_bias_f64_nt),
     (True, True): (gelu_bias_bwd_f64, gelu_bias_bwd_f64_tail, gelu_bias_bwd_f64_nt),
 }
+_GELU_F32_BLOCKS = {  # the same for float32: nothing is put aside
+    (False, False): (gelu_f32, gelu_f32_tail, gelu_f32_nt),
+    (False, True): (gelu_bwd_f32, gelu_bwd_f32_tail, gelu_bwd_f32_nt),
+    (True, False): (gelu_bias_f32, gelu_bias_f32_tail, gelu_bias_f32_nt),
+    (True, True): (gelu_bias_bwd_f32, gelu_bias_bwd_f32_tail, gelu_bias_bwd_f32_nt),
+}
 
 
 def _gelu_block(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj,
@@ -266,11 +297,20 @@ def _gelu_block_overload(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz,
                          cnt):
     """One call of the ``_avx512`` intrinsic for the constants ``kind`` (0 the plain
     block, 1 the masked ``_tail``, 2 the non-temporal ``_nt``), ``bias`` and
-    ``backward``: chosen while typing, so each call site compiles only its own."""
+    ``backward`` (and ``x``'s dtype): chosen while typing, so each call site compiles
+    only its own."""
     if not all(isinstance(a, (types.BooleanLiteral, types.IntegerLiteral))
                for a in (kind, bias, backward)):
         return None
-    fn = _GELU_F64_BLOCKS[bias.literal_value, backward.literal_value][kind.literal_value]
+    key = bias.literal_value, backward.literal_value
+    if x.dtype == types.float32:
+        fn32 = _GELU_F32_BLOCKS[key][kind.literal_value]
+
+        def impl32(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj, cnt):
+            fn32(dy, x, bt, out, acc, i, j, n)
+            return cnt
+        return impl32
+    fn = _GELU_F64_BLOCKS[key][kind.literal_value]
 
     def impl(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj, cnt):
         return fn(dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj, cnt)
@@ -279,13 +319,14 @@ def _gelu_block_overload(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz,
 
 @jit(inline=True, fastmath={"contract"})
 def _gelu_chunk(c, dy, x, bt, out, pdb, ncols, nchunks, nt, bufs, bias, backward):
-    """Chunk ``c`` of one of the four float64 GELU kernels over flat ``x`` (and ``dy``)
-    into ``out``; ``bias``/``backward`` are constants in each caller below, so only that
-    kernel's intrinsics are compiled (one loop with them as runtime flags compiled all
+    """Chunk ``c`` of one of the four float64 or float32 GELU kernels over flat ``x``
+    (and ``dy``) into ``out``, ``256 // itemsize`` elements per block (4 vectors);
+    ``bias``/``backward`` are constants in each caller below, so only that kernel's
+    intrinsics are compiled (one loop with them as runtime flags compiled all
     twelve and made bias + GELU 0.60 -> 0.76 ns per element in cache).
 
     With a bias, ``x`` and ``out`` are flat ``(rows, ncols)`` arrays and ``bt`` is the
-    bias tiled to ``ncols + BLOCK``, so a block that crosses into the next row still
+    bias tiled to ``ncols + _TILE``, so a block that crosses into the next row still
     reads its bias contiguously (``bt[j:j+32]``, ``j`` the column): no head and tail
     per row (masked stores are slow here, and with non-temporal stores rows that do not
     start on a 64-byte boundary took two each, 21 instead of 38 GB/s); the backward
@@ -307,17 +348,18 @@ def _gelu_chunk(c, dy, x, bt, out, pdb, ncols, nchunks, nt, bufs, bias, backward
         cnt = _gelu_block(1, bias, backward, dy, x, bt, out, acc, lo, lo % ncols, i - lo,
                           pz, pdy, pi, pj, cnt)
     j = i % ncols
-    while i + _B <= hi:
+    blk = 256 // x.itemsize  # _B for float64, BLOCK32 for float32
+    while i + blk <= hi:
         if nt:
-            cnt = _gelu_block(2, bias, backward, dy, x, bt, out, acc, i, j, _B,
+            cnt = _gelu_block(2, bias, backward, dy, x, bt, out, acc, i, j, blk,
                               pz, pdy, pi, pj, cnt)
         else:
-            cnt = _gelu_block(0, bias, backward, dy, x, bt, out, acc, i, j, _B,
+            cnt = _gelu_block(0, bias, backward, dy, x, bt, out, acc, i, j, blk,
                               pz, pdy, pi, pj, cnt)
         if cnt > _PEND:
             cnt = _finish(pz, pdy, pi, pj, cnt, out, acc, grad_b, wide_b)
-        i += _B
-        j += _B
+        i += blk
+        j += blk
         if j >= ncols:
             j %= ncols
     if i < hi:
@@ -329,53 +371,53 @@ def _gelu_chunk(c, dy, x, bt, out, pdb, ncols, nchunks, nt, bufs, bias, backward
 
 
 @jit(parallel=True, fastmath={"contract"})
-def _gelu_f64_vec(dy, x, bt, out, pdb, ncols, nchunks, nt):
+def _gelu_avx(dy, x, bt, out, pdb, ncols, nchunks, nt):
     bufs = _pending(nchunks)
     for c in prange(nchunks):
         _gelu_chunk(c, dy, x, bt, out, pdb, ncols, nchunks, nt, bufs, False, False)
 
 
 @jit(parallel=True, fastmath={"contract"})
-def _gelu_bwd_f64_vec(dy, x, bt, out, pdb, ncols, nchunks, nt):
+def _gelu_bwd_avx(dy, x, bt, out, pdb, ncols, nchunks, nt):
     bufs = _pending(nchunks)
     for c in prange(nchunks):
         _gelu_chunk(c, dy, x, bt, out, pdb, ncols, nchunks, nt, bufs, False, True)
 
 
 @jit(parallel=True, fastmath={"contract"})
-def _bias_gelu_f64_vec(dy, x, bt, out, pdb, ncols, nchunks, nt):
+def _bias_gelu_avx(dy, x, bt, out, pdb, ncols, nchunks, nt):
     bufs = _pending(nchunks)
     for c in prange(nchunks):
         _gelu_chunk(c, dy, x, bt, out, pdb, ncols, nchunks, nt, bufs, True, False)
 
 
 @jit(parallel=True, fastmath={"contract"})
-def _bias_gelu_bwd_f64_vec(dy, x, bt, out, pdb, ncols, nchunks, nt):
+def _bias_gelu_bwd_avx(dy, x, bt, out, pdb, ncols, nchunks, nt):
     bufs = _pending(nchunks)
     for c in prange(nchunks):
         _gelu_chunk(c, dy, x, bt, out, pdb, ncols, nchunks, nt, bufs, True, True)
 
 
-_GELU_F64 = {(False, False): _gelu_f64_vec, (False, True): _gelu_bwd_f64_vec,
-             (True, False): _bias_gelu_f64_vec, (True, True): _bias_gelu_bwd_f64_vec}
+_GELU_VEC = {(False, False): _gelu_avx, (False, True): _gelu_bwd_avx,
+             (True, False): _bias_gelu_avx, (True, True): _bias_gelu_bwd_avx}
 
 
-def _gelu_f64(dy, x, out, *, b=None, pdb=None, backward=False) -> None:
-    """Run the float64 GELU kernel for ``b``/``backward`` on C-contiguous ``x`` (2-D with
+def _gelu_vec(dy, x, out, *, b=None, pdb=None, backward=False) -> None:
+    """Run the float64 or float32 GELU kernel for ``b``/``backward`` on C-contiguous ``x`` (2-D with
     a bias ``b``) into ``out``."""
     nch = _flat_chunks(x.size)
     bias = b is not None
     ncols = b.size if bias else x.size + 1
     bt = _tiled(b) if bias else x.reshape(-1)
     if pdb is None:
-        pdb = np.empty((nch, 1), np.float64)
-    _GELU_F64[bias, backward](dy.reshape(-1), x.reshape(-1), bt, out.reshape(-1), pdb, ncols,
+        pdb = np.empty((nch, 1), x.dtype)
+    _GELU_VEC[bias, backward](dy.reshape(-1), x.reshape(-1), bt, out.reshape(-1), pdb, ncols,
                               nch, stream_out(out))
 
 
 def _tiled(b: np.ndarray) -> np.ndarray:
-    """``b`` repeated to ``b.size + BLOCK`` entries."""
-    return np.resize(b, b.size + _B)
+    """``b`` repeated to ``b.size + _TILE`` entries."""
+    return np.resize(b, b.size + _TILE)
 
 
 def _untile_sum(pdb: np.ndarray, ncols: int) -> np.ndarray:
@@ -386,8 +428,9 @@ def _untile_sum(pdb: np.ndarray, ncols: int) -> np.ndarray:
     return db
 
 
-def _vec_f64(a: np.ndarray) -> bool:
-    return VEC_F64 and a.dtype == np.float64
+def _vec(a: np.ndarray) -> bool:
+    """True where ``a`` goes through ``kernels._avx512``."""
+    return (VEC_F64 and a.dtype == np.float64) or (VEC_F32 and a.dtype == np.float32)
 
 
 def _flat_chunks(n: int) -> int:
@@ -421,8 +464,8 @@ def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         _checks.writable_target("out", out, xc)
         res = out
     flat = res.reshape(-1) if res.flags.c_contiguous else np.empty(xc.size, xc.dtype)
-    if xc.size and _vec_f64(xc):
-        _gelu_f64(xc, xc, flat)
+    if xc.size and _vec(xc):
+        _gelu_vec(xc, xc, flat)
     elif xc.size:
         _elementwise(_gelu_2d, _gelu, xc.reshape(-1), flat)
     if not res.flags.c_contiguous:
@@ -436,8 +479,8 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, *, out: np.ndarray | None = Non
     dyc = _checks.float_array("dy", dy, dtype=xc.dtype)
     _checks.shape_is("dy", dyc, xc.shape)
     res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
-    if xc.size and _vec_f64(xc):
-        _gelu_f64(dyc, xc, res, backward=True)
+    if xc.size and _vec(xc):
+        _gelu_vec(dyc, xc, res, backward=True)
     elif xc.size:
         _elementwise(_gelu_bwd_2d, _gelu_bwd, dyc.reshape(-1), xc.reshape(-1), res.reshape(-1))
     return res
@@ -540,8 +583,8 @@ def bias_act(
     code = _act_code(act)
     xc, bc = _bias_inputs(x, b)
     res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
-    if xc.size and code == 2 and _vec_f64(xc):
-        _gelu_f64(xc, xc, res, b=bc)
+    if xc.size and code == 2 and _vec(xc):
+        _gelu_vec(xc, xc, res, b=bc)
     elif xc.size:
         _bias_act(xc, bc, res, code, n_chunks(xc.shape[0]))
     return res
@@ -560,9 +603,9 @@ def bias_act_backward(
     dyc = _checks.float_array("dy", dy, ndim=2, dtype=xc.dtype)
     _checks.shape_is("dy", dyc, xc.shape)
     dx = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
-    if xc.size and code == 2 and _vec_f64(xc):
-        pdb = np.zeros((_flat_chunks(xc.size), bc.size + _B), xc.dtype)
-        _gelu_f64(dyc, xc, dx, b=bc, pdb=pdb, backward=True)
+    if xc.size and code == 2 and _vec(xc):
+        pdb = np.zeros((_flat_chunks(xc.size), bc.size + _TILE), xc.dtype)
+        _gelu_vec(dyc, xc, dx, b=bc, pdb=pdb, backward=True)
         return dx, _untile_sum(pdb, bc.size)
     nch = n_chunks(xc.shape[0])
     pdb = np.zeros((nch, xc.shape[1]), xc.dtype)

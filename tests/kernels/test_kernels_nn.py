@@ -52,12 +52,13 @@ def require_avx512():
 
 @pytest.fixture(params=["avx512", "avx512-nt", "portable"])
 def f64_path(request, monkeypatch):
-    """Run a float64 test (GELU, softmax) through each float64 implementation: the
-    AVX-512 one ("avx512-nt": with non-temporal stores however small the output) and
-    the portable one."""
+    """Run a test (GELU, softmax) through each implementation: the AVX-512 one
+    ("avx512-nt": with non-temporal stores however small the output) and the portable
+    one (float64; for GELU float32 too)."""
     if request.param != "portable":
         require_avx512()
     monkeypatch.setattr(activations, "VEC_F64", request.param != "portable")
+    monkeypatch.setattr(activations, "VEC_F32", request.param != "portable")
     monkeypatch.setattr(nn, "VEC_F64", request.param != "portable")
     monkeypatch.setattr(nn, "VEC_SHORT", request.param != "portable")
     monkeypatch.setattr(nn, "VEC_BLOCKS", request.param != "portable")
@@ -698,6 +699,72 @@ def test_gelu_backward_float32_mills_ratio_form():
     np.testing.assert_array_equal(db, 2 * dx[0])
 
 
+def test_gelu_float32_is_accurate_in_the_tails_and_at_special_values(f64_path):
+    # float32 on AVX-512: 16 pieces of degree 6 for a = |x| < 5.99, 0 past it; the
+    # portable path: a rational erf (and Mills' ratio for the derivative). Forward:
+    # within 3e-7 relative where x >= 0 and 2e-5 below, plus |x| Phi(-5.99) < 7e-9 for
+    # the cut-off (the portable path: 8e-7 absolute); the derivative within 1.5e-7 (2.5e-7). -3e38 once gave -9e30 (the portable
+    # path's erf is clamped at t = -4, where its float32 value is not -1)
+    x = np.concatenate([np.linspace(-15, 15, 60001), [5.99, -5.99, 6.0, -6.0, 1e-40, -1e-40]])
+    x = x.astype(np.float32).astype(np.float64)
+    cdf = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in x])
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    x32 = x.astype(np.float32)
+    got = nn.gelu(x32).astype(np.float64)
+    ref = x * cdf
+    bound = np.where(x >= 0, 3e-7, 2e-5) * np.abs(ref) + 7e-9
+    if f64_path == "portable":  # 1 + erf cancels below 0: x ulp(1) / 2, up to 6e-7
+        bound = 3e-7 * np.abs(ref) + 8e-7
+    assert (np.abs(got - ref) <= bound).all(), x[np.abs(got - ref) > bound][:5]
+    ref_grad = cdf + x * pdf
+    got_grad = nn.gelu_backward(np.ones_like(x32), x32).astype(np.float64)
+    assert np.abs(got_grad - ref_grad).max() < (2.5e-7 if f64_path == "portable" else 1.5e-7)
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 3e38, -3e38], np.float32)
+    with np.errstate(invalid="ignore"):
+        want = special * np.array([np.nan, 1, 0, 0.5, 0.5, 1, 0], np.float32)
+    got = nn.gelu(special)
+    np.testing.assert_array_equal(got, want)  # -inf * 0: NaN, as torch and float64 give
+    assert np.signbit(got[3]) and not np.signbit(got[4])
+    np.testing.assert_allclose(nn.gelu_backward(np.ones_like(special), special),
+                               [np.nan, 1, 0, 0.5, 0.5, 1, 0], rtol=0, atol=1e-37)
+
+
+@pytest.mark.parametrize("ncols", [1, 7, 16, 45, 64, 100, 130])
+def test_gelu_float32_vector_path_is_the_same_at_every_length_and_position(
+        ncols, rng, monkeypatch):
+    # the float32 AVX-512 path does 64 elements per call and a masked tail, after an
+    # aligned head with non-temporal stores: every length and position gives each value
+    # the same result, with or without them; against float64, to float32 accuracy
+    require_avx512()
+    x = (4 * rng.standard_normal((9, ncols))).astype(np.float32)
+    b = rng.standard_normal(ncols).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    runs = {}
+    for nt in (False, True):
+        monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0 if nt else 1 << 62)
+        dx, db = nn.bias_act_backward(dy, x, b)
+        runs[nt] = {"gelu": nn.gelu(x), "grad": nn.gelu_backward(dy, x),
+                    "bias": nn.bias_act(x, b), "bias_grad": dx, "db": db,
+                    "flat": [nn.gelu(x.ravel()[k:n]) for k in (0, 1, 5)
+                             for n in range(k + 1, min(x.size, k + 140))]}
+    z = x.astype(np.float64) + b
+    wants = {"gelu": ref_gelu(x), "grad": dy * ref_gelu_grad(x), "bias": ref_gelu(z),
+             "bias_grad": dy * ref_gelu_grad(z), "db": (dy * ref_gelu_grad(z)).sum(axis=0)}
+    for key, want in wants.items():
+        np.testing.assert_allclose(runs[False][key], want, rtol=1e-6,
+                                   atol=1e-6 if key == "db" else 2e-7, err_msg=key)
+        if key != "db":  # db: other block boundaries after the aligned head
+            np.testing.assert_array_equal(runs[True][key], runs[False][key], err_msg=key)
+    for got, got_nt in zip(runs[False]["flat"], runs[True]["flat"]):
+        np.testing.assert_array_equal(got_nt, got)
+    k = 0
+    for start in (0, 1, 5):
+        for n in range(start + 1, min(x.size, start + 140)):
+            np.testing.assert_array_equal(runs[False]["flat"][k],
+                                          runs[False]["gelu"].ravel()[start:n])
+            k += 1
+
+
 def test_gelu_in_place_strided_nan_and_empty(rng, f64_path):
     base = rng.standard_normal((5, 8))
     view = base[:, 1::2]
@@ -836,21 +903,23 @@ def _compiled_afresh(kernel):
         kernel.py_func)
 
 
-def test_float64_gelu_streaming_loops_store_nothing_to_the_stack():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gelu_streaming_loops_store_nothing_to_the_stack(dtype):
     # a value spilled to the stack inside the non-temporal loop made these kernels 3.6x
     # slower at 10 of every 256 stack positions (where the spill slot straddled a page
-    # boundary: docs/kernels.md); z is read again from memory instead. Compiled here
-    # afresh
+    # boundary: docs/kernels.md); float64 z is read again from memory instead. Compiled
+    # here afresh
     require_avx512()
-    x = np.linspace(-6, 6, 4096).reshape(16, 256)
-    b = np.linspace(-1, 1, 256)
-    pdb = np.zeros((1, 256 + activations._B))
+    x = np.linspace(-6, 6, 4096).reshape(16, 256).astype(dtype)
+    b = np.linspace(-1, 1, 256).astype(dtype)
+    pdb = np.zeros((1, 256 + activations._TILE), dtype)
     out = np.empty_like(x).reshape(-1)
-    for (bias, backward), kernel in activations._GELU_F64.items():
+    for (bias, backward), kernel in activations._GELU_VEC.items():
         fresh = _compiled_afresh(kernel)
         bt = activations._tiled(b) if bias else x.reshape(-1)
         fresh(x.reshape(-1), x.reshape(-1), bt, out, pdb, 256 if bias else x.size + 1, 1, True)
-        loops = _loops_with(fresh.inspect_asm(fresh.signatures[0]), "vmovntpd")
+        loops = _loops_with(fresh.inspect_asm(fresh.signatures[0]),
+                            "vmovntpd" if dtype == np.float64 else "vmovntps")
         assert loops, (bias, backward)
         spills = [ln.strip() for loop in loops for ln in loop
                   if re.search(r"^\s*v?mov\w*\s+%\w+, -?\w*\(%rsp\)", ln)]
