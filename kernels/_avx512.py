@@ -1,5 +1,6 @@
 """Float64 GELU on explicit 8-lane AVX-512 vectors: forward and backward, with or
-without a bias (the float64 path of ``kernels.activations`` where the CPU has AVX-512F);
+without a bias (the float64 path of ``kernels.activations`` where the CPU has AVX-512F;
+float32 GELU on 16 lanes is a shorter version of its central pieces, ``gelu*_f32``);
 the same table exp also serves float64 softmax (``softmax_exp_f64``, in ``kernels.nn``:
 0.57 -> 0.50 ns per element per core in cache). At the end: softmax + cross-entropy and
 layer norm (forward and backward) of short rows, float32 and float64, each row held in

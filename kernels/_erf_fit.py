@@ -193,3 +193,11 @@ if __name__ == "__main__":
         for row in fit_normal_tail_pieces(grad=grad):
             print("    (" + ", ".join(repr(c) for c in row) + "),")
         print(")")
+    import struct
+
+    for name, grad in (("NORMAL_TAIL16_F32", False), ("GELU_GRAD16_F32", True)):
+        print(name, "= (")  # float32 GELU: width 0.375 (a < 6), degree 6, float32 values
+        for row in fit_normal_tail_pieces(h=0.375, degree=6, grad=grad):
+            print("    (" + ", ".join(repr(struct.unpack("f", struct.pack("f", c))[0])
+                                      for c in row) + "),")
+        print(")")
