@@ -14,6 +14,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say which kernel paths this CPU ran (also under -q): the ``kernels._avx512`` tests
+    skip on a CPU without AVX-512F, in CI too, since no setup step can add it."""
+    if "kernels" not in sys.modules:
+        return
+    from kernels import _avx512
+
+    terminalreporter.write_line(
+        "kernels: AVX-512F " + ("present: vector and portable paths tested"
+                                if _avx512.AVAILABLE else
+                                "absent: portable paths tested, the AVX-512 ones skipped"))
+
+
 @dataclass
 class CLI:
     env: dict[str, str]
