@@ -57,6 +57,29 @@ VECTOR_COMPRESS = llvm.llvm_version_info >= (19,)
 NT_MIN_BYTES = 16 << 20
 
 
+def _host_has_avx512() -> bool:
+    """True when numba compiles for a CPU with AVX-512F (32 vector registers of 64 bytes;
+    without it, AVX2's 16 of 32 bytes hold a quarter as much), as in ``kernels._avx512``."""
+    import numba
+
+    feats = numba.config.CPU_FEATURES
+    if feats:
+        return "+avx512f" in feats.split(",")
+    if numba.config.CPU_NAME not in (None, "", "host"):
+        return False
+    try:
+        return bool(llvm.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # pragma: no cover - a platform llvmlite cannot query
+        return False
+
+
+# tile_argmin's vector width: a call takes 2 vectors of rows against 4 centroids at a
+# time, 8 accumulators. At 512 bits they and the loads fit AVX-512's 32 registers; on an
+# AVX2 CPU each 512-bit vector takes two of its 16 registers, and the accumulators went
+# to the stack on every FMA, so there a call takes 2 vectors of 256 bits (half a tile)
+TILE_BITS = 512 if _host_has_avx512() else 256
+
+
 def stream_out(out) -> bool:
     """Whether a kernel writes ``out`` with non-temporal stores: on x86-64, and when it
     is ``NT_MIN_BYTES`` or more (the one place that decides, for every kernel)."""
@@ -254,8 +277,9 @@ def tile_argmin(typingctx, cf, cn, kp, xt, d, ldx, r0, best, lab):
             and cf.dtype in (types.float32, types.float64) and lab.dtype == types.int64
             and all(isinstance(a, types.Integer) for a in (kp, d, ldx, r0))):
         return None
-    lanes = 512 // cf.dtype.bitwidth
+    lanes = TILE_BITS // cf.dtype.bitwidth
     fname = "f32" if cf.dtype == types.float32 else "f64"
+    group = 4
 
     def codegen(context, builder, sig, args):
         cfa, cna, kpv, xta, dv, ldv, rv, besta, laba = args
@@ -275,11 +299,11 @@ def tile_argmin(typingctx, cf, cn, kp, xt, d, ldx, r0, best, lab):
                  for _ in range(2)]
         labs = [cgutils.alloca_once_value(builder, ir.Constant(vi, [-1] * lanes))
                 for _ in range(2)]
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(8)]
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2 * group)]
         L = ir.Constant(_I64, lanes)
-        ngroups = builder.sdiv(kpv, ir.Constant(_I64, 4))
+        ngroups = builder.sdiv(kpv, ir.Constant(_I64, group))
         with cgutils.for_range(builder, ngroups) as gloop:
-            j = builder.mul(gloop.index, ir.Constant(_I64, 4))
+            j = builder.mul(gloop.index, ir.Constant(_I64, group))
             for acc in accs:
                 builder.store(zero, acc)
             with cgutils.for_range(builder, dv) as loop:
@@ -288,14 +312,14 @@ def tile_argmin(typingctx, cf, cn, kp, xt, d, ldx, r0, best, lab):
                 xv = [builder.load(builder.bitcast(builder.gep(xtd, [builder.add(xb, off)]),
                                                    vf.as_pointer()), align=1)
                       for off in (ir.Constant(_I64, 0), L)]
-                for q in range(4):
+                for q in range(group):
                     ci = builder.add(builder.mul(builder.add(j, ir.Constant(_I64, q)), dv), t)
                     w = _splat(builder, builder.load(builder.gep(cfd, [ci])), vf)
                     for v in range(2):
                         acc = accs[q * 2 + v]
                         builder.store(builder.call(fma, [w, xv[v], builder.load(acc)]), acc)
             minus2 = ir.Constant(vf, [-2.0] * lanes)
-            for q in range(4):
+            for q in range(group):
                 jq = builder.add(j, ir.Constant(_I64, q))
                 cq = _splat(builder, builder.load(builder.gep(cnd, [jq])), vf)
                 jqv = _splat(builder, jq, vi)

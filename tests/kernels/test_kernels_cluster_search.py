@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -232,6 +234,42 @@ def test_kmeans_matches_a_loop_over_the_public_steps(rng, d, k):
     np.testing.assert_array_equal(l1, l2)
     np.testing.assert_allclose(c1, c2, rtol=1e-10)
     np.testing.assert_allclose(i1, ref_sq_dists(x, c2).min(axis=1).sum(), rtol=1e-10)
+
+
+_OTHER_WIDTH = """
+import sys, numpy as np
+import kernels._simd as S
+S.TILE_BITS = int(sys.argv[1])  # before the first compile (the cache is off)
+from kernels import cluster
+cluster._SUB_BYTES = 2 * S.TILE_BITS // 8
+x = np.load(sys.argv[2])
+labels, sums, counts, inertia = cluster.KMeansTiles(x).step(x[:33].copy())
+np.save(sys.argv[3], labels)
+"""
+
+
+def test_kmeans_tile_kernel_gives_the_same_labels_at_both_vector_widths(tmp_path, rng):
+    # tile_argmin takes 2 vectors of 512 bits per call on AVX-512 and of 256 bits (half a
+    # tile per call) on AVX2, chosen when kernels._simd is imported; the other width runs
+    # here in a subprocess that sets it first (LLVM lowers either on any x86-64 CPU).
+    # Each lane's dot product is the same sequence of FMAs, so labels are identical.
+    import subprocess
+    import sys
+
+    from kernels import _simd
+
+    x = rng.standard_normal((1001, 24)).astype(np.float32)
+    x[5] = np.nan
+    labels = cluster.KMeansTiles(x).step(x[:33].copy())[0]
+    np.save(tmp_path / "x.npy", x)
+    other = 768 - _simd.TILE_BITS
+    env = dict(os.environ, NUMBA_DISABLE_CACHE="1")
+    done = subprocess.run([sys.executable, "-c", _OTHER_WIDTH, str(other),
+                           str(tmp_path / "x.npy"), str(tmp_path / "l.npy")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), labels)
+    assert labels[5] == -1 and labels[0] == 0
 
 
 def test_kmeans_tile_path_matches_the_gemm_path(dtype, rng):
