@@ -73,11 +73,13 @@ def _host_has_avx512() -> bool:
         return False
 
 
-# tile_argmin's vector width: a call takes 2 vectors of rows against 4 centroids at a
-# time, 8 accumulators. At 512 bits they and the loads fit AVX-512's 32 registers; on an
-# AVX2 CPU each 512-bit vector takes two of its 16 registers, and the accumulators went
-# to the stack on every FMA, so there a call takes 2 vectors of 256 bits (half a tile)
-TILE_BITS = 512 if _host_has_avx512() else 256
+# The vector width of the register-blocked intrinsics (tile_argmin, scan_scores): each
+# keeps 8-16 accumulators over its loop. At 512 bits they and the loads fit AVX-512's 32
+# registers; on an AVX2 CPU each 512-bit vector takes two of its 16, and the accumulators
+# went to the stack on every FMA, so there they use 256-bit vectors (tile_argmin: half a
+# tile per call; scan_scores: 8 float32 rows per call)
+VEC_BITS = 512 if _host_has_avx512() else 256
+VEC_REGS = 32 if VEC_BITS == 512 else 16
 
 
 def stream_out(out) -> bool:
@@ -277,7 +279,7 @@ def tile_argmin(typingctx, cf, cn, kp, xt, d, ldx, r0, best, lab):
             and cf.dtype in (types.float32, types.float64) and lab.dtype == types.int64
             and all(isinstance(a, types.Integer) for a in (kp, d, ldx, r0))):
         return None
-    lanes = TILE_BITS // cf.dtype.bitwidth
+    lanes = VEC_BITS // cf.dtype.bitwidth
     fname = "f32" if cf.dtype == types.float32 else "f64"
     group = 4
 
@@ -468,7 +470,8 @@ def _reduce_lanes(builder, vecs: list) -> ir.Value:
 
 @intrinsic
 def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
-    """Cosine scores of ``L`` rows (``L`` = 16 float32 / 8 float64, one 512-bit vector)
+    """Cosine scores of ``L`` rows (``L`` = 16 float32 / 8 float64, one 512-bit vector;
+    half that without AVX-512, see ``VEC_BITS``)
     from row ``r0`` of the flat ``(n, d)`` embedding ``emb`` against each of the ``nq``
     flat ``(nq, d)`` queries ``qs``: ``sc[q * L + l] = (qs[q] . e) * (qinv[q] * einv)``,
     ``einv = 1 / |e|`` (0 for a zero row, NaN for a NaN row; 1 when ``normalized``).
@@ -487,7 +490,7 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
             and all(isinstance(a, types.Integer) for a in (r0, d, nq))
             and isinstance(normalized, types.Boolean)):
         return None
-    lanes = 512 // emb.dtype.bitwidth
+    lanes = VEC_BITS // emb.dtype.bitwidth
     fname = "f32" if emb.dtype == types.float32 else "f64"
 
     def codegen(context, builder, sig, args):
@@ -519,8 +522,8 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
             for acc in accs + (naccs if with_norms else []):
                 builder.store(zero, acc)
             half = lanes // 2
-            groups = [range(half), range(half, lanes)] if with_norms and lanes > 8 else [
-                range(lanes)]
+            groups = ([range(half), range(half, lanes)] if with_norms
+                      and 2 * lanes + 2 > VEC_REGS else [range(lanes)])
             for group in groups:
                 with cgutils.for_range(builder, npieces) as loop:
                     off = builder.mul(loop.index, L)

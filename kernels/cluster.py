@@ -28,7 +28,7 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, num_threads, prange
-from kernels._simd import TILE_BITS, tile_argmin
+from kernels._simd import VEC_BITS, tile_argmin
 from kernels.errors import KernelInputError
 
 __all__ = [
@@ -40,7 +40,7 @@ __all__ = [
     "kmeans_update",
 ]
 
-_SUB_BYTES = 2 * TILE_BITS // 8  # one tile_argmin call: 2 vectors of rows (see _tile_pass)
+_SUB_BYTES = 2 * VEC_BITS // 8  # one tile_argmin call: 2 vectors of rows (see _tile_pass)
 
 
 @jit(parallel=True)

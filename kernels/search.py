@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import _checks
+from kernels import _checks, _simd
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
 from kernels._prefetch import prefetch_ahead
@@ -248,7 +248,7 @@ def topk_cosine(
     out_i = np.full((nch, q.shape[0], max(kk, 1)), -1, np.int64)
     if kk == 0 or q.shape[0] == 0:
         return out_s[0, :, :kk], out_i[0, :, :kk]
-    lanes = 64 // q.itemsize
+    lanes = _simd.VEC_BITS // 8 // q.itemsize  # rows per scan_scores call
     if VEC_SCAN and e.shape[1] % lanes == 0 and e.shape[1] and e.flags.c_contiguous:
         sc = np.empty((nch, q.shape[0] * lanes), q.dtype)
         _topk_vec(np.ascontiguousarray(q), qinv, e, out_s, out_i, nch, int(offset),

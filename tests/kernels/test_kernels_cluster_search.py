@@ -239,37 +239,46 @@ def test_kmeans_matches_a_loop_over_the_public_steps(rng, d, k):
 _OTHER_WIDTH = """
 import sys, numpy as np
 import kernels._simd as S
-S.TILE_BITS = int(sys.argv[1])  # before the first compile (the cache is off)
-from kernels import cluster
-cluster._SUB_BYTES = 2 * S.TILE_BITS // 8
+S.VEC_BITS = int(sys.argv[1])  # before the first compile (into an empty cache folder)
+S.VEC_REGS = 32 if S.VEC_BITS == 512 else 16
+from kernels import cluster, search
+cluster._SUB_BYTES = 2 * S.VEC_BITS // 8
 x = np.load(sys.argv[2])
-labels, sums, counts, inertia = cluster.KMeansTiles(x).step(x[:33].copy())
-np.save(sys.argv[3], labels)
+labels = cluster.KMeansTiles(x).step(x[:33].copy())[0]
+scores, rows = search.topk_cosine(x[:3], x, 7)
+np.savez(sys.argv[3], labels=labels, scores=scores, rows=rows)
 """
 
 
-def test_kmeans_tile_kernel_gives_the_same_labels_at_both_vector_widths(tmp_path, rng):
-    # tile_argmin takes 2 vectors of 512 bits per call on AVX-512 and of 256 bits (half a
-    # tile per call) on AVX2, chosen when kernels._simd is imported; the other width runs
-    # here in a subprocess that sets it first (LLVM lowers either on any x86-64 CPU).
-    # Each lane's dot product is the same sequence of FMAs, so labels are identical.
+def test_register_blocked_kernels_agree_at_both_vector_widths(tmp_path, rng):
+    # tile_argmin and scan_scores use 512-bit vectors on AVX-512 and 256-bit ones on AVX2
+    # (kernels._simd.VEC_BITS, fixed when it is imported); the other width runs here in a
+    # subprocess that sets it before compiling into an empty cache folder (LLVM lowers
+    # either width on any x86-64 CPU). Each lane's dot product is the same sequence of
+    # FMAs, so the labels are identical; the scores' lane sums are added in another
+    # order, so they agree to rounding and the rows are the same.
     import subprocess
     import sys
 
     from kernels import _simd
 
-    x = rng.standard_normal((1001, 24)).astype(np.float32)
+    x = rng.standard_normal((1001, 32)).astype(np.float32)
     x[5] = np.nan
     labels = cluster.KMeansTiles(x).step(x[:33].copy())[0]
+    scores, rows = search.topk_cosine(x[:3], x, 7)
     np.save(tmp_path / "x.npy", x)
-    other = 768 - _simd.TILE_BITS
-    env = dict(os.environ, NUMBA_DISABLE_CACHE="1")
+    other = 768 - _simd.VEC_BITS
+    env = dict(os.environ, HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-c", _OTHER_WIDTH, str(other),
-                           str(tmp_path / "x.npy"), str(tmp_path / "l.npy")],
-                          env=env, capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "x.npy"), str(tmp_path / "o.npz")],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), labels)
+    o = np.load(tmp_path / "o.npz")
+    np.testing.assert_array_equal(o["labels"], labels)
     assert labels[5] == -1 and labels[0] == 0
+    np.testing.assert_array_equal(o["rows"], rows)
+    np.testing.assert_allclose(o["scores"], scores, rtol=1e-6)
+    assert rows[0, 0] == 0 and 5 not in rows
 
 
 def test_kmeans_tile_path_matches_the_gemm_path(dtype, rng):
