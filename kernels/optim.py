@@ -7,7 +7,10 @@ PyTorch's decoupled-weight-decay AdamW (``torch.optim.AdamW``): per element
     p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
 
 One fused pass reads p, g, m, v and writes p, m, v (7 streams), the memory-bound
-minimum; an unfused NumPy version makes about a dozen passes.
+minimum; an unfused NumPy version makes about a dozen passes. Large buffers that share
+an offset within a cache line (NumPy allocates at 16 bytes past one) are started on the
+line boundary: the few elements before it on one thread, the rest vectorised from there
+(``_aligned_head``); :class:`AdamW` allocates its moments at the params' offset for that.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels import _checks
+from kernels._checks import empty_aligned
 from kernels._jit import jit, prange
 from kernels.errors import KernelInputError
 
@@ -32,6 +36,36 @@ def _adamw(p, g, m, v, decay, step_size, b1, one_m_b1, b2, one_m_b2, inv_sqrt_bc
         m[i] = mi
         v[i] = vi
         p[i] = p[i] * decay - step_size * mi / (np.sqrt(vi) * inv_sqrt_bc2 + eps)
+
+
+@jit()
+def _adamw_head(p, g, m, v, decay, step_size, b1, one_m_b1, b2, one_m_b2, inv_sqrt_bc2,
+                eps):
+    """``_adamw`` on one thread, for the few elements before the 64-byte boundary."""
+    for i in range(p.size):
+        gi = g[i]
+        mi = b1 * m[i] + one_m_b1 * gi
+        vi = b2 * v[i] + one_m_b2 * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - step_size * mi / (np.sqrt(vi) * inv_sqrt_bc2 + eps)
+
+
+_PEEL_MIN = 1 << 16  # elements: below this one call costs less than two
+
+
+def _aligned_head(arrays: list[np.ndarray]) -> int:
+    """Elements before ``arrays[0]`` reaches a 64-byte boundary when every array is at
+    the same offset within a cache line (NumPy's 16-byte aligned buffers usually are);
+    else 0. The vectorised loop starts where its slices start, so starting all of them
+    on a line boundary keeps its 32-byte loads and stores from straddling two lines
+    (one thread, 16.7M float32 from memory: 19.4 -> 15.7 ms; float64 56 -> 44)."""
+    offs = {a.ctypes.data % 64 for a in arrays}
+    if len(offs) != 1 or arrays[0].size < _PEEL_MIN:
+        return 0
+    off = offs.pop()
+    item = arrays[0].itemsize
+    return 0 if off % item else ((64 - off) % 64) // item
 
 
 def _flat(a: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -78,11 +112,13 @@ def adamw_step(
     bc2 = 1.0 - float(beta2) ** step
     flats = [_flat(a) for a in (params, exp_avg, exp_avg_sq)]
     g = np.ascontiguousarray(grads).reshape(-1)
-    _adamw(
-        flats[0][0], g, flats[1][0], flats[2][0],
-        t(1.0 - lr * weight_decay), t(lr / bc1), t(beta1), t(1.0 - beta1),
-        t(beta2), t(1.0 - beta2), t(1.0 / np.sqrt(bc2)), t(eps),
-    )
+    arrays = [flats[0][0], g, flats[1][0], flats[2][0]]
+    consts = (t(1.0 - lr * weight_decay), t(lr / bc1), t(beta1), t(1.0 - beta1),
+              t(beta2), t(1.0 - beta2), t(1.0 / np.sqrt(bc2)), t(eps))
+    head = _aligned_head(arrays)
+    if head:
+        _adamw_head(*(a[:head] for a in arrays), *consts)
+    _adamw(*(a[head:] for a in arrays), *consts)
     for (flat, copied), target in zip(flats, (params, exp_avg, exp_avg_sq)):
         if copied:
             target[...] = flat.reshape(target.shape)
@@ -103,8 +139,12 @@ class AdamW:
     exp_avg_sq: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.exp_avg = np.zeros_like(self.params)
-        self.exp_avg_sq = np.zeros_like(self.params)
+        # at the params' offset in a cache line, so adamw_step's loop starts every
+        # array on a line boundary (see _aligned_head)
+        self.exp_avg = empty_aligned(self.params.shape, self.params.dtype, like=self.params)
+        self.exp_avg_sq = empty_aligned(self.params.shape, self.params.dtype, like=self.params)
+        self.exp_avg.fill(0)
+        self.exp_avg_sq.fill(0)
 
     def step(self, grads: np.ndarray) -> None:
         """Advance one step with ``grads`` (same shape and dtype as ``params``)."""

@@ -159,7 +159,8 @@ def bench_adamw(tab: Table, tb, n_params: int, dt) -> None:
     """Fused AdamW (in place, so no output buffer) vs NumPy and torch fused/foreach."""
     rng = np.random.default_rng(0)
     p, g = rng.standard_normal(n_params).astype(dt), rng.standard_normal(n_params).astype(dt)
-    m, v = np.zeros_like(p), np.zeros_like(p)
+    state = optim.AdamW(p)  # the moments as the optimizer allocates them (torch's are
+    m, v = state.exp_avg, state.exp_avg_sq  # 64-byte aligned by its allocator)
     torch_step, note = None, ""
     if tb:
         torch, _ = tb

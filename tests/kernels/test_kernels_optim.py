@@ -34,6 +34,45 @@ def test_matches_reference_over_steps(dtype, tol, rng):
     np.testing.assert_allclose(v, rv, **tol)
 
 
+@pytest.mark.parametrize("offset", [16, 8, 0])
+def test_large_arrays_off_a_cache_line_peel_the_head_and_match(dtype, tol, rng, offset):
+    # every array 16 (or 8) bytes past a 64-byte boundary: the first elements go through
+    # the one-thread head loop, the rest through the parallel one from the boundary on;
+    # offsets that differ between the arrays (the last case's grads) skip the peel
+    from kernels import empty_aligned, optim
+
+    n = optim._PEEL_MIN + 1001
+    arrs = []
+    for i in range(4):
+        a = empty_aligned(n + 16, dtype)[offset // dtype.itemsize:][:n]
+        a[:] = np.abs(rng.standard_normal(n)) if i == 3 else rng.standard_normal(n)
+        arrs.append(a)
+    if offset == 0:
+        arrs[1] = np.concatenate([arrs[1][:1], arrs[1]])[1:]  # another offset in its line
+    p, g, m, v = arrs
+    head = optim._aligned_head(arrs)
+    assert head == (0 if offset == 0 else (64 - offset) // dtype.itemsize)
+    rp, rm, rv = ref_adamw(p.astype(np.float64), g.astype(np.float64), m.astype(np.float64),
+                           v.astype(np.float64), 3, **HP)
+    adamw_step(p, g, m, v, step=3, **HP)
+    np.testing.assert_allclose(p, rp, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+    np.testing.assert_allclose(m, rm, **tol)
+    np.testing.assert_allclose(v, rv, **tol)
+
+
+def test_adamw_state_sits_at_the_params_offset(dtype, rng):
+    # the moments are allocated at the params' offset in a cache line, so a step over a
+    # large buffer takes the aligned road (see kernels.optim._aligned_head)
+    from kernels import optim
+
+    p = rng.standard_normal(optim._PEEL_MIN + 3).astype(dtype)
+    opt = AdamW(p)
+    assert opt.exp_avg.ctypes.data % 64 == opt.exp_avg_sq.ctypes.data % 64 == p.ctypes.data % 64
+    assert not opt.exp_avg.any() and not opt.exp_avg_sq.any()
+    assert optim._aligned_head([p, p, opt.exp_avg, opt.exp_avg_sq]) == (
+        (64 - p.ctypes.data % 64) % 64 // p.itemsize)
+
+
 def test_non_contiguous_arrays_are_updated_in_place(rng):
     base = rng.standard_normal((8, 6))
     p = base[:, ::2]  # strided view: the update must land in ``base``
