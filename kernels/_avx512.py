@@ -57,8 +57,8 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from kernels._fastmath import _EXP5_F32, _LOG2E, EXP_MIN_F32, LN2_HI_F32, LN2_LO_F32
-from kernels._jit import intrinsic, numba, types
-from kernels._simd import _compress_to, _elem_ptr, _splat, store_nt
+from kernels._jit import intrinsic, types
+from kernels._simd import _compress_to, _elem_ptr, _host_has_avx512, _splat, store_nt
 
 __all__ = ["AVAILABLE", "BLOCK", "BLOCK32", "gelu_bias_bwd_f32", "gelu_bias_bwd_f32_nt",
            "gelu_bias_bwd_f32_tail", "gelu_bias_f32", "gelu_bias_f32_nt", "gelu_bias_f32_tail",
@@ -291,22 +291,15 @@ _A_CENTRAL = 4.99
 _INV_SQRT_2PI = 0.3989422804014327
 
 
-def _target_has_avx512() -> bool:
-    """True when numba compiles for a CPU with AVX-512F: the host (unless NUMBA_CPU_NAME
-    names another target, as for a portable cache), or explicit NUMBA_CPU_FEATURES."""
-    feats = numba.config.CPU_FEATURES
-    if feats:
-        return "+avx512f" in feats.split(",")
-    if numba.config.CPU_NAME not in (None, "", "host"):
-        return False
-    try:
-        import llvmlite.binding as llvm
-        return bool(llvm.get_host_cpu_features().get("avx512f", False))
-    except Exception:  # pragma: no cover - a platform llvmlite cannot query
-        return False
+def _variant_name(bias: bool, backward: bool, dt: str, masked: bool, nt: bool) -> str:
+    """``gelu[_bias][_bwd]_{dt}[_tail|_nt]``: the name a GELU intrinsic is exported as."""
+    return ("gelu" + ("_bias" if bias else "") + ("_bwd" if backward else "") + "_" + dt
+            + ("_tail" if masked else "") + ("_nt" if nt else ""))
 
 
-AVAILABLE = _target_has_avx512()
+# numba compiles for a CPU with AVX-512F (the host, unless NUMBA_CPU_NAME names another
+# target, as for a portable cache, or NUMBA_CPU_FEATURES lists the features)
+AVAILABLE = _host_has_avx512()
 
 _F64 = ir.DoubleType()
 _I64 = ir.IntType(64)
@@ -746,10 +739,7 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
 
         return types.int64(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt), codegen
 
-    typer.__name__ = typer.__qualname__ = ("gelu" + ("_bias" if bias else "")
-                                           + ("_bwd" if backward else "") + "_f64"
-                                           + ("_tail" if masked else "")
-                                           + ("_nt" if nt else ""))
+    typer.__name__ = typer.__qualname__ = _variant_name(bias, backward, "f64", masked, nt)
     return intrinsic(typer)
 
 
@@ -955,10 +945,7 @@ def _gelu32_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False
 
         return types.void(dy, x, b, out, acc, i, j, n), codegen
 
-    typer.__name__ = typer.__qualname__ = ("gelu" + ("_bias" if bias else "")
-                                           + ("_bwd" if backward else "") + "_f32"
-                                           + ("_tail" if masked else "")
-                                           + ("_nt" if nt else ""))
+    typer.__name__ = typer.__qualname__ = _variant_name(bias, backward, "f32", masked, nt)
     return intrinsic(typer)
 
 

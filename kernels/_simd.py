@@ -59,7 +59,8 @@ NT_MIN_BYTES = 16 << 20
 
 def _host_has_avx512() -> bool:
     """True when numba compiles for a CPU with AVX-512F (32 vector registers of 64 bytes;
-    without it, AVX2's 16 of 32 bytes hold a quarter as much), as in ``kernels._avx512``."""
+    without it, AVX2's 16 of 32 bytes hold a quarter as much): the host, unless
+    NUMBA_CPU_NAME names another target (a portable cache), or NUMBA_CPU_FEATURES."""
     import numba
 
     feats = numba.config.CPU_FEATURES

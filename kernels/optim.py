@@ -27,15 +27,21 @@ from kernels.errors import KernelInputError
 __all__ = ["AdamW", "adamw_step"]
 
 
+@jit(inline=True)
+def _adamw_at(i, p, g, m, v, decay, step_size, b1, one_m_b1, b2, one_m_b2, inv_sqrt_bc2, eps):
+    gi = g[i]
+    mi = b1 * m[i] + one_m_b1 * gi
+    vi = b2 * v[i] + one_m_b2 * (gi * gi)
+    m[i] = mi
+    v[i] = vi
+    p[i] = p[i] * decay - step_size * mi / (np.sqrt(vi) * inv_sqrt_bc2 + eps)
+
+
 @jit(parallel=True)
 def _adamw(p, g, m, v, decay, step_size, b1, one_m_b1, b2, one_m_b2, inv_sqrt_bc2, eps):
     for i in prange(p.size):
-        gi = g[i]
-        mi = b1 * m[i] + one_m_b1 * gi
-        vi = b2 * v[i] + one_m_b2 * (gi * gi)
-        m[i] = mi
-        v[i] = vi
-        p[i] = p[i] * decay - step_size * mi / (np.sqrt(vi) * inv_sqrt_bc2 + eps)
+        _adamw_at(i, p, g, m, v, decay, step_size, b1, one_m_b1, b2, one_m_b2, inv_sqrt_bc2,
+                  eps)
 
 
 @jit()
@@ -43,12 +49,8 @@ def _adamw_head(p, g, m, v, decay, step_size, b1, one_m_b1, b2, one_m_b2, inv_sq
                 eps):
     """``_adamw`` on one thread, for the few elements before the 64-byte boundary."""
     for i in range(p.size):
-        gi = g[i]
-        mi = b1 * m[i] + one_m_b1 * gi
-        vi = b2 * v[i] + one_m_b2 * (gi * gi)
-        m[i] = mi
-        v[i] = vi
-        p[i] = p[i] * decay - step_size * mi / (np.sqrt(vi) * inv_sqrt_bc2 + eps)
+        _adamw_at(i, p, g, m, v, decay, step_size, b1, one_m_b1, b2, one_m_b2, inv_sqrt_bc2,
+                  eps)
 
 
 _PEEL_MIN = 1 << 16  # elements: below this one call costs less than two

@@ -48,7 +48,7 @@ def require_avx512():
     elsewhere, in CI too (a CPU feature is nothing CI can install; the machines it runs on
     have had it and have not: the run's header says which, see ``tests/conftest.py``)."""
     if not _avx512.AVAILABLE:
-        pytest.skip("needs an AVX-512F CPU (this one has none: the portable path is tested)")
+        pytest.skip("no AVX-512F on this CPU: only the portable path runs here")
 
 
 @pytest.fixture(params=["avx512", "avx512-nt", "portable"])
