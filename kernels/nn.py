@@ -105,6 +105,7 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero):
 
 LN_FWD_ONE_PASS = True  # float32 long rows: _ln_fwd_one_pass (tests switch it off)
 STREAM_AHEAD_BYTES = 16384  # streamed rows prefetch later rows' inputs up to this width
+LN_FWD_ROWS4_MAX = 32  # float32 rows of up to this many features: _ln_fwd_rows4
 LN_FWD_NT_BYTES = 2048  # float32 forward rows of this many bytes or more: streamed out
 LN_FWD_LEAD_BYTES = 8192  # streamed forward rows prefetch this far ahead (or the next row)
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
@@ -449,15 +450,70 @@ def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
                 t = np.float64(row[j]) - x0
                 s1 += t
                 s2 += t * t
-            m1 = s1 / d
-            var = s2 / d - m1 * m1
-            if var < 0.0:  # rounding; a NaN stays
-                var = 0.0
-            mean[i] = x0 + m1
-            rstd[i] = 1.0 / np.sqrt(var + eps)
+            _ln_stats_set(mean, rstd, i, x0, s1, s2, d, eps)
             _ln_out_row(row, gamma, beta, y[i], mean[i], rstd[i], nt, flat, i * d + lead)
         if nt:
             sfence()
+
+
+@jit(inline=True)
+def _ln_stats_set(mean, rstd, i, x0, s1, s2, d, eps):
+    """Row ``i``'s mean and rstd from ``_ln_fwd_one_pass``'s shifted float64 sums."""
+    m1 = s1 / d
+    var = s2 / d - m1 * m1
+    if var < 0.0:  # rounding; a NaN stays
+        var = 0.0
+    mean[i] = x0 + m1
+    rstd[i] = 1.0 / np.sqrt(var + eps)
+
+
+@jit(parallel=True)
+def _ln_fwd_rows4(x, gamma, beta, eps, y, mean, rstd, nchunks):
+    """``_ln_fwd_one_pass`` (no streaming) for short float32 rows, four rows at a time:
+    a row of a few features is too short for its float64 sums to vectorise, so each
+    was a chain of dependent adds; four rows' chains in one loop overlap. The same
+    operations per row, so the same results bit for bit. 3.36M rows of 10 features
+    33.5 -> 27.1 ms, 1M of 32 12.9 -> 9.3 ms; 64 features the same, 256 slower (0.61x):
+    rows up to ``LN_FWD_ROWS4_MAX`` features only."""
+    n, d = x.shape
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(n, nchunks, c)
+        i = lo
+        while i + 4 <= hi:
+            r0, r1, r2, r3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+            a0, a1 = np.float64(r0[0]), np.float64(r1[0])
+            a2, a3 = np.float64(r2[0]), np.float64(r3[0])
+            s0 = s1 = s2 = s3 = q0 = q1 = q2 = q3 = 0.0
+            for j in range(d):
+                t0 = np.float64(r0[j]) - a0
+                t1 = np.float64(r1[j]) - a1
+                t2 = np.float64(r2[j]) - a2
+                t3 = np.float64(r3[j]) - a3
+                s0 += t0
+                s1 += t1
+                s2 += t2
+                s3 += t3
+                q0 += t0 * t0
+                q1 += t1 * t1
+                q2 += t2 * t2
+                q3 += t3 * t3
+            _ln_stats_set(mean, rstd, i, a0, s0, q0, d, eps)
+            _ln_stats_set(mean, rstd, i + 1, a1, s1, q1, d, eps)
+            _ln_stats_set(mean, rstd, i + 2, a2, s2, q2, d, eps)
+            _ln_stats_set(mean, rstd, i + 3, a3, s3, q3, d, eps)
+            for k in range(i, i + 4):
+                _ln_out_row(x[k], gamma, beta, y[k], mean[k], rstd[k], False, x[k], 0)
+            i += 4
+        for k in range(i, hi):
+            row = x[k]
+            a0 = np.float64(row[0])
+            s0 = q0 = 0.0
+            for j in range(d):
+                t0 = np.float64(row[j]) - a0
+                s0 += t0
+                q0 += t0 * t0
+            _ln_stats_set(mean, rstd, k, a0, s0, q0, d, eps)
+            _ln_out_row(row, gamma, beta, y[k], mean[k], rstd[k], False, row, 0)
 
 
 @jit(parallel=True)
@@ -541,6 +597,8 @@ def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
         _ln_fwd_short(x.reshape(-1), _padded(gamma, nvec), _padded(beta, nvec), eps,
                       y.reshape(-1), mean, rstd, n, d, nch, nt, not np.may_share_memory(x, y),
                       nvec)
+    elif x.dtype == np.float32 and LN_FWD_ONE_PASS and d <= LN_FWD_ROWS4_MAX and not nt:
+        _ln_fwd_rows4(x, gamma, beta, eps, y, mean, rstd, nch)
     elif x.dtype == np.float32 and LN_FWD_ONE_PASS:
         _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nch, nt)
     else:

@@ -445,6 +445,38 @@ def test_layer_norm_short_rows_match_the_long_row_kernel(dt, widths, rtol, rng, 
                                    rtol=100 * rtol, atol=100 * rtol)
 
 
+def test_layer_norm_float32_short_rows_four_at_a_time_match_one_at_a_time(rng, monkeypatch):
+    # rows of up to LN_FWD_ROWS4_MAX float32 features without the AVX-512 short-row
+    # kernels: four rows per loop (_ln_fwd_rows4), the same operations as the one-pass
+    # row kernel, so the same bits; row counts leave 1-3 rows over in every chunk, and
+    # NaN / inf / constant rows sit at each position of a group of four
+    monkeypatch.setattr(nn, "VEC_SHORT", False)
+    four = nn.LN_FWD_ROWS4_MAX
+    assert four >= 32
+    for d in (1, 3, 10, 32):
+        for n in (1, 7, 1003):
+            x = (2 + 3 * rng.standard_normal((n, d))).astype(np.float32)
+            if n > 8:
+                x[4, 0] = np.nan
+                x[5, -1] = np.inf
+                x[6] = 5.0
+                x[7, 0] = -np.inf
+            g, b = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(
+                np.float32)
+            res = {}
+            for limit in (four, 0):
+                monkeypatch.setattr(nn, "LN_FWD_ROWS4_MAX", limit)
+                res[limit] = [a.copy() for a in nn.layer_norm(x, g, b)]
+            for got, want in zip(res[four], res[0]):
+                np.testing.assert_array_equal(got, want)
+            keep = [i for i in range(n) if np.isfinite(x[i]).all()]
+            np.testing.assert_allclose(res[four][0][keep], ref_layer_norm(x[keep], g, b),
+                                       rtol=1e-4, atol=1e-4)
+            if n > 8 and d > 1:
+                y = res[four][0]
+                assert np.isnan(y[[4, 5, 7]]).all() and (y[6] == b).all()
+
+
 def test_layer_norm_float32_one_pass_statistics_match_two_passes(rng, monkeypatch):
     # float32 rows past the short-row kernels take their mean and variance from one pass
     # (float64 sums shifted by the row's first element): the same outputs as two passes
