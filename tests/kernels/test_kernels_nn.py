@@ -48,7 +48,8 @@ def require_avx512():
     elsewhere, in CI too (a CPU feature is nothing CI can install; the machines it runs on
     have had it and have not: the run's header says which, see ``tests/conftest.py``)."""
     if not _avx512.AVAILABLE:
-        pytest.skip("no AVX-512F on this CPU: only the portable path runs here")
+        pytest.skip("no AVX-512F on this CPU: only the portable path runs here (the AVX-512 "
+                    "kernels are still compiled, test_avx512_kernels_compile_to_512_bit_code)")
 
 
 @pytest.fixture(params=["avx512", "avx512-nt", "portable"])
@@ -1074,3 +1075,82 @@ def test_float64_gelu_for_a_generic_cpu_target_takes_the_portable_path(run_pytho
         "print(_avx512.AVAILABLE)\n",
         NUMBA_CPU_NAME="generic", HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     assert out.strip() == "False"
+
+
+_COMPILE_ONLY = """
+import json, re, sys
+import numba, numpy as np
+from numba.core.registry import CPUDispatcher
+from kernels import _avx512, activations, nn
+assert _avx512.AVAILABLE
+wrapped, compiled = {}, {}
+
+class CompileOnly:  # compiles a parallel kernel for its arguments, never runs it
+    def __init__(self, name, disp):
+        self.name = name
+        wrapped[name] = disp
+    def __call__(self, *args):
+        sig = tuple(numba.typeof(a) for a in args)
+        wrapped[self.name].compile(sig)
+        compiled.setdefault(self.name, []).append(sig)
+
+def top(v):
+    return isinstance(v, CPUDispatcher) and v.targetoptions.get("parallel")
+
+for mod in (activations, nn):
+    for k, v in list(vars(mod).items()):
+        if top(v):
+            setattr(mod, k, CompileOnly(k, v))
+        elif isinstance(v, dict):  # the GELU kernels by (bias, backward)
+            for kk, vv in list(v.items()):
+                if top(vv):
+                    v[kk] = CompileOnly(f"{k}{list(kk)}", vv)
+rng = np.random.default_rng(0)
+for dt in (np.float32, np.float64):
+    x = rng.standard_normal((64, 256)).astype(dt)
+    b = rng.standard_normal(256).astype(dt)
+    activations.gelu(x)
+    activations.gelu_backward(x, x)
+    activations.bias_act(x, b, "gelu")
+    activations.bias_act_backward(x, x, b, "gelu")
+    for c in (10, 64, 256):
+        xc = rng.standard_normal((64, c)).astype(dt)
+        g = np.ones(c, dt)
+        nn.softmax_cross_entropy(xc, rng.integers(0, c, 64))
+        nn.layer_norm(xc, g, g)
+        nn.layer_norm_backward(xc, xc, g, np.zeros(64, dt), np.ones(64, dt))
+json.dump({k: sum(len(re.findall("%zmm", wrapped[k].inspect_asm(s))) for s in sigs)
+           for k, sigs in compiled.items()}, open(sys.argv[1], "w"))
+"""
+
+
+def test_avx512_kernels_compile_to_512_bit_code(tmp_path):
+    # On a CPU without AVX-512 the vector paths cannot run, but they can be built: a
+    # subprocess targets an AVX-512 CPU (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, an empty
+    # cache folder), replaces every parallel kernel of kernels.activations and
+    # kernels.nn by a stand-in that compiles it for its arguments without running it,
+    # and drives the public calls through each AVX-512 path. Every one must compile
+    # (intrinsics typed, LLVM lowered) into code that uses 512-bit registers.
+    import json
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("AVX-512 is an x86-64 instruction set")
+    feats = ("+avx512f,+avx512dq,+avx512bw,+avx512vl,+avx512cd,+avx2,+avx,+fma,+f16c,+bmi,"
+             "+bmi2,+lzcnt,+popcnt,+sse4.2,+sse4.1,+ssse3,+sse3,+cx16,+movbe")
+    env = dict(os.environ, HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               NUMBA_CPU_NAME="skylake-avx512", NUMBA_CPU_FEATURES=feats)
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _COMPILE_ONLY,
+                           str(tmp_path / "zmm.json")], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    zmm = json.loads((tmp_path / "zmm.json").read_text())
+    vector_paths = ["_GELU_VEC[False, False]", "_GELU_VEC[False, True]",
+                    "_GELU_VEC[True, False]", "_GELU_VEC[True, True]",
+                    "_softmax_xent_blocks", "_softmax_xent_short", "_softmax_xent_f64_vec",
+                    "_ln_fwd_blocks", "_ln_fwd_short", "_ln_bwd_blocks", "_ln_bwd_short"]
+    for name in vector_paths:
+        assert zmm.get(name, 0) > 100, (name, zmm)
