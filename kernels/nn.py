@@ -443,17 +443,24 @@ def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
         lo, hi = chunk_bounds(n, nchunks, c)
         for i in range(lo, hi):
             row = x[i]
-            x0 = np.float64(row[0])
-            s1 = 0.0
-            s2 = 0.0
-            for j in range(d):
-                t = np.float64(row[j]) - x0
-                s1 += t
-                s2 += t * t
+            x0, s1, s2 = _ln_row_sums(row)
             _ln_stats_set(mean, rstd, i, x0, s1, s2, d, eps)
             _ln_out_row(row, gamma, beta, y[i], mean[i], rstd[i], nt, flat, i * d + lead)
         if nt:
             sfence()
+
+
+@jit(inline=True)
+def _ln_row_sums(row):
+    """``(x0, sum t, sum t^2)`` in float64 for ``t = row - x0``, ``x0 = row[0]``."""
+    x0 = np.float64(row[0])
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(row.size):
+        t = np.float64(row[j]) - x0
+        s1 += t
+        s2 += t * t
+    return x0, s1, s2
 
 
 @jit(inline=True)
@@ -506,12 +513,7 @@ def _ln_fwd_rows4(x, gamma, beta, eps, y, mean, rstd, nchunks):
             i += 4
         for k in range(i, hi):
             row = x[k]
-            a0 = np.float64(row[0])
-            s0 = q0 = 0.0
-            for j in range(d):
-                t0 = np.float64(row[j]) - a0
-                s0 += t0
-                q0 += t0 * t0
+            a0, s0, q0 = _ln_row_sums(row)
             _ln_stats_set(mean, rstd, k, a0, s0, q0, d, eps)
             _ln_out_row(row, gamma, beta, y[k], mean[k], rstd[k], False, row, 0)
 
