@@ -45,6 +45,12 @@ core, in cache, ns per element for ``N(0, 1)`` inputs: GELU 0.81 -> 0.55, backwa
 0.85 -> 0.59; for ``N(0, 3^2)`` (9.5% of lanes put aside) 0.80 -> 0.75 and 0.81 ->
 0.86. The 13 ``vpermt2pd`` lookups per vector are the bottleneck now (with constants
 in their place: 0.34).
+
+The row and block kernels of softmax and layer norm (the second half) are written for
+any vector width and take the CPU's (``row_lanes``): without AVX-512 they run on AVX2's
+256-bit vectors, their permutes left to LLVM (``shufflevector``: ``vpermps``,
+``vpermpd``, blends) and their exps from bits (``_exp_bits``) instead of ``vscalef`` and
+``vpermi2pd``. The GELU kernels and ``softmax_exp_f64`` stay AVX-512 only.
 """
 
 from __future__ import annotations
@@ -56,9 +62,10 @@ import struct
 from llvmlite import ir
 from numba.core import cgutils
 
-from kernels._fastmath import _EXP5_F32, _LOG2E, EXP_MIN_F32, LN2_HI_F32, LN2_LO_F32
+from kernels._fastmath import (_EXP, _EXP5_F32, _LN2_HI, _LN2_LO, _LOG2E, EXP_MIN_F32,
+                               LN2_HI_F32, LN2_LO_F32)
 from kernels._jit import intrinsic, types
-from kernels._simd import _compress_to, _elem_ptr, _host_has_avx512, _splat, store_nt
+from kernels._simd import VEC_BITS, _compress_to, _elem_ptr, _host_has_avx512, _splat, store_nt
 
 __all__ = ["AVAILABLE", "BLOCK", "BLOCK32", "gelu_bias_bwd_f32", "gelu_bias_bwd_f32_nt",
            "gelu_bias_bwd_f32_tail", "gelu_bias_f32", "gelu_bias_f32_nt", "gelu_bias_f32_tail",
@@ -308,6 +315,19 @@ _V8 = ir.VectorType(_F64, 8)
 _I8V = ir.VectorType(_I64, 8)
 _F32 = ir.FloatType()
 _V16 = ir.VectorType(_F32, 16)
+
+
+def row_lanes(f32: bool) -> int:
+    """Lanes per vector of the row and block kernels (softmax, layer norm: the second half
+    of this module), which are written for any width and take the host's
+    (``kernels._simd.VEC_BITS``): 16 float32 / 8 float64 with AVX-512, 8 / 4 with AVX2.
+    Only their permutes and exps pick instructions by width (``_permute1``,
+    ``_permute2``, ``_exp_softmax_f32``, ``_exp_nonpos_f64``)."""
+    return VEC_BITS // (32 if f32 else 64)
+
+
+def _row_vty(f32: bool) -> ir.VectorType:
+    return ir.VectorType(_F32 if f32 else _F64, row_lanes(f32))
 
 
 class _Vec:
@@ -1006,10 +1026,72 @@ softmax_exp_f64_tail = _softmax_exp_intrinsic(True)
 
 
 
+def _exp_bits(builder, w, f32: bool):
+    """``kernels._fastmath.exp_softmax_f32`` (``f32``) or ``exp_nonpos_f64`` on a vector
+    of any width: the same operations in the same order (their FMAs where ``contract``
+    fuses), ``2^n`` from bits: ``n + (2^m + bias)`` puts ``n + bias`` in the low
+    mantissa bits, shifted into the exponent field (no float-to-int conversion, which
+    AVX2 lacks for 64-bit integers). A NaN ``w`` stays NaN."""
+    vty = w.type
+    lanes = vty.count
+    ity = ir.VectorType(ir.IntType(32 if f32 else 64), lanes)
+
+    def c(v):
+        return ir.Constant(vty, [_to_f32(v) if f32 else float(v)] * lanes)
+
+    def fn(name, nargs):
+        return cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty] * nargs), f"{name}.{_vec_name(vty)}")
+
+    fma = fn("llvm.fma", 3)
+    lo = c(EXP_MIN_F32 if f32 else -708.3965)
+    xc = builder.select(builder.fcmp_ordered("<", w, lo), lo, w)  # NaN stays
+    n = builder.call(fn("llvm.floor", 1), [builder.call(fma, [xc, c(_LOG2E), c(0.5)])])
+    nn = builder.fneg(n)
+    r = builder.call(fma, [nn, c(LN2_HI_F32 if f32 else _LN2_HI), xc])
+    r = builder.call(fma, [nn, c(LN2_LO_F32 if f32 else _LN2_LO), r])
+    if f32:
+        p = c(_EXP5_F32[5])
+        for g in _EXP5_F32[4::-1]:
+            p = builder.call(fma, [p, r, c(g)])
+    else:  # kernels._fastmath._exp_poly_f64 (Estrin)
+        x_ = _EXP
+        r2 = builder.fmul(r, r)
+        r4 = builder.fmul(r2, r2)
+
+        def lin(k):
+            return builder.call(fma, [c(x_[k + 1]), r, c(x_[k])])
+
+        a = builder.call(fma, [lin(2), r2, lin(0)])
+        b = builder.call(fma, [lin(6), r2, lin(4)])
+        cc = builder.call(fma, [lin(10), r2, lin(8)])
+        p = builder.call(fma, [builder.call(fma, [cc, r4, b]), r4, a])
+    mbits, bias = (23, 127) if f32 else (52, 1023)
+    biased = builder.bitcast(builder.fadd(n, c(2.0 ** mbits + bias)), ity)
+    pow2 = builder.bitcast(builder.shl(biased, ir.Constant(ity, [mbits] * lanes)), vty)
+    res = builder.fmul(p, pow2)
+    if f32:
+        return res
+    return builder.select(builder.fcmp_ordered("<", w, lo), c(0.0), res)
+
+
+def _exp_nonpos_f64(builder, ws):
+    """``e^w`` for each float64 vector of the list ``ws`` (``w <= 0``): on 8 lanes the
+    table exp (``exp_nonpos``, ``vpermi2pd`` and ``vscalefpd``, the vectors in
+    lockstep), on other widths ``_exp_bits``."""
+    if ws[0].type.count != 8:
+        return [_exp_bits(builder, w, False) for w in ws]
+    es = exp_nonpos(_Vec(builder, len(ws)), ws)
+    return es if isinstance(es, list) else [es]
+
+
 def _exp_softmax_f32(builder, w):
-    """``kernels._fastmath.exp_softmax_f32`` on 16 float32 lanes: the same operations in
-    the same order, so the same results, but ``2^n`` by ``vscalefps`` instead of bit
-    tricks and a multiply."""
+    """``kernels._fastmath.exp_softmax_f32`` on float32 lanes; on 16 lanes the same
+    operations in the same order, so the same results, but ``2^n`` by ``vscalefps``
+    instead of bit tricks and a multiply; on other widths ``_exp_bits``."""
+    if w.type.count != 16:
+        return _exp_bits(builder, w, True)
+
     def fn(name, nargs):
         return cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_V16, [_V16] * nargs), name)
@@ -1123,19 +1205,20 @@ def _row_store(builder, val, ptr, n, room, q, lanes, nt=None):
 
 def _softmax_rows_intrinsic(f32: bool, nvec: int):
     """Build ``softmax_row{nvec}_f32|f64(x, g, i, c, label, scale, grad, nt) -> (s, mx)``
-    for a row of ``c <= nvec * L`` classes (``L`` = 16 float32 / 8 float64 lanes) at
-    ``x[i:i+c]``: ``mx`` its max, ``s`` the sum of ``e = exp(x - mx)``, and, when
-    ``grad``, ``g[i:i+c] = e * (scale / s)``, minus ``scale`` at ``g[i + label]`` (here
-    rather than by the caller: a load from a masked store that has not reached the cache
-    yet waits for it). Without ``grad`` nothing is stored (``g`` may be ``x``). With
-    ``nt`` whole vectors are stored non-temporally (``&g[i]`` then 64-byte aligned).
+    for a row of ``c <= nvec * L`` classes (``L`` = ``row_lanes``: 16 float32 / 8
+    float64 with AVX-512, 8 / 4 with AVX2) at ``x[i:i+c]``: ``mx`` its max, ``s`` the
+    sum of ``e = exp(x - mx)``, and, when ``grad``, ``g[i:i+c] = e * (scale / s)``,
+    minus ``scale`` at ``g[i + label]`` (here rather than by the caller: a load from a
+    masked store that has not reached the cache yet waits for it). Without ``grad``
+    nothing is stored (``g`` may be ``x``). With ``nt`` whole vectors are stored
+    non-temporally (``&g[i]`` then 64-byte aligned).
 
     The row is loaded once and stays in registers for the max, the exp, the sum and the
     scaling: whole vectors with plain loads and stores, the last, partial one masked.
     The exps are those of the long-row kernels (``exp_softmax_f32`` / ``exp_nonpos``),
     so the results match theirs up to the order of the sum. The max ignores a NaN (it
     reaches the sum through its own exp anyway)."""
-    lanes = 16 if f32 else 8
+    lanes = row_lanes(f32)
     dt = types.float32 if f32 else types.float64
 
     def ok(a):
@@ -1151,7 +1234,7 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
         def codegen(context, builder, sig, args):
             _aligned_frame(builder)
             ft = _F32 if f32 else _F64
-            vty = _V16 if f32 else _V8
+            vty = _row_vty(f32)
             i64 = context.cast(builder, args[2], sig.args[2], types.int64)
             c64 = context.cast(builder, args[3], sig.args[3], types.int64)
             sfx = _vec_name(vty)
@@ -1178,8 +1261,7 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
             if f32:
                 es = [_exp_softmax_f32(builder, builder.fsub(xv, mxs)) for xv in xs]
             else:
-                es = exp_nonpos(_Vec(builder, nvec), [builder.fsub(xv, mxs) for xv in xs])
-                es = es if isinstance(es, list) else [es]
+                es = _exp_nonpos_f64(builder, [builder.fsub(xv, mxs) for xv in xs])
             es = [builder.select(mk, e, zero) for mk, e in zip(masks, es)]
             acc = es[0]
             for e in es[1:]:
@@ -1246,8 +1328,8 @@ def _hsum64(builder, v):
 
 def _layer_norm_rows_intrinsic(backward: bool):
     """Build ``ln_row`` / ``ln_bwd_row``: layer norm of one row of ``d <= nvec * L``
-    features (``L`` = 16 float32 / 8 float64 lanes; ``nvec`` 1, 2, 4 or 8, a literal),
-    the row held in registers from its load to its store.
+    features (``L`` = ``row_lanes``: 16 float32 / 8 float64 with AVX-512, 8 / 4 with
+    AVX2; ``nvec`` 1, 2, 4 or 8, a literal), the row held in registers from its load to its store.
 
     ``ln_row(x, y, gamma, beta, i, d, rin, rout, eps, nt, nvec) -> (mean, rstd)``:
     ``x[i:i+d]`` -> ``y[i:i+d]``; the row's sums run along lanes in x's dtype (at most
@@ -1286,9 +1368,9 @@ def _layer_norm_rows_intrinsic(backward: bool):
 
         def codegen(context, builder, sig, cargs):
             _aligned_frame(builder)
-            lanes = 16 if f32 else 8
+            lanes = row_lanes(f32)
             ft = _F32 if f32 else _F64
-            vty = _V16 if f32 else _V8
+            vty = _row_vty(f32)
             zero = ir.Constant(vty, [0.0] * lanes)
             k_i = 6 if backward else 4
             i64, d64, rin, rout = (context.cast(builder, cargs[k], sig.args[k], types.int64)
@@ -1393,6 +1475,8 @@ def _permute2(builder, a, idx, b):
     (``idx[l] < L``) or lane ``idx[l] - L`` of ``b``; ``idx`` a list of ints."""
     vty = a.type
     f32 = vty.element == _F32
+    if vty.count * _elem_bytes(vty) != 64:  # AVX2: LLVM picks the shuffles
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, vty.count), idx))
     ity = ir.VectorType(_I32 if f32 else _I64, vty.count)
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(vty, [vty, ity, vty]),
@@ -1456,6 +1540,9 @@ def _permute1(builder, a, idx):
     """``vpermps`` / ``vpermpd``: lane ``l`` of the result is lane ``idx[l]`` of ``a``."""
     vty = a.type
     f32 = vty.element == _F32
+    if vty.count * _elem_bytes(vty) != 64:  # AVX2: vpermps / vpermpd
+        return builder.shuffle_vector(a, ir.Constant(vty, ir.Undefined),
+                                      ir.Constant(ir.VectorType(_I32, vty.count), idx))
     ity = ir.VectorType(_I32 if f32 else _I64, vty.count)
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(vty, [vty, ity]),
@@ -1614,17 +1701,17 @@ def _count(c):
 
 
 # classes up to which softmax_block takes two blocks per call (by lanes: float32, float64)
-SOFTMAX_PAIR_MAX_CLASSES = {16: 6, 8: 8}
+SOFTMAX_PAIR_MAX_CLASSES = {(4, 16): 6, (8, 8): 8, (4, 8): 6, (8, 4): 6}
 
 
-def softmax_blocks_per_call(c: int, lanes: int) -> int:
+def softmax_blocks_per_call(c: int, lanes: int, itemsize: int) -> int:
     """Blocks of rows one ``softmax_block`` call takes for ``c`` classes: two for few
     classes (their steps interleaved, so the two blocks' dependency chains overlap), one
     above, where the second block's registers spill. 2^22 logits in cache, two against
     one: float32 2-6 classes 1.17-1.42x, 8: 1.03x, 10-24: 0.62-0.91x; float64 2-8
     1.07-1.25x, 10: 1.03x, 12: 0.90x. From memory (2^25): float32 4 / 6 / 8 classes
     1.09x / 1.23x / 0.91-0.93x, 2: 0.95x; float64 2-8 1.02-1.13x."""
-    return 2 if c <= SOFTMAX_PAIR_MAX_CLASSES[lanes] else 1
+    return 2 if c <= SOFTMAX_PAIR_MAX_CLASSES[itemsize, lanes] else 1
 
 
 def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, nt, c):
@@ -1656,16 +1743,16 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
     if dt not in (types.float32, types.float64) or scale != dt:
         return None
     f32 = dt == types.float32
-    lanes = 16 if f32 else 8
+    lanes = row_lanes(f32)
     if ncls is None or not 2 <= ncls <= 2 * lanes:
         return None
 
     def codegen(context, builder, sig, args):
         _aligned_frame(builder)
-        vty = _V16 if f32 else _V8
+        vty = _row_vty(f32)
         ity = ir.VectorType(_I32 if f32 else _I64, lanes)
         d64 = ir.VectorType(_F64, lanes)
-        W = softmax_blocks_per_call(ncls, lanes)
+        W = softmax_blocks_per_call(ncls, lanes, 4 if f32 else 8)
         each = range(W)
         first = builder.mul(context.cast(builder, args[5], sig.args[5], types.int64),
                             ir.Constant(_I64, W))
@@ -1703,8 +1790,8 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
                 for w in each:
                     es[w][jc] = _exp_softmax_f32(builder, builder.fsub(cols[w][jc], mx[w]))
         else:
-            flat = exp_nonpos(_Vec(builder, ncls * W), [builder.fsub(cols[w][jc], mx[w])
-                                                        for jc in range(ncls) for w in each])
+            flat = _exp_nonpos_f64(builder, [builder.fsub(cols[w][jc], mx[w])
+                                             for jc in range(ncls) for w in each])
             es = [[flat[jc * W + w] for jc in range(ncls)] for w in each]
         ssum = fold(builder.fadd, es)
         sc = _splat(builder, args[6], vty)
@@ -1756,9 +1843,10 @@ softmax_block = intrinsic(_softmax_block_typer)
 
 def _layer_norm_block_intrinsic(backward: bool):
     """Build ``ln_block`` / ``ln_bwd_block``: layer norm of the ``L`` rows of block ``b``
-    (``L`` = 16 float32 / 8 float64 lanes) of ``d`` features, ``d`` known when compiling
-    (``_count``), the block held as ``d`` whole vectors and transposed in registers into
-    ``d`` columns of one row per lane (as ``softmax_block``).
+    (``L`` = ``row_lanes``: 16 float32 / 8 float64 with AVX-512, 8 / 4 with AVX2) of
+    ``d`` features, ``d`` known when compiling (``_count``), the block held as ``d``
+    whole vectors and transposed in registers into ``d`` columns of one row per lane
+    (as ``softmax_block``).
 
     ``ln_block(x, y, gamma, beta, mean, rstd, b, eps, d)``: a row's mean and variance are
     sums over the columns, in float64 (float32 columns widened); ``mean``/``rstd`` of
@@ -1787,7 +1875,7 @@ def _layer_norm_block_intrinsic(backward: bool):
         dt = args[0].dtype if isinstance(args[0], types.Array) else None
         if dt not in (types.float32, types.float64):
             return None
-        lanes = 16 if dt == types.float32 else 8
+        lanes = row_lanes(dt == types.float32)
         if d is None or not 1 <= d <= 2 * lanes:
             return None
         if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
@@ -1800,7 +1888,7 @@ def _layer_norm_block_intrinsic(backward: bool):
 
         def codegen(context, builder, sig, cargs):
             _aligned_frame(builder)
-            vty = _V16 if f32 else _V8
+            vty = _row_vty(f32)
             d64v = ir.VectorType(_F64, lanes)
             kb = 8 if backward else 6
             blk = context.cast(builder, cargs[kb], sig.args[kb], types.int64)

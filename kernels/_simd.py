@@ -57,21 +57,35 @@ VECTOR_COMPRESS = llvm.llvm_version_info >= (19,)
 NT_MIN_BYTES = 16 << 20
 
 
-def _host_has_avx512() -> bool:
-    """True when numba compiles for a CPU with AVX-512F (32 vector registers of 64 bytes;
-    without it, AVX2's 16 of 32 bytes hold a quarter as much): the host, unless
-    NUMBA_CPU_NAME names another target (a portable cache), or NUMBA_CPU_FEATURES."""
+def _target_has(*features: str) -> bool:
+    """True when numba compiles for a CPU with all of ``features`` (LLVM's names): the
+    host, unless NUMBA_CPU_NAME names another target (a portable cache: then False), or
+    NUMBA_CPU_FEATURES lists them."""
     import numba
 
     feats = numba.config.CPU_FEATURES
     if feats:
-        return "+avx512f" in feats.split(",")
+        return all(f"+{f}" in feats.split(",") for f in features)
     if numba.config.CPU_NAME not in (None, "", "host"):
         return False
     try:
-        return bool(llvm.get_host_cpu_features().get("avx512f", False))
+        host = llvm.get_host_cpu_features()
     except Exception:  # pragma: no cover - a platform llvmlite cannot query
         return False
+    return all(host.get(f, False) for f in features)
+
+
+def _host_has_avx512() -> bool:
+    """True when numba compiles for a CPU with AVX-512F (32 vector registers of 64 bytes;
+    without it, AVX2's 16 of 32 bytes hold a quarter as much)."""
+    return _target_has("avx512f")
+
+
+def _host_has_avx2_fma() -> bool:
+    """True when numba compiles for a CPU with AVX2 and FMA: the row and block kernels of
+    ``kernels._avx512`` (softmax, layer norm) run there on 256-bit vectors. Without FMA
+    their ``llvm.fma`` calls would become a libm call per lane."""
+    return _target_has("avx2", "fma")
 
 
 # The vector width of the register-blocked intrinsics (tile_argmin, scan_scores): each

@@ -48,13 +48,15 @@ from kernels._avx512 import (
     softmax_row4_f64,
     softmax_row8_f32,
     softmax_row8_f64,
+    row_lanes,
     spread_columns,
 )
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._fastmath import exp_softmax, row_max, row_max_float
 from kernels._jit import jit, overload, prange, types
 from kernels._prefetch import prefetch, prefetch_ahead
-from kernels._simd import NT_MIN_BYTES, copy64_nt, ln_bwd_out, ln_out, sfence, stream_out
+from kernels._simd import (NT_MIN_BYTES, VEC_BITS, _host_has_avx2_fma, copy64_nt, ln_bwd_out,
+                           ln_out, sfence, stream_out)
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
 
@@ -114,23 +116,39 @@ LN_BWD_ROW_PARTIAL = 16  # _ln_bwd, float32: rows of dgamma/dbeta shares before 
 LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
 VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
 # switch it off to run the portable path too)
-VEC_SHORT = _avx512.AVAILABLE  # rows of up to 8 vectors held in registers (_softmax_xent_short)
-VEC_BLOCKS = _avx512.AVAILABLE  # blocks of rows of few classes, transposed (_softmax_xent_blocks)
-# by lanes (float32, float64): the most features layer norm's blocks of rows take,
-# forward and backward (above, the row kernels were as fast or faster: 2^20 and 2^23
+# rows of up to 8 vectors held in registers (_softmax_xent_short, _ln_fwd_short, ...) and
+# blocks of rows of few classes or features transposed in registers (_softmax_xent_blocks,
+# ...): on 512-bit vectors with AVX-512, 256-bit with AVX2 (kernels._avx512.row_lanes);
+# tests switch them off to run the portable paths too
+VEC_SHORT = VEC_BLOCKS = _host_has_avx2_fma()
+# by (itemsize, lanes): the most features layer norm's blocks of rows take, forward and
+# backward. AVX-512 (above, the row kernels were as fast or faster: 2^20 and 2^23
 # elements, forward float32 13-20 features 1.35-1.88x faster in blocks, 24 0.92-1.27x,
 # 28-32 0.76-1.09x; float64 7-13 1.04-1.96x, 14 0.94-1.36x; backward float32 9-10
-# 1.27-2.07x, 11 1.0-1.22x, 12 0.77-0.88x; float64 5 1.13-1.26x, 6 1.18x, 7 0.95x)
-LN_BLOCK_MAX_FEATURES = {16: 20, 8: 13}
-LN_BWD_BLOCK_MAX_FEATURES = {16: 11, 8: 6}
+# 1.27-2.07x, 11 1.0-1.22x, 12 0.77-0.88x; float64 5 1.13-1.26x, 6 1.18x, 7 0.95x).
+# AVX2, 2^23 elements from memory: the blocks take every count up to 2 L forward
+# (float32 2-16 features 1.4-5.0x the row loops, float64 2-8 5.7-7.2x), backward
+# float32 up to 14 (against the short rows 1.0-5.9x; at 16 0.74x), float64 up to 8
+# (1.1-1.8x, except 7: 0.86x)
+LN_BLOCK_MAX_FEATURES = {(4, 16): 20, (8, 8): 13, (4, 8): 16, (8, 4): 8}
+LN_BWD_BLOCK_MAX_FEATURES = {(4, 16): 11, (8, 8): 6, (4, 8): 14, (8, 4): 8}
 LN_BWD_BLOCK_PARTIAL = 8  # float32 backward blocks: dgamma/dbeta shares summed per 8 blocks
-# classes up to which rows go in blocks (by lanes: float32, float64); above, the row kernel
-# wins in cache (2^19 logits: float32 25-28 classes 1.12-1.31x in blocks, 29 / 31 / 32
-# 1.0x / 0.93x / 0.86x; float64 16 1.0x). From memory the blocks win up to 2 L classes
-# (2^25 logits: float32 25 / 28 / 32 1.46x / 1.27x / 1.22x, float64 16 1.62x), so
-# inputs of NT_MIN_BYTES or more go in blocks up to there
-BLOCK_MAX_CLASSES = {16: 28, 8: 16}
+# classes up to which rows go in blocks (by (itemsize, lanes)); above, the row kernel
+# wins in cache with AVX-512 (2^19 logits: float32 25-28 classes 1.12-1.31x in blocks,
+# 29 / 31 / 32 1.0x / 0.93x / 0.86x; float64 16 1.0x). From memory the blocks win up to
+# 2 L classes (2^25 logits: float32 25 / 28 / 32 1.46x / 1.27x / 1.22x, float64 16
+# 1.62x), so inputs of NT_MIN_BYTES or more go in blocks up to there. With AVX2 they
+# take up to 2 L always (2^23 logits from memory against the row loops: float32 2-16
+# classes 2.1-5.0x, float64 2-8 2.0-3.7x)
+BLOCK_MAX_CLASSES = {(4, 16): 28, (8, 8): 16, (4, 8): 16, (8, 4): 8}
 _B = _avx512.BLOCK
+_VEC_BYTES = VEC_BITS // 8  # the row and block kernels' vectors (_avx512.row_lanes)
+
+
+def _lanes(dtype) -> int:
+    """Lanes per vector of the row and block kernels for ``dtype``: 16 float32 / 8
+    float64 with AVX-512, 8 / 4 with AVX2 (``kernels._avx512.row_lanes``)."""
+    return row_lanes(np.dtype(dtype) == np.float32)
 
 
 @jit(parallel=True, fastmath={"contract"})
@@ -187,7 +205,7 @@ def _short_row_overload(xflat, gflat, base, c, label, scale, grad, nt, nvec):
 @jit(parallel=True, fastmath={"contract"})
 def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, grad, nt, nchunks,
                         nvec):
-    """Rows of at most ``nvec`` (1, 2, 4 or 8) AVX-512 vectors, each held in
+    """Rows of at most ``nvec`` (1, 2, 4 or 8) vectors (``_lanes``), each held in
     registers from its load to its store (``kernels._avx512.softmax_row*``): the loops
     of ``_softmax_xent`` run almost entirely in their scalar remainders on such rows (10
     classes: 22 ns per row per core). Row ``i``'s loss is ``log(sums[i]) + gaps[i]``;
@@ -208,17 +226,33 @@ def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, grad, n
             sfence()
 
 
-def _short_vectors(c: int, dtype: np.dtype) -> int:
-    """The fewest AVX-512 vectors (1, 2, 4 or 8) that hold a row of ``c`` elements of
-    ``dtype``, or 0 when none do."""
-    lanes = 64 // np.dtype(dtype).itemsize
-    return next((k for k in SHORT_ROW_VECTORS if c <= k * lanes), 0)
+# the most vectors per row each short-row kernel takes, by (itemsize, lanes); above, or
+# at 0, rows go through the row loops. With AVX2 (8 float32 / 4 float64 lanes) a partial
+# vector's masked store (vmaskmovps/pd) is slow on AMD CPUs (one every ~12 cycles, and
+# more from memory): 2^23 elements from memory against the row loops, softmax float32
+# 2-48 classes 0.37-1.02x, float64 2-32 0.54-1.25x (the blocks below take the few
+# classes); layer norm forward float32 17-64 features 0.70-0.79x (where _ln_fwd_rows4
+# and the one-pass loop run), but float64 9-32 1.21-2.10x; backward float32 17-32
+# 1.22-1.31x, 40-64 0.76-0.95x, float64 9-32 1.11-3.0x
+SHORT_MAX_VECTORS = {"softmax": {(4, 16): 8, (8, 8): 8, (4, 8): 0, (8, 4): 0},
+                     "ln": {(4, 16): 8, (8, 8): 8, (4, 8): 0, (8, 4): 8},
+                     "ln_bwd": {(4, 16): 8, (8, 8): 8, (4, 8): 4, (8, 4): 8}}
+
+
+def _short_vectors(c: int, dtype: np.dtype, kind: str | None = None) -> int:
+    """The fewest vectors (1, 2, 4 or 8) that hold a row of ``c`` elements of ``dtype``,
+    or 0 when none do, or when that is more than ``SHORT_MAX_VECTORS[kind]`` allows."""
+    lanes = _lanes(dtype)
+    nvec = next((k for k in SHORT_ROW_VECTORS if c <= k * lanes), 0)
+    if kind is not None and nvec > SHORT_MAX_VECTORS[kind][np.dtype(dtype).itemsize, lanes]:
+        return 0
+    return nvec
 
 
 @jit(parallel=True, fastmath={"contract"})
 def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, ncalls, nchunks, scale, grad, nt,
                          cls, per):
-    """Rows of few classes (``BLOCK_MAX_CLASSES``), ``L`` rows (16 float32 / 8 float64)
+    """Rows of few classes (``BLOCK_MAX_CLASSES``), ``L`` rows (``_lanes``)
     at a time, each block transposed in registers (``kernels._avx512.softmax_block``),
     ``per`` blocks per call (``softmax_blocks_per_call``: ``ncalls`` calls).
     ``cls`` is a tuple of ``c`` zeros: its type carries ``c`` to the compiler, so each
@@ -230,7 +264,7 @@ def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, ncalls, nchunks, sca
     2^25 float32 logits of 10 classes, from memory: 10.8-11.4 ms with neither, 9.4-9.5
     with both; float64 16-19 -> 14.3-14.5. With 2 classes (128-byte blocks) the
     prefetch cost 2-5% (one hint per 2 vectors), in cache and from memory."""
-    step = len(cls) * (64 // xflat.itemsize) * per  # elements per call
+    step = len(cls) * (_VEC_BYTES // xflat.itemsize) * per  # elements per call
     for c in prange(nchunks):
         lo, hi = chunk_bounds(ncalls, nchunks, c)
         for b in range(lo, hi):
@@ -286,14 +320,15 @@ def softmax_cross_entropy(
     if grad_scale is None:
         grad_scale = 1.0 / n if reduction == "mean" else 1.0
     scale = x.dtype.type(_checks.finite_float("grad_scale", grad_scale))
-    lanes = 64 // x.itemsize
-    nvec = _short_vectors(c, x.dtype)
+    lanes = _lanes(x.dtype)
+    nvec = _short_vectors(c, x.dtype, "softmax")
     if nvec == 8 and c <= 5 * lanes:  # 3 of 8 vectors idle: long rows win
         nvec = 0
     streamed = grad and stream_out(g) and g.ctypes.data % 64 == 0
     large = x.nbytes >= NT_MIN_BYTES
-    blocks = VEC_BLOCKS and 2 <= c <= (2 * lanes if large else BLOCK_MAX_CLASSES[lanes])
-    per = softmax_blocks_per_call(c, lanes) if blocks else 1
+    blocks = VEC_BLOCKS and 2 <= c <= (2 * lanes if large else
+                                       BLOCK_MAX_CLASSES[x.itemsize, lanes])
+    per = softmax_blocks_per_call(c, lanes, x.itemsize) if blocks else 1
     nblk = n // lanes // per * per if blocks else 0
     # one sum per block (then per row left over) or per row
     sums, gaps = _row_scratch(nblk + n - nblk * lanes)
@@ -308,7 +343,8 @@ def softmax_cross_entropy(
             rest = slice(nblk, nblk + n - done)
             xr = x[done:].reshape(-1)
             _softmax_xent_short(x[done:], xr, y[done:], g[done:].reshape(-1) if grad else xr,
-                                sums[rest], gaps[rest], scale, grad, False, 1, nvec)
+                                sums[rest], gaps[rest], scale, grad, False, 1,
+                                _short_vectors(c, x.dtype))
         used = slice(0, nblk + n - done)
         total = float(np.log(sums[used], out=sums[used]).sum() + gaps[used].sum())
     elif VEC_SHORT and nvec:  # without a gradient x stands in for the output array
@@ -535,7 +571,7 @@ def _ln_fwd(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
 
 @jit(parallel=True)
 def _ln_fwd_short(xflat, gamma, beta, eps, yflat, mean, rstd, n, d, nchunks, nt, spill, nvec):
-    """Rows of at most ``nvec`` AVX-512 vectors, each held in registers from its load to
+    """Rows of at most ``nvec`` vectors, each held in registers from its load to
     its store (``kernels._avx512.ln_row``; ``gamma``, ``beta`` zero-padded to ``nvec``
     vectors). ``spill``: a row may write past its end into the later rows of its chunk
     (which overwrite it), so its partial vector is stored whole (y must not overlap x)."""
@@ -560,18 +596,18 @@ def _ln_fwd_short(xflat, gamma, beta, eps, yflat, mean, rstd, n, d, nchunks, nt,
 
 
 def _padded(v: np.ndarray, nvec: int) -> np.ndarray:
-    """``v`` followed by zeros up to ``nvec`` whole AVX-512 vectors."""
-    out = np.zeros(nvec * 64 // v.itemsize, v.dtype)
+    """``v`` followed by zeros up to ``nvec`` whole vectors (``_lanes``)."""
+    out = np.zeros(nvec * _VEC_BYTES // v.itemsize, v.dtype)
     out[:v.shape[0]] = v
     return out
 
 
 def _ln_blocks(n: int, d: int, dtype: np.dtype, limits: dict[int, int]) -> int:
-    """How many whole blocks of ``L`` rows (16 float32 / 8 float64) go through the
+    """How many whole blocks of ``L`` rows (``_lanes``) go through the
     transposed block kernels (``_ln_fwd_blocks``, ``_ln_bwd_blocks``): 0 unless ``d`` is
     at most ``limits[L]``."""
-    lanes = 64 // np.dtype(dtype).itemsize
-    return n // lanes if VEC_BLOCKS and d <= limits[lanes] else 0
+    lanes = _lanes(dtype)
+    return n // lanes if VEC_BLOCKS and d <= limits[np.dtype(dtype).itemsize, lanes] else 0
 
 
 def _block_params(p: np.ndarray, lanes: int) -> np.ndarray:
@@ -594,7 +630,7 @@ def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
     n, d = x.shape
     nt = _nt_rows(y, LN_FWD_NT_BYTES)
     nch = n_chunks(n)
-    nvec = _short_vectors(d, x.dtype) if VEC_SHORT else 0
+    nvec = _short_vectors(d, x.dtype, "ln") if VEC_SHORT else 0
     if nvec:
         _ln_fwd_short(x.reshape(-1), _padded(gamma, nvec), _padded(beta, nvec), eps,
                       y.reshape(-1), mean, rstd, n, d, nch, nt, not np.may_share_memory(x, y),
@@ -638,7 +674,7 @@ def layer_norm(
                                "overlap each other, x or out)")
     if n and d:
         nblk = _ln_blocks(n, d, x.dtype, LN_BLOCK_MAX_FEATURES)
-        lanes = 64 // x.itemsize
+        lanes = _lanes(x.dtype)
         if nblk:  # gamma, beta tiled over a block (ln_block writes y in the row layout)
             _ln_fwd_blocks(x.reshape(-1), np.tile(gamma, lanes), np.tile(beta, lanes), eps,
                            y.reshape(-1), mean, rstd, nblk, (0,) * d)
@@ -831,7 +867,7 @@ def _move_sums(pg, pb, sg, sb):
 @jit(parallel=True)
 def _ln_bwd_short(dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, d, nchunks, nt, spill,
                   nvec):
-    """Rows of at most ``nvec`` AVX-512 vectors held in registers
+    """Rows of at most ``nvec`` vectors held in registers
     (``kernels._avx512.ln_bwd_row``); ``pg[c]``, ``pb[c]``: chunk ``c``'s float64 sums
     for dgamma and dbeta, ``nvec`` vectors long; ``spill`` as in ``_ln_fwd_short``."""
     for c in prange(nchunks):
@@ -901,7 +937,7 @@ def layer_norm_backward(
     dg, db = np.zeros(d), np.zeros(d)
     if n and d:
         nblk = _ln_blocks(n, d, x.dtype, LN_BWD_BLOCK_MAX_FEATURES)
-        lanes = 64 // x.itemsize
+        lanes = _lanes(x.dtype)
         if nblk:
             nch = n_chunks(nblk, min_rows=8)
             acc = np.zeros((2, nch, d * lanes))
@@ -928,9 +964,9 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     n, d = x.shape
     nt = _nt_rows(dx, LN_BWD_WIDE_BYTES)
     nch = n_chunks(n)
-    nvec = _short_vectors(d, x.dtype) if VEC_SHORT else 0
+    nvec = _short_vectors(d, x.dtype, "ln_bwd") if VEC_SHORT else 0
     if nvec:
-        width = nvec * 64 // x.itemsize
+        width = nvec * _VEC_BYTES // x.itemsize
         pg, pb = _checks.empty_aligned((2, nch, width), np.float64)
         pg[:] = 0.0
         pb[:] = 0.0

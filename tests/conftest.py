@@ -15,16 +15,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say which kernel paths this CPU ran (also under -q): the ``kernels._avx512`` tests
-    skip on a CPU without AVX-512F, in CI too, since no setup step can add it."""
+    """Say which kernel paths this CPU ran (also under -q): the tests of the AVX-512-only
+    kernels (GELU, the float64 softmax exp pass) skip on a CPU without AVX-512F, in CI
+    too, since no setup step can add it; the softmax and layer norm row and block kernels
+    run at the CPU's vector width."""
     if "kernels" not in sys.modules:
         return
     from kernels import _avx512
 
+    width = f"row and block kernels at {_avx512.row_lanes(True) * 32} bits"
     terminalreporter.write_line(
-        "kernels: AVX-512F " + ("present: vector and portable paths tested"
+        "kernels: AVX-512F " + (f"present: vector and portable paths tested ({width})"
                                 if _avx512.AVAILABLE else
-                                "absent: portable paths tested, the AVX-512 ones skipped"))
+                                f"absent: portable paths and the {width} tested, the "
+                                "AVX-512-only ones skipped"))
 
 
 @dataclass

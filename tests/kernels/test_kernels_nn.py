@@ -52,6 +52,30 @@ def require_avx512():
                     "kernels are still compiled, test_avx512_kernels_compile_to_512_bit_code)")
 
 
+@pytest.fixture
+def every_short_row(monkeypatch):
+    """The short-row kernels take every row of up to 8 vectors, whatever the host's
+    tuning leaves to the row loops (``nn.SHORT_MAX_VECTORS``: with AVX2 float32 softmax
+    and layer norm forward rows go through the row loops)."""
+    monkeypatch.setattr(nn, "SHORT_MAX_VECTORS", {
+        kind: dict.fromkeys(limits, 8) for kind, limits in nn.SHORT_MAX_VECTORS.items()})
+
+
+@pytest.fixture(params=["vector", "vector-nt", "portable"])
+def xent_path(request, monkeypatch, every_short_row):
+    """Run a softmax test through the vector kernels at the host's width (short rows in
+    registers, blocks of rows; float64 rows through the AVX-512 exp pass where the CPU
+    has it; "vector-nt": with non-temporal stores however small the output) and through
+    the portable row loops."""
+    vec = request.param != "portable"
+    monkeypatch.setattr(nn, "VEC_F64", vec and _avx512.AVAILABLE)
+    monkeypatch.setattr(nn, "VEC_SHORT", vec)
+    monkeypatch.setattr(nn, "VEC_BLOCKS", vec)
+    if request.param == "vector-nt":
+        monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    return request.param
+
+
 @pytest.fixture(params=["avx512", "avx512-nt", "portable"])
 def f64_path(request, monkeypatch):
     """Run a test (GELU, softmax) through each implementation: the AVX-512 one
@@ -69,7 +93,7 @@ def f64_path(request, monkeypatch):
     return request.param
 
 
-def test_xent_matches_reference(dtype, tol, rng, f64_path):
+def test_xent_matches_reference(dtype, tol, rng, xent_path):
     x = (5 * rng.standard_normal((50, 13))).astype(dtype)
     y = rng.integers(0, 13, 50)
     loss, g = nn.softmax_cross_entropy(x, y)
@@ -85,7 +109,7 @@ def test_xent_matches_reference(dtype, tol, rng, f64_path):
     np.testing.assert_allclose(g2, rg * 50 * 0.25, **tol)
 
 
-def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng, f64_path):
+def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng, xent_path):
     x = np.asfortranarray(rng.standard_normal((6, 4)) * 1e4)
     y = np.array([0, 1, 2, 3, 0, 1])
     loss, g = nn.softmax_cross_entropy(x, y)
@@ -95,7 +119,7 @@ def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng, f64_path):
     np.testing.assert_allclose(g, rg, atol=1e-12)
 
 
-def test_xent_nan_logits_give_nan_loss_and_empty_is_defined(f64_path):
+def test_xent_nan_logits_give_nan_loss_and_empty_is_defined(xent_path):
     x = np.array([[0.0, np.nan], [1.0, 2.0]])
     loss, _ = nn.softmax_cross_entropy(x, np.array([0, 1]))
     assert math.isnan(loss)
@@ -131,11 +155,11 @@ def test_xent_float32_special_rows_follow_float64(rng):
 
 @pytest.mark.parametrize("c", [1, 7, 8, 9, 10, 16, 17, 24, 31, 32, 33, 40, 41, 48, 49, 64, 65,
                                70, 256])
-def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeypatch):
-    # the AVX-512 exp pass does 32 classes per call and a masked tail; rows with NaN,
-    # +-inf, huge spreads (exp underflow to 0) and a lone class must match the portable
-    # path, and the sum must never see the masked-off lanes
-    require_avx512()
+def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeypatch,
+                                                                 every_short_row):
+    # the short rows (and with AVX-512 the exp pass, 32 classes per call and a masked
+    # tail); rows with NaN, +-inf, huge spreads (exp underflow to 0) and a lone class must
+    # match the portable path, and the sum must never see the masked-off lanes
     x = 4 * rng.standard_normal((8, c))
     x[1, 0] = np.nan
     x[2, -1] = np.inf
@@ -145,7 +169,7 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
     res = {}
     monkeypatch.setattr(nn, "VEC_BLOCKS", False)  # blocks of rows: their own test below
     for flag in (True, False):
-        monkeypatch.setattr(nn, "VEC_F64", flag)
+        monkeypatch.setattr(nn, "VEC_F64", flag and _avx512.AVAILABLE)
         monkeypatch.setattr(nn, "VEC_SHORT", flag)
         res[flag] = (nn.softmax_cross_entropy(x, y, reduction="sum", out=np.empty_like(x)),
                      nn.softmax_cross_entropy(x[5:], y[5:]))
@@ -171,12 +195,12 @@ def _assert_loss_alone_matches(x, y, with_grad, rtol):
 
 @pytest.mark.parametrize("c", [1, 5, 10, 15, 16, 17, 31, 32, 33, 40, 48, 63, 64, 65, 80, 96, 97,
                                100, 128, 129])
-def test_xent_float32_short_rows_match_the_long_row_kernel(c, rng, monkeypatch):
+def test_xent_float32_short_rows_match_the_long_row_kernel(c, rng, monkeypatch,
+                                                           every_short_row):
     # rows of up to 8 vectors (128 float32 classes; not 5) are held in registers: full
     # vectors with plain loads and stores, the partial one masked, the ones past the row
     # not touched; the same exp as the long-row kernel, so only the order of the sum
     # differs. Special rows stay in their row.
-    require_avx512()
     x = (4 * rng.standard_normal((9, c))).astype(np.float32)
     x[1, 0] = np.nan
     x[2, -1] = np.inf
@@ -214,10 +238,9 @@ def test_xent_blocks_of_rows_match_the_row_kernel(dt, rng, monkeypatch):
     # rows sit in the second block of a call and the first of the next, and the fifth
     # block goes through the row kernel. Every input counts as large here, so the blocks
     # take all the class counts they take from memory (up to 2 L), and the row kernel
-    # one past them
-    require_avx512()
+    # one past them (L: the host's lanes, 8 / 4 with AVX2)
     monkeypatch.setattr(nn, "NT_MIN_BYTES", 0)
-    lanes = 64 // np.dtype(dt).itemsize
+    lanes = nn._lanes(dt)
     n = 5 * lanes + 5
     special = [lanes + 1, lanes + 2, lanes + 3]
     for c in range(2, 2 * lanes + 2):
@@ -259,7 +282,7 @@ def test_xent_blocks_of_rows_match_the_row_kernel(dt, rng, monkeypatch):
 
 
 
-@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("lanes", [4, 8, 16])
 def test_block_columns_hold_each_row_once_and_each_lane_once(lanes):
     # the blocks' columns (kernels._avx512.row_lane_classes): column j takes one element
     # of every row, each from a different lane of the row layout (so blends and one
@@ -277,14 +300,14 @@ def test_block_columns_hold_each_row_once_and_each_lane_once(lanes):
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
-def test_xent_blocks_and_rows_with_non_temporal_stores_match(dt, rng, monkeypatch):
+def test_xent_blocks_and_rows_with_non_temporal_stores_match(dt, rng, monkeypatch,
+                                                             every_short_row):
     # large aligned gradients leave the blocks, and the short rows that are whole
     # vectors, with non-temporal stores (forced on here for small ones): the same values
     # as plain stores, and nothing written past the output
-    require_avx512()
     import kernels
 
-    lanes = 64 // np.dtype(dt).itemsize
+    lanes = nn._lanes(dt)
     for c in (10, lanes, 2 * lanes, 4 * lanes, 8 * lanes):
         x = (3 * rng.standard_normal((101, c))).astype(dt)
         y = rng.integers(0, c, 101)
@@ -299,10 +322,9 @@ def test_xent_blocks_and_rows_with_non_temporal_stores_match(dt, rng, monkeypatc
         np.testing.assert_array_equal(got, want, err_msg=f"c={c}")
         assert (big[x.size:] == 7.0).all()
 
-def test_xent_short_rows_write_nothing_past_the_output():
+def test_xent_short_rows_write_nothing_past_the_output(every_short_row):
     # the row kernel stores whole vectors where a row has them and masks the rest: the
     # memory right after the last row of ``out`` keeps its contents
-    require_avx512()
     for dt, c in ((np.float32, 10), (np.float64, 10), (np.float32, 33), (np.float64, 17),
                   (np.float32, 100), (np.float64, 50)):
         x = np.arange(4 * c, dtype=dt).reshape(4, c) / 7
@@ -416,13 +438,14 @@ def _ln_both(x, g, b, dy, out=None, dout=None):
 @pytest.mark.parametrize("dt, widths, rtol", [
     (np.float32, [*range(1, 41), 47, 63, 64, 65, 80, 96, 127, 128, 129], 2e-5),
     (np.float64, [*range(1, 70)], 1e-12)])
-def test_layer_norm_short_rows_match_the_long_row_kernel(dt, widths, rtol, rng, monkeypatch):
-    # rows of up to 8 AVX-512 vectors are held in registers (kernels._avx512.ln_row and
+def test_layer_norm_short_rows_match_the_long_row_kernel(dt, widths, rtol, rng, monkeypatch,
+                                                         every_short_row):
+    # rows of up to 8 vectors are held in registers (kernels._avx512.ln_row and
     # ln_bwd_row): whole, partial and absent vectors, partial ones loaded and stored
     # whole inside a chunk and masked at its end (301 rows: 4 chunks of 75-76); rows of
-    # few features also go 16 / 8 at a time through blocks transposed in registers
-    # (ln_block, ln_bwd_block; 301 rows: the last 13 / 5 through the row kernels)
-    require_avx512()
+    # few features also go L at a time through blocks transposed in registers (ln_block,
+    # ln_bwd_block; L = 16 / 8 lanes with AVX-512, 8 / 4 with AVX2; 301 rows: the last
+    # 13 / 5 or 5 / 1 through the row kernels)
     for d in widths:
         x = (2 + 3 * rng.standard_normal((301, d))).astype(dt)
         dy = rng.standard_normal((301, d)).astype(dt)
@@ -603,11 +626,11 @@ def test_layer_norm_streamed_rows_match_plain_stores(dt, widths, rng, monkeypatc
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
-def test_layer_norm_short_rows_in_place_and_nothing_written_past_the_output(dt, rng):
+def test_layer_norm_short_rows_in_place_and_nothing_written_past_the_output(dt, rng,
+                                                                           every_short_row):
     # in place (out=x, out=dy) the rows may not spill into the next row, which is still
     # input; a view into a bigger buffer keeps everything after its last row (3 and 10
     # features: blocks of rows, then the row kernel for the last rows)
-    require_avx512()
     for d in (3, 10, 17, 40):
         x = rng.standard_normal((150, d)).astype(dt)
         dy = rng.standard_normal((150, d)).astype(dt)
@@ -629,10 +652,9 @@ def test_layer_norm_short_rows_in_place_and_nothing_written_past_the_output(dt, 
             np.testing.assert_array_equal(a, w)
 
 
-def test_layer_norm_short_rows_keep_nan_and_inf_in_their_row():
+def test_layer_norm_short_rows_keep_nan_and_inf_in_their_row(every_short_row):
     # a partial vector read whole brings in the next row's lanes: they must not reach
-    # this row's sums (float32 rows of 5 features: 3 rows per vector)
-    require_avx512()
+    # this row's sums (float32 rows of 5 features: 3 rows per vector with AVX-512)
     for dt in (np.float32, np.float64):
         x = np.tile(np.arange(5, dtype=dt), (200, 1))
         x[50, 2] = np.nan
@@ -960,13 +982,16 @@ def test_gelu_streaming_loops_store_nothing_to_the_stack(dtype):
         assert spills == [], (bias, backward, spills[:5])
 
 
-def _zmm_stack_slots(asm: str) -> dict[str, tuple[bool, list[tuple[str, int]]]]:
+def _zmm_stack_slots(asm: str, reg: str = "zmm") -> dict[str, tuple[bool, list[tuple[str, int]]]]:
     """Per function of ``asm``: whether its prologue aligns the stack pointer to 64 bytes,
-    and the (base register, offset) of each of its 512-bit loads and stores on the stack."""
+    and the (base register, offset) of each of its 512-bit (``reg="ymm"``: 256-bit) loads
+    and stores on the stack (not broadcasts: they read one element)."""
     parts = re.split(r"^\s*\.type\s+(\S+),@function", asm, flags=re.M)
     slots = {}
     for name, body in zip(parts[1::2], parts[2::2]):
-        found = re.finditer(r"%zmm\d+, (-?\d*)\(%(r[sb]p)\)|\s(-?\d*)\(%(r[sb]p)\), %zmm", body)
+        whole = "\n".join(ln for ln in body.splitlines() if "broadcast" not in ln)
+        found = re.finditer(rf"%{reg}\d+, (-?\d*)\(%(r[sb]p)\)|\s(-?\d*)\(%(r[sb]p)\), %{reg}",
+                            whole)
         slots[name] = ("andq\t$-64, %rsp" in body,
                        [(m[2] or m[4], int(m[1] or m[3] or 0)) for m in found])
     return slots
@@ -979,41 +1004,43 @@ def test_softmax_kernels_spill_only_to_aligned_slots(dtype, c):
     # page boundary made these kernels up to 2.7x slower at some stack positions (in the
     # non-temporal loops: docs/kernels.md); the intrinsics now give the parfor body a
     # 64-byte aligned frame. Compiled here afresh (block kernel; 64 float64 classes: the
-    # 8-vector short rows); its gradient must still be right
-    require_avx512()
+    # 8-vector short rows, 32 with AVX2); its gradient must still be right. With AVX2 the
+    # 256-bit slots must be 32-byte aligned
     rng = np.random.default_rng(3)
-    lanes = 64 // np.dtype(dtype).itemsize
+    lanes = nn._lanes(dtype)
+    c = min(c, 8 * lanes)
     n = 8 * lanes
     x = rng.standard_normal((n, c)).astype(dtype)
     y = rng.integers(0, c, n)
     g = empty_aligned(x.shape, dtype)
     sums, gaps = np.zeros(n), np.zeros(n)
     scale = dtype(1.0 / n)
-    if c <= nn.BLOCK_MAX_CLASSES[lanes]:
-        per = nn.softmax_blocks_per_call(c, lanes)
+    if c <= nn.BLOCK_MAX_CLASSES[np.dtype(dtype).itemsize, lanes]:
+        per = nn.softmax_blocks_per_call(c, lanes, np.dtype(dtype).itemsize)
         fresh = _compiled_afresh(nn._softmax_xent_blocks)
         fresh(x.reshape(-1), y, g.reshape(-1), sums, gaps, n // lanes // per, 1, scale, True,
               True, (0,) * c, per)
     else:
         fresh = _compiled_afresh(nn._softmax_xent_short)
-        fresh(x, x.reshape(-1), y, g.reshape(-1), sums, gaps, scale, True, True, 1,
-              nn._short_vectors(c, x.dtype))
+        fresh(x, x.reshape(-1), y, g.reshape(-1), sums, gaps, scale, True, c % lanes == 0, 1,
+              nn._short_vectors(c, x.dtype))  # non-temporal stores need whole vectors
     want = nn.softmax_cross_entropy(x.astype(np.float64), y)[1]
     np.testing.assert_allclose(g, want, rtol=1e-4 if dtype == np.float32 else 1e-10,
                                atol=1e-7 if dtype == np.float32 else 1e-14)
-    bodies = {name: v for name, v in _zmm_stack_slots(fresh.inspect_asm(fresh.signatures[0]))
-              .items() if "parfor_gufunc" in name and not name.startswith("__gufunc__")}
+    reg, width = ("zmm", 64) if _avx512.AVAILABLE else ("ymm", 32)
+    bodies = {name: v for name, v in _zmm_stack_slots(fresh.inspect_asm(fresh.signatures[0]),
+                                                      reg).items()
+              if "parfor_gufunc" in name and not name.startswith("__gufunc__")}
     assert bodies
     for name, (realigned, slots) in bodies.items():
         assert realigned, name
-        assert [s for s in slots if s[0] != "rsp" or s[1] % 64] == [], name
+        assert [s for s in slots if s[0] != "rsp" or s[1] % width] == [], name
 
 
 def test_layer_norm_backward_streaming_loop_takes_no_references(monkeypatch):
     # _stream_row once looped over a tuple of arrays to prefetch them: numba left an NRT
     # incref/decref pair per array in each 64-byte step of the float64 streaming loop
     # (1.8x slower in cache at 256 features)
-    require_avx512()
     monkeypatch.setattr(nn, "stream_out", lambda out: True)
     x = np.linspace(-3, 3, 64 * 256).reshape(64, 256)
     g = np.linspace(0.5, 1.5, 256)
@@ -1154,3 +1181,36 @@ def test_avx512_kernels_compile_to_512_bit_code(tmp_path):
                     "_ln_fwd_blocks", "_ln_fwd_short", "_ln_bwd_blocks", "_ln_bwd_short"]
     for name in vector_paths:
         assert zmm.get(name, 0) > 100, (name, zmm)
+
+
+_AVX2_FEATURES = ("+avx2,+avx,+fma,+f16c,+bmi,+bmi2,+lzcnt,+popcnt,+sse4.2,+sse4.1,+ssse3,"
+                  "+sse3,+cx16,+movbe,-avx512f")
+
+
+def test_row_and_block_kernels_at_256_bits_where_the_cpu_has_avx512(tmp_path):
+    # the softmax and layer norm row and block kernels take the CPU's vector width: 256
+    # bits with AVX2 (8 float32 / 4 float64 lanes, other permutes and exps, other
+    # tuning). On an AVX-512 host the tests of this file run them at 512 bits; here the
+    # same tests run again in a subprocess that compiles for an AVX2 CPU (an empty cache
+    # folder), so both widths are checked wherever CI runs. On an AVX2 host they already
+    # ran at 256 bits (HPCGW_TEST_AVX2_AGAIN=1 runs them anyway)
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("AVX2 is an x86-64 instruction set")
+    if not _avx512.AVAILABLE and not os.environ.get("HPCGW_TEST_AVX2_AGAIN"):
+        pytest.skip("this CPU has no AVX-512F: the tests above ran the 256-bit kernels")
+    env = dict(os.environ, HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=_AVX2_FEATURES)
+    env.pop("HPCGW_TEST_AVX2_AGAIN", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "(xent or layer_norm or block or softmax) and not at_256_bits"],
+        env=env, capture_output=True, text=True, timeout=1200,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "row and block kernels at 256 bits tested" in done.stdout, done.stdout[-2000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
