@@ -1689,6 +1689,14 @@ def _rows_any(builder, blocks, cls):
     return out
 
 
+def block_max_count(lanes: int, itemsize: int) -> int:
+    """The most classes or features the block kernels compile for: ``2 L`` on 512-bit
+    vectors, ``4 L`` on 256-bit ones (8 float32 / 4 float64 lanes, where the blocks
+    still beat the row kernels from memory: softmax float32 17-32 classes 1.1-2.5x,
+    float64 9-16 2.0-2.4x)."""
+    return 2 * lanes if lanes * itemsize == 64 else 4 * lanes
+
+
 def _count(c):
     """The count a kernel is compiled for: a literal int, or a tuple's length (a tuple of
     ``c`` zeros carries ``c`` in its type, so each count compiles once and is cached;
@@ -1718,11 +1726,11 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
     """``softmax_block(x, g, labels, prods, gaps, b, scale, grad, nt, c)``: softmax +
     cross-entropy with its gradient (stored when ``grad`` is true; non-temporally when
     ``nt`` is, ``g`` then 64-byte aligned) for the ``W`` blocks of ``L`` rows of call
-    ``b`` (blocks ``b*W .. b*W+W-1``, block ``k`` rows ``k*L .. k*L+L-1``; ``L`` = 16
-    float32 / 8 float64, ``W`` = ``softmax_blocks_per_call(c, L)``, each block's steps
-    interleaved with the other's) of ``c`` classes, ``2 <= c <= 2 L`` known when
-    compiling: ``c`` is a literal or a tuple of ``c`` items (whose type carries its
-    length).
+    ``b`` (blocks ``b*W .. b*W+W-1``, block ``k`` rows ``k*L .. k*L+L-1``; ``L`` =
+    ``row_lanes``, ``W`` = ``softmax_blocks_per_call(c, L, itemsize)``, each block's
+    steps interleaved with the other's) of ``c`` classes, ``2 <= c <=
+    block_max_count(L, itemsize)`` known when compiling: ``c`` is a literal or a tuple
+    of ``c`` items (whose type carries its length).
 
     The block is ``c`` whole vectors of ``x`` (``L`` rows of ``c``), loaded plainly and
     transposed in registers into ``c`` column vectors, one lane per row (two-source
@@ -1744,7 +1752,7 @@ def _softmax_block_typer(typingctx, x, g, labels, prods, gaps, b, scale, grad, n
         return None
     f32 = dt == types.float32
     lanes = row_lanes(f32)
-    if ncls is None or not 2 <= ncls <= 2 * lanes:
+    if ncls is None or not 2 <= ncls <= block_max_count(lanes, 4 if f32 else 8):
         return None
 
     def codegen(context, builder, sig, args):
@@ -1876,7 +1884,7 @@ def _layer_norm_block_intrinsic(backward: bool):
         if dt not in (types.float32, types.float64):
             return None
         lanes = row_lanes(dt == types.float32)
-        if d is None or not 1 <= d <= 2 * lanes:
+        if d is None or not 1 <= d <= block_max_count(lanes, 4 if dt == types.float32 else 8):
             return None
         if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
                    and a.dtype == dt for a in args[:6]):

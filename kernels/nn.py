@@ -126,11 +126,11 @@ VEC_SHORT = VEC_BLOCKS = _host_has_avx2_fma()
 # elements, forward float32 13-20 features 1.35-1.88x faster in blocks, 24 0.92-1.27x,
 # 28-32 0.76-1.09x; float64 7-13 1.04-1.96x, 14 0.94-1.36x; backward float32 9-10
 # 1.27-2.07x, 11 1.0-1.22x, 12 0.77-0.88x; float64 5 1.13-1.26x, 6 1.18x, 7 0.95x).
-# AVX2, 2^23 elements from memory: the blocks take every count up to 2 L forward
-# (float32 2-16 features 1.4-5.0x the row loops, float64 2-8 5.7-7.2x), backward
-# float32 up to 14 (against the short rows 1.0-5.9x; at 16 0.74x), float64 up to 8
-# (1.1-1.8x, except 7: 0.86x)
-LN_BLOCK_MAX_FEATURES = {(4, 16): 20, (8, 8): 13, (4, 8): 16, (8, 4): 8}
+# AVX2, 2^23 elements from memory: forward float32 2-16 features 1.4-5.0x the row
+# loops, 17-28 1.08-1.48x (32: 0.85x), float64 2-8 5.7-7.2x, 9-16 1.3-2.9x (in cache
+# 16: 0.87x); backward float32 up to 14 (against the short rows 1.0-5.9x; at 16
+# 0.74x), float64 up to 8 (1.1-1.8x, except 7: 0.86x; 9-16 in cache 0.5-0.8x)
+LN_BLOCK_MAX_FEATURES = {(4, 16): 20, (8, 8): 13, (4, 8): 28, (8, 4): 16}
 LN_BWD_BLOCK_MAX_FEATURES = {(4, 16): 11, (8, 8): 6, (4, 8): 14, (8, 4): 8}
 LN_BWD_BLOCK_PARTIAL = 8  # float32 backward blocks: dgamma/dbeta shares summed per 8 blocks
 # classes up to which rows go in blocks (by (itemsize, lanes)); above, the row kernel
@@ -138,9 +138,10 @@ LN_BWD_BLOCK_PARTIAL = 8  # float32 backward blocks: dgamma/dbeta shares summed 
 # 29 / 31 / 32 1.0x / 0.93x / 0.86x; float64 16 1.0x). From memory the blocks win up to
 # 2 L classes (2^25 logits: float32 25 / 28 / 32 1.46x / 1.27x / 1.22x, float64 16
 # 1.62x), so inputs of NT_MIN_BYTES or more go in blocks up to there. With AVX2 they
-# take up to 2 L always (2^23 logits from memory against the row loops: float32 2-16
-# classes 2.1-5.0x, float64 2-8 2.0-3.7x)
-BLOCK_MAX_CLASSES = {(4, 16): 28, (8, 8): 16, (4, 8): 16, (8, 4): 8}
+# take up to 4 L always (_avx512.block_max_count; 2^23 logits from memory against the
+# row loops: float32 2-16 classes 2.1-5.0x, 17-32 1.1-2.5x, float64 2-8 2.0-3.7x, 9-16
+# 1.5-2.4x; in cache 1.1-2.6x but float64 16: 1.15x)
+BLOCK_MAX_CLASSES = {(4, 16): 28, (8, 8): 16, (4, 8): 32, (8, 4): 16}
 _B = _avx512.BLOCK
 _VEC_BYTES = VEC_BITS // 8  # the row and block kernels' vectors (_avx512.row_lanes)
 
@@ -326,8 +327,8 @@ def softmax_cross_entropy(
         nvec = 0
     streamed = grad and stream_out(g) and g.ctypes.data % 64 == 0
     large = x.nbytes >= NT_MIN_BYTES
-    blocks = VEC_BLOCKS and 2 <= c <= (2 * lanes if large else
-                                       BLOCK_MAX_CLASSES[x.itemsize, lanes])
+    most = BLOCK_MAX_CLASSES[x.itemsize, lanes]
+    blocks = VEC_BLOCKS and 2 <= c <= (max(most, 2 * lanes) if large else most)
     per = softmax_blocks_per_call(c, lanes, x.itemsize) if blocks else 1
     nblk = n // lanes // per * per if blocks else 0
     # one sum per block (then per row left over) or per row

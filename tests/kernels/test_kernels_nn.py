@@ -238,12 +238,15 @@ def test_xent_blocks_of_rows_match_the_row_kernel(dt, rng, monkeypatch):
     # rows sit in the second block of a call and the first of the next, and the fifth
     # block goes through the row kernel. Every input counts as large here, so the blocks
     # take all the class counts they take from memory (up to 2 L), and the row kernel
-    # one past them (L: the host's lanes, 8 / 4 with AVX2)
+    # one past them (L: the host's lanes, 8 / 4 with AVX2, where the blocks take up to
+    # 4 L classes)
     monkeypatch.setattr(nn, "NT_MIN_BYTES", 0)
     lanes = nn._lanes(dt)
     n = 5 * lanes + 5
     special = [lanes + 1, lanes + 2, lanes + 3]
-    for c in range(2, 2 * lanes + 2):
+    most = max(2 * lanes, nn.BLOCK_MAX_CLASSES[np.dtype(dt).itemsize, lanes])
+    assert most <= _avx512.block_max_count(lanes, np.dtype(dt).itemsize)
+    for c in range(2, most + 2):
         x = (4 * rng.standard_normal((n, c))).astype(dt)
         x[special[0], 0] = np.nan
         x[special[1], -1] = np.inf
@@ -287,7 +290,7 @@ def test_block_columns_hold_each_row_once_and_each_lane_once(lanes):
     # the blocks' columns (kernels._avx512.row_lane_classes): column j takes one element
     # of every row, each from a different lane of the row layout (so blends and one
     # permute gather it), and across the c columns every element of every row once
-    for c in range(1, 2 * lanes + 1):
+    for c in range(1, 4 * lanes + 1):
         cols = _avx512.row_lane_classes(c, lanes)
         assert len(cols) == c
         for j, col in enumerate(cols):
