@@ -238,7 +238,8 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     os_ = empty_aligned(xs.shape, dt)
     ts = _torch_nn(tb, xs, ys, gam[:10], bet[:10], xs)
     add("softmax_cross_entropy+grad, 10 classes", xs.shape, dt, 2 * xs.nbytes,
-        "blocks of 16 (float32) / 8 (float64) rows transposed in registers; "
+        f"blocks of {nn._lanes(np.float32)} (float32) / {nn._lanes(np.float64)} (float64) "
+        "rows transposed in registers; "
         "torch: cross_entropy fwd+backward", ours=lambda: nn.softmax_cross_entropy(xs, ys),
         numpy=lambda: B.np_xent(xs, ys), ours_out=lambda: nn.softmax_cross_entropy(xs, ys, out=os_),
         torch=ts.get("xent"))
@@ -264,7 +265,7 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
                                         rstd_out=stats[1])
             nn.layer_norm_backward(dyd, xd, gd, mu_, rs_, out=out2)
 
-        note = {10: "; float32 forward in blocks of rows, the rest row by row",
+        note = {10: "; in blocks of rows transposed in registers",
                 4096: "; backward: a read-only pass, then dx and the dgamma/dbeta shares"}
         add(f"layer_norm fwd+bwd, {d} features", xd.shape, dt, 5 * xd.nbytes,
             "bytes: fwd 2 + bwd 3 passes" + note.get(d, ""),
