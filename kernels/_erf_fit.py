@@ -201,3 +201,9 @@ if __name__ == "__main__":
             print("    (" + ", ".join(repr(struct.unpack("f", struct.pack("f", c))[0])
                                       for c in row) + "),")
         print(")")
+    for name, grad in (("NORMAL_TAIL8_F32", False), ("GELU_GRAD8_F32", True)):
+        print(name, "= (")  # the same with AVX2: 8 pieces of width 0.75, degree 9
+        for row in fit_normal_tail_pieces(h=0.75, pieces=8, degree=9, grad=grad):
+            print("    (" + ", ".join(repr(struct.unpack("f", struct.pack("f", c))[0])
+                                      for c in row) + "),")
+        print(")")

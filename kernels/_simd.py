@@ -117,8 +117,14 @@ def _splat(builder, value, vty: ir.VectorType):
 
 
 def store_nt(builder, val, ptr):
-    """A 64-byte aligned store of ``val`` marked ``!nontemporal`` (no write-allocate)."""
-    st = builder.store(val, ptr, align=64)
+    """A store of ``val`` marked ``!nontemporal`` (no write-allocate), aligned to its size
+    up to 64 bytes (a 256-bit vector: 32)."""
+    size = 64
+    if isinstance(val.type, ir.VectorType):
+        el = val.type.element
+        size = val.type.count * (el.width // 8 if isinstance(el, ir.IntType) else
+                                 4 if isinstance(el, ir.FloatType) else 8)
+    st = builder.store(val, ptr, align=min(64, size))
     st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
 
 

@@ -55,7 +55,7 @@ from kernels._chunks import chunk_bounds, n_chunks
 from kernels._erf import normal_parts
 from kernels._fastmath import exp_softmax
 from kernels._jit import jit, overload, prange, types
-from kernels._simd import address, sfence, stream_out
+from kernels._simd import _host_has_avx2_fma, address, sfence, stream_out
 from kernels.errors import KernelInputError
 
 __all__ = ["ACTIVATIONS", "bias_act", "bias_act_backward", "gelu", "gelu_backward"]
@@ -217,7 +217,8 @@ _ROW = 512  # elements per row of the 2-D view
 # masked head up to the output's next 64-byte boundary; one sfence per chunk). Measured
 # in one round-robin at 2 x 128 Mi elements: GELU 26-28 -> 38 GB/s, bias + GELU 30 -> 37.
 VEC_F64 = _avx512.AVAILABLE  # tests turn it off to run the portable float64 path too
-VEC_F32 = _avx512.AVAILABLE  # and this one the portable float32 path
+VEC_F32 = _host_has_avx2_fma()  # and this one the portable float32 path (the float32
+# kernels run at the CPU's vector width: 16 lanes with AVX-512, 8 with AVX2)
 _B = _avx512.BLOCK
 _TILE = max(_B, BLOCK32)  # the bias is tiled this far past its end (see _gelu_chunk)
 
@@ -274,6 +275,23 @@ def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
         if bias:
             acc[pj[t]] += pz[t]
     return 0
+
+
+def _finish_any(pz, pdy, pi, pj, cnt, out, acc, bias,
+                backward):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_finish_any, inline="always")
+def _finish_any_overload(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
+    """``_finish`` for float64 outputs; float32 puts nothing aside, and its kernels must
+    not compile ``_finish``'s AVX-512 intrinsics (they run on AVX2 CPUs too)."""
+    if out.dtype == types.float32:
+        return lambda pz, pdy, pi, pj, cnt, out, acc, bias, backward: 0
+
+    def impl(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
+        return _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward)
+    return impl
 
 
 _GELU_F64_BLOCKS = {  # (bias, backward): the plain, masked tail and non-temporal intrinsic
@@ -360,7 +378,7 @@ def _gelu_chunk(c, dy, x, bt, out, pdb, ncols, nchunks, nt, bufs, bias, backward
             cnt = _gelu_block(0, bias, backward, dy, x, bt, out, acc, i, j, blk,
                               pz, pdy, pi, pj, cnt)
         if cnt > _PEND:
-            cnt = _finish(pz, pdy, pi, pj, cnt, out, acc, grad_b, wide_b)
+            cnt = _finish_any(pz, pdy, pi, pj, cnt, out, acc, grad_b, wide_b)
         i += blk
         j += blk
         if j >= ncols:
@@ -368,7 +386,7 @@ def _gelu_chunk(c, dy, x, bt, out, pdb, ncols, nchunks, nt, bufs, bias, backward
     if i < hi:
         cnt = _gelu_block(1, bias, backward, dy, x, bt, out, acc, i, j, hi - i,
                           pz, pdy, pi, pj, cnt)
-    _finish(pz, pdy, pi, pj, cnt, out, acc, grad_b, wide_b)
+    _finish_any(pz, pdy, pi, pj, cnt, out, acc, grad_b, wide_b)
     if nt:
         sfence()
 

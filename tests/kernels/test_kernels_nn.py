@@ -76,19 +76,26 @@ def xent_path(request, monkeypatch, every_short_row):
     return request.param
 
 
-@pytest.fixture(params=["avx512", "avx512-nt", "portable"])
-def f64_path(request, monkeypatch):
-    """Run a test (GELU, softmax) through each implementation: the AVX-512 one
-    ("avx512-nt": with non-temporal stores however small the output) and the portable
-    one (float64; for GELU float32 too)."""
-    if request.param != "portable":
-        require_avx512()
-    monkeypatch.setattr(activations, "VEC_F64", request.param != "portable")
-    monkeypatch.setattr(activations, "VEC_F32", request.param != "portable")
-    monkeypatch.setattr(nn, "VEC_F64", request.param != "portable")
-    monkeypatch.setattr(nn, "VEC_SHORT", request.param != "portable")
-    monkeypatch.setattr(nn, "VEC_BLOCKS", request.param != "portable")
-    if request.param == "avx512-nt":
+def require_vec_f32():
+    """The float32 GELU vector kernels run where numba targets AVX2 and FMA (16 lanes with
+    AVX-512, 8 without)."""
+    if not _simd._host_has_avx2_fma():
+        pytest.skip("no AVX2/FMA target: only the portable float32 GELU runs here")
+
+
+@pytest.fixture(params=["vector", "vector-nt", "portable"])
+def gelu_path(request, monkeypatch):
+    """Run a GELU test through each implementation: the vector kernels (float64 on
+    AVX-512 only, float32 at the CPU's width; "vector-nt": with non-temporal stores
+    however small the output) and the portable loops. Where no vector kernel runs for
+    a dtype the "vector" runs repeat the portable one."""
+    vec = request.param != "portable"
+    if vec and not (_avx512.AVAILABLE or _simd._host_has_avx2_fma()):
+        pytest.skip("no AVX2/FMA target: only the portable GELU runs here")
+    monkeypatch.setattr(activations, "VEC_F64", vec and _avx512.AVAILABLE)
+    monkeypatch.setattr(activations, "VEC_F32", vec and _simd._host_has_avx2_fma())
+    monkeypatch.setattr(nn, "VEC_F64", vec and _avx512.AVAILABLE)
+    if request.param == "vector-nt":
         monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
     return request.param
 
@@ -246,7 +253,15 @@ def test_xent_blocks_of_rows_match_the_row_kernel(dt, rng, monkeypatch):
     special = [lanes + 1, lanes + 2, lanes + 3]
     most = max(2 * lanes, nn.BLOCK_MAX_CLASSES[np.dtype(dt).itemsize, lanes])
     assert most <= _avx512.block_max_count(lanes, np.dtype(dt).itemsize)
-    for c in range(2, most + 2):
+    # each side of every boundary between the kernels' cases (each count compiles its own
+    # kernel): half a vector or less, spread over the lanes (_avx512.spread_columns),
+    # whole vectors, two blocks per call or one, and the largest count the blocks take
+    pair = _avx512.SOFTMAX_PAIR_MAX_CLASSES[np.dtype(dt).itemsize, lanes]
+    half = lanes // 2
+    counts = {2, 3, half, half + 1, pair, pair + 1, lanes - 1, lanes, lanes + 1, lanes + 2,
+              lanes + half, 2 * lanes - 1, 2 * lanes, 2 * lanes + 1, 3 * lanes - 1,
+              3 * lanes, most - 1, most, most + 1}
+    for c in sorted(c for c in counts if 2 <= c <= most + 1):
         x = (4 * rng.standard_normal((n, c))).astype(dt)
         x[special[0], 0] = np.nan
         x[special[1], -1] = np.inf
@@ -439,8 +454,10 @@ def _ln_both(x, g, b, dy, out=None, dout=None):
 
 
 @pytest.mark.parametrize("dt, widths, rtol", [
-    (np.float32, [*range(1, 41), 47, 63, 64, 65, 80, 96, 127, 128, 129], 2e-5),
-    (np.float64, [*range(1, 70)], 1e-12)])
+    (np.float32, [*range(1, 22), 23, 24, 27, 28, 29, 31, 32, 33, 40, 47, 63, 64, 65, 80, 96,
+                  127, 128, 129], 2e-5),
+    (np.float64, [*range(1, 18), 23, 24, 25, 31, 32, 33, 40, 41, 47, 48, 49, 57, 63, 64, 65,
+                  69], 1e-12)])
 def test_layer_norm_short_rows_match_the_long_row_kernel(dt, widths, rtol, rng, monkeypatch,
                                                          every_short_row):
     # rows of up to 8 vectors are held in registers (kernels._avx512.ln_row and
@@ -448,7 +465,9 @@ def test_layer_norm_short_rows_match_the_long_row_kernel(dt, widths, rtol, rng, 
     # whole inside a chunk and masked at its end (301 rows: 4 chunks of 75-76); rows of
     # few features also go L at a time through blocks transposed in registers (ln_block,
     # ln_bwd_block; L = 16 / 8 lanes with AVX-512, 8 / 4 with AVX2; 301 rows: the last
-    # 13 / 5 or 5 / 1 through the row kernels)
+    # 13 / 5 or 5 / 1 through the row kernels). The widths: every one up to past the
+    # blocks' and the first vector's, then each side of the vector counts' boundaries
+    # (each width compiles its own block kernels)
     for d in widths:
         x = (2 + 3 * rng.standard_normal((301, d))).astype(dt)
         dy = rng.standard_normal((301, d)).astype(dt)
@@ -710,13 +729,13 @@ def test_layer_norm_statistics_into_callers_buffers(d, rng):
 
 # -- GELU, bias + activation -----------------------------------------------------------
 
-def test_gelu_matches_erf_reference(dtype, tol, rng, f64_path):
+def test_gelu_matches_erf_reference(dtype, tol, rng, gelu_path):
     x = np.concatenate([np.linspace(-12, 12, 2001), 3 * rng.standard_normal(500)]).astype(dtype)
     np.testing.assert_allclose(nn.gelu(x), ref_gelu(x), **tol)
     np.testing.assert_allclose(nn.gelu_backward(np.ones_like(x), x), ref_gelu_grad(x), **tol)
 
 
-def test_gelu_float64_is_accurate_in_the_tails(rng, f64_path):
+def test_gelu_float64_is_accurate_in_the_tails(rng, gelu_path):
     # reference through erfc, so the lower tail is not lost to 1 + erf cancellation;
     # it rounds x / sqrt 2, which costs it up to x^2 ulp there (allowed for below)
     # with the float64 central pieces' boundaries (j * 0.3125) and the 4.99 switch, +-1 ulp
@@ -758,8 +777,9 @@ def test_gelu_backward_float32_mills_ratio_form():
     np.testing.assert_array_equal(db, 2 * dx[0])
 
 
-def test_gelu_float32_is_accurate_in_the_tails_and_at_special_values(f64_path):
-    # float32 on AVX-512: 16 pieces of degree 6 for a = |x| < 5.99, 0 past it; the
+def test_gelu_float32_is_accurate_in_the_tails_and_at_special_values(gelu_path):
+    # float32 on AVX-512: 16 pieces of degree 6 for a = |x| < 5.99, 0 past it (AVX2: 8
+    # pieces of degree 9); the
     # portable path: a rational erf (and Mills' ratio for the derivative). Forward:
     # within 3e-7 relative where x >= 0 and 2e-5 below, plus |x| Phi(-5.99) < 7e-9 for
     # the cut-off (the portable path: 8e-7 absolute); the derivative within 1.5e-7 (2.5e-7). -3e38 once gave -9e30 (the portable
@@ -772,12 +792,12 @@ def test_gelu_float32_is_accurate_in_the_tails_and_at_special_values(f64_path):
     got = nn.gelu(x32).astype(np.float64)
     ref = x * cdf
     bound = np.where(x >= 0, 3e-7, 2e-5) * np.abs(ref) + 7e-9
-    if f64_path == "portable":  # 1 + erf cancels below 0: x ulp(1) / 2, up to 6e-7
+    if gelu_path == "portable":  # 1 + erf cancels below 0: x ulp(1) / 2, up to 6e-7
         bound = 3e-7 * np.abs(ref) + 8e-7
     assert (np.abs(got - ref) <= bound).all(), x[np.abs(got - ref) > bound][:5]
     ref_grad = cdf + x * pdf
     got_grad = nn.gelu_backward(np.ones_like(x32), x32).astype(np.float64)
-    assert np.abs(got_grad - ref_grad).max() < (2.5e-7 if f64_path == "portable" else 1.5e-7)
+    assert np.abs(got_grad - ref_grad).max() < (2.5e-7 if gelu_path == "portable" else 1.5e-7)
     special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 3e38, -3e38], np.float32)
     with np.errstate(invalid="ignore"):
         want = special * np.array([np.nan, 1, 0, 0.5, 0.5, 1, 0], np.float32)
@@ -791,10 +811,10 @@ def test_gelu_float32_is_accurate_in_the_tails_and_at_special_values(f64_path):
 @pytest.mark.parametrize("ncols", [1, 7, 16, 45, 64, 100, 130])
 def test_gelu_float32_vector_path_is_the_same_at_every_length_and_position(
         ncols, rng, monkeypatch):
-    # the float32 AVX-512 path does 64 elements per call and a masked tail, after an
+    # the float32 vector path does 64 elements per call and a masked tail, after an
     # aligned head with non-temporal stores: every length and position gives each value
     # the same result, with or without them; against float64, to float32 accuracy
-    require_avx512()
+    require_vec_f32()
     x = (4 * rng.standard_normal((9, ncols))).astype(np.float32)
     b = rng.standard_normal(ncols).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
@@ -824,7 +844,7 @@ def test_gelu_float32_vector_path_is_the_same_at_every_length_and_position(
             k += 1
 
 
-def test_gelu_in_place_strided_nan_and_empty(rng, f64_path):
+def test_gelu_in_place_strided_nan_and_empty(rng, gelu_path):
     base = rng.standard_normal((5, 8))
     view = base[:, 1::2]
     expect = ref_gelu(view)
@@ -836,7 +856,7 @@ def test_gelu_in_place_strided_nan_and_empty(rng, f64_path):
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "gelu"])
-def test_bias_act_forward_and_backward(act, dtype, tol, rng, f64_path):
+def test_bias_act_forward_and_backward(act, dtype, tol, rng, gelu_path):
     x = rng.standard_normal((70, 9)).astype(dtype)
     b = rng.standard_normal(9).astype(dtype)
     dy = rng.standard_normal((70, 9)).astype(dtype)
@@ -1191,12 +1211,13 @@ _AVX2_FEATURES = ("+avx2,+avx,+fma,+f16c,+bmi,+bmi2,+lzcnt,+popcnt,+sse4.2,+sse4
 
 
 def test_row_and_block_kernels_at_256_bits_where_the_cpu_has_avx512(tmp_path):
-    # the softmax and layer norm row and block kernels take the CPU's vector width: 256
-    # bits with AVX2 (8 float32 / 4 float64 lanes, other permutes and exps, other
-    # tuning). On an AVX-512 host the tests of this file run them at 512 bits; here the
-    # same tests run again in a subprocess that compiles for an AVX2 CPU (an empty cache
-    # folder), so both widths are checked wherever CI runs. On an AVX2 host they already
-    # ran at 256 bits (HPCGW_TEST_AVX2_AGAIN=1 runs them anyway)
+    # the softmax and layer norm row and block kernels and float32 GELU take the CPU's
+    # vector width: 256 bits with AVX2 (8 float32 / 4 float64 lanes, other permutes,
+    # exps and GELU pieces, other tuning). On an AVX-512 host the tests of this file
+    # run them at 512 bits; here the same tests run again in a subprocess that compiles
+    # for an AVX2 CPU (an empty cache folder), so both widths are checked wherever CI
+    # runs. On an AVX2 host they already ran at 256 bits (HPCGW_TEST_AVX2_AGAIN=1 runs
+    # them anyway)
     import os
     import platform
     import subprocess
@@ -1211,9 +1232,10 @@ def test_row_and_block_kernels_at_256_bits_where_the_cpu_has_avx512(tmp_path):
     env.pop("HPCGW_TEST_AVX2_AGAIN", None)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "(xent or layer_norm or block or softmax) and not at_256_bits"],
+         "(xent or layer_norm or block or softmax or gelu or bias_act) "
+         "and not at_256_bits"],
         env=env, capture_output=True, text=True, timeout=1200,
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "row and block kernels at 256 bits tested" in done.stdout, done.stdout[-2000:]
+    assert "float32 GELU at 256 bits tested" in done.stdout, done.stdout[-2000:]
     assert " passed" in done.stdout and " failed" not in done.stdout
