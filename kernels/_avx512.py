@@ -65,7 +65,8 @@ from numba.core import cgutils
 from kernels._fastmath import (_EXP, _EXP5_F32, _LN2_HI, _LN2_LO, _LOG2E, EXP_MIN_F32,
                                LN2_HI_F32, LN2_LO_F32)
 from kernels._jit import intrinsic, types
-from kernels._simd import VEC_BITS, _compress_to, _elem_ptr, _host_has_avx512, _splat, store_nt
+from kernels._simd import (VEC_BITS, _compress_to, _elem_ptr, _host_has_avx512, _splat,
+                           elem_bytes, store_nt)
 
 __all__ = ["AVAILABLE", "BLOCK", "BLOCK32", "gelu_bias_bwd_f32", "gelu_bias_bwd_f32_nt",
            "gelu_bias_bwd_f32_tail", "gelu_bias_f32", "gelu_bias_f32_nt", "gelu_bias_f32_tail",
@@ -536,15 +537,13 @@ def _vec_name(vty: ir.VectorType) -> str:
     return f"v{vty.count}{'f32' if vty.element == ir.FloatType() else 'f64'}"
 
 
-def _elem_bytes(vty: ir.VectorType) -> int:
-    return 4 if vty.element == ir.FloatType() else 8
 
 
 def _load(builder, ptr, mask, passthru=None):
     """A vector (``ptr``'s pointee: 8 doubles or 16 floats) from ``ptr``, any alignment;
     with a mask, only its lanes (the others ``passthru``, default 0)."""
     vty = ptr.type.pointee
-    align = _elem_bytes(vty)
+    align = elem_bytes(vty)
     if mask is None:
         return builder.load(ptr, align=align)
     fn = cgutils.get_or_insert_function(
@@ -557,7 +556,7 @@ def _load(builder, ptr, mask, passthru=None):
 def _store(builder, val, ptr, mask, nt=False):
     """Store a vector (with a mask: only its lanes); ``nt``: a non-temporal store, which
     skips the write-allocate read of the line (``ptr`` must be 64-byte aligned)."""
-    align = _elem_bytes(val.type)
+    align = elem_bytes(val.type)
     if mask is None:
         if nt:
             store_nt(builder, val, ptr)
@@ -961,9 +960,7 @@ def _pieces_f32(builder, z, table):
     sfx = _vec_name(vty)
     fma = fn(f"llvm.fma.{sfx}", vty, [vty] * 3)
     a = builder.call(fn(f"llvm.fabs.{sfx}", vty, [vty]), [z])
-    h = _H32 if lanes == 16 else _H8
-    if lanes != 16:  # AVX2: 8 pieces, one vpermps (8 entries) per coefficient
-        table = GELU_GRAD8_F32 if table is GELU_GRAD16_F32 else NORMAL_TAIL8_F32
+    h = {16: _H32, 8: _H8}[len(table[0])]  # piece width, by the table's piece count
     kf = builder.fadd(builder.call(fma, [a, c(1.0 / h), c(-0.5)]), c(_MAGIC32))
     kd = builder.fsub(kf, c(_MAGIC32))
     t = builder.fsub(a, builder.call(fma, [kd, c(h), c(h / 2)]))
@@ -1010,15 +1007,20 @@ def _gelu32_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False
             masks = ([_mask(builder, builder.sub(n64, o), lanes) for o in offs] if masked
                      else [None] * len(offs))
 
+            def ptr(k, base, q):
+                return builder.bitcast(_elem_ptr(context, builder, sig.args[k], args[k],
+                                                 builder.add(base, offs[q]), types.int64),
+                                       vty.as_pointer())
+
             def ptrs(k, base):
-                return [builder.bitcast(_elem_ptr(context, builder, sig.args[k], args[k],
-                                                  builder.add(base, o), types.int64),
-                                        vty.as_pointer()) for o in offs]
+                return [ptr(k, base, q) for q in range(len(offs))]
 
             def load(k, base):
                 return [_load(builder, p, m) for p, m in zip(ptrs(k, base), masks)]
 
-            table = GELU_GRAD16_F32 if backward else NORMAL_TAIL16_F32
+            # AVX2: 8 pieces, one vpermps (8 entries) per coefficient
+            table = ((GELU_GRAD16_F32 if backward else NORMAL_TAIL16_F32) if lanes == 16 else
+                     (GELU_GRAD8_F32 if backward else NORMAL_TAIL8_F32))
             one = ir.Constant(vty, [1.0] * lanes)
             zero = ir.Constant(vty, [0.0] * lanes)
 
@@ -1033,17 +1035,15 @@ def _gelu32_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False
 
             if lanes != 16:  # AVX2: one vector from its load to its store at a time (the
                 # whole block's 8 vectors at once spilled on its 16 registers)
-                for q in range(len(offs)):
-                    def one_of(k, base, q=q):
-                        return _load(builder, ptrs(k, base)[q], masks[q])
-                    z = one_of(1, i64)
+                for q, m in enumerate(masks):
+                    z = _load(builder, ptr(1, i64, q), m)
                     if bias:
-                        z = builder.fadd(z, one_of(2, j64))
-                    val = gelu_of(z, one_of(0, i64) if backward else None)
-                    _store(builder, val, ptrs(3, i64)[q], masks[q], nt and masks[q] is None)
+                        z = builder.fadd(z, _load(builder, ptr(2, j64, q), m))
+                    val = gelu_of(z, _load(builder, ptr(0, i64, q), m) if backward else None)
+                    _store(builder, val, ptr(3, i64, q), m, nt and m is None)
                     if bias and backward:
-                        _store(builder, builder.fadd(one_of(4, j64), val), ptrs(4, j64)[q],
-                               masks[q])
+                        p4 = ptr(4, j64, q)
+                        _store(builder, builder.fadd(_load(builder, p4, m), val), p4, m)
                 return context.get_dummy_value()
             zs = load(1, i64)
             if bias:
@@ -1124,12 +1124,16 @@ softmax_exp_f64_tail = _softmax_exp_intrinsic(True)
 def _exp_bits(builder, w, f32: bool):
     """``kernels._fastmath.exp_softmax_f32`` (``f32``) or ``exp_nonpos_f64`` on a vector
     of any width: the same operations in the same order (their FMAs where ``contract``
-    fuses), ``2^n`` from bits: ``n + (2^m + bias)`` puts ``n + bias`` in the low
-    mantissa bits, shifted into the exponent field (no float-to-int conversion, which
-    AVX2 lacks for 64-bit integers). A NaN ``w`` stays NaN."""
+    fuses), so the same results. ``2^n`` from bits: ``n + (2^m + bias)`` puts ``n +
+    bias`` in the low mantissa bits, shifted into the exponent field (no float-to-int
+    conversion, which AVX2 lacks for 64-bit integers); on 16 float32 lanes (AVX-512) by
+    ``vscalefps`` instead, and the clamp one ``vmaxps(lo, w)``, which is ``w`` where
+    ``w`` is NaN (maxnum and a select on an unordered compare took three instructions).
+    A NaN ``w`` stays NaN."""
     vty = w.type
     lanes = vty.count
     ity = ir.VectorType(ir.IntType(32 if f32 else 64), lanes)
+    zmm = f32 and lanes == 16
 
     def c(v):
         return ir.Constant(vty, [_to_f32(v) if f32 else float(v)] * lanes)
@@ -1140,7 +1144,13 @@ def _exp_bits(builder, w, f32: bool):
 
     fma = fn("llvm.fma", 3)
     lo = c(EXP_MIN_F32 if f32 else -708.3965)
-    xc = builder.select(builder.fcmp_ordered("<", w, lo), lo, w)  # NaN stays
+    if zmm:
+        vmax = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty, vty, _I32]),
+            "llvm.x86.avx512.max.ps.512")
+        xc = builder.call(vmax, [lo, w, ir.Constant(_I32, 4)])
+    else:
+        xc = builder.select(builder.fcmp_ordered("<", w, lo), lo, w)  # NaN stays
     n = builder.call(fn("llvm.floor", 1), [builder.call(fma, [xc, c(_LOG2E), c(0.5)])])
     nn = builder.fneg(n)
     r = builder.call(fma, [nn, c(LN2_HI_F32 if f32 else _LN2_HI), xc])
@@ -1150,17 +1160,22 @@ def _exp_bits(builder, w, f32: bool):
         for g in _EXP5_F32[4::-1]:
             p = builder.call(fma, [p, r, c(g)])
     else:  # kernels._fastmath._exp_poly_f64 (Estrin)
-        x_ = _EXP
         r2 = builder.fmul(r, r)
         r4 = builder.fmul(r2, r2)
 
         def lin(k):
-            return builder.call(fma, [c(x_[k + 1]), r, c(x_[k])])
+            return builder.call(fma, [c(_EXP[k + 1]), r, c(_EXP[k])])
 
         a = builder.call(fma, [lin(2), r2, lin(0)])
         b = builder.call(fma, [lin(6), r2, lin(4)])
         cc = builder.call(fma, [lin(10), r2, lin(8)])
         p = builder.call(fma, [builder.call(fma, [cc, r4, b]), r4, a])
+    if zmm:
+        scalef = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty, vty, vty, ir.IntType(16), _I32]),
+            "llvm.x86.avx512.mask.scalef.ps.512")
+        return builder.call(scalef, [p, n, p, ir.Constant(ir.IntType(16), -1),
+                                     ir.Constant(_I32, 4)])
     mbits, bias = (23, 127) if f32 else (52, 1023)
     biased = builder.bitcast(builder.fadd(n, c(2.0 ** mbits + bias)), ity)
     pow2 = builder.bitcast(builder.shl(biased, ir.Constant(ity, [mbits] * lanes)), vty)
@@ -1181,35 +1196,8 @@ def _exp_nonpos_f64(builder, ws):
 
 
 def _exp_softmax_f32(builder, w):
-    """``kernels._fastmath.exp_softmax_f32`` on float32 lanes; on 16 lanes the same
-    operations in the same order, so the same results, but ``2^n`` by ``vscalefps``
-    instead of bit tricks and a multiply; on other widths ``_exp_bits``."""
-    if w.type.count != 16:
-        return _exp_bits(builder, w, True)
-
-    def fn(name, nargs):
-        return cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16, [_V16] * nargs), name)
-
-    def c(v):
-        return ir.Constant(_V16, [_to_f32(v)] * 16)
-
-    fma = fn("llvm.fma.v16f32", 3)
-    # vmaxps(lo, w) is w where w is NaN: one instruction for the clamp and the NaN
-    # (maxnum and a select on an unordered compare took three)
-    vmax = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_V16, [_V16, _V16, _I32]), "llvm.x86.avx512.max.ps.512")
-    xc = builder.call(vmax, [c(EXP_MIN_F32), w, ir.Constant(_I32, 4)])
-    n = builder.call(fn("llvm.floor.v16f32", 1), [builder.call(fma, [xc, c(_LOG2E), c(0.5)])])
-    r = builder.call(fma, [builder.fneg(n), c(LN2_HI_F32), xc])
-    r = builder.call(fma, [builder.fneg(n), c(LN2_LO_F32), r])
-    p = c(_EXP5_F32[5])
-    for g in _EXP5_F32[4::-1]:
-        p = builder.call(fma, [p, r, c(g)])
-    scalef = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16, ir.IntType(16), _I32]),
-        "llvm.x86.avx512.mask.scalef.ps.512")
-    return builder.call(scalef, [p, n, p, ir.Constant(ir.IntType(16), -1), ir.Constant(_I32, 4)])
+    """``kernels._fastmath.exp_softmax_f32`` on float32 lanes (``_exp_bits``)."""
+    return _exp_bits(builder, w, True)
 
 
 def _streamed_or_not(builder, nt, emit):
@@ -1570,7 +1558,7 @@ def _permute2(builder, a, idx, b):
     (``idx[l] < L``) or lane ``idx[l] - L`` of ``b``; ``idx`` a list of ints."""
     vty = a.type
     f32 = vty.element == _F32
-    if vty.count * _elem_bytes(vty) != 64:  # AVX2: LLVM picks the shuffles
+    if vty.count * elem_bytes(vty) != 64:  # AVX2: LLVM picks the shuffles
         return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, vty.count), idx))
     ity = ir.VectorType(_I32 if f32 else _I64, vty.count)
     fn = cgutils.get_or_insert_function(
@@ -1635,7 +1623,7 @@ def _permute1(builder, a, idx):
     """``vpermps`` / ``vpermpd``: lane ``l`` of the result is lane ``idx[l]`` of ``a``."""
     vty = a.type
     f32 = vty.element == _F32
-    if vty.count * _elem_bytes(vty) != 64:  # AVX2: vpermps / vpermpd
+    if vty.count * elem_bytes(vty) != 64:  # AVX2: vpermps / vpermpd
         return builder.shuffle_vector(a, ir.Constant(vty, ir.Undefined),
                                       ir.Constant(ir.VectorType(_I32, vty.count), idx))
     ity = ir.VectorType(_I32 if f32 else _I64, vty.count)

@@ -116,15 +116,18 @@ def _splat(builder, value, vty: ir.VectorType):
     return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask)
 
 
+def elem_bytes(vty: ir.VectorType) -> int:
+    """Bytes per lane of an LLVM vector type (float, double or an integer)."""
+    el = vty.element
+    if isinstance(el, ir.IntType):
+        return el.width // 8
+    return 4 if isinstance(el, ir.FloatType) else 8
+
+
 def store_nt(builder, val, ptr):
-    """A store of ``val`` marked ``!nontemporal`` (no write-allocate), aligned to its size
-    up to 64 bytes (a 256-bit vector: 32)."""
-    size = 64
-    if isinstance(val.type, ir.VectorType):
-        el = val.type.element
-        size = val.type.count * (el.width // 8 if isinstance(el, ir.IntType) else
-                                 4 if isinstance(el, ir.FloatType) else 8)
-    st = builder.store(val, ptr, align=min(64, size))
+    """A store of ``val`` (a vector) marked ``!nontemporal`` (no write-allocate), aligned
+    to its size up to 64 bytes (a 256-bit vector: 32)."""
+    st = builder.store(val, ptr, align=min(64, val.type.count * elem_bytes(val.type)))
     st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
 
 

@@ -598,7 +598,7 @@ def _ln_fwd_short(xflat, gamma, beta, eps, yflat, mean, rstd, n, d, nchunks, nt,
 
 def _padded(v: np.ndarray, nvec: int) -> np.ndarray:
     """``v`` followed by zeros up to ``nvec`` whole vectors (``_lanes``)."""
-    out = np.zeros(nvec * _VEC_BYTES // v.itemsize, v.dtype)
+    out = np.zeros(nvec * _lanes(v.dtype), v.dtype)
     out[:v.shape[0]] = v
     return out
 
@@ -967,7 +967,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     nch = n_chunks(n)
     nvec = _short_vectors(d, x.dtype, "ln_bwd") if VEC_SHORT else 0
     if nvec:
-        width = nvec * _VEC_BYTES // x.itemsize
+        width = nvec * _lanes(x.dtype)
         pg, pb = _checks.empty_aligned((2, nch, width), np.float64)
         pg[:] = 0.0
         pb[:] = 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -74,6 +75,24 @@ def xent_path(request, monkeypatch, every_short_row):
     if request.param == "vector-nt":
         monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
     return request.param
+
+
+def test_vector_paths_follow_the_cpus_flags():
+    # the skips in this file rest on kernels._simd's view of the CPU: where numba targets
+    # the host it must agree with the kernel's /proc/cpuinfo, so a broken check fails
+    # here instead of quietly skipping the vector tests (or running none of the paths)
+    if numba.config.CPU_NAME not in (None, "", "host") or numba.config.CPU_FEATURES:
+        pytest.skip("numba targets another CPU than this one (NUMBA_CPU_NAME/FEATURES)")
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo on this platform to check the flags against")
+    flags = set(next(ln for ln in info.read_text().splitlines()
+                     if ln.startswith("flags")).split(":", 1)[1].split())
+    avx2_fma = {"avx2", "fma"} <= flags
+    assert _avx512.AVAILABLE == ("avx512f" in flags)
+    assert _simd._host_has_avx2_fma() == avx2_fma
+    assert activations.VEC_F32 == nn.VEC_SHORT == nn.VEC_BLOCKS == avx2_fma
+    assert _avx512.row_lanes(True) == (16 if "avx512f" in flags else 8)
 
 
 def require_vec_f32():
