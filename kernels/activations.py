@@ -1,23 +1,26 @@
 """GELU and fused bias + activation, forward and backward.
 
 GELU is the exact (erf) form, as ``torch.nn.functional.gelu`` by default. libm's ``erf``
-is a scalar call that does not vectorise, so: float64 uses ``kernels._avx512`` (explicit
-AVX-512 vectors, table lookups, no division; for ``|x| < 4.99`` polynomial pieces with
-no exp either, the other lanes finished in batches) where the CPU has AVX-512F, else
-``kernels._erf.normal_parts`` (a vectorisable normal CDF/PDF); both a few ulp, also in
-the lower tail. float32 with AVX-512F: ``kernels._avx512`` too, 16 lanes per vector,
-``Phi(-|x|)`` (backward: ``R``) from 16 polynomial pieces looked up per lane, no
-division and no exp (GELU within 3e-7 relative for x >= 0, 2e-5 below where the output
-is tiny; 1.3x the speed of the path below, the backward 1.6x). Without AVX-512F float32
-uses a rational approximation of erf (max abs error 4e-9 in exact arithmetic) evaluated
-in float32, so a vector holds 16 lanes instead of 8; float32 rounding brings it to about
-3e-7 (absolute). That derivative does not need erf: it is written through Mills' ratio
-(``_gelu_grad``), within 2e-7, with the exp of ``kernels._fastmath.exp_softmax``.
+is a scalar call that does not vectorise, so float64 uses ``kernels._avx512`` where numba
+targets AVX2 and FMA: for ``|x| < 4.99`` polynomial pieces with no exp and no division
+(AVX-512: 8 lanes, 16 pieces looked up in registers; AVX2: 4 lanes, 128 pieces read
+from a table in memory), the other lanes put aside and finished in batches (AVX-512: by
+explicit vectors with table lookups; AVX2: by the loop below). Elsewhere
+``kernels._erf.normal_parts`` (a vectorisable normal CDF/PDF); all a few ulp, also in
+the lower tail. float32 with AVX2 and FMA: ``kernels._avx512`` too, 16 lanes per vector
+with AVX-512 (8 with AVX2), ``Phi(-|x|)`` (backward: ``R``) from polynomial pieces
+looked up per lane, no division and no exp (GELU within 3e-7 relative for x >= 0, 2e-5
+below where the output is tiny; 1.3x the speed of the path below, the backward 1.6x).
+Otherwise float32 uses a rational approximation of erf (max abs error 4e-9 in exact
+arithmetic) evaluated in float32; float32 rounding brings it to about 3e-7 (absolute).
+That derivative does not need erf: it is written through Mills' ratio (``_gelu_grad``),
+within 2e-7, with the exp of ``kernels._fastmath.exp_softmax``.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from kernels import _avx512, _checks
 from kernels._avx512 import (
@@ -216,7 +219,8 @@ _ROW = 512  # elements per row of the 2-D view
 # ``nt``: outputs of NT_MIN_BYTES or more are written with non-temporal stores (after a
 # masked head up to the output's next 64-byte boundary; one sfence per chunk). Measured
 # in one round-robin at 2 x 128 Mi elements: GELU 26-28 -> 38 GB/s, bias + GELU 30 -> 37.
-VEC_F64 = _avx512.AVAILABLE  # tests turn it off to run the portable float64 path too
+VEC_F64 = _host_has_avx2_fma()  # tests turn it off to run the portable float64 path too
+# (AVX-512: ``_avx512.central_pieces``, 8 lanes; AVX2: ``central_pieces_mem``, 4 lanes)
 VEC_F32 = _host_has_avx2_fma()  # and this one the portable float32 path (the float32
 # kernels run at the CPU's vector width: 16 lanes with AVX-512, 8 with AVX2)
 _B = _avx512.BLOCK
@@ -232,8 +236,9 @@ def _head(out, i, hi, nt):
     return min(hi, i + ((64 - (address(out, i) & 63)) & 63) // out.itemsize)
 
 
-# Both directions, float64: ``|z| < 4.99`` by the central pieces (``_avx512.central_pieces``,
-# no exp); the other lanes are put aside per chunk and finished in batches by ``_finish``.
+# Both directions, float64: ``|z| < 4.99`` by the central pieces (``_avx512.central_pieces``
+# or, with AVX2, ``central_pieces_mem``: no exp); the other lanes are put aside per chunk
+# and finished in batches by ``_finish`` (``_finish_portable`` without AVX-512).
 # float32 needs no lanes put aside: its pieces cover |z| < 5.99, and past that the result
 # is z or 0 (GELU') to float32 accuracy (``_avx512._pieces_f32``).
 _PEND = 96  # put-aside lanes per chunk before a batch is finished (see _finish)
@@ -277,6 +282,41 @@ def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
     return 0
 
 
+@jit(fastmath={"contract"})
+def _finish_portable(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
+    """``_finish`` without AVX-512: the lanes through ``normal_parts`` (a loop LLVM
+    vectorises at 4 lanes)."""
+    if backward:
+        for t in range(cnt):
+            pz[t] = pdy[t] * _act_grad(pz[t], 2)
+    else:
+        for t in range(cnt):
+            pz[t] = _act(pz[t], 2)
+    for t in range(cnt):
+        out[pi[t]] = pz[t]
+        if bias:
+            acc[pj[t]] += pz[t]
+    return 0
+
+
+@jit(inline=True)
+def _put_aside(bits, i, j, pz, pdy, pi, pj, cnt):
+    """Keep the lanes set in ``bits`` of the block at ``i`` (bias column ``j``) that an
+    AVX2 float64 intrinsic left for later: it wrote the block's ``z`` and ``dy`` to
+    ``pz``/``pdy`` from ``cnt`` on, and they are packed here (moving left, so in
+    place). Returns the new count."""
+    k0 = cnt
+    while bits:
+        k = trailing_zeros(bits)
+        bits &= bits - 1
+        pz[cnt] = pz[k0 + k]
+        pdy[cnt] = pdy[k0 + k]
+        pi[cnt] = i + k
+        pj[cnt] = j + k
+        cnt += 1
+    return cnt
+
+
 def _finish_any(pz, pdy, pi, pj, cnt, out, acc, bias,
                 backward):  # pragma: no cover - replaced by the overload inside jitted code
     raise NotImplementedError
@@ -288,6 +328,10 @@ def _finish_any_overload(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
     not compile ``_finish``'s AVX-512 intrinsics (they run on AVX2 CPUs too)."""
     if out.dtype == types.float32:
         return lambda pz, pdy, pi, pj, cnt, out, acc, bias, backward: 0
+    if not _avx512.AVAILABLE:
+        def portable(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
+            return _finish_portable(pz, pdy, pi, pj, cnt, out, acc, bias, backward)
+        return portable
 
     def impl(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
         return _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward)
@@ -299,6 +343,16 @@ _GELU_F64_BLOCKS = {  # (bias, backward): the plain, masked tail and non-tempora
     (False, True): (gelu_bwd_f64, gelu_bwd_f64_tail, gelu_bwd_f64_nt),
     (True, False): (gelu_bias_f64, gelu_bias_f64_tail, gelu_bias_f64_nt),
     (True, True): (gelu_bias_bwd_f64, gelu_bias_bwd_f64_tail, gelu_bias_bwd_f64_nt),
+}
+_GELU_F64_AVX2_BLOCKS = {  # the same without AVX-512: put-aside lanes as a bit mask
+    (False, False): (_avx512.gelu_f64_avx2, _avx512.gelu_f64_avx2_tail,
+                     _avx512.gelu_f64_avx2_nt),
+    (False, True): (_avx512.gelu_bwd_f64_avx2, _avx512.gelu_bwd_f64_avx2_tail,
+                    _avx512.gelu_bwd_f64_avx2_nt),
+    (True, False): (_avx512.gelu_bias_f64_avx2, _avx512.gelu_bias_f64_avx2_tail,
+                    _avx512.gelu_bias_f64_avx2_nt),
+    (True, True): (_avx512.gelu_bias_bwd_f64_avx2, _avx512.gelu_bias_bwd_f64_avx2_tail,
+                   _avx512.gelu_bias_bwd_f64_avx2_nt),
 }
 _GELU_F32_BLOCKS = {  # the same for float32: nothing is put aside
     (False, False): (gelu_f32, gelu_f32_tail, gelu_f32_nt),
@@ -331,6 +385,15 @@ def _gelu_block_overload(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz,
             fn32(dy, x, bt, out, acc, i, j, n)
             return cnt
         return impl32
+    if not _avx512.AVAILABLE:
+        fn2 = _GELU_F64_AVX2_BLOCKS[key][kind.literal_value]
+
+        def impl2(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj, cnt):
+            bits = fn2(dy, x, bt, out, acc, i, j, n, pz, pdy, cnt)
+            if bits:
+                return _put_aside(bits, i, j, pz, pdy, pi, pj, cnt)
+            return cnt
+        return impl2
     fn = _GELU_F64_BLOCKS[key][kind.literal_value]
 
     def impl(kind, bias, backward, dy, x, bt, out, acc, i, j, n, pz, pdy, pi, pj, cnt):

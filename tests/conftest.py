@@ -16,14 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say which kernel paths this CPU ran (also under -q): the tests of the AVX-512-only
-    kernels (float64 GELU, the float64 softmax exp pass) skip on a CPU without AVX-512F,
-    in CI too, since no setup step can add it; the softmax and layer norm row and block
-    kernels and float32 GELU run at the CPU's vector width."""
+    kernels (the float64 softmax exp pass, float64 GELU's 16-piece path) skip on a CPU
+    without AVX-512F, in CI too, since no setup step can add it; the softmax and layer
+    norm row and block kernels and GELU run at the CPU's vector width."""
     if "kernels" not in sys.modules:
         return
     from kernels import _avx512
 
-    width = f"row and block kernels and float32 GELU at {_avx512.row_lanes(True) * 32} bits"
+    width = f"row and block kernels and GELU at {_avx512.row_lanes(True) * 32} bits"
     terminalreporter.write_line(
         "kernels: AVX-512F " + (f"present: vector and portable paths tested ({width})"
                                 if _avx512.AVAILABLE else
