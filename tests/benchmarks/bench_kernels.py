@@ -283,7 +283,7 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
         ours_out=lambda: nn.bias_act_backward(dy, x, gam, "gelu", out=ol))
     if dt == np.float64:  # wide inputs: 9.5% of lanes past float64's central pieces
         xw = 3 * x
-        note = "x ~ N(0, 3^2): 9.5% of lanes put aside for the exp road"
+        note = "x ~ N(0, 3^2): 9.5% of lanes put aside for the full-range path"
         add("gelu, wide x", x.shape, dt, 2 * nb, note, ours=lambda: nn.gelu(xw),
             ours_out=lambda: nn.gelu(xw, out=ol))
         add("gelu_backward, wide x", x.shape, dt, 3 * nb, note,
