@@ -1299,18 +1299,11 @@ def _gelu64_avx2_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = 
     return intrinsic(typer)
 
 
-gelu_f64_avx2 = _gelu64_avx2_intrinsic(False, False, False)
-gelu_f64_avx2_tail = _gelu64_avx2_intrinsic(False, False, True)
-gelu_f64_avx2_nt = _gelu64_avx2_intrinsic(False, False, False, nt=True)
-gelu_bias_f64_avx2 = _gelu64_avx2_intrinsic(True, False, False)
-gelu_bias_f64_avx2_tail = _gelu64_avx2_intrinsic(True, False, True)
-gelu_bias_f64_avx2_nt = _gelu64_avx2_intrinsic(True, False, False, nt=True)
-gelu_bwd_f64_avx2 = _gelu64_avx2_intrinsic(False, True, False)
-gelu_bwd_f64_avx2_tail = _gelu64_avx2_intrinsic(False, True, True)
-gelu_bwd_f64_avx2_nt = _gelu64_avx2_intrinsic(False, True, False, nt=True)
-gelu_bias_bwd_f64_avx2 = _gelu64_avx2_intrinsic(True, True, False)
-gelu_bias_bwd_f64_avx2_tail = _gelu64_avx2_intrinsic(True, True, True)
-gelu_bias_bwd_f64_avx2_nt = _gelu64_avx2_intrinsic(True, True, False, nt=True)
+# (bias, backward) -> the plain, masked tail and non-temporal variant, as
+# kernels.activations calls them
+GELU_F64_AVX2 = {(bias, backward): tuple(_gelu64_avx2_intrinsic(bias, backward, kind == 1,
+                                                                kind == 2) for kind in range(3))
+                 for bias in (False, True) for backward in (False, True)}
 
 
 def _softmax_exp_intrinsic(masked: bool):

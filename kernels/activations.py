@@ -344,16 +344,7 @@ _GELU_F64_BLOCKS = {  # (bias, backward): the plain, masked tail and non-tempora
     (True, False): (gelu_bias_f64, gelu_bias_f64_tail, gelu_bias_f64_nt),
     (True, True): (gelu_bias_bwd_f64, gelu_bias_bwd_f64_tail, gelu_bias_bwd_f64_nt),
 }
-_GELU_F64_AVX2_BLOCKS = {  # the same without AVX-512: put-aside lanes as a bit mask
-    (False, False): (_avx512.gelu_f64_avx2, _avx512.gelu_f64_avx2_tail,
-                     _avx512.gelu_f64_avx2_nt),
-    (False, True): (_avx512.gelu_bwd_f64_avx2, _avx512.gelu_bwd_f64_avx2_tail,
-                    _avx512.gelu_bwd_f64_avx2_nt),
-    (True, False): (_avx512.gelu_bias_f64_avx2, _avx512.gelu_bias_f64_avx2_tail,
-                    _avx512.gelu_bias_f64_avx2_nt),
-    (True, True): (_avx512.gelu_bias_bwd_f64_avx2, _avx512.gelu_bias_bwd_f64_avx2_tail,
-                   _avx512.gelu_bias_bwd_f64_avx2_nt),
-}
+_GELU_F64_AVX2_BLOCKS = _avx512.GELU_F64_AVX2  # the same without AVX-512: a bit mask
 _GELU_F32_BLOCKS = {  # the same for float32: nothing is put aside
     (False, False): (gelu_f32, gelu_f32_tail, gelu_f32_nt),
     (False, True): (gelu_bwd_f32, gelu_bwd_f32_tail, gelu_bwd_f32_nt),
