@@ -254,6 +254,16 @@ def _pending(nchunks):
             np.empty((nchunks, m), np.int64), np.empty((nchunks, m), np.int64))
 
 
+@jit(inline=True)
+def _scatter(pz, pi, pj, cnt, out, acc, bias):
+    """The finished lanes to their places in ``out`` (and, with ``bias``, added to the
+    bias gradient ``acc``)."""
+    for t in range(cnt):
+        out[pi[t]] = pz[t]
+        if bias:
+            acc[pj[t]] += pz[t]
+
+
 @jit(fastmath={"contract"})
 def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
     """The ``cnt`` lanes put aside (``|z| >= 4.99`` or NaN), 32 at a time through the
@@ -275,10 +285,7 @@ def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
             gelu_wide_bwd_f64_tail(pdy, pz, pz, k, cnt - k)
         else:
             gelu_wide_f64_tail(pdy, pz, pz, k, cnt - k)
-    for t in range(cnt):
-        out[pi[t]] = pz[t]
-        if bias:
-            acc[pj[t]] += pz[t]
+    _scatter(pz, pi, pj, cnt, out, acc, bias)
     return 0
 
 
@@ -292,10 +299,7 @@ def _finish_portable(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
     else:
         for t in range(cnt):
             pz[t] = _act(pz[t], 2)
-    for t in range(cnt):
-        out[pi[t]] = pz[t]
-        if bias:
-            acc[pj[t]] += pz[t]
+    _scatter(pz, pi, pj, cnt, out, acc, bias)
     return 0
 
 

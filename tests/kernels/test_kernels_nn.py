@@ -1009,13 +1009,11 @@ def test_gelu_streaming_loops_store_nothing_to_the_stack(dtype):
     # slower at 10 of every 256 stack positions (where the spill slot straddled a page
     # boundary: docs/kernels.md); float64 z is read again from memory instead. Compiled
     # here afresh. With AVX2 the kernels do spill on its 16 registers: there every
-    # 256-bit slot of the float64 kernels (4 lanes, pieces from memory; the plain GELU
-    # and the bias + GELU backward, the fewest and the most registers) must be 32-byte
-    # aligned in a realigned frame, so none can straddle a page
+    # 256-bit slot (of the plain GELU and the bias + GELU backward, the fewest and the
+    # most registers: CI time) must be 32-byte aligned in a realigned frame, so none can
+    # straddle a page
     require_vec_gelu()
     spilling = not _avx512.AVAILABLE
-    if spilling and dtype == np.float32:
-        pytest.skip("float32 GELU with AVX2: checked at 512 bits only (CI time)")
     x = np.linspace(-6, 6, 4096).reshape(16, 256).astype(dtype)
     b = np.linspace(-1, 1, 256).astype(dtype)
     pdb = np.zeros((1, 256 + activations._TILE), dtype)
