@@ -31,6 +31,77 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                                 "AVX-512-only ones skipped"))
 
 
+def python_image_store() -> Path:
+    """Where the Python reference image is cached between test sessions."""
+    return Path(os.environ.get("HPCGW_TEST_IMAGE_CACHE")
+                or Path.home() / ".cache" / "hpcgw" / "test-images")
+
+
+_PREBUILD: dict[str, subprocess.Popen[bytes]] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building the Python reference image in the background when its tests are
+    selected and it is not in the store yet: the build (about 5 min, most of it Numba
+    compiling the kernels inside the image on one core) then overlaps the Slurm and cloud
+    tests that run before it, which mostly wait. The ``python_image`` fixture waits for
+    it, then finds the image by its key; if the background build failed, the fixture
+    builds again and shows that error."""
+    if not any(item.path.name == "test_python_image.py" for item in session.items):
+        return
+    import shutil
+
+    if any(shutil.which(t) is None for t in ("debootstrap", "podman", "skopeo")):
+        return
+    from gateway.errors import NotFoundError
+    from gateway.images.python_image import cache_key, debian_mirror, kernels_source
+    from gateway.images.store import ImageStore
+
+    root = python_image_store()
+    try:
+        ImageStore(root).resolve(f"hpcgw/python:{cache_key(debian_mirror(), kernels_source())}")
+        return  # already built
+    except NotFoundError:
+        pass
+    except Exception:  # no mirror configured and the like: the fixture reports it
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "prebuild.log", "wb") as log:
+        _PREBUILD["python"] = subprocess.Popen(
+            [sys.executable, "-m", "gateway.images.python_image", str(root)], cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_python_image_prebuild(timeout: float = 1800) -> None:
+    proc = _PREBUILD.pop("python", None)
+    if proc is not None:
+        proc.wait(timeout=timeout)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A background image build still running (its tests deselected or interrupted) is
+    stopped with its children (debootstrap, the chroot's Python)."""
+    import signal
+
+    proc = _PREBUILD.pop("python", None)
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def python_image() -> tuple[Path, str]:
+    """The Python reference image, built (or found) in ``python_image_store()``: its
+    store's root and its pinned reference."""
+    from gateway.images.python_image import build_python_image
+    from gateway.images.store import ImageStore
+
+    wait_for_python_image_prebuild()
+    root = python_image_store()
+    info = build_python_image(ImageStore(root))
+    return root, info.pinned
+
+
 @dataclass
 class CLI:
     env: dict[str, str]

@@ -1,14 +1,15 @@
-"""The Python reference image: built once from Debian packages (debootstrap, about a
-minute), cached by its key in a store that outlives the test session, then a job runs the
-kernels inside it with podman.
+"""The Python reference image: built once from Debian packages (debootstrap, about 1.5
+min, then Numba compiling the kernels inside, about 3 min), cached by its key in a store
+that outlives the test session, then a job runs the kernels inside it with podman.
 
-The cache: $HPCGW_TEST_IMAGE_CACHE, default ~/.cache/hpcgw/test-images.
+The cache: $HPCGW_TEST_IMAGE_CACHE, default ~/.cache/hpcgw/test-images. The
+``python_image`` fixture lives in tests/conftest.py, which starts the build in the
+background as soon as these tests are collected.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,16 +20,6 @@ from gateway.images.store import ImageStore
 pytestmark = [pytest.mark.integration, pytest.mark.containers, pytest.mark.slow]
 if any(shutil.which(t) is None for t in ("debootstrap", "podman", "skopeo")):
     pytestmark.append(pytest.mark.skip(reason="needs debootstrap, podman and skopeo"))
-
-
-@pytest.fixture(scope="session")
-def python_image() -> tuple[Path, str]:
-    from gateway.images.python_image import build_python_image
-
-    root = Path(os.environ.get("HPCGW_TEST_IMAGE_CACHE")
-                or Path.home() / ".cache" / "hpcgw" / "test-images")
-    info = build_python_image(ImageStore(root))
-    return root, info.pinned
 
 
 def test_python_image_is_cached_by_key(python_image: tuple[Path, str]) -> None:
