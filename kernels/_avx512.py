@@ -65,7 +65,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from kernels._fastmath import (_EXP, _EXP5_F32, _LN2_HI, _LN2_LO, _LOG2E, EXP_MIN_F32,
-                               LN2_HI_F32, LN2_LO_F32)
+                               LN2_HI_F32, LN2_LO_F32, ROUND_F32)
 from kernels import _pieces_mem
 from kernels._jit import intrinsic, types
 from kernels._simd import (VEC_BITS, _compress_to, _elem_ptr, _host_has_avx512, _splat,
@@ -1354,10 +1354,11 @@ def _exp_bits(builder, w, f32: bool):
     of any width: the same operations in the same order (their FMAs where ``contract``
     fuses), so the same results. ``2^n`` from bits: ``n + (2^m + bias)`` puts ``n +
     bias`` in the low mantissa bits, shifted into the exponent field (no float-to-int
-    conversion, which AVX2 lacks for 64-bit integers); on 16 float32 lanes (AVX-512) by
-    ``vscalefps`` instead, and the clamp one ``vmaxps(lo, w)``, which is ``w`` where
-    ``w`` is NaN (maxnum and a select on an unordered compare took three instructions).
-    A NaN ``w`` stays NaN."""
+    conversion, which AVX2 lacks for 64-bit integers; float32 rounds ``n`` by adding
+    ``ROUND_F32``, whose sum already holds them); on 16 float32 lanes (AVX-512) by
+    ``vscalefps`` instead. The clamp is one ``vmaxps(lo, w)`` / ``vmaxpd``, which is
+    ``w`` where ``w`` is NaN (maxnum and a select on an unordered compare took three
+    instructions, the select on an ordered one two). A NaN ``w`` stays NaN."""
     vty = w.type
     lanes = vty.count
     ity = ir.VectorType(ir.IntType(32 if f32 else 64), lanes)
@@ -1377,9 +1378,18 @@ def _exp_bits(builder, w, f32: bool):
             builder.module, ir.FunctionType(vty, [vty, vty, _I32]),
             "llvm.x86.avx512.max.ps.512")
         xc = builder.call(vmax, [lo, w, ir.Constant(_I32, 4)])
+    elif lanes * (32 if f32 else 64) == 256:
+        vmax = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty, vty]),
+            f"llvm.x86.avx.max.{'ps' if f32 else 'pd'}.256")
+        xc = builder.call(vmax, [lo, w])
     else:
         xc = builder.select(builder.fcmp_ordered("<", w, lo), lo, w)  # NaN stays
-    n = builder.call(fn("llvm.floor", 1), [builder.call(fma, [xc, c(_LOG2E), c(0.5)])])
+    if f32:  # n rounded by ROUND_F32, as exp_softmax_f32 does
+        t = builder.call(fma, [xc, c(_LOG2E), c(ROUND_F32)])
+        n = builder.fsub(t, c(ROUND_F32))
+    else:
+        n = builder.call(fn("llvm.floor", 1), [builder.call(fma, [xc, c(_LOG2E), c(0.5)])])
     nn = builder.fneg(n)
     r = builder.call(fma, [nn, c(LN2_HI_F32 if f32 else _LN2_HI), xc])
     r = builder.call(fma, [nn, c(LN2_LO_F32 if f32 else _LN2_LO), r])
@@ -1405,7 +1415,7 @@ def _exp_bits(builder, w, f32: bool):
         return builder.call(scalef, [p, n, p, ir.Constant(ir.IntType(16), -1),
                                      ir.Constant(_I32, 4)])
     mbits, bias = (23, 127) if f32 else (52, 1023)
-    biased = builder.bitcast(builder.fadd(n, c(2.0 ** mbits + bias)), ity)
+    biased = builder.bitcast(t if f32 else builder.fadd(n, c(2.0 ** mbits + bias)), ity)
     pow2 = builder.bitcast(builder.shl(biased, ir.Constant(ity, [mbits] * lanes)), vty)
     res = builder.fmul(p, pow2)
     if f32:

@@ -141,14 +141,39 @@ _EXP5_F32 = (1.0, 0.9999997072079899, 0.4999914965556638, 0.16667636294586302,
 (G0, G1, G2, G3, G4, G5) = (np.float32(c) for c in _EXP5_F32)
 
 
+# n = round(x log2 e) by adding ROUND_F32: the sum's low mantissa bits then hold n + 127
+# (2^22 is a multiple of 2^9), so shifting its bits 23 places up is 2^n, for n in [-126,
+# 128): no floor, no float-to-int conversion, no bias added (three vector operations of
+# about sixteen fewer than floor and _pow2i). Exact inputs to the shift need the sum
+# rounded once: this function's fastmath is "contract" only, so (t - ROUND_F32) is not
+# folded back into x log2 e.
+ROUND_F32 = np.float32(1.5 * 2.0 ** 23 + 127)
+
+
+@intrinsic
+def pow2_of_rounded(typingctx, t):
+    """2**n from ``t = n + ROUND_F32`` (float32): its bits shifted 23 places up."""
+    if t != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        bits = builder.shl(builder.bitcast(args[0], ir.IntType(32)),
+                           ir.Constant(ir.IntType(32), 23))
+        return builder.bitcast(bits, ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
 @jit(fastmath={"contract"})
 def exp_softmax_f32(x):
-    """e**x for float32 x <= 0, results below 1.2e-38 not flushed (see above); NaN stays."""
+    """e**x for float32 x <= 0 (any x < 88 works), results below 1.2e-38 not flushed
+    (see above); NaN stays NaN."""
     xc = max(x, EXP_MIN_F32)
-    n = np.floor(xc * np.float32(_LOG2E) + np.float32(0.5))
+    t = xc * np.float32(_LOG2E) + ROUND_F32
+    n = t - ROUND_F32
     r = (xc - n * LN2_HI_F32) - n * LN2_LO_F32
     p = ((((G5 * r + G4) * r + G3) * r + G2) * r + G1) * r + G0
-    return p * _pow2i(n)
+    return p * pow2_of_rounded(t)
 
 
 def _by_dtype(name: str, f32, f64, doc: str):
