@@ -37,29 +37,27 @@ def python_image_store() -> Path:
                 or Path.home() / ".cache" / "hpcgw" / "test-images")
 
 
-_PREBUILD: dict[str, subprocess.Popen[bytes]] = {}
+_PREBUILD: list[subprocess.Popen[bytes]] = []  # the background build, while it is ours
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start building the Python reference image in the background when its tests are
-    selected and it is not in the store yet: the build (about 5 min, most of it Numba
-    compiling the kernels inside the image on one core) then overlaps the Slurm and cloud
-    tests that run before it, which mostly wait. The ``python_image`` fixture waits for
-    it, then finds the image by its key; if the background build failed, the fixture
-    builds again and shows that error."""
-    if not any(item.path.name == "test_python_image.py" for item in session.items):
-        return
-    import shutil
-
-    if any(shutil.which(t) is None for t in ("debootstrap", "podman", "skopeo")):
+    selected (and not skipped for want of debootstrap, podman or skopeo) and it is not
+    in the store yet: the build (about 5 min, most of it Numba compiling the kernels
+    inside the image on one core) then overlaps the Slurm and cloud tests that run
+    before it, which mostly wait. The ``python_image`` fixture waits for it, then finds
+    the image by its key; if the background build failed, the fixture builds again and
+    shows that error."""
+    if not any(item.path.name == "test_python_image.py" and not item.get_closest_marker("skip")
+               for item in session.items):
         return
     from gateway.errors import NotFoundError
-    from gateway.images.python_image import cache_key, debian_mirror, kernels_source
+    from gateway.images.python_image import debian_mirror, kernels_source, python_image_ref
     from gateway.images.store import ImageStore
 
     root = python_image_store()
     try:
-        ImageStore(root).resolve(f"hpcgw/python:{cache_key(debian_mirror(), kernels_source())}")
+        ImageStore(root).resolve(python_image_ref(debian_mirror(), kernels_source()))
         return  # already built
     except NotFoundError:
         pass
@@ -67,15 +65,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "prebuild.log", "wb") as log:
-        _PREBUILD["python"] = subprocess.Popen(
+        _PREBUILD.append(subprocess.Popen(
             [sys.executable, "-m", "gateway.images.python_image", str(root)], cwd=REPO,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for_python_image_prebuild(timeout: float = 1800) -> None:
-    proc = _PREBUILD.pop("python", None)
-    if proc is not None:
-        proc.wait(timeout=timeout)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -83,10 +75,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     stopped with its children (debootstrap, the chroot's Python)."""
     import signal
 
-    proc = _PREBUILD.pop("python", None)
-    if proc is not None and proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+    while _PREBUILD:
+        proc = _PREBUILD.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +89,8 @@ def python_image() -> tuple[Path, str]:
     from gateway.images.python_image import build_python_image
     from gateway.images.store import ImageStore
 
-    wait_for_python_image_prebuild()
+    while _PREBUILD:
+        _PREBUILD.pop().wait(timeout=1800)
     root = python_image_store()
     info = build_python_image(ImageStore(root))
     return root, info.pinned

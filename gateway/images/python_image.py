@@ -93,9 +93,14 @@ def _rootfs(dest: Path, mirror: str, kernels_dir: Path) -> Path:
     return rootfs
 
 
+def python_image_ref(mirror: str, kernels_dir: Path) -> str:
+    """The image's name and tag: the tag is ``cache_key`` of what goes in."""
+    return f"hpcgw/python:{cache_key(mirror, kernels_dir)}"
+
+
 def build_python_image(store: ImageStore) -> ImageInfo:
     mirror, kernels_dir = debian_mirror(), kernels_source()
-    ref = f"hpcgw/python:{cache_key(mirror, kernels_dir)}"
+    ref = python_image_ref(mirror, kernels_dir)
     try:
         return store.info(store.resolve(ref), ref)
     except NotFoundError:  # not built yet: build it
