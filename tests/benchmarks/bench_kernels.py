@@ -180,6 +180,14 @@ def bench_adamw(tab: Table, tb, n_params: int, dt) -> None:
     tab.add("adamw_step", (n_params,), dt, 7 * n_params * np.dtype(dt).itemsize, note,
             ours=lambda: optim.adamw_step(p, g, m, v, step=5),
             numpy=lambda: B.np_adamw(p, g, m, v, 5), torch=torch_step)
+    # the same step with moments NumPy placed (a few KiB from the params modulo 64 MiB,
+    # as one-after-another allocations land): what AdamW's placement avoids
+    m2, v2 = np.zeros_like(p), np.zeros_like(p)
+    tab.add("adamw_step, moments by np.zeros", (n_params,), dt,
+            7 * n_params * np.dtype(dt).itemsize,
+            "moments a few KiB from the params modulo 64 MiB (NumPy's placement); the row "
+            "above: as AdamW places them (kernels.optim._moment_buffers)",
+            ours=lambda: optim.adamw_step(p, g, m2, v2, step=5))
 
 
 def _torch_nn(tb, x, y, gam, bet, dy) -> dict:

@@ -73,6 +73,37 @@ def test_adamw_state_sits_at_the_params_offset(dtype, rng):
         (64 - p.ctypes.data % 64) % 64 // p.itemsize)
 
 
+def test_large_adamw_state_sits_far_from_the_params_in_memory(dtype, rng, monkeypatch):
+    # NumPy's large arrays land a few KiB apart modulo 64 MiB, where the 7-stream update
+    # ran 1.7-2x slower on this host (kernels.optim._moment_buffers); the optimizer's own
+    # moments are placed well away from the params, still at their cache-line offset
+    from kernels import optim
+
+    monkeypatch.setattr(optim, "_SPREAD_MIN_BYTES", 0)  # a small array takes the road too
+    p = rng.standard_normal((3, optim._PEEL_MIN // 3 + 5)).astype(dtype)
+    g = rng.standard_normal(p.shape).astype(dtype)
+    opt = AdamW(p.copy(), lr=0.01)
+    m, v = opt.exp_avg, opt.exp_avg_sq
+    period = optim._SPREAD_PERIOD
+
+    def apart(a, b):  # distance between two buffers' starts, modulo the period
+        d = (a.ctypes.data - b.ctypes.data) % period
+        return min(d, period - d)
+
+    for a, b in ((m, opt.params), (v, opt.params), (m, v)):
+        assert apart(a, b) >= 8 << 20
+    assert m.ctypes.data % 64 == v.ctypes.data % 64 == opt.params.ctypes.data % 64
+    assert m.shape == v.shape == p.shape and m.dtype == v.dtype == p.dtype
+    assert m.flags.c_contiguous and m.flags.writeable and not m.any() and not v.any()
+    opt.step(g)
+    ref, rm, rv = p.copy(), np.zeros_like(p), np.zeros_like(p)
+    adamw_step(ref, g, rm, rv, step=1, lr=0.01)
+    tol = dict(rtol=1e-6) if dtype == np.float32 else dict(rtol=1e-13)
+    np.testing.assert_allclose(opt.params, ref, **tol)
+    np.testing.assert_allclose(m, rm, **tol)
+    np.testing.assert_allclose(v, rv, **tol)
+
+
 def test_non_contiguous_arrays_are_updated_in_place(rng):
     base = rng.standard_normal((8, 6))
     p = base[:, ::2]  # strided view: the update must land in ``base``
