@@ -1378,12 +1378,7 @@ def _exp_bits(builder, w, f32: bool):
             builder.module, ir.FunctionType(vty, [vty, vty, _I32]),
             "llvm.x86.avx512.max.ps.512")
         xc = builder.call(vmax, [lo, w, ir.Constant(_I32, 4)])
-    elif lanes * (32 if f32 else 64) == 256:
-        vmax = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vty, [vty, vty]),
-            f"llvm.x86.avx.max.{'ps' if f32 else 'pd'}.256")
-        xc = builder.call(vmax, [lo, w])
-    else:
+    else:  # LLVM makes this vmaxps(lo, w) / vmaxpd on 256-bit vectors
         xc = builder.select(builder.fcmp_ordered("<", w, lo), lo, w)  # NaN stays
     if f32:  # n rounded by ROUND_F32, as exp_softmax_f32 does
         t = builder.call(fma, [xc, c(_LOG2E), c(ROUND_F32)])
