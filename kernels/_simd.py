@@ -16,6 +16,9 @@
   ``compress_candidates_update`` also stores ``r + g`` into ``o`` (``r`` itself for the
   in-place one-pass mode); ``compress_candidates_nt`` stores it with a non-temporal
   store (a separate, 64-byte aligned output: no write-allocate read).
+- ``quant_store``: 64 elements of a row times ``1 / scale``, rounded, clamped to
+  +-127 and stored as 64 int8 codes (the vectoriser's version of that loop converted
+  and packed the codes at twice the cost).
 - ``copy64_nt``: 64 bytes from a scratch buffer to an aligned destination with one
   non-temporal store (layer norm's backward builds each output row in a scratch row and
   streams it out this way).
@@ -44,7 +47,7 @@ from kernels._jit import intrinsic, types
 
 __all__ = ["NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates", "compress_candidates_nt",
            "compress_candidates_update", "copy64_nt", "dequant_store_nt", "ln_bwd_out", "ln_out",
-           "scan_scores", "sfence", "stream_out", "tile_argmin"]
+           "QUANT_LANES", "quant_store", "scan_scores", "sfence", "stream_out", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 # llvm.experimental.vector.compress arrived in LLVM 19; an older LLVM (llvmlite before
@@ -183,6 +186,42 @@ def dequant_store_nt(typingctx, q, s, w, i):
         return context.get_dummy_value()
 
     return types.void(q, s, w, i), codegen
+
+
+QUANT_LANES = 64  # elements per quant_store call: 64 int8 codes, one 64-byte store
+
+
+@intrinsic
+def quant_store(typingctx, w, inv, q, i):
+    """``q[i:i+64] = clip(rint(w[i:i+64] * inv), -127, 127)`` as int8 (``w`` float32 or
+    float64, ``q`` int8, both 1-D C): one 64-lane multiply, ``llvm.rint`` (round half
+    to even, as ``np.rint``), ``minnum``/``maxnum`` (a NaN becomes 127; rows holding one
+    are refused anyway) and a 64-byte store of the codes. The loop vectoriser's version
+    of the same scalar loop body measured 2x slower in cache (float32 0.52-0.61 ns per
+    element per core -> 0.28; float64 0.96-1.11 -> 0.60-0.97); from memory both are
+    bound by the reads."""
+    if not (_is_1d(w) and w.dtype in (types.float32, types.float64) and inv == w.dtype
+            and _is_1d(q) and q.dtype == types.int8 and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ft = context.get_value_type(sig.args[0].dtype)
+        vf = ir.VectorType(ft, QUANT_LANES)
+        pw = _elem_ptr(context, builder, sig.args[0], args[0], args[3], sig.args[3])
+        pq = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
+        f32 = isinstance(ft, ir.FloatType)
+        x = builder.load(builder.bitcast(pw, vf.as_pointer()), align=4 if f32 else 8)
+        v = builder.fmul(x, _splat(builder, args[1], vf))
+        sfx = f"v{QUANT_LANES}{'f32' if f32 else 'f64'}"
+        v = builder.call(_declare(builder, f"llvm.rint.{sfx}", vf, [vf]), [v])
+        for op, lim in (("minnum", 127.0), ("maxnum", -127.0)):
+            v = builder.call(_declare(builder, f"llvm.{op}.{sfx}", vf, [vf, vf]),
+                             [v, ir.Constant(vf, [lim] * QUANT_LANES)])
+        codes = builder.fptosi(v, ir.VectorType(ir.IntType(8), QUANT_LANES))
+        builder.store(codes, builder.bitcast(pq, codes.type.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(w, inv, q, i), codegen
 
 
 def _declare(builder, name: str, ret: ir.Type, args: list) -> ir.Function:

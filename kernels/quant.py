@@ -25,7 +25,8 @@ from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, overload, prange, types
 from kernels._prefetch import prefetch_ahead
-from kernels._simd import NT_MIN_BYTES, address, dequant_store_nt, sfence, stream_out
+from kernels._simd import (NT_MIN_BYTES, QUANT_LANES, address, dequant_store_nt, quant_store,
+                           sfence, stream_out)
 from kernels.errors import KernelDtypeError, KernelInputError
 
 __all__ = ["NT_MIN_BYTES", "dequantize_int8", "quantize_int8"]
@@ -54,6 +55,7 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits):
     (``scale`` viewed as ints) and read back as a float. Pass 2 quantises."""
     n, d = w.shape
     wf = w.reshape(-1)
+    qf = q.reshape(-1)
     one = w.dtype.type(1.0)
     lim = w.dtype.type(127.0)
     for c in prange(n):
@@ -68,11 +70,13 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits):
         s = amax / 127.0 if amax > 0 else 1.0
         scale[c] = s
         inv = one / scale[c]
-        row = w[c]
-        out = q[c]
-        for j in range(d):
-            v = np.rint(row[j] * inv)
-            out[j] = np.int8(min(max(v, -lim), lim))
+        base = c * d
+        j = 0
+        while j + QUANT_LANES <= d:  # 64 at a time (kernels._simd.quant_store), then the rest
+            quant_store(wf, inv, qf, base + j)
+            j += QUANT_LANES
+        for k in range(base + j, base + d):
+            qf[k] = np.int8(min(max(np.rint(wf[k] * inv), -lim), lim))
 
 
 _BITS = {np.dtype(np.float32): (np.int32, 0x7FFFFFFF, 0x7F800000),

@@ -36,6 +36,33 @@ def test_quantize_matches_reference_and_round_trips(dtype, rng):
     assert np.abs(q).max() == 127 and (q[3] == 0).all()
 
 
+@pytest.mark.parametrize("d", [64, 127, 200, 1029])
+def test_quantize_wide_rows_64_at_a_time_equal_the_element_loop(d, dtype, rng):
+    # rows of 64 or more go 64 elements per vector step (kernels._simd.quant_store), the
+    # rest one by one: both must give exactly w * (1 / scale) rounded half to even
+    w = (rng.standard_normal((5, d)) * 3).astype(dtype)
+    w[1] = 0.0
+    ties = np.array([2.5, 3.5, -2.5, -3.5, 0.5, -0.5, 1.7, -1.7, 126.5, -126.5], dtype)
+    for row in (2, 3):  # max |w| = 127 makes scale 1 exactly: the ties stay ties
+        w[row] = np.clip(w[row], -100, 100)
+        w[row, 0] = 127.0
+        w[row, 1:11] = ties  # inside the first vector step
+        w[row, -10:] = ties  # in the last step or the element loop
+    out = np.empty(w.size + 1, np.int8)[1:].reshape(w.shape)  # not aligned
+    q, scale = quantize_int8(w, out=out)
+    amax = np.abs(w).max(axis=1).astype(np.float64)
+    want_scale = np.where(amax > 0, amax / 127.0, 1.0).astype(dtype)
+    # fast-math: / 127 may be * (1 / 127), an ulp off
+    np.testing.assert_allclose(scale, want_scale, rtol=1e-6 if dtype == np.float32 else 1e-15)
+    inv = (np.dtype(dtype).type(1) / scale)[:, None]
+    want = np.clip(np.rint(w * inv), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(q, want)
+    for row in (2, 3):
+        assert q[row, 1:11].tolist() == [2, 4, -2, -4, 0, 0, 2, -2, 126, -126]
+        assert q[row, -10:].tolist() == [2, 4, -2, -4, 0, 0, 2, -2, 126, -126]
+    assert not q[1].any() and scale[1] == 1.0
+
+
 def test_quantize_strided_1d_and_empty(rng):
     w = rng.standard_normal((6, 10))
     np.testing.assert_array_equal(quantize_int8(w[:, ::3])[0], quantize_int8(w[:, ::3].copy())[0])
