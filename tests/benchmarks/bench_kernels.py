@@ -180,14 +180,27 @@ def bench_adamw(tab: Table, tb, n_params: int, dt) -> None:
     tab.add("adamw_step", (n_params,), dt, 7 * n_params * np.dtype(dt).itemsize, note,
             ours=lambda: optim.adamw_step(p, g, m, v, step=5),
             numpy=lambda: B.np_adamw(p, g, m, v, 5), torch=torch_step)
-    # the same step with moments NumPy placed (a few KiB from the params modulo 64 MiB,
-    # as one-after-another allocations land): what AdamW's placement avoids
-    m2, v2 = np.zeros_like(p), np.zeros_like(p)
-    tab.add("adamw_step, moments by np.zeros", (n_params,), dt,
+    # the same step with the moments where NumPy's one-after-another allocations of this
+    # size land (64 or 128 MiB plus 4-8 KiB from the params): what AdamW's placement avoids
+    m2, v2 = _placed_near(p, (4096, -8192))
+    tab.add("adamw_step, moments 4 / -8 KiB off", (n_params,), dt,
             7 * n_params * np.dtype(dt).itemsize,
-            "moments a few KiB from the params modulo 64 MiB (NumPy's placement); the row "
-            "above: as AdamW places them (kernels.optim._moment_buffers)",
+            "moments 4 and -8 KiB from the params modulo 64 MiB, as NumPy's allocations "
+            "land; the row above: as AdamW places them (kernels.optim._moment_buffers)",
             ours=lambda: optim.adamw_step(p, g, m2, v2, step=5))
+
+
+def _placed_near(like: np.ndarray, offsets) -> list:
+    """Zeroed buffers like ``like``, each ``offsets[i]`` bytes from it modulo 64 MiB."""
+    period, nb, at = 64 << 20, like.nbytes, like.ctypes.data
+    out = []
+    for off in offsets:
+        raw = np.empty(nb + period, np.uint8)
+        k = (at + off - raw.ctypes.data) % period
+        buf = raw[k:k + nb].view(like.dtype)
+        buf.fill(0)
+        out.append(buf)
+    return out
 
 
 def _torch_nn(tb, x, y, gam, bet, dy) -> dict:
