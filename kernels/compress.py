@@ -427,8 +427,7 @@ def densify(indices: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     idx = _checks.int_array("indices", indices)
     vals = _checks.float_array("values", values, ndim=1)
     _checks.shape_is("values", vals, idx.shape)
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise KernelInputError(f"indices must be in [0, {n}), got [{idx.min()}, {idx.max()}]")
+    _checks.in_range("indices", idx, n)
     out = np.zeros(n, vals.dtype)
     np.add.at(out, idx, vals)
     return out

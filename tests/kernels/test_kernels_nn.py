@@ -405,6 +405,10 @@ def test_xent_refuses_bad_labels_and_dtypes():
     x = np.zeros((2, 3), np.float32)
     with pytest.raises(KernelInputError, match=r"labels must be in \[0, 3\)"):
         nn.softmax_cross_entropy(x, np.array([0, 3]))
+    for bad in (np.array([-1, 0]), np.array([0, np.iinfo(np.int64).min]),
+                np.array([2**63 + 5, 0], np.uint64)):  # wraps to a negative int64
+        with pytest.raises(KernelInputError, match=r"labels must be in \[0, 3\), got values in"):
+            nn.softmax_cross_entropy(x, bad)
     with pytest.raises(KernelDtypeError, match="labels must be an integer"):
         nn.softmax_cross_entropy(x, np.array([0.0, 1.0]))
     with pytest.raises(KernelDtypeError, match="logits has dtype int64"):

@@ -173,8 +173,9 @@ def test_sparsify_errors_and_empty():
         topk_sparsify(np.ones((3, 1)), np.zeros((3, 1)), 1)
     idx, vals = topk_sparsify(np.zeros(0), np.zeros(0), 3)
     assert idx.size == vals.size == 0
-    with pytest.raises(KernelInputError, match=r"indices must be in \[0, 3\)"):
-        densify(np.array([3]), np.array([1.0]), 3)
+    for bad in (3, -1):
+        with pytest.raises(KernelInputError, match=r"indices must be in \[0, 3\)"):
+            densify(np.array([bad]), np.array([1.0]), 3)
 
 
 MODES = ["two-pass", "one-pass", "out", "out-nt"]
