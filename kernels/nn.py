@@ -26,6 +26,7 @@ GELU and bias + activation live in ``kernels.activations`` and are re-exported h
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -317,6 +318,52 @@ def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, ncalls, nchunks, sca
             sfence()  # this thread's streamed lines, before the call returns
 
 
+_LOG_BIG = 2.0 ** 400  # the running products are rescaled by this (exactly) past it
+
+
+@jit(inline=True)
+def _rescale(m, e):
+    """``(m, e)`` with ``m * 2^(400 e)`` unchanged and ``m`` back in ``[2^-400, 2^400]``
+    (powers of two: exact; NaN, inf and 0 pass through)."""
+    while _LOG_BIG < m < math.inf:  # inf (a product past the domain) stays inf
+        m *= 1.0 / _LOG_BIG
+        e += 1
+    while 0.0 < m < 1.0 / _LOG_BIG:
+        m *= _LOG_BIG
+        e -= 1
+    return m, e
+
+
+@jit(fastmath={"contract"})
+def _log_sum(p):
+    """``sum(log(p))`` for ``p`` >= 1 (the row sums of a softmax, each in ``[1, c]``, or
+    their per-block products, each at most ``c^L`` <= 2^77) with one log: four running
+    products over groups of 8 (a group's product stays under 2^616), each rescaled by
+    an exact ``2^-400`` when it passes ``2^400`` and the rescales counted. NumPy's
+    ``log`` runs libm's scalar one on a CPU without AVX-512: 419430 block products took
+    2.7-3.9 ms of a 10-class float32 call of about 18 (twice that for float64's 4-row
+    blocks); this takes 0.3. Each factor adds an ulp of relative error to a product, so
+    the result is off by about ``p.size * 1e-16`` in absolute terms (1e-10 at 839000
+    products, whose log sum is 1.3e6). A NaN gives NaN, a 0 gives -inf, as the logs
+    would."""
+    n = p.size
+    full = n // 32 * 32
+    m = np.ones(4)
+    e = np.zeros(4, np.int64)
+    for i in range(0, full, 32):
+        for k in range(4):
+            j = i + 8 * k
+            g = (((p[j] * p[j + 1]) * (p[j + 2] * p[j + 3]))
+                 * ((p[j + 4] * p[j + 5]) * (p[j + 6] * p[j + 7])))
+            m[k], e[k] = _rescale(m[k] * g, e[k])
+    mt, et = 1.0, 0
+    for k in range(4):
+        mt, et = _rescale(mt * m[k], et + e[k])
+    for j in range(full, n):
+        mt, et = _rescale(mt * p[j], et)
+    return math.log(mt) + et * (400.0 * math.log(2.0))
+
+
 _SCRATCH = threading.local()
 _SCRATCH_MAX_ROWS = 1 << 21
 
@@ -387,17 +434,17 @@ def softmax_cross_entropy(
                                 sums[rest], gaps[rest], scale, grad, False, 1,
                                 _short_vectors(c, x.dtype))
         used = slice(0, nblk + n - done)
-        total = float(np.log(sums[used], out=sums[used]).sum() + gaps[used].sum())
+        total = _log_sum(sums[used]) + float(gaps[used].sum())
     elif VEC_SHORT and nvec:  # without a gradient x stands in for the output array
         xflat = x.reshape(-1)
         # non-temporal stores need every row's vectors whole and aligned
         _softmax_xent_short(x, xflat, y, g.reshape(-1) if grad else xflat, sums, gaps, scale,
                             grad, streamed and c % lanes == 0, n_chunks(n), nvec)
-        total = float(np.log(sums, out=sums).sum() + gaps.sum())
+        total = _log_sum(sums) + float(gaps.sum())
     elif grad and VEC_F64 and x.dtype == np.float64:
         _softmax_xent_f64_vec(x, x.reshape(-1), x.view(np.int64), y, g, g.reshape(-1), sums,
                               gaps, scale)
-        total = float(np.log(sums, out=sums).sum() + gaps.sum())
+        total = _log_sum(sums) + float(gaps.sum())
     else:
         _softmax_xent(x, y, g, sums, scale, grad, x.dtype.type(0), n_chunks(n))
         total = float(sums.sum())

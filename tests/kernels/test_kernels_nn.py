@@ -401,6 +401,22 @@ def test_xent_short_rows_write_nothing_past_the_output(every_short_row):
         np.testing.assert_allclose(g, ref_xent(x.astype(np.float64), y)[1], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("n", [0, 1, 7, 31, 32, 33, 1000, 100003])
+def test_log_sum_of_row_sums_equals_numpys_sum_of_logs(n, rng):
+    # the blocks' and short rows' loss takes one log over all the row sums (or block
+    # products, up to c^L <= 2^77), rescaling its running products by exact powers of 2
+    p = np.exp(rng.random(n) * 77 * np.log(2))
+    p[:n // 3] = 2.0 ** 77  # the largest a block product can be: 32 products overflow
+    want = float(np.log(p).sum())
+    assert nn._log_sum(p) == pytest.approx(want, rel=1e-13, abs=1e-12)
+    if n >= 33:
+        for bad, expect in ((np.nan, np.isnan), (0.0, lambda v: v == -np.inf),
+                            (np.inf, lambda v: v == np.inf)):
+            q = p.copy()
+            q[n // 2] = bad
+            assert expect(nn._log_sum(q)), bad
+
+
 def test_xent_refuses_bad_labels_and_dtypes():
     x = np.zeros((2, 3), np.float32)
     with pytest.raises(KernelInputError, match=r"labels must be in \[0, 3\)"):
