@@ -115,6 +115,18 @@ def empty_aligned(shape: Any, dtype: Any = np.float64, *, like: np.ndarray | Non
     return raw[off:off + n * dt.itemsize].view(dt).reshape(shape)
 
 
+def empty_placed(like: np.ndarray, offset: int, period: int) -> np.ndarray:
+    """An uninitialised C buffer of ``like``'s shape and dtype starting ``offset`` bytes
+    past ``like``'s data modulo ``period`` (``offset`` a multiple of 64 keeps ``like``'s
+    offset in a cache line). It is carved from ``nbytes + period`` of address space; the
+    part before it is never touched, so never mapped (see ``kernels.optim``)."""
+    nb = like.nbytes
+    raw = np.empty(nb + period, np.uint8)
+    skip = (like.__array_interface__["data"][0] + offset
+            - raw.__array_interface__["data"][0]) % period
+    return raw[skip:skip + nb].view(like.dtype).reshape(like.shape)
+
+
 def out_array(name: str, out: Any, shape: tuple[int, ...], dtype: Any,
               like: np.ndarray | None = None) -> np.ndarray:
     """A caller's output buffer (checked), or a new one when ``out`` is None: 64-byte

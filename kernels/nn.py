@@ -341,8 +341,8 @@ def _log_sum(p):
     products over groups of 8 (a group's product stays under 2^616), each rescaled by
     an exact ``2^-400`` when it passes ``2^400`` and the rescales counted. NumPy's
     ``log`` runs libm's scalar one on a CPU without AVX-512: 419430 block products took
-    2.7-3.9 ms of a 10-class float32 call of about 18 (twice that for float64's 4-row
-    blocks); this takes 0.3. Each factor adds an ulp of relative error to a product, so
+    1.9-3.9 ms of a 10-class float32 call of about 18 (twice that for float64's 4-row
+    blocks); this takes 0.14. Each factor adds an ulp of relative error to a product, so
     the result is off by about ``p.size * 1e-16`` in absolute terms (1e-10 at 839000
     products, whose log sum is 1.3e6). A NaN gives NaN, a 0 gives -inf, as the logs
     would."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels import _checks
-from kernels._checks import empty_aligned
+from kernels._checks import empty_aligned, empty_placed
 from kernels._jit import jit, prange
 from kernels.errors import KernelInputError
 
@@ -153,21 +153,13 @@ def _moment_buffers(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     banks are picked by physical address bits, which here follow the virtual ones (huge
     pages faulted in order); where they do not, the placement costs nothing. The slack
     before each buffer is address space only: it is never touched, so never mapped."""
-    shape, dt, nb = params.shape, params.dtype, params.nbytes
-    if nb < _SPREAD_MIN_BYTES:
-        pair = tuple(empty_aligned(shape, dt, like=params) for _ in range(2))
+    if params.nbytes < _SPREAD_MIN_BYTES:
+        m, v = (empty_aligned(params.shape, params.dtype, like=params) for _ in range(2))
     else:
-        period = _SPREAD_PERIOD
-        at = params.__array_interface__["data"][0]
-        bufs = []
-        for off in _SPREAD_AT:
-            raw = np.empty(nb + period, np.uint8)
-            skip = (at + off - raw.__array_interface__["data"][0]) % period
-            bufs.append(raw[skip:skip + nb].view(dt).reshape(shape))
-        pair = tuple(bufs)
-    for b in pair:
-        b.fill(0)
-    return pair[0], pair[1]
+        m, v = (empty_placed(params, off, _SPREAD_PERIOD) for off in _SPREAD_AT)
+    m.fill(0)
+    v.fill(0)
+    return m, v
 
 
 @dataclass

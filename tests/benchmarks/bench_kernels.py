@@ -32,6 +32,7 @@ sys.path[:0] = [str(REPO), str(HERE)]
 import _baselines as B
 
 from kernels import cluster, compress, empty_aligned, nn, optim, quant, search
+from kernels._checks import empty_placed
 from kernels._jit import jit, numba, prange
 
 GB = 1e9
@@ -182,25 +183,14 @@ def bench_adamw(tab: Table, tb, n_params: int, dt) -> None:
             numpy=lambda: B.np_adamw(p, g, m, v, 5), torch=torch_step)
     # the same step with the moments where NumPy's one-after-another allocations of this
     # size land (64 or 128 MiB plus 4-8 KiB from the params): what AdamW's placement avoids
-    m2, v2 = _placed_near(p, (4096, -8192))
+    m2, v2 = (empty_placed(p, off, 64 << 20) for off in (4096, -8192))
+    m2.fill(0)
+    v2.fill(0)
     tab.add("adamw_step, moments 4 / -8 KiB off", (n_params,), dt,
             7 * n_params * np.dtype(dt).itemsize,
             "moments 4 and -8 KiB from the params modulo 64 MiB, as NumPy's allocations "
             "land; the row above: as AdamW places them (kernels.optim._moment_buffers)",
             ours=lambda: optim.adamw_step(p, g, m2, v2, step=5))
-
-
-def _placed_near(like: np.ndarray, offsets) -> list:
-    """Zeroed buffers like ``like``, each ``offsets[i]`` bytes from it modulo 64 MiB."""
-    period, nb, at = 64 << 20, like.nbytes, like.ctypes.data
-    out = []
-    for off in offsets:
-        raw = np.empty(nb + period, np.uint8)
-        k = (at + off - raw.ctypes.data) % period
-        buf = raw[k:k + nb].view(like.dtype)
-        buf.fill(0)
-        out.append(buf)
-    return out
 
 
 def _torch_nn(tb, x, y, gam, bet, dy) -> dict:
