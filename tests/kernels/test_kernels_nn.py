@@ -1319,7 +1319,13 @@ def test_row_and_block_kernels_at_256_bits_where_the_cpu_has_avx512(tmp_path):
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("AVX2 is an x86-64 instruction set")
     if not _avx512.AVAILABLE and not os.environ.get("HPCGW_TEST_AVX2_AGAIN"):
-        pytest.skip("this CPU has no AVX-512F: the tests above ran the 256-bit kernels")
+        # an AVX2 host: the tests above ran these kernels at 256 bits in this process
+        # (test_avx512_kernels_compile_to_512_bit_code builds the 512-bit ones); check
+        # that they really were the vector paths at that width, not the portable loops
+        assert nn.VEC_BLOCKS and nn.VEC_SHORT and activations.VEC_F32 and activations.VEC_F64
+        assert (_avx512.row_lanes(True), _avx512.row_lanes(False)) == (8, 4)
+        assert nn._lanes(np.float32) == 8 and nn.BLOCK_MAX_CLASSES[4, 8] >= 10
+        return
     env = dict(os.environ, HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "cache"),
                NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=_AVX2_FEATURES)
     env.pop("HPCGW_TEST_AVX2_AGAIN", None)
