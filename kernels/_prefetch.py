@@ -5,6 +5,12 @@ issues its loads only when it reaches them, so on this machine the time of such 
 kernel over a large array was measured as compute time *plus* memory time: the hardware
 prefetcher did not run far enough ahead. Asking for the line ``PREFETCH_BYTES`` ahead
 overlaps the two (the top-k scan went from 26-30 to 46-58 GB/s on 2 cores).
+
+Whether a hint pays depends on the CPU's own prefetcher: on the Zen 4 host without
+AVX-512 the hints in layer norm's forward rows, int8 quantisation and the search scan
+that norms its rows cost 10-35% and were dropped (docs/kernels.md).
+``tests/benchmarks/bench_prefetch.py`` re-measures every remaining hint: it compiles
+copies of the kernels with ``ENABLED`` false, which makes ``prefetch`` emit nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from kernels._jit import intrinsic, jit, types
 
 __all__ = ["PREFETCH_BYTES", "prefetch", "prefetch_ahead"]
 
+ENABLED = True  # read when a kernel is compiled: False leaves the hints out (benchmarks)
 PREFETCH_BYTES = 8192  # ~100 ns of one core's bandwidth, several times over
 _LINE = 64
 
@@ -31,6 +38,8 @@ def prefetch(typingctx, arr, i):
         return None
 
     def codegen(context, builder, signature, args):
+        if not ENABLED:
+            return context.get_dummy_value()
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
         idx = context.cast(builder, args[1], signature.args[1], types.intp)

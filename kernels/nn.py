@@ -8,13 +8,13 @@ absorbs anyway), or
 for float64 with a gradient on an AVX-512 CPU ``kernels._avx512.softmax_exp_f64`` (a
 table exp on explicit vectors, 32 classes per call); softmax rows of up to 8 AVX-512
 vectors (128 float32 / 64 float64 classes) are held in registers from load to store
-instead (``_softmax_xent_short``). Layer norm's forward asks for each row 8 KiB
-ahead (``kernels._prefetch``): its two reductions per row stall the loads, and with the
-hint it went from 49 to 65 GB/s (float64) and 68 to 76 (float32) when the machine gave
-80 GB/s to the triad (float32 long rows now take their statistics in one pass instead,
-``_ln_fwd_one_pass``, faster still without the hint). The same hint made softmax, layer
-norm backward and the GELU rows slower (measured, A/B in one round-robin), so they have
-none. Layer norm rows streamed out (``_ln_out_row``, ``_stream_row``) prefetch a later
+instead (``_softmax_xent_short``). Layer norm's forward asked for each row 8 KiB
+ahead (``kernels._prefetch``): on a Zen 5 host (80 GB/s triad) it went from 49 to 65
+GB/s (float64) with the hint, but on the Zen 4 host without AVX-512 the rows written
+with plain stores were 1.14-1.5x slower with it, so it is gone (float32 long rows take
+their statistics in one pass, ``_ln_fwd_one_pass``, which never had it). The same hint
+made softmax, layer norm backward and the GELU rows slower (measured, A/B in one
+round-robin), so they have none. Layer norm rows streamed out (``_ln_out_row``, ``_stream_row``) prefetch a later
 row's inputs while they write, one line per line written. Layer norm rows of up
 to 8 vectors are held in registers too (``_ln_fwd_short``,
 ``_ln_bwd_short``): 1.2-3.4x faster than the row loops at 8-64 features; rows of 4 KiB or
@@ -503,9 +503,9 @@ def _nt_rows(out: np.ndarray, f32_from: int | None = None) -> bool:
 @jit(inline=True)
 def _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, nt, lead):
     """Row ``i``: statistics in float64, then the output (streamed out when ``nt``,
-    prefetching ``lead`` elements ahead)."""
-    if not nt or d * flat.itemsize > STREAM_AHEAD_BYTES:  # else the stream prefetched it
-        prefetch_ahead(flat, i * d, d * flat.itemsize)
+    prefetching ``lead`` elements ahead). No hint for rows written with plain stores:
+    asking for each row 8 KiB ahead made them slower on the Zen 4 host without AVX-512
+    (A/B by rounds, 256 float64 features: in cache 1.14-1.22x, from memory 1.5x)."""
     row = x[i]
     s = 0.0
     for j in range(d):

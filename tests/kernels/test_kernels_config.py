@@ -49,3 +49,28 @@ def test_cache_dir_is_used_and_second_process_loads_from_it(tmp_path, run_python
     assert "-p1f1" in first[0]  # compile flags are part of the folder name
     assert second[1:] == [1, 0]
     assert any(p.suffix == ".nbi" for p in cache.rglob("*"))
+
+
+def test_prefetch_hints_can_be_compiled_out_for_the_benchmark(monkeypatch):
+    # bench_prefetch.py compares kernels with and without their hints; if the switch did
+    # nothing it would compare a kernel with itself and report that no hint matters
+    import numba
+    import numpy as np
+
+    from kernels import _prefetch
+
+    def summed(a):
+        s = 0.0
+        for i in range(a.size):
+            _prefetch.prefetch(a, min(i + 64, a.size - 1))
+            s += a[i]
+        return s
+
+    a = np.arange(100.0)
+    ir = {}
+    for on in (True, False):
+        monkeypatch.setattr(_prefetch, "ENABLED", on)
+        f = numba.njit(cache=False)(summed)
+        assert f(a) == a.sum()  # compiled now, with the flag as set
+        ir[on] = "".join(f.inspect_llvm().values())
+    assert "llvm.prefetch" in ir[True] and "llvm.prefetch" not in ir[False]

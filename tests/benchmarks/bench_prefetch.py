@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Do the kernels' software prefetch hints pay on this machine? One command:
+
+    python tests/benchmarks/bench_prefetch.py [--rounds 15] [--only search]
+
+For each kernel that issues ``llvm.prefetch`` hints (``kernels._prefetch``), two copies
+of its compiled code are built in this process: one as shipped and one with
+``kernels._prefetch.ENABLED`` false, where the hints emit nothing. The public call runs
+with one copy, then the other, round after round (in cache, then from memory with a
+96 MiB read before each call), and the table gives the median and quartiles of the
+per-round ratio ``time without hints / time with``: above 1, the hints pay. A ratio
+within a round is far steadier on a shared host than two best-of times taken a minute
+apart. Whether a hint pays depends on the CPU's own prefetcher, so this is the check to
+rerun on a new host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels import _prefetch, compress, empty_aligned, nn, search  # noqa: E402
+from kernels._jit import _CFG  # noqa: E402
+
+
+def _copies(mod: ModuleType, names: list[str], call: Callable[[], object]) -> dict:
+    """``{hints: {name: dispatcher}}``, each compiled by a first call with the flag set
+    (the flag is read when the code is generated, not when the dispatcher is made)."""
+    orig = {n: getattr(mod, n) for n in names}
+    out = {}
+    try:
+        for hints in (True, False):
+            _prefetch.ENABLED = hints
+            out[hints] = {}
+            for n in names:
+                opts = _CFG.jit_options(parallel=True)
+                opts["cache"] = False
+                out[hints][n] = numba.njit(**opts)(orig[n].py_func)
+                setattr(mod, n, out[hints][n])
+            call()
+    finally:
+        _prefetch.ENABLED = True
+        for n in names:
+            setattr(mod, n, orig[n])
+    return out
+
+
+def ab(mod: ModuleType, names: list[str], call: Callable[[], object], rounds: int,
+       flush: bool) -> list[float]:
+    """Quartiles of the per-round ratio time without hints / time with them."""
+    cps = _copies(mod, names, call)
+    orig = {n: getattr(mod, n) for n in names}
+    big = np.ones(12 << 20)  # 96 MiB: evicts the L3 before each call from memory
+    t = {True: [], False: []}
+    try:
+        for _ in range(rounds):
+            for hints in (True, False):
+                for n in names:
+                    setattr(mod, n, cps[hints][n])
+                if flush:
+                    big.sum()
+                t0 = time.perf_counter()
+                call()
+                t[hints].append(time.perf_counter() - t0)
+    finally:
+        for n in names:
+            setattr(mod, n, orig[n])
+    return list(np.percentile(np.array(t[False]) / np.array(t[True]), [25, 50, 75]))
+
+
+def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], object]]]:
+    """(label, module, the jitted functions that hold hints, the public call)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for dt in (np.float32, np.float64):
+        name = np.dtype(dt).name
+        for d in (256, 1024, 4096):
+            x = rng.standard_normal((size // d, d)).astype(dt)
+            g, b = np.ones(d, dt), np.zeros(d, dt)
+            y = empty_aligned(x.shape, dt)
+            _, mu, rs = nn.layer_norm(x, g, b)
+            dy = rng.standard_normal(x.shape).astype(dt)
+            dx = empty_aligned(x.shape, dt)
+            out.append((f"layer_norm {name} {d} features", nn, ["_ln_fwd", "_ln_fwd_one_pass"],
+                        lambda x=x, g=g, b=b, y=y: nn.layer_norm(x, g, b, out=y)))
+            out.append((f"layer_norm_backward {name} {d} features", nn,
+                        ["_ln_bwd", "_ln_bwd_wide"],
+                        lambda dy=dy, x=x, g=g, mu=mu, rs=rs, dx=dx:
+                        nn.layer_norm_backward(dy, x, g, mu, rs, out=dx)))
+        c = 10
+        lg = rng.standard_normal((size // c, c)).astype(dt)
+        lab = rng.integers(0, c, size // c)
+        out.append((f"softmax_cross_entropy {name} 10 classes", nn, ["_softmax_xent_blocks"],
+                    lambda lg=lg, lab=lab: nn.softmax_cross_entropy(lg, lab)))
+    e = rng.standard_normal((size // 64, 64)).astype(np.float32)
+    q = rng.standard_normal((1, 64)).astype(np.float32)
+    for nz in (True, False):
+        out.append((f"topk_cosine float32 q=1 normalized={nz}", search, ["_topk_vec", "_topk"],
+                    lambda nz=nz: search.topk_cosine(q, e, 10, normalized=nz)))
+    gr = rng.standard_normal(size).astype(np.float32)
+    res = np.zeros_like(gr)
+    out.append(("topk_sparsify float32 1% (the sample)", compress, ["_line_sample"],
+                lambda: compress.topk_sparsify(gr, res, max(1, size // 100))))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--only", default="", help="only the rows whose label contains this")
+    args = ap.parse_args()
+    print(f"numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} threads")
+    print("| kernel | where | no hints / hints: median | quartiles |")
+    print("|---|---|---|---|")
+    for where, size, rounds, flush in (("in cache (2^19)", 1 << 19, 20 * args.rounds, False),
+                                       ("from memory (2^25)", 1 << 25, args.rounds, True)):
+        for label, mod, names, call in cases(size):
+            if args.only not in label:
+                continue
+            q1, med, q3 = ab(mod, names, call, rounds, flush)
+            print(f"| {label} | {where} | {med:.2f} | {q1:.2f}-{q3:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
