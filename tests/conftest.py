@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -67,12 +66,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "prebuild.log", "wb") as log:
-        # at the lowest priority, so the tests it overlaps come first (the Slurm campaign
-        # took 338 s beside it at normal priority, 311 s without it); once the fixture
-        # waits for it, the cores are its own anyway
-        nice = ["nice", "-n", "19"] if shutil.which("nice") else []
         _PREBUILD.append(subprocess.Popen(
-            [*nice, sys.executable, "-m", "gateway.images.python_image", str(root)], cwd=REPO,
+            [sys.executable, "-m", "gateway.images.python_image", str(root)], cwd=REPO,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
 
