@@ -15,8 +15,8 @@ with plain stores were 1.14-1.5x slower with it, so it is gone (float32 long row
 their statistics in one pass, ``_ln_fwd_one_pass``, which never had it). The same hint
 made softmax, layer norm backward and the GELU rows slower (measured, A/B in one
 round-robin), so they have none. Layer norm rows streamed out (``_ln_out_row``,
-``_stream_row``) prefetch a later row's inputs while they write, one line per line written. Layer norm rows of up
-to 8 vectors are held in registers too (``_ln_fwd_short``,
+``_stream_row``) prefetch a later row's inputs while they write, one line per line
+written. Layer norm rows of up to 8 vectors are held in registers too (``_ln_fwd_short``,
 ``_ln_bwd_short``): 1.2-3.4x faster than the row loops at 8-64 features; rows of 4 KiB or
 more have their own backward (``_ln_bwd_wide``).
 Parameter gradients (layer norm's dgamma/dbeta) are summed into per-chunk partial
