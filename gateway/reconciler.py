@@ -207,9 +207,7 @@ class Reconciler:
             misses = job.misses + 1
             if misses < self.config.agent.lost_after_misses:
                 return Change(job.id, None, {"misses": misses}, "", expect=job.state)
-            obs = self._left_a_result(job) or Observation(
-                job.ref or "", State.LOST, kind="lost",
-                reason=f"{job.backend} no longer knows this job and left no result")
+            obs = self._left_a_result(job) or self._vanished(job)
         if obs.state.terminal:
             return self._finished(job, obs)
         fields: dict[str, object] = {"misses": 0}
@@ -249,6 +247,17 @@ class Reconciler:
         the node runner's status.json: that is its result, not LOST."""
         status = read_json(attempt_dir(self.config.jobs_path, job.id, job.attempt) / "status.json")
         return observation_from_status(job.ref or "", status) if status else None
+
+    @staticmethod
+    def _vanished(job: JobRecord) -> Observation:
+        """A job its backend forgot without a result: LOST, unless it was cancelled. Slurm
+        drops a pending array task at once when it is cancelled (no record is left for
+        squeue), so a job whose cancel was sent and that then vanished ended CANCELLED."""
+        if job.cancel_requested and job.cancel_sent_at:
+            return Observation(job.ref or "", State.CANCELLED, kind="cancelled",
+                               reason=f"cancelled; {job.backend} kept no record of it")
+        return Observation(job.ref or "", State.LOST, kind="lost",
+                           reason=f"{job.backend} no longer knows this job and left no result")
 
     def _finished(self, job: JobRecord, obs: Observation) -> Change:
         spec = job.spec

@@ -145,6 +145,24 @@ def test_forgotten_job_becomes_lost_after_misses_unless_it_left_a_status(setup):
     assert gw.store.get(b.id).state == State.SUCCEEDED
 
 
+def test_a_cancelled_job_the_backend_forgot_ends_cancelled_not_lost(setup):
+    """Slurm drops a pending array task from squeue the moment it is cancelled: after the
+    cancel was sent, vanishing is the cancel taking effect. A job nobody cancelled that
+    vanishes in the same passes is still LOST."""
+    gw, backend = setup
+    a = gw.submit({"name": "a", "command": "true", "retries": {"max": 2}})
+    b = gw.submit({"name": "b", "command": "true"})
+    backend.forget = True
+    gw.cancel([a.id])
+    for _ in range(3):
+        gw.reconcile()
+    rec = gw.store.get(a.id)
+    assert (rec.state, rec.kind, rec.attempt) == (State.CANCELLED, "cancelled", 1)
+    assert "kept no record" in rec.reason
+    assert gw.store.get(b.id).state == State.LOST
+    assert backend.submitted == [f"hpcgw.{a.id}.1", f"hpcgw.{b.id}.1"]   # no retry
+
+
 def test_lost_is_retried_by_default_policy(setup):
     gw, backend = setup
     job = gw.submit({"name": "a", "command": "true", "retries": {"max": 1}})

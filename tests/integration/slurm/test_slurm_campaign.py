@@ -79,3 +79,31 @@ def test_a_campaign_of_2000_jobs_completes_through_arrays(slurm_cluster: SlurmCl
         assert calls["sbatch"] == 4  # arrays of at most 500 tasks
     finally:
         gw.close()
+
+
+def test_cancelling_a_throttled_array_ends_every_member_cancelled(slurm_cluster: SlurmCluster,
+                                                                 tmp_path: Path) -> None:
+    """Slurm keeps no record of a pending array task once it is cancelled (squeue stops
+    listing it at once): those members end CANCELLED, not LOST, at the default
+    ``lost_after_misses``; the running one ends CANCELLED from Slurm's own record."""
+    profile = {"env": {**slurm_cluster.env, "PYTHONPATH": str(REPO)}}
+    gw = Gateway({"data_dir": str(tmp_path / "data"),
+                  "backends": {"slurm": {"profiles": {"test": profile}}}})
+    try:
+        spec, base = load_campaign(_campaign(tmp_path, 3, 1, "sleep 120"))
+        apply(gw, spec, base)
+        for _ in range(600):
+            gw.reconcile()
+            if any(j.state == State.RUNNING for j in gw.store.campaign_jobs("slurm-sweep")):
+                break
+        jobs = gw.store.campaign_jobs("slurm-sweep")
+        assert [j.state for j in jobs].count(State.RUNNING) == 1, [j.state for j in jobs]
+        gw.cancel([j.id for j in jobs])
+        for _ in range(10):     # well past the three misses that would make them LOST
+            gw.reconcile()
+        ended = gw.store.campaign_jobs("slurm-sweep")
+        assert [j.state for j in ended] == [State.CANCELLED] * 3, \
+            [(j.state, j.reason) for j in ended]
+        assert gw.backends.get("slurm:test").calls["sbatch"] == 1  # type: ignore[attr-defined]
+    finally:
+        gw.close()
