@@ -22,8 +22,15 @@ started for the same attempt (a submission retried after a crash) finds the clai
 with EXIT_CLAIMED without running anything. status.json is written atomically, last.
 
     python -m gateway.node supervise DIR      local backend: run, enforce walltime, finish
-    python -m gateway.node prepare DIR        batch systems: claim and stage, before the job
-    python -m gateway.node finish DIR --exit-code N    batch systems: outputs and status
+    python -m gateway.node run DIR --cwd PATH -- ARGV...
+                                              batch systems: prepare, run ARGV, finish
+    python -m gateway.node prepare DIR        the steps of ``run``, for scripts that need
+    python -m gateway.node finish DIR --exit-code N    to wrap the command themselves
+
+``run`` is what a Slurm batch script ``exec``s: one Python start per job instead of two.
+The batch system enforces the walltime and delivers cancels (it signals every process of
+the job), so ``run`` installs no handler: a signal that ends the job ends the runner too,
+and the batch system's own record says why.
 """
 
 from __future__ import annotations
@@ -243,14 +250,39 @@ def supervise(adir: Path) -> int:
     return 0
 
 
+def run(adir: Path, cwd: Path, argv: list[str]) -> int:
+    """prepare, run ``argv`` in ``cwd`` with this process's stdio and environment (``PWD``
+    set to ``cwd``, as a shell's ``cd`` would), finish.
+    Returns the job's exit code (128 + N when signal N ended the command; 0 when the
+    attempt had already run, so nothing ran now)."""
+    code = prepare(adir)
+    if code != 0:
+        return 0 if code == EXIT_CLAIMED else code
+    try:
+        child = subprocess.Popen(argv, cwd=cwd, env={**os.environ, "PWD": str(cwd)})
+    except OSError as exc:
+        finish(adir, 127, outcome="error", reason=f"cannot start {argv[0]!r}: {exc}")
+        return 127
+    returncode = child.wait()
+    sig = -returncode if returncode < 0 else None
+    exit_code = 128 + sig if sig else returncode
+    finish(adir, exit_code, sig=sig)
+    return exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 2 or args[0] not in ("supervise", "prepare", "finish"):
+    if len(args) < 2 or args[0] not in ("supervise", "run", "prepare", "finish"):
         print(__doc__, file=sys.stderr)
         return 2
     adir = Path(args[1])
     if args[0] == "supervise":
         return supervise(adir)
+    if args[0] == "run":
+        if args[2:3] != ["--cwd"] or args[4:5] != ["--"] or len(args) < 6:
+            print("usage: python -m gateway.node run DIR --cwd PATH -- ARGV...", file=sys.stderr)
+            return 2
+        return run(adir, Path(args[3]), args[5:])
     if args[0] == "prepare":
         return prepare(adir)
     code = int(args[args.index("--exit-code") + 1]) if "--exit-code" in args else None

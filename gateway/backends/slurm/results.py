@@ -4,7 +4,7 @@ A plain job's WorkDir (``--chdir``) is its attempt folder. An array's WorkDir is
 task's folder, which holds ``array.json`` (task index -> key and attempt folder), written
 before sbatch: it maps array tasks back to attempts for ``poll`` (outputs) and ``adopt``
 (keys), also after a gateway restart. ``status.json`` is the node's final word
-(``gateway.node finish``); its outputs are passed on in ``Observation.extra["outputs"]``.
+(``gateway.node run``); its outputs are passed on in ``Observation.extra["outputs"]``.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ Two quoting worlds meet in a batch script:
   and drop the backslashes (so a literal backslash in those paths is refused too).
 - The body is bash: every value goes through ``shlex.quote``.
 
-The body follows the node-side contract of ``gateway.node`` (prepare / run / finish; exit
-75 from ``prepare`` means "this attempt already ran", so the script does nothing).
+The body exports the job's environment and ``exec``s the node runner's ``run`` (see
+``gateway.node``): it claims the attempt (an attempt that already ran exits 0 and runs
+nothing), stages inputs, runs the command in its working folder and writes status.json,
+in one Python process per job.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from gateway.errors import CapabilityError
 from gateway.spec import ENV_KEY_RE
 
 SAFE_DIRECTIVE = re.compile(r"^[A-Za-z0-9_@%+=:,./&-]+$")
-ALREADY_RAN = 75
 ARRAY_COMMENT = "hpcgw-array:"
 
 
@@ -88,7 +89,9 @@ def run_line(request: SubmitRequest, profile: SlurmProfile) -> str:
 
 
 def body_lines(request: SubmitRequest, profile: SlurmProfile) -> list[str]:
-    """prepare / cd / run / finish for one attempt, every value shell-quoted."""
+    """The attempt's environment, then ``exec`` of the node runner's ``run`` (claim, stage,
+    the command in its working folder, outputs and status.json: one Python start), every
+    value shell-quoted."""
     for key in request.env:
         if not ENV_KEY_RE.match(key):
             raise CapabilityError(f"env name {key!r} is not a valid shell variable name")
@@ -97,14 +100,8 @@ def body_lines(request: SubmitRequest, profile: SlurmProfile) -> list[str]:
     workdir = (request.spec.workdir if request.spec.image is None else None) \
         or str(Path(request.attempt_dir) / "work")
     lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(request.env.items())]
-    lines += [
-        (f"{py} -m gateway.node prepare {adir} || "
-         f'{{ rc=$?; [ "$rc" = {ALREADY_RAN} ] && exit 0; exit "$rc"; }}'),
-        f"cd {shlex.quote(workdir)} && {run_line(request, profile)}",
-        "rc=$?",
-        f'{py} -m gateway.node finish {adir} --exit-code "$rc"',
-        'exit "$rc"',
-    ]
+    lines.append(f"exec {py} -m gateway.node run {adir} --cwd {shlex.quote(workdir)} -- "
+                 f"{run_line(request, profile)}")
     return lines
 
 

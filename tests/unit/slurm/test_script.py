@@ -6,9 +6,10 @@ and read the diff before committing it.
 
 from __future__ import annotations
 
+import json
 import os
-import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,7 @@ def test_untyped_gpus_and_single_task_runs_directly() -> None:
     req = make_request("/d", resources={"gpus": 1})
     text = render_sbatch(req, SITE)
     assert "#SBATCH --gres=gpu:1" in text and "#SBATCH --partition=gpu" in text
-    assert "srun" not in text and "\ncd /d/work && echo hi\n" in text
+    assert "srun" not in text and " --cwd /d/work -- echo hi\n" in text
 
 
 def test_multi_task_without_mpi_uses_srun() -> None:
@@ -144,73 +145,74 @@ def test_array_name_is_stable() -> None:
     assert array_name(["a", "b"]) == array_name(["a", "b"]) != array_name(["b", "a"])
 
 
-# -- the body, executed by bash with PY replaced by a stub --------------------------------
-STUB = """#!/bin/sh
-# stands in for `python -m gateway.node prepare|finish DIR [--exit-code N]`
-case "$3" in
-  prepare) mkdir -p "$4/work"; [ -e "$4/claim" ] && exit 75; : > "$4/claim" ;;
-  finish) printf '%s' "$6" > "$4/finished" ;;
-esac
-"""
+# -- the body, executed by bash with the real node runner (through a hostile path) ------
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _run_body(script: str, tmp_path: Path, env: dict[str, str] | None = None) -> \
         subprocess.CompletedProcess[bytes]:
     path = tmp_path / "job.sbatch"
     path.write_text(script)
-    base = {"PATH": os.environ["PATH"], **(env or {})}
+    base = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(["bash", str(path)], capture_output=True, env=base, cwd=tmp_path,
                           check=False)
 
 
-def _stub(tmp_path: Path) -> SlurmProfile:
-    stub = tmp_path / "py stub'$(x)"
-    stub.write_text(STUB)
-    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
-    return SlurmProfile(python=str(stub))
+def _python(tmp_path: Path) -> SlurmProfile:
+    """The profile's python is this interpreter, reached through a name bash must quote."""
+    link = tmp_path / "py bin'$(x)"
+    link.symlink_to(sys.executable)
+    return SlurmProfile(python=str(link))
+
+
+def _attempt(adir: Path) -> Path:
+    """An attempt folder as the gateway writes it (a launch.json with nothing to stage)."""
+    adir.mkdir(parents=True, exist_ok=True)
+    (adir / "launch.json").write_text("{}")
+    return adir
+
+
+def _status(adir: Path) -> dict[str, object]:
+    return json.loads((adir / "status.json").read_text())
 
 
 def test_hostile_env_values_arrive_byte_exact(tmp_path: Path) -> None:
-    adir = tmp_path / "a 0'; echo foo" / "$(rm -rf ~)%j"
-    adir.mkdir(parents=True)
+    adir = _attempt(tmp_path / "a 0'; echo foo" / "$(rm -rf ~)%j")
     env = {f"V{i}": v for i, v in enumerate(HOSTILE)}
     req = make_request(adir, env=env, command=["env", "-0"])
-    done = _run_body(render_sbatch(req, _stub(tmp_path)), tmp_path)
+    done = _run_body(render_sbatch(req, _python(tmp_path)), tmp_path)
     assert done.returncode == 0, done.stderr
     seen = dict(item.split(b"=", 1) for item in done.stdout.split(b"\0") if b"=" in item)
     for key, value in env.items():
         assert seen[key.encode()] == value.encode()
-    assert (adir / "finished").read_text() == "0"
+    assert _status(adir)["exit_code"] == 0
     assert Path(seen[b"PWD"].decode()) == adir / "work"
 
 
 def test_hostile_argv_arrives_byte_exact_and_exit_code_is_kept(tmp_path: Path) -> None:
-    adir = tmp_path / "att"
-    adir.mkdir()
+    adir = _attempt(tmp_path / "att")
     req = make_request(adir, command=["sh", "-c", 'printf "%s\\0" "$@"; exit 3', "sh", *HOSTILE])
-    done = _run_body(render_sbatch(req, _stub(tmp_path)), tmp_path)
+    done = _run_body(render_sbatch(req, _python(tmp_path)), tmp_path)
     assert done.returncode == 3
     assert done.stdout.split(b"\0")[:-1] == [h.encode() for h in HOSTILE]
-    assert (adir / "finished").read_text() == "3"
+    assert _status(adir)["exit_code"] == 3
 
 
 def test_already_ran_attempt_does_nothing(tmp_path: Path) -> None:
-    adir = tmp_path / "att"
-    adir.mkdir()
+    adir = _attempt(tmp_path / "att")
     (adir / "claim").touch()
     req = make_request(adir, command=["touch", str(tmp_path / "ran")])
-    done = _run_body(render_sbatch(req, _stub(tmp_path)), tmp_path)
-    assert done.returncode == 0
-    assert not (tmp_path / "ran").exists() and not (adir / "finished").exists()
+    done = _run_body(render_sbatch(req, _python(tmp_path)), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "ran").exists() and not (adir / "status.json").exists()
 
 
 def test_array_task_selects_its_request(tmp_path: Path) -> None:
     reqs = []
     for i in range(3):
-        (tmp_path / f"t{i}").mkdir()
-        reqs.append(make_request(tmp_path / f"t{i}", job_id=f"k{i}", env={"WHO": f"task {i}"},
-                                 command=["sh", "-c", 'echo "$WHO"']))
-    script = render_array(reqs, _stub(tmp_path))
+        reqs.append(make_request(_attempt(tmp_path / f"t{i}"), job_id=f"k{i}",
+                                 env={"WHO": f"task {i}"}, command=["sh", "-c", 'echo "$WHO"']))
+    script = render_array(reqs, _python(tmp_path))
     done = _run_body(script, tmp_path, {"SLURM_ARRAY_TASK_ID": "1"})
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "t1" / "stdout").read_text() == "task 1\n"
