@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -36,11 +37,15 @@ def _campaign(tmp_path: Path, n: int, limit: int, command: str) -> Path:
     return path
 
 
-def _drive(gw: Gateway, timeout_passes: int = 3000) -> None:
-    for _ in range(timeout_passes):
+def _drive(gw: Gateway, timeout: float = 1500) -> None:
+    """Passes at the agent's pace (one per ``agent.interval_s``, as ``hpcgw agent`` runs
+    them) until every job ended; back to back they would take CPU from the jobs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         gw.reconcile()
         if all(j.state.terminal for j in gw.store.jobs(limit=5000)):
             return
+        time.sleep(gw.config.agent.interval_s)
     raise AssertionError(f"not finished: {gw.store.counts()}")
 
 
