@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +82,75 @@ def _run_python(code: str, **env: str) -> str:
 def run_python():
     """``run_python(code, **env)`` -> stdout of a fresh interpreter on this checkout."""
     return _run_python
+
+
+# -- subprocess checks started in the background ------------------------------------------
+# A few tests compile the kernels in a fresh interpreter, for another CPU target or into
+# an empty cache folder: up to a minute of single-core Numba work each, which needs no
+# result of the session. Marked ``@pytest.mark.background(commands=...)``, where
+# ``commands(folder)`` gives the interpreter arguments and extra environment of each
+# subprocess, they start as soon as collection ends, one after another on one thread,
+# and so overlap the integration tests that run first and mostly wait. The test's
+# ``background`` fixture then waits for them and hands over their results. A test whose
+# checks were not started (run through another path) runs them itself.
+
+Commands = Callable[[Path], list[tuple[list[str], dict[str, str]]]]
+_STARTED: dict[str, tuple[Path, Future[list[subprocess.CompletedProcess[str]]]]] = {}
+_RUNNING: list[subprocess.Popen[str]] = []
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcgw-background")
+
+
+def _commands(item: pytest.Item) -> Commands | None:
+    marker = item.get_closest_marker("background")
+    return marker.kwargs["commands"] if marker is not None else None
+
+
+def _run_checks(commands: list[tuple[list[str], dict[str, str]]]
+                ) -> list[subprocess.CompletedProcess[str]]:
+    done = []
+    for args, env in commands:
+        argv = [sys.executable, *args]
+        with subprocess.Popen(argv, cwd=REPO, env=app_env(**env), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) as proc:
+            _RUNNING.append(proc)
+            try:
+                out, err = proc.communicate(timeout=900)
+            finally:
+                _RUNNING.remove(proc)
+        done.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+    return done
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:
+        commands = _commands(item)
+        skipped = item.get_closest_marker("skip") is not None or any(
+            m.args and m.args[0] is True for m in item.iter_markers("skipif"))
+        if commands is not None and not skipped:
+            folder = Path(tempfile.mkdtemp(prefix="hpcgw-background-"))
+            _STARTED[item.nodeid] = (folder, _POOL.submit(_run_checks, commands(folder)))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Checks not waited for (their tests deselected by -x, interrupted) are stopped."""
+    for _, future in _STARTED.values():
+        future.cancel()
+    for proc in list(_RUNNING):
+        proc.kill()
+    _POOL.shutdown(wait=True)
+    for folder, _ in _STARTED.values():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def background(request: pytest.FixtureRequest, tmp_path: Path
+               ) -> tuple[Path, list[subprocess.CompletedProcess[str]]]:
+    """(folder, results) of this test's background subprocesses, in the order given."""
+    started = _STARTED.pop(request.node.nodeid, None)
+    if started is None:
+        commands = _commands(request.node)
+        assert commands is not None, "the background fixture needs @pytest.mark.background"
+        return tmp_path, _run_checks(commands(tmp_path))
+    folder, future = started
+    request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
+    return folder, future.result()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 import re
 from pathlib import Path
 
@@ -1180,44 +1181,60 @@ def test_bias_act_refuses_unknown_activation_and_wrong_bias():
         nn.bias_act(np.zeros((2, 3)), np.zeros(2))
 
 
-def test_vector_compress_falls_back_on_an_older_llvm(run_python, tmp_path):
+_COMPRESS_HASHES = (
+    "import hashlib, numpy as np\n"
+    "from kernels import _avx512, _simd, compress, nn\n"
+    "_simd.VECTOR_COMPRESS = {flag}\n"
+    "rng = np.random.default_rng(3)\n"
+    "x = 8 * rng.standard_normal((300, 96)); x[::7, 3] = np.nan\n"
+    "b = rng.standard_normal(96)\n"
+    "g = rng.standard_normal(1 << 17).astype(np.float32)\n"
+    "r = rng.standard_normal(1 << 17).astype(np.float32)\n"
+    "out = list(compress.topk_sparsify(g, r, 1000)) + [r]\n"
+    "if _avx512.AVAILABLE:  # AVX2's float64 GELU packs its lanes without a compress\n"
+    "    dx, db = nn.bias_act_backward(x, x, b)\n"
+    "    out += [nn.gelu(x), nn.gelu_backward(x, x), nn.bias_act(x, b), dx, db]\n"
+    "for a in out:\n"
+    "    print(hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())\n")
+
+
+def _compress_both_ways(folder):
+    return [(["-c", _COMPRESS_HASHES.format(flag=flag)],
+             {"HPCGW_NUMBA_CACHE_DIR": str(folder / name)})
+            for flag, name in ((False, "old"), (True, "new"))]
+
+
+@pytest.mark.background(commands=_compress_both_ways)
+def test_vector_compress_falls_back_on_an_older_llvm(background):
     # llvm.experimental.vector.compress arrived in LLVM 19: with an older llvmlite (as in
     # Debian 12's numba, which the Python image carries) the process would abort when it
     # links. There the put-aside lanes of float64 GELU and the sparsification's
-    # candidates go through llvm.masked.compressstore; run that path here, in a fresh
-    # cache, against the default one
-    code = (
-        "import hashlib, numpy as np\n"
-        "from kernels import _avx512, _simd, compress, nn\n"
-        "_simd.VECTOR_COMPRESS = {flag}\n"
-        "rng = np.random.default_rng(3)\n"
-        "x = 8 * rng.standard_normal((300, 96)); x[::7, 3] = np.nan\n"
-        "b = rng.standard_normal(96)\n"
-        "g = rng.standard_normal(1 << 17).astype(np.float32)\n"
-        "r = rng.standard_normal(1 << 17).astype(np.float32)\n"
-        "out = list(compress.topk_sparsify(g, r, 1000)) + [r]\n"
-        "if _avx512.AVAILABLE:  # AVX2's float64 GELU packs its lanes without a compress\n"
-        "    dx, db = nn.bias_act_backward(x, x, b)\n"
-        "    out += [nn.gelu(x), nn.gelu_backward(x, x), nn.bias_act(x, b), dx, db]\n"
-        "for a in out:\n"
-        "    print(hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())\n")
-    got = run_python(code.format(flag=False), HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "old"))
-    want = run_python(code.format(flag=True), HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "new"))
-    assert got == want
+    # candidates go through llvm.masked.compressstore; run that path, in a fresh
+    # cache, against the default one (two subprocesses, started in the background)
+    _, (old, new) = background
+    assert old.returncode == 0 and new.returncode == 0, old.stderr + new.stderr
+    assert len(old.stdout.split()) >= 3
+    assert old.stdout == new.stdout
 
 
-def test_float64_gelu_for_a_generic_cpu_target_takes_the_portable_path(run_python, tmp_path):
+def _generic_target(folder):
+    code = ("import math, numpy as np\n"
+            "from kernels import _avx512, nn\n"
+            "x = np.linspace(-10, 10, 1001)\n"
+            "ref = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x])\n"
+            "assert np.allclose(nn.gelu(x), ref, rtol=1e-13, atol=1e-300)\n"
+            "print(_avx512.AVAILABLE)\n")
+    return [(["-c", code], {"NUMBA_CPU_NAME": "generic",
+                            "HPCGW_NUMBA_CACHE_DIR": str(folder / "cache")})]
+
+
+@pytest.mark.background(commands=_generic_target)
+def test_float64_gelu_for_a_generic_cpu_target_takes_the_portable_path(background):
     # an image that carries a cache built for NUMBA_CPU_NAME=generic must not compile the
     # AVX-512 or AVX2 intrinsics (they would not even select there); the portable path runs
-    out = run_python(
-        "import math, numpy as np\n"
-        "from kernels import _avx512, nn\n"
-        "x = np.linspace(-10, 10, 1001)\n"
-        "ref = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x])\n"
-        "assert np.allclose(nn.gelu(x), ref, rtol=1e-13, atol=1e-300)\n"
-        "print(_avx512.AVAILABLE)\n",
-        NUMBA_CPU_NAME="generic", HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    assert out.strip() == "False"
+    _, [done] = background
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 _COMPILE_ONLY = """
@@ -1267,30 +1284,32 @@ json.dump({k: sum(len(re.findall("%zmm", wrapped[k].inspect_asm(s))) for s in si
 """
 
 
-def test_avx512_kernels_compile_to_512_bit_code(tmp_path):
-    # On a CPU without AVX-512 the vector paths cannot run, but they can be built: a
-    # subprocess targets an AVX-512 CPU (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, an empty
-    # cache folder), replaces every parallel kernel of kernels.activations and
-    # kernels.nn by a stand-in that compiles it for its arguments without running it,
-    # and drives the public calls through each AVX-512 path. Every one must compile
-    # (intrinsics typed, LLVM lowered) into code that uses 512-bit registers.
-    import json
-    import os
-    import platform
-    import subprocess
-    import sys
+_AVX512_FEATURES = ("+avx512f,+avx512dq,+avx512bw,+avx512vl,+avx512cd,+avx2,+avx,+fma,+f16c,"
+                    "+bmi,+bmi2,+lzcnt,+popcnt,+sse4.2,+sse4.1,+ssse3,+sse3,+cx16,+movbe")
 
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip("AVX-512 is an x86-64 instruction set")
-    feats = ("+avx512f,+avx512dq,+avx512bw,+avx512vl,+avx512cd,+avx2,+avx,+fma,+f16c,+bmi,"
-             "+bmi2,+lzcnt,+popcnt,+sse4.2,+sse4.1,+ssse3,+sse3,+cx16,+movbe")
-    env = dict(os.environ, HPCGW_NUMBA_CACHE_DIR=str(tmp_path / "cache"),
-               NUMBA_CPU_NAME="skylake-avx512", NUMBA_CPU_FEATURES=feats)
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _COMPILE_ONLY,
-                           str(tmp_path / "zmm.json")], env=env, capture_output=True,
-                          text=True, timeout=900)
+
+def _compile_for_avx512(folder):
+    return [(["-W", "ignore", "-c", _COMPILE_ONLY, str(folder / "zmm.json")],
+             {"HPCGW_NUMBA_CACHE_DIR": str(folder / "cache"),
+              "NUMBA_CPU_NAME": "skylake-avx512", "NUMBA_CPU_FEATURES": _AVX512_FEATURES})]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="AVX-512 is an x86-64 instruction set")
+@pytest.mark.background(commands=_compile_for_avx512)
+def test_avx512_kernels_compile_to_512_bit_code(background):
+    # On a CPU without AVX-512 the vector paths cannot run, but they can be built: a
+    # subprocess (started in the background) targets an AVX-512 CPU (NUMBA_CPU_NAME /
+    # NUMBA_CPU_FEATURES, an empty cache folder), replaces every parallel kernel of
+    # kernels.activations and kernels.nn by a stand-in that compiles it for its arguments
+    # without running it, and drives the public calls through each AVX-512 path. Every
+    # one must compile (intrinsics typed, LLVM lowered) into code that uses 512-bit
+    # registers.
+    import json
+
+    folder, [done] = background
     assert done.returncode == 0, done.stderr[-3000:]
-    zmm = json.loads((tmp_path / "zmm.json").read_text())
+    zmm = json.loads((folder / "zmm.json").read_text())
     vector_paths = ["_GELU_VEC[False, False]", "_GELU_VEC[False, True]",
                     "_GELU_VEC[True, False]", "_GELU_VEC[True, True]",
                     "_softmax_xent_blocks", "_softmax_xent_short", "_softmax_xent_f64_vec",
