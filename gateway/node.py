@@ -214,6 +214,12 @@ def _stop(child: subprocess.Popen[bytes], grace: float) -> None:
     child.wait()
 
 
+def _exit_status(returncode: int) -> tuple[int, int | None]:
+    """(exit code, signal) of a finished child: a shell's 128 + N when signal N ended it."""
+    sig = -returncode if returncode < 0 else None
+    return (128 + sig if sig else returncode), sig
+
+
 def supervise(adir: Path) -> int:
     """Run one attempt to the end on this machine (the local backend's job process)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -242,8 +248,7 @@ def supervise(adir: Path) -> int:
     else:
         _killpg(child.pid, signal.SIGKILL)  # stragglers the job left behind
     returncode = child.wait()
-    sig = -returncode if returncode < 0 else None
-    exit_code = 128 + sig if sig else returncode
+    exit_code, sig = _exit_status(returncode)
     reason = {"timeout": f"walltime of {launch['walltime']} s reached",
               "cancelled": "cancelled"}.get(outcome)
     finish(adir, exit_code, outcome=outcome, sig=sig, reason=reason)
@@ -264,8 +269,7 @@ def run(adir: Path, cwd: Path, argv: list[str]) -> int:
         finish(adir, 127, outcome="error", reason=f"cannot start {argv[0]!r}: {exc}")
         return 127
     returncode = child.wait()
-    sig = -returncode if returncode < 0 else None
-    exit_code = 128 + sig if sig else returncode
+    exit_code, sig = _exit_status(returncode)
     finish(adir, exit_code, sig=sig)
     return exit_code
 

@@ -19,9 +19,10 @@ from gateway.testing.slurm_cluster import SlurmCluster
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
 
-def _gateway(cluster: SlurmCluster, tmp_path: Path) -> Gateway:
+def _gateway(cluster: SlurmCluster, tmp_path: Path, lost_after_misses: int = 30) -> Gateway:
     profile = {"env": {**cluster.env, "PYTHONPATH": str(REPO)}}
-    return Gateway({"data_dir": str(tmp_path / "data"), "agent": {"lost_after_misses": 30},
+    return Gateway({"data_dir": str(tmp_path / "data"),
+                    "agent": {"lost_after_misses": lost_after_misses},
                     "backends": {"slurm": {"profiles": {"test": profile}}}})
 
 
@@ -91,9 +92,7 @@ def test_cancelling_a_throttled_array_ends_every_member_cancelled(slurm_cluster:
     """Slurm keeps no record of a pending array task once it is cancelled (squeue stops
     listing it at once): those members end CANCELLED, not LOST, at the default
     ``lost_after_misses``; the running one ends CANCELLED from Slurm's own record."""
-    profile = {"env": {**slurm_cluster.env, "PYTHONPATH": str(REPO)}}
-    gw = Gateway({"data_dir": str(tmp_path / "data"),
-                  "backends": {"slurm": {"profiles": {"test": profile}}}})
+    gw = _gateway(slurm_cluster, tmp_path, lost_after_misses=3)   # the default
     try:
         spec, base = load_campaign(_campaign(tmp_path, 3, 1, "sleep 120"))
         apply(gw, spec, base)
