@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kernels._jit import jit
 from kernels.errors import KernelDtypeError, KernelInputError
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -77,7 +78,7 @@ def finite_float(name: str, value: Any, *, low: float | None = None) -> float:
         out = float(value)
     except (TypeError, ValueError) as exc:
         raise KernelInputError(f"{name} must be a number, got {value!r}") from exc
-    if not np.isfinite(out) or (low is not None and out < low):
+    if not math.isfinite(out) or (low is not None and out < low):
         bound = f" and >= {low}" if low is not None else ""
         raise KernelInputError(f"{name} must be finite{bound}, got {value!r}")
     return out
@@ -91,6 +92,13 @@ def writable_target(name: str, a: np.ndarray, like: np.ndarray) -> None:
     shape_is(name, a, like.shape)
     if not a.flags.writeable:
         raise KernelInputError(f"{name} is read-only; pass a writable array (np.array(x))")
+
+
+@jit()
+def data_address(a):
+    """The address of ``a``'s first element: 0.25 us from Python, against 1.6-2.4 for
+    ``a.ctypes.data`` or ``a.__array_interface__``, which build objects each time."""
+    return a.ctypes.data
 
 
 def empty_aligned(shape: Any, dtype: Any = np.float64, *, like: np.ndarray | None = None
@@ -107,12 +115,11 @@ def empty_aligned(shape: Any, dtype: Any = np.float64, *, like: np.ndarray | Non
     this way; pass such a buffer as ``out=`` to get the same speed.
     """
     dt = np.dtype(dtype)
-    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    n = math.prod(int(s) for s in shape)  # (np.prod took half the call's 7 us)
-    raw = np.empty(n * dt.itemsize + 64, np.uint8)
-    want = 0 if like is None else like.__array_interface__["data"][0] % 64
-    off = (want - raw.__array_interface__["data"][0]) % 64
-    return raw[off:off + n * dt.itemsize].view(dt).reshape(shape)
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(map(int, shape))
+    raw = np.empty(math.prod(shape) * dt.itemsize + 64, np.uint8)
+    want = 0 if like is None else data_address(like)
+    # one constructor, not a slice, a view and a reshape: the call went 7 -> 2 us
+    return np.ndarray(shape, dt, raw, (want - data_address(raw)) % 64)
 
 
 def empty_placed(like: np.ndarray, offset: int, period: int) -> np.ndarray:
@@ -122,8 +129,7 @@ def empty_placed(like: np.ndarray, offset: int, period: int) -> np.ndarray:
     part before it is never touched, so never mapped (see ``kernels.optim``)."""
     nb = like.nbytes
     raw = np.empty(nb + period, np.uint8)
-    skip = (like.__array_interface__["data"][0] + offset
-            - raw.__array_interface__["data"][0]) % period
+    skip = (data_address(like) + offset - data_address(raw)) % period
     return raw[skip:skip + nb].view(like.dtype).reshape(like.shape)
 
 

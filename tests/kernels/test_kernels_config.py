@@ -74,3 +74,27 @@ def test_prefetch_hints_can_be_compiled_out_for_the_benchmark(monkeypatch):
         assert f(a) == a.sum()  # compiled now, with the flag as set
         ir[on] = "".join(f.inspect_llvm().values())
     assert "llvm.prefetch" in ir[True] and "llvm.prefetch" not in ir[False]
+
+
+def test_num_threads_follows_numba_per_thread():
+    # kernels._jit.num_threads reads numba's thread-local count directly once the pool
+    # is up; it must still follow set_num_threads, and another thread keeps its own
+    import threading
+
+    import numba
+
+    from kernels._jit import num_threads
+
+    default = numba.config.NUMBA_NUM_THREADS
+    assert num_threads() == numba.get_num_threads() == default
+    numba.set_num_threads(1)
+    try:
+        assert num_threads() == 1
+        seen: list[int] = []
+        t = threading.Thread(target=lambda: seen.append(num_threads()))
+        t.start()
+        t.join()
+        assert seen == [default]
+    finally:
+        numba.set_num_threads(default)
+    assert num_threads() == default

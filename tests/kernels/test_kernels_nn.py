@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 
-from kernels import _avx512, _simd, activations, empty_aligned, nn
+from kernels import _avx512, _checks, _simd, activations, empty_aligned, nn
 from kernels.errors import KernelDtypeError, KernelInputError
 
 _erf = np.vectorize(math.erf)
@@ -488,6 +488,24 @@ def test_layer_norm_nan_row_stays_in_its_row_and_empty_works():
     assert y.shape == (0, 3) and mu.shape == (0,)
 
 
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("n, d", [(0, 3), (4, 0), (1, 5), (3, 256)])
+def test_layer_norm_backward_sums_have_the_input_dtype_at_every_size(n, d, dt, rng):
+    # the sums of a single chunk of rows are taken as they are (no reduction over
+    # chunks), and no rows or no features give zeros: each case in the input's dtype
+    x = rng.standard_normal((n, d)).astype(dt)
+    dy = rng.standard_normal((n, d)).astype(dt)
+    g = rng.standard_normal(d).astype(dt)
+    _, mu, rs = nn.layer_norm(x, g, g)
+    dx, dg, db = nn.layer_norm_backward(dy, x, g, mu, rs)
+    assert dx.shape == (n, d) and dg.shape == db.shape == (d,)
+    assert dx.dtype == dg.dtype == db.dtype == dt
+    xhat = (x - x.mean(axis=1, keepdims=True)) / np.sqrt(x.var(axis=1, keepdims=True) + 1e-5)
+    tol = 1e-4 if dt == np.float32 else 1e-10
+    np.testing.assert_allclose(dg, (dy * xhat).sum(axis=0), rtol=tol, atol=tol)
+    np.testing.assert_allclose(db, dy.sum(axis=0), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("shape", [(37, 64), (5, 8), (9, 200)])
 def test_layer_norm_float64_non_temporal_rows_match(shape, rng, monkeypatch):
     # rows built in a scratch row and streamed out with non-temporal stores (float64,
@@ -514,6 +532,9 @@ def test_layer_norm_float64_non_temporal_rows_match(shape, rng, monkeypatch):
         model = np.empty(x.size + 8)[off // 8:][: x.size]
         got = kernels.empty_aligned(shape, np.float32, like=model)
         assert got.ctypes.data % 64 == model.ctypes.data % 64 and got.shape == shape
+        assert got.flags.c_contiguous and got.flags.writeable and got.dtype == np.float32
+    strided = np.empty((6, 10))[1:, ::3]  # data_address: the first element, also of a view
+    assert _checks.data_address(strided) == strided.ctypes.data
 
 
 def _ln_both(x, g, b, dy, out=None, dout=None):
@@ -1166,7 +1187,7 @@ def test_layer_norm_backward_streaming_loop_takes_no_references(monkeypatch):
     work = empty_aligned((nch, 3, 256), np.float64)
     fresh = _compiled_afresh(nn._ln_bwd)
     fresh(x, x, g, mu, rstd, dx, pg, pb, nch, dx.reshape(-1), work, True, pg, pb, 64,
-          np.float64(0), np.float64)
+          np.float64(0))
     np.testing.assert_allclose(dx, nn.layer_norm_backward(x, x, g, mu, rstd)[0], rtol=1e-12,
                                atol=1e-12)
     loops = _loops_with(fresh.inspect_asm(fresh.signatures[0]), "vmovntpd")
