@@ -143,7 +143,9 @@ def main() -> None:
 
     lines = [SECTION, "", "Command (about a minute):", "", "```",
              "python tests/benchmarks/bench_small.py --out docs/benchmarks.md", "```", "",
-             __doc__.split("\n\n", 2)[2].strip().replace("\n", " "), "",
+             __doc__.split("\n\n", 2)[2].strip().replace("\n", " ").replace("``", "`")
+             + " Before and after this round's cuts to the Python around the kernels:"
+             " docs/kernels.md, \"Small inputs\".", "",
              f"numba {numba.__version__} ({numba.get_num_threads()} threads), torch "
              f"{torch.__version__ if torch else '-'} ({torch.get_num_threads() if torch else '-'}"
              " threads).", "",
@@ -161,14 +163,14 @@ def main() -> None:
                          f"{TORCH_NOTE.get(name, '')} |")
     if args.out:
         path = Path(args.out)
-        text = path.read_text()
+        text = path.read_text() if path.exists() else ""
         block = "\n".join(lines) + "\n"
         if SECTION in text:
             head, rest = text.split(SECTION, 1)
             tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
             text = head + block + tail
         else:
-            text = text.rstrip("\n") + "\n\n" + block
+            text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
         path.write_text(text)
 
 
