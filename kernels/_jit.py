@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 from kernels.config import get_config
@@ -79,7 +80,7 @@ from numba import prange, types
 from numba.np.ufunc import parallel as _parallel
 from numba.extending import intrinsic, overload
 
-numba.config.CACHE_DIR = CACHE_DIR
+setattr(numba.config, "CACHE_DIR", CACHE_DIR)  # (not in numba's type hints)
 
 __all__ = ["intrinsic", "jit", "num_threads", "numba", "overload", "prange", "types"]
 
@@ -93,7 +94,7 @@ def jit(*, parallel: bool = False, fastmath: set[str] | None = None,
     its callers in Numba's IR: LLVM's own inliner may decline a large helper, and a call
     left inside a loop stops that loop from vectorising.
     """
-    opts = _CFG.jit_options(parallel=parallel)
+    opts: dict[str, Any] = _CFG.jit_options(parallel=parallel)
     if inline:
         opts["inline"] = "always"
     opts["cache"] = True
@@ -109,6 +110,6 @@ def num_threads() -> int:
     ``numba.get_num_threads()`` does after taking its launch locks: 0.2 us a call instead
     of 1.6, which every kernel call on a small array paid (docs/kernels.md, "Small
     inputs")."""
-    get = _parallel._get_num_threads if _parallel._is_initialized else None
+    get = getattr(_parallel, "_get_num_threads", None) if _parallel._is_initialized else None
     n = get() if get is not None else 0
     return n if n > 0 else int(numba.get_num_threads())
