@@ -800,8 +800,11 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg,
     x and dy rows, and the dx row when ``nt`` (built there and streamed out as in
     ``_ln_fwd``). The row sums and the dgamma/dbeta shares are in the input's dtype
     (``zero``'s, ``_like``): the shares go to ``qg[c]``, ``qb[c]`` and are moved into the
-    float64 ``pg[c]``, ``pb[c]`` every ``every`` rows (float64 passes ``pg``, ``pb``
-    themselves and ``every = n``). In float64 the float32 loops ran at half width with
+    float64 ``pg[c]``, ``pb[c]`` every ``every`` rows and at the chunk's end (float64
+    passes ``pg``, ``pb`` themselves and ``every = -1``: never moved). Until this round
+    the end's move was taken only when ``every < n``, so float32 calls of 16 rows or
+    fewer returned dgamma, dbeta of 0 (``test_layer_norm_backward_sums_have_the_input_
+    dtype_at_every_size``). In float64 the float32 loops ran at half width with
     a conversion per value: float32 in cache (2^18 elements, one core) 0.74-0.81 ->
     0.44-0.54 ns per element at 256-768 features (both cores: 1.34-1.39x at 1024 x 256
     and x 512); from memory (2^25, A/B by rounds) 256 features 0.96-1.02x, 768
@@ -850,7 +853,7 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg,
                 out[j] = r * (ds[j] * gamma[j] - a - xh * b)
             if nt:
                 _stream_row(dxflat, i * d, buf, d, xflat, dyflat, (i + 1) * d)
-        if every < n:
+        if every > 0:  # the rows since the last move (float32 with 16 rows or fewer: all)
             _move_sums(pg[c], pb[c], qg[c], qb[c])
         if nt:
             sfence()
@@ -1104,7 +1107,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
         q = np.zeros((2, nch, d), x.dtype)
         qg, qb, every = q[0], q[1], LN_BWD_ROW_PARTIAL
     else:  # float64: the shares go straight into pg, pb
-        qg, qb, every = pg, pb, n
+        qg, qb, every = pg, pb, -1
     _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, nt, qg, qb,
             every, x.dtype.type(0))
     return _chunk_sum(pg), _chunk_sum(pb)

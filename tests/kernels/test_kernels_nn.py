@@ -489,10 +489,12 @@ def test_layer_norm_nan_row_stays_in_its_row_and_empty_works():
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
-@pytest.mark.parametrize("n, d", [(0, 3), (4, 0), (1, 5), (3, 256)])
+@pytest.mark.parametrize("n, d", [(0, 3), (4, 0), (1, 5), (3, 256), (16, 100), (17, 100)])
 def test_layer_norm_backward_sums_have_the_input_dtype_at_every_size(n, d, dt, rng):
     # the sums of a single chunk of rows are taken as they are (no reduction over
-    # chunks), and no rows or no features give zeros: each case in the input's dtype
+    # chunks), and no rows or no features give zeros: each case in the input's dtype.
+    # float32 rows of 17-1023 features in calls of 16 rows or fewer once gave dgamma,
+    # dbeta of 0 (the float32 shares were never moved into the sums)
     x = rng.standard_normal((n, d)).astype(dt)
     dy = rng.standard_normal((n, d)).astype(dt)
     g = rng.standard_normal(d).astype(dt)
@@ -500,7 +502,9 @@ def test_layer_norm_backward_sums_have_the_input_dtype_at_every_size(n, d, dt, r
     dx, dg, db = nn.layer_norm_backward(dy, x, g, mu, rs)
     assert dx.shape == (n, d) and dg.shape == db.shape == (d,)
     assert dx.dtype == dg.dtype == db.dtype == dt
-    xhat = (x - x.mean(axis=1, keepdims=True)) / np.sqrt(x.var(axis=1, keepdims=True) + 1e-5)
+    mu_ref = x.mean(axis=1, keepdims=True) if d else np.zeros((n, 1), dt)
+    xhat = (x - mu_ref) / np.sqrt(((x - mu_ref) ** 2).sum(axis=1, keepdims=True) / max(d, 1)
+                                  + 1e-5)
     tol = 1e-4 if dt == np.float32 else 1e-10
     np.testing.assert_allclose(dg, (dy * xhat).sum(axis=0), rtol=tol, atol=tol)
     np.testing.assert_allclose(db, dy.sum(axis=0), rtol=tol, atol=tol)
@@ -1186,7 +1190,7 @@ def test_layer_norm_backward_streaming_loop_takes_no_references(monkeypatch):
     dx = empty_aligned(x.shape, np.float64)
     work = empty_aligned((nch, 3, 256), np.float64)
     fresh = _compiled_afresh(nn._ln_bwd)
-    fresh(x, x, g, mu, rstd, dx, pg, pb, nch, dx.reshape(-1), work, True, pg, pb, 64,
+    fresh(x, x, g, mu, rstd, dx, pg, pb, nch, dx.reshape(-1), work, True, pg, pb, -1,
           np.float64(0))
     np.testing.assert_allclose(dx, nn.layer_norm_backward(x, x, g, mu, rstd)[0], rtol=1e-12,
                                atol=1e-12)
