@@ -489,7 +489,8 @@ def test_layer_norm_nan_row_stays_in_its_row_and_empty_works():
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
-@pytest.mark.parametrize("n, d", [(0, 3), (4, 0), (1, 5), (3, 256), (16, 100), (17, 100)])
+@pytest.mark.parametrize("n, d", [(0, 3), (4, 0), (1, 5), (9, 10), (3, 256), (16, 100),
+                                  (17, 100), (2, 1100)])
 def test_layer_norm_backward_sums_have_the_input_dtype_at_every_size(n, d, dt, rng):
     # the sums of a single chunk of rows are taken as they are (no reduction over
     # chunks), and no rows or no features give zeros: each case in the input's dtype.
