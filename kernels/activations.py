@@ -54,7 +54,7 @@ from kernels._avx512 import (
     gelu_wide_f64,
     gelu_wide_f64_tail,
 )
-from kernels._chunks import chunk_bounds, n_chunks
+from kernels._chunks import chunk_bounds, n_chunks, row_chunks
 from kernels._erf import normal_parts
 from kernels._fastmath import exp_softmax
 from kernels._jit import jit, overload, prange, types
@@ -665,7 +665,7 @@ def bias_act(
     if xc.size and code == 2 and _vec(xc):
         _gelu_vec(xc, xc, res, b=bc)
     elif xc.size:
-        _bias_act(xc, bc, res, code, n_chunks(xc.shape[0]))
+        _bias_act(xc, bc, res, code, row_chunks(*xc.shape))
     return res
 
 

@@ -54,7 +54,7 @@ from kernels._avx512 import (
     row_lanes,
     spread_columns,
 )
-from kernels._chunks import chunk_bounds, n_chunks
+from kernels._chunks import chunk_bounds, n_chunks, row_chunks
 from kernels._fastmath import _maxnum_nnan, exp_softmax, row_max, row_max_float
 from kernels._jit import jit, overload, prange, types
 from kernels._prefetch import prefetch, prefetch_ahead
@@ -439,14 +439,14 @@ def softmax_cross_entropy(
         xflat = x.reshape(-1)
         # non-temporal stores need every row's vectors whole and aligned
         _softmax_xent_short(x, xflat, y, g.reshape(-1) if grad else xflat, sums, gaps, scale,
-                            grad, streamed and c % lanes == 0, n_chunks(n), nvec)
+                            grad, streamed and c % lanes == 0, row_chunks(n, c), nvec)
         total = _log_sum(sums) + float(gaps.sum())
     elif grad and VEC_F64 and x.dtype == np.float64:
         _softmax_xent_f64_vec(x, x.reshape(-1), x.view(np.int64), y, g, g.reshape(-1), sums,
                               gaps, scale)
         total = _log_sum(sums) + float(gaps.sum())
     else:
-        _softmax_xent(x, y, g, sums, scale, grad, x.dtype.type(0), n_chunks(n))
+        _softmax_xent(x, y, g, sums, scale, grad, x.dtype.type(0), row_chunks(n, c))
         total = float(sums.sum())
     return (total / n if reduction == "mean" else total), (g if grad else None)
 
@@ -717,7 +717,7 @@ def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
     """Layer norm row by row: short rows in registers, or the row loops."""
     n, d = x.shape
     nt = _nt_rows(y, LN_FWD_NT_BYTES)
-    nch = n_chunks(n)
+    nch = row_chunks(n, d)
     nvec = _short_vectors(d, x.dtype, "ln") if VEC_SHORT else 0
     if nvec:
         _ln_fwd_short(x.reshape(-1), _padded(gamma, nvec), _padded(beta, nvec), eps,

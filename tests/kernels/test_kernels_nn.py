@@ -489,6 +489,28 @@ def test_layer_norm_nan_row_stays_in_its_row_and_empty_works():
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_few_wide_rows_split_over_threads_give_the_same_bits(dt, rng, monkeypatch):
+    # rows that need no per-chunk sums are chunked by elements (kernels._chunks.
+    # row_chunks): 4 rows of 3000 now run as 4 chunks, not one; each row's result must
+    # not depend on which chunk or thread computed it
+    from kernels import _chunks
+
+    assert _chunks.row_chunks(4, 3000) == min(4, 4 * _chunks.num_threads())
+    assert _chunks.row_chunks(16, 256) == 1 and _chunks.row_chunks(0, 256) == 1
+    x = rng.standard_normal((4, 3000)).astype(dt)
+    lab = rng.integers(0, 3000, 4)
+    g, b = rng.standard_normal(3000).astype(dt), rng.standard_normal(3000).astype(dt)
+    runs = []
+    for elements in (_chunks.ROW_CHUNK_ELEMENTS, 1 << 30):  # as shipped, then one chunk
+        monkeypatch.setattr(_chunks, "ROW_CHUNK_ELEMENTS", elements)
+        loss, grad = nn.softmax_cross_entropy(x, lab)
+        y, mu, rs = nn.layer_norm(x, g, b)
+        runs.append((loss, grad, y, mu, rs, nn.bias_act(x, b, "relu")))
+    for got, want in zip(*runs):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
 @pytest.mark.parametrize("n, d", [(0, 3), (4, 0), (1, 5), (9, 10), (3, 256), (16, 100),
                                   (17, 100), (2, 1100)])
 def test_layer_norm_backward_sums_have_the_input_dtype_at_every_size(n, d, dt, rng):
