@@ -82,3 +82,42 @@ def torch_baselines():
     except ImportError:
         return None
     return torch, F
+
+
+def torch_nn(tb, x, y, gam, bet, dy) -> dict:
+    """PyTorch callables for the nn kernels (empty without torch); ``y=None``: no labels,
+    so no cross-entropy."""
+    if not tb:
+        return {}
+    torch, F = tb
+    cols = x.shape[1]
+    xt, gt, bt, dyt = (torch.from_numpy(a) for a in (x, gam, bet, dy))
+    yt = torch.from_numpy(y) if y is not None else None
+    xr = xt.clone().requires_grad_()
+
+    def xent():
+        xr.grad = None
+        F.cross_entropy(xr, yt).backward()
+
+    def ln_fb():
+        xr.grad = None
+        F.layer_norm(xr, (cols,), gt, bt).backward(dyt)
+
+    def gelu_fb():
+        xr.grad = None
+        F.gelu(xr).backward(dyt)
+
+    def bias_gelu_fb():
+        xr.grad = None
+        F.gelu(xr + bt).backward(dyt)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    return {"xent": xent if yt is not None else None, "ln_fb": ln_fb, "gelu_fb": gelu_fb,
+            "bias_gelu_fb": bias_gelu_fb,
+            "ln": no_grad(lambda: F.layer_norm(xt, (cols,), gt, bt)),
+            "gelu": no_grad(lambda: F.gelu(xt)), "bias_gelu": no_grad(lambda: F.gelu(xt + bt))}

@@ -193,36 +193,6 @@ def bench_adamw(tab: Table, tb, n_params: int, dt) -> None:
             ours=lambda: optim.adamw_step(p, g, m2, v2, step=5))
 
 
-def _torch_nn(tb, x, y, gam, bet, dy) -> dict:
-    """PyTorch callables for the nn kernels (empty without torch); ``y=None``: no labels,
-    so no cross-entropy."""
-    if not tb:
-        return {}
-    torch, F = tb
-    cols = x.shape[1]
-    xt, gt, bt, dyt = (torch.from_numpy(a) for a in (x, gam, bet, dy))
-    yt = torch.from_numpy(y) if y is not None else None
-    xr = xt.clone().requires_grad_()
-
-    def xent():
-        xr.grad = None
-        F.cross_entropy(xr, yt).backward()
-
-    def ln_fb():
-        xr.grad = None
-        F.layer_norm(xr, (cols,), gt, bt).backward(dyt)
-
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-
-    return {"xent": xent if yt is not None else None, "ln_fb": ln_fb,
-            "ln": no_grad(lambda: F.layer_norm(xt, (cols,), gt, bt)),
-            "gelu": no_grad(lambda: F.gelu(xt)), "bias_gelu": no_grad(lambda: F.gelu(xt + bt))}
-
-
 def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     """softmax-CE, layer norm, GELU, bias+act: memory-bound, vs NumPy and PyTorch."""
     rng = np.random.default_rng(0)
@@ -236,7 +206,7 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     o, o2 = empty_aligned(x.shape, dt), empty_aligned(x.shape, dt)
     ol = empty_aligned(x.shape, dt, like=x)
     nb = rows * cols * np.dtype(dt).itemsize
-    t = _torch_nn(tb, x, y, gam, bet, dy)
+    t = B.torch_nn(tb, x, y, gam, bet, dy)
     _, mu, rs = nn.layer_norm(x, gam, bet)
 
     # ours_out: the statistics too go into reused buffers (mean_out=, rstd_out=)
@@ -254,7 +224,7 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     xs = x.reshape(-1)[:x.size // 10 * 10].reshape(-1, 10)
     ys = rng.integers(0, 10, xs.shape[0])
     os_ = empty_aligned(xs.shape, dt)
-    ts = _torch_nn(tb, xs, ys, gam[:10], bet[:10], xs)
+    ts = B.torch_nn(tb, xs, ys, gam[:10], bet[:10], xs)
     add("softmax_cross_entropy+grad, 10 classes", xs.shape, dt, 2 * xs.nbytes,
         f"blocks of {nn._lanes(np.float32)} (float32) / {nn._lanes(np.float64)} (float64) "
         "rows transposed in registers; "
@@ -276,7 +246,7 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
         gd, bd = np.ones(d, dt), np.zeros(d, dt)
         od, od2 = empty_aligned(xd.shape, dt), empty_aligned(xd.shape, dt)
         std = (empty_aligned(xd.shape[0], dt), empty_aligned(xd.shape[0], dt))
-        td = _torch_nn(tb, xd, None, gd, bd, dyd)
+        td = B.torch_nn(tb, xd, None, gd, bd, dyd)
 
         def ln_fb_d(out=None, out2=None, stats=(None, None), xd=xd, dyd=dyd, gd=gd, bd=bd):
             _, mu_, rs_ = nn.layer_norm(xd, gd, bd, out=out, mean_out=stats[0],

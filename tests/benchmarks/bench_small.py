@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
+import _baselines as B  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kernels import activations, nn, optim  # noqa: E402
@@ -83,41 +84,15 @@ def cases(rows: int, torch):
                                                                                 "gelu"))))
     theirs: dict[str, object] = {}
     if torch is not None:
-        F = torch.nn.functional
-        xt, dyt, gt, bt, lt = (torch.from_numpy(a) for a in (x, dy, gam, bet, lab))
+        t = B.torch_nn((torch, torch.nn.functional), x, lab, gam, bet, dy)
         tp = torch.from_numpy(p.copy()).requires_grad_()
         tp.grad = torch.from_numpy(g)
         opt = torch.optim.AdamW([tp], lr=1e-3, fused=True)
         opt.step()
-        xr = xt.clone().requires_grad_()
-
-        def xent():
-            xr.grad = None
-            F.cross_entropy(xr, lt).backward()
-
-        def ln_bwd():
-            xr.grad = None
-            F.layer_norm(xr, (COLS,), gt, bt).backward(dyt)
-
-        def gelu_bwd():
-            xr.grad = None
-            F.gelu(xr).backward(dyt)
-
-        def bias_gelu_bwd():
-            xr.grad = None
-            F.gelu(xr + bt).backward(dyt)
-
-        def no_grad(fn):
-            def run():
-                with torch.no_grad():
-                    fn()
-            return run
-
-        theirs = {"adamw_step": opt.step, "softmax_cross_entropy+grad": xent,
-                  "layer_norm": no_grad(lambda: F.layer_norm(xt, (COLS,), gt, bt)),
-                  "layer_norm fwd+bwd": ln_bwd, "gelu": no_grad(lambda: F.gelu(xt)),
-                  "gelu fwd+bwd": gelu_bwd, "bias_act gelu": no_grad(lambda: F.gelu(xt + bt)),
-                  "bias_act gelu fwd+bwd": bias_gelu_bwd}
+        theirs = {"adamw_step": opt.step, "softmax_cross_entropy+grad": t["xent"],
+                  "layer_norm": t["ln"], "layer_norm fwd+bwd": t["ln_fb"], "gelu": t["gelu"],
+                  "gelu fwd+bwd": t["gelu_fb"], "bias_act gelu": t["bias_gelu"],
+                  "bias_act gelu fwd+bwd": t["bias_gelu_fb"]}
     return [(name, fn, theirs.get(name)) for name, fn in out]
 
 
