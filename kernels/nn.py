@@ -1043,7 +1043,8 @@ def layer_norm_backward(
     _checks.shape_is("mean", mean, (n,))
     _checks.shape_is("rstd", rstd, (n,))
     dx = _checks.out_array("out", out, x.shape, x.dtype)
-    dg, db = _ZERO_SUMS, _ZERO_SUMS  # float64 sums, added to (not in place) below
+    dg: np.ndarray | None = None  # float64 sums, once some rows are summed
+    db: np.ndarray | None = None
     if n and d:
         nblk = _ln_blocks(n, d, x.dtype, LN_BWD_BLOCK_MAX_FEATURES)
         lanes = _lanes(x.dtype)
@@ -1062,13 +1063,10 @@ def layer_norm_backward(
         done = nblk * lanes
         if done < n:
             g, b = _ln_bwd_rows(dy[done:], x[done:], gamma, mean[done:], rstd[done:], dx[done:])
-            dg, db = (g, b) if dg is _ZERO_SUMS else (dg + g, db + b)
-    if dg is _ZERO_SUMS:
+            dg, db = (g, b) if dg is None or db is None else (dg + g, db + b)
+    if dg is None or db is None:
         return dx, np.zeros(d, x.dtype), np.zeros(d, x.dtype)
     return dx, dg.astype(x.dtype, copy=False), db.astype(x.dtype, copy=False)
-
-
-_ZERO_SUMS = np.zeros(0)  # marks "no rows summed yet" in layer_norm_backward
 
 
 def _chunk_sum(parts: np.ndarray) -> np.ndarray:
