@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import types as _pytypes
 from collections.abc import Callable
 from typing import Any
 from pathlib import Path
@@ -82,7 +83,8 @@ from numba.extending import intrinsic, overload
 
 setattr(numba.config, "CACHE_DIR", CACHE_DIR)  # (not in numba's type hints)
 
-__all__ = ["intrinsic", "jit", "num_threads", "numba", "overload", "prange", "types"]
+__all__ = ["intrinsic", "jit", "num_threads", "numba", "overload", "prange", "serial_twin",
+           "types"]
 
 
 def jit(*, parallel: bool = False, fastmath: set[str] | None = None,
@@ -101,6 +103,25 @@ def jit(*, parallel: bool = False, fastmath: set[str] | None = None,
     if fastmath is not None and opts["fastmath"]:
         opts["fastmath"] = set(fastmath)
     return numba.njit(**opts)
+
+
+def serial_twin(kernel: Any) -> Any:
+    """``kernel`` (a ``parallel=True`` dispatcher) compiled once more without
+    ``parallel``: its ``prange`` loops run as plain loops in the calling thread. A call
+    of one chunk pays numba's parallel launch for nothing (1.8 of a 3.8 us call of
+    layer norm on 8 x 256 float32: docs/kernels.md, "Small inputs"). The twin is a copy
+    of the Python function under another qualified name, so numba caches it in files of
+    its own (numba's cache key leaves out the compile flags: one name for both would
+    load one's machine code for the other)."""
+    f = kernel.py_func
+    twin = _pytypes.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
+                                 f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__module__ = f.__module__
+    twin.__doc__ = f"``{f.__name__}`` without ``parallel`` (``kernels._jit.serial_twin``)."
+    opts = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
+    opts.update(parallel=False, cache=True)
+    return numba.njit(**opts)(twin)
 
 
 def num_threads() -> int:

@@ -56,7 +56,7 @@ from kernels._avx512 import (
 )
 from kernels._chunks import chunk_bounds, n_chunks, row_chunks
 from kernels._fastmath import _maxnum_nnan, exp_softmax, row_max, row_max_float
-from kernels._jit import jit, overload, prange, types
+from kernels._jit import jit, overload, prange, serial_twin, types
 from kernels._prefetch import prefetch, prefetch_ahead
 from kernels._simd import (NT_MIN_BYTES, VEC_BITS, _host_has_avx2_fma, copy64_nt, ln_bwd_out,
                            ln_out, sfence, stream_out)
@@ -191,7 +191,7 @@ _VEC_BYTES = VEC_BITS // 8  # the row and block kernels' vectors (_avx512.row_la
 def _lanes(dtype) -> int:
     """Lanes per vector of the row and block kernels for ``dtype``: 16 float32 / 8
     float64 with AVX-512, 8 / 4 with AVX2 (``kernels._avx512.row_lanes``)."""
-    return row_lanes(np.dtype(dtype) == np.float32)
+    return row_lanes(np.dtype(dtype).itemsize == 4)
 
 
 @jit(parallel=True, fastmath={"contract"})
@@ -286,6 +286,8 @@ def _short_vectors(c: int, dtype: np.dtype, kind: str | None = None) -> int:
     """The fewest vectors (1, 2, 4 or 8) that hold a row of ``c`` elements of ``dtype``,
     or 0 when none do, or when that is more than ``SHORT_MAX_VECTORS[kind]`` allows."""
     lanes = _lanes(dtype)
+    if c > SHORT_ROW_VECTORS[-1] * lanes:  # (the generator below costs 0.5 us)
+        return 0
     nvec = next((k for k in SHORT_ROW_VECTORS if c <= k * lanes), 0)
     if kind is not None and nvec > SHORT_MAX_VECTORS[kind][np.dtype(dtype).itemsize, lanes]:
         return 0
@@ -694,8 +696,11 @@ def _ln_blocks(n: int, d: int, dtype: np.dtype, limits: dict[int, int]) -> int:
     """How many whole blocks of ``L`` rows (``_lanes``) go through the
     transposed block kernels (``_ln_fwd_blocks``, ``_ln_bwd_blocks``): 0 unless ``d`` is
     at most ``limits[L]``."""
-    lanes = _lanes(dtype)
-    return n // lanes if VEC_BLOCKS and d <= limits[np.dtype(dtype).itemsize, lanes] else 0
+    if not VEC_BLOCKS:
+        return 0
+    size = np.dtype(dtype).itemsize
+    lanes = row_lanes(size == 4)
+    return n // lanes if d <= limits[size, lanes] else 0
 
 
 def _block_params(p: np.ndarray, lanes: int) -> np.ndarray:
@@ -713,22 +718,35 @@ def _ln_fwd_blocks(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, feats):
         ln_block(xflat, yflat, gamma, beta, mean, rstd, b, eps, feats)
 
 
+# The forward kernels once more without ``parallel`` (``kernels._jit.serial_twin``), for
+# calls of one chunk (``row_chunks``: fewer than 2 x 4096 elements): the same code, so the
+# same bits, without numba's parallel launch.
+_ln_fwd_1 = serial_twin(_ln_fwd)
+_ln_fwd_one_pass_1 = serial_twin(_ln_fwd_one_pass)
+_ln_fwd_rows4_1 = serial_twin(_ln_fwd_rows4)
+_ln_fwd_short_1 = serial_twin(_ln_fwd_short)
+_ln_fwd_blocks_1 = serial_twin(_ln_fwd_blocks)
+SERIAL_TWINS = True  # tests switch it off to compare the twins with the parallel kernels
+
+
 def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
     """Layer norm row by row: short rows in registers, or the row loops."""
     n, d = x.shape
     nt = _nt_rows(y, LN_FWD_NT_BYTES)
     nch = row_chunks(n, d)
+    one = nch == 1 and SERIAL_TWINS
     nvec = _short_vectors(d, x.dtype, "ln") if VEC_SHORT else 0
     if nvec:
-        _ln_fwd_short(x.reshape(-1), _padded(gamma, nvec), _padded(beta, nvec), eps,
-                      y.reshape(-1), mean, rstd, n, d, nch, nt, not np.may_share_memory(x, y),
-                      nvec)
+        (_ln_fwd_short_1 if one else _ln_fwd_short)(
+            x.reshape(-1), _padded(gamma, nvec), _padded(beta, nvec), eps, y.reshape(-1),
+            mean, rstd, n, d, nch, nt, not np.may_share_memory(x, y), nvec)
     elif x.dtype == np.float32 and LN_FWD_ONE_PASS and d <= LN_FWD_ROWS4_MAX and not nt:
-        _ln_fwd_rows4(x, gamma, beta, eps, y, mean, rstd, nch)
+        (_ln_fwd_rows4_1 if one else _ln_fwd_rows4)(x, gamma, beta, eps, y, mean, rstd, nch)
     elif x.dtype == np.float32 and LN_FWD_ONE_PASS:
-        _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nch, nt)
+        (_ln_fwd_one_pass_1 if one else _ln_fwd_one_pass)(
+            x, gamma, beta, eps, y, mean, rstd, nch, nt)
     else:
-        _ln_fwd(x, gamma, beta, eps, y, mean, rstd, nch, nt)
+        (_ln_fwd_1 if one else _ln_fwd)(x, gamma, beta, eps, y, mean, rstd, nch, nt)
 
 
 def layer_norm(
@@ -769,10 +787,14 @@ def layer_norm(
         nblk = _ln_blocks(n, d, x.dtype, LN_BLOCK_MAX_FEATURES)
         lanes = _lanes(x.dtype)
         if nblk:  # gamma, beta tiled over a block (ln_block writes y in the row layout)
-            _ln_fwd_blocks(x.reshape(-1), np.tile(gamma, lanes), np.tile(beta, lanes), eps,
-                           y.reshape(-1), mean, rstd, nblk, (0,) * d)
+            one = SERIAL_TWINS and row_chunks(n, d) == 1
+            (_ln_fwd_blocks_1 if one else _ln_fwd_blocks)(
+                x.reshape(-1), np.tile(gamma, lanes), np.tile(beta, lanes), eps,
+                y.reshape(-1), mean, rstd, nblk, (0,) * d)
         done = nblk * lanes
-        if done < n:
+        if done == 0:
+            _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd)
+        elif done < n:
             _ln_fwd_rows(x[done:], gamma, beta, eps, y[done:], mean[done:], rstd[done:])
     elif n:
         mean[:] = np.nan
@@ -1027,6 +1049,12 @@ def _ln_bwd_blocks(dyflat, xflat, gamma, dxflat, mean, rstd, pg, pb, qg, qb, eve
                     b[k] = 0.0
 
 
+_ln_bwd_1 = serial_twin(_ln_bwd)  # (as the forward's: calls of one chunk)
+_ln_bwd_wide_1 = serial_twin(_ln_bwd_wide)
+_ln_bwd_short_1 = serial_twin(_ln_bwd_short)
+_ln_bwd_blocks_1 = serial_twin(_ln_bwd_blocks)
+
+
 def layer_norm_backward(
     dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
     *, out: np.ndarray | None = None,
@@ -1053,15 +1081,17 @@ def layer_norm_backward(
             acc = np.zeros((2, nch, d * lanes))
             part = np.zeros((2, nch, d * lanes), x.dtype)
             every = LN_BWD_BLOCK_PARTIAL if x.dtype == np.float32 else nblk
-            _ln_bwd_blocks(dy.reshape(-1), x.reshape(-1), _block_params(gamma, lanes),
-                           dx.reshape(-1), mean, rstd, acc[0], acc[1], part[0], part[1],
-                           every, nblk, nch, (0,) * d)
+            (_ln_bwd_blocks_1 if nch == 1 and SERIAL_TWINS else _ln_bwd_blocks)(
+                dy.reshape(-1), x.reshape(-1), _block_params(gamma, lanes), dx.reshape(-1),
+                mean, rstd, acc[0], acc[1], part[0], part[1], every, nblk, nch, (0,) * d)
             sums = acc.reshape(2, nch, d * lanes).sum(axis=1)  # by column and lane
             feat = np.array(block_order(d, lanes)).reshape(-1)  # each lane's feature
             dg = np.bincount(feat, sums[0], d)
             db = np.bincount(feat, sums[1], d)
         done = nblk * lanes
-        if done < n:
+        if done == 0:
+            dg, db = _ln_bwd_rows(dy, x, gamma, mean, rstd, dx)
+        elif done < n:
             g, b = _ln_bwd_rows(dy[done:], x[done:], gamma, mean[done:], rstd[done:], dx[done:])
             dg, db = (g, b) if dg is None or db is None else (dg + g, db + b)
     if dg is None or db is None:
@@ -1080,6 +1110,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     n, d = x.shape
     nt = _nt_rows(dx, LN_BWD_WIDE_BYTES)
     nch = n_chunks(n)
+    one = nch == 1 and SERIAL_TWINS
     nvec = _short_vectors(d, x.dtype, "ln_bwd") if VEC_SHORT else 0
     if nvec:
         width = nvec * _lanes(x.dtype)
@@ -1087,18 +1118,19 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
         pg[:] = 0.0
         pb[:] = 0.0
         spill = not (np.may_share_memory(dx, x) or np.may_share_memory(dx, dy))
-        _ln_bwd_short(dy.reshape(-1), x.reshape(-1), _padded(gamma, nvec), mean, rstd,
-                      dx.reshape(-1), pg, pb, n, d, nch, nt, spill, nvec)
+        (_ln_bwd_short_1 if one else _ln_bwd_short)(
+            dy.reshape(-1), x.reshape(-1), _padded(gamma, nvec), mean, rstd, dx.reshape(-1),
+            pg, pb, n, d, nch, nt, spill, nvec)
         return _chunk_sum(pg[:, :d]), _chunk_sum(pb[:, :d])
     pg = np.zeros((nch, d), np.float64)
     pb = np.zeros((nch, d), np.float64)
     if d * x.itemsize >= LN_BWD_WIDE_BYTES:
         f32 = x.dtype == np.float32  # float32 shares summed over a few rows first
         q = np.zeros((2, nch, d), x.dtype)  # the shares in the input's dtype
-        _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nch, nt,
-                     q[0], q[1], LN_BWD_PARTIAL_ROWS if f32 else n + 1,
-                     f32 and d * x.itemsize >= LN_BWD_PAIR_BYTES and not nt,
-                     x.dtype.type(0))
+        (_ln_bwd_wide_1 if one else _ln_bwd_wide)(
+            dy, x, gamma, mean, rstd, dx, pg, pb, nch, nt, q[0], q[1],
+            LN_BWD_PARTIAL_ROWS if f32 else n + 1,
+            f32 and d * x.itemsize >= LN_BWD_PAIR_BYTES and not nt, x.dtype.type(0))
         return _chunk_sum(pg), _chunk_sum(pb)
     work = _checks.empty_aligned((nch, 3, d), x.dtype)
     if x.dtype == np.float32:  # float32 shares, moved into pg, pb every few rows
@@ -1106,6 +1138,6 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
         qg, qb, every = q[0], q[1], LN_BWD_ROW_PARTIAL
     else:  # float64: the shares go straight into pg, pb
         qg, qb, every = pg, pb, -1
-    _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1), work, nt, qg, qb,
-            every, x.dtype.type(0))
+    (_ln_bwd_1 if one else _ln_bwd)(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1),
+                                    work, nt, qg, qb, every, x.dtype.type(0))
     return _chunk_sum(pg), _chunk_sum(pb)

@@ -501,6 +501,7 @@ def test_few_wide_rows_split_over_threads_give_the_same_bits(dt, rng, monkeypatc
     lab = rng.integers(0, 3000, 4)
     g, b = rng.standard_normal(3000).astype(dt), rng.standard_normal(3000).astype(dt)
     runs = []
+    monkeypatch.setattr(nn, "SERIAL_TWINS", False)  # one chunk of the parallel kernels too
     for elements in (_chunks.ROW_CHUNK_ELEMENTS, 1 << 30):  # as shipped, then one chunk
         monkeypatch.setattr(_chunks, "ROW_CHUNK_ELEMENTS", elements)
         loss, grad = nn.softmax_cross_entropy(x, lab)
@@ -613,6 +614,64 @@ def test_layer_norm_short_rows_match_the_long_row_kernel(dt, rtol, rng, monkeypa
                                            err_msg=f"{name}, d={d}, short/blocks={way}")
         np.testing.assert_allclose(res[True, True][0], ref_layer_norm(x, g, b),
                                    rtol=100 * rtol, atol=100 * rtol)
+
+
+_LN_TWINS = ("_ln_fwd_1", "_ln_fwd_one_pass_1", "_ln_fwd_rows4_1", "_ln_fwd_short_1",
+             "_ln_fwd_blocks_1", "_ln_bwd_1", "_ln_bwd_wide_1", "_ln_bwd_short_1",
+             "_ln_bwd_blocks_1")
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_layer_norm_calls_of_one_chunk_run_serial_twins(rng, monkeypatch, dt):
+    # a call too small to split over threads (fewer than 2 x 4096 elements forward, 128
+    # rows backward) runs the kernels' serial twins (kernels._jit.serial_twin: no parallel
+    # launch), on every path: blocks of rows (3 features), short rows in registers, four
+    # rows at a time (float32, 20), the row loops (256) and wide rows (1500, 3000). The
+    # same code compiled apart: LLVM may order a fast-math sum differently there (as it
+    # may between a fresh compile and the cached copy of one kernel), so the outputs
+    # agree to a few ulps of their scale, not always bit for bit
+    for name in _LN_TWINS:  # the same code, compiled apart and cached in files of its own
+        twin, kernel = getattr(nn, name), getattr(nn, name[:-2])
+        assert twin.py_func.__code__ is kernel.py_func.__code__
+        assert kernel.targetoptions["parallel"] and not twin.targetoptions["parallel"]
+        assert twin._cache._cache_file._index_name != kernel._cache._cache_file._index_name
+    calls: list[str] = []
+
+    def counted(name):
+        kernel = getattr(nn, name)
+
+        def call(*args):
+            calls.append(name)
+            return kernel(*args)
+        return call
+
+    for name in _LN_TWINS:
+        monkeypatch.setattr(nn, name, counted(name))
+    ulps = 8 * np.finfo(dt).eps
+    for n, d in ((37, 3), (21, 20), (30, 40), (20, 256), (5, 1500), (2, 3000)):
+        x = (1 + 2 * rng.standard_normal((n, d))).astype(dt)
+        dy = rng.standard_normal((n, d)).astype(dt)
+        g, b = rng.standard_normal(d).astype(dt), rng.standard_normal(d).astype(dt)
+        y, mean, rstd = nn.layer_norm(x, g, b)
+        res = {}
+        for twins in (True, False):
+            monkeypatch.setattr(nn, "SERIAL_TWINS", twins)
+            del calls[:]
+            res[twins] = nn.layer_norm(x, g, b) + nn.layer_norm_backward(dy, x, g, mean, rstd)
+            assert bool(calls) == twins, (d, twins, calls)
+        dx_scale = np.abs(dy * g * rstd[:, None].astype(np.float64)).max()
+        for name, got, want in zip(("y", "mean", "rstd", "dx", "dgamma", "dbeta"),
+                                   res[True], res[False]):
+            assert got.dtype == dt
+            scale = dx_scale if name == "dx" else np.abs(want.astype(np.float64)).max()
+            np.testing.assert_allclose(got, want, rtol=ulps, atol=ulps * scale,
+                                       err_msg=f"{name}, {n} x {d}")
+    # a larger call splits over threads and runs the parallel kernels
+    x = rng.standard_normal((256, 256)).astype(dt)
+    monkeypatch.setattr(nn, "SERIAL_TWINS", True)
+    del calls[:]
+    _ln_both(x, x[0], x[1], x)
+    assert calls == []
 
 
 def test_layer_norm_float32_short_rows_four_at_a_time_match_one_at_a_time(rng, monkeypatch):
@@ -1291,6 +1350,7 @@ import numba, numpy as np
 from numba.core.registry import CPUDispatcher
 from kernels import _avx512, activations, nn
 assert _avx512.AVAILABLE
+nn.SERIAL_TWINS = False  # small calls too go to the parallel kernels (the twins would run)
 wrapped, compiled = {}, {}
 
 class CompileOnly:  # compiles a parallel kernel for its arguments, never runs it
