@@ -28,7 +28,7 @@ ROW_CHUNK_ELEMENTS = 4096
 def row_chunks(n_rows: int, row_len: int) -> int:
     """``n_chunks`` for kernels whose rows are independent (no per-chunk partial sums
     to add up afterwards): chunks of at least ``ROW_CHUNK_ELEMENTS`` elements. Too few
-    rows for two chunks give 1 without asking for the thread count (1.16 -> 0.3 us)."""
+    rows for two chunks give 1 without asking for the thread count (0.7 -> 0.3 us)."""
     min_rows = max(1, ROW_CHUNK_ELEMENTS // max(row_len, 1))
     if n_rows < 2 * min_rows:
         return 1

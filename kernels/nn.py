@@ -719,8 +719,8 @@ def _ln_fwd_blocks(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, feats):
 
 
 # The forward kernels once more without ``parallel`` (``kernels._jit.serial_twin``), for
-# calls of one chunk (``row_chunks``: fewer than 2 x 4096 elements): the same code, so the
-# same bits, without numba's parallel launch.
+# calls of one chunk (``row_chunks``: fewer than 2 x 4096 elements): the same code without
+# numba's parallel launch (compiled apart, its fast-math sums may round a few ulps apart).
 _ln_fwd_1 = serial_twin(_ln_fwd)
 _ln_fwd_one_pass_1 = serial_twin(_ln_fwd_one_pass)
 _ln_fwd_rows4_1 = serial_twin(_ln_fwd_rows4)

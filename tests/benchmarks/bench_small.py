@@ -119,7 +119,7 @@ def main() -> None:
     lines = [SECTION, "", "Command (about a minute):", "", "```",
              "python tests/benchmarks/bench_small.py --out docs/benchmarks.md", "```", "",
              __doc__.split("\n\n", 2)[2].strip().replace("\n", " ").replace("``", "`")
-             + " Before and after this round's cuts to the Python around the kernels:"
+             + " Before and after the rounds' cuts to the Python around the kernels:"
              " docs/kernels.md, \"Small inputs\".", "",
              f"numba {numba.__version__} ({numba.get_num_threads()} threads), torch "
              f"{torch.__version__ if torch else '-'} ({torch.get_num_threads() if torch else '-'}"

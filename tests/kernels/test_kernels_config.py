@@ -98,3 +98,21 @@ def test_num_threads_follows_numba_per_thread():
     finally:
         numba.set_num_threads(default)
     assert num_threads() == default
+
+
+def test_warmup_compiles_the_parallel_kernels_and_their_serial_twins(run_python):
+    # the warm-up's calls are small, so layer norm runs its kernels' serial twins
+    # (kernels._jit.serial_twin); an image whose cache held only those would compile the
+    # parallel kernels at a job's first large call. In a fresh process (the suite's cache
+    # folder), each kernel the warm-up reached must be reached both ways, for each dtype
+    code = ("import json\nfrom kernels import nn, warmup\nwarmup.warm_all()\n"
+            "print(json.dumps([[k[:-2], [str(s) for s in getattr(nn, k[:-2]).signatures], "
+            "[str(s) for s in v.signatures]] for k, v in vars(nn).items() "
+            "if k.endswith('_1') and hasattr(v, 'py_func')]))")
+    pairs = json.loads(run_python(code))
+    assert len(pairs) >= 9
+    reached = [p for p in pairs if p[1] or p[2]]
+    assert len(reached) >= 4  # rows, one pass, wide rows, row loops at least
+    for name, kernel, twin in reached:
+        for dt in ("float32", "float64"):
+            assert any(dt in s for s in kernel) == any(dt in s for s in twin), (name, dt)
