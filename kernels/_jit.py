@@ -83,8 +83,10 @@ from numba.extending import intrinsic, overload
 
 setattr(numba.config, "CACHE_DIR", CACHE_DIR)  # (not in numba's type hints)
 
-__all__ = ["intrinsic", "jit", "num_threads", "numba", "overload", "prange", "serial_twin",
-           "types"]
+__all__ = ["intrinsic", "jit", "num_threads", "numba", "overload", "pick_twin", "prange",
+           "serial_twin", "types"]
+
+SERIAL_TWINS = True  # off: calls of one chunk run the parallel kernels too (tests, warm-up)
 
 
 def jit(*, parallel: bool = False, fastmath: set[str] | None = None,
@@ -122,6 +124,11 @@ def serial_twin(kernel: Any) -> Any:
     opts = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
     opts.update(parallel=False, cache=True)
     return numba.njit(**opts)(twin)
+
+
+def pick_twin(kernel: Any, twin: Any, nchunks: int) -> Any:
+    """``twin`` (``serial_twin(kernel)``) for a call of one chunk, else ``kernel``."""
+    return twin if nchunks == 1 and SERIAL_TWINS else kernel
 
 
 def num_threads() -> int:

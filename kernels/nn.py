@@ -56,7 +56,7 @@ from kernels._avx512 import (
 )
 from kernels._chunks import chunk_bounds, n_chunks, row_chunks
 from kernels._fastmath import _maxnum_nnan, exp_softmax, row_max, row_max_float
-from kernels._jit import jit, overload, prange, serial_twin, types
+from kernels._jit import jit, overload, pick_twin, prange, serial_twin, types
 from kernels._prefetch import prefetch, prefetch_ahead
 from kernels._simd import (NT_MIN_BYTES, VEC_BITS, _host_has_avx2_fma, copy64_nt, ln_bwd_out,
                            ln_out, sfence, stream_out)
@@ -726,7 +726,6 @@ _ln_fwd_one_pass_1 = serial_twin(_ln_fwd_one_pass)
 _ln_fwd_rows4_1 = serial_twin(_ln_fwd_rows4)
 _ln_fwd_short_1 = serial_twin(_ln_fwd_short)
 _ln_fwd_blocks_1 = serial_twin(_ln_fwd_blocks)
-SERIAL_TWINS = True  # tests switch it off to compare the twins with the parallel kernels
 
 
 def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
@@ -734,19 +733,18 @@ def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
     n, d = x.shape
     nt = _nt_rows(y, LN_FWD_NT_BYTES)
     nch = row_chunks(n, d)
-    one = nch == 1 and SERIAL_TWINS
     nvec = _short_vectors(d, x.dtype, "ln") if VEC_SHORT else 0
     if nvec:
-        (_ln_fwd_short_1 if one else _ln_fwd_short)(
+        pick_twin(_ln_fwd_short, _ln_fwd_short_1, nch)(
             x.reshape(-1), _padded(gamma, nvec), _padded(beta, nvec), eps, y.reshape(-1),
             mean, rstd, n, d, nch, nt, not np.may_share_memory(x, y), nvec)
     elif x.dtype == np.float32 and LN_FWD_ONE_PASS and d <= LN_FWD_ROWS4_MAX and not nt:
-        (_ln_fwd_rows4_1 if one else _ln_fwd_rows4)(x, gamma, beta, eps, y, mean, rstd, nch)
+        pick_twin(_ln_fwd_rows4, _ln_fwd_rows4_1, nch)(x, gamma, beta, eps, y, mean, rstd, nch)
     elif x.dtype == np.float32 and LN_FWD_ONE_PASS:
-        (_ln_fwd_one_pass_1 if one else _ln_fwd_one_pass)(
+        pick_twin(_ln_fwd_one_pass, _ln_fwd_one_pass_1, nch)(
             x, gamma, beta, eps, y, mean, rstd, nch, nt)
     else:
-        (_ln_fwd_1 if one else _ln_fwd)(x, gamma, beta, eps, y, mean, rstd, nch, nt)
+        pick_twin(_ln_fwd, _ln_fwd_1, nch)(x, gamma, beta, eps, y, mean, rstd, nch, nt)
 
 
 def layer_norm(
@@ -787,8 +785,7 @@ def layer_norm(
         nblk = _ln_blocks(n, d, x.dtype, LN_BLOCK_MAX_FEATURES)
         lanes = _lanes(x.dtype)
         if nblk:  # gamma, beta tiled over a block (ln_block writes y in the row layout)
-            one = SERIAL_TWINS and row_chunks(n, d) == 1
-            (_ln_fwd_blocks_1 if one else _ln_fwd_blocks)(
+            pick_twin(_ln_fwd_blocks, _ln_fwd_blocks_1, row_chunks(n, d))(
                 x.reshape(-1), np.tile(gamma, lanes), np.tile(beta, lanes), eps,
                 y.reshape(-1), mean, rstd, nblk, (0,) * d)
         done = nblk * lanes
@@ -1081,7 +1078,7 @@ def layer_norm_backward(
             acc = np.zeros((2, nch, d * lanes))
             part = np.zeros((2, nch, d * lanes), x.dtype)
             every = LN_BWD_BLOCK_PARTIAL if x.dtype == np.float32 else nblk
-            (_ln_bwd_blocks_1 if nch == 1 and SERIAL_TWINS else _ln_bwd_blocks)(
+            pick_twin(_ln_bwd_blocks, _ln_bwd_blocks_1, nch)(
                 dy.reshape(-1), x.reshape(-1), _block_params(gamma, lanes), dx.reshape(-1),
                 mean, rstd, acc[0], acc[1], part[0], part[1], every, nblk, nch, (0,) * d)
             sums = acc.reshape(2, nch, d * lanes).sum(axis=1)  # by column and lane
@@ -1110,7 +1107,6 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     n, d = x.shape
     nt = _nt_rows(dx, LN_BWD_WIDE_BYTES)
     nch = n_chunks(n)
-    one = nch == 1 and SERIAL_TWINS
     nvec = _short_vectors(d, x.dtype, "ln_bwd") if VEC_SHORT else 0
     if nvec:
         width = nvec * _lanes(x.dtype)
@@ -1118,7 +1114,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
         pg[:] = 0.0
         pb[:] = 0.0
         spill = not (np.may_share_memory(dx, x) or np.may_share_memory(dx, dy))
-        (_ln_bwd_short_1 if one else _ln_bwd_short)(
+        pick_twin(_ln_bwd_short, _ln_bwd_short_1, nch)(
             dy.reshape(-1), x.reshape(-1), _padded(gamma, nvec), mean, rstd, dx.reshape(-1),
             pg, pb, n, d, nch, nt, spill, nvec)
         return _chunk_sum(pg[:, :d]), _chunk_sum(pb[:, :d])
@@ -1127,7 +1123,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     if d * x.itemsize >= LN_BWD_WIDE_BYTES:
         f32 = x.dtype == np.float32  # float32 shares summed over a few rows first
         q = np.zeros((2, nch, d), x.dtype)  # the shares in the input's dtype
-        (_ln_bwd_wide_1 if one else _ln_bwd_wide)(
+        pick_twin(_ln_bwd_wide, _ln_bwd_wide_1, nch)(
             dy, x, gamma, mean, rstd, dx, pg, pb, nch, nt, q[0], q[1],
             LN_BWD_PARTIAL_ROWS if f32 else n + 1,
             f32 and d * x.itemsize >= LN_BWD_PAIR_BYTES and not nt, x.dtype.type(0))
@@ -1138,6 +1134,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
         qg, qb, every = q[0], q[1], LN_BWD_ROW_PARTIAL
     else:  # float64: the shares go straight into pg, pb
         qg, qb, every = pg, pb, -1
-    (_ln_bwd_1 if one else _ln_bwd)(dy, x, gamma, mean, rstd, dx, pg, pb, nch, dx.reshape(-1),
-                                    work, nt, qg, qb, every, x.dtype.type(0))
+    pick_twin(_ln_bwd, _ln_bwd_1, nch)(dy, x, gamma, mean, rstd, dx, pg, pb, nch,
+                                       dx.reshape(-1), work, nt, qg, qb, every,
+                                       x.dtype.type(0))
     return _chunk_sum(pg), _chunk_sum(pb)

@@ -71,24 +71,23 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     }
 
 
-def _both_ways(call: Callable[[], object]) -> Callable[[], object]:
-    """``call``, then ``call`` again with the serial twins off: a small call runs layer
-    norm's serial twins (``kernels._jit.serial_twin``), and a job's large calls the
-    parallel kernels, so the cache must hold both."""
-    def run() -> object:
-        from kernels import nn
+def _both_ways(call: Callable[[], object]) -> None:
+    """``call``, then ``call`` again with the serial twins off: a small call runs the
+    serial twins of kernels that have them (``kernels._jit.serial_twin``), and a job's
+    large calls the parallel kernels, so the cache must hold both."""
+    from kernels import _jit
 
+    call()
+    keep, _jit.SERIAL_TWINS = _jit.SERIAL_TWINS, False
+    try:
         call()
-        keep, nn.SERIAL_TWINS = nn.SERIAL_TWINS, False
-        try:
-            return call()
-        finally:
-            nn.SERIAL_TWINS = keep
-    return run
+    finally:
+        _jit.SERIAL_TWINS = keep
 
 
 def warm_all() -> dict[str, float]:
-    """Call each public kernel once per dtype; returns seconds per ``name[dtype]``."""
+    """Call each public kernel per dtype (twice: ``_both_ways``); returns seconds per
+    ``name[dtype]``."""
     t0 = time.perf_counter()
     import kernels._jit  # noqa: F401  (numba import, reported separately)
 
@@ -96,7 +95,7 @@ def warm_all() -> dict[str, float]:
     for dt in (np.dtype(np.float32), np.dtype(np.float64)):
         for name, call in _calls(dt).items():
             t = time.perf_counter()
-            (_both_ways(call) if name.startswith("layer_norm") else call)()
+            _both_ways(call)
             times[f"{name}[{dt}]"] = time.perf_counter() - t
     return times
 
