@@ -12,6 +12,7 @@ Modules:
     kernels.quant     int8 symmetric per-channel quantize / dequantize
     kernels.compress  top-k gradient sparsification with error feedback
     kernels.dask      the k-means and search kernels on dask arrays
+    kernels.threads   blas_threads(): NumPy's BLAS pinned while kernels run
     kernels.apps.*    reference workloads (``python -m kernels.apps.train`` ...)
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 
 from kernels.errors import KernelError, KernelInputError
 
-__all__ = ["KernelError", "KernelInputError", "empty_aligned"]
+__all__ = ["KernelError", "KernelInputError", "blas_threads", "empty_aligned"]
 
 
 def __getattr__(name: str) -> Any:
@@ -30,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from kernels._checks import empty_aligned
 
         return empty_aligned
+    if name == "blas_threads":  # NumPy's BLAS pinned while kernels run (kernels.threads)
+        from kernels.threads import blas_threads
+
+        return blas_threads
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")

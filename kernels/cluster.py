@@ -20,7 +20,6 @@ Rows containing NaN are labelled -1 and left out of the update.
 
 from __future__ import annotations
 
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,6 +27,7 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, num_threads, prange
+from kernels.threads import blas_threads
 from kernels._simd import VEC_BITS, tile_argmin
 from kernels.errors import KernelInputError
 
@@ -152,22 +152,6 @@ def _finish_dist(x, labels, mind, lo, hi, zero):
 # centroids the GEMM's separate argmin pass costs more than it saves).
 GEMM_MIN_DK = 1024
 GEMM_MIN_K = 32
-_BLAS: list = []  # a cached threadpoolctl controller ([] until first use, [None] if absent)
-
-
-def _blas_single_thread():
-    """Context pinning BLAS to one thread (threadpoolctl), or a no-op without it."""
-    if not _BLAS:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _BLAS.append(ThreadpoolController())
-        except ImportError:
-            _BLAS.append(None)
-    if _BLAS[0] is None:
-        return contextlib.nullcontext()
-    return _BLAS[0].limit(limits=1, user_api="blas")
-
-
 @jit()
 def _add_rows(x, labels, lo, hi, psum, pcnt):
     """Add rows ``lo .. hi`` of ``x`` into their clusters' sums/counts (label -1 skipped)."""
@@ -223,7 +207,7 @@ def _assign_gemm(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarra
             else:
                 _finish_dist(x, labels, mind, lo, hi, zero)
 
-    with _blas_single_thread():
+    with blas_threads(1):
         if workers == 1:
             work(0)
         else:
