@@ -11,6 +11,7 @@ from kernels.errors import KernelInputError
 da = pytest.importorskip("dask.array", reason='needs pip install "dask[array,distributed]"')
 distributed = pytest.importorskip("distributed")
 kd = pytest.importorskip("kernels.dask")
+dask = pytest.importorskip("dask")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,29 @@ def test_assign_and_step_match_in_memory(client, blobs, dtype):
     np.testing.assert_allclose(new, rc, rtol=1e-5 if dtype == np.float32 else 1e-12)
     np.testing.assert_array_equal(counts, rcnt)
     assert inertia == pytest.approx(float(rd.astype(np.float64).sum()), rel=1e-6)
+
+
+def test_assign_runs_the_kernel_once_per_block_for_labels_and_distances(client, blobs,
+                                                                       monkeypatch, dtype):
+    x = blobs.astype(dtype)
+    x[17] = np.nan  # a NaN row: label -1, distance NaN, through the float64 block
+    X = da.from_array(x, chunks=(700, 6))  # 5 blocks
+    c = x[:4].copy()
+    real, calls = cluster.kmeans_assign, []
+
+    def spy(b, cc):
+        calls.append(b.shape[0])
+        return real(b, cc)
+
+    monkeypatch.setattr(cluster, "kmeans_assign", spy)
+    labels, dist = kd.kmeans_assign(X, c)
+    labels, dist = dask.compute(labels, dist)
+    assert sorted(calls) == sorted(X.chunks[0])  # once per block, not once per output
+    rl, rd = real(x, c)
+    assert labels.dtype == np.int64 and dist.dtype == dtype
+    np.testing.assert_array_equal(labels, rl)
+    np.testing.assert_array_equal(dist, rd)  # exact: the float64 block holds both dtypes
+    assert labels[17] == -1 and np.isnan(dist[17])
 
 
 def test_kmeans_converges_like_in_memory(client, blobs):
