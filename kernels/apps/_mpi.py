@@ -81,8 +81,22 @@ def get_comm() -> Comm:
     return MPIComm() if under_mpi_launcher() else SerialComm()
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what Slurm, a cgroup cpuset or
+    ``taskset`` leave it), not the machine's count (``os.cpu_count()``: on a 64-core node
+    where a job was given 8 cores, two unbound ranks had each taken 8 threads, Numba's
+    own cap, 16 on 8 cores). Ranks bound to cores of their own (Open MPI binds each to a
+    core at ``-n 2``) get one thread each; ranks bound to a shared socket may get fewer
+    than their share, never more."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def share_cores(comm: Comm) -> int:
-    """Give this rank's share of the node's cores to Numba and pin BLAS to one thread.
+    """Give this rank's share of the cores it may use (its CPU affinity, split between the
+    ranks on the node) to Numba and pin BLAS to one thread.
 
     Both OpenBLAS and Numba's OpenMP pool spin-wait between calls; with both threaded on
     the same cores a training step was measured 30x slower here (10 ms vs 0.3 ms), so the
@@ -90,7 +104,7 @@ def share_cores(comm: Comm) -> int:
     Returns the Numba threads per rank.
     """
     local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", comm.size))
-    threads = max(1, (os.cpu_count() or 1) // max(1, local))
+    threads = max(1, _usable_cores() // max(1, local))
     from kernels._jit import numba
 
     threads = min(threads, numba.config.NUMBA_NUM_THREADS)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import kernels
+from gateway.testing.require import require_tool
 from kernels import cluster
 from kernels.errors import KernelInputError
 
@@ -61,3 +67,33 @@ def test_kmeans_gemm_path_runs_its_products_on_one_blas_thread(monkeypatch, rng)
     assert seen and all(set(s) == {1} for s in seen)
     d = ((x[:, None, :] - c[None]) ** 2).sum(axis=2)
     assert (labels == d.argmin(axis=1)).all()
+
+
+SHARE = """
+import json, os, sys
+from threadpoolctl import threadpool_info
+from kernels.apps._mpi import SerialComm, share_cores
+from kernels._jit import numba
+t = share_cores(SerialComm())
+print(json.dumps({"threads": t, "numba": numba.get_num_threads(),
+                  "blas": [i["num_threads"] for i in threadpool_info()
+                           if i["user_api"] == "blas"]}))
+"""
+
+
+@pytest.mark.parametrize("local, cpus, want", [("1", "0", 1), ("2", "0,1", 1),
+                                               ("1", "0,1", 2)])
+def test_share_cores_splits_the_cores_the_process_may_use_between_local_ranks(
+        local, cpus, want):
+    # taskset narrows the affinity below the machine's core count, as a Slurm allocation
+    # or an MPI binding does; NUMBA_NUM_THREADS=2 so Numba's own cap cannot hide a split
+    # taken from os.cpu_count() (1 usable core, 2 threads: oversubscribed)
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 usable cores (a machine property no set-up step can add)")
+    taskset = require_tool("taskset", "apt-get install util-linux")
+    env = {**os.environ, "OMPI_COMM_WORLD_LOCAL_SIZE": local, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([taskset, "-c", cpus, sys.executable, "-c", SHARE], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["threads"] == got["numba"] == want
+    assert set(got["blas"]) == {1}
