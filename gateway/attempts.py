@@ -23,9 +23,22 @@ def attempt_dir(jobs_root: Path, job_id: str, attempt: int) -> Path:
     return jobs_root / job_id / str(attempt)
 
 
+# Thread pools a job's libraries size from these (OpenMP, Numba, OpenBLAS, MKL). Without
+# them each pool takes every core the process can see, and jobs packed side by side on a
+# node (the local backend fills its CPUs; a container's --cpus is a quota, not a core set)
+# oversubscribe it: pools that spin between calls then stall one another (two 1-CPU
+# training jobs on 2 cores ran 4-25x slower than with one thread each; docs/spec.md).
+THREAD_VARS = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def job_env(job: JobRecord, attempt: int) -> dict[str, str]:
+    """The environment every attempt of ``job`` gets: the thread-pool sizes from
+    ``resources.cpus_per_task`` (unless the spec's ``env`` sets them), the spec's ``env``
+    and the ``HPCGW_*`` variables."""
     spec = job.spec
-    env = {**spec.env, "HPCGW_JOB_ID": job.id, "HPCGW_JOB_NAME": spec.name,
+    threads = str(spec.resources.cpus_per_task)
+    env = {**{k: threads for k in THREAD_VARS}, **spec.env,
+           "HPCGW_JOB_ID": job.id, "HPCGW_JOB_NAME": spec.name,
            "HPCGW_ATTEMPT": str(attempt), "HPCGW_SPEC_DIGEST": job.spec_digest}
     if "hpcgw.array-index" in spec.labels:
         env["HPCGW_ARRAY_INDEX"] = spec.labels["hpcgw.array-index"]

@@ -22,7 +22,6 @@ def demo_spec(image: str | None, epochs: int) -> dict[str, Any]:
         "outputs": ["metrics.json"],
         "resources": {"cpus_per_task": 1, "memory": "1G", "walltime": "15m"},
         "labels": {"example": "demo"},
-        "env": {"NUMBA_NUM_THREADS": "1"},
     }
     if image:
         spec["image"] = image

@@ -223,3 +223,23 @@ def test_array_submits_one_job_per_index(cli, tmp_path):
     assert len({r["labels"]["hpcgw.array"] for r in records}) == 1
     bad = cli("submit", "--array", "5-1", str(spec))
     assert bad.returncode == 2 and "--array" in bad.stderr
+
+
+NUMBA_THREADS = ("import numba, os, json; print(json.dumps({'numba': numba.get_num_threads(), "
+                 "**{k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'NUMBA_NUM_THREADS', "
+                 "'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')}}))")
+
+
+@pytest.mark.parametrize("cpus, env, numba_threads, omp", [
+    ("1", [], 1, "1"), ("2", [], 2, "2"),
+    ("1", ["-e", "NUMBA_NUM_THREADS=2", "-e", "OMP_NUM_THREADS=2"], 2, "2")])
+def test_job_thread_pools_follow_its_cpus_unless_its_env_says(cli, cpus, env, numba_threads, omp):
+    # two 1-CPU jobs side by side on 2 cores, each with pools of every core, had stalled
+    # one another (spinning OpenMP threads): the gateway sizes them from cpus_per_task
+    done = cli("run", "--wait", "--json", "--cpus", cpus, *env, "--",
+               sys.executable, "-c", NUMBA_THREADS)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(cli("logs", job_id(done)).stdout)
+    assert got["numba"] == numba_threads
+    assert got["OMP_NUM_THREADS"] == omp
+    assert got["OPENBLAS_NUM_THREADS"] == got["MKL_NUM_THREADS"] == cpus
