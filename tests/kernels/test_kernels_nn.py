@@ -782,12 +782,13 @@ def test_layer_norm_backward_wide_rows_match_the_row_kernel_and_float64(dt, widt
         np.testing.assert_array_equal(dg_in, res[True][1])
 
 
-@pytest.mark.parametrize("dt, widths", [(np.float32, [300, 512, 1024, 1500, 2048, 4096]),
+@pytest.mark.parametrize("dt, widths", [(np.float32, [48, 64, 128, 192, 256, 300, 512, 1024,
+                                                        1500, 2048, 4096]),
                                        (np.float64, [150, 256, 512, 700, 1024])])
 def test_layer_norm_streamed_rows_match_plain_stores(dt, widths, rng, monkeypatch):
     # large outputs whose rows are whole cache lines are streamed out (float64 rows past
-    # the short-row kernels, float32 rows of 2 KiB or more forward and of 4 KiB or more
-    # backward), each row written while a later row's inputs are prefetched: the same
+    # the short-row kernels, float32 rows of 256 bytes or more forward, in registers
+    # (64, 128 features) or not, and of 4 KiB or more backward), each row written while a later row's inputs are prefetched: the same
     # values as plain stores (bit for bit but the wide backward, whose streamed rows
     # take their multiply-adds in another order, and float32 dgamma/dbeta of rows of
     # 8 KiB, two rows per pass only with plain stores), in place, into an unaligned
