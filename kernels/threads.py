@@ -7,13 +7,13 @@ OpenBLAS up to about 0.1 s, yielding the core as it spins). A loop that alternat
 two, such as a training step written with ``x @ w`` and ``kernels.nn`` calls, then runs
 each call on cores the other pool's threads still hold, and the operating system hands
 the cores back in time slices of milliseconds: the training app's step, written out by
-hand, took 44-49 ms per step on 2 cores instead of 2.2 ms (``tests/benchmarks/
+hand, took 36-49 ms per step on 2 cores instead of 1.5-2.2 ms (``tests/benchmarks/
 bench_mixed.py``, docs/kernels.md "Mixing NumPy's matrix products with the kernels").
 
 :func:`blas_threads` pins BLAS to one thread for a block of code, as the reference apps
 and the k-means GEMM path do: the product then runs on the calling thread, and the
 kernels keep every core. It uses threadpoolctl (a dependency), which finds the BLAS
-libraries already loaded in the process (NumPy's OpenBLAS, or MKL).
+libraries loaded in the process at its first use (NumPy's OpenBLAS, or MKL).
 """
 
 from __future__ import annotations
