@@ -500,9 +500,8 @@ def _nt_rows(out: np.ndarray, f32_from: int | None = None) -> bool:
     with no scratch row, and streams float32 rows from 256 bytes: 2^25 elements from
     memory at a 28-43 GB/s triad, A/B by rounds in one process, three processes (median
     ratios): 64 features 1.05-1.07x, 128 1.20-1.28x, 192 0.89-1.24x, 256 1.11-1.19x,
-    384 1.40x. With
-    a scalar head and tail per row (unaligned rows) float32 layer norm backward ran at
-    27 GB/s instead of 48."""
+    384 1.40x. With a scalar head and tail per row (unaligned rows) float32 layer norm
+    backward ran at 27 GB/s instead of 48."""
     row = out.shape[-1] * out.itemsize
     wanted = out.dtype == np.float64 or (
         out.dtype == np.float32 and f32_from is not None and row >= f32_from)
