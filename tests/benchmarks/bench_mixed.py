@@ -30,6 +30,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+from report import replace_section  # noqa: E402
 SECTION = "## Mixing NumPy matrix products with the kernels"
 BATCH, FEATURES, HIDDEN, CLASSES = 1024, 32, 256, 10
 
@@ -189,16 +192,7 @@ def main() -> None:
                      f"{base / med:.1f}x | {vs_t} | {cells} |")
     print("\n".join(lines[-len(rows) - 2:]))
     if args.out:
-        path = Path(args.out)
-        text = path.read_text() if path.exists() else ""
-        block = "\n".join(lines) + "\n"
-        if SECTION in text:
-            head, rest = text.split(SECTION, 1)
-            tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-            text = head + block + tail
-        else:
-            text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-        path.write_text(text)
+        replace_section(args.out, SECTION, lines)
 
 
 if __name__ == "__main__":

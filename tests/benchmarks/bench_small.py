@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
 import _baselines as B  # noqa: E402
+from report import replace_section  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kernels import activations, nn, optim  # noqa: E402
@@ -137,16 +138,7 @@ def main() -> None:
             lines.append(f"| {name} | {rows} | {o:.1f} | {ths} | {ratio} | "
                          f"{TORCH_NOTE.get(name, '')} |")
     if args.out:
-        path = Path(args.out)
-        text = path.read_text() if path.exists() else ""
-        block = "\n".join(lines) + "\n"
-        if SECTION in text:
-            head, rest = text.split(SECTION, 1)
-            tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-            text = head + block + tail
-        else:
-            text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-        path.write_text(text)
+        replace_section(args.out, SECTION, lines)
 
 
 if __name__ == "__main__":
