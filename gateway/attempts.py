@@ -12,7 +12,7 @@ from gateway.node import write_json_atomic
 from gateway.errors import RuntimeConfigError
 from gateway.runtimes import RunContext, get_runtime
 from gateway.states import State
-from gateway.spec import JobSpec
+from gateway.spec import THREAD_VARS, JobSpec
 from gateway.store.records import JobRecord
 
 if TYPE_CHECKING:
@@ -21,14 +21,6 @@ if TYPE_CHECKING:
 
 def attempt_dir(jobs_root: Path, job_id: str, attempt: int) -> Path:
     return jobs_root / job_id / str(attempt)
-
-
-# Thread pools a job's libraries size from these (OpenMP, Numba, OpenBLAS, MKL). Without
-# them each pool takes every core the process can see, and jobs packed side by side on a
-# node (the local backend fills its CPUs; a container's --cpus is a quota, not a core set)
-# oversubscribe it: pools that spin between calls then stall one another (two 1-CPU
-# training jobs on 2 cores ran 4-25x slower than with one thread each; docs/spec.md).
-THREAD_VARS = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def job_env(job: JobRecord, attempt: int) -> dict[str, str]:

@@ -38,6 +38,14 @@ RETRY_KINDS = ("failed", "timeout", "lost", "node_fail", "preempted", "oom")
 RUNTIMES = ("host", "podman", "charliecloud", "apptainer")
 
 
+# Thread pools a job's libraries size from these (OpenMP, Numba, OpenBLAS, MKL). Without
+# them each pool takes every core the process can see, and jobs packed side by side on a
+# node (the local backend fills its CPUs; a container's --cpus is a quota, not a core set)
+# oversubscribe it: pools that spin between calls then stall one another (two 1-CPU
+# training jobs on 2 cores ran 4-25x slower than with one thread each; docs/spec.md).
+THREAD_VARS = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 

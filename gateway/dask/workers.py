@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from gateway.errors import FieldIssue, SpecError
-from gateway.spec import NAME_RE, Resources
+from gateway.spec import NAME_RE, THREAD_VARS, Resources
 
 CLUSTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 LABEL = "hpcgw.dask"              # every worker job carries hpcgw.dask=<cluster name>
@@ -157,7 +157,10 @@ def worker_spec(plan: WorkerPlan, scheduler: str, name: str) -> dict[str, Any]:
         "name": name, "target": plan.target,
         "command": worker_command(plan, scheduler, name),
         "resources": resources_mapping(plan.resources),
-        "env": dict(plan.env),
+        # one thread per library per task thread, Dask's own policy (its nanny sets the
+        # OpenMP/BLAS ones to 1 unless the environment has them; the gateway's job default
+        # would give each of the worker's cpus_per_task threads cpus_per_task more)
+        "env": {**{k: "1" for k in THREAD_VARS}, **plan.env},
         "labels": {LABEL: plan.cluster, WORKER_LABEL: name},
     }
     if plan.image:

@@ -40,6 +40,13 @@ def test_worker_argv_and_spec() -> None:
         (2, 1024**3, 120)
     assert spec.labels == {"hpcgw.dask": "c1", "hpcgw.dask-worker": "c1-3"}
     assert list(spec.command) == argv
+    # the worker's 2 task threads each get one library thread (Dask's policy), not the
+    # gateway's per-job default of cpus_per_task; the user's env still wins
+    assert spec.env == {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+                        "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    mine = make_plan("c1", "slurm:test", env={"NUMBA_NUM_THREADS": "2"},
+                     resources={"cpus_per_task": 2})
+    assert parse_spec(worker_spec(mine, "tcp://h:1", "c1-0")).env["NUMBA_NUM_THREADS"] == "2"
 
 
 def test_image_workers_use_the_image_python() -> None:
