@@ -81,19 +81,29 @@ print(json.dumps({"threads": t, "numba": numba.get_num_threads(),
 """
 
 
-@pytest.mark.parametrize("local, cpus, want", [("1", "0", 1), ("2", "0,1", 1),
-                                               ("1", "0,1", 2)])
-def test_share_cores_splits_the_cores_the_process_may_use_between_local_ranks(
-        local, cpus, want):
-    # taskset narrows the affinity below the machine's core count, as a Slurm allocation
-    # or an MPI binding does; NUMBA_NUM_THREADS=2 so Numba's own cap cannot hide a split
-    # taken from os.cpu_count() (1 usable core, 2 threads: oversubscribed)
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs 2 usable cores (a machine property no set-up step can add)")
+def test_usable_cores_are_the_affinity_not_the_machines_count(monkeypatch):
+    from kernels.apps import _mpi
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5})
+    assert _mpi._usable_cores() == 2
+
+
+def test_share_cores_splits_the_cores_the_process_may_use_between_local_ranks():
+    # taskset narrows the affinity, as a Slurm allocation or an MPI binding does (to one
+    # core first: below the machine's count wherever it has more than one);
+    # NUMBA_NUM_THREADS above every expectation, so Numba's own cap hides no split taken
+    # from os.cpu_count()
     taskset = require_tool("taskset", "apt-get install util-linux")
-    env = {**os.environ, "OMPI_COMM_WORLD_LOCAL_SIZE": local, "NUMBA_NUM_THREADS": "2"}
-    out = subprocess.run([taskset, "-c", cpus, sys.executable, "-c", SHARE], env=env,
-                         capture_output=True, text=True, check=True).stdout
-    got = json.loads(out.strip().splitlines()[-1])
-    assert got["threads"] == got["numba"] == want
-    assert set(got["blas"]) == {1}
+    cores = sorted(os.sched_getaffinity(0))
+    n = len(cores)
+    every = ",".join(map(str, cores))
+    for local, cpus, want in (("1", str(cores[0]), 1), ("2", every, max(1, n // 2)),
+                              ("1", every, n)):
+        env = {**os.environ, "OMPI_COMM_WORLD_LOCAL_SIZE": local,
+               "NUMBA_NUM_THREADS": str(n + 1)}
+        out = subprocess.run([taskset, "-c", cpus, sys.executable, "-c", SHARE], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got["threads"] == got["numba"] == want, (local, cpus)
+        assert set(got["blas"]) == {1}
