@@ -54,18 +54,6 @@ def _data(np):
     return x, y
 
 
-def _per_call(fn) -> float:
-    """Best seconds per call over 7 loops of about 20 ms."""
-    def loop(reps):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-
-    reps = max(5, int(0.02 / max(loop(3), 1e-7)))
-    return min(loop(reps) for _ in range(7))
-
-
 def _time_steps(step, steps: int) -> list[float]:
     for _ in range(10):
         step()
@@ -100,8 +88,10 @@ def child_ours(steps: int, pinned: bool) -> dict:
     gam, bet = np.ones(256, np.float32), np.zeros(256, np.float32)
     with kernels.blas_threads() if pinned else contextlib.nullcontext():
         times = _time_steps(step, steps)
-        calls = {"gelu 8 x 256": _per_call(lambda: activations.gelu(small)),
-                 "layer_norm 1024 x 256": _per_call(lambda: nn.layer_norm(big, gam, bet))}
+        from bench_small import race  # best of 7 loops of about 20 ms each
+
+        calls = race({"gelu 8 x 256": lambda: activations.gelu(small),
+                      "layer_norm 1024 x 256": lambda: nn.layer_norm(big, gam, bet)})
     return {"steps": times, "calls": calls}
 
 
