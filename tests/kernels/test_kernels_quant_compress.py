@@ -178,6 +178,36 @@ def test_sparsify_errors_and_empty():
             densify(np.array([bad]), np.array([1.0]), 3)
 
 
+def _magnitudes(case, n, dtype, rng):
+    if case == "normal":
+        return np.abs(rng.standard_normal(n)).astype(dtype)
+    if case == "ties":  # few distinct values: the k-th sits inside a run of equal keys
+        return np.round(np.abs(rng.standard_normal(n)), 1).astype(dtype)
+    if case == "zeros":
+        return np.zeros(n, dtype)
+    if case == "narrow":  # one top-level bucket holds everything: the second level runs on
+        return (1 + rng.random(n) / 64).astype(dtype)  # all of it, in parallel slices
+    if case == "wide":  # subnormals to huge, and the largest finite value
+        x = np.abs(rng.standard_normal(n)) * 10.0 ** rng.integers(-300, 300, n)
+        x = np.minimum(x, np.finfo(dtype).max).astype(dtype)
+        x[::1000] = np.finfo(dtype).max
+        x[1::1000] = np.finfo(dtype).smallest_subnormal
+        return x
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "zeros", "narrow", "wide"])
+@pytest.mark.parametrize("n", [1, 1000, compress._SMALL_SELECT, 100_003])
+def test_kth_largest_is_exact(case, n, dtype, rng):
+    # the radix select (sizes from _SMALL_SELECT up) and np.partition below it
+    x = _magnitudes(case, n, dtype, rng)
+    want = np.sort(x)[::-1]
+    for k in sorted(k for k in {1, 2, n // 3 + 1, n // 2 + 1, n - 1, n} if 1 <= k <= n):
+        got = compress._kth_largest(x.copy(), k)
+        assert got == want[k - 1], (case, n, k)
+        assert got.dtype == x.dtype
+
+
 MODES = ["two-pass", "one-pass", "out", "out-nt"]
 
 
@@ -218,6 +248,30 @@ def test_topk_sparsify_threshold_path_matches_reference(k, mode, dtype, tol, rng
         np.testing.assert_array_equal(idx, ri)
         np.testing.assert_allclose(vals, rv, **tol)
         np.testing.assert_allclose(r, rr, **tol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_sparsify_chosen_at_chunk_and_block_edges(mode, rng):
+    # the two-pass mode zeroes the chosen entries block by block as it adds grad in:
+    # the largest entries sit on the first and last entry of every chunk and block
+    n = 200_003
+    g = rng.standard_normal(n) * 1e-3
+    edges = {0, n - 1}
+    nch = compress.n_chunks(n, min_rows=1 << 14)
+    for c in range(nch):
+        lo, hi = compress.chunk_bounds(n, nch, c)
+        edges.update(range(lo, hi, compress._ZERO_BLOCK))
+        edges.update(b - 1 for b in range(lo + compress._ZERO_BLOCK, hi, compress._ZERO_BLOCK))
+        edges.update({lo, hi - 1})
+    edges = np.array(sorted(edges))
+    g[edges] = 10 + rng.random(edges.size)
+    r = np.zeros(n)
+    idx, vals = sparsify_mode(g, r, edges.size, mode)
+    np.testing.assert_array_equal(idx, edges)
+    np.testing.assert_array_equal(vals, g[edges])
+    expect = g.copy()
+    expect[edges] = 0
+    np.testing.assert_array_equal(r, expect)
 
 
 @pytest.mark.parametrize("mode", MODES)
