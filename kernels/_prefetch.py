@@ -8,7 +8,8 @@ overlaps the two (the top-k scan went from 26-30 to 46-58 GB/s on 2 cores).
 
 Whether a hint pays depends on the CPU's own prefetcher: on the Zen 4 host without
 AVX-512 the hints in layer norm's forward rows, int8 quantisation and the search scan
-that norms its rows cost 10-35% and were dropped (docs/kernels.md).
+that norms its rows cost 10-35% and were dropped (docs/kernels.md); the vector search
+scan now reads in memory order and needs none (``kernels._simd.scan_scores``).
 ``tests/benchmarks/bench_prefetch.py`` re-measures every remaining hint: it compiles
 copies of the kernels with ``ENABLED`` false, which makes ``prefetch`` emit nothing.
 """

@@ -546,7 +546,17 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
     compute-bound at 0.17 ns per element per core (48 GB/s on 2 cores). The rows' norms
     are summed with the first query's dot products, from the same loads (a separate
     norm loop loaded every row twice): one query, 262144 x 64 float32 from memory
-    26-30 -> 29-31 GB/s, in cache 1.11x; 16 queries 1.02x."""
+    26-30 -> 29-31 GB/s, in cache 1.11x; 16 queries 1.02x.
+
+    The first query's pass reads the rows one after the other, each row's pieces in
+    turn, so its loads walk memory in order. Piece by piece across the ``L`` rows (the
+    first piece of every row, then the second...), the loads jumped a row's length at a
+    time, and from memory the scan took as long as its arithmetic and its reads added
+    together: the CPU's prefetchers did not run ahead of that order, and a software
+    hint only partly made up for it. The later queries, on rows then in cache, keep the
+    piece-by-piece order (more independent multiply-adds at once: row by row they ran
+    0.81-0.85x). 262144 x 64 float32 from memory, both cores: one query 1.32-1.47x,
+    16 queries 1.14-1.26x; in cache 1.01-1.07x."""
     if not (_is_1d(emb) and _is_1d(qs) and _is_1d(qinv) and _is_1d(sc)
             and emb.dtype == qs.dtype == qinv.dtype == sc.dtype
             and emb.dtype in (types.float32, types.float64)
@@ -577,10 +587,19 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
         naccs = [cgutils.alloca_once_value(builder, zero) for _ in range(lanes)]
         einv = cgutils.alloca_once_value(builder, ir.Constant(vf, [1.0] * lanes))
 
-        def dot_loop(qidx, with_norms):
+        def fma_into(w, e, r, with_norms):
+            builder.store(builder.call(fma, [w, e, builder.load(accs[r])]), accs[r])
+            if with_norms:
+                builder.store(builder.call(fma, [e, e, builder.load(naccs[r])]), naccs[r])
+
+        def dot_loop(qidx, with_norms, in_order):
             """``accs[r]`` (lane sums to) ``qs[qidx] . row r``; with ``with_norms`` also
             ``naccs[r]`` to ``|row r|^2``, from the same loads, in groups of rows small
-            enough that both sets of accumulators stay in registers."""
+            enough that both sets of accumulators stay in registers. ``in_order``: row by
+            row, each row's pieces in turn (the loads walk memory in order: the first
+            query's pass, which reads the rows from memory); otherwise piece by piece
+            across the rows (independent multiply-adds side by side: the later
+            queries', on rows already in cache)."""
             qbase = builder.mul(qidx, dv)
             for acc in accs + (naccs if with_norms else []):
                 builder.store(zero, acc)
@@ -588,15 +607,18 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
             groups = ([range(half), range(half, lanes)] if with_norms
                       and 2 * lanes + 2 > VEC_REGS else [range(lanes)])
             for group in groups:
+                if in_order:
+                    for r in group:
+                        with cgutils.for_range(builder, npieces) as loop:
+                            off = builder.mul(loop.index, L)
+                            w = vload(qsd, builder.add(qbase, off))
+                            fma_into(w, vload(embd, builder.add(rows[r], off)), r, with_norms)
+                    continue
                 with cgutils.for_range(builder, npieces) as loop:
                     off = builder.mul(loop.index, L)
                     w = vload(qsd, builder.add(qbase, off))
                     for r in group:
-                        e = vload(embd, builder.add(rows[r], off))
-                        builder.store(builder.call(fma, [w, e, builder.load(accs[r])]), accs[r])
-                        if with_norms:
-                            builder.store(builder.call(fma, [e, e, builder.load(naccs[r])]),
-                                          naccs[r])
+                        fma_into(w, vload(embd, builder.add(rows[r], off)), r, with_norms)
 
         def store_score(qidx):
             dot = _reduce_lanes(builder, [builder.load(a) for a in accs])
@@ -606,21 +628,24 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
                 builder.gep(scd, [builder.mul(qidx, L)]), vf.as_pointer()), align=1)
 
         # the rows' norms come with the first query's dot products, from the same loads
-        first = builder.and_(builder.not_(args[6]),
-                             builder.icmp_signed(">", nqv, ir.Constant(_I64, 0)))
-        with builder.if_then(first):
-            q0 = ir.Constant(_I64, 0)
-            dot_loop(q0, True)
-            sq = _reduce_lanes(builder, [builder.load(a) for a in naccs])
-            inv = builder.fdiv(ir.Constant(vf, [1.0] * lanes), builder.call(sqrt, [sq]))
-            nan_or_0 = builder.select(builder.fcmp_unordered("uno", sq, sq), sq, zero)
-            builder.store(builder.select(builder.fcmp_ordered(">", sq, zero), inv, nan_or_0),
-                          einv)
+        some = builder.icmp_signed(">", nqv, ir.Constant(_I64, 0))
+        q0 = ir.Constant(_I64, 0)
+        with builder.if_then(some):
+            with builder.if_else(args[6]) as (given, norming):
+                with given:
+                    dot_loop(q0, False, True)
+                with norming:
+                    dot_loop(q0, True, True)
+                    sq = _reduce_lanes(builder, [builder.load(a) for a in naccs])
+                    inv = builder.fdiv(ir.Constant(vf, [1.0] * lanes), builder.call(sqrt, [sq]))
+                    nan_or_0 = builder.select(builder.fcmp_unordered("uno", sq, sq), sq, zero)
+                    builder.store(builder.select(builder.fcmp_ordered(">", sq, zero), inv,
+                                                 nan_or_0), einv)
             store_score(q0)
-        start = builder.zext(first, _I64)
+        start = builder.zext(some, _I64)
         with cgutils.for_range(builder, builder.sub(nqv, start)) as qloop:
             qidx = builder.add(qloop.index, start)
-            dot_loop(qidx, False)
+            dot_loop(qidx, False, False)
             store_score(qidx)
         return context.get_dummy_value()
 

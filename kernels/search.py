@@ -128,9 +128,7 @@ def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, la
         lo, hi = chunk_bounds(n, nchunks, c)
         buf = sc[c]
         nb = lo + (hi - lo) // lanes * lanes
-        for r0 in range(lo, nb, lanes):
-            if normalized:  # norming the rows, the scan ran faster without the hint
-                prefetch_ahead(flat, r0 * d, lanes * d * flat.itemsize)
+        for r0 in range(lo, nb, lanes):  # no prefetch hint: scan_scores reads in order
             scan_scores(flat, r0, d, qflat, nq, qinv, normalized, buf)
             for q in range(nq):
                 best = out_s[c, q]

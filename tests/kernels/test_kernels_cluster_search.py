@@ -159,6 +159,26 @@ def test_topk_normalized_flag_skips_norms_with_same_result(rng, search_path):
     np.testing.assert_allclose(s3, 3 * s1, rtol=1e-12)
 
 
+@pytest.mark.parametrize("nq", [1, 5])
+def test_topk_normalized_flag_on_whole_vector_rows(nq, dtype, rng, search_path):
+    # rows of 32: whole vectors in both dtypes, so the fused path is the vector scan,
+    # whose first query (row by row, with or without the norms) differs from the rest
+    e = rng.standard_normal((1000, 32)).astype(dtype)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    q = rng.standard_normal((nq, 32)).astype(dtype)
+    s1, i1 = search.topk_cosine(q, e, 7)
+    s2, i2 = search.topk_cosine(q, e, 7, normalized=True)
+    rs, ri = ref_topk(q, e, 7)
+    np.testing.assert_array_equal(i1, ri)
+    np.testing.assert_array_equal(i2, ri)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(s1, rs, rtol=rtol)
+    np.testing.assert_allclose(s2, rs, rtol=rtol)
+    s3, i3 = search.topk_cosine(q, 3 * e, 7, normalized=True)  # the norms really skipped
+    np.testing.assert_array_equal(i3, ri)
+    np.testing.assert_allclose(s3, 3 * rs, rtol=rtol)
+
+
 def test_topk_gemm_path_agrees_with_the_fused_scan(rng, monkeypatch):
     e = rng.standard_normal((2000, 24)).astype(np.float32)
     # exact duplicates: the lowest index must come first (small integers, so every
