@@ -202,7 +202,7 @@ def _kth_largest_bits(keys, k, nbits, nsl, hist):
     shift = nbits - 1 - _DIGIT
     m = keys.size
     need = k
-    cnt = np.zeros(nsl, np.int64)
+    cnt = np.empty(nsl, np.int64)  # every slice's count is set before it is read
     while True:
         src = keys[:m]
         ns = nsl if m >= _SMALL_SELECT else 1
@@ -287,8 +287,8 @@ def _pick(cidx, cval, counts, cap, t, k, idx, vals, o, restore):
     output offsets in chunk order, then each chunk writes its own slice. ``restore``:
     the candidates not chosen go back into ``o``."""
     nch = counts.size
-    ngt = np.zeros(nch, np.int64)
-    neq = np.zeros(nch, np.int64)
+    ngt = np.empty(nch, np.int64)  # empty, not zeros: every chunk sets its own, and in a
+    neq = np.empty(nch, np.int64)  # parallel kernel np.zeros is a parallel region
     for c in prange(nch):
         a = 0
         e = 0
@@ -441,7 +441,7 @@ def _topk_by_threshold(g: np.ndarray, r: np.ndarray, o: np.ndarray, k: int, mode
     vals = np.empty(k, g.dtype)
     _pick(cidx, cval, counts, cap, t, k, idx, vals, o, one_pass)
     if not one_pass:
-        _add_into_except(r, g, idx, n_chunks(g.size, min_rows=1 << 14))
+        _add_into_except(r, g, idx, nch)
     return idx, vals
 
 
