@@ -25,7 +25,7 @@ def source_fingerprint() -> str:
 
 _CFG = get_config()
 # Numba's cache key ignores compile flags, so the flags are part of the folder name too.
-_FLAGS = f"p{int(_CFG.parallel)}f{int(_CFG.fastmath)}"
+_FLAGS = f"p{int(_CFG.parallel)}f{int(_CFG.fastmath)}h{int(_CFG.row_hints)}"
 # Without a configured folder the cache still goes to a fingerprinted folder, next to the
 # sources: numba's own key is the timestamp of the kernel's file only, so editing an
 # inlined helper (_fastmath, _erf, _simd) would otherwise leave stale machine code.

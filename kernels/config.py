@@ -5,6 +5,9 @@
 cache (``python -m kernels.warmup``) and jobs start without compiling.
 ``HPCGW_NUMBA_PARALLEL=0`` turns off ``prange`` threading (useful under MPI with one
 rank per core). ``HPCGW_NUMBA_FASTMATH=0`` turns off the reassociation flags.
+``HPCGW_NUMBA_ROW_HINTS`` (``auto``, ``1`` or ``0``) switches the software prefetch hints
+whose worth depends on the CPU (``kernels._prefetch.ROW_HINTS``); ``auto`` turns them on
+for Intel CPUs, where they were measured to pay, and off elsewhere.
 
 This module does not import numba: ``kernels._jit`` applies the config and then does.
 """
@@ -32,6 +35,7 @@ class KernelConfig:
     cache_dir: str | None = None
     parallel: bool = True
     fastmath: bool = True
+    row_hints: bool = False
 
     def jit_options(self, *, parallel: bool = False) -> dict[str, object]:
         """Keyword arguments for ``numba.njit`` for one kernel."""
@@ -56,6 +60,35 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise KernelConfigError(f"{name}={raw!r} is not a boolean; use one of 0/1/true/false")
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor string from ``/proc/cpuinfo`` (``GenuineIntel``,
+    ``AuthenticAMD``), or "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _row_hints(env: Mapping[str, str]) -> bool:
+    """``HPCGW_NUMBA_ROW_HINTS``: ``auto`` (or unset) means on for an Intel host that
+    numba compiles for (not for a named ``NUMBA_CPU_NAME`` target, as a portable cache
+    has: that keeps the hints off)."""
+    raw = (env.get("HPCGW_NUMBA_ROW_HINTS") or "auto").strip().lower()
+    if raw == "auto":
+        target = (env.get("NUMBA_CPU_NAME") or "host").strip().lower()
+        return target == "host" and _cpu_vendor() == "GenuineIntel"
+    try:
+        return _flag(env, "HPCGW_NUMBA_ROW_HINTS", False)
+    except KernelConfigError:
+        raise KernelConfigError(
+            f"HPCGW_NUMBA_ROW_HINTS={env.get('HPCGW_NUMBA_ROW_HINTS')!r} is not valid; "
+            "use auto, 1 or 0") from None
+
+
 def load_config(env: Mapping[str, str] | None = None) -> KernelConfig:
     """Resolve the config from ``env`` (default ``os.environ``) without side effects."""
     env = os.environ if env is None else env
@@ -64,6 +97,7 @@ def load_config(env: Mapping[str, str] | None = None) -> KernelConfig:
         cache_dir=os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None,
         parallel=_flag(env, "HPCGW_NUMBA_PARALLEL", True),
         fastmath=_flag(env, "HPCGW_NUMBA_FASTMATH", True),
+        row_hints=_row_hints(env),
     )
 
 

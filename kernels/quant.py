@@ -24,6 +24,7 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, overload, prange, types
+from kernels._prefetch import row_hint
 from kernels._simd import (NT_MIN_BYTES, QUANT_LANES, address, dequant_store_nt, quant_store,
                            sfence, stream_out)
 from kernels.errors import KernelDtypeError, KernelInputError
@@ -51,12 +52,18 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits):
     (``wbits`` is ``w`` viewed as int32/int64, sign bit masked off): an integer max
     vectorises without fast-math NaN flags, and NaN/inf show up as patterns
     ``>= inf_bits``, so no separate probe. The max's bits are stored through ``sbits``
-    (``scale`` viewed as ints) and read back as a float. Pass 2 quantises."""
+    (``scale`` viewed as ints) and read back as a float. Pass 2 quantises, asking for
+    the next row's lines as it goes where ``kernels._prefetch.ROW_HINTS`` is on (no load
+    reaches memory during this pass otherwise, and a row of 4 KiB or more is a page of
+    its own, where the hardware prefetcher of an Intel host stops: 1.26x float32, 1.8x
+    float64 from memory there; on the Zen 4 host an 8 KiB-ahead hint cost 18-21%)."""
     n, d = w.shape
     wf = w.reshape(-1)
     qf = q.reshape(-1)
     one = w.dtype.type(1.0)
     lim = w.dtype.type(127.0)
+    step = 64 // w.itemsize  # elements per cache line
+    last = wf.size - 1
     for c in prange(n):
         rb = wbits[c]
         mb = _narrow(mask, rb[0] & mask)
@@ -69,8 +76,11 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits):
         scale[c] = s
         inv = one / scale[c]
         base = c * d
+        nxt = base + d  # the next row, asked for meanwhile where ROW_HINTS is on
         j = 0
         while j + QUANT_LANES <= d:  # 64 at a time (kernels._simd.quant_store), then the rest
+            for k in range(j, j + QUANT_LANES, step):
+                row_hint(wf, min(nxt + k, last))
             quant_store(wf, inv, qf, base + j)
             j += QUANT_LANES
         for k in range(base + j, base + d):

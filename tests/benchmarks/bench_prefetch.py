@@ -11,7 +11,9 @@ with one copy, then the other, round after round (in cache, then from memory wit
 per-round ratio ``time without hints / time with``: above 1, the hints pay. A ratio
 within a round is far steadier on a shared host than two best-of times taken a minute
 apart. Whether a hint pays depends on the CPU's own prefetcher, so this is the check to
-rerun on a new host.
+rerun on a new host. The copy with hints has the host-dependent ones too
+(``kernels._prefetch.ROW_HINTS`` set for it, whatever this host's setting; the rows
+marked "row hint" say whether the host has them on).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels import _prefetch, compress, empty_aligned, nn, search  # noqa: E402
+from kernels import _prefetch, compress, empty_aligned, nn, quant, search  # noqa: E402
 from kernels._jit import _CFG  # noqa: E402
 
 
@@ -38,9 +40,10 @@ def _copies(mod: ModuleType, names: list[str], call: Callable[[], object]) -> di
     (the flag is read when the code is generated, not when the dispatcher is made)."""
     orig = {n: getattr(mod, n) for n in names}
     out = {}
+    row = _prefetch.ROW_HINTS
     try:
         for hints in (True, False):
-            _prefetch.ENABLED = hints
+            _prefetch.ENABLED = _prefetch.ROW_HINTS = hints
             out[hints] = {}
             for n in names:
                 opts = _CFG.jit_options(parallel=True)
@@ -49,7 +52,7 @@ def _copies(mod: ModuleType, names: list[str], call: Callable[[], object]) -> di
                 setattr(mod, n, out[hints][n])
             call()
     finally:
-        _prefetch.ENABLED = True
+        _prefetch.ENABLED, _prefetch.ROW_HINTS = True, row
         for n in names:
             setattr(mod, n, orig[n])
     return out
@@ -114,9 +117,19 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
                     lambda lg=lg, lab=lab: nn.softmax_cross_entropy(lg, lab)))
     e = rng.standard_normal((size // 64, 64)).astype(np.float32)
     q = rng.standard_normal((1, 64)).astype(np.float32)
-    for nz in (True, False):  # the portable scan: the vector one (_topk_vec) has no hint
+    here = "on" if _prefetch.ROW_HINTS else "off"
+    for nz in (True, False):
         out.append((f"topk_cosine float32 q=1 normalized={nz}, portable scan", search,
                     ["_topk"], lambda nz=nz: _portable_search(q, e, nz)))
+        if search.VEC_SCAN:
+            out.append((f"topk_cosine float32 q=1 normalized={nz}, vector scan (row hint, "
+                        f"{here} here)", search, ["_topk_vec"],
+                        lambda nz=nz: search.topk_cosine(q, e, 10, normalized=nz)))
+    for dt in (np.float32, np.float64):
+        w = rng.standard_normal((size // 1024, 1024)).astype(dt)
+        qo = np.empty(w.shape, np.int8)
+        out.append((f"quantize_int8 {np.dtype(dt).name} 1024 features (row hint, {here} here)",
+                    quant, ["_quantize"], lambda w=w, qo=qo: quant.quantize_int8(w, out=qo)))
     gr = rng.standard_normal(size).astype(np.float32)
     res = np.zeros_like(gr)
     out.append(("topk_sparsify float32 1% (the sample)", compress, ["_line_sample"],

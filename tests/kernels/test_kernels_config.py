@@ -12,8 +12,9 @@ from kernels.errors import KernelConfigError
 
 def test_load_config_reads_hpcgw_variables(tmp_path):
     cfg = load_config({"HPCGW_NUMBA_CACHE_DIR": str(tmp_path / "c"), "HPCGW_NUMBA_PARALLEL": "0",
-                       "HPCGW_NUMBA_FASTMATH": "false"})
-    assert cfg == KernelConfig(cache_dir=str(tmp_path / "c"), parallel=False, fastmath=False)
+                       "HPCGW_NUMBA_FASTMATH": "false", "HPCGW_NUMBA_ROW_HINTS": "1"})
+    assert cfg == KernelConfig(cache_dir=str(tmp_path / "c"), parallel=False, fastmath=False,
+                               row_hints=True)
     opts = cfg.jit_options(parallel=True)
     assert opts["cache"] is True and opts["parallel"] is False and opts["fastmath"] is False
 
@@ -23,6 +24,29 @@ def test_defaults_keep_nan_semantics():
     assert cfg.cache_dir is None and cfg.parallel
     assert "nnan" not in FASTMATH_FLAGS and "ninf" not in FASTMATH_FLAGS
     assert load_config({"NUMBA_CACHE_DIR": "/x"}).cache_dir == "/x"
+
+
+def test_row_hints_follow_the_variable_and_default_to_intel_hosts(monkeypatch):
+    from kernels import config
+
+    assert load_config({"HPCGW_NUMBA_ROW_HINTS": "1"}).row_hints
+    assert not load_config({"HPCGW_NUMBA_ROW_HINTS": "off"}).row_hints
+    for vendor, on in (("GenuineIntel", True), ("AuthenticAMD", False), ("", False)):
+        monkeypatch.setattr(config, "_cpu_vendor", lambda v=vendor: v)
+        assert load_config({}).row_hints is on
+        assert load_config({"HPCGW_NUMBA_ROW_HINTS": "auto"}).row_hints is on
+        # a named target (a portable cache) keeps them off whatever the host
+        assert not load_config({"NUMBA_CPU_NAME": "x86-64-v3"}).row_hints
+    with pytest.raises(KernelConfigError, match="HPCGW_NUMBA_ROW_HINTS='some'.*auto, 1 or 0"):
+        load_config({"HPCGW_NUMBA_ROW_HINTS": "some"})
+
+
+def test_cpu_vendor_is_read_from_this_host():
+    from kernels.config import _cpu_vendor
+
+    with open("/proc/cpuinfo") as f:
+        listed = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")]
+    assert _cpu_vendor() == listed[0]
 
 
 def test_bad_boolean_is_refused_with_the_valid_values():
@@ -72,6 +96,43 @@ def test_prefetch_hints_can_be_compiled_out_for_the_benchmark(monkeypatch):
         monkeypatch.setattr(_prefetch, "ENABLED", on)
         f = numba.njit(cache=False)(summed)
         assert f(a) == a.sum()  # compiled now, with the flag as set
+        ir[on] = "".join(f.inspect_llvm().values())
+    assert "llvm.prefetch" in ir[True] and "llvm.prefetch" not in ir[False]
+
+
+@pytest.mark.parametrize("kernel", ["quant._quantize", "search._topk_vec"])
+def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, kernel):
+    # the host-dependent hints (kernels._prefetch.ROW_HINTS): int8 quantisation asks for
+    # the next row during its second pass over a row, the vector search scan 8 KiB ahead
+    import importlib
+
+    import numba
+    import numpy as np
+
+    from kernels import _prefetch, quant, search
+    from kernels._jit import _CFG
+
+    modname, name = kernel.split(".")
+    mod = importlib.import_module(f"kernels.{modname}")
+    if name == "_topk_vec" and not search.VEC_SCAN:
+        pytest.skip("no vector search scan on this CPU")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 256)).astype(np.float32)
+    q = rng.standard_normal((1, 256)).astype(np.float32)
+    want = (quant.quantize_int8(w) if name == "_quantize"
+            else search.topk_cosine(q, w, 3))
+    orig = getattr(mod, name)
+    ir = {}
+    for on in (True, False):
+        monkeypatch.setattr(_prefetch, "ROW_HINTS", on)
+        opts = _CFG.jit_options(parallel=True)
+        opts["cache"] = False
+        f = numba.njit(**opts)(orig.py_func)
+        monkeypatch.setattr(mod, name, f)
+        got = (quant.quantize_int8(w) if name == "_quantize"
+               else search.topk_cosine(q, w, 3))  # compiled now, with the flag as set
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
         ir[on] = "".join(f.inspect_llvm().values())
     assert "llvm.prefetch" in ir[True] and "llvm.prefetch" not in ir[False]
 
