@@ -67,8 +67,12 @@ def _score4(qs, qinv, emb, r0, einv, s_out, i_out, offset, zero):
         _insert(s_out[q], i_out[q], a3 * (qi * einv[3]), r0 + 3 + offset)
 
 
-@jit()
+@jit(fastmath={"contract"})
 def _inv_norm(s):
+    """``1 / sqrt(s)`` correctly rounded: with the project's fast-math flags LLVM turns
+    this into a reciprocal square-root estimate and a Newton step on some targets (an
+    Intel host: 1 / sqrt(1) came out 0.99999994 in float32, so a row parallel to the
+    query scored below an equal one), hence flags of its own."""
     return 1.0 / np.sqrt(s) if s > 0 else (s if s != s else 0.0)
 
 
@@ -171,7 +175,7 @@ def _inv_norms(e, out, zero):
         s = zero
         for t in range(d):
             s += e[r, t] * e[r, t]
-        out[r] = 1.0 / np.sqrt(s) if s > 0 else (s if s != s else 0.0)
+        out[r] = _inv_norm(s)
 
 
 @jit()
