@@ -1307,22 +1307,24 @@ GELU_F64_AVX2 = {(bias, backward): tuple(_gelu64_avx2_intrinsic(bias, backward, 
 
 
 def _softmax_exp_intrinsic(masked: bool):
-    """Build ``softmax_exp_f64[_tail](x, g, i, mx, n)``: ``g[i:i+n] = exp(x[i:i+n] - mx)``
-    (``x <= mx``) and return their sum; ``n = BLOCK`` for the plain variant, up to
-    ``BLOCK`` (masked) for ``_tail``. For float64 softmax: the table exp takes about 13
+    """Build ``softmax_exp_f64[_tail](x, g, i, gi, mx, n)``: ``g[gi:gi+n] = exp(x[i:i+n] -
+    mx)`` (``x <= mx``) and return their sum; ``n = BLOCK`` for the plain variant, up to
+    ``BLOCK`` (masked) for ``_tail``. ``gi`` is ``i`` when ``g`` is the gradient, the
+    offset in the row when it is a scratch row. For float64 softmax: the table exp takes about 13
     vector operations per 8 lanes, the portable one about 28."""
 
-    def typer(typingctx, x, g, i, mx, n):
+    def typer(typingctx, x, g, i, gi, mx, n):
         if not (_is_f64(x) and _is_f64(g) and mx == types.float64
-                and isinstance(i, types.Integer) and isinstance(n, types.Integer)):
+                and all(isinstance(a, types.Integer) for a in (i, gi, n))):
             return None
 
         def codegen(context, builder, sig, args):
             _aligned_frame(builder)
-            _, _, iv, mxv, nv = args
+            _, _, iv, giv, mxv, nv = args
             v = _Vec(builder, _UNROLL)
-            n64 = context.cast(builder, nv, sig.args[4], types.int64)
+            n64 = context.cast(builder, nv, sig.args[5], types.int64)
             i64 = context.cast(builder, iv, sig.args[2], types.int64)
+            g64 = context.cast(builder, giv, sig.args[3], types.int64)
             blk = _Block(context, builder, sig, args, n64, masked)
             mxb = builder.insert_element(ir.Constant(_V8, ir.Undefined), mxv,
                                          ir.Constant(_I32, 0))
@@ -1332,10 +1334,10 @@ def _softmax_exp_intrinsic(masked: bool):
             if masked:  # lanes past n: w = 0 - mx there; keep them out of the sum
                 e = [builder.select(m, x, ir.Constant(_V8, [0.0] * 8))
                      for x, m in zip(e, blk.masks)]
-            blk.store(e, 1, i64)
+            blk.store(e, 1, g64)
             return v.hsum(e)
 
-        return types.float64(x, g, i, mx, n), codegen
+        return types.float64(x, g, i, gi, mx, n), codegen
 
     typer.__name__ = typer.__qualname__ = "softmax_exp_f64" + ("_tail" if masked else "")
     return intrinsic(typer)

@@ -95,6 +95,7 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
     """(label, module, the jitted functions that hold hints, the public call)."""
     rng = np.random.default_rng(0)
     out = []
+    here = "on" if _prefetch.ROW_HINTS else "off"
     for dt in (np.float32, np.float64):
         name = np.dtype(dt).name
         for d in (256, 1024, 4096):
@@ -115,9 +116,16 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
         lab = rng.integers(0, c, size // c)
         out.append((f"softmax_cross_entropy {name} 10 classes", nn, ["_softmax_xent_blocks"],
                     lambda lg=lg, lab=lab: nn.softmax_cross_entropy(lg, lab)))
+        # streamed gradients (a large aligned out=): the next row asked for meanwhile
+        c = 256
+        lg2 = rng.standard_normal((size // c, c)).astype(dt)
+        lab2 = rng.integers(0, c, size // c)
+        go = empty_aligned(lg2.shape, dt)
+        out.append((f"softmax_cross_entropy {name} 256 classes, streamed (row hint, "
+                    f"{here} here)", nn, ["_softmax_xent", "_softmax_xent_f64_vec"],
+                    lambda lg=lg2, lab=lab2, go=go: nn.softmax_cross_entropy(lg, lab, out=go)))
     e = rng.standard_normal((size // 64, 64)).astype(np.float32)
     q = rng.standard_normal((1, 64)).astype(np.float32)
-    here = "on" if _prefetch.ROW_HINTS else "off"
     for nz in (True, False):
         out.append((f"topk_cosine float32 q=1 normalized={nz}, portable scan", search,
                     ["_topk"], lambda nz=nz: _portable_search(q, e, nz)))

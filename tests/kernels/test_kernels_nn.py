@@ -66,6 +66,7 @@ def xent_path(request, monkeypatch, every_short_row):
     monkeypatch.setattr(nn, "VEC_BLOCKS", vec)
     if request.param == "vector-nt":
         monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+        monkeypatch.setattr(nn, "SOFTMAX_F64_STREAM", True)
     return request.param
 
 
@@ -239,6 +240,50 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
     assert math.isnan(res[True][0][0]) and np.isfinite(res[True][1][0])
     monkeypatch.setattr(nn, "VEC_SHORT", True)
     _assert_loss_alone_matches(x, y, res[True], rtol=1e-14)
+
+
+@pytest.mark.parametrize("dt, c", [(np.float64, 8), (np.float64, 64), (np.float64, 264),
+                                   (np.float64, 1000), (np.float32, 16), (np.float32, 272),
+                                   (np.float32, 1024), (np.float32, 1040), (np.float32, 1000)])
+def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypatch):
+    # large aligned gradients of whole-line rows: exps into a scratch row, scaled there
+    # and streamed out (the next row prefetched meanwhile on some hosts). The values
+    # must be the plain stores' exactly, special rows included; an unaligned output, rows
+    # that are not whole lines (float32 1000 classes) or rows past 4 KiB (1040) take the
+    # plain stores (float64 too where there is no AVX-512 exp pass: 1000 classes then).
+    x = (4 * rng.standard_normal((37, c))).astype(dt)
+    x[1, 0] = np.nan
+    x[2, -1] = np.inf
+    x[3, :] = -np.inf
+    x[4, 0] = 80.0  # everything else underflows in float32 (and 800 in float64)
+    x[5, 0] = 800.0 if dt == np.float64 else 80.0
+    y = rng.integers(0, c, 37)
+    monkeypatch.setattr(nn, "VEC_BLOCKS", False)
+    monkeypatch.setattr(nn, "VEC_SHORT", False)
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    name = "_softmax_xent_f64_vec" if dt == np.float64 and nn.VEC_F64 else "_softmax_xent"
+    seen = []
+    kernel = getattr(nn, name)
+    monkeypatch.setattr(nn, name, lambda *a: (seen.append(a[-1]), kernel(*a))[1])
+    res = {}
+    for stream in (True, False):
+        monkeypatch.setattr(nn, "SOFTMAX_F64_STREAM", stream)
+        monkeypatch.setattr(nn, "SOFTMAX_STREAM", stream)
+        aligned = empty_aligned(x.shape, dt)
+        off = np.empty(x.size + 1, dt)[1:].reshape(x.shape)  # off a line
+        res[stream] = [nn.softmax_cross_entropy(x, y, out=o, reduction="sum")
+                       for o in (aligned, off)]
+    whole = (c * x.itemsize) % 64 == 0
+    capped = name == "_softmax_xent" and c * x.itemsize > nn.SOFTMAX_STREAM_MAX_BYTES
+    assert seen == [whole and not capped, False, False, False]
+    for (lv, gv), (lp, gp) in zip(res[True], res[False]):
+        assert np.array_equal(lv, lp, equal_nan=True)
+        assert np.array_equal(gv, gp, equal_nan=True)
+    finite = np.isfinite(x).all(axis=1)
+    _, ref = ref_xent(x[finite], y[finite])  # the mean's gradient: times the rows
+    tol = 1e-12 if dt == np.float64 else 1e-5
+    np.testing.assert_allclose(res[True][0][1][finite], ref * finite.sum(), rtol=tol,
+                               atol=tol * 1e-3)
 
 
 def _assert_loss_alone_matches(x, y, with_grad, rtol):
