@@ -239,7 +239,10 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
     Intel host, 2^25 logits from memory against the plain stores (median per-round
     ratio, 21 rounds): 256 classes 1.31x (22.7 -> 29.7 GB/s), 1024 1.82x, 32000 1.28x;
     in a first version, streamed without the hint 0.82x / 1.27x, the hint without
-    streaming 0.98-1.03x, so ``SOFTMAX_F64_STREAM`` follows ``ROW_HINTS``."""
+    streaming 0.98-1.03x, so ``SOFTMAX_F64_STREAM`` follows ``ROW_HINTS``. Only into a
+    caller's ``out=``: a fresh gradient's pages fault in on first write, already zeroed
+    in cache by the kernel, and streaming past them was slower (plain / streamed 0.93x
+    at 256 classes, 0.82x at 1024; float32 256 0.90x)."""
     n, c = logits.shape
     last = xflat.size - 1
     for ch in prange(nchunks):
@@ -497,7 +500,7 @@ def softmax_cross_entropy(
                             grad, streamed and c % lanes == 0, row_chunks(n, c), nvec)
         total = _log_sum(sums) + float(gaps.sum())
     elif grad and VEC_F64 and x.dtype == np.float64:
-        nt = streamed and SOFTMAX_F64_STREAM and c % 8 == 0
+        nt = streamed and SOFTMAX_F64_STREAM and c % 8 == 0 and out is not None
         nch = row_chunks(n, c)
         scratch = np.empty((nch, c) if nt else (1, 1))
         _softmax_xent_f64_vec(x, x.reshape(-1), x.view(np.int64), y, g, g.reshape(-1), sums,
@@ -505,7 +508,7 @@ def softmax_cross_entropy(
         total = _log_sum(sums) + float(gaps.sum())
     else:
         nt = (grad and streamed and SOFTMAX_STREAM and (c * x.itemsize) % 64 == 0
-              and c * x.itemsize <= SOFTMAX_STREAM_MAX_BYTES)
+              and c * x.itemsize <= SOFTMAX_STREAM_MAX_BYTES and out is not None)
         nch = row_chunks(n, c)
         scratch = np.empty((nch, c) if nt else (1, 1), x.dtype)
         _softmax_xent(x, y, g, sums, scale, grad, x.dtype.type(0), nch, scratch, nt)

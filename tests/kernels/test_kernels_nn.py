@@ -276,6 +276,11 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
     whole = (c * x.itemsize) % 64 == 0
     capped = name == "_softmax_xent" and c * x.itemsize > nn.SOFTMAX_STREAM_MAX_BYTES
     assert seen == [whole and not capped, False, False, False]
+    seen.clear()  # a fresh gradient (no out=) is written with plain stores
+    monkeypatch.setattr(nn, "SOFTMAX_F64_STREAM", True)
+    monkeypatch.setattr(nn, "SOFTMAX_STREAM", True)
+    nn.softmax_cross_entropy(x, y)
+    assert seen == [False]
     for (lv, gv), (lp, gp) in zip(res[True], res[False]):
         assert np.array_equal(lv, lp, equal_nan=True)
         assert np.array_equal(gv, gp, equal_nan=True)
