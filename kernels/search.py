@@ -24,6 +24,7 @@ from kernels.errors import KernelInputError
 
 __all__ = ["GEMM_BLOCK_ROWS", "GEMM_MIN_QUERIES", "merge_topk", "topk_cosine"]
 
+SCAN_HINT_MIN_BYTES = 8 << 20  # the vector scan's host-dependent hint from this size
 GEMM_MIN_QUERIES = 24  # below this the fused scan wins on this machine (docs/benchmarks.md)
 VEC_SCAN = True  # the fused scan through kernels._simd.scan_scores (tests turn it off too)
 GEMM_BLOCK_ROWS = 4096
@@ -120,14 +121,16 @@ def _topk(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized):
 
 
 @jit(parallel=True)
-def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, lanes, sc):
+def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, lanes, sc,
+              ahead):
     """``_topk`` with ``lanes`` rows at a time scored by ``kernels._simd.scan_scores``
     (``d`` a multiple of ``lanes``); ``sc[c]`` holds chunk ``c``'s scores. A score that
     cannot beat a query's current k-th is rejected by one compare. The scan reads its
     rows in memory order, which the Zen 4 host's prefetcher follows; an Intel host's does
     not run far enough ahead, so there each step asks for the rows 8 KiB on
-    (``kernels._prefetch.ROW_HINTS``: from memory 1.37x norming the rows, 1.11x
-    pre-normalised; in cache 0.99-1.02x)."""
+    (``kernels._prefetch.ROW_HINTS``: from memory 1.33-1.37x norming the rows,
+    1.07-1.11x pre-normalised), where the matrix is ``ahead`` (``SCAN_HINT_MIN_BYTES`` or
+    more): at 2 MiB, in the L2, the hint cost 0.88-1.02x."""
     n, d = emb.shape
     nq = qs.shape[0]
     flat = emb.reshape(-1)
@@ -137,7 +140,8 @@ def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, la
         buf = sc[c]
         nb = lo + (hi - lo) // lanes * lanes
         for r0 in range(lo, nb, lanes):
-            prefetch_ahead(flat, r0 * d, lanes * d * flat.itemsize, True)
+            if ahead:
+                prefetch_ahead(flat, r0 * d, lanes * d * flat.itemsize, True)
             scan_scores(flat, r0, d, qflat, nq, qinv, normalized, buf)
             for q in range(nq):
                 best = out_s[c, q]
@@ -260,7 +264,7 @@ def topk_cosine(
     if VEC_SCAN and e.shape[1] % lanes == 0 and e.shape[1] and e.flags.c_contiguous:
         sc = np.empty((nch, q.shape[0] * lanes), q.dtype)
         _topk_vec(np.ascontiguousarray(q), qinv, e, out_s, out_i, nch, int(offset),
-                  q.dtype.type(0), bool(normalized), lanes, sc)
+                  q.dtype.type(0), bool(normalized), lanes, sc, e.nbytes >= SCAN_HINT_MIN_BYTES)
     else:
         _topk(q, qinv, e, out_s, out_i, nch, int(offset), q.dtype.type(0), bool(normalized))
     _merge_chunks(out_s, out_i)
