@@ -178,6 +178,11 @@ LN_FWD_NT_BYTES = 256
 LN_FWD_LEAD_BYTES = 8192  # streamed forward rows prefetch this far ahead (or the next row)
 LN_FWD_NEXT_ROW = ROW_HINTS  # _ln_fwd's streamed rows: the next row instead (Intel hosts)
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
+# float32 backward rows of this many bytes or more stream dx out (_nt_rows): from 4 KiB
+# (the wide rows) on the AMD hosts (at 80 GB/s 512-768 features measured 0.7-0.95x),
+# from 1 KiB where the host-dependent hints are on (Intel host, 2^25 elements from
+# memory, A/B: 256 features 1.44x, 512 1.29x)
+LN_BWD_NT_F32_BYTES = 1024 if ROW_HINTS else LN_BWD_WIDE_BYTES
 LN_BWD_PARTIAL_ROWS = 32  # its float32 dgamma/dbeta shares: rows summed before float64
 LN_BWD_ROW_PARTIAL = 16  # _ln_bwd, float32: rows of dgamma/dbeta shares before float64
 LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
@@ -1180,7 +1185,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     """Layer norm backward row by row (short rows in registers, or the row loops):
     writes ``dx``, returns the float64 sums for dgamma and dbeta."""
     n, d = x.shape
-    nt = _nt_rows(dx, LN_BWD_WIDE_BYTES)
+    nt = _nt_rows(dx, LN_BWD_NT_F32_BYTES)
     nch = n_chunks(n)
     nvec = _short_vectors(d, x.dtype, "ln_bwd") if VEC_SHORT else 0
     if nvec:
