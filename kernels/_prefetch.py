@@ -9,17 +9,21 @@ overlaps the two (the top-k scan went from 26-30 to 46-58 GB/s on 2 cores).
 Whether a hint pays depends on the CPU's own prefetcher: on the Zen 4 host without
 AVX-512 the hints in layer norm's forward rows, int8 quantisation and the search scan
 that norms its rows cost 10-35% and were dropped (docs/kernels.md); the vector search
-scan now reads in memory order and needs none (``kernels._simd.scan_scores``).
+scan reads in memory order, which that host's prefetcher follows
+(``kernels._simd.scan_scores``).
 ``tests/benchmarks/bench_prefetch.py`` re-measures every remaining hint: it compiles
 copies of the kernels with ``ENABLED`` false, which makes ``prefetch`` emit nothing.
 
 Some hints pay on one CPU and cost on another, so they are issued only where
 ``ROW_HINTS`` is true (``HPCGW_NUMBA_ROW_HINTS``: on Intel hosts unless set, see
 ``kernels.config``; the cache folder's name records the setting). On an Intel Xeon
-(2 cores, 31 GB/s triad, 2026-12-02), from memory: int8 quantisation with the next row
-asked for during the second pass over a row 1.26x (float32) / 1.8x (float64), the
-vector search scan with its rows asked for 8 KiB ahead 1.13-1.2x (norming its rows) /
-1.04x (pre-normalised). On the Zen 4 host the first of these cost 18-21%.
+(2 cores, 31 GB/s triad, 2026-12-02), from memory (``bench_prefetch.py``): int8
+quantisation with the next row asked for during the second pass over a row 1.26-1.27x
+(float32) / 1.23-1.26x (float64), the vector search scan with its rows asked for 8 KiB
+ahead 1.33-1.37x (norming its rows) / 1.07-1.11x (pre-normalised), the softmax's
+streamed rows with the next row asked for 1.27-1.29x. On the Zen 4 host an 8 KiB-ahead
+hint in the quantisation cost 18-21%. The same switch picks layer norm's choices
+measured with it (``kernels.nn``: ``LN_FWD_NEXT_ROW``, ``LN_BWD_NT_F32_BYTES``).
 """
 
 from __future__ import annotations
