@@ -42,36 +42,25 @@ PREFETCH_BYTES = 8192  # ~100 ns of one core's bandwidth, several times over
 _LINE = 64
 
 
-@intrinsic
-def row_hint(typingctx, arr, i):
-    """``prefetch(arr, i)`` where ``ROW_HINTS`` was true when the caller was compiled,
-    else nothing."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(i, types.Integer)):
-        return None
+def _prefetch_intrinsic(host_only: bool, name: str, doc: str):
+    """Build ``prefetch`` (``host_only`` false) or ``row_hint`` (true: a hint only where
+    ``ROW_HINTS`` is true when the caller is compiled)."""
 
-    def codegen(context, builder, signature, args):
-        if ROW_HINTS:
-            _emit_prefetch(context, builder, signature, args)
-        return context.get_dummy_value()
+    def typer(typingctx, arr, i):
+        if not (isinstance(arr, types.Array) and arr.ndim == 1
+                and isinstance(i, types.Integer)):
+            return None
 
-    return types.void(arr, i), codegen
+        def codegen(context, builder, signature, args):
+            if ROW_HINTS or not host_only:
+                _emit_prefetch(context, builder, signature, args)
+            return context.get_dummy_value()
 
+        return types.void(arr, i), codegen
 
-@intrinsic
-def prefetch(typingctx, arr, i):
-    """Hint the CPU to bring the cache line holding ``arr[i]`` (1-D C array) into cache.
-
-    Read prefetch, high temporal locality (``llvm.prefetch(p, 0, 3, 1)``). An index past
-    the end is harmless on x86 (prefetches do not fault), but callers clamp anyway.
-    """
-    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        _emit_prefetch(context, builder, signature, args)
-        return context.get_dummy_value()
-
-    return types.void(arr, i), codegen
+    typer.__name__ = typer.__qualname__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
 
 
 def _emit_prefetch(context, builder, signature, args):
@@ -87,6 +76,14 @@ def _emit_prefetch(context, builder, signature, args):
         i32 = ir.IntType(32)
         builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
                           ir.Constant(i32, 1)])
+
+
+prefetch = _prefetch_intrinsic(False, "prefetch", """Hint the CPU to bring the cache line
+holding ``arr[i]`` (1-D C array) into cache. Read prefetch, high temporal locality
+(``llvm.prefetch(p, 0, 3, 1)``). An index past the end is harmless on x86 (prefetches do
+not fault), but callers clamp anyway.""")
+row_hint = _prefetch_intrinsic(True, "row_hint", """``prefetch(arr, i)`` where ``ROW_HINTS``
+was true when the caller was compiled, else nothing.""")
 
 
 @jit(inline=True)

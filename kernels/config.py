@@ -81,12 +81,11 @@ def _row_hints(env: Mapping[str, str]) -> bool:
     if raw == "auto":
         target = (env.get("NUMBA_CPU_NAME") or "host").strip().lower()
         return target == "host" and _cpu_vendor() == "GenuineIntel"
-    try:
-        return _flag(env, "HPCGW_NUMBA_ROW_HINTS", False)
-    except KernelConfigError:
-        raise KernelConfigError(
-            f"HPCGW_NUMBA_ROW_HINTS={env.get('HPCGW_NUMBA_ROW_HINTS')!r} is not valid; "
-            "use auto, 1 or 0") from None
+    if raw in _TRUE or raw in _FALSE:
+        return raw in _TRUE
+    raise KernelConfigError(
+        f"HPCGW_NUMBA_ROW_HINTS={env.get('HPCGW_NUMBA_ROW_HINTS')!r} is not valid; "
+        "use auto, 1 or 0")
 
 
 def load_config(env: Mapping[str, str] | None = None) -> KernelConfig:

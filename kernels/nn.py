@@ -113,6 +113,15 @@ def _row_exp(row, out, store, zero):
     return s, mx
 
 
+@jit(inline=True)
+def _copy_out_nt(dst, base, buf, c):
+    """``dst[base:base+c] = buf[:c]`` with non-temporal 64-byte stores (``&dst[base]``
+    64-byte aligned, ``c`` a whole number of lines): a softmax row built in a scratch
+    row. ``_stream_row`` does the same with a prefetch between the stores."""
+    for j in range(0, c, 64 // dst.itemsize):
+        copy64_nt(dst, base + j, buf, j)
+
+
 @jit(parallel=True)
 def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero, nchunks, scratch,
                   nt):
@@ -162,8 +171,7 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero, nchunks,
                     g[j] = g[j] * f
                 g[lab] -= scale
             if nt:
-                for j in range(0, c, lanes):
-                    copy64_nt(gflat, i * c + j, g, j)
+                _copy_out_nt(gflat, i * c, g, c)
         if nt:
             sfence()
 
@@ -188,9 +196,10 @@ LN_BWD_ROW_PARTIAL = 16  # _ln_bwd, float32: rows of dgamma/dbeta shares before 
 LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
 VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
 # switch it off to run the portable path too)
-# its large aligned gradients streamed out, the next row asked for meanwhile
-# (_softmax_xent_f64_vec): where the host-dependent hints are on (tests switch it)
-SOFTMAX_F64_STREAM = SOFTMAX_STREAM = ROW_HINTS
+# softmax gradients into a large aligned out= streamed out of a scratch row, the next row
+# asked for meanwhile (_softmax_xent_f64_vec, _softmax_xent): where the host-dependent
+# hints are on (tests switch it)
+SOFTMAX_STREAM = ROW_HINTS
 SOFTMAX_STREAM_MAX_BYTES = 4096  # rows of _softmax_xent streamed up to this size
 # rows of up to 8 vectors held in registers (_softmax_xent_short, _ln_fwd_short, ...) and
 # blocks of rows of few classes or features transposed in registers (_softmax_xent_blocks,
@@ -245,7 +254,7 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
     Intel host, 2^25 logits from memory against the plain stores (median per-round
     ratio, 21 rounds): 256 classes 1.31x (22.7 -> 29.7 GB/s), 1024 1.82x, 32000 1.28x;
     in a first version, streamed without the hint 0.82x / 1.27x, the hint without
-    streaming 0.98-1.03x, so ``SOFTMAX_F64_STREAM`` follows ``ROW_HINTS``. Only into a
+    streaming 0.98-1.03x, so ``SOFTMAX_STREAM`` follows ``ROW_HINTS``. Only into a
     caller's ``out=``: a fresh gradient's pages fault in on first write, already zeroed
     in cache by the kernel, and streaming past them was slower (plain / streamed 0.93x
     at 256 classes, 0.82x at 1024; float32 256 0.90x)."""
@@ -277,8 +286,7 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
                 row[j] = row[j] * f
             row[lab] -= scale
             if nt:
-                for j in range(0, c, 8):
-                    copy64_nt(gflat, base + j, buf, j)
+                _copy_out_nt(gflat, base, buf, c)
         if nt:
             sfence()
 
@@ -505,20 +513,20 @@ def softmax_cross_entropy(
         _softmax_xent_short(x, xflat, y, g.reshape(-1) if grad else xflat, sums, gaps, scale,
                             grad, streamed and c % lanes == 0, row_chunks(n, c), nvec)
         total = _log_sum(sums) + float(gaps.sum())
-    elif grad and VEC_F64 and x.dtype == np.float64:
-        nt = streamed and SOFTMAX_F64_STREAM and c % 8 == 0 and out is not None
-        nch = row_chunks(n, c)
-        scratch = np.empty((nch, c) if nt else (1, 1))
-        _softmax_xent_f64_vec(x, x.reshape(-1), x.view(np.int64), y, g, g.reshape(-1), sums,
-                              gaps, scale, scratch, nch, nt)
-        total = _log_sum(sums) + float(gaps.sum())
-    else:
-        nt = (grad and streamed and SOFTMAX_STREAM and (c * x.itemsize) % 64 == 0
-              and c * x.itemsize <= SOFTMAX_STREAM_MAX_BYTES and out is not None)
+    else:  # long rows; a gradient into a caller's out= may be streamed (SOFTMAX_STREAM)
+        vec64 = grad and VEC_F64 and x.dtype == np.float64
+        nt = (grad and streamed and SOFTMAX_STREAM and out is not None
+              and (c * x.itemsize) % 64 == 0
+              and (vec64 or c * x.itemsize <= SOFTMAX_STREAM_MAX_BYTES))
         nch = row_chunks(n, c)
         scratch = np.empty((nch, c) if nt else (1, 1), x.dtype)
-        _softmax_xent(x, y, g, sums, scale, grad, x.dtype.type(0), nch, scratch, nt)
-        total = float(sums.sum())
+        if vec64:
+            _softmax_xent_f64_vec(x, x.reshape(-1), x.view(np.int64), y, g, g.reshape(-1),
+                                  sums, gaps, scale, scratch, nch, nt)
+            total = _log_sum(sums) + float(gaps.sum())
+        else:
+            _softmax_xent(x, y, g, sums, scale, grad, x.dtype.type(0), nch, scratch, nt)
+            total = float(sums.sum())
     return (total / n if reduction == "mean" else total), (g if grad else None)
 
 

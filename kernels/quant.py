@@ -55,8 +55,9 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits):
     (``scale`` viewed as ints) and read back as a float. Pass 2 quantises, asking for
     the next row's lines as it goes where ``kernels._prefetch.ROW_HINTS`` is on (no load
     reaches memory during this pass otherwise, and a row of 4 KiB or more is a page of
-    its own, where the hardware prefetcher of an Intel host stops: 1.26x float32, 1.8x
-    float64 from memory there; on the Zen 4 host an 8 KiB-ahead hint cost 18-21%)."""
+    its own, where the hardware prefetcher of an Intel host stops: 1.26-1.27x float32,
+    1.23-1.26x float64 from memory there; on the Zen 4 host an 8 KiB-ahead hint cost
+    18-21%)."""
     n, d = w.shape
     wf = w.reshape(-1)
     qf = q.reshape(-1)

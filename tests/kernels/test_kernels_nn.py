@@ -66,7 +66,7 @@ def xent_path(request, monkeypatch, every_short_row):
     monkeypatch.setattr(nn, "VEC_BLOCKS", vec)
     if request.param == "vector-nt":
         monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
-        monkeypatch.setattr(nn, "SOFTMAX_F64_STREAM", True)
+        monkeypatch.setattr(nn, "SOFTMAX_STREAM", True)
     return request.param
 
 
@@ -267,7 +267,6 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
     monkeypatch.setattr(nn, name, lambda *a: (seen.append(a[-1]), kernel(*a))[1])
     res = {}
     for stream in (True, False):
-        monkeypatch.setattr(nn, "SOFTMAX_F64_STREAM", stream)
         monkeypatch.setattr(nn, "SOFTMAX_STREAM", stream)
         aligned = empty_aligned(x.shape, dt)
         off = np.empty(x.size + 1, dt)[1:].reshape(x.shape)  # off a line
@@ -277,7 +276,6 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
     capped = name == "_softmax_xent" and c * x.itemsize > nn.SOFTMAX_STREAM_MAX_BYTES
     assert seen == [whole and not capped, False, False, False]
     seen.clear()  # a fresh gradient (no out=) is written with plain stores
-    monkeypatch.setattr(nn, "SOFTMAX_F64_STREAM", True)
     monkeypatch.setattr(nn, "SOFTMAX_STREAM", True)
     nn.softmax_cross_entropy(x, y)
     assert seen == [False]
