@@ -44,10 +44,12 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from kernels._jit import intrinsic, types
+from kernels._prefetch import ROW_HINTS
 
-__all__ = ["NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates", "compress_candidates_nt",
-           "compress_candidates_update", "copy64_nt", "dequant_store_nt", "ln_bwd_out", "ln_out",
-           "QUANT_LANES", "quant_store", "scan_scores", "sfence", "stream_out", "tile_argmin"]
+__all__ = ["NT_FRESH", "NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates",
+           "compress_candidates_nt", "compress_candidates_update", "copy64_nt", "dequant_store_nt",
+           "ln_bwd_out", "ln_out", "QUANT_LANES", "quant_store", "scan_scores", "sfence",
+           "stream_out", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 # llvm.experimental.vector.compress arrived in LLVM 19; an older LLVM (llvmlite before
@@ -58,6 +60,14 @@ VECTOR_COMPRESS = llvm.llvm_version_info >= (19,)
 # the traffic of a kernel that reads one array and writes one. Smaller outputs keep
 # ordinary stores, so the next kernel finds them in cache.
 NT_MIN_BYTES = 16 << 20
+# Whether a kernel's own new output (a fresh allocation: its pages fault in, and the OS
+# zeroes each one, as the kernel first writes it) is streamed too. On the Intel host
+# (``ROW_HINTS`` on) plain stores into such pages were faster: 2^25 float32 from
+# memory, A/B by rounds in one process (streamed / plain time, medians of 9-15 rounds):
+# dequantise 1.17-1.18, GELU float32 1.11-1.19, float64 1.02-1.08; layer norm 0.96-1.04
+# and softmax 1.00-1.05 (those two stream as before). The pages just zeroed are still in
+# the cache, where a plain store finds them and a non-temporal one has to push them out.
+NT_FRESH = not ROW_HINTS
 
 
 def _target_has(*features: str) -> bool:
@@ -100,10 +110,13 @@ VEC_BITS = 512 if _host_has_avx512() else 256
 VEC_REGS = 32 if VEC_BITS == 512 else 16
 
 
-def stream_out(out) -> bool:
+def stream_out(out, fresh: bool = False) -> bool:
     """Whether a kernel writes ``out`` with non-temporal stores: on x86-64, and when it
-    is ``NT_MIN_BYTES`` or more (the one place that decides, for every kernel)."""
-    return NT_STORES and out.nbytes >= NT_MIN_BYTES
+    is ``NT_MIN_BYTES`` or more (the one place that decides, for every kernel). ``fresh``:
+    ``out`` is the kernel's own new allocation (callers pass it where measured), then
+    streamed only where ``NT_FRESH``."""
+    return NT_STORES and out.nbytes >= NT_MIN_BYTES and (NT_FRESH or not fresh)
+
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 

@@ -481,9 +481,9 @@ _GELU_VEC = {(False, False): _gelu_avx, (False, True): _gelu_bwd_avx,
              (True, False): _bias_gelu_avx, (True, True): _bias_gelu_bwd_avx}
 
 
-def _gelu_vec(dy, x, out, *, b=None, pdb=None, backward=False) -> None:
+def _gelu_vec(dy, x, out, *, b=None, pdb=None, backward=False, fresh=False) -> None:
     """Run the float64 or float32 GELU kernel for ``b``/``backward`` on C-contiguous ``x`` (2-D with
-    a bias ``b``) into ``out``."""
+    a bias ``b``) into ``out`` (``fresh``: the call's own new output, ``stream_out``)."""
     nch = _flat_chunks(x.size)
     bias = b is not None
     ncols = b.size if bias else x.size + 1
@@ -491,7 +491,7 @@ def _gelu_vec(dy, x, out, *, b=None, pdb=None, backward=False) -> None:
     if pdb is None:
         pdb = np.empty((nch, 1), x.dtype)
     _GELU_VEC[bias, backward](dy.reshape(-1), x.reshape(-1), bt, out.reshape(-1), pdb, ncols,
-                              nch, stream_out(out))
+                              nch, stream_out(out, fresh))
 
 
 def _tiled(b: np.ndarray) -> np.ndarray:
@@ -544,7 +544,7 @@ def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         res = out
     flat = res.reshape(-1) if res.flags.c_contiguous else np.empty(xc.size, xc.dtype)
     if xc.size and _vec(xc):
-        _gelu_vec(xc, xc, flat)
+        _gelu_vec(xc, xc, flat, fresh=out is None or not res.flags.c_contiguous)
     elif xc.size:
         _elementwise(_gelu_2d, _gelu, xc.reshape(-1), flat)
     if not res.flags.c_contiguous:
@@ -559,7 +559,7 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, *, out: np.ndarray | None = Non
     _checks.shape_is("dy", dyc, xc.shape)
     res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
     if xc.size and _vec(xc):
-        _gelu_vec(dyc, xc, res, backward=True)
+        _gelu_vec(dyc, xc, res, backward=True, fresh=out is None)
     elif xc.size:
         _elementwise(_gelu_bwd_2d, _gelu_bwd, dyc.reshape(-1), xc.reshape(-1), res.reshape(-1))
     return res
@@ -663,7 +663,7 @@ def bias_act(
     xc, bc = _bias_inputs(x, b)
     res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
     if xc.size and code == 2 and _vec(xc):
-        _gelu_vec(xc, xc, res, b=bc)
+        _gelu_vec(xc, xc, res, b=bc, fresh=out is None)
     elif xc.size:
         _bias_act(xc, bc, res, code, row_chunks(*xc.shape))
     return res
@@ -684,7 +684,7 @@ def bias_act_backward(
     dx = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
     if xc.size and code == 2 and _vec(xc):
         pdb = np.zeros((_flat_chunks(xc.size), bc.size + _TILE), xc.dtype)
-        _gelu_vec(dyc, xc, dx, b=bc, pdb=pdb, backward=True)
+        _gelu_vec(dyc, xc, dx, b=bc, pdb=pdb, backward=True, fresh=out is None)
         return dx, _untile_sum(pdb, bc.size)
     nch = n_chunks(xc.shape[0])
     pdb = np.zeros((nch, xc.shape[1]), xc.dtype)

@@ -192,7 +192,7 @@ def dequantize_int8(
     q2 = _as_2d(np.ascontiguousarray(q))
     res = _checks.out_array("out", out, q.shape, dt)
     w = res.reshape(q2.shape)
-    if w.size and stream_out(w):
+    if w.size and stream_out(w, fresh=out is None):
         _dequantize_nt(q2, s, w, n_chunks(q2.shape[0], min_rows=1))
     elif w.size:
         _dequantize(q2, s, w)

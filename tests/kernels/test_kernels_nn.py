@@ -1087,6 +1087,48 @@ def test_gelu_float32_vector_path_is_the_same_at_every_length_and_position(
             k += 1
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_streams_into_fresh_outputs_only_where_nt_fresh(dtype, rng, monkeypatch):
+    # a large output the call allocates itself is streamed only where _simd.NT_FRESH (off
+    # on the Intel host: plain stores into just-zeroed pages were faster); a caller's
+    # out= is streamed either way; all four entry points give the same values each way
+    require_vec_gelu()
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    seen = []
+
+    def recorder(fn):
+        def run(*args):
+            seen.append(args[-1])  # the kernels' last argument: nt
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(activations, "_GELU_VEC",
+                        {k: recorder(f) for k, f in activations._GELU_VEC.items()})
+    x = (3 * rng.standard_normal((40, 96))).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    b = rng.standard_normal(96).astype(dtype)
+    calls = {"gelu": lambda o: nn.gelu(x, out=o),
+             "grad": lambda o: nn.gelu_backward(dy, x, out=o),
+             "bias": lambda o: nn.bias_act(x, b, out=o),
+             "bias_grad": lambda o: nn.bias_act_backward(dy, x, b, out=o)[0]}
+    results = {}
+    for fresh_nt in (False, True):
+        monkeypatch.setattr(_simd, "NT_FRESH", fresh_nt)
+        for key, call in calls.items():
+            seen.clear()
+            results[key, fresh_nt, None] = call(None)
+            assert seen == [fresh_nt], (key, fresh_nt)
+            seen.clear()
+            out = empty_aligned(x.shape, dtype, like=x)
+            assert call(out) is out
+            assert seen == [True], key
+            results[key, fresh_nt, "out"] = out
+    for key in calls:
+        want = results[key, False, None]
+        for got in (results[key, True, None], results[key, False, "out"]):
+            np.testing.assert_array_equal(got, want, err_msg=key)
+
+
 def test_gelu_in_place_strided_nan_and_empty(rng, gelu_path):
     base = rng.standard_normal((5, 8))
     view = base[:, 1::2]

@@ -107,6 +107,29 @@ def test_dequantize_non_temporal_path_equals_plain(d, dtype, rng, monkeypatch):
         assert (buf[:off] == -7).all() and (buf[off + q.size:] == -7).all()  # nothing spilled
 
 
+def test_dequantize_streams_into_fresh_outputs_only_where_nt_fresh(dtype, rng, monkeypatch):
+    # its own new output streamed only where _simd.NT_FRESH (off on the Intel host: plain
+    # stores into just-zeroed pages were faster); a caller's out= streamed either way
+    require(_simd.NT_STORES, "an x86-64 CPU for the non-temporal path")
+    from kernels import quant
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    streamed = []
+    real = quant._dequantize_nt
+    monkeypatch.setattr(quant, "_dequantize_nt", lambda *a: (streamed.append(1), real(*a)))
+    q = rng.integers(-127, 128, (33, 70)).astype(np.int8)
+    scale = rng.random(33).astype(dtype) + 0.5
+    expect = (q.astype(np.float64) * scale[:, None].astype(np.float64)).astype(dtype)
+    for fresh_nt in (False, True):
+        monkeypatch.setattr(_simd, "NT_FRESH", fresh_nt)
+        streamed.clear()
+        np.testing.assert_array_equal(dequantize_int8(q, scale, dtype), expect)
+        assert len(streamed) == int(fresh_nt)
+        out = np.empty(q.shape, dtype)
+        assert dequantize_int8(q, scale, dtype, out=out) is out
+        np.testing.assert_array_equal(out, expect)
+        assert len(streamed) == int(fresh_nt) + 1
+
+
 def test_quantize_refuses_nan_and_wrong_types():
     with pytest.raises(KernelInputError, match=r"NaN or inf in channel\(s\) \[1\]"):
         quantize_int8(np.array([[1.0, 2.0], [np.inf, 0.0]]))
