@@ -551,7 +551,10 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
     from row ``r0`` of the flat ``(n, d)`` embedding ``emb`` against each of the ``nq``
     flat ``(nq, d)`` queries ``qs``: ``sc[q * L + l] = (qs[q] . e) * (qinv[q] * einv)``,
     ``einv = 1 / |e|`` (0 for a zero row, NaN for a NaN row; 1 when ``normalized``).
-    ``d`` must be a multiple of ``L``.
+    ``d`` (>= 1) need not be a multiple of ``L``: the last ``d % L`` elements of each row and
+    query are one masked load each (``llvm.masked.load``, the other lanes 0 in both, so
+    a NaN in the next row cannot reach a score), which AVX-512 does in one instruction
+    (``search.SCAN_MASKED_TAIL``).
 
     Each row's dot product is accumulated in one vector over its ``d / L`` pieces, and
     the ``L`` vectors are summed across lanes together (``_reduce_lanes``): the scan
@@ -591,10 +594,22 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
         zero = ir.Constant(vf, [0.0] * lanes)
         L = ir.Constant(_I64, lanes)
         npieces = builder.sdiv(dv, L)
+        tail_at = builder.mul(npieces, L)
+        rem = builder.sub(dv, tail_at)
+        has_tail = builder.icmp_signed(">", rem, ir.Constant(_I64, 0))
+        ivty = ir.VectorType(_I64, lanes)
+        tail_mask = builder.icmp_signed("<", ir.Constant(ivty, list(range(lanes))),
+                                        _splat(builder, rem, ivty))
+        masked_load = _declare(builder, f"llvm.masked.load.v{lanes}{fname}.p0", vf,
+                               [vf.as_pointer(), _I32, tail_mask.type, vf])
         rows = [builder.mul(builder.add(r0v, ir.Constant(_I64, r)), dv) for r in range(lanes)]
 
         def vload(base, off):
             return builder.load(builder.bitcast(builder.gep(base, [off]), vf.as_pointer()), align=1)
+
+        def vload_tail(base, off):
+            ptr = builder.bitcast(builder.gep(base, [off]), vf.as_pointer())
+            return builder.call(masked_load, [ptr, ir.Constant(_I32, 1), tail_mask, zero])
 
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(lanes)]
         naccs = [cgutils.alloca_once_value(builder, zero) for _ in range(lanes)]
@@ -626,12 +641,21 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
                             off = builder.mul(loop.index, L)
                             w = vload(qsd, builder.add(qbase, off))
                             fma_into(w, vload(embd, builder.add(rows[r], off)), r, with_norms)
+                        with builder.if_then(has_tail):
+                            w = vload_tail(qsd, builder.add(qbase, tail_at))
+                            fma_into(w, vload_tail(embd, builder.add(rows[r], tail_at)), r,
+                                     with_norms)
                     continue
                 with cgutils.for_range(builder, npieces) as loop:
                     off = builder.mul(loop.index, L)
                     w = vload(qsd, builder.add(qbase, off))
                     for r in group:
                         fma_into(w, vload(embd, builder.add(rows[r], off)), r, with_norms)
+                with builder.if_then(has_tail):
+                    w = vload_tail(qsd, builder.add(qbase, tail_at))
+                    for r in group:
+                        fma_into(w, vload_tail(embd, builder.add(rows[r], tail_at)), r,
+                                 with_norms)
 
         def store_score(qidx):
             dot = _reduce_lanes(builder, [builder.load(a) for a in accs])

@@ -179,6 +179,47 @@ def test_topk_normalized_flag_on_whole_vector_rows(nq, dtype, rng, search_path):
     np.testing.assert_allclose(s3, 3 * rs, rtol=rtol)
 
 
+@pytest.mark.parametrize("d", [3, 10, 17, 20, 33, 100, 300])
+@pytest.mark.parametrize("nq", [1, 5])
+def test_topk_vector_scan_on_rows_with_a_partial_last_vector(d, nq, dtype, rng, monkeypatch):
+    # rows that are not a whole number of vectors (GloVe's 100 or 300 features, or less
+    # than one) take the vector scan, its last piece masked, where
+    # search.SCAN_MASKED_TAIL (AVX-512); the
+    # portable scan is made to fail, so the answers must come from the vector scan, with
+    # its first query (row by row) and the later ones (piece by piece) both checked
+    from kernels import _simd
+
+    if not search.SCAN_MASKED_TAIL:  # only where the library never scans them so
+        assert _simd.VEC_BITS != 512
+        pytest.skip(f"rows of {d} take the portable scan on this target")
+
+    def portable(*args):
+        raise AssertionError("the portable scan ran")
+
+    monkeypatch.setattr(search, "_topk", portable)
+    monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
+    n = 1003  # several chunks, and rows past the last whole block of lanes
+    e = rng.standard_normal((n, d)).astype(dtype)
+    q = rng.standard_normal((nq, d)).astype(dtype)
+    e[40] = 0.0
+    e[40, d - 1] = 5.0  # all of this row is in the masked piece
+    q[0] = 0.0
+    q[0, d - 1] = 1.0  # so is all of query 0: row 40 is its exact match
+    e[41, d - 1] = np.nan  # a NaN in the last piece spoils only its own row
+    e[42] = q[-1] * 2  # the last query's match (with one query: ties row 40, after it)
+    for normalized in (False, True):
+        ee = e / np.linalg.norm(e, axis=1, keepdims=True) if normalized else e
+        s, i = search.topk_cosine(q, ee, 6, normalized=normalized)
+        clean = ee.copy()
+        clean[41] = 0.0  # scores 0, below every top-6 score here; the NaN row never shows
+        rs, ri = ref_topk(q, clean, 6)
+        np.testing.assert_array_equal(i, ri)
+        rtol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(s, rs, rtol=rtol, atol=rtol)
+        assert i[0, 0] == 40 and i[-1, 0] == (42 if nq > 1 else 40) and 41 not in i
+        np.testing.assert_allclose([s[0, 0], s[-1, 0]], [1.0, 1.0], rtol=rtol)
+
+
 def test_topk_gemm_path_agrees_with_the_fused_scan(rng, monkeypatch):
     e = rng.standard_normal((2000, 24)).astype(np.float32)
     # exact duplicates: the lowest index must come first (small integers, so every
