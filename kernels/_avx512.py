@@ -68,8 +68,8 @@ from kernels._fastmath import (_EXP, _EXP5_F32, _LN2_HI, _LN2_LO, _LOG2E, EXP_MI
                                LN2_HI_F32, LN2_LO_F32, ROUND_F32)
 from kernels import _pieces_mem
 from kernels._jit import intrinsic, types
-from kernels._simd import (VEC_BITS, _compress_to, _elem_ptr, _host_has_avx512, _splat,
-                           elem_bytes, store_nt)
+from kernels._simd import (VEC_BITS, _compress_to, _elem_ptr, _host_has_avx512, _load,
+                           _mask, _splat, _vec_name, elem_bytes, store_nt)
 
 __all__ = ["AVAILABLE", "BLOCK", "BLOCK32", "gelu_bias_bwd_f32", "gelu_bias_bwd_f32_nt",
            "gelu_bias_bwd_f32_tail", "gelu_bias_f32", "gelu_bias_f32_nt", "gelu_bias_f32_tail",
@@ -528,32 +528,6 @@ def _ptr(context, builder, aryty, ary, idx, idxty):
     data = context.make_array(aryty)(context, builder, ary).data
     p = builder.gep(data, [context.cast(builder, idx, idxty, types.intp)])
     return builder.bitcast(p, _V8.as_pointer())
-
-
-def _mask(builder, n, lanes: int = 8):
-    """Lanes ``0 .. n-1`` of a ``lanes``-wide vector (``n`` an int64)."""
-    ity = ir.VectorType(_I64, lanes)
-    return builder.icmp_signed("<", ir.Constant(ity, list(range(lanes))), _splat(builder, n, ity))
-
-
-def _vec_name(vty: ir.VectorType) -> str:
-    return f"v{vty.count}{'f32' if vty.element == ir.FloatType() else 'f64'}"
-
-
-
-
-def _load(builder, ptr, mask, passthru=None):
-    """A vector (``ptr``'s pointee: 8 doubles or 16 floats) from ``ptr``, any alignment;
-    with a mask, only its lanes (the others ``passthru``, default 0)."""
-    vty = ptr.type.pointee
-    align = elem_bytes(vty)
-    if mask is None:
-        return builder.load(ptr, align=align)
-    fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(vty, [ptr.type, _I32, mask.type, vty]),
-        f"llvm.masked.load.{_vec_name(vty)}.p0")
-    fill = passthru if passthru is not None else ir.Constant(vty, [0.0] * vty.count)
-    return builder.call(fn, [ptr, ir.Constant(_I32, align), mask, fill])
 
 
 def _store(builder, val, ptr, mask, nt=False):

@@ -117,6 +117,7 @@ def stream_out(out, fresh: bool = False) -> bool:
     streamed only where ``NT_FRESH``."""
     return NT_STORES and out.nbytes >= NT_MIN_BYTES and (NT_FRESH or not fresh)
 
+
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 
@@ -138,6 +139,30 @@ def elem_bytes(vty: ir.VectorType) -> int:
     if isinstance(el, ir.IntType):
         return el.width // 8
     return 4 if isinstance(el, ir.FloatType) else 8
+
+
+def _vec_name(vty: ir.VectorType) -> str:
+    return f"v{vty.count}{'f32' if vty.element == ir.FloatType() else 'f64'}"
+
+
+def _mask(builder, n, lanes: int = 8):
+    """Lanes ``0 .. n-1`` of a ``lanes``-wide vector (``n`` an int64)."""
+    ity = ir.VectorType(_I64, lanes)
+    return builder.icmp_signed("<", ir.Constant(ity, list(range(lanes))), _splat(builder, n, ity))
+
+
+def _load(builder, ptr, mask, passthru=None):
+    """A vector (``ptr``'s pointee: 8 doubles or 16 floats) from ``ptr``, any alignment;
+    with a mask, only its lanes (the others ``passthru``, default 0)."""
+    vty = ptr.type.pointee
+    align = elem_bytes(vty)
+    if mask is None:
+        return builder.load(ptr, align=align)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vty, [ptr.type, _I32, mask.type, vty]),
+        f"llvm.masked.load.{_vec_name(vty)}.p0")
+    fill = passthru if passthru is not None else ir.Constant(vty, [0.0] * vty.count)
+    return builder.call(fn, [ptr, ir.Constant(_I32, align), mask, fill])
 
 
 def store_nt(builder, val, ptr):
@@ -597,19 +622,23 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
         tail_at = builder.mul(npieces, L)
         rem = builder.sub(dv, tail_at)
         has_tail = builder.icmp_signed(">", rem, ir.Constant(_I64, 0))
-        ivty = ir.VectorType(_I64, lanes)
-        tail_mask = builder.icmp_signed("<", ir.Constant(ivty, list(range(lanes))),
-                                        _splat(builder, rem, ivty))
-        masked_load = _declare(builder, f"llvm.masked.load.v{lanes}{fname}.p0", vf,
-                               [vf.as_pointer(), _I32, tail_mask.type, vf])
+        tail_mask = _mask(builder, rem, lanes)
         rows = [builder.mul(builder.add(r0v, ir.Constant(_I64, r)), dv) for r in range(lanes)]
 
         def vload(base, off):
             return builder.load(builder.bitcast(builder.gep(base, [off]), vf.as_pointer()), align=1)
 
-        def vload_tail(base, off):
-            ptr = builder.bitcast(builder.gep(base, [off]), vf.as_pointer())
-            return builder.call(masked_load, [ptr, ir.Constant(_I32, 1), tail_mask, zero])
+        def tail_into(qbase, group, with_norms):
+            """The last ``d % L`` elements (a masked load; the other lanes 0) of the
+            query at ``qbase`` and of each row in ``group``, into their accumulators."""
+            def at(base, start):
+                return builder.bitcast(builder.gep(base, [builder.add(start, tail_at)]),
+                                       vf.as_pointer())
+
+            with builder.if_then(has_tail):
+                w = _load(builder, at(qsd, qbase), tail_mask)
+                for r in group:
+                    fma_into(w, _load(builder, at(embd, rows[r]), tail_mask), r, with_norms)
 
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(lanes)]
         naccs = [cgutils.alloca_once_value(builder, zero) for _ in range(lanes)]
@@ -641,21 +670,14 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
                             off = builder.mul(loop.index, L)
                             w = vload(qsd, builder.add(qbase, off))
                             fma_into(w, vload(embd, builder.add(rows[r], off)), r, with_norms)
-                        with builder.if_then(has_tail):
-                            w = vload_tail(qsd, builder.add(qbase, tail_at))
-                            fma_into(w, vload_tail(embd, builder.add(rows[r], tail_at)), r,
-                                     with_norms)
+                        tail_into(qbase, [r], with_norms)
                     continue
                 with cgutils.for_range(builder, npieces) as loop:
                     off = builder.mul(loop.index, L)
                     w = vload(qsd, builder.add(qbase, off))
                     for r in group:
                         fma_into(w, vload(embd, builder.add(rows[r], off)), r, with_norms)
-                with builder.if_then(has_tail):
-                    w = vload_tail(qsd, builder.add(qbase, tail_at))
-                    for r in group:
-                        fma_into(w, vload_tail(embd, builder.add(rows[r], tail_at)), r,
-                                 with_norms)
+                tail_into(qbase, group, with_norms)
 
         def store_score(qidx):
             dot = _reduce_lanes(builder, [builder.load(a) for a in accs])

@@ -184,14 +184,14 @@ def test_topk_normalized_flag_on_whole_vector_rows(nq, dtype, rng, search_path):
 def test_topk_vector_scan_on_rows_with_a_partial_last_vector(d, nq, dtype, rng, monkeypatch):
     # rows that are not a whole number of vectors (GloVe's 100 or 300 features, or less
     # than one) take the vector scan, its last piece masked, where
-    # search.SCAN_MASKED_TAIL (AVX-512); the
-    # portable scan is made to fail, so the answers must come from the vector scan, with
-    # its first query (row by row) and the later ones (piece by piece) both checked
+    # search.SCAN_MASKED_TAIL (by default with AVX-512; forced on here, the masked load
+    # is correct at either vector width, only slower on AVX2); the portable scan is made
+    # to fail, so the answers must come from the vector scan, with its first query (row
+    # by row) and the later ones (piece by piece) both checked
     from kernels import _simd
 
-    if not search.SCAN_MASKED_TAIL:  # only where the library never scans them so
-        assert _simd.VEC_BITS != 512
-        pytest.skip(f"rows of {d} take the portable scan on this target")
+    assert search.SCAN_MASKED_TAIL == (_simd.VEC_BITS == 512)
+    monkeypatch.setattr(search, "SCAN_MASKED_TAIL", True)
 
     def portable(*args):
         raise AssertionError("the portable scan ran")
