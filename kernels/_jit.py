@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import types as _pytypes
@@ -78,15 +80,63 @@ os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
 
 import numba
 from numba import prange, types
+from numba.core.caching import FunctionCache
 from numba.np.ufunc import parallel as _parallel
 from numba.extending import intrinsic, overload
 
 setattr(numba.config, "CACHE_DIR", CACHE_DIR)  # (not in numba's type hints)
 
-__all__ = ["intrinsic", "jit", "num_threads", "numba", "overload", "pick_twin", "prange",
-           "serial_twin", "types"]
+__all__ = ["intrinsic", "jit", "locked_cache", "num_threads", "numba", "overload", "pick_twin",
+           "prange", "serial_twin", "types"]
 
 SERIAL_TWINS = True  # off: calls of one chunk run the parallel kernels too (tests, warm-up)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block; where
+    the file cannot be made or the filesystem has no locks, run the block unlocked (what
+    numba does anyway: a read-only cache folder skips the save, see ``Cache.save_overload``)."""
+    fd = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # (closing releases the lock)
+
+
+class _LockedFunctionCache(FunctionCache):
+    """numba's per-function cache, its writes serialised across processes.
+
+    numba saves a compiled signature by reading the function's index file, picking the
+    first data-file number the index does not list, and writing the index and then the
+    data file, with no lock. Two processes that save *different* keys of one function at
+    once (float32 and float64 jobs on a cold shared cache, or the same signature from
+    two CPU types, since the CPU is part of the key) both read the old index and both
+    take number 1: one key is lost from the index, or the index maps a key to the other
+    key's machine code, which a later process loads and runs as its own
+    (``test_concurrent_saves_of_one_kernel_keep_every_signature``). Here each save
+    holds an exclusive ``flock`` on ``<function>.lock`` in the cache folder; loads take
+    no lock (a data file is replaced whole, and under the lock a number once given to a
+    key stays that key's)."""
+
+    def _save_overload(self, sig, data):
+        lock = os.path.join(self._cache_path, self._impl.filename_base + ".lock")
+        with _exclusive(lock):
+            super()._save_overload(sig, data)
+
+
+def locked_cache(dispatcher: Any) -> Any:
+    """``dispatcher`` (``numba.njit(cache=True)``) with its cache writes serialised
+    across processes (``_LockedFunctionCache``)."""
+    dispatcher._cache = _LockedFunctionCache(dispatcher.py_func)
+    return dispatcher
 
 
 def jit(*, parallel: bool = False, fastmath: set[str] | None = None,
@@ -104,7 +154,7 @@ def jit(*, parallel: bool = False, fastmath: set[str] | None = None,
     opts["cache"] = True
     if fastmath is not None and opts["fastmath"]:
         opts["fastmath"] = set(fastmath)
-    return numba.njit(**opts)
+    return lambda f: locked_cache(numba.njit(**opts)(f))
 
 
 def serial_twin(kernel: Any) -> Any:
@@ -123,7 +173,7 @@ def serial_twin(kernel: Any) -> Any:
     twin.__doc__ = f"``{f.__name__}`` without ``parallel`` (``kernels._jit.serial_twin``)."
     opts = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
     opts.update(parallel=False, cache=True)
-    return numba.njit(**opts)(twin)
+    return locked_cache(numba.njit(**opts)(twin))
 
 
 def pick_twin(kernel: Any, twin: Any, nchunks: int) -> Any:

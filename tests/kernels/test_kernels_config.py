@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from kernels.config import FASTMATH_FLAGS, KernelConfig, load_config
 from kernels.errors import KernelConfigError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_load_config_reads_hpcgw_variables(tmp_path):
@@ -73,6 +80,76 @@ def test_cache_dir_is_used_and_second_process_loads_from_it(tmp_path, run_python
     assert "-p1f1" in first[0]  # compile flags are part of the folder name
     assert second[1:] == [1, 0]
     assert any(p.suffix == ".nbi" for p in cache.rglob("*"))
+
+
+# one kernel, one process per argument type: each compiles its signature, then saves it
+# with numba's index write slowed by 1 s, all at once (a barrier: the file "go")
+_RACER = """
+import pathlib, sys, time
+import numpy as np
+from numba.core import caching
+save = caching.IndexDataCacheFile._save_index
+
+def slow(self, overloads):
+    time.sleep(1.0)
+    save(self, overloads)
+
+caching.IndexDataCacheFile._save_index = slow
+folder, module, kind = sys.argv[1:]
+sys.path.insert(0, folder)
+bump = __import__(module).bump
+arg = {"i8": 3, "f8": 0.1, "f4": np.float32(0.1), "c16": 3 + 0j}[kind]
+pathlib.Path(folder, f"ready-{module}-{kind}").touch()
+deadline = time.monotonic() + 120
+while not pathlib.Path(folder, "go").exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+bump(arg)
+"""
+# a fresh process: each type loaded from the cache (or not) and its result
+_CHECK = """
+import json, sys
+import numpy as np
+folder, module = sys.argv[1:]
+sys.path.insert(0, folder)
+bump = __import__(module).bump
+for kind, arg in {"i8": 3, "f8": 0.1, "f4": np.float32(0.1), "c16": 3 + 0j}.items():
+    r = bump(arg)
+    print(json.dumps([kind, sum(bump.stats.cache_hits.values()), repr(r),
+                      type(r).__name__]), flush=True)
+"""
+
+
+def _race(folder, module: str, decorator: str) -> list[list]:
+    (folder / f"{module}.py").write_text(
+        f"import numba\nfrom kernels._jit import jit\n\n\n@{decorator}\n"
+        "def bump(x):\n    return x + 1\n")
+    env = {**os.environ, "HPCGW_NUMBA_CACHE_DIR": str(folder / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    kinds = ("i8", "f8", "f4", "c16")
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(folder), module, k],
+                              env=env) for k in kinds]
+    deadline = time.monotonic() + 120
+    while not all((folder / f"ready-{module}-{k}").exists() for k in kinds):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    (folder / "go").touch()
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    (folder / "go").unlink()
+    check = subprocess.run([sys.executable, "-c", _CHECK, str(folder), module], env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    return [json.loads(line) for line in check.stdout.splitlines()]
+
+
+def test_concurrent_saves_of_one_kernel_keep_every_signature(tmp_path):
+    # float32 and float64 jobs starting together on a cold shared cache: numba's own
+    # save (read the index, take the first free data-file number, write) loses keys or
+    # maps one key to another's code; the project's jit serialises the saves
+    # (kernels._jit._LockedFunctionCache), so every signature is kept, each with its code
+    want = [["i8", 1, "4", "int"], ["f8", 2, "1.1", "float"],  # (1 + a float32: float64)
+            ["f4", 3, "1.1000000014901161", "float"], ["c16", 4, "(4+0j)", "complex"]]
+    plain = _race(tmp_path, "plain", "numba.njit(cache=True)")
+    assert plain != want, "the race did not happen: the check below proves nothing"
+    assert _race(tmp_path, "locked", "jit()") == want
 
 
 def test_prefetch_hints_can_be_compiled_out_for_the_benchmark(monkeypatch):
