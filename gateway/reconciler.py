@@ -218,6 +218,9 @@ class Reconciler:
         if obs.started_at and not job.started_at:
             fields["started_at"] = obs.started_at
         if obs.state == job.state:
+            if obs.extra.get("event"):  # something the backend did (e.g. released a hold)
+                return Change(job.id, None, fields, obs.extra["event"], obs.reason,
+                              expect=job.state)
             quiet = fields == {"misses": 0} and job.misses == 0
             return None if quiet else Change(job.id, None, fields, "", expect=job.state)
         if obs.state == State.UNKNOWN:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from pathlib import Path
@@ -28,6 +29,7 @@ from gateway.backends.slurm.script import (
     resource_directives,
 )
 from gateway.errors import BackendUnavailable, CapabilityError
+from gateway.states import State
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ TRANSIENT = ("unable to contact slurm controller", "socket timed out", "connecti
              "slurm_load_", "munge", "protocol authentication error", "try again")
 UNKNOWN_JOB = ("invalid job id", "does not exist", "already completing or completed")
 NO_ACCOUNTING = ("accounting storage is disabled", "accounting_storage/none")
+# squeue's reason for a job whose launch failed (a node's prolog failed, slurmd could not
+# start it): Slurm requeues it with priority 0, and it waits for `scontrol release`
+LAUNCH_HELD = "launch failed requeued held"
 
 
 def is_transient(stderr: str) -> bool:
@@ -228,10 +233,45 @@ class SlurmBackend:
             raise BackendUnavailable(f"squeue failed: {res.stderr.strip()}")
         rows = query.parse_rows(res.stdout, query.POLL_FIELDS)
         found = query.observations(rows, refs, exit_field="exit_code")
+        held = {ref: obs for ref, obs in found.items()
+                if obs.state is State.QUEUED and (obs.reason or "").lower() == LAUNCH_HELD}
+        if held:
+            found.update(self._launch_failed(held))
         missing = [r for r in refs if r not in found]
         if missing and self._accounting is not False:
             found.update(self._sacct(missing))
         return {ref: self._results.add_outputs(obs) for ref, obs in found.items()}
+
+    def _launch_failed(self, held: dict[str, Observation]) -> dict[str, Observation]:
+        """Jobs Slurm held after a failed launch: ONE ``scontrol release`` for those
+        requeued at most ``profile.launch_releases`` times (the node that failed is
+        drained, so the job can start elsewhere), ONE ``scancel`` for the others, whose
+        attempts fail as ``node_fail`` (a retry policy may then start a new one). Before
+        either, a held job waited until someone released it by hand."""
+        limit = self.profile.launch_releases
+        times = {ref: int(obs.extra.get("restarts", "1")) for ref, obs in held.items()}
+        release = [ref for ref in held if times[ref] <= limit]
+        give_up = [ref for ref in held if times[ref] > limit]
+        out: dict[str, Observation] = {}
+        if release:
+            res = self._run(["scontrol", "release", ",".join(release)])
+            if res.returncode != 0:  # left held, with Slurm's reason; asked again next poll
+                log.warning("%s: scontrol release %s refused: %s", self.name,
+                            ",".join(release), res.stderr.strip())
+            else:
+                log.info("%s: released %s (held after a failed launch)", self.name, release)
+                out.update({ref: replace(held[ref], reason=(
+                    f"{LAUNCH_HELD}; released by hpcgw ({times[ref]} of {limit})"),
+                    extra={**held[ref].extra, "event": "released"}) for ref in release})
+        if give_up:
+            self.cancel(give_up)
+            now = time.time()
+            out.update({ref: replace(held[ref], state=State.FAILED, kind="node_fail",
+                                     native="LAUNCH_FAILED", ended_at=now, reason=(
+                                         f"launch failed {times[ref]} times (Slurm held the "
+                                         f"job each time, released {limit}); cancelled"))
+                        for ref in give_up})
+        return out
 
     def _sacct(self, refs: list[str]) -> dict[str, Observation]:
         res = self._run(query.sacct_argv(refs))

@@ -49,6 +49,9 @@ class SlurmProfile(BaseModel):
                                 description="extra environment for sbatch/squeue/..., e.g. SLURM_CONF")
     capabilities_ttl: float = Field(300.0, ge=0, description="seconds a `sinfo` answer is reused")
     array_throttle: int | None = Field(None, ge=1, description="at most N tasks of an array at once")
+    launch_releases: int = Field(
+        2, ge=0, description="times a job Slurm held after a failed launch is released; "
+        "after that its attempt fails (node_fail) and Slurm's job is cancelled")
 
     @field_validator("max_walltime", mode="before")
     @classmethod

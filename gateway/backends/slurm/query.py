@@ -21,7 +21,7 @@ from gateway.states import State
 SEP = "\x1f"
 # squeue --Format: "type:0<suffix>" = no width limit, the suffix appended.
 POLL_FIELDS = ["JobID", "ArrayJobID", "ArrayTaskID", "State", "exit_code", "Reason",
-               "NodeList", "StartTime", "EndTime", "WorkDir"]
+               "NodeList", "StartTime", "EndTime", "RestartCnt", "WorkDir"]
 ADOPT_FIELDS = ["JobID", "ArrayJobID", "ArrayTaskID", "State", "Name", "Comment", "WorkDir"]
 SACCT_FIELDS = ["JobID", "State", "ExitCode", "Reason", "NodeList", "Start", "End", "WorkDir"]
 NONE_WORDS = {"", "N/A", "None", "(null)", "Unknown", "NONE"}
@@ -103,6 +103,9 @@ def observe(row: Row, *, exit_field: str) -> Observation:
     workdir = row.get("WorkDir")
     if workdir:
         extra["workdir"] = workdir
+    restarts = row.get("RestartCnt")
+    if restarts and restarts.isdigit() and restarts != "0":
+        extra["restarts"] = restarts  # times Slurm requeued it (squeue only)
     return Observation(ref=row.ref, state=state, native=native.split()[0] if native else None,
                        kind=kind, exit_code=exit_code, reason=row.get("Reason"),
                        node=row.get("NodeList"), started_at=started, ended_at=ended, extra=extra)

@@ -48,7 +48,7 @@ def test_constructor_does_no_io() -> None:
 
 
 def test_poll_asks_sacct_once_for_refs_that_left_the_queue() -> None:
-    squeue = "7\x1f7\x1fN/A\x1fRUNNING\x1f0\x1fNone\x1fc1\x1f2026-11-29T17:00:00\x1fN/A\x1f/w\n"
+    squeue = "7\x1f7\x1fN/A\x1fRUNNING\x1f0\x1fNone\x1fc1\x1f2026-11-29T17:00:00\x1fN/A\x1f0\x1f/w\n"
     sacct = "8\x1fTIMEOUT\x1f0:15\x1fTimeLimit\x1fc1\x1f2026-11-29T17:00:00\x1f2026-11-29T17:01:20\x1f/w\n"
     slurm = Slurm(squeue=lambda a: (0, squeue, ""), sacct=lambda a: (0, sacct, ""))
     seen = backend(slurm).poll(["7", "8", "9"])
@@ -148,6 +148,44 @@ def test_cancel_refusal_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.WARNING):
         backend(slurm).cancel(["3"])
     assert "permission denied" in caplog.text
+
+
+def _held(ref: str, restarts: int) -> str:
+    """A squeue row of a job Slurm requeued and held after its launch failed."""
+    job, _, task = ref.partition("_")
+    return (f"{job}\x1f{job}\x1f{task or 'N/A'}\x1fPENDING\x1f0\x1flaunch failed requeued held"
+            f"\x1f\x1fN/A\x1fN/A\x1f{restarts}\x1f/w\n")
+
+
+def test_jobs_held_after_a_failed_launch_are_released_in_one_call() -> None:
+    out = _held("21", 1) + _held("22_3", 2) + _held("23", 3)
+    slurm = Slurm(squeue=lambda a: (0, out, ""), scontrol=lambda a: (0, "", ""),
+                  scancel=lambda a: (0, "", ""))
+    seen = backend(slurm).poll(["21", "22_3", "23"])
+    assert slurm.argvs[1] == ["scontrol", "release", "21,22_3"]   # requeued at most twice
+    assert slurm.argvs[2] == ["scancel", "23"]                      # the third launch failed
+    assert len(slurm.argvs) == 3
+    assert seen["21"].state is State.QUEUED and "released by hpcgw (1 of 2)" in seen["21"].reason
+    assert seen["22_3"].state is State.QUEUED
+    assert (seen["23"].state, seen["23"].kind) == (State.FAILED, "node_fail")
+    assert "launch failed 3 times" in seen["23"].reason and seen["23"].ended_at
+
+
+def test_no_releases_fails_the_first_held_launch_and_a_refused_release_waits(
+        caplog: pytest.LogCaptureFixture) -> None:
+    slurm = Slurm(squeue=lambda a: (0, _held("31", 1), ""), scancel=lambda a: (0, "", ""))
+    seen = backend(slurm, launch_releases=0).poll(["31"])
+    assert [a[0] for a in slurm.argvs] == ["squeue", "scancel"]
+    assert (seen["31"].state, seen["31"].kind) == (State.FAILED, "node_fail")
+    refused = Slurm(squeue=lambda a: (0, _held("32", 1), ""),
+                    scontrol=lambda a: (1, "", "Access/permission denied\n"))
+    with caplog.at_level(logging.WARNING):
+        seen = backend(refused).poll(["32"])
+    assert seen["32"].state is State.QUEUED and seen["32"].reason == "launch failed requeued held"
+    assert "refused" in caplog.text   # left held with Slurm's reason; asked again next poll
+    down = Slurm(squeue=lambda a: (0, _held("33", 1), ""), scontrol=lambda a: (1, "", DOWN))
+    with pytest.raises(BackendUnavailable):
+        backend(down).poll(["33"])
 
 
 def test_adopt_finds_plain_jobs_by_name_and_array_tasks_by_manifest(tmp_path: Path) -> None:

@@ -12,11 +12,11 @@ from gateway.states import State
 # squeue_poll_argv(["1", "2_0", "2_1", "2_2", "3"]) after job 1 was cancelled while pending
 # and array 2 (`exit 2`) ran two of its tasks.
 SQUEUE = (
-    "1\x1f1\x1fN/A\x1fCANCELLED\x1f0\x1fNone\x1f\x1f2026-11-29T17:41:56\x1f2026-11-29T17:41:56\x1f/tmp\n"
-    "5\x1f2\x1f1\x1fFAILED\x1f512\x1fNonZeroExitCode\x1fc1\x1f2026-11-29T17:41:58\x1f2026-11-29T17:41:58\x1f/tmp\n"
-    "4\x1f2\x1f0\x1fFAILED\x1f512\x1fNonZeroExitCode\x1fc1\x1f2026-11-29T17:41:57\x1f2026-11-29T17:41:57\x1f/tmp\n"
-    "2\x1f2\x1f2\x1fPENDING\x1f0\x1fResources\x1f\x1fN/A\x1fN/A\x1f/tmp\n"
-    "3\x1f3\x1fN/A\x1fPENDING\x1f0\x1fPriority\x1f\x1fN/A\x1fN/A\x1f/tmp\n")
+    "1\x1f1\x1fN/A\x1fCANCELLED\x1f0\x1fNone\x1f\x1f2026-11-29T17:41:56\x1f2026-11-29T17:41:56\x1f0\x1f/tmp\n"
+    "5\x1f2\x1f1\x1fFAILED\x1f512\x1fNonZeroExitCode\x1fc1\x1f2026-11-29T17:41:58\x1f2026-11-29T17:41:58\x1f0\x1f/tmp\n"
+    "4\x1f2\x1f0\x1fFAILED\x1f512\x1fNonZeroExitCode\x1fc1\x1f2026-11-29T17:41:57\x1f2026-11-29T17:41:57\x1f0\x1f/tmp\n"
+    "2\x1f2\x1f2\x1fPENDING\x1f0\x1fResources\x1f\x1fN/A\x1fN/A\x1f0\x1f/tmp\n"
+    "3\x1f3\x1fN/A\x1fPENDING\x1f0\x1fPriority\x1f\x1fN/A\x1fN/A\x1f0\x1f/tmp\n")
 SINFO = ("debug*\x1f2-00:00:00\x1f1\x1f16\x1f65536\x1fib,avx512\x1fgpu:fake:2\x1fup\n"
          "gpu\x1f2-00:00:00\x1f1\x1f16\x1f65536\x1fib,avx512\x1fgpu:fake:2\x1fup\n")
 
