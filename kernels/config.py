@@ -24,6 +24,12 @@ from kernels.errors import KernelConfigError
 # NaN/inf semantics ('nnan'/'ninf' are left out so NaN inputs still propagate).
 FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
+# kernels._jit exports the folder it resolved under this name as well as NUMBA_CACHE_DIR
+# (which numba reads), so a child process (an MPI rank, a warm-up worker, an app started
+# by a test) resolves the same folder instead of taking NUMBA_CACHE_DIR for a configured
+# base and caching in a sub-folder of it
+RESOLVED_ENV = "HPCGW_NUMBA_CACHE_RESOLVED"
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -91,7 +97,10 @@ def _row_hints(env: Mapping[str, str]) -> bool:
 def load_config(env: Mapping[str, str] | None = None) -> KernelConfig:
     """Resolve the config from ``env`` (default ``os.environ``) without side effects."""
     env = os.environ if env is None else env
-    cache_dir = env.get("HPCGW_NUMBA_CACHE_DIR") or env.get("NUMBA_CACHE_DIR") or None
+    numba_dir = env.get("NUMBA_CACHE_DIR")
+    if numba_dir and numba_dir == env.get(RESOLVED_ENV):
+        numba_dir = None  # exported by a parent process's kernels._jit, not set by a user
+    cache_dir = env.get("HPCGW_NUMBA_CACHE_DIR") or numba_dir or None
     return KernelConfig(
         cache_dir=os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None,
         parallel=_flag(env, "HPCGW_NUMBA_PARALLEL", True),

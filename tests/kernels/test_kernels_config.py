@@ -152,6 +152,28 @@ def test_concurrent_saves_of_one_kernel_keep_every_signature(tmp_path):
     assert _race(tmp_path, "locked", "jit()") == want
 
 
+def test_a_child_process_uses_its_parents_cache_folder(run_python):
+    # kernels._jit exports the folder it resolved as NUMBA_CACHE_DIR (numba reads that);
+    # a child (an MPI rank, a warm-up worker, a test's app) took it for a configured base
+    # and cached in a sub-folder of it, never loading what its parent compiled
+    import kernels._jit as jit_mod
+
+    child = ("import json\nimport numpy as np\nfrom kernels import optim\n"
+             "from kernels._jit import CACHE_DIR\na = np.ones(3)\n"
+             "optim.adamw_step(a, a, a * 0, a * 0, step=1)\ns = optim._adamw.stats\n"
+             "print(json.dumps([CACHE_DIR, sum(s.cache_hits.values()), "
+             "sum(s.cache_misses.values())]), flush=True)\n")
+    parent = child + f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {child!r}])\n"
+    lines = [json.loads(line) for line in run_python(parent).splitlines()]
+    assert [line[0] for line in lines] == [jit_mod.CACHE_DIR] * 2
+    assert sum(lines[0][1:]) == 1 and lines[1][1:] == [1, 0]  # the child loads, no compile
+    assert not any(p.name.startswith("src-") for p in Path(jit_mod.CACHE_DIR).iterdir())
+    # a user's NUMBA_CACHE_DIR is still a configured base; the export alone is not
+    assert load_config({"NUMBA_CACHE_DIR": "/x"}).cache_dir == "/x"
+    assert load_config({"NUMBA_CACHE_DIR": "/x/src-1", "HPCGW_NUMBA_CACHE_RESOLVED": "/x/src-1"}
+                       ).cache_dir is None
+
+
 def test_prefetch_hints_can_be_compiled_out_for_the_benchmark(monkeypatch):
     # bench_prefetch.py compares kernels with and without their hints; if the switch did
     # nothing it would compare a kernel with itself and report that no hint matters
@@ -243,15 +265,40 @@ def test_warmup_compiles_the_parallel_kernels_and_their_serial_twins(run_python)
     # the warm-up's calls are small, so layer norm runs its kernels' serial twins
     # (kernels._jit.serial_twin); an image whose cache held only those would compile the
     # parallel kernels at a job's first large call. In a fresh process (the suite's cache
-    # folder), each kernel the warm-up reached must be reached both ways, for each dtype
-    code = ("import json\nfrom kernels import nn, warmup\nwarmup.warm_all()\n"
+    # folder), each kernel the warm-up reached must be reached both ways, for each dtype.
+    # It runs as `--jobs 2` does: two worker processes compile, then this process loads
+    # every kernel, and must compile none itself (so the workers left the cache whole; a
+    # worker that failed would be a warning, made an error here)
+    code = ("import json, sys, warnings\nfrom kernels import nn, warmup\n"
+            "warnings.filterwarnings('error', message='a warm-up worker')\n"
+            "warmup.warm_all(jobs=2)\n"
+            "stats = [v.stats for m, mod in list(sys.modules.items()) if m.startswith('kernels')"
+            " for v in vars(mod).values() if hasattr(getattr(v, 'stats', None), 'cache_hits')]\n"
+            "print(json.dumps([sum(sum(s.cache_hits.values()) for s in stats), "
+            "sum(sum(s.cache_misses.values()) for s in stats)]))\n"
             "print(json.dumps([[k[:-2], [str(s) for s in getattr(nn, k[:-2]).signatures], "
             "[str(s) for s in v.signatures]] for k, v in vars(nn).items() "
             "if k.endswith('_1') and hasattr(v, 'py_func')]))")
-    pairs = json.loads(run_python(code))
+    counts, pairs = map(json.loads, run_python(code).splitlines())
+    assert counts[1] == 0 and counts[0] >= 60, counts  # (hits, misses) of the loading pass
     assert len(pairs) >= 9
     reached = [p for p in pairs if p[1] or p[2]]
     assert len(reached) >= 4  # rows, one pass, wide rows, row loops at least
     for name, kernel, twin in reached:
         for dt in ("float32", "float64"):
             assert any(dt in s for s in kernel) == any(dt in s for s in twin), (name, dt)
+
+
+def test_warmup_workers_split_the_kernels_between_them(tmp_path, run_python):
+    # two workers on one claim folder (as --jobs 2 starts them): each kernel is compiled
+    # by exactly one of them (a claim file per kernel, created exclusively)
+    code = ("import json\nfrom kernels import warmup\n"
+            "warmup._warm = lambda name: {name: 0.0}\n"  # the claims only, no compiling
+            f"print(json.dumps(sorted(warmup._warm_claimed({str(tmp_path)!r}))))")
+    first, second = json.loads(run_python(code)), json.loads(run_python(code))
+    from kernels import warmup
+
+    assert first == sorted(warmup._order()) and second == []
+    assert warmup._order()[:len(warmup.FIRST)] == list(warmup.FIRST)
+    with pytest.raises(SystemExit):
+        warmup.main(["--jobs", "0"])
