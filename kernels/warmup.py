@@ -142,15 +142,21 @@ def _in_workers(jobs: int) -> dict[str, float]:
     times: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="hpcgw-warmup-") as claims:
         argv = [sys.executable, "-m", "kernels.warmup", "--json", "--claims", claims]
-        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(jobs)]
-        for proc in procs:
-            out, err = proc.communicate()
+        errs = [os.path.join(claims, f"stderr-{k}") for k in range(jobs)]
+        procs = []
+        for err in errs:  # (stderr to a file: a full pipe would stall a worker)
+            with open(err, "w") as fh:
+                procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=fh,
+                                              text=True))
+        for proc, err in zip(procs, errs):
+            out, _ = proc.communicate()
             if proc.returncode == 0:
                 times.update(json.loads(out))
             else:
+                with open(err) as fh:
+                    tail = fh.read().strip()[-400:]
                 warnings.warn(f"a warm-up worker exited {proc.returncode}; this process "
-                              f"compiles what it left: {err.strip()[-400:]}", stacklevel=3)
+                              f"compiles what it left: {tail}", stacklevel=3)
     times.pop("import numba", None)
     return times
 

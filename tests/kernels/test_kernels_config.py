@@ -289,6 +289,23 @@ def test_warmup_compiles_the_parallel_kernels_and_their_serial_twins(run_python)
             assert any(dt in s for s in kernel) == any(dt in s for s in twin), (name, dt)
 
 
+def test_a_warmup_worker_that_fails_is_a_warning_and_its_kernels_compile_here(monkeypatch):
+    import numpy as np
+
+    from kernels import optim, warmup
+
+    calls = []
+    x = np.ones(4)
+    monkeypatch.setattr(warmup, "_calls", lambda dt: {  # one cheap kernel
+        "adamw_step": lambda: calls.append(optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1))})
+    monkeypatch.setattr(warmup.sys, "executable", "/bin/false")  # workers exit 1 at once
+    with pytest.warns(UserWarning, match="a warm-up worker exited 1") as caught:
+        times = warmup.warm_all(jobs=2)
+    assert len([w for w in caught if "warm-up worker" in str(w.message)]) == 2
+    assert set(times) == {"import numba", "adamw_step[float32]", "adamw_step[float64]"}
+    assert len(calls) == 4  # each dtype both ways, in this process
+
+
 def test_warmup_workers_split_the_kernels_between_them(tmp_path, run_python):
     # two workers on one claim folder (as --jobs 2 starts them): each kernel is compiled
     # by exactly one of them (a claim file per kernel, created exclusively)
