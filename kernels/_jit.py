@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 from pathlib import Path
 
-from kernels.config import RESOLVED_ENV, get_config
+from kernels.config import get_config
 
 
 def source_fingerprint() -> str:
@@ -77,7 +77,6 @@ CACHE_DIR = _writable_or_fallback(CACHE_DIR, warn=bool(_CFG.cache_dir))
 if not _CFG.cache_dir:
     _prune_default_cache(CACHE_DIR)
 os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
-os.environ[RESOLVED_ENV] = CACHE_DIR  # (kernels.config: children resolve the same folder)
 
 import numba
 from numba import prange, types

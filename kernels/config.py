@@ -15,6 +15,7 @@ This module does not import numba: ``kernels._jit`` applies the config and then 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,11 +25,11 @@ from kernels.errors import KernelConfigError
 # NaN/inf semantics ('nnan'/'ninf' are left out so NaN inputs still propagate).
 FASTMATH_FLAGS = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
-# kernels._jit exports the folder it resolved under this name as well as NUMBA_CACHE_DIR
-# (which numba reads), so a child process (an MPI rank, a warm-up worker, an app started
-# by a test) resolves the same folder instead of taking NUMBA_CACHE_DIR for a configured
-# base and caching in a sub-folder of it
-RESOLVED_ENV = "HPCGW_NUMBA_CACHE_RESOLVED"
+# The folders kernels._jit resolves under a base (src-<sources hash>-p<0|1>f<0|1>h<0|1>).
+# It exports its folder as NUMBA_CACHE_DIR (numba reads that): a child process that finds
+# one there (an MPI rank, a warm-up worker, a job whose environment kept it) takes its
+# base, so it resolves the same folder instead of caching in a sub-folder of it
+OWN_FOLDER = re.compile(r"^src-[0-9a-f]{16}-p[01]f[01]h[01]$")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -98,8 +99,9 @@ def load_config(env: Mapping[str, str] | None = None) -> KernelConfig:
     """Resolve the config from ``env`` (default ``os.environ``) without side effects."""
     env = os.environ if env is None else env
     numba_dir = env.get("NUMBA_CACHE_DIR")
-    if numba_dir and numba_dir == env.get(RESOLVED_ENV):
-        numba_dir = None  # exported by a parent process's kernels._jit, not set by a user
+    if numba_dir and OWN_FOLDER.match(os.path.basename(os.path.normpath(numba_dir))):
+        # a folder kernels._jit resolved and exported (a parent process's): its base
+        numba_dir = os.path.dirname(os.path.normpath(numba_dir))
     cache_dir = env.get("HPCGW_NUMBA_CACHE_DIR") or numba_dir or None
     return KernelConfig(
         cache_dir=os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None,
