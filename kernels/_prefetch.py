@@ -34,7 +34,7 @@ from numba.core import cgutils
 from kernels._jit import intrinsic, jit, types
 from kernels.config import get_config
 
-__all__ = ["PREFETCH_BYTES", "ROW_HINTS", "prefetch", "prefetch_ahead", "row_hint"]
+__all__ = ["PREFETCH_BYTES", "ROW_HINTS", "prefetch", "prefetch_ahead", "prefetch_l2", "row_hint"]
 
 ENABLED = True  # read when a kernel is compiled: False leaves the hints out (benchmarks)
 ROW_HINTS = get_config().row_hints  # the host-dependent hints (above); read when compiled
@@ -42,7 +42,7 @@ PREFETCH_BYTES = 8192  # ~100 ns of one core's bandwidth, several times over
 _LINE = 64
 
 
-def _prefetch_intrinsic(host_only: bool, name: str, doc: str):
+def _prefetch_intrinsic(host_only: bool, name: str, doc: str, locality: int = 3):
     """Build ``prefetch`` (``host_only`` false) or ``row_hint`` (true: a hint only where
     ``ROW_HINTS`` is true when the caller is compiled)."""
 
@@ -53,7 +53,7 @@ def _prefetch_intrinsic(host_only: bool, name: str, doc: str):
 
         def codegen(context, builder, signature, args):
             if ROW_HINTS or not host_only:
-                _emit_prefetch(context, builder, signature, args)
+                _emit_prefetch(context, builder, signature, args, locality)
             return context.get_dummy_value()
 
         return types.void(arr, i), codegen
@@ -63,7 +63,7 @@ def _prefetch_intrinsic(host_only: bool, name: str, doc: str):
     return intrinsic(typer)
 
 
-def _emit_prefetch(context, builder, signature, args):
+def _emit_prefetch(context, builder, signature, args, locality=3):
     """The ``llvm.prefetch`` of ``arr[i]`` (nothing when ``ENABLED`` is false)."""
     if ENABLED:
         aryty = signature.args[0]
@@ -74,7 +74,8 @@ def _emit_prefetch(context, builder, signature, args):
         fnty = ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         i32 = ir.IntType(32)
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0),
+                          ir.Constant(i32, locality),
                           ir.Constant(i32, 1)])
 
 
@@ -82,6 +83,9 @@ prefetch = _prefetch_intrinsic(False, "prefetch", """Hint the CPU to bring the c
 holding ``arr[i]`` (1-D C array) into cache. Read prefetch, high temporal locality
 (``llvm.prefetch(p, 0, 3, 1)``). An index past the end is harmless on x86 (prefetches do
 not fault), but callers clamp anyway.""")
+prefetch_l2 = _prefetch_intrinsic(False, "prefetch_l2", """``prefetch`` into L2, not L1
+(``llvm.prefetch(p, 0, 2, 1)``, x86 ``prefetcht1``): for data wanted later than the L1
+would hold it.""", 2)
 row_hint = _prefetch_intrinsic(True, "row_hint", """``prefetch(arr, i)`` where ``ROW_HINTS``
 was true when the caller was compiled, else nothing.""")
 

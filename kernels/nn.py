@@ -57,7 +57,7 @@ from kernels._avx512 import (
 from kernels._chunks import chunk_bounds, n_chunks, row_chunks
 from kernels._fastmath import _maxnum_nnan, exp_softmax, row_max, row_max_float
 from kernels._jit import jit, overload, pick_twin, prange, serial_twin, types
-from kernels._prefetch import ROW_HINTS, prefetch, prefetch_ahead, row_hint
+from kernels._prefetch import ROW_HINTS, prefetch, prefetch_ahead, prefetch_l2, row_hint
 from kernels._simd import (NT_MIN_BYTES, VEC_BITS, _host_has_avx2_fma, copy64_nt, ln_bwd_out,
                            ln_out, sfence, stream_out)
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
@@ -191,6 +191,14 @@ LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
 # from 1 KiB where the host-dependent hints are on (Intel host, 2^25 elements from
 # memory, A/B: 256 features 1.44x, 512 1.29x)
 LN_BWD_NT_F32_BYTES = 1024 if ROW_HINTS else LN_BWD_WIDE_BYTES
+# _ln_bwd_wide with nt: rows in groups whose x and dy take up to LN_BWD_GROUP_BYTES (at
+# most LN_BWD_GROUP_MAX rows); the second pass goes over the group in column tiles of
+# LN_BWD_TILE_BYTES, so the tile's dgamma/dbeta shares stay in L1 for the whole group
+LN_BWD_GROUP_BYTES = 256 << 10
+LN_BWD_GROUP_MAX = 8
+LN_BWD_GROUP_MIN = 4
+LN_BWD_TILE_BYTES = 4096
+LN_BWD_L2_AHEAD = True
 LN_BWD_PARTIAL_ROWS = 32  # its float32 dgamma/dbeta shares: rows summed before float64
 LN_BWD_ROW_PARTIAL = 16  # _ln_bwd, float32: rows of dgamma/dbeta shares before float64
 LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
@@ -968,7 +976,7 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg,
 
 @jit(parallel=True)
 def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, every, pair,
-                 zero):
+                 zero, ab, group, l2_ahead):
     """``_ln_bwd`` for wide rows (``LN_BWD_WIDE_BYTES`` or more), where ``_ln_bwd``'s
     per-row footprint (the row, its two copies, gamma and two float64 sums per feature:
     72 KiB at 2048 float32 features) overflowed L1 and every row went through L2
@@ -991,11 +999,27 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
     2^25 float32 elements
     from memory (triad 41-48 GB/s), ``_ln_bwd`` against this without ``pair``: 2048
     features 16.7 -> 10.4 ms, 4096: 17.4 -> 11.5, 8192: 14.4 -> 10.7; ``pair`` then
-    +10-18% at 2048-8192 (85 GB/s triad) but -17% at 1024, so it starts at 8 KiB."""
+    +10-18% at 2048-8192 (85 GB/s triad) but -17% at 1024, so it starts at 8 KiB.
+
+    Streamed rows of 4-32 KiB go in groups of ``group`` rows (``_ln_bwd_group``: x and dy
+    of a group up to ``LN_BWD_GROUP_BYTES``, 4 to 8 rows): the group's row sums first,
+    then the second pass in column tiles of ``LN_BWD_TILE_BYTES``, each tile over all the
+    group's rows, so the tile's shares stay in L1 for the group; after each vector the
+    matching line of the next group's x and dy is asked for into L2 (``prefetch_l2``,
+    with ``l2_ahead``). Row by row, a wide row's first pass waited on memory with
+    nothing else to do (the next row was asked for only up to 16 KiB, into L1), and the
+    row's shares went through L2. Zen 4 host, 2^25 elements from memory, A/B by rounds
+    in one process, two processes, grouped / row by row: float64 512 features 1.14-1.15x,
+    2048 1.12-1.18x, 4096 1.32-1.35x (1.04-1.07x without the L2 requests); float32 1024
+    1.13-1.15x, 4096 1.01-1.03x, 8192 1.13-1.15x. Rows of 64 KiB or more (groups of 1
+    or 2) stay row by row: there the same requests cost 3-6% (float64 16384 features).
+    dgamma and dbeta are bit for bit the row-by-row values; dx can differ by an ulp
+    (each row's two sums are compiled into another loop)."""
     n, d = x.shape
     xflat = x.reshape(-1)
     dyflat = dy.reshape(-1)
     step = 64 // x.itemsize
+    tile = LN_BWD_TILE_BYTES // x.itemsize
     hint = d * x.itemsize <= STREAM_AHEAD_BYTES
     last = xflat.size - 1
     for c in prange(nchunks):
@@ -1004,6 +1028,33 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
         sb = qb[c]
         i = lo
         held = 0  # rows in sg, sb
+        while nt and group > 1 and i < hi:  # groups of rows, the second pass in tiles
+            if held >= every:
+                _move_sums(pg[c], pb[c], sg, sb)
+                held = 0
+            m = min(group, hi - i)
+            for r in range(m):
+                ab[c, 0, r], ab[c, 1, r] = _ln_bwd_row_sums(x[i + r], dy[i + r], gamma,
+                                                           mean[i + r], rstd[i + r], zero)
+            nxt = (i + m) * d  # the next group's rows, asked for into L2 meanwhile
+            for j0 in range(0, d, tile):
+                j1 = min(j0 + tile, d)
+                for r in range(m):
+                    xr = x[i + r]
+                    dr = dy[i + r]
+                    orow = dx[i + r]
+                    mr = mean[i + r]
+                    rr = rstd[i + r]
+                    ar = ab[c, 0, r]
+                    br = ab[c, 1, r]
+                    ahead = nxt + r * d
+                    for j in range(j0, j1, step):
+                        ln_bwd_out(xr, dr, gamma, sg, sb, orow, j, mr, rr, ar, br)
+                        if l2_ahead:
+                            prefetch_l2(xflat, min(ahead + j, last))
+                            prefetch_l2(dyflat, min(ahead + j, last))
+            i += m
+            held += m
         while i < hi:
             if held >= every:
                 _move_sums(pg[c], pb[c], sg, sb)
@@ -1184,6 +1235,13 @@ def layer_norm_backward(
     return dx, dg.astype(x.dtype, copy=False), db.astype(x.dtype, copy=False)
 
 
+def _ln_bwd_group(row_bytes: int) -> int:
+    """Rows per group in ``_ln_bwd_wide``'s streamed path (1: row by row, as for groups
+    of fewer than ``LN_BWD_GROUP_MIN`` rows)."""
+    g = min(LN_BWD_GROUP_MAX, LN_BWD_GROUP_BYTES // (2 * row_bytes))
+    return g if g >= LN_BWD_GROUP_MIN else 1
+
+
 def _chunk_sum(parts: np.ndarray) -> np.ndarray:
     """``parts.sum(axis=0)``, without NumPy's reduction (a few us) for a single chunk."""
     return parts[0] if parts.shape[0] == 1 else parts.sum(axis=0)
@@ -1211,10 +1269,12 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     if d * x.itemsize >= LN_BWD_WIDE_BYTES:
         f32 = x.dtype == np.float32  # float32 shares summed over a few rows first
         q = np.zeros((2, nch, d), x.dtype)  # the shares in the input's dtype
+        group = _ln_bwd_group(d * x.itemsize)
         pick_twin(_ln_bwd_wide, _ln_bwd_wide_1, nch)(
             dy, x, gamma, mean, rstd, dx, pg, pb, nch, nt, q[0], q[1],
             LN_BWD_PARTIAL_ROWS if f32 else n + 1,
-            f32 and d * x.itemsize >= LN_BWD_PAIR_BYTES and not nt, x.dtype.type(0))
+            f32 and d * x.itemsize >= LN_BWD_PAIR_BYTES and not nt, x.dtype.type(0),
+            np.empty((nch, 2, group), x.dtype), group, LN_BWD_L2_AHEAD)
         return _chunk_sum(pg), _chunk_sum(pb)
     work = _checks.empty_aligned((nch, 3, d), x.dtype)
     if x.dtype == np.float32:  # float32 shares, moved into pg, pb every few rows

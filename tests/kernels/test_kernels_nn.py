@@ -833,6 +833,44 @@ def test_layer_norm_backward_wide_rows_match_the_row_kernel_and_float64(dt, widt
         np.testing.assert_array_equal(dg_in, res[True][1])
 
 
+@pytest.mark.parametrize("dt, widths", [(np.float32, [1040, 2048, 8192]),
+                                       (np.float64, [512, 1000, 4096])])
+def test_layer_norm_backward_groups_of_wide_rows_match_row_by_row(dt, widths, rng,
+                                                                    monkeypatch):
+    # streamed wide rows go in groups (the second pass in column tiles, the next group
+    # asked for meanwhile): dgamma and dbeta bit for bit as row by row, dx within
+    # rounding, with groups
+    # cut short at each chunk's end (2 chunks of 37 rows), a last tile narrower than the
+    # others (1000 float64 / 1040 float32 features) and float32 shares moved every 32
+    # rows; and nothing written past the output
+    import kernels
+
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    for d in widths:
+        n = 74
+        assert nn._ln_bwd_group(d * np.dtype(dt).itemsize) > 1, d
+        x = (1 + 2 * rng.standard_normal((n, d))).astype(dt)
+        dy = rng.standard_normal((n, d)).astype(dt)
+        g = rng.standard_normal(d).astype(dt)
+        _, mu, rstd = nn.layer_norm(x, g, g)
+        res = {}
+        for most in (1, nn.LN_BWD_GROUP_MAX):
+            monkeypatch.setattr(nn, "LN_BWD_GROUP_MAX", most)
+            big = kernels.empty_aligned((n * d + 64,), dt)
+            big[:] = 7.0
+            res[most] = nn.layer_norm_backward(dy, x, g, mu, rstd,
+                                               out=big[: n * d].reshape(n, d))
+            assert (big[n * d:] == 7.0).all(), d
+        grouped, single = res[nn.LN_BWD_GROUP_MAX], res[1]
+        assert np.abs(single[0]).max() > 0.1
+        # dx within rounding: each row's two sums, compiled into another loop, can
+        # round differently (a row in ten at 1000 float64 features, by 1 ulp)
+        np.testing.assert_allclose(grouped[0], single[0], rtol=0, err_msg=f"dx, d={d}",
+                                   atol=8 * np.finfo(dt).eps * np.abs(single[0]).max())
+        for k, name in ((1, "dgamma"), (2, "dbeta")):
+            np.testing.assert_array_equal(grouped[k], single[k], err_msg=f"{name}, d={d}")
+
+
 @pytest.mark.parametrize("dt, widths", [(np.float32, [48, 64, 128, 192, 256, 300, 512, 1024,
                                                         1500, 2048, 4096]),
                                        (np.float64, [150, 256, 512, 700, 1024])])
