@@ -1009,9 +1009,9 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
     with ``l2_ahead``). Row by row, a wide row's first pass waited on memory with
     nothing else to do (the next row was asked for only up to 16 KiB, into L1), and the
     row's shares went through L2. Zen 4 host, 2^25 elements from memory, A/B by rounds
-    in one process, two processes, grouped / row by row: float64 512 features 1.14-1.15x,
-    2048 1.12-1.18x, 4096 1.32-1.35x (1.04-1.07x without the L2 requests); float32 1024
-    1.13-1.15x, 4096 1.01-1.03x, 8192 1.13-1.15x. Rows of 64 KiB or more (groups of 1
+    in one process, 2-7 processes, grouped / row by row: float64 512 features
+    1.14-1.15x, 1024 1.06-1.29x, 2048 1.12-1.18x, 4096 1.18-1.35x (1.04-1.07x without
+    the L2 requests); float32 1024 0.93-1.15x, 4096 1.01-1.03x, 8192 1.08-1.15x. Rows of 64 KiB or more (groups of 1
     or 2) stay row by row: there the same requests cost 3-6% (float64 16384 features).
     dgamma and dbeta are bit for bit the row-by-row values; dx can differ by an ulp
     (each row's two sums are compiled into another loop)."""
