@@ -25,6 +25,9 @@
 - ``ln_out``, ``ln_bwd_out``: one vector of layer norm's output / of its backward
   (``dx``; the dgamma/dbeta shares updated), written with a non-temporal store: the
   row loops of streamed rows call them vector by vector with a prefetch after each.
+  ``ln_bwd_out_next`` also takes the next row's two sums at the same place, into the
+  lanes of a small buffer (``ln_row_sums_vec`` alone: a chunk's first row), so wide
+  float32 rows need no pass that only reads.
 - ``tile_argmin``: k-means assignment for 2 vectors of rows of a tile-major transposed
   block, four centroids at a time with eight FMA accumulators and the running minima
   held in registers (the loop vectoriser keeps accumulators in memory when the rows,
@@ -543,6 +546,96 @@ def ln_bwd_out(typingctx, x, dy, gamma, sg, sb, dx, j, mu, r, a, b):
         return context.get_dummy_value()
 
     return types.void(x, dy, gamma, sg, sb, dx, j, mu, r, a, b), codegen
+
+
+def _next_sums(context, builder, sig, args, vf, fma, align, g, k):
+    """``acc[:L] += dy1 * g``, ``acc[L:2L] += dy1 * g * ((x1 - mu1) * r1)`` at ``j``,
+    with ``x1, dy1, mu1, r1, acc = args[k:k+5]`` and ``j = args[6]``."""
+    x1v, u1 = (builder.load(_vec_ptr(context, builder, sig, args, q, 6, vf), align=align)
+               for q in (k, k + 1))
+    lanes = vf.count
+    pa, pb = (_vec_ptr_at(context, builder, sig.args[k + 4], args[k + 4],
+                          ir.Constant(ir.IntType(64), off), vf) for off in (0, lanes))
+    sa, sb = builder.load(pa, align=64), builder.load(pb, align=64)
+    gy = builder.fmul(u1, g)
+    h1 = builder.fmul(builder.fsub(x1v, _splat(builder, args[k + 2], vf)),
+                      _splat(builder, args[k + 3], vf))
+    builder.store(builder.fadd(sa, gy), pa, align=64)
+    builder.store(builder.call(fma, [gy, h1, sb]), pb, align=64)
+
+
+@intrinsic
+def ln_row_sums_vec(typingctx, x1, dy1, gamma, mu1, r1, acc, j):
+    """A row's two sums for layer norm's backward, one 64-byte vector at ``j`` into the
+    lanes of ``acc`` (64-byte aligned, ``2 L`` elements): ``acc[:L] += dy1 * gamma``,
+    ``acc[L:] += dy1 * gamma * ((x1 - mu1) * r1)``; ``ln_bwd_out_next`` takes the same
+    sums, bit for bit, while it writes the row before."""
+    arrs = (x1, dy1, gamma, acc)
+    if not (all(_is_1d(v) for v in arrs) and x1.dtype in (types.float32, types.float64)
+            and all(v.dtype == x1.dtype for v in arrs) and isinstance(j, types.Integer)
+            and all(v == x1.dtype for v in (mu1, r1))):
+        return None
+    lanes = 512 // x1.dtype.bitwidth
+
+    def codegen(context, builder, sig, args):
+        vf, align, fma = _fvec(context, builder, sig, lanes)
+        g = builder.load(_vec_ptr(context, builder, sig, args, 2, 6, vf), align=align)
+        # the helper reads x1, dy1, mu1, r1, acc at k.. k+4: here args 0, 1, 3, 4, 5
+        a = [args[0], args[1], args[3], args[4], args[5], None, args[6]]
+        st = [sig.args[0], sig.args[1], sig.args[3], sig.args[4], sig.args[5], None,
+              sig.args[6]]
+        _next_sums(context, builder, _Sig(st), a, vf, fma, align, g, 0)
+        return context.get_dummy_value()
+
+    return types.void(x1, dy1, gamma, mu1, r1, acc, j), codegen
+
+
+class _Sig:
+    """The ``args`` of a signature, rearranged for a shared code generator."""
+
+    def __init__(self, args):
+        self.args = args
+
+
+@intrinsic
+def ln_bwd_out_next(typingctx, x, dy, gamma, sg, sb, dx, j, mu, r, a, b, x1, dy1, mu1, r1,
+                    acc):
+    """``ln_bwd_out`` at ``j``, and the next row's (``x1``, ``dy1``) two sums taken at
+    the same ``j`` meanwhile (``ln_row_sums_vec``). The wide backward's second pass over
+    a row thus reads the next row from memory while it works from cache, instead of a
+    first pass that only waits on memory."""
+    arrs = (x, dy, gamma, sg, sb, dx, x1, dy1, acc)
+    if not (all(_is_1d(v) for v in arrs) and x.dtype in (types.float32, types.float64)
+            and all(v.dtype == x.dtype for v in arrs) and isinstance(j, types.Integer)
+            and all(v == x.dtype for v in (mu, r, a, b, mu1, r1))):
+        return None
+    lanes = 512 // x.dtype.bitwidth
+
+    def codegen(context, builder, sig, args):
+        vf, align, fma = _fvec(context, builder, sig, lanes)
+        ptr = [_vec_ptr(context, builder, sig, args, k, 6, vf) for k in range(6)]
+
+        def splat(k):
+            return _splat(builder, args[k], vf)
+
+        xv, u, g, pg, pb = (builder.load(ptr[k], align=align) for k in range(5))
+        r = splat(8)
+        h = builder.fmul(builder.fsub(xv, splat(7)), r)
+        t = builder.call(fma, [u, g, builder.fneg(splat(9))])
+        t = builder.call(fma, [builder.fneg(h), splat(10), t])
+        store_nt(builder, builder.fmul(r, t), ptr[5])
+        builder.store(builder.call(fma, [u, h, pg]), ptr[3], align=align)
+        builder.store(builder.fadd(pb, u), ptr[4], align=align)
+        _next_sums(context, builder, sig, args, vf, fma, align, g, 11)
+        return context.get_dummy_value()
+
+    return types.void(x, dy, gamma, sg, sb, dx, j, mu, r, a, b, x1, dy1, mu1, r1, acc), codegen
+
+
+def _vec_ptr_at(context, builder, aryty, ary, idx, vf):
+    """A ``vf`` pointer to ``ary[idx]`` (``idx`` an i64 constant)."""
+    p = _elem_ptr(context, builder, aryty, ary, idx, types.intp)
+    return builder.bitcast(p, vf.as_pointer())
 
 
 def _reduce_lanes(builder, vecs: list) -> ir.Value:

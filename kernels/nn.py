@@ -59,6 +59,7 @@ from kernels._fastmath import _maxnum_nnan, exp_softmax, row_max, row_max_float
 from kernels._jit import jit, overload, pick_twin, prange, serial_twin, types
 from kernels._prefetch import ROW_HINTS, prefetch, prefetch_ahead, prefetch_l2, row_hint
 from kernels._simd import (NT_MIN_BYTES, VEC_BITS, _host_has_avx2_fma, copy64_nt, ln_bwd_out,
+                           ln_bwd_out_next, ln_row_sums_vec,
                            ln_out, sfence, stream_out)
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.errors import KernelInputError
@@ -199,6 +200,9 @@ LN_BWD_GROUP_MAX = 8
 LN_BWD_GROUP_MIN = 4
 LN_BWD_TILE_BYTES = 4096
 LN_BWD_L2_AHEAD = True
+# streamed float32 rows of these many bytes: each row's sums taken while the row before
+# is written (_ln_bwd_wide's pipe)
+LN_BWD_NEXT_F32_BYTES = (64 << 10, 96 << 10)
 LN_BWD_PARTIAL_ROWS = 32  # its float32 dgamma/dbeta shares: rows summed before float64
 LN_BWD_ROW_PARTIAL = 16  # _ln_bwd, float32: rows of dgamma/dbeta shares before float64
 LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
@@ -976,7 +980,7 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg,
 
 @jit(parallel=True)
 def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, every, pair,
-                 zero, ab, group, l2_ahead):
+                 zero, ab, group, l2_ahead, accs, pipe):
     """``_ln_bwd`` for wide rows (``LN_BWD_WIDE_BYTES`` or more), where ``_ln_bwd``'s
     per-row footprint (the row, its two copies, gamma and two float64 sums per feature:
     72 KiB at 2048 float32 features) overflowed L1 and every row went through L2
@@ -1011,10 +1015,20 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
     row's shares went through L2. Zen 4 host, 2^25 elements from memory, A/B by rounds
     in one process, 2-7 processes, grouped / row by row: float64 512 features
     1.14-1.15x, 1024 1.06-1.29x, 2048 1.12-1.18x, 4096 1.18-1.35x (1.04-1.07x without
-    the L2 requests); float32 1024 0.93-1.15x, 4096 1.01-1.03x, 8192 1.08-1.15x. Rows of 64 KiB or more (groups of 1
-    or 2) stay row by row: there the same requests cost 3-6% (float64 16384 features).
+    the L2 requests); float32 1024 0.93-1.15x, 4096 1.01-1.03x, 8192 1.08-1.15x.
     dgamma and dbeta are bit for bit the row-by-row values; dx can differ by an ulp
-    (each row's two sums are compiled into another loop)."""
+    (each row's two sums are compiled into another loop). Groups of 1-2 rows with the
+    requests cost 3-6% (float64 16384 features).
+
+    With ``pipe`` (float32 rows of 64-96 KiB, ``LN_BWD_NEXT_F32_BYTES``) there is no
+    first pass but the chunk's first row's: each row's second pass takes the next row's
+    sums in the lanes of ``accs[c]`` as it goes (``ln_bwd_out_next``; the chunk's first
+    row by ``ln_row_sums_vec``, the same arithmetic, so a row's dx does not depend on
+    where the chunks fall). A/B as above, 6 processes: 16384 features 0.94-1.52x (about
+    1.3x in the four where the row loop ran at 13-20 GB/s, 0.94-1.03x in the two where
+    it ran at 22-24), 24576 1.01-1.04x; 32768 0.78-1.63x, 65536 0.74x (the row, the next
+    and the shares overflow the L2), so it stops at 96 KiB; float64 8192-32768 features
+    0.92-1.21x, so float64 keeps the row loop."""
     n, d = x.shape
     xflat = x.reshape(-1)
     dyflat = dy.reshape(-1)
@@ -1028,6 +1042,33 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
         sb = qb[c]
         i = lo
         held = 0  # rows in sg, sb
+        acc = accs[c]
+        if pipe and i < hi:  # each row's sums taken while the row before is written
+            a0, b0 = _ln_bwd_vec_sums(x[i], dy[i], gamma, mean[i], rstd[i], acc, step, zero)
+        while pipe and i < hi:
+            if held >= every:
+                _move_sums(pg[c], pb[c], sg, sb)
+                held = 0
+            x0 = x[i]
+            d0 = dy[i]
+            o0 = dx[i]
+            m0 = mean[i]
+            r0 = rstd[i]
+            if i + 1 < hi:
+                acc[:] = zero
+                x1 = x[i + 1]
+                d1 = dy[i + 1]
+                m1 = mean[i + 1]
+                r1 = rstd[i + 1]
+                for j in range(0, d, step):
+                    ln_bwd_out_next(x0, d0, gamma, sg, sb, o0, j, m0, r0, a0, b0, x1, d1, m1,
+                                    r1, acc)
+                a0, b0 = _acc_means(acc, step, d, zero)
+            else:
+                for j in range(0, d, step):
+                    ln_bwd_out(x0, d0, gamma, sg, sb, o0, j, m0, r0, a0, b0)
+            i += 1
+            held += 1
         while nt and group > 1 and i < hi:  # groups of rows, the second pass in tiles
             if held >= every:
                 _move_sums(pg[c], pb[c], sg, sb)
@@ -1106,6 +1147,28 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
         _move_sums(pg[c], pb[c], sg, sb)
         if nt:
             sfence()
+
+
+@jit(inline=True)
+def _acc_means(acc, lanes, d, zero):
+    """``(a, b)`` from the lanes of ``acc`` (``ln_row_sums_vec``): each half summed in
+    float64, divided by ``d``, cast to the input's dtype."""
+    sa = 0.0
+    sb = 0.0
+    for k in range(lanes):
+        sa += acc[k]
+        sb += acc[lanes + k]
+    return _like(zero, sa / d), _like(zero, sb / d)
+
+
+@jit(inline=True)
+def _ln_bwd_vec_sums(xr, dr, gamma, mu, r, acc, lanes, zero):
+    """A row's ``mean(dy * gamma)`` and ``mean(dy * gamma * xhat)`` taken as
+    ``ln_bwd_out_next`` takes them (so a row's dx is the same wherever it sits)."""
+    acc[:] = zero
+    for j in range(0, xr.size, lanes):
+        ln_row_sums_vec(xr, dr, gamma, mu, r, acc, j)
+    return _acc_means(acc, lanes, xr.size, zero)
 
 
 @jit(inline=True)
@@ -1235,6 +1298,10 @@ def layer_norm_backward(
     return dx, dg.astype(x.dtype, copy=False), db.astype(x.dtype, copy=False)
 
 
+def _in(v: int, bounds: tuple[int, int]) -> bool:
+    return bounds[0] <= v <= bounds[1]
+
+
 def _ln_bwd_group(row_bytes: int) -> int:
     """Rows per group in ``_ln_bwd_wide``'s streamed path (1: row by row, as for groups
     of fewer than ``LN_BWD_GROUP_MIN`` rows)."""
@@ -1274,7 +1341,9 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
             dy, x, gamma, mean, rstd, dx, pg, pb, nch, nt, q[0], q[1],
             LN_BWD_PARTIAL_ROWS if f32 else n + 1,
             f32 and d * x.itemsize >= LN_BWD_PAIR_BYTES and not nt, x.dtype.type(0),
-            np.empty((nch, 2, group), x.dtype), group, LN_BWD_L2_AHEAD)
+            np.empty((nch, 2, group), x.dtype), group, LN_BWD_L2_AHEAD,
+            _checks.empty_aligned((nch, 128 // x.itemsize), x.dtype),
+            nt and f32 and _in(d * x.itemsize, LN_BWD_NEXT_F32_BYTES))
         return _chunk_sum(pg), _chunk_sum(pb)
     work = _checks.empty_aligned((nch, 3, d), x.dtype)
     if x.dtype == np.float32:  # float32 shares, moved into pg, pb every few rows

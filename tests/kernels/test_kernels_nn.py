@@ -871,6 +871,49 @@ def test_layer_norm_backward_groups_of_wide_rows_match_row_by_row(dt, widths, rn
             np.testing.assert_array_equal(grouped[k], single[k], err_msg=f"{name}, d={d}")
 
 
+def test_layer_norm_backward_of_very_wide_float32_rows_pipelined(rng, monkeypatch):
+    # float32 rows of 64-96 KiB streamed out take each row's sums while the row before
+    # is written: the same results as row by row within rounding (dgamma, dbeta bit for
+    # bit), close to a float64 reference, the same bits however the rows are chunked
+    # (a chunk's first row sums as the others; one chunk, or a chunk per row), and
+    # nothing written past the output
+    import kernels
+
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    d = 16400  # 65600 bytes: 1025 lines
+    n = 9
+    x = (1 + 2 * rng.standard_normal((n, d))).astype(np.float32)
+    dy = rng.standard_normal((n, d)).astype(np.float32)
+    g = rng.standard_normal(d).astype(np.float32)
+    _, mu, rstd = nn.layer_norm(x, g, g)
+    assert nn._in(d * 4, nn.LN_BWD_NEXT_F32_BYTES)
+    shipped_span, shipped_chunks = nn.LN_BWD_NEXT_F32_BYTES, nn.n_chunks
+    res = {}
+    for key, span, chunks in (("rows", (1 << 62, 1 << 62), shipped_chunks),
+                              ("pipe", shipped_span, shipped_chunks),
+                              ("one chunk", shipped_span, lambda n, **kw: 1),
+                              ("a chunk per row", shipped_span, lambda n, **kw: max(n, 1))):
+        monkeypatch.setattr(nn, "LN_BWD_NEXT_F32_BYTES", span)
+        monkeypatch.setattr(nn, "n_chunks", chunks)
+        big = kernels.empty_aligned((n * d + 64,), np.float32)
+        big[:] = 7.0
+        res[key] = nn.layer_norm_backward(dy, x, g, mu, rstd, out=big[: n * d].reshape(n, d))
+        assert (big[n * d:] == 7.0).all(), key
+    rows, pipe = res["rows"], res["pipe"]
+    np.testing.assert_allclose(pipe[0], rows[0], rtol=0,
+                               atol=16 * np.finfo(np.float32).eps * np.abs(rows[0]).max())
+    for k in (1, 2):
+        np.testing.assert_array_equal(pipe[k], rows[k])
+    for key in ("one chunk", "a chunk per row"):
+        np.testing.assert_array_equal(res[key][0], pipe[0], err_msg=key)
+    x64, dy64, g64 = (a.astype(np.float64) for a in (x, dy, g))
+    xh = (x64 - mu.astype(np.float64)[:, None]) * rstd.astype(np.float64)[:, None]
+    gy = dy64 * g64
+    dx_ref = rstd.astype(np.float64)[:, None] * (
+        gy - gy.mean(axis=1, keepdims=True) - xh * (gy * xh).mean(axis=1, keepdims=True))
+    np.testing.assert_allclose(pipe[0], dx_ref, rtol=0, atol=1e-5 * np.abs(dx_ref).max())
+
+
 @pytest.mark.parametrize("dt, widths", [(np.float32, [48, 64, 128, 192, 256, 300, 512, 1024,
                                                         1500, 2048, 4096]),
                                        (np.float64, [150, 256, 512, 700, 1024])])
