@@ -513,6 +513,26 @@ def ln_out(typingctx, x, xi, gamma, beta, gi, y, yi, mu, r):
     return types.void(x, xi, gamma, beta, gi, y, yi, mu, r), codegen
 
 
+def _bwd_out(context, builder, sig, args, lanes):
+    """``ln_bwd_out``'s code (args ``x, dy, gamma, sg, sb, dx, j, mu, r, a, b``); returns
+    ``(vector type, alignment, llvm.fma, the gamma vector)`` for code that follows."""
+    vf, align, fma = _fvec(context, builder, sig, lanes)
+    ptr = [_vec_ptr(context, builder, sig, args, k, 6, vf) for k in range(6)]
+
+    def splat(k):
+        return _splat(builder, args[k], vf)
+
+    xv, u, g, pg, pb = (builder.load(ptr[k], align=align) for k in range(5))
+    r = splat(8)
+    h = builder.fmul(builder.fsub(xv, splat(7)), r)
+    t = builder.call(fma, [u, g, builder.fneg(splat(9))])
+    t = builder.call(fma, [builder.fneg(h), splat(10), t])
+    store_nt(builder, builder.fmul(r, t), ptr[5])
+    builder.store(builder.call(fma, [u, h, pg]), ptr[3], align=align)
+    builder.store(builder.fadd(pb, u), ptr[4], align=align)
+    return vf, align, fma, g
+
+
 @intrinsic
 def ln_bwd_out(typingctx, x, dy, gamma, sg, sb, dx, j, mu, r, a, b):
     """One 64-byte vector of layer norm's backward at ``j`` (rows ``x``, ``dy``, ``dx``,
@@ -529,20 +549,7 @@ def ln_bwd_out(typingctx, x, dy, gamma, sg, sb, dx, j, mu, r, a, b):
     lanes = 512 // x.dtype.bitwidth
 
     def codegen(context, builder, sig, args):
-        vf, align, fma = _fvec(context, builder, sig, lanes)
-        ptr = [_vec_ptr(context, builder, sig, args, k, 6, vf) for k in range(6)]
-
-        def splat(k):
-            return _splat(builder, args[k], vf)
-
-        xv, u, g, pg, pb = (builder.load(ptr[k], align=align) for k in range(5))
-        r = splat(8)
-        h = builder.fmul(builder.fsub(xv, splat(7)), r)
-        t = builder.call(fma, [u, g, builder.fneg(splat(9))])
-        t = builder.call(fma, [builder.fneg(h), splat(10), t])
-        store_nt(builder, builder.fmul(r, t), ptr[5])
-        builder.store(builder.call(fma, [u, h, pg]), ptr[3], align=align)
-        builder.store(builder.fadd(pb, u), ptr[4], align=align)
+        _bwd_out(context, builder, sig, args, lanes)
         return context.get_dummy_value()
 
     return types.void(x, dy, gamma, sg, sb, dx, j, mu, r, a, b), codegen
@@ -612,20 +619,7 @@ def ln_bwd_out_next(typingctx, x, dy, gamma, sg, sb, dx, j, mu, r, a, b, x1, dy1
     lanes = 512 // x.dtype.bitwidth
 
     def codegen(context, builder, sig, args):
-        vf, align, fma = _fvec(context, builder, sig, lanes)
-        ptr = [_vec_ptr(context, builder, sig, args, k, 6, vf) for k in range(6)]
-
-        def splat(k):
-            return _splat(builder, args[k], vf)
-
-        xv, u, g, pg, pb = (builder.load(ptr[k], align=align) for k in range(5))
-        r = splat(8)
-        h = builder.fmul(builder.fsub(xv, splat(7)), r)
-        t = builder.call(fma, [u, g, builder.fneg(splat(9))])
-        t = builder.call(fma, [builder.fneg(h), splat(10), t])
-        store_nt(builder, builder.fmul(r, t), ptr[5])
-        builder.store(builder.call(fma, [u, h, pg]), ptr[3], align=align)
-        builder.store(builder.fadd(pb, u), ptr[4], align=align)
+        vf, align, fma, g = _bwd_out(context, builder, sig, args, lanes)
         _next_sums(context, builder, sig, args, vf, fma, align, g, 11)
         return context.get_dummy_value()
 
