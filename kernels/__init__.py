@@ -13,6 +13,7 @@ Modules:
     kernels.compress  top-k gradient sparsification with error feedback
     kernels.dask      the k-means and search kernels on dask arrays
     kernels.threads   blas_threads(): NumPy's BLAS pinned while kernels run
+    kernels.memory    keep_freed_memory(): freed blocks kept for the next large array
     kernels.apps.*    reference workloads (``python -m kernels.apps.train`` ...)
 """
 
@@ -22,7 +23,8 @@ from typing import Any
 
 from kernels.errors import KernelError, KernelInputError
 
-__all__ = ["KernelError", "KernelInputError", "blas_threads", "empty_aligned"]
+__all__ = ["KernelError", "KernelInputError", "blas_threads", "empty_aligned",
+           "keep_freed_memory", "release_freed_memory"]
 
 
 def __getattr__(name: str) -> Any:
@@ -35,4 +37,8 @@ def __getattr__(name: str) -> Any:
         from kernels.threads import blas_threads
 
         return blas_threads
+    if name in ("keep_freed_memory", "release_freed_memory"):  # glibc's mallopt (memory)
+        from kernels import memory
+
+        return getattr(memory, name)
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")

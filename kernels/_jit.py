@@ -26,6 +26,10 @@ def source_fingerprint() -> str:
 
 
 _CFG = get_config()
+if _CFG.keep_freed_memory:  # before numba starts its threads (they take the main heap)
+    from kernels.memory import keep_freed_memory
+
+    keep_freed_memory()
 # Numba's cache key ignores compile flags, so the flags are part of the folder name too.
 _FLAGS = f"p{int(_CFG.parallel)}f{int(_CFG.fastmath)}h{int(_CFG.row_hints)}"
 # Without a configured folder the cache still goes to a fingerprinted folder, next to the

@@ -46,6 +46,7 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 from numba.core import cgutils
 
+from kernels import memory as _memory
 from kernels._jit import intrinsic, types
 from kernels._prefetch import ROW_HINTS
 
@@ -117,8 +118,11 @@ def stream_out(out, fresh: bool = False) -> bool:
     """Whether a kernel writes ``out`` with non-temporal stores: on x86-64, and when it
     is ``NT_MIN_BYTES`` or more (the one place that decides, for every kernel). ``fresh``:
     ``out`` is the kernel's own new allocation (callers pass it where measured), then
-    streamed only where ``NT_FRESH``."""
-    return NT_STORES and out.nbytes >= NT_MIN_BYTES and (NT_FRESH or not fresh)
+    streamed only where ``NT_FRESH``, or where freed memory is kept
+    (``kernels.memory``): a new array then reuses mapped pages, which are not in cache
+    as the pages of a first touch are, like a caller's ``out=``."""
+    return NT_STORES and out.nbytes >= NT_MIN_BYTES and (NT_FRESH or not fresh
+                                                         or _memory.keeping())
 
 
 _I32 = ir.IntType(32)

@@ -8,6 +8,8 @@ rank per core). ``HPCGW_NUMBA_FASTMATH=0`` turns off the reassociation flags.
 ``HPCGW_NUMBA_ROW_HINTS`` (``auto``, ``1`` or ``0``) switches the software prefetch hints
 whose worth depends on the CPU (``kernels._prefetch.ROW_HINTS``); ``auto`` turns them on
 for Intel CPUs, where they were measured to pay, and off elsewhere.
+``HPCGW_KEEP_FREED_MEMORY=1`` makes glibc keep freed blocks for the next large array
+(``kernels.memory.keep_freed_memory``, applied when the first kernel module loads).
 
 This module does not import numba: ``kernels._jit`` applies the config and then does.
 """
@@ -43,6 +45,7 @@ class KernelConfig:
     parallel: bool = True
     fastmath: bool = True
     row_hints: bool = False
+    keep_freed_memory: bool = False
 
     def jit_options(self, *, parallel: bool = False) -> dict[str, object]:
         """Keyword arguments for ``numba.njit`` for one kernel."""
@@ -108,6 +111,7 @@ def load_config(env: Mapping[str, str] | None = None) -> KernelConfig:
         parallel=_flag(env, "HPCGW_NUMBA_PARALLEL", True),
         fastmath=_flag(env, "HPCGW_NUMBA_FASTMATH", True),
         row_hints=_row_hints(env),
+        keep_freed_memory=_flag(env, "HPCGW_KEEP_FREED_MEMORY", False),
     )
 
 
