@@ -23,8 +23,11 @@ The cost is memory: freed blocks stay in the process (its resident size does not
 when arrays are dropped) and a heap can fragment, so a process can hold more than it
 uses at any moment. :func:`release_freed_memory` gives the free parts back
 (``malloc_trim``). Threads that had already allocated before the call keep their own
-arenas: call it before starting a thread pool (Dask's threads, for one). Elsewhere
-than glibc (musl, macOS) both functions do nothing and return False.
+arenas: call it before starting a thread pool. For a process started elsewhere (a Dask
+worker, whose threads exist before any task imports the kernels; a job's script), put
+:func:`glibc_tunables`'s string in its environment as ``GLIBC_TUNABLES``: glibc reads
+it at start, before any thread. Elsewhere than glibc (musl, macOS) the functions do
+nothing and return False.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import ctypes
 import os
 import threading
 
-__all__ = ["keep_freed_memory", "keeping", "release_freed_memory"]
+__all__ = ["glibc_tunables", "keep_freed_memory", "keeping", "release_freed_memory"]
 
 # mallopt's parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -42,7 +45,8 @@ M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1  # mallopt takes a C int
 
 _lock = threading.Lock()
-_state = {"keeping": False}
+# started with glibc_tunables()'s settings in its environment: kept from the start
+_state = {"keeping": "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", "").split(":")}
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -70,6 +74,14 @@ def default_keep_bytes() -> int:
     return max(256 << 20, min(_INT_MAX, total // 8))
 
 
+def _keep_bytes(keep_bytes: int | None) -> int:
+    if keep_bytes is None:
+        return default_keep_bytes()
+    if isinstance(keep_bytes, bool) or not isinstance(keep_bytes, int) or keep_bytes < 0:
+        raise ValueError(f"keep_bytes must be a whole number of bytes >= 0, not {keep_bytes!r}")
+    return min(keep_bytes, _INT_MAX)
+
+
 def keep_freed_memory(keep_bytes: int | None = None, *, one_arena: bool = True) -> bool:
     """Make glibc keep freed blocks for later allocations (see the module text).
 
@@ -77,15 +89,12 @@ def keep_freed_memory(keep_bytes: int | None = None, *, one_arena: bool = True) 
     back to the OS (default :func:`default_keep_bytes`; at most 2 GiB). ``one_arena``:
     threads allocate from the main heap too. Returns True where applied (glibc), False
     elsewhere; calling it again only changes ``keep_bytes``."""
-    if keep_bytes is None:
-        keep_bytes = default_keep_bytes()
-    if isinstance(keep_bytes, bool) or not isinstance(keep_bytes, int) or keep_bytes < 0:
-        raise ValueError(f"keep_bytes must be a whole number of bytes >= 0, not {keep_bytes!r}")
+    keep_bytes = _keep_bytes(keep_bytes)
     libc = _glibc()
     if libc is None:
         return False
     with _lock:
-        ok = libc.mallopt(M_TRIM_THRESHOLD, min(keep_bytes, _INT_MAX)) == 1
+        ok = libc.mallopt(M_TRIM_THRESHOLD, keep_bytes) == 1
         ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and ok
         if one_arena:
             ok = libc.mallopt(M_ARENA_MAX, 1) == 1 and ok
@@ -93,8 +102,19 @@ def keep_freed_memory(keep_bytes: int | None = None, *, one_arena: bool = True) 
     return ok
 
 
+def glibc_tunables(keep_bytes: int | None = None) -> str:
+    """The same settings as :func:`keep_freed_memory` (with ``one_arena``) as a value for
+    the ``GLIBC_TUNABLES`` environment variable of a process to be started, e.g.
+    ``LocalCluster(env={"GLIBC_TUNABLES": glibc_tunables()})``. Where that process does
+    not use glibc the variable is ignored."""
+    keep = _keep_bytes(keep_bytes)
+    return (f"glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
+            f"glibc.malloc.trim_threshold={keep}")
+
+
 def keeping() -> bool:
-    """Whether :func:`keep_freed_memory` has been applied in this process."""
+    """Whether :func:`keep_freed_memory` has been applied in this process, or it was
+    started with :func:`glibc_tunables`'s settings."""
     return _state["keeping"]
 
 

@@ -45,6 +45,7 @@ print(json.dumps({"applied": applied, "faults": took, "last": last,
 
 
 def _refill(run_python, mode: str, mib: int, where: str = "main", **env: str) -> dict:
+    """Run ``_REFILL``: ``mode`` "default", "keep" (one arena) or "keep-no-arena"."""
     code = "import sys; sys.argv = ['x', %r, %r, %r]\n" % (mode, str(mib), where) + _REFILL
     return json.loads(run_python(code, **env).strip().splitlines()[-1])
 
@@ -68,6 +69,18 @@ def test_without_one_arena_a_thread_still_maps_blocks_over_64_mib(run_python):
     main = _refill(run_python, "keep-no-arena", 128, "main")
     thread = _refill(run_python, "keep-no-arena", 128, "thread")
     assert main["faults"] * 8 <= thread["faults"], (main, thread)
+
+
+def test_a_process_started_with_the_tunables_keeps_from_its_start(run_python):
+    """``glibc_tunables()`` in ``GLIBC_TUNABLES``: glibc applies it before any thread, so
+    a thread pool that existed before the kernels were imported keeps blocks too."""
+    tunables = memory.glibc_tunables(512 << 20)
+    assert tunables == ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
+                        "glibc.malloc.trim_threshold=536870912")
+    started = _refill(run_python, "default", 128, "thread", GLIBC_TUNABLES=tunables)
+    default = _refill(run_python, "default", 128, "thread")
+    assert started["keeping"] and not default["keeping"]
+    assert started["faults"] * 8 <= default["faults"], (started, default)
 
 
 _RSS = """
@@ -151,6 +164,8 @@ def test_bad_keep_bytes_is_refused_before_anything_changes(monkeypatch):
     for bad in (-1, 1.5, True, "1G"):
         with pytest.raises(ValueError, match="keep_bytes must be a whole number"):
             memory.keep_freed_memory(bad)
+        with pytest.raises(ValueError, match="keep_bytes must be a whole number"):
+            memory.glibc_tunables(bad)
     assert calls == []
 
 
