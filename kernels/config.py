@@ -70,17 +70,22 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise KernelConfigError(f"{name}={raw!r} is not a boolean; use one of 0/1/true/false")
 
 
-def _cpu_vendor() -> str:
-    """The CPU's vendor string from ``/proc/cpuinfo`` (``GenuineIntel``,
-    ``AuthenticAMD``), or "" where there is none."""
+def cpu_field(key: str) -> str:
+    """A field of the first CPU in ``/proc/cpuinfo`` (``vendor_id``, ``model name``), or
+    "" where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``), or ""."""
+    return cpu_field("vendor_id")
 
 
 def _row_hints(env: Mapping[str, str]) -> bool:

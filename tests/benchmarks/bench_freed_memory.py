@@ -28,6 +28,8 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
 from report import replace_section  # noqa: E402
 
+from kernels.config import cpu_field  # noqa: E402
+
 SECTION = "## Keeping freed memory"
 CASES = ["gelu float32", "gelu float64", "layer_norm float32",
          "softmax_cross_entropy+grad float32", "quantize_int8 float32",
@@ -83,17 +85,6 @@ def child(keep: bool) -> dict:
     return got
 
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="markdown file whose section on freed memory is replaced")
@@ -117,7 +108,7 @@ def main() -> None:
     lines = [SECTION, "", f"Command ({time.perf_counter() - t0:.0f} s here):", "", "```",
              "python tests/benchmarks/bench_freed_memory.py --out docs/benchmarks.md", "```",
              "", __doc__.split("\n\n", 2)[2].strip().replace("\n", " ").replace("``", "`"),
-             "", f"Machine: {_cpu()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. "
+             "", f"Machine: {cpu_field('model name') or 'unknown CPU'}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. "
              f"{args.rounds} rounds; medians of each side's best, and the range of the "
              "per-round ratios:", "",
              "| call (new output each time) | default ms | kept ms | default / kept | per round |",
