@@ -25,8 +25,8 @@ uses at any moment. :func:`release_freed_memory` gives the free parts back
 (``malloc_trim``). Threads that had already allocated before the call keep their own
 arenas: call it before starting a thread pool. For a process started elsewhere (a Dask
 worker, whose threads exist before any task imports the kernels; a job's script), put
-:func:`glibc_tunables`'s string in its environment as ``GLIBC_TUNABLES``: glibc reads
-it at start, before any thread. Elsewhere than glibc (musl, macOS) the functions do
+:func:`worker_environ` in its environment (``GLIBC_TUNABLES``): glibc reads it at
+start, before any thread. Elsewhere than glibc (musl, macOS) the functions do
 nothing and return False.
 """
 
@@ -36,7 +36,8 @@ import ctypes
 import os
 import threading
 
-__all__ = ["glibc_tunables", "keep_freed_memory", "keeping", "release_freed_memory"]
+__all__ = ["glibc_tunables", "keep_freed_memory", "keeping", "release_freed_memory",
+           "worker_environ"]
 
 # mallopt's parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -110,6 +111,19 @@ def glibc_tunables(keep_bytes: int | None = None) -> str:
     keep = _keep_bytes(keep_bytes)
     return (f"glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
             f"glibc.malloc.trim_threshold={keep}")
+
+
+def worker_environ(keep_bytes: int | None = None) -> dict[str, str]:
+    """The environment a process to be started needs to keep freed memory from its start:
+    ``GLIBC_TUNABLES`` (:func:`glibc_tunables`) and ``MALLOC_TRIM_THRESHOLD_``, which
+    glibc reads too and which Dask's nanny sets to 64 KiB for its workers (it trims
+    freed memory at once), so both say the same. For Dask workers::
+
+        dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v
+                         for k, v in worker_environ().items()})
+    """
+    keep = _keep_bytes(keep_bytes)
+    return {"GLIBC_TUNABLES": glibc_tunables(keep), "MALLOC_TRIM_THRESHOLD_": str(keep)}
 
 
 def keeping() -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,44 @@ def test_search_matches_in_memory_with_uneven_blocks(client, rng, dtype):
 def test_dask_wrappers_refuse_numpy_input():
     with pytest.raises(KernelInputError, match="dask array"):
         kd.kmeans_assign(np.zeros((3, 2)), np.zeros((1, 2)))
+
+
+
+def test_dask_workers_keep_freed_memory_with_worker_environ():
+    """``kernels.memory.worker_environ()`` through the nanny's pre-spawn environment: the
+    worker process (its threads started before any task) reuses a freed 128 MiB block
+    without faulting it in again; a default worker faults it in."""
+    from kernels.memory import worker_environ
+
+    def refill(mib=128):  # local, so it is pickled by value for the worker process
+        import resource
+
+        import numpy
+
+        from kernels import memory
+
+        a = numpy.ones(mib << 17)
+        del a
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        b = numpy.ones(mib << 17)
+        took = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        return took, float(b[-1]), memory.keeping()
+
+    def run(extra):
+        saved = dict(os.environ)  # the nanny puts its pre-spawn variables in ours
+        try:
+            with dask.config.set(extra), distributed.LocalCluster(
+                    n_workers=1, threads_per_worker=1, processes=True,
+                    dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                return client.submit(refill, pure=False).result(timeout=120)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    default = run({})
+    kept = run({f"distributed.nanny.pre-spawn-environ.{k}": v
+                for k, v in worker_environ().items()})
+    assert kept[1] == default[1] == 1.0
+    assert kept[2] and not default[2]
+    assert default[0] >= 48, default
+    assert kept[0] * 8 <= default[0], (kept, default)

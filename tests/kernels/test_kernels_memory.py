@@ -72,12 +72,14 @@ def test_without_one_arena_a_thread_still_maps_blocks_over_64_mib(run_python):
 
 
 def test_a_process_started_with_the_tunables_keeps_from_its_start(run_python):
-    """``glibc_tunables()`` in ``GLIBC_TUNABLES``: glibc applies it before any thread, so
+    """``worker_environ()`` (``GLIBC_TUNABLES``): glibc applies it before any thread, so
     a thread pool that existed before the kernels were imported keeps blocks too."""
     tunables = memory.glibc_tunables(512 << 20)
     assert tunables == ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
                         "glibc.malloc.trim_threshold=536870912")
-    started = _refill(run_python, "default", 128, "thread", GLIBC_TUNABLES=tunables)
+    environ = memory.worker_environ(512 << 20)
+    assert environ == {"GLIBC_TUNABLES": tunables, "MALLOC_TRIM_THRESHOLD_": "536870912"}
+    started = _refill(run_python, "default", 128, "thread", **environ)
     default = _refill(run_python, "default", 128, "thread")
     assert started["keeping"] and not default["keeping"]
     assert started["faults"] * 8 <= default["faults"], (started, default)
