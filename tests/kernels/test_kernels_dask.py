@@ -117,7 +117,7 @@ def test_dask_workers_keep_freed_memory_with_worker_environ():
         try:
             with dask.config.set(extra), distributed.LocalCluster(
                     n_workers=1, threads_per_worker=1, processes=True,
-                    dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                    dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
                 return client.submit(refill, pure=False).result(timeout=120)
         finally:
             os.environ.clear()
