@@ -154,10 +154,9 @@ def test_kept_memory_makes_fresh_outputs_stream_like_out(run_python):
     values."""
     got = json.loads(run_python(_STREAMED))
     assert got["same"]
-    if not got["nt"]:
-        pytest.skip("no non-temporal stores on this CPU")
-    assert got["before"] == [False, True]
-    assert got["after"] is True
+    # off x86-64 there are no non-temporal stores: nothing is streamed, kept or not
+    assert got["before"] == [False, got["nt"]]
+    assert got["after"] is got["nt"]
 
 
 def test_bad_keep_bytes_is_refused_before_anything_changes(monkeypatch):
