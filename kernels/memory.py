@@ -33,6 +33,7 @@ nothing and return False.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 
@@ -50,6 +51,7 @@ _lock = threading.Lock()
 _state = {"keeping": "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", "").split(":")}
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (it has ``gnu_get_libc_version`` and ``mallopt``)."""
     try:
@@ -105,9 +107,9 @@ def keep_freed_memory(keep_bytes: int | None = None, *, one_arena: bool = True) 
 
 def glibc_tunables(keep_bytes: int | None = None) -> str:
     """The same settings as :func:`keep_freed_memory` (with ``one_arena``) as a value for
-    the ``GLIBC_TUNABLES`` environment variable of a process to be started, e.g.
-    ``LocalCluster(env={"GLIBC_TUNABLES": glibc_tunables()})``. Where that process does
-    not use glibc the variable is ignored."""
+    the ``GLIBC_TUNABLES`` environment variable of a process to be started (it must be
+    there when the process starts: :func:`worker_environ`). Where that process does not
+    use glibc the variable is ignored."""
     keep = _keep_bytes(keep_bytes)
     return (f"glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
             f"glibc.malloc.trim_threshold={keep}")
