@@ -57,6 +57,9 @@ def stream_triad(n: int) -> float:
     return 3 * n * 8 / t / GB
 
 
+# the row statistics: 2 values per row, written by the forward, read by the backward
+_LN_FB_BYTES = "bytes: fwd 2 + bwd 3 passes + the row statistics"
+
 SETTLE_S = 0.15  # OpenBLAS's idle worker threads spin for about 0.1 s after a call
 
 
@@ -216,8 +219,12 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
         _, mu_, rs_ = nn.layer_norm(x, gam, bet, out=out, mean_out=stats[0], rstd_out=stats[1])
         nn.layer_norm_backward(dy, x, gam, mu_, rs_, out=out2)
 
+    # bytes each call must move besides the x-sized arrays: the labels a softmax reads,
+    # the row statistics (mean, rstd) layer norm's forward writes and its backward reads
+    sb = 2 * rows * np.dtype(dt).itemsize
     add = tab.add
-    add("softmax_cross_entropy+grad", x.shape, dt, 2 * nb, "torch: cross_entropy fwd+backward",
+    add("softmax_cross_entropy+grad", x.shape, dt, 2 * nb + y.nbytes,
+        "torch: cross_entropy fwd+backward",
         ours=lambda: nn.softmax_cross_entropy(x, y), numpy=lambda: B.np_xent(x, y),
         ours_out=lambda: nn.softmax_cross_entropy(x, y, out=o), torch=t.get("xent"))
     # 10 classes (blocks of rows): the same bytes as rows of 10
@@ -225,18 +232,18 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     ys = rng.integers(0, 10, xs.shape[0])
     os_ = empty_aligned(xs.shape, dt)
     ts = B.torch_nn(tb, xs, ys, gam[:10], bet[:10], xs)
-    add("softmax_cross_entropy+grad, 10 classes", xs.shape, dt, 2 * xs.nbytes,
+    add("softmax_cross_entropy+grad, 10 classes", xs.shape, dt, 2 * xs.nbytes + ys.nbytes,
         f"blocks of {nn._lanes(np.float32)} (float32) / {nn._lanes(np.float64)} (float64) "
         "rows transposed in registers; "
         "torch: cross_entropy fwd+backward", ours=lambda: nn.softmax_cross_entropy(xs, ys),
         numpy=lambda: B.np_xent(xs, ys), ours_out=lambda: nn.softmax_cross_entropy(xs, ys, out=os_),
         torch=ts.get("xent"))
-    add("layer_norm", x.shape, dt, 2 * nb, ours=lambda: nn.layer_norm(x, gam, bet),
+    add("layer_norm", x.shape, dt, 2 * nb + sb, ours=lambda: nn.layer_norm(x, gam, bet),
         ours_out=lambda: nn.layer_norm(x, gam, bet, out=o, mean_out=st[0], rstd_out=st[1]),
         numpy=lambda: B.np_layer_norm(x, gam, bet), torch=t.get("ln"))
-    add("layer_norm fwd+bwd", x.shape, dt, 5 * nb, "bytes: fwd 2 + bwd 3 passes", ours=ln_fb,
+    add("layer_norm fwd+bwd", x.shape, dt, 5 * nb + 2 * sb, _LN_FB_BYTES, ours=ln_fb,
         ours_out=lambda: ln_fb(o, o2, st), torch=t.get("ln_fb"))
-    add("layer_norm_backward", x.shape, dt, 3 * nb,
+    add("layer_norm_backward", x.shape, dt, 3 * nb + sb,
         ours=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs),
         ours_out=lambda: nn.layer_norm_backward(dy, x, gam, mu, rs, out=o))
     # few features (the short-row kernels) and wide rows: the same bytes in rows of d
@@ -255,8 +262,9 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
 
         note = {10: "; in blocks of rows transposed in registers",
                 4096: "; backward: a read-only pass, then dx and the dgamma/dbeta shares"}
-        add(f"layer_norm fwd+bwd, {d} features", xd.shape, dt, 5 * xd.nbytes,
-            "bytes: fwd 2 + bwd 3 passes" + note.get(d, ""),
+        add(f"layer_norm fwd+bwd, {d} features", xd.shape, dt,
+            5 * xd.nbytes + 4 * xd.shape[0] * np.dtype(dt).itemsize,
+            _LN_FB_BYTES + note.get(d, ""),
             ours=ln_fb_d, ours_out=lambda f=ln_fb_d, a=od, b=od2, s=std: f(a, b, s),
             torch=td.get("ln_fb"))
     add("gelu", x.shape, dt, 2 * nb, "numpy: scipy.special.erf", ours=lambda: nn.gelu(x),
@@ -524,7 +532,8 @@ def _header(res: dict, command: str) -> list[str]:
          "(best of 3 each): the machine is shared and its bandwidth moves, so each row also "
          "times a triad in the same round-robin as the kernel and its baselines, and "
          "'% triad' is against that one. GB/s = the minimum bytes a kernel must move (reads + "
-         "writes, no write-allocate, as STREAM counts) / best of 7 timed round-robin with the "
+         "writes, no write-allocate, as STREAM counts; the softmax's labels and layer norm's "
+         "row statistics, mean and rstd, included) / best of 7 timed round-robin with the "
          "baselines, measured with a "
          "reused `out=` buffer where the kernel has one, allocated as the kernels allocate "
          "their own outputs (`kernels.empty_aligned`: rows 64-byte aligned, or at the "
