@@ -75,8 +75,9 @@ __all__ = ["AVAILABLE", "BLOCK", "BLOCK32", "gelu_bias_bwd_f32", "gelu_bias_bwd_
            "gelu_bias_bwd_f32_tail", "gelu_bias_f32", "gelu_bias_f32_nt", "gelu_bias_f32_tail",
            "gelu_bwd_f32", "gelu_bwd_f32_nt", "gelu_bwd_f32_tail", "gelu_f32", "gelu_f32_nt",
            "gelu_f32_tail", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
-           "gelu_bias_bwd_f64_tail", "gelu_bias_f64", "gelu_bias_f64_nt", "gelu_bias_f64_tail",
-           "gelu_bwd_f64", "gelu_bwd_f64_nt", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
+           "gelu_bias_bwd_f64_staged", "gelu_bias_bwd_f64_tail", "gelu_bias_f64",
+           "gelu_bias_f64_nt", "gelu_bias_f64_tail", "gelu_bwd_f64", "gelu_bwd_f64_nt",
+           "gelu_bwd_f64_staged", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
            "gelu_f64_tail", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail", "gelu_wide_f64",
            "gelu_wide_f64_tail", "ln_block", "ln_bwd_block", "ln_bwd_row", "ln_row",
            "softmax_block", "softmax_exp_f64", "softmax_exp_f64_tail",
@@ -627,9 +628,10 @@ def _gelu_wide_intrinsic(backward: bool, masked: bool):
     return intrinsic(typer)
 
 
-def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False):
-    """Build one ``gelu[_bias][_bwd]_f64[_tail|_nt]`` intrinsic: ``(dy, x, b, out, acc, i,
-    j, n, pz, pdy, pi, pj, cnt) -> cnt``; arrays 1-D C, ``pi``/``pj`` int64, the others
+def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False,
+                            staged: bool = False):
+    """Build one ``gelu[_bias][_bwd]_f64[_tail|_nt|_staged]`` intrinsic: ``(dy, x, b, out,
+    acc, i, j, n, pz, pdy, pi, pj, cnt) -> cnt``; arrays 1-D C, ``pi``/``pj`` int64, the others
     float64 (ones a variant does not use may be any of them), through
     ``central_pieces``. ``z = x[i:i+n]`` (plus ``b[j:j+n]`` with a bias). Forward:
     ``out[i:i+n] = z Phi(z)``. Backward: ``out[i:i+n] = dy (1 + R(|z|))`` where ``z >=
@@ -652,90 +654,113 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
     non-temporally waits for it to reach memory and reads it back: finishing lanes in
     place made wide inputs 2x slower from memory; holding such blocks in a small stage
     and streaming them out after their lanes were finished measured 12% slower than
-    plain stores for GELU on wide inputs from memory)."""
+    plain stores for GELU on wide inputs from memory).
 
-    def typer(typingctx, dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt):
-        if not (all(_is_f64(a) for a in (dy, x, b, out, acc, pz, pdy))
+    ``_staged`` (backward, not masked; two more arguments ``st, o``): a block with lanes
+    put aside is written to the stage ``st[o:o+BLOCK]`` instead, and the places put aside
+    are its indices there (``o + k``); a block without is streamed out as in ``_nt``. The
+    caller finishes the lanes into the stage and streams the staged blocks out
+    (``kernels.activations._finish_staged``)."""
+
+    def check(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt, st=None, o=None):
+        return (all(_is_f64(a) for a in (dy, x, b, out, acc, pz, pdy))
                 and all(isinstance(p, types.Array) and p.ndim == 1 and p.layout == "C"
                         and p.dtype == types.int64 for p in (pi, pj))
-                and all(isinstance(a, types.Integer) for a in (i, j, n, cnt))):
+                and all(isinstance(a, types.Integer) for a in (i, j, n, cnt))
+                and (not staged or (_is_f64(st) and isinstance(o, types.Integer))))
+
+    def typer(typingctx, dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt):
+        if not check(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt):
             return None
-
-        def codegen(context, builder, sig, args):
-            _aligned_frame(builder)
-            v = _Vec(builder, _UNROLL)
-            ity, jty, nty = sig.args[5:8]
-            i64 = context.cast(builder, args[5], ity, types.int64)
-            j64 = context.cast(builder, args[6], jty, types.int64)
-            n64 = context.cast(builder, args[7], nty, types.int64)
-            cnt = context.cast(builder, args[12], sig.args[12], types.int64)
-            blk = _Block(context, builder, sig, args, n64, masked)
-            xs = blk.load(1, i64)
-            bs = blk.load(2, j64) if bias else None
-            z = v.add(xs, bs) if bias else xs
-            pieces = central_pieces(v, v.fabs(z), GELU_GRAD16 if backward else None)
-            # z again, read from memory after the pieces: kept in registers across them,
-            # LLVM spilled it to the stack (64-byte slots, 16-byte aligned), and where a
-            # 32-byte half of a slot straddled a 4 KiB page boundary the _nt variants ran
-            # 3.6x slower (10 of 256 stack positions per page; the stack position depends
-            # on the callers, so it came and went by process: docs/kernels.md)
-            z = blk.reload(1, i64, xs)
-            if bias:
-                z = v.add(z, blk.reload(2, j64, bs))
-            a = v.fabs(z)
-            outs = v._map(lambda x: builder.fcmp_unordered(">=", x, v.const(_A_CENTRAL)), a)
-            if backward:
-                dyv = blk.load(0, i64)
-                res = v.mul(dyv, v.select_neg(z, v.neg(pieces), v.add(v.const(1.0), pieces)))
-            else:
-                # z Phi(z) = max(z, 0) - a Phi(-a): one multiply-add, no select
-                res = v.fma(v.neg(a), pieces, v.max_x86(v.const(0.0), z))
-            if not nt:
-                blk.store(res, 3, i64)
-            if bias and backward:
-                kept = v._map(builder.select, outs, v.const(0.0), res)
-                blk.store(v.add(blk.load(4, j64), kept), 4, j64)
-
-            i8 = ir.IntType(8)
-            bits = [builder.bitcast(o, i8) for o in outs]
-            anyb = bits[0]
-            for bq in bits[1:]:
-                anyb = builder.or_(anyb, bq)
-            with builder.if_else(builder.icmp_unsigned("!=", anyb, ir.Constant(i8, 0)),
-                                 likely=False) as (aside, plain):
-                with aside:
-                    if nt:  # plain stores (see above)
-                        blk.store(res, 3, i64)
-                    popc = cgutils.get_or_insert_function(
-                        builder.module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
-                    pos = cnt
-                    lanes = ir.Constant(_I8V, list(range(8)))
-                    for q in range(_UNROLL):
-                        off = ir.Constant(_I64, 8 * q)
-                        put = [(z[q], 8), (builder.add(_splat(builder, builder.add(i64, off),
-                                                              _I8V), lanes), 10)]
-                        if backward:
-                            put.append((dyv[q], 9))
-                        if backward and bias:
-                            put.append((builder.add(_splat(builder, builder.add(j64, off),
-                                                           _I8V), lanes), 11))
-                        for val, k in put:
-                            _compress_to(builder, val, outs[q], _elem_ptr(
-                                context, builder, sig.args[k], args[k], pos, types.int64))
-                        pos = builder.add(pos, builder.zext(builder.call(popc, [bits[q]]), _I64))
-                    after = builder.block
-                with plain:
-                    if nt:
-                        blk.store(res, 3, i64, nt)
-                    before = builder.block
-            res = builder.phi(_I64)
-            res.add_incoming(cnt, before)
-            res.add_incoming(pos, after)
-            return res
-
         return types.int64(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt), codegen
 
-    typer.__name__ = typer.__qualname__ = _variant_name(bias, backward, "f64", masked, nt)
+    def typer_staged(typingctx, dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt, st, o):
+        if not check(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt, st, o):
+            return None
+        return types.int64(dy, x, b, out, acc, i, j, n, pz, pdy, pi, pj, cnt, st, o), codegen
+
+    def codegen(context, builder, sig, args):
+        _aligned_frame(builder)
+        v = _Vec(builder, _UNROLL)
+        ity, jty, nty = sig.args[5:8]
+        i64 = context.cast(builder, args[5], ity, types.int64)
+        j64 = context.cast(builder, args[6], jty, types.int64)
+        n64 = context.cast(builder, args[7], nty, types.int64)
+        cnt = context.cast(builder, args[12], sig.args[12], types.int64)
+        # where the block's results go when lanes are put aside: out at i, or with
+        # staged the stage (argument 13) at o, and the places put aside are its
+        o64 = (context.cast(builder, args[14], sig.args[14], types.int64) if staged
+               else i64)
+        blk = _Block(context, builder, sig, args, n64, masked)
+        xs = blk.load(1, i64)
+        bs = blk.load(2, j64) if bias else None
+        z = v.add(xs, bs) if bias else xs
+        pieces = central_pieces(v, v.fabs(z), GELU_GRAD16 if backward else None)
+        # z again, read from memory after the pieces: kept in registers across them,
+        # LLVM spilled it to the stack (64-byte slots, 16-byte aligned), and where a
+        # 32-byte half of a slot straddled a 4 KiB page boundary the _nt variants ran
+        # 3.6x slower (10 of 256 stack positions per page; the stack position depends
+        # on the callers, so it came and went by process: docs/kernels.md)
+        z = blk.reload(1, i64, xs)
+        if bias:
+            z = v.add(z, blk.reload(2, j64, bs))
+        a = v.fabs(z)
+        outs = v._map(lambda x: builder.fcmp_unordered(">=", x, v.const(_A_CENTRAL)), a)
+        if backward:
+            dyv = blk.load(0, i64)
+            res = v.mul(dyv, v.select_neg(z, v.neg(pieces), v.add(v.const(1.0), pieces)))
+        else:
+            # z Phi(z) = max(z, 0) - a Phi(-a): one multiply-add, no select
+            res = v.fma(v.neg(a), pieces, v.max_x86(v.const(0.0), z))
+        if not nt:
+            blk.store(res, 3, i64)
+        if bias and backward:
+            kept = v._map(builder.select, outs, v.const(0.0), res)
+            blk.store(v.add(blk.load(4, j64), kept), 4, j64)
+
+        i8 = ir.IntType(8)
+        bits = [builder.bitcast(o, i8) for o in outs]
+        anyb = bits[0]
+        for bq in bits[1:]:
+            anyb = builder.or_(anyb, bq)
+        with builder.if_else(builder.icmp_unsigned("!=", anyb, ir.Constant(i8, 0)),
+                             likely=False) as (aside, plain):
+            with aside:
+                if staged:  # into the stage, streamed out once finished
+                    blk.store(res, 13, o64)
+                elif nt:  # plain stores (see above)
+                    blk.store(res, 3, i64)
+                popc = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
+                pos = cnt
+                lanes = ir.Constant(_I8V, list(range(8)))
+                for q in range(_UNROLL):
+                    off = ir.Constant(_I64, 8 * q)
+                    put = [(z[q], 8), (builder.add(_splat(builder, builder.add(o64, off),
+                                                          _I8V), lanes), 10)]
+                    if backward:
+                        put.append((dyv[q], 9))
+                    if backward and bias:
+                        put.append((builder.add(_splat(builder, builder.add(j64, off),
+                                                       _I8V), lanes), 11))
+                    for val, k in put:
+                        _compress_to(builder, val, outs[q], _elem_ptr(
+                            context, builder, sig.args[k], args[k], pos, types.int64))
+                    pos = builder.add(pos, builder.zext(builder.call(popc, [bits[q]]), _I64))
+                after = builder.block
+            with plain:
+                if nt:
+                    blk.store(res, 3, i64, nt)
+                before = builder.block
+        res = builder.phi(_I64)
+        res.add_incoming(cnt, before)
+        res.add_incoming(pos, after)
+        return res
+
+    if staged:
+        typer = typer_staged
+    typer.__name__ = typer.__qualname__ = (_variant_name(bias, backward, "f64", masked, nt)
+                                           + ("_staged" if staged else ""))
     return intrinsic(typer)
 
 
@@ -751,6 +776,9 @@ gelu_bwd_f64_tail = _gelu_central_intrinsic(False, True, True)
 gelu_bias_bwd_f64 = _gelu_central_intrinsic(True, True, False)
 gelu_bias_bwd_f64_nt = _gelu_central_intrinsic(True, True, False, nt=True)
 gelu_bias_bwd_f64_tail = _gelu_central_intrinsic(True, True, True)
+# the backward blocks with lanes put aside go to a stage (kernels.activations._finish_staged)
+gelu_bwd_f64_staged = _gelu_central_intrinsic(False, True, False, nt=True, staged=True)
+gelu_bias_bwd_f64_staged = _gelu_central_intrinsic(True, True, False, nt=True, staged=True)
 # the lanes the ones above put aside, through normal_tail_and_exp
 gelu_wide_f64 = _gelu_wide_intrinsic(False, False)
 gelu_wide_f64_tail = _gelu_wide_intrinsic(False, True)
