@@ -266,15 +266,10 @@ def _scatter(pz, pi, pj, cnt, out, acc, bias):
             acc[pj[t]] += pz[t]
 
 
-@jit(fastmath={"contract"})
-def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
-    """The ``cnt`` lanes put aside (``|z| >= 4.99`` or NaN), 32 at a time through the
-    full-range path: ``out[pi[t]] = pz[t] Phi(pz[t])``, or backward ``pdy[t]
-    GELU'(pz[t])``; with ``bias``, also added to ``acc[pj[t]]`` (the bias gradient).
-    Returns 0, the new count. Called every ``_PEND`` lanes: while it runs, the chunk's
-    input streams pause, so small batches keep the memory busy (``N(0, 3^2)`` inputs
-    from memory, one core, ns per element: 1.11-1.23 at 256, 0.96 at 64, 0.85-0.86 at
-    96, 0.92-0.96 at 128; in cache 32 cost 0.90, 96 0.81)."""
+@jit(inline=True, fastmath={"contract"})
+def _finish_lanes(pz, pdy, cnt, backward):
+    """``pz[:cnt]`` finished in place through the full-range path, whole batches of
+    ``_B`` lanes and then a masked tail: ``pz Phi(pz)``, or backward ``pdy GELU'(pz)``."""
     k = 0
     while k + _B <= cnt:
         if backward:
@@ -287,6 +282,18 @@ def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
             gelu_wide_bwd_f64_tail(pdy, pz, pz, k, cnt - k)
         else:
             gelu_wide_f64_tail(pdy, pz, pz, k, cnt - k)
+
+
+@jit(fastmath={"contract"})
+def _finish(pz, pdy, pi, pj, cnt, out, acc, bias, backward):
+    """The ``cnt`` lanes put aside (``|z| >= 4.99`` or NaN), 32 at a time through the
+    full-range path: ``out[pi[t]] = pz[t] Phi(pz[t])``, or backward ``pdy[t]
+    GELU'(pz[t])``; with ``bias``, also added to ``acc[pj[t]]`` (the bias gradient).
+    Returns 0, the new count. Called every ``_PEND`` lanes: while it runs, the chunk's
+    input streams pause, so small batches keep the memory busy (``N(0, 3^2)`` inputs
+    from memory, one core, ns per element: 1.11-1.23 at 256, 0.96 at 64, 0.85-0.86 at
+    96, 0.92-0.96 at 128; in cache 32 cost 0.90, 96 0.81)."""
+    _finish_lanes(pz, pdy, cnt, backward)
     _scatter(pz, pi, pj, cnt, out, acc, bias)
     return 0
 
@@ -476,12 +483,7 @@ def _finish_staged(pz, pdy, pi, pj, cnt, st, bi, ns, out, acc, bias):
     """The ``cnt`` backward lanes put aside from the ``ns`` staged blocks (``pi``: their
     index in ``st``), finished as ``_finish`` does, into the stage, then each block
     ``st[s*_B:(s+1)*_B]`` streamed out to ``out[bi[s]:]``. Returns 0, the new count."""
-    k = 0
-    while k + _B <= cnt:
-        gelu_wide_bwd_f64(pdy, pz, pz, k, _B)
-        k += _B
-    if k < cnt:
-        gelu_wide_bwd_f64_tail(pdy, pz, pz, k, cnt - k)
+    _finish_lanes(pz, pdy, cnt, True)
     _scatter(pz, pi, pj, cnt, st, acc, bias)
     for s in range(ns):
         for q in range(0, _B, 8):
