@@ -23,7 +23,7 @@ quantisation with the next row asked for during the second pass over a row 1.26-
 ahead 1.33-1.37x (norming its rows) / 1.07-1.11x (pre-normalised), the softmax's
 streamed rows with the next row asked for 1.27-1.29x. On the Zen 4 host an 8 KiB-ahead
 hint in the quantisation cost 18-21%. The same switch picks layer norm's choices
-measured with it (``kernels.nn``: ``LN_FWD_NEXT_ROW``, ``LN_BWD_NT_F32_BYTES``).
+measured with it (``kernels.nn``: ``LN_FWD_NEXT_ROW``).
 """
 
 from __future__ import annotations

@@ -187,11 +187,15 @@ LN_FWD_NT_BYTES = 256
 LN_FWD_LEAD_BYTES = 8192  # streamed forward rows prefetch this far ahead (or the next row)
 LN_FWD_NEXT_ROW = ROW_HINTS  # _ln_fwd's streamed rows: the next row instead (Intel hosts)
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
-# float32 backward rows of this many bytes or more stream dx out (_nt_rows): from 4 KiB
-# (the wide rows) on the AMD hosts (at 80 GB/s 512-768 features measured 0.7-0.95x),
-# from 1 KiB where the host-dependent hints are on (Intel host, 2^25 elements from
-# memory, A/B: 256 features 1.44x, 512 1.29x)
-LN_BWD_NT_F32_BYTES = 1024 if ROW_HINTS else LN_BWD_WIDE_BYTES
+# float32 backward rows of this many bytes or more stream dx out (_nt_rows), on every
+# host. 2^25 elements from memory, A/B by rounds in one process: Intel host 256 features
+# 1.44x, 512 1.29x; Zen 4 host (1-3 processes each, a 35-50 GB/s triad) 64 features
+# 0.93-1.07x (so not streamed), 128 1.09-1.18x, 192 1.11x, 256 1.29-1.43x, 384 1.12x,
+# 512 1.18x, 768 1.10x. The Zen 5 host gained 15-21% at 256 features while its triad
+# gave 48 GB/s but lost 5-30% (512-768 features) at 80, where the row kernel is nearly
+# compute-bound; until 2026-12-04 that loss kept AMD hosts' rows under 4 KiB plain (the
+# slower memory is the common case on these shared machines).
+LN_BWD_NT_F32_BYTES = 512
 # _ln_bwd_wide with nt: rows in groups whose x and dy take up to LN_BWD_GROUP_BYTES (at
 # most LN_BWD_GROUP_MAX rows); the second pass goes over the group in column tiles of
 # LN_BWD_TILE_BYTES, so the tile's dgamma/dbeta shares stay in L1 for the whole group
@@ -575,7 +579,7 @@ def _nt_rows(out: np.ndarray, f32_from: int | None = None) -> bool:
     on a 64-byte boundary (kernels allocate their outputs so, see
     ``kernels.empty_aligned``), and float64, or float32 with rows of ``f32_from`` bytes
     or more where a caller measured that it pays (forward ``LN_FWD_NT_BYTES``,
-    backward ``LN_BWD_WIDE_BYTES``; ``None``: never).
+    backward ``LN_BWD_NT_F32_BYTES``; ``None``: never).
 
     Measured on layer norm at 131072 x 256, A/B in one process: float64 forward +9-16%
     and backward +23% whether the triad gave 48 or 80 GB/s; float32 +15-21% at 48 but

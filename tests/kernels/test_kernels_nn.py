@@ -920,16 +920,16 @@ def test_layer_norm_backward_of_very_wide_float32_rows_pipelined(rng, monkeypatc
 def test_layer_norm_streamed_rows_match_plain_stores(dt, widths, rng, monkeypatch):
     # large outputs whose rows are whole cache lines are streamed out (float64 rows past
     # the short-row kernels, float32 rows of 256 bytes or more forward, in registers
-    # (64, 128 features) or not, and of 4 KiB or more backward), each row written while a later row's inputs are prefetched: the same
-    # values as plain stores (bit for bit but the wide backward, whose streamed rows
-    # take their multiply-adds in another order, and float32 dgamma/dbeta of rows of
-    # 8 KiB, two rows per pass only with plain stores), in place, into an unaligned
-    # output (plain stores then), and nothing written past the output. Float32 backward
-    # rows stream from 1 KiB here (as on hosts with the row hints on), so that path runs
-    # on every host
+    # (64, 128 features) or not, and of 512 bytes or more backward,
+    # ``nn.LN_BWD_NT_F32_BYTES``), each row written while a later row's inputs are
+    # prefetched: the same values as plain stores (bit for bit but the wide backward,
+    # whose streamed rows take their multiply-adds in another order, and float32
+    # dgamma/dbeta of rows of 8 KiB, two rows per pass only with plain stores), in
+    # place, into an unaligned output (plain stores then), and nothing written past the
+    # output
     import kernels
 
-    monkeypatch.setattr(nn, "LN_BWD_NT_F32_BYTES", 1024)
+    assert nn.LN_BWD_NT_F32_BYTES <= 128 * 4  # (128 features and up stream here)
 
     def same(got, want, exact, name):
         if exact:
