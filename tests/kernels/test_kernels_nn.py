@@ -495,6 +495,25 @@ def test_layer_norm_forward(dtype, tol, rng):
     np.testing.assert_allclose(mu, x.astype(np.float64).mean(axis=1), **tol)
 
 
+@pytest.mark.parametrize("d", [3, 10, 20])
+def test_layer_norm_float32_blocks_statistics_as_close_as_float64_sums(d, rng):
+    # rows of few float32 features go through blocks (ln_block) whose sums run in
+    # float32, the mean corrected by the mean of x - mean: with a large offset (1000 +-
+    # 0.01) the mean is within half an ulp and rstd is not biased by the mean's rounding
+    # (the float64 sums before, which did not take that rounding out, put rstd 1e-5 to
+    # 4e-5 off here). 4096 rows: whole blocks at every width
+    x = (1000 + 0.01 * rng.standard_normal((4096, d))).astype(np.float32)
+    y, mu, rstd = nn.layer_norm(x, np.ones(d, np.float32), np.zeros(d, np.float32))
+    x64 = x.astype(np.float64)
+    m, v = x64.mean(axis=1), x64.var(axis=1)
+    assert np.abs(mu - m).max() <= 0.51 * np.spacing(np.float32(1000))
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(v + 1e-5), rtol=1e-6)
+    xs = x[:, ::-1].copy()  # the same rows, features in another order: the same mean
+    np.testing.assert_allclose(nn.layer_norm(xs, np.ones(d, np.float32),
+                                             np.zeros(d, np.float32))[1], mu, rtol=0,
+                               atol=np.spacing(np.float32(1000)))
+
+
 def test_layer_norm_backward_matches_finite_differences(rng):
     x, dy = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
     g, b = rng.standard_normal(6), rng.standard_normal(6)
