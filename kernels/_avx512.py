@@ -2277,7 +2277,7 @@ def _layer_norm_block_intrinsic(backward: bool):
                     acc = builder.fadd(acc, v)
                 return acc
 
-            # float32 sums stay float32 (pairwise: at most 20 columns, so 5 levels), the
+            # float32 sums stay float32 (pairwise: at most 32 columns, so 5 levels), the
             # mean corrected by the mean of x - mean (below); float64 widening cost
             # 1.2-2x on the Zen 4 host
             sty = vty if f32 else d64v

@@ -230,9 +230,13 @@ VEC_SHORT = VEC_BLOCKS = _host_has_avx2_fma()
 # AVX2, 2^23 elements from memory: forward float32 2-16 features 1.4-5.0x the row
 # loops, 17-28 1.08-1.48x (32: 0.85x), float64 2-8 5.7-7.2x, 9-16 1.3-2.9x (in cache
 # 16: 0.87x); backward float32 up to 14 (against the short rows 1.0-5.9x; at 16
-# 0.74x), float64 up to 8 (1.1-1.8x, except 7: 0.86x; 9-16 in cache 0.5-0.8x)
-LN_BLOCK_MAX_FEATURES = {(4, 16): 20, (8, 8): 13, (4, 8): 28, (8, 4): 16}
-LN_BWD_BLOCK_MAX_FEATURES = {(4, 16): 11, (8, 8): 6, (4, 8): 14, (8, 4): 8}
+# 0.74x), float64 up to 8 (1.1-1.8x, except 7: 0.86x; 9-16 in cache 0.5-0.8x).
+# AVX-512 float32 again once its blocks summed in float32 (2026-12-04, Zen 4, A/B by
+# rounds, the row kernels' time over the blocks', 2^20 / 2^24 elements): forward 22
+# features 2.03x / 1.56x, 24 1.23x / 1.30x, 26 1.62x / 1.10x, 28 1.52x / 0.79-1.20x,
+# 30-32 0.74-0.96x; backward 12 1.29x / 1.10x (two processes), 13 0.70x, 14 0.77-1.10x
+LN_BLOCK_MAX_FEATURES = {(4, 16): 26, (8, 8): 13, (4, 8): 28, (8, 4): 16}
+LN_BWD_BLOCK_MAX_FEATURES = {(4, 16): 12, (8, 8): 6, (4, 8): 14, (8, 4): 8}
 LN_BWD_BLOCK_PARTIAL = 8  # float32 backward blocks: dgamma/dbeta shares summed per 8 blocks
 # classes up to which rows go in blocks (by (itemsize, lanes)); above, the row kernel
 # wins in cache with AVX-512 (2^19 logits: float32 25-28 classes 1.12-1.31x in blocks,
