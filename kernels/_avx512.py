@@ -1658,9 +1658,10 @@ def _layer_norm_rows_intrinsic(backward: bool):
     them. ``nt``: store whole vectors non-temporally (rows aligned to 64 bytes).
 
     ``ln_bwd_row(dy, x, gamma, dx, pg, pb, i, d, rin, rout, mean, rstd, nt, nvec)``:
-    ``dx[i:i+d]``, and ``dy * xhat`` and ``dy`` added to the float64 accumulators ``pg``,
-    ``pb`` (vector ``q`` of the row to ``[q*L, (q+1)*L)``, unmasked: they are at least
-    ``nvec * L`` long and their lanes past the row are junk).
+    ``dx[i:i+d]``, and ``dy * xhat`` and ``dy`` added to the accumulators ``pg``, ``pb``
+    (vector ``q`` of the row to ``[q*L, (q+1)*L)``, unmasked: they are at least ``nvec *
+    L`` long and their lanes past the row are junk): float64, or the input's dtype (no
+    widening; the caller moves them into float64 every few rows).
 
     ``gamma`` and ``beta`` are read as whole vectors: at least ``nvec * L`` long, zero
     past ``d``. ``rin``: elements that may be read from the row's start in x (and dy);
@@ -1680,7 +1681,8 @@ def _layer_norm_rows_intrinsic(backward: bool):
                    and a.dtype == dt for a in args[:4]):
             return None
         if backward and not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
-                                and a.dtype == types.float64 for a in args[4:6]):
+                                and a.dtype in (types.float64, dt) and a.dtype == args[4].dtype
+                                for a in args[4:6]):
             return None
         nv = nvec.literal_value
         f32 = dt == types.float32
@@ -1759,7 +1761,9 @@ def _layer_norm_rows_intrinsic(backward: bool):
             b = builder.fmul(_hsum64(builder, gx), dinv)
             a_t, b_t = (builder.fptrunc(a, ft), builder.fptrunc(b, ft)) if f32 else (a, b)
             av, nbv = _splat(builder, a_t, vty), _splat(builder, builder.fneg(b_t), vty)
-            v64 = ir.VectorType(_F64, lanes)
+            widen = f32 and sig.args[4].dtype == types.float64  # else shares in x's dtype
+            sty = ir.VectorType(_F64, lanes) if widen else vty
+            al = 8 if widen or not f32 else 4
             for q in range(nv):  # each dx vector stored before its sums: 10-15% faster
                 val = builder.fmul(builder.call(fma, [xh[q], nbv, builder.fsub(g[q], av)]), rs)
                 _row_store(builder, val, ptr(3, q), d64, rout, q, lanes, nt)
@@ -1768,10 +1772,10 @@ def _layer_norm_rows_intrinsic(backward: bool):
                     for k, add in ((4, builder.fmul(dys[q], xh[q])), (5, dys[q])):
                         p = builder.bitcast(_elem_ptr(context, builder, sig.args[k], cargs[k],
                                                       ir.Constant(_I64, q * lanes), types.int64),
-                                            v64.as_pointer())
-                        if f32:
-                            add = builder.fpext(add, v64)
-                        builder.store(builder.fadd(builder.load(p, align=8), add), p, align=8)
+                                            sty.as_pointer())
+                        if widen:
+                            add = builder.fpext(add, sty)
+                        builder.store(builder.fadd(builder.load(p, align=al), add), p, align=al)
             return context.get_dummy_value()
 
         return ret(*args), codegen

@@ -209,6 +209,8 @@ LN_BWD_L2_AHEAD = True
 LN_BWD_NEXT_F32_BYTES = (64 << 10, 96 << 10)
 LN_BWD_PARTIAL_ROWS = 32  # its float32 dgamma/dbeta shares: rows summed before float64
 LN_BWD_ROW_PARTIAL = 16  # _ln_bwd, float32: rows of dgamma/dbeta shares before float64
+# _ln_bwd_short, float32: the same (0: each vector's shares widened into the float64 sums)
+LN_BWD_SHORT_PARTIAL = 16
 LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
 VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
 # switch it off to run the portable path too)
@@ -1205,15 +1207,23 @@ def _move_sums(pg, pb, sg, sb):
 
 @jit(parallel=True)
 def _ln_bwd_short(dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, d, nchunks, nt, spill,
-                  nvec):
+                  nvec, qg, qb, every):
     """Rows of at most ``nvec`` vectors held in registers
     (``kernels._avx512.ln_bwd_row``); ``pg[c]``, ``pb[c]``: chunk ``c``'s float64 sums
-    for dgamma and dbeta, ``nvec`` vectors long; ``spill`` as in ``_ln_fwd_short``."""
+    for dgamma and dbeta, ``nvec`` vectors long; ``spill`` as in ``_ln_fwd_short``. The
+    rows add their shares to ``qg[c]``, ``qb[c]``, moved into ``pg[c]``, ``pb[c]`` every
+    ``every`` rows and at the chunk's end, as in ``_ln_bwd`` (float32: shares in
+    float32, not widened per vector; float64 passes ``pg``, ``pb`` and -1)."""
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
-        g = pg[c]
-        b = pb[c]
+        g = qg[c]
+        b = qb[c]
+        held = 0
         for i in range(lo, hi):
+            if held == every:
+                _move_sums(pg[c], pb[c], g, b)
+                held = 0
+            held += 1
             base = i * d
             rin = (n - i) * d
             rout = (hi - i) * d if spill else d
@@ -1227,6 +1237,8 @@ def _ln_bwd_short(dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, d, nchunk
                 ln_bwd_row(dyflat, xflat, gamma, dxflat, g, b, base, d, rin, rout, mu, r, nt, 4)
             else:
                 ln_bwd_row(dyflat, xflat, gamma, dxflat, g, b, base, d, rin, rout, mu, r, nt, 8)
+        if every > 0:  # the rows since the last move
+            _move_sums(pg[c], pb[c], g, b)
         if nt:
             sfence()
 
@@ -1336,9 +1348,15 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
         pg[:] = 0.0
         pb[:] = 0.0
         spill = not (np.may_share_memory(dx, x) or np.may_share_memory(dx, dy))
+        if x.dtype == np.float32 and LN_BWD_SHORT_PARTIAL > 0:  # float32 shares, moved
+            q = _checks.empty_aligned((2, nch, width), x.dtype)
+            q[:] = 0.0
+            qg, qb, every = q[0], q[1], LN_BWD_SHORT_PARTIAL
+        else:
+            qg, qb, every = pg, pb, -1
         pick_twin(_ln_bwd_short, _ln_bwd_short_1, nch)(
             dy.reshape(-1), x.reshape(-1), _padded(gamma, nvec), mean, rstd, dx.reshape(-1),
-            pg, pb, n, d, nch, nt, spill, nvec)
+            pg, pb, n, d, nch, nt, spill, nvec, qg, qb, every)
         return _chunk_sum(pg[:, :d]), _chunk_sum(pb[:, :d])
     pg = np.zeros((nch, d), np.float64)
     pb = np.zeros((nch, d), np.float64)

@@ -606,6 +606,33 @@ def test_layer_norm_backward_sums_have_the_input_dtype_at_every_size(n, d, dt, r
     np.testing.assert_allclose(db, dy.sum(axis=0), rtol=tol, atol=tol)
 
 
+def test_layer_norm_backward_short_float32_rows_shares_in_float32_or_widened(rng, monkeypatch):
+    # float32 rows held in registers (ln_bwd_row) add their dgamma/dbeta shares in
+    # float32, moved into the float64 sums every LN_BWD_SHORT_PARTIAL rows and at each
+    # chunk's end; 0 widens every vector's shares into the float64 sums instead. dx is
+    # the same bit for bit, the sums agree to float32 rounding (301 rows: 4 chunks)
+    for d in (16, 40, 64, 100, 128):
+        x = (1 + 2 * rng.standard_normal((301, d))).astype(np.float32)
+        dy = rng.standard_normal((301, d)).astype(np.float32)
+        g = rng.standard_normal(d).astype(np.float32)
+        _, mu, rs = nn.layer_norm(x, g, g)
+        res = {}
+        for every in (16, 3, 0):
+            monkeypatch.setattr(nn, "LN_BWD_SHORT_PARTIAL", every)
+            res[every] = nn.layer_norm_backward(dy, x, g, mu, rs)
+        for every in (16, 3):
+            np.testing.assert_array_equal(res[every][0], res[0][0], err_msg=f"dx, d={d}")
+            for k in (1, 2):
+                np.testing.assert_allclose(res[every][k], res[0][k], rtol=1e-6,
+                                           atol=1e-6 * np.abs(res[0][k]).max(),
+                                           err_msg=f"sums, d={d}, every {every}")
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        xhat = (x64 - mu[:, None]) * rs[:, None]
+        np.testing.assert_allclose(res[16][1], (dy64 * xhat).sum(axis=0), rtol=1e-5,
+                                   atol=1e-5 * np.abs(dy64 * xhat).sum(axis=0).max())
+        np.testing.assert_allclose(res[16][2], dy64.sum(axis=0), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(37, 64), (5, 8), (9, 200)])
 def test_layer_norm_float64_non_temporal_rows_match(shape, rng, monkeypatch):
     # rows built in a scratch row and streamed out with non-temporal stores (float64,
