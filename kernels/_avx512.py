@@ -2190,7 +2190,7 @@ def _layer_norm_block_intrinsic(backward: bool):
     whole vectors and transposed in registers into ``d`` columns of one row per lane
     (as ``softmax_block``).
 
-    ``ln_block(x, y, gamma, beta, mean, rstd, b, eps, d)``: a row's mean and variance are
+    ``ln_block(x, y, gamma, beta, mean, rstd, b, eps, nt, d)``: a row's mean and variance are
     sums over the columns, in the input's dtype (float32: pairwise, the mean corrected
     by the mean of ``x - mean``, so it is as close as a float64 sum's; widening the
     columns to float64 instead cost 1.2-2x, below); ``mean``/``rstd`` of
@@ -2201,7 +2201,7 @@ def _layer_norm_block_intrinsic(backward: bool):
     core in L2, cycles per block against transposing ``y`` back: float32 8 / 10 / 14
     features 307 / 346 / 487 -> 222 / 281 / 380, float64 8 / 10: 183 / 212 -> 119 / 154.
 
-    ``ln_bwd_block(dy, x, gamma, dx, mean, rstd, pg, pb, b, d)``: ``dx``, and for each
+    ``ln_bwd_block(dy, x, gamma, dx, mean, rstd, pg, pb, b, nt, d)``: ``dx``, and for each
     column ``j`` the lanes of ``dy * xhat`` and ``dy`` added to ``pg[j*L:(j+1)*L]`` and
     ``pb[...]`` (float64, or the input's dtype: then no widening, and the caller moves
     them into float64 every few blocks; the caller sums the lanes). The row sums
@@ -2257,10 +2257,21 @@ def _layer_norm_block_intrinsic(backward: bool):
             def block(k, vecs=None):
                 return _block_columns(builder, [load_rows(k) if vecs is None else vecs])[0]
 
+            ntv = context.cast(builder, cargs[kb + (1 if backward else 2)],
+                               sig.args[kb + (1 if backward else 2)], types.boolean)
+
+            def put_rows(k, make):
+                """The block's ``d`` row-layout vectors (``make()``, built in each
+                branch) stored, non-temporally where ``nt`` (a block is ``64 d`` bytes:
+                whole lines where the array is 64-byte aligned)."""
+                def emit(streamed):
+                    for q, vec in enumerate(make()):
+                        at = builder.add(base, ir.Constant(_I64, q * lanes))
+                        _store(builder, vec, ptr(k, at), None, nt=streamed)
+                _streamed_or_not(builder, ntv, emit)
+
             def put(k, cols):
-                for q, vec in enumerate(_block_rows(builder, [cols])[0]):
-                    _store(builder, vec, ptr(k, builder.add(base, ir.Constant(_I64, q * lanes))),
-                           None)
+                put_rows(k, lambda: _block_rows(builder, [cols])[0])
 
             def param(k, j):  # spread: column j's lanes of the (d, L) array
                 if spread:
@@ -2309,14 +2320,15 @@ def _layer_norm_block_intrinsic(backward: bool):
                 _store(builder, r_t, ptr(5, row0), None)
                 # y in the row layout, no transpose back: each vector's rows' mean and rstd
                 # by one permute each, gamma and beta tiled over the block
-                for q, xv in enumerate(xrows):
-                    idx = [(q * lanes + ln) // d for ln in range(lanes)]
-                    at_q = ir.Constant(_I64, q * lanes)
-                    t = builder.fsub(xv, _permute1(builder, mu_t, idx))
-                    t = builder.fmul(builder.fmul(t, _permute1(builder, r_t, idx)),
-                                     _load(builder, ptr(2, at_q), None))
-                    _store(builder, builder.fadd(t, _load(builder, ptr(3, at_q), None)),
-                           ptr(1, builder.add(base, at_q)), None)
+                def y_rows():
+                    for q, xv in enumerate(xrows):
+                        idx = [(q * lanes + ln) // d for ln in range(lanes)]
+                        at_q = ir.Constant(_I64, q * lanes)
+                        t = builder.fsub(xv, _permute1(builder, mu_t, idx))
+                        t = builder.fmul(builder.fmul(t, _permute1(builder, r_t, idx)),
+                                         _load(builder, ptr(2, at_q), None))
+                        yield builder.fadd(t, _load(builder, ptr(3, at_q), None))
+                put_rows(1, y_rows)
                 return context.get_dummy_value()
             dys, xs = block(0), block(1)
             mu = _load(builder, ptr(4, row0), None)
@@ -2339,11 +2351,11 @@ def _layer_norm_block_intrinsic(backward: bool):
         return types.none(*args), codegen
 
     if backward:
-        def typer(typingctx, dy, x, gamma, dx, mean, rstd, pg, pb, b, d):
-            return check((dy, x, gamma, dx, mean, rstd, pg, pb, b, d))
+        def typer(typingctx, dy, x, gamma, dx, mean, rstd, pg, pb, b, nt, d):
+            return check((dy, x, gamma, dx, mean, rstd, pg, pb, b, nt, d))
     else:
-        def typer(typingctx, x, y, gamma, beta, mean, rstd, b, eps, d):
-            return check((x, y, gamma, beta, mean, rstd, b, eps, d))
+        def typer(typingctx, x, y, gamma, beta, mean, rstd, b, eps, nt, d):
+            return check((x, y, gamma, beta, mean, rstd, b, eps, nt, d))
     typer.__name__ = typer.__qualname__ = "ln_bwd_block" if backward else "ln_block"
     return intrinsic(typer)
 

@@ -795,6 +795,16 @@ def _ln_fwd_short(xflat, gamma, beta, eps, yflat, mean, rstd, n, d, nchunks, nt,
             sfence()
 
 
+# layer norm's blocks of rows stream their output out (non-temporal stores) when it is
+# large (``stream_out``) and 64-byte aligned: a block is 64 d bytes, whole lines
+LN_BLOCKS_STREAM = True
+
+
+def _ln_blocks_nt(out: np.ndarray) -> bool:
+    """Whether the blocks of rows stream ``out`` out (``LN_BLOCKS_STREAM``)."""
+    return LN_BLOCKS_STREAM and stream_out(out) and out.ctypes.data % 64 == 0
+
+
 def _padded(v: np.ndarray, nvec: int) -> np.ndarray:
     """``v`` followed by zeros up to ``nvec`` whole vectors (``_lanes``)."""
     out = np.zeros(nvec * _lanes(v.dtype), v.dtype)
@@ -821,11 +831,16 @@ def _block_params(p: np.ndarray, lanes: int) -> np.ndarray:
 
 
 @jit(parallel=True)
-def _ln_fwd_blocks(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, feats):
+def _ln_fwd_blocks(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, nchunks, nt, feats):
     """Blocks of ``L`` rows of ``d = len(feats)`` features, each transposed in registers
-    (``kernels._avx512.ln_block``; ``feats``: see ``_softmax_xent_blocks``)."""
-    for b in prange(nblocks):
-        ln_block(xflat, yflat, gamma, beta, mean, rstd, b, eps, feats)
+    (``kernels._avx512.ln_block``; ``feats``: see ``_softmax_xent_blocks``), ``nchunks``
+    chunks of blocks; ``y`` streamed out when ``nt`` (``_ln_blocks_nt``)."""
+    for c in prange(nchunks):
+        lo, hi = chunk_bounds(nblocks, nchunks, c)
+        for b in range(lo, hi):
+            ln_block(xflat, yflat, gamma, beta, mean, rstd, b, eps, nt, feats)
+        if nt:
+            sfence()
 
 
 # The forward kernels once more without ``parallel`` (``kernels._jit.serial_twin``), for
@@ -896,9 +911,10 @@ def layer_norm(
         nblk = _ln_blocks(n, d, x.dtype, LN_BLOCK_MAX_FEATURES)
         lanes = _lanes(x.dtype)
         if nblk:  # gamma, beta tiled over a block (ln_block writes y in the row layout)
-            pick_twin(_ln_fwd_blocks, _ln_fwd_blocks_1, row_chunks(n, d))(
+            nch = min(row_chunks(n, d), nblk)
+            pick_twin(_ln_fwd_blocks, _ln_fwd_blocks_1, nch)(
                 x.reshape(-1), np.tile(gamma, lanes), np.tile(beta, lanes), eps,
-                y.reshape(-1), mean, rstd, nblk, (0,) * d)
+                y.reshape(-1), mean, rstd, nblk, nch, _ln_blocks_nt(y), (0,) * d)
         done = nblk * lanes
         if done == 0:
             _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd)
@@ -1245,20 +1261,21 @@ def _ln_bwd_short(dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, d, nchunk
 
 @jit(parallel=True)
 def _ln_bwd_blocks(dyflat, xflat, gamma, dxflat, mean, rstd, pg, pb, qg, qb, every, nblocks,
-                   nchunks, feats):
+                   nchunks, nt, feats):
     """Blocks of ``L`` rows transposed in registers (``kernels._avx512.ln_bwd_block``);
     ``pg[c]``, ``pb[c]``: chunk ``c``'s float64 sums per feature and lane, gathered in
     ``qg[c]``, ``qb[c]`` (the input's dtype) and moved into them every ``every`` blocks:
     the block kernel then adds its shares without widening them, and loads and stores
     half the bytes (float32, one core in L2, 2 / 4 / 8 / 10 features: 72 / 162 / 373 /
     471 -> 58 / 139 / 339 / 425 cycles per block; without any updates 10 features took
-    333). float64 sums stay in ``qg`` until the chunk ends (``every`` = all blocks)."""
+    333). float64 sums stay in ``qg`` until the chunk ends (``every`` = all blocks).
+    ``dx`` streamed out when ``nt`` (``_ln_blocks_nt``)."""
     for c in prange(nchunks):
         lo, hi = chunk_bounds(nblocks, nchunks, c)
         g, b, sg, sb = qg[c], qb[c], pg[c], pb[c]
         left = every
         for blk in range(lo, hi):
-            ln_bwd_block(dyflat, xflat, gamma, dxflat, mean, rstd, g, b, blk, feats)
+            ln_bwd_block(dyflat, xflat, gamma, dxflat, mean, rstd, g, b, blk, nt, feats)
             left -= 1
             if left == 0 or blk == hi - 1:
                 left = every
@@ -1267,6 +1284,8 @@ def _ln_bwd_blocks(dyflat, xflat, gamma, dxflat, mean, rstd, pg, pb, qg, qb, eve
                     sb[k] += b[k]
                     g[k] = 0.0
                     b[k] = 0.0
+        if nt:
+            sfence()
 
 
 _ln_bwd_1 = serial_twin(_ln_bwd)  # (as the forward's: calls of one chunk)
@@ -1303,7 +1322,8 @@ def layer_norm_backward(
             every = LN_BWD_BLOCK_PARTIAL if x.dtype == np.float32 else nblk
             pick_twin(_ln_bwd_blocks, _ln_bwd_blocks_1, nch)(
                 dy.reshape(-1), x.reshape(-1), _block_params(gamma, lanes), dx.reshape(-1),
-                mean, rstd, acc[0], acc[1], part[0], part[1], every, nblk, nch, (0,) * d)
+                mean, rstd, acc[0], acc[1], part[0], part[1], every, nblk, nch,
+                _ln_blocks_nt(dx), (0,) * d)
             sums = acc.reshape(2, nch, d * lanes).sum(axis=1)  # by column and lane
             feat = np.array(block_order(d, lanes)).reshape(-1)  # each lane's feature
             dg = np.bincount(feat, sums[0], d)

@@ -1019,6 +1019,46 @@ def test_layer_norm_streamed_rows_match_plain_stores(dt, widths, rng, monkeypatc
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_layer_norm_blocks_with_non_temporal_stores_match_plain_stores(dt, rng, monkeypatch):
+    # large aligned outputs leave the blocks of rows (ln_block, ln_bwd_block) with
+    # non-temporal stores (forced on here for small ones): the same values bit for bit
+    # as plain stores, in place too, and nothing written past the output. 301 rows: the
+    # last ones through the row kernels
+    import kernels
+
+    if not nn.VEC_BLOCKS:
+        pytest.skip("no blocks of rows without AVX2 and FMA (nn.VEC_BLOCKS)")
+    key = np.dtype(dt).itemsize, nn._lanes(dt)
+    chosen = []
+    monkeypatch.setattr(nn, "_ln_blocks_nt", lambda out, f=nn._ln_blocks_nt: chosen.append(
+        f(out)) or chosen[-1])
+    for d in sorted({2, 10, nn.LN_BWD_BLOCK_MAX_FEATURES[key], nn.LN_BLOCK_MAX_FEATURES[key]}):
+        x = (1 + 2 * rng.standard_normal((301, d))).astype(dt)
+        dy = rng.standard_normal((301, d)).astype(dt)
+        g, b = rng.standard_normal(d).astype(dt), rng.standard_normal(d).astype(dt)
+        res = {}
+        for nt in (False, True):
+            monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0 if nt else 1 << 62)
+            chosen.clear()
+            big = kernels.empty_aligned((x.size + 64,), dt)
+            big[:] = 7.0
+            dbig = kernels.empty_aligned((x.size + 64,), dt)
+            dbig[:] = 7.0
+            y, mu, rstd = nn.layer_norm(x, g, b, out=big[:x.size].reshape(x.shape))
+            grads = nn.layer_norm_backward(dy, x, g, mu, rstd,
+                                           out=dbig[:x.size].reshape(x.shape))
+            assert (big[x.size:] == 7.0).all() and (dbig[x.size:] == 7.0).all(), d
+            assert chosen and all(c == nt for c in chosen), (d, nt, chosen)
+            res[nt] = [a.copy() for a in (y, mu, rstd, *grads)]
+            xc, dyc = x.copy(), dy.copy()  # in place
+            np.testing.assert_array_equal(nn.layer_norm(xc, g, b, out=xc)[0], y)
+            np.testing.assert_array_equal(
+                nn.layer_norm_backward(dyc, x, g, mu, rstd, out=dyc)[0], grads[0])
+        for k, name in enumerate(("y", "mean", "rstd", "dx", "dgamma", "dbeta")):
+            np.testing.assert_array_equal(res[True][k], res[False][k], err_msg=f"{name}, d={d}")
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
 def test_layer_norm_short_rows_in_place_and_nothing_written_past_the_output(dt, rng,
                                                                            every_short_row):
     # in place (out=x, out=dy) the rows may not spill into the next row, which is still
