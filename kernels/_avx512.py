@@ -1,8 +1,8 @@
 """Float64 GELU on explicit 8-lane AVX-512 vectors: forward and backward, with or
 without a bias (the float64 path of ``kernels.activations`` where the CPU has AVX-512F;
 float32 GELU on 16 lanes is a shorter version of its central pieces, ``gelu*_f32``);
-the same table exp also serves float64 softmax (``softmax_exp_f64``, in ``kernels.nn``:
-0.57 -> 0.50 ns per element per core in cache). At the end: softmax + cross-entropy and
+float64 softmax has a leaner variant of the same table exp (``exp_softmax``, behind
+``softmax_exp_f64`` and the row kernels; see there). At the end: softmax + cross-entropy and
 layer norm (forward and backward) of short rows, float32 and float64, each row held in
 up to 8 vectors (``softmax_row*``, ``ln_row``, ``ln_bwd_row``).
 
@@ -462,10 +462,34 @@ def _exp_finish(v: _Vec, kf, kd, r):
     return v.scalef(v.mul(v.lookup16(_POW2_16, v.bits(kf)), p), v.mul(kd, v.const(1.0 / 16)))
 
 
-def exp_nonpos(v: _Vec, w):
-    """``e^w`` for ``w <= 0`` (about 2 ulp; 0 below -745; NaN stays NaN)."""
-    w = v.select_lt(w, v.const(-746.0), v.const(-746.0), w)
-    return _exp_finish(v, *_exp_reduce(v, w))
+# 2^(j/16) with j << 48 taken off its bits: adding k << 48 (k = 16 m + j, as a 64-bit
+# integer) to entry j puts back j's bits and adds m to the exponent field, so the entry
+# becomes 2^(k/16) with two integer operations instead of a multiply and a vscalefpd
+_POW2_16_LESS_J = tuple(
+    struct.unpack("<d", struct.pack("<q", struct.unpack("<q", struct.pack("<d", t))[0]
+                                    - (j << 48)))[0] for j, t in enumerate(_POW2_16))
+
+
+def exp_softmax(v: _Vec, w):
+    """``e^w`` for softmax (``w = x - shift``, ``w <= 709``; about 1 ulp). The table exp
+    of GELU (``_exp_reduce``, ``_exp_finish``) with fewer operations for the multiply-add
+    units (10 per vector against 14): ``2^(k/16)`` built from the table's bits by an
+    integer shift and add (``_POW2_16_LESS_J``) instead of a multiply and ``vscalefpd``, and
+    ``e^w = S + (S r) q(r)`` with ``q`` of degree 5 by Horner's rule (the 4 vectors in
+    lockstep hide its latency). As in ``kernels._fastmath.exp_softmax_f64``, ``w`` is
+    clamped at -708.3965, so anything below the smallest normal comes out as about
+    2.2e-308 instead of 0 (a softmax sum and its scaled row absorb that). NaN stays NaN;
+    ``w`` past 709 gives junk, which softmax's callers never keep (they redo such a row
+    against its max)."""
+    kf, _, r = _exp_reduce(v, v.max_x86(v.const(-708.3965), w))  # vmaxpd keeps a NaN w
+    kb = v.bits(kf)
+    tab = v.bits(v.lookup16(_POW2_16_LESS_J, kb))
+    big = v._map(lambda t, k: v.b.bitcast(v.b.add(t, v.b.shl(k, ir.Constant(
+        _I8V, [48] * 8))), _V8), tab, kb)
+    q = v.const(EXP16[6])
+    for c in EXP16[5:0:-1]:
+        q = v.fma(q, r, v.const(c))
+    return v.fma(v.mul(big, r), q, big)
 
 
 def normal_tail_and_exp(v: _Vec, z):
@@ -1312,8 +1336,9 @@ def _softmax_exp_intrinsic(masked: bool):
     """Build ``softmax_exp_f64[_tail](x, g, i, gi, mx, n)``: ``g[gi:gi+n] = exp(x[i:i+n] -
     mx)`` (``x <= mx``) and return their sum; ``n = BLOCK`` for the plain variant, up to
     ``BLOCK`` (masked) for ``_tail``. ``gi`` is ``i`` when ``g`` is the gradient, the
-    offset in the row when it is a scratch row. For float64 softmax: the table exp takes about 13
-    vector operations per 8 lanes, the portable one about 28."""
+    offset in the row when it is a scratch row. For float64 softmax: the table exp
+    (``exp_softmax``) takes about 18 vector operations per 8 lanes with the load, store
+    and sum, the portable one about 28."""
 
     def typer(typingctx, x, g, i, gi, mx, n):
         if not (_is_f64(x) and _is_f64(g) and mx == types.float64
@@ -1332,7 +1357,7 @@ def _softmax_exp_intrinsic(masked: bool):
                                          ir.Constant(_I32, 0))
             mxb = builder.shuffle_vector(mxb, ir.Constant(_V8, ir.Undefined),
                                          ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
-            e = exp_nonpos(v, v.sub(blk.load(0, i64), mxb))
+            e = exp_softmax(v, v.sub(blk.load(0, i64), mxb))
             if masked:  # lanes past n: w = 0 - mx there; keep them out of the sum
                 e = [builder.select(m, x, ir.Constant(_V8, [0.0] * 8))
                      for x, m in zip(e, blk.masks)]
@@ -1424,11 +1449,10 @@ def _exp_bits(builder, w, f32: bool):
 
 def _exp_nonpos_f64(builder, ws):
     """``e^w`` for each float64 vector of the list ``ws`` (``w <= 0``): on 8 lanes the
-    table exp (``exp_nonpos``, ``vpermi2pd`` and ``vscalefpd``, the vectors in
-    lockstep), on other widths ``_exp_bits``."""
+    table exp (``exp_softmax``, the vectors in lockstep), on other widths ``_exp_bits``."""
     if ws[0].type.count != 8:
         return [_exp_bits(builder, w, False) for w in ws]
-    es = exp_nonpos(_Vec(builder, len(ws)), ws)
+    es = exp_softmax(_Vec(builder, len(ws)), ws)
     return es if isinstance(es, list) else [es]
 
 
@@ -1535,7 +1559,7 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
 
     The row is loaded once and stays in registers for the max, the exp, the sum and the
     scaling: whole vectors with plain loads and stores, the last, partial one masked.
-    The exps are those of the long-row kernels (``exp_softmax_f32`` / ``exp_nonpos``),
+    The exps are those of the long-row kernels (``exp_softmax_f32`` / ``exp_softmax``),
     so the results match theirs up to the order of the sum. The max ignores a NaN (it
     reaches the sum through its own exp anyway)."""
     lanes = row_lanes(f32)

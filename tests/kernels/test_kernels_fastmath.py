@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from kernels import _avx512
 from kernels._erf import erf_f64, erfc_f64, normal_parts
 from kernels._fastmath import exp_fast, exp_nonpos, exp_softmax, row_max
 from kernels._jit import numba
@@ -47,6 +48,48 @@ def test_exp_of_nonpositive_is_within_two_ulp_below_tiny_as_documented(fn, dtype
     else:
         assert np.all(out[~normal][:-3] <= 1.01 * tiny)
         assert out[-2] <= 1.01 * tiny
+
+
+@pytest.mark.skipif(not _avx512.AVAILABLE, reason="needs AVX-512F")
+def test_avx512_softmax_exp_is_within_an_ulp_and_its_tail_sums_only_its_lanes():
+    # softmax_exp_f64[_tail]: g = exp(x - mx) and their sum, 2^(k/16) built from the
+    # table's bits by integer adds; w up to 60 above the shift too (a row shifted by a
+    # logit other than its max), at most about tiny below the smallest normal, NaN kept
+    tiny = np.finfo(np.float64).tiny
+    w = np.concatenate([np.linspace(-760, 0, 40000), np.linspace(-1e-3, 60, 9936),
+                        np.linspace(-2, 60, 40), np.log(tiny) + np.linspace(-1e-3, 1e-3, 96),
+                        [np.nan, -np.inf, -0.0, 0.0, 709.0, -708.0, -745.0, -1e-300]])
+    mx = 0.75
+    x = w + mx
+    g = np.full_like(x, -1.0)
+    total = _softmax_exp_all(x, g, mx)
+    ref = np.exp(x - mx)
+    normal = ref >= tiny
+    rel = np.abs(g[normal] - ref[normal]) / ref[normal]
+    assert rel.max() <= 1.5 * np.finfo(np.float64).eps  # the old table exp: 2.1
+    assert np.all((g[~normal] >= 0) & (g[~normal] <= 1.01 * tiny) | np.isnan(x[~normal]))
+    assert np.isnan(g[-8]) and g[-6] == 1 and g[-5] == 1 and math.isnan(total)
+    # the masked tail: n < 32 lanes written (as the whole blocks have them) and summed,
+    # the rest left alone
+    for n in (1, 7, 8, 9, 31):
+        out = np.full(40, -1.0)
+        s = _softmax_exp_tail(x[-144:-104], out, mx, n)  # w from -2 to 60
+        np.testing.assert_array_equal(out[:n], g[-144:-144 + n])  # the same arithmetic
+        assert (out[n:] == -1.0).all()
+        assert s == pytest.approx(ref[-144:-144 + n].sum(), rel=1e-15)
+
+
+@numba.njit(cache=False, fastmath={"contract"})
+def _softmax_exp_all(x, g, mx):  # whole blocks of 32 (x.size a multiple of 32)
+    s = 0.0
+    for j in range(0, x.size, _avx512.BLOCK):
+        s += _avx512.softmax_exp_f64(x, g, j, j, mx, _avx512.BLOCK)
+    return s
+
+
+@numba.njit(cache=False, fastmath={"contract"})
+def _softmax_exp_tail(x, g, mx, n):
+    return _avx512.softmax_exp_f64_tail(x, g, 0, 0, mx, n)
 
 
 def test_exp_fast_is_within_two_ulp_and_handles_the_edges(dtype):
