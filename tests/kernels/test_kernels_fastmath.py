@@ -92,6 +92,55 @@ def _softmax_exp_tail(x, g, mx, n):
     return _avx512.softmax_exp_f64_tail(x, g, 0, 0, mx, n)
 
 
+@pytest.mark.skipif(not _avx512.AVAILABLE, reason="needs AVX-512F")
+def test_avx512_float32_softmax_exp_is_within_an_ulp():
+    # the row and block kernels' float32 exp on 16 lanes: a 16-entry table in a
+    # register, 2^(k/16) from its bits, a degree-3 polynomial; about tiny below the
+    # smallest normal; NaN kept; exp(0) == 1
+    tiny = np.finfo(np.float32).tiny
+    w = np.concatenate([np.linspace(-100, 0, 200000), np.linspace(-0.1, 0, 50000),
+                        np.log(tiny) + np.linspace(-1e-3, 1e-3, 88),
+                        [np.nan, -np.inf, -0.0, 0.0, -87.0, -1e-30, -1e-3, -0.5]])
+    w = w.astype(np.float32)
+    assert w.size % 16 == 0
+    out = np.full_like(w, -1.0)
+    _exp16_f32(w, out)
+    ref = np.exp(w.astype(np.float64))
+    normal = ref >= tiny
+    rel = np.abs(out[normal] - ref[normal]) / ref[normal]
+    assert rel.max() <= 1.5 * np.finfo(np.float32).eps
+    assert np.all((out[~normal] >= 0) & (out[~normal] <= 1.01 * tiny) | np.isnan(w[~normal]))
+    assert np.isnan(out[-8]) and out[-6] == 1 and out[-5] == 1
+
+
+def _exp16_intrinsic():
+    from llvmlite import ir
+
+    from kernels._jit import intrinsic, types
+
+    @intrinsic
+    def exp16(typingctx, x, out, i):
+        def codegen(context, builder, sig, args):
+            vty = ir.VectorType(ir.FloatType(), 16)
+            ptrs = [builder.bitcast(builder.gep(context.make_array(sig.args[k])(
+                context, builder, args[k]).data, [args[2]]), vty.as_pointer()) for k in (0, 1)]
+            w = builder.load(ptrs[0], align=4)
+            builder.store(_avx512._exp_softmax_f32(builder, w), ptrs[1], align=4)
+            return context.get_dummy_value()
+
+        return types.none(x, out, i), codegen
+
+    @numba.njit(cache=False)
+    def run(x, out):
+        for i in range(0, x.size, 16):
+            exp16(x, out, i)
+
+    return run
+
+
+_exp16_f32 = _exp16_intrinsic()
+
+
 def test_exp_fast_is_within_two_ulp_and_handles_the_edges(dtype):
     x = np.concatenate([np.linspace(-800, 800, 40001), np.linspace(-3, 3, 10001),
                         [np.nan, np.inf, -np.inf, 0.0]]).astype(dtype)

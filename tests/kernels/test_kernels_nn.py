@@ -307,7 +307,8 @@ def test_xent_float32_short_rows_match_the_long_row_kernel(c, rng, monkeypatch,
                                                            every_short_row):
     # rows of up to 8 vectors (128 float32 classes; not 5) are held in registers: full
     # vectors with plain loads and stores, the partial one masked, the ones past the row
-    # not touched; the same exp as the long-row kernel, so only the order of the sum
+    # not touched; an exp as close as the long-row kernel's, so only ulps of it and the
+    # order of the sum
     # differs. Special rows stay in their row.
     x = (4 * rng.standard_normal((9, c))).astype(np.float32)
     x[1, 0] = np.nan
