@@ -138,13 +138,14 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero, nchunks,
     scaling into ``grad``, measured the same up to 256 classes and 1.3-1.4x slower from
     4096.
 
-    ``nt`` (rows of whole 64-byte lines, up to ``SOFTMAX_STREAM_MAX_BYTES``, into an
-    aligned gradient): as in ``_softmax_xent_f64_vec``, the exps go into the chunk's
+    ``nt`` (rows of whole 64-byte lines, of the sizes ``SOFTMAX_STREAM_ROWS[0]`` gives,
+    into an aligned gradient): as in ``_softmax_xent_f64_vec``, the exps go into the chunk's
     scratch row, the row is streamed out from there, and the next row is asked for
     (``row_hint``) before each row. On the Intel host, float32 from memory (2^25
     logits, median per-round ratio against the plain stores, three runs): 256 classes
     1.09-1.23x, 512 1.34x, 768 1.16x, 1024 0.96-1.28x, 4096 1.02x, 32000 0.96-0.98x
-    (a scratch row past the L1), hence the limit.
+    (a scratch row past the L1), hence the limit. Where the row hints are off (AMD
+    hosts) from 1.5 KiB: the numbers at ``SOFTMAX_STREAM_ROWS``.
 
     The per-row ``log`` stays here: taking it afterwards over all rows with NumPy (as the
     float64 kernel below does) cut the work by 7% in cache but made float32 slower
@@ -214,11 +215,17 @@ LN_BWD_SHORT_PARTIAL = 16
 LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
 VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
 # switch it off to run the portable path too)
-# softmax gradients into a large aligned out= streamed out of a scratch row, the next row
-# asked for meanwhile (_softmax_xent_f64_vec, _softmax_xent): where the host-dependent
-# hints are on (tests switch it)
-SOFTMAX_STREAM = ROW_HINTS
-SOFTMAX_STREAM_MAX_BYTES = 4096  # rows of _softmax_xent streamed up to this size
+# softmax gradients into a large aligned out= streamed out of a scratch row (rows of whole
+# 64-byte lines; tests switch it), the next row asked for meanwhile where the row hints
+# are on: rows of (smallest, largest) bytes, for _softmax_xent and for
+# _softmax_xent_f64_vec. Intel hosts (hints on): every row up to 4 KiB / any. Elsewhere,
+# by the Zen 4 host (2^25 logits from memory, plain over streamed, 2-5 processes each):
+# float32 256 classes 0.94-1.00x, 384 1.13-1.47x, 512 0.95-1.29x, 768 1.66-1.70x, 1024
+# 1.45-2.03x; float64 192 1.27-1.42x, 256 0.73-1.09x, 384 1.41x, 512 0.79-1.09x, 768
+# 1.57x, 1000 1.30x, 1024 0.97-1.18x, 2048 0.86-0.92x
+SOFTMAX_STREAM = True
+SOFTMAX_STREAM_ROWS = (((64, 4096), (64, 1 << 62)) if ROW_HINTS
+                       else ((1536, 4096), (2560, 8192)))
 # rows of up to 8 vectors held in registers (_softmax_xent_short, _ln_fwd_short, ...) and
 # blocks of rows of few classes or features transposed in registers (_softmax_xent_blocks,
 # ...): on 512-bit vectors with AVX-512, 256-bit with AVX2 (kernels._avx512.row_lanes);
@@ -276,7 +283,8 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
     Intel host, 2^25 logits from memory against the plain stores (median per-round
     ratio, 21 rounds): 256 classes 1.31x (22.7 -> 29.7 GB/s), 1024 1.82x, 32000 1.28x;
     in a first version, streamed without the hint 0.82x / 1.27x, the hint without
-    streaming 0.98-1.03x, so ``SOFTMAX_STREAM`` follows ``ROW_HINTS``. Only into a
+    streaming 0.98-1.03x, so without the hints (AMD hosts) only rows of 2.5-8 KiB are
+    streamed, where that pays there (``SOFTMAX_STREAM_ROWS``). Only into a
     caller's ``out=``: a fresh gradient's pages fault in on first write, already zeroed
     in cache by the kernel, and streaming past them was slower (plain / streamed 0.93x
     at 256 classes, 0.82x at 1024; float32 256 0.90x)."""
@@ -537,9 +545,9 @@ def softmax_cross_entropy(
         total = _log_sum(sums) + float(gaps.sum())
     else:  # long rows; a gradient into a caller's out= may be streamed (SOFTMAX_STREAM)
         vec64 = grad and VEC_F64 and x.dtype == np.float64
+        lo, hi = SOFTMAX_STREAM_ROWS[vec64]
         nt = (grad and streamed and SOFTMAX_STREAM and out is not None
-              and (c * x.itemsize) % 64 == 0
-              and (vec64 or c * x.itemsize <= SOFTMAX_STREAM_MAX_BYTES))
+              and (c * x.itemsize) % 64 == 0 and lo <= c * x.itemsize <= hi)
         nch = row_chunks(n, c)
         scratch = np.empty((nch, c) if nt else (1, 1), x.dtype)
         if vec64:

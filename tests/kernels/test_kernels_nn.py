@@ -251,6 +251,8 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
     # must be the plain stores' exactly, special rows included; an unaligned output, rows
     # that are not whole lines (float32 1000 classes) or rows past 4 KiB (1040) take the
     # plain stores (float64 too where there is no AVX-512 exp pass: 1000 classes then).
+    # Every row size the kernels can stream is streamed here (the host's window of row
+    # sizes: the next test).
     x = (4 * rng.standard_normal((37, c))).astype(dt)
     x[1, 0] = np.nan
     x[2, -1] = np.inf
@@ -261,6 +263,7 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
     monkeypatch.setattr(nn, "VEC_BLOCKS", False)
     monkeypatch.setattr(nn, "VEC_SHORT", False)
     monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    monkeypatch.setattr(nn, "SOFTMAX_STREAM_ROWS", ((64, 4096), (64, 1 << 62)))
     name = "_softmax_xent_f64_vec" if dt == np.float64 and nn.VEC_F64 else "_softmax_xent"
     seen = []
     kernel = getattr(nn, name)
@@ -273,7 +276,7 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
         res[stream] = [nn.softmax_cross_entropy(x, y, out=o, reduction="sum")
                        for o in (aligned, off)]
     whole = (c * x.itemsize) % 64 == 0
-    capped = name == "_softmax_xent" and c * x.itemsize > nn.SOFTMAX_STREAM_MAX_BYTES
+    capped = name == "_softmax_xent" and c * x.itemsize > 4096
     assert seen == [whole and not capped, False, False, False]
     seen.clear()  # a fresh gradient (no out=) is written with plain stores
     monkeypatch.setattr(nn, "SOFTMAX_STREAM", True)
@@ -287,6 +290,38 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
     tol = 1e-12 if dt == np.float64 else 1e-5
     np.testing.assert_allclose(res[True][0][1][finite], ref * finite.sum(), rtol=tol,
                                atol=tol * 1e-3)
+
+
+@pytest.mark.parametrize("vec64", [False, True])
+def test_xent_streams_rows_in_the_hosts_window_of_sizes(vec64, rng, monkeypatch):
+    # which long rows are streamed: whole lines from the window's smallest to its largest
+    # size (nn.SOFTMAX_STREAM_ROWS, by host; a window set here), for the portable kernel
+    # (float32) and the float64 AVX-512 one, the values those of the plain stores
+    if vec64 and not nn.VEC_F64:
+        pytest.skip("needs AVX-512F")
+    dt = np.float64 if vec64 else np.float32
+    monkeypatch.setattr(nn, "VEC_BLOCKS", False)
+    monkeypatch.setattr(nn, "VEC_SHORT", False)
+    monkeypatch.setattr(nn, "SOFTMAX_STREAM_ROWS", ((1024, 2048), (2048, 4096)))
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    name = "_softmax_xent_f64_vec" if vec64 else "_softmax_xent"
+    seen = []
+    kernel = getattr(nn, name)
+    monkeypatch.setattr(nn, name, lambda *a: (seen.append(a[-1]), kernel(*a))[1])
+    lo, hi = nn.SOFTMAX_STREAM_ROWS[vec64]
+    item = np.dtype(dt).itemsize
+    for row_bytes in (lo - 64, lo, hi, hi + 64):
+        c = row_bytes // item
+        x = rng.standard_normal((9, c)).astype(dt)
+        y = rng.integers(0, c, 9)
+        g = empty_aligned(x.shape, dt)
+        monkeypatch.setattr(nn, "SOFTMAX_STREAM", False)
+        _, want = nn.softmax_cross_entropy(x, y, out=empty_aligned(x.shape, dt))
+        seen.clear()
+        monkeypatch.setattr(nn, "SOFTMAX_STREAM", True)
+        nn.softmax_cross_entropy(x, y, out=g)
+        assert seen == [lo <= row_bytes <= hi], row_bytes
+        assert np.array_equal(g, want)
 
 
 def _assert_loss_alone_matches(x, y, with_grad, rtol):
