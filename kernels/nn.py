@@ -116,11 +116,21 @@ def _row_exp(row, out, store, zero):
 
 @jit(inline=True)
 def _copy_out_nt(dst, base, buf, c):
-    """``dst[base:base+c] = buf[:c]`` with non-temporal 64-byte stores (``&dst[base]``
-    64-byte aligned, ``c`` a whole number of lines): a softmax row built in a scratch
-    row. ``_stream_row`` does the same with a prefetch between the stores."""
-    for j in range(0, c, 64 // dst.itemsize):
+    """``dst[base:base+c] = buf[:c]``, a softmax row built in a scratch row: the row's
+    whole 64-byte lines of ``dst`` (64-byte aligned at ``dst[0]``) with non-temporal
+    stores, the partial lines at either end (rows that are not whole lines share them
+    with their neighbours) with plain ones. ``_stream_row`` does the same for rows of
+    whole lines with a prefetch between the stores."""
+    per = 64 // dst.itemsize
+    head = min((-base) % per, c)
+    for j in range(head):
+        dst[base + j] = buf[j]
+    j = head
+    while j + per <= c:
         copy64_nt(dst, base + j, buf, j)
+        j += per
+    for k in range(j, c):
+        dst[base + k] = buf[k]
 
 
 @jit(parallel=True)
@@ -547,7 +557,7 @@ def softmax_cross_entropy(
         vec64 = grad and VEC_F64 and x.dtype == np.float64
         lo, hi = SOFTMAX_STREAM_ROWS[vec64]
         nt = (grad and streamed and SOFTMAX_STREAM and out is not None
-              and (c * x.itemsize) % 64 == 0 and lo <= c * x.itemsize <= hi)
+              and lo <= c * x.itemsize <= hi)
         nch = row_chunks(n, c)
         scratch = np.empty((nch, c) if nt else (1, 1), x.dtype)
         if vec64:

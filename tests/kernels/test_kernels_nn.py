@@ -242,15 +242,19 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
     _assert_loss_alone_matches(x, y, res[True], rtol=1e-14)
 
 
-@pytest.mark.parametrize("dt, c", [(np.float64, 8), (np.float64, 64), (np.float64, 264),
-                                   (np.float64, 1000), (np.float32, 16), (np.float32, 272),
-                                   (np.float32, 1024), (np.float32, 1040), (np.float32, 1000)])
+@pytest.mark.parametrize("dt, c", [(np.float64, 3), (np.float64, 8), (np.float64, 13),
+                                   (np.float64, 64), (np.float64, 264), (np.float64, 1000),
+                                   (np.float64, 1001), (np.float32, 16), (np.float32, 21),
+                                   (np.float32, 272), (np.float32, 1024), (np.float32, 1040),
+                                   (np.float32, 1000)])
 def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypatch):
-    # large aligned gradients of whole-line rows: exps into a scratch row, scaled there
-    # and streamed out (the next row prefetched meanwhile on some hosts). The values
-    # must be the plain stores' exactly, special rows included; an unaligned output, rows
-    # that are not whole lines (float32 1000 classes) or rows past 4 KiB (1040) take the
-    # plain stores (float64 too where there is no AVX-512 exp pass: 1000 classes then).
+    # large aligned gradients: exps into a scratch row, scaled there and streamed out
+    # (the next row prefetched meanwhile on some hosts; rows that are not whole lines,
+    # float32 1000 classes, store the lines they share with their neighbours plainly).
+    # The values must be the plain stores' exactly, special rows included, and nothing
+    # written past the output; an unaligned output, rows under a line (float64 3) or
+    # rows past 4 KiB (1040) take the plain stores (float64 too where there is no
+    # AVX-512 exp pass: 1000 classes then).
     # Every row size the kernels can stream is streamed here (the host's window of row
     # sizes: the next test).
     x = (4 * rng.standard_normal((37, c))).astype(dt)
@@ -271,13 +275,15 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
     res = {}
     for stream in (True, False):
         monkeypatch.setattr(nn, "SOFTMAX_STREAM", stream)
-        aligned = empty_aligned(x.shape, dt)
+        padded = empty_aligned((x.size + 16,), dt)
+        padded[x.size:] = 7.0
+        aligned = padded[:x.size].reshape(x.shape)
         off = np.empty(x.size + 1, dt)[1:].reshape(x.shape)  # off a line
         res[stream] = [nn.softmax_cross_entropy(x, y, out=o, reduction="sum")
                        for o in (aligned, off)]
-    whole = (c * x.itemsize) % 64 == 0
+        assert (padded[x.size:] == 7.0).all()
     capped = name == "_softmax_xent" and c * x.itemsize > 4096
-    assert seen == [whole and not capped, False, False, False]
+    assert seen == [c * x.itemsize >= 64 and not capped, False, False, False]
     seen.clear()  # a fresh gradient (no out=) is written with plain stores
     monkeypatch.setattr(nn, "SOFTMAX_STREAM", True)
     nn.softmax_cross_entropy(x, y)
