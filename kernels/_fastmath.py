@@ -10,6 +10,8 @@ all branch-free so LLVM emits SIMD code. Overflow gives inf, underflow 0, NaN st
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 from llvmlite import ir
 from numba.core import cgutils
@@ -148,6 +150,29 @@ _EXP5_F32 = (1.0, 0.9999997072079899, 0.4999914965556638, 0.16667636294586302,
 # rounded once: this function's fastmath is "contract" only, so (t - ROUND_F32) is not
 # folded back into x log2 e.
 ROUND_F32 = np.float32(1.5 * 2.0 ** 23 + 127)
+
+
+# a float register's inline-asm constraint (the vector registers)
+_REG = {"x86_64": "x", "amd64": "x", "aarch64": "w", "arm64": "w"}.get(
+    platform.machine().lower())
+
+
+@intrinsic
+def opaque(typingctx, x):
+    """``x``, hidden from the optimiser by an empty inline asm: fast-math cannot rewrite
+    the expression that made it into the code that uses it (a loop's ``g[j] * (a / b)``
+    became ``(a * g[j]) * (1 / b)``: two multiplies per element and three roundings)."""
+    if x not in (types.float32, types.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = context.get_value_type(signature.args[0])
+        if _REG is None:
+            return args[0]
+        return builder.asm(ir.FunctionType(ty, [ty]), "", f"={_REG},0", [args[0]],
+                           side_effect=False)
+
+    return x(x), codegen
 
 
 @intrinsic

@@ -21,7 +21,7 @@
   and packed the codes at twice the cost).
 - ``copy64_nt``: 64 bytes from a scratch buffer to an aligned destination with one
   non-temporal store (layer norm's backward builds each output row in a scratch row and
-  streams it out this way).
+  streams it out this way); ``scale64_nt`` the same times a factor (softmax's rows).
 - ``ln_out``, ``ln_bwd_out``: one vector of layer norm's output / of its backward
   (``dx``; the dgamma/dbeta shares updated), written with a non-temporal store: the
   row loops of streamed rows call them vector by vector with a prefetch after each.
@@ -52,8 +52,8 @@ from kernels._prefetch import ROW_HINTS
 
 __all__ = ["NT_FRESH", "NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates",
            "compress_candidates_nt", "compress_candidates_update", "copy64_nt", "dequant_store_nt",
-           "ln_bwd_out", "ln_out", "QUANT_LANES", "quant_store", "scan_scores", "sfence",
-           "stream_out", "tile_argmin"]
+           "ln_bwd_out", "ln_out", "QUANT_LANES", "quant_store", "scale64_nt", "scan_scores",
+           "sfence", "stream_out", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 # llvm.experimental.vector.compress arrived in LLVM 19; an older LLVM (llvmlite before
@@ -471,6 +471,28 @@ def copy64_nt(typingctx, dst, di, src, si):
         return context.get_dummy_value()
 
     return types.void(dst, di, src, si), codegen
+
+
+@intrinsic
+def scale64_nt(typingctx, dst, di, src, si, f):
+    """``copy64_nt`` of ``src[si:] * f``: 64 bytes of a scratch row scaled on their way
+    out (each lane one multiply, as a scalar loop rounds it)."""
+    if not (_is_1d(dst) and _is_1d(src) and dst.dtype == src.dtype
+            and dst.dtype in (types.float32, types.float64) and f == dst.dtype
+            and isinstance(di, types.Integer) and isinstance(si, types.Integer)):
+        return None
+    lanes = 512 // dst.dtype.bitwidth
+
+    def codegen(context, builder, sig, args):
+        vf = ir.VectorType(context.get_value_type(sig.args[0].dtype), lanes)
+        ps = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
+        pd = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        v = builder.load(builder.bitcast(ps, vf.as_pointer()), align=1)
+        store_nt(builder, builder.fmul(v, _splat(builder, args[4], vf)),
+                 builder.bitcast(pd, vf.as_pointer()))
+        return context.get_dummy_value()
+
+    return types.void(dst, di, src, si, f), codegen
 
 
 def _fvec(context, builder, sig, lanes):

@@ -50,7 +50,7 @@ def test_exp_of_nonpositive_is_within_two_ulp_below_tiny_as_documented(fn, dtype
         assert out[-2] <= 1.01 * tiny
 
 
-@pytest.mark.skipif(not _avx512.AVAILABLE, reason="needs AVX-512F")
+@pytest.mark.skipif(not _avx512.AVAILABLE, reason="no AVX-512F here: the exp is not used")
 def test_avx512_softmax_exp_is_within_an_ulp_and_its_tail_sums_only_its_lanes():
     # softmax_exp_f64[_tail]: g = exp(x - mx) and their sum, 2^(k/16) built from the
     # table's bits by integer adds; w up to 60 above the shift too (a row shifted by a
@@ -92,7 +92,7 @@ def _softmax_exp_tail(x, g, mx, n):
     return _avx512.softmax_exp_f64_tail(x, g, 0, 0, mx, n)
 
 
-@pytest.mark.skipif(not _avx512.AVAILABLE, reason="needs AVX-512F")
+@pytest.mark.skipif(not _avx512.AVAILABLE, reason="no AVX-512F here: the exp is not used")
 def test_avx512_float32_softmax_exp_is_within_an_ulp():
     # the row and block kernels' float32 exp on 16 lanes: a 16-entry table in a
     # register, 2^(k/16) from its bits, a degree-3 polynomial; about tiny below the
