@@ -80,7 +80,8 @@ __all__ = ["AVAILABLE", "BLOCK", "BLOCK32", "gelu_bias_bwd_f32", "gelu_bias_bwd_
            "gelu_bwd_f64_staged", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
            "gelu_f64_tail", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail", "gelu_wide_f64",
            "gelu_wide_f64_tail", "ln_block", "ln_bwd_block", "ln_bwd_row", "ln_row",
-           "softmax_block", "softmax_exp_f64", "softmax_exp_f64_tail",
+           "softmax_block", "softmax_exp_f64", "softmax_exp_f64_tail", "softmax_exp_max_f64",
+           "softmax_exp_max_f64_tail",
            "SHORT_ROW_VECTORS", "softmax_row1_f32", "softmax_row1_f64", "softmax_row2_f32",
            "softmax_row2_f64", "softmax_row4_f32", "softmax_row4_f64", "softmax_row8_f32",
            "softmax_row8_f64"]
@@ -411,6 +412,17 @@ class _Vec:
         for half in (4, 2, 1):
             mask = ir.Constant(ir.VectorType(_I32, 8), [(i + half) % 8 for i in range(8)])
             acc = self.b.fadd(acc, self.b.shuffle_vector(acc, acc, mask))
+        return self.b.extract_element(acc, ir.Constant(_I32, 0))
+
+    def hmax(self, a):
+        """The max over all lanes of all vectors in ``a`` (``vmaxpd``, a tree: one double;
+        where a NaN meets a number, either may come out)."""
+        acc = a[0] if isinstance(a, list) else a
+        for x in (a[1:] if isinstance(a, list) else []):
+            acc = self.max_x86(acc, x)
+        for half in (4, 2, 1):
+            mask = ir.Constant(ir.VectorType(_I32, 8), [(i + half) % 8 for i in range(8)])
+            acc = self.max_x86(acc, self.b.shuffle_vector(acc, acc, mask))
         return self.b.extract_element(acc, ir.Constant(_I32, 0))
 
     def lookup16(self, tab, idx_bits):
@@ -1332,13 +1344,15 @@ GELU_F64_AVX2 = {(bias, backward): tuple(_gelu64_avx2_intrinsic(bias, backward, 
                  for bias in (False, True) for backward in (False, True)}
 
 
-def _softmax_exp_intrinsic(masked: bool):
+def _softmax_exp_intrinsic(masked: bool, with_max: bool = False):
     """Build ``softmax_exp_f64[_tail](x, g, i, gi, mx, n)``: ``g[gi:gi+n] = exp(x[i:i+n] -
     mx)`` (``x <= mx``) and return their sum; ``n = BLOCK`` for the plain variant, up to
     ``BLOCK`` (masked) for ``_tail``. ``gi`` is ``i`` when ``g`` is the gradient, the
     offset in the row when it is a scratch row. For float64 softmax: the table exp
     (``exp_softmax``) takes about 18 vector operations per 8 lanes with the load, store
-    and sum, the portable one about 28."""
+    and sum, the portable one about 28. ``with_max`` (``softmax_exp_max_f64[_tail]``):
+    ``mx`` is any shift (``x - mx`` up to 709), and the call returns ``(sum, max of
+    x[i:i+n])`` (a NaN may or may not win the max)."""
 
     def typer(typingctx, x, g, i, gi, mx, n):
         if not (_is_f64(x) and _is_f64(g) and mx == types.float64
@@ -1357,21 +1371,32 @@ def _softmax_exp_intrinsic(masked: bool):
                                          ir.Constant(_I32, 0))
             mxb = builder.shuffle_vector(mxb, ir.Constant(_V8, ir.Undefined),
                                          ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
-            e = exp_softmax(v, v.sub(blk.load(0, i64), mxb))
+            xs = blk.load(0, i64)
+            e = exp_softmax(v, v.sub(xs, mxb))
             if masked:  # lanes past n: w = 0 - mx there; keep them out of the sum
                 e = [builder.select(m, x, ir.Constant(_V8, [0.0] * 8))
                      for x, m in zip(e, blk.masks)]
             blk.store(e, 1, g64)
-            return v.hsum(e)
+            total = v.hsum(e)
+            if not with_max:
+                return total
+            if masked:  # and out of the max
+                xs = [builder.select(m, x, ir.Constant(_V8, [-math.inf] * 8))
+                      for x, m in zip(xs, blk.masks)]
+            return context.make_tuple(builder, sig.return_type, [total, v.hmax(xs)])
 
-        return types.float64(x, g, i, gi, mx, n), codegen
+        ret = types.UniTuple(types.float64, 2) if with_max else types.float64
+        return ret(x, g, i, gi, mx, n), codegen
 
-    typer.__name__ = typer.__qualname__ = "softmax_exp_f64" + ("_tail" if masked else "")
+    typer.__name__ = typer.__qualname__ = ("softmax_exp" + ("_max" if with_max else "")
+                                           + "_f64" + ("_tail" if masked else ""))
     return intrinsic(typer)
 
 
 softmax_exp_f64 = _softmax_exp_intrinsic(False)
 softmax_exp_f64_tail = _softmax_exp_intrinsic(True)
+softmax_exp_max_f64 = _softmax_exp_intrinsic(False, True)
+softmax_exp_max_f64_tail = _softmax_exp_intrinsic(True, True)
 
 
 # -- softmax + cross-entropy of short rows (a few vectors each), held in registers -------

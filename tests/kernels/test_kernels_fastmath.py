@@ -77,6 +77,14 @@ def test_avx512_softmax_exp_is_within_an_ulp_and_its_tail_sums_only_its_lanes():
         np.testing.assert_array_equal(out[:n], g[-144:-144 + n])  # the same arithmetic
         assert (out[n:] == -1.0).all()
         assert s == pytest.approx(ref[-144:-144 + n].sum(), rel=1e-15)
+        # the variant that also returns the block's max: the lanes past n left out of it
+        xs = x[-144:-104].copy()
+        xs[n:] = 1e300
+        got_s, got_m = _softmax_exp_max_tail(xs, out, mx, n)
+        assert got_s == s and got_m == xs[:n].max()
+    block = x[-144:-112].copy()  # w from -2 up
+    total, top = _softmax_exp_max_all(block, np.empty(32), mx)
+    assert top == block.max() and total == pytest.approx(np.exp(block - mx).sum(), rel=1e-15)
 
 
 @numba.njit(cache=False, fastmath={"contract"})
@@ -90,6 +98,16 @@ def _softmax_exp_all(x, g, mx):  # whole blocks of 32 (x.size a multiple of 32)
 @numba.njit(cache=False, fastmath={"contract"})
 def _softmax_exp_tail(x, g, mx, n):
     return _avx512.softmax_exp_f64_tail(x, g, 0, 0, mx, n)
+
+
+@numba.njit(cache=False, fastmath={"contract"})
+def _softmax_exp_max_tail(x, g, mx, n):
+    return _avx512.softmax_exp_max_f64_tail(x, g, 0, 0, mx, n)
+
+
+@numba.njit(cache=False, fastmath={"contract"})
+def _softmax_exp_max_all(x, g, mx):
+    return _avx512.softmax_exp_max_f64(x, g, 0, 0, mx, _avx512.BLOCK)
 
 
 @pytest.mark.skipif(not _avx512.AVAILABLE, reason="no AVX-512F here: the exp is not used")
