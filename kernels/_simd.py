@@ -450,49 +450,45 @@ def tile_argmin(typingctx, cf, cn, kp, xt, d, ldx, r0, best, lab):
     return types.void(cf, cn, kp, xt, d, ldx, r0, best, lab), codegen
 
 
+def _copy64_ok(dst, di, src, si) -> bool:
+    return (_is_1d(dst) and _is_1d(src) and dst.dtype == src.dtype
+            and dst.dtype in (types.float32, types.float64)
+            and isinstance(di, types.Integer) and isinstance(si, types.Integer))
+
+
+def _copy64_codegen(scaled: bool):
+    def codegen(context, builder, sig, args):
+        lanes = 512 // sig.args[0].dtype.bitwidth
+        vf = ir.VectorType(context.get_value_type(sig.args[0].dtype), lanes)
+        ps = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
+        pd = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        v = builder.load(builder.bitcast(ps, vf.as_pointer()), align=1)
+        if scaled:
+            v = builder.fmul(v, _splat(builder, args[4], vf))
+        store_nt(builder, v, builder.bitcast(pd, vf.as_pointer()))
+        return context.get_dummy_value()
+
+    return codegen
+
+
 @intrinsic
 def copy64_nt(typingctx, dst, di, src, si):
     """Copy 64 bytes from ``src[si:]`` (any alignment) to ``dst[di:]`` with one
     non-temporal store (``&dst[di]`` 64-byte aligned; ``sfence()`` afterwards, as for
     ``dequant_store_nt``). For kernels that build an output row in a small scratch buffer
     and stream it out without the write-allocate read of the destination."""
-    if not (_is_1d(dst) and _is_1d(src) and dst.dtype == src.dtype
-            and dst.dtype in (types.float32, types.float64)
-            and isinstance(di, types.Integer) and isinstance(si, types.Integer)):
+    if not _copy64_ok(dst, di, src, si):
         return None
-    lanes = 512 // dst.dtype.bitwidth
-
-    def codegen(context, builder, sig, args):
-        vf = ir.VectorType(context.get_value_type(sig.args[0].dtype), lanes)
-        ps = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
-        pd = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        v = builder.load(builder.bitcast(ps, vf.as_pointer()), align=1)
-        store_nt(builder, v, builder.bitcast(pd, vf.as_pointer()))
-        return context.get_dummy_value()
-
-    return types.void(dst, di, src, si), codegen
+    return types.void(dst, di, src, si), _copy64_codegen(False)
 
 
 @intrinsic
 def scale64_nt(typingctx, dst, di, src, si, f):
     """``copy64_nt`` of ``src[si:] * f``: 64 bytes of a scratch row scaled on their way
     out (each lane one multiply, as a scalar loop rounds it)."""
-    if not (_is_1d(dst) and _is_1d(src) and dst.dtype == src.dtype
-            and dst.dtype in (types.float32, types.float64) and f == dst.dtype
-            and isinstance(di, types.Integer) and isinstance(si, types.Integer)):
+    if not (_copy64_ok(dst, di, src, si) and f == dst.dtype):
         return None
-    lanes = 512 // dst.dtype.bitwidth
-
-    def codegen(context, builder, sig, args):
-        vf = ir.VectorType(context.get_value_type(sig.args[0].dtype), lanes)
-        ps = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
-        pd = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        v = builder.load(builder.bitcast(ps, vf.as_pointer()), align=1)
-        store_nt(builder, builder.fmul(v, _splat(builder, args[4], vf)),
-                 builder.bitcast(pd, vf.as_pointer()))
-        return context.get_dummy_value()
-
-    return types.void(dst, di, src, si, f), codegen
+    return types.void(dst, di, src, si, f), _copy64_codegen(True)
 
 
 def _fvec(context, builder, sig, lanes):
