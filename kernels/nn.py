@@ -248,9 +248,9 @@ LN_BWD_SHORT_PARTIAL = 16
 LN_BWD_PAIR_BYTES = 8192  # float32 rows of this many bytes or more: two rows per pass
 VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table exp (tests
 # switch it off to run the portable path too)
-# softmax gradients into a large aligned out= streamed out of a scratch row (rows of whole
-# 64-byte lines; tests switch it), the next row asked for meanwhile where the row hints
-# are on: rows of (smallest, largest) bytes, for _softmax_xent and for
+# softmax gradients into a large aligned out= streamed out of a scratch row (a row's
+# partial end lines plainly; tests switch it), the next row asked for meanwhile where the
+# row hints are on: rows of (smallest, largest) bytes, for _softmax_xent and for
 # _softmax_xent_f64_vec. Intel hosts (hints on): every row up to 4 KiB / any. Elsewhere,
 # by the Zen 4 host (2^25 logits from memory, plain over streamed, 2-5 processes each):
 # float32 256 classes 0.94-1.00x, 384 1.13-1.47x, 512 0.95-1.29x, 768 1.66-1.70x, 1024
