@@ -65,7 +65,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from kernels._fastmath import (_EXP, _EXP5_F32, _LN2_HI, _LN2_LO, _LOG2E, EXP_MIN_F32,
-                               LN2_HI_F32, LN2_LO_F32, ROUND_F32)
+                               LN2_HI_F32, LN2_LO_F32, ROUND_F32, hidden)
 from kernels import _pieces_mem
 from kernels._jit import intrinsic, types
 from kernels._simd import (VEC_BITS, _compress_to, _elem_ptr, _host_has_avx512, _load,
@@ -80,8 +80,7 @@ __all__ = ["AVAILABLE", "BLOCK", "BLOCK32", "gelu_bias_bwd_f32", "gelu_bias_bwd_
            "gelu_bwd_f64_staged", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
            "gelu_f64_tail", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail", "gelu_wide_f64",
            "gelu_wide_f64_tail", "ln_block", "ln_bwd_block", "ln_bwd_row", "ln_row",
-           "softmax_block", "softmax_exp_f64", "softmax_exp_f64_tail", "softmax_exp_max_f64",
-           "softmax_exp_max_f64_tail",
+           "softmax_block", "softmax_exp_f64", "softmax_exp_f64_tail",
            "SHORT_ROW_VECTORS", "softmax_row1_f32", "softmax_row1_f64", "softmax_row2_f32",
            "softmax_row2_f64", "softmax_row4_f32", "softmax_row4_f64", "softmax_row8_f32",
            "softmax_row8_f64"]
@@ -404,26 +403,24 @@ class _Vec:
         """``a`` where ``z < 0``, else ``b``."""
         return self.select_lt(z, self.const(0.0), a, b)
 
-    def hsum(self, a):
-        """The sum of all lanes of all vectors in ``a`` (a tree: one double)."""
+    def _hreduce(self, a, op):
+        """``op`` over all lanes of all vectors in ``a`` (a tree: one double)."""
         acc = a[0] if isinstance(a, list) else a
         for x in (a[1:] if isinstance(a, list) else []):
-            acc = self.b.fadd(acc, x)
+            acc = op(acc, x)
         for half in (4, 2, 1):
             mask = ir.Constant(ir.VectorType(_I32, 8), [(i + half) % 8 for i in range(8)])
-            acc = self.b.fadd(acc, self.b.shuffle_vector(acc, acc, mask))
+            acc = op(acc, self.b.shuffle_vector(acc, acc, mask))
         return self.b.extract_element(acc, ir.Constant(_I32, 0))
 
+    def hsum(self, a):
+        """The sum of all lanes of all vectors in ``a`` (a tree: one double)."""
+        return self._hreduce(a, self.b.fadd)
+
     def hmax(self, a):
-        """The max over all lanes of all vectors in ``a`` (``vmaxpd``, a tree: one double;
-        where a NaN meets a number, either may come out)."""
-        acc = a[0] if isinstance(a, list) else a
-        for x in (a[1:] if isinstance(a, list) else []):
-            acc = self.max_x86(acc, x)
-        for half in (4, 2, 1):
-            mask = ir.Constant(ir.VectorType(_I32, 8), [(i + half) % 8 for i in range(8)])
-            acc = self.max_x86(acc, self.b.shuffle_vector(acc, acc, mask))
-        return self.b.extract_element(acc, ir.Constant(_I32, 0))
+        """The max over all lanes of all vectors in ``a`` (``vmaxpd``; where a NaN meets a
+        number, either may come out)."""
+        return self._hreduce(a, self.max_x86)
 
     def lookup16(self, tab, idx_bits):
         """``tab[idx & 15]`` per lane (vpermi2pd over two 8-entry halves)."""
@@ -477,9 +474,15 @@ def _exp_finish(v: _Vec, kf, kd, r):
 # 2^(j/16) with j << 48 taken off its bits: adding k << 48 (k = 16 m + j, as a 64-bit
 # integer) to entry j puts back j's bits and adds m to the exponent field, so the entry
 # becomes 2^(k/16) with two integer operations instead of a multiply and a vscalefpd
-_POW2_16_LESS_J = tuple(
-    struct.unpack("<d", struct.pack("<q", struct.unpack("<q", struct.pack("<d", t))[0]
-                                    - (j << 48)))[0] for j, t in enumerate(_POW2_16))
+def _pow2_16_less_j(flt: str, itg: str, shift: int) -> tuple[float, ...]:
+    """``2^(j/16)`` as ``flt`` ("<d" / "<f"), ``j << shift`` taken off its bits (``itg``)."""
+    def less(j, t):
+        bits = struct.unpack(itg, struct.pack(flt, t))[0] - (j << shift)
+        return struct.unpack(flt, struct.pack(itg, bits))[0]
+    return tuple(less(j, t) for j, t in enumerate(_POW2_16))
+
+
+_POW2_16_LESS_J = _pow2_16_less_j("<d", "<q", 48)
 
 
 def exp_softmax(v: _Vec, w):
@@ -1344,15 +1347,14 @@ GELU_F64_AVX2 = {(bias, backward): tuple(_gelu64_avx2_intrinsic(bias, backward, 
                  for bias in (False, True) for backward in (False, True)}
 
 
-def _softmax_exp_intrinsic(masked: bool, with_max: bool = False):
+def _softmax_exp_intrinsic(masked: bool):
     """Build ``softmax_exp_f64[_tail](x, g, i, gi, mx, n)``: ``g[gi:gi+n] = exp(x[i:i+n] -
-    mx)`` (``x <= mx``) and return their sum; ``n = BLOCK`` for the plain variant, up to
-    ``BLOCK`` (masked) for ``_tail``. ``gi`` is ``i`` when ``g`` is the gradient, the
-    offset in the row when it is a scratch row. For float64 softmax: the table exp
+    mx)`` (``mx`` any shift: ``x - mx`` up to 709) and return ``(their sum, max of
+    x[i:i+n])`` (a NaN may or may not win the max); ``n = BLOCK`` for the plain variant,
+    up to ``BLOCK`` (masked) for ``_tail``. ``gi`` is ``i`` when ``g`` is the gradient,
+    the offset in the row when it is a scratch row. For float64 softmax: the table exp
     (``exp_softmax``) takes about 18 vector operations per 8 lanes with the load, store
-    and sum, the portable one about 28. ``with_max`` (``softmax_exp_max_f64[_tail]``):
-    ``mx`` is any shift (``x - mx`` up to 709), and the call returns ``(sum, max of
-    x[i:i+n])`` (a NaN may or may not win the max)."""
+    and sum, the portable one about 28."""
 
     def typer(typingctx, x, g, i, gi, mx, n):
         if not (_is_f64(x) and _is_f64(g) and mx == types.float64
@@ -1378,25 +1380,19 @@ def _softmax_exp_intrinsic(masked: bool, with_max: bool = False):
                      for x, m in zip(e, blk.masks)]
             blk.store(e, 1, g64)
             total = v.hsum(e)
-            if not with_max:
-                return total
             if masked:  # and out of the max
                 xs = [builder.select(m, x, ir.Constant(_V8, [-math.inf] * 8))
                       for x, m in zip(xs, blk.masks)]
             return context.make_tuple(builder, sig.return_type, [total, v.hmax(xs)])
 
-        ret = types.UniTuple(types.float64, 2) if with_max else types.float64
-        return ret(x, g, i, gi, mx, n), codegen
+        return types.UniTuple(types.float64, 2)(x, g, i, gi, mx, n), codegen
 
-    typer.__name__ = typer.__qualname__ = ("softmax_exp" + ("_max" if with_max else "")
-                                           + "_f64" + ("_tail" if masked else ""))
+    typer.__name__ = typer.__qualname__ = "softmax_exp_f64" + ("_tail" if masked else "")
     return intrinsic(typer)
 
 
 softmax_exp_f64 = _softmax_exp_intrinsic(False)
 softmax_exp_f64_tail = _softmax_exp_intrinsic(True)
-softmax_exp_max_f64 = _softmax_exp_intrinsic(False, True)
-softmax_exp_max_f64_tail = _softmax_exp_intrinsic(True, True)
 
 
 # -- softmax + cross-entropy of short rows (a few vectors each), held in registers -------
@@ -1482,9 +1478,7 @@ def _exp_nonpos_f64(builder, ws):
 
 
 # float32 2^(j/16) with j << 19 taken off its bits (as _POW2_16_LESS_J for float64)
-_POW2_16_F32_LESS_J = tuple(
-    struct.unpack("<f", struct.pack("<i", struct.unpack("<i", struct.pack("<f", t))[0]
-                                    - (j << 19)))[0] for j, t in enumerate(_POW2_16))
+_POW2_16_F32_LESS_J = _pow2_16_less_j("<f", "<i", 19)
 _MAGIC_F32 = 1.5 * 2.0 ** 23
 
 
@@ -1560,14 +1554,6 @@ def _to_f32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
-def _opaque(builder, v):
-    """``v``, hidden from the optimiser by an empty inline asm: a select on a plain load
-    is otherwise folded into a zero-masked load, 2x slower here from memory (layer norm
-    backward of 16 float32 features: 0.9 -> 1.9 ms at 2^22 elements)."""
-    asm = ir.InlineAsm(ir.FunctionType(v.type, [v.type]), "", "=v,0")
-    return builder.call(asm, [v])
-
-
 def _row_load(builder, ptr, n, room, q, lanes, fill=0.0):
     """Vector ``q`` of a row of ``n`` elements at ``ptr``, lanes past the row ``fill``,
     when ``room`` elements from the row's start may be read: a plain load where the row
@@ -1586,7 +1572,10 @@ def _row_load(builder, ptr, n, room, q, lanes, fill=0.0):
             return _load(builder, ptr, mask, rest)
         return _full_or_masked(
             builder, room, (q + 1) * lanes,
-            lambda: builder.select(mask, _opaque(builder, _load(builder, ptr, None)), rest),
+            # hidden: a select on a plain load is otherwise folded into a zero-masked
+            # load, 2x slower here from memory (layer norm backward of 16 float32
+            # features: 0.9 -> 1.9 ms at 2^22 elements)
+            lambda: builder.select(mask, hidden(builder, _load(builder, ptr, None)), rest),
             lambda: _load(builder, ptr, mask, rest))
 
     return _full_or_masked(

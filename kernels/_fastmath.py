@@ -152,25 +152,30 @@ _EXP5_F32 = (1.0, 0.9999997072079899, 0.4999914965556638, 0.16667636294586302,
 ROUND_F32 = np.float32(1.5 * 2.0 ** 23 + 127)
 
 
-# a float register's inline-asm constraint (the vector registers)
-_REG = {"x86_64": "x", "amd64": "x", "aarch64": "w", "arm64": "w"}.get(
+# the inline-asm constraint of a vector register (floats and vectors of them)
+_REG = {"x86_64": "v", "amd64": "v", "aarch64": "w", "arm64": "w"}.get(
     platform.machine().lower())
+
+
+def hidden(builder, v):
+    """``v`` (a float or a float vector), hidden from the optimiser by an empty inline
+    asm, so it cannot fold the code that made ``v`` into the code that uses it."""
+    if _REG is None:
+        return v
+    asm = ir.InlineAsm(ir.FunctionType(v.type, [v.type]), "", f"={_REG},0")
+    return builder.call(asm, [v])
 
 
 @intrinsic
 def opaque(typingctx, x):
-    """``x``, hidden from the optimiser by an empty inline asm: fast-math cannot rewrite
-    the expression that made it into the code that uses it (a loop's ``g[j] * (a / b)``
+    """``x``, hidden from the optimiser (``hidden``): fast-math cannot rewrite the
+    expression that made it into the code that uses it (a loop's ``g[j] * (a / b)``
     became ``(a * g[j]) * (1 / b)``: two multiplies per element and three roundings)."""
     if x not in (types.float32, types.float64):
         return None
 
     def codegen(context, builder, signature, args):
-        ty = context.get_value_type(signature.args[0])
-        if _REG is None:
-            return args[0]
-        return builder.asm(ir.FunctionType(ty, [ty]), "", f"={_REG},0", [args[0]],
-                           side_effect=False)
+        return hidden(builder, args[0])
 
     return x(x), codegen
 

@@ -42,8 +42,6 @@ from kernels._avx512 import (
     softmax_block,
     softmax_blocks_per_call,
     softmax_exp_f64,
-    softmax_exp_max_f64,
-    softmax_exp_max_f64_tail,
     softmax_exp_f64_tail,
     softmax_row1_f32,
     softmax_row1_f64,
@@ -299,13 +297,36 @@ def _lanes(dtype) -> int:
     return row_lanes(np.dtype(dtype).itemsize == 4)
 
 
+@jit(inline=True)
+def _row_exps_f64(xflat, buf, base, out, c, mx, hint, last):
+    """``(s, top)``: ``buf[out:out+c] = exp(xflat[base:base+c] - mx)``, ``s`` their sum and
+    ``top`` the row's max (``softmax_exp_f64``, 32 at a time, then the masked tail);
+    with ``hint`` the next row is asked for meanwhile (``row_hint``)."""
+    s = 0.0
+    top = xflat[base]
+    j = 0
+    while j + _B <= c:
+        if hint:
+            for k in range(j, j + _B, 8):
+                row_hint(xflat, min(base + c + k, last))
+        e, m = softmax_exp_f64(xflat, buf, base + j, out + j, mx, _B)
+        s += e
+        top = max(top, m)
+        j += _B
+    if j < c:
+        e, m = softmax_exp_f64_tail(xflat, buf, base + j, out + j, mx, c - j)
+        s += e
+        top = max(top, m)
+    return s, top
+
+
 @jit(parallel=True, fastmath={"contract"})
 def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps, scale,
                           scratch, nchunks, nt):
     """``_softmax_xent`` with the gradient, float64, its exp pass on explicit AVX-512
-    vectors (``softmax_exp_max_f64``: exp, store and sum of 32 elements per call, and
+    vectors (``softmax_exp_f64``: exp, store and sum of 32 elements per call, and
     their max). As in ``_softmax_xent``, the exps are shifted by the row's first logit
-    and the row is done again against its max (``row_max``, ``softmax_exp_f64``) only
+    and the row is done again against its max (``row_max``) only
     when that is more than ``SHIFT_MAX`` above it (or NaN): no max pass before the exps
     (Zen 4 host, A/B in one process: 2^18 logits 1.02-1.14x, from memory 1.07-1.67x,
     medians 1.08-1.23x). ``fastmath`` "contract" only: the table exp's rounding tricks
@@ -338,30 +359,10 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
             out = 0 if nt else base  # where the row's exps go in buf
             # shifted by the row's first logit, its max taken on the way (SHIFT_MAX)
             mx = xflat[base]
-            top = mx
-            s = 0.0
-            j = 0
-            while j + _B <= c:
-                if nt:
-                    for k in range(j, j + _B, 8):
-                        row_hint(xflat, min(base + c + k, last))
-                e, m = softmax_exp_max_f64(xflat, buf, base + j, out + j, mx, _B)
-                s += e
-                top = max(top, m)
-                j += _B
-            if j < c:
-                e, m = softmax_exp_max_f64_tail(xflat, buf, base + j, out + j, mx, c - j)
-                s += e
-                top = max(top, m)
+            s, top = _row_exps_f64(xflat, buf, base, out, c, mx, nt, last)
             if not top - mx <= SHIFT_MAX:  # far above the first logit, or NaN: again
                 mx = row_max(lbits[i])
-                s = 0.0
-                j = 0
-                while j + _B <= c:
-                    s += softmax_exp_f64(xflat, buf, base + j, out + j, mx, _B)
-                    j += _B
-                if j < c:
-                    s += softmax_exp_f64_tail(xflat, buf, base + j, out + j, mx, c - j)
+                s, _ = _row_exps_f64(xflat, buf, base, out, c, mx, False, last)
             sums[i] = s
             lab = labels[i]
             gaps[i] = mx - logits[i, lab]
@@ -945,8 +946,8 @@ def layer_norm(
 
     ``mean`` and ``rstd`` (1/sqrt(var+eps), biased variance as in PyTorch) are kept for
     :func:`layer_norm_backward`. Statistics are accumulated in float64 (float32 rows of
-    few features, taken in blocks of rows: in float32, the mean's rounding taken out). ``out``: optional
-    C-contiguous buffer for ``y``; ``mean_out``, ``rstd_out``: optional ``(n,)`` buffers
+    few features, taken in blocks of rows: in float32, the mean's rounding taken out).
+    ``out``: optional C-contiguous buffer for ``y``; ``mean_out``, ``rstd_out``: optional ``(n,)`` buffers
     of ``x``'s dtype for the statistics. Reuse them across calls to avoid page faults
     (fresh ones are faulted in on first touch: once, at 2^25 elements of 10 features,
     that made a call 3.8x slower; usually glibc's heap keeps such blocks and it costs

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kernels import _avx512
+from kernels import _avx512, nn
 from kernels._erf import erf_f64, erfc_f64, normal_parts
 from kernels._fastmath import exp_fast, exp_nonpos, exp_softmax, row_max
 from kernels._jit import numba
@@ -50,11 +50,21 @@ def test_exp_of_nonpositive_is_within_two_ulp_below_tiny_as_documented(fn, dtype
         assert out[-2] <= 1.01 * tiny
 
 
-@pytest.mark.skipif(not _avx512.AVAILABLE, reason="no AVX-512F here: the exp is not used")
+def require_avx512_exps():
+    """The AVX-512 softmax exps run where numba targets AVX-512F; elsewhere (a CPU
+    property no set-up can add) the library never takes them, which is checked before
+    the test is skipped."""
+    if not _avx512.AVAILABLE:
+        assert not nn.VEC_F64 and _avx512.row_lanes(True) != 16
+        pytest.skip("no AVX-512F target: the library does not use these exps here")
+
+
 def test_avx512_softmax_exp_is_within_an_ulp_and_its_tail_sums_only_its_lanes():
-    # softmax_exp_f64[_tail]: g = exp(x - mx) and their sum, 2^(k/16) built from the
-    # table's bits by integer adds; w up to 60 above the shift too (a row shifted by a
-    # logit other than its max), at most about tiny below the smallest normal, NaN kept
+    # softmax_exp_f64[_tail]: g = exp(x - mx), their sum and the max of x, 2^(k/16)
+    # built from the table's bits by integer adds; w up to 60 above the shift too (a row
+    # shifted by a logit other than its max), at most about tiny below the smallest
+    # normal, NaN kept
+    require_avx512_exps()
     tiny = np.finfo(np.float64).tiny
     w = np.concatenate([np.linspace(-760, 0, 40000), np.linspace(-1e-3, 60, 9936),
                         np.linspace(-2, 60, 40), np.log(tiny) + np.linspace(-1e-3, 1e-3, 96),
@@ -62,37 +72,38 @@ def test_avx512_softmax_exp_is_within_an_ulp_and_its_tail_sums_only_its_lanes():
     mx = 0.75
     x = w + mx
     g = np.full_like(x, -1.0)
-    total = _softmax_exp_all(x, g, mx)
+    total, top = _softmax_exp_all(x, g, mx)
     ref = np.exp(x - mx)
     normal = ref >= tiny
     rel = np.abs(g[normal] - ref[normal]) / ref[normal]
     assert rel.max() <= 1.5 * np.finfo(np.float64).eps  # the old table exp: 2.1
     assert np.all((g[~normal] >= 0) & (g[~normal] <= 1.01 * tiny) | np.isnan(x[~normal]))
     assert np.isnan(g[-8]) and g[-6] == 1 and g[-5] == 1 and math.isnan(total)
-    # the masked tail: n < 32 lanes written (as the whole blocks have them) and summed,
-    # the rest left alone
+    assert top == np.nanmax(x) or math.isnan(top)  # a NaN may win
+    # the masked tail: n < 32 lanes written (as the whole blocks have them), summed and
+    # in the max, the rest left alone and out of the max
     for n in (1, 7, 8, 9, 31):
         out = np.full(40, -1.0)
-        s = _softmax_exp_tail(x[-144:-104], out, mx, n)  # w from -2 to 60
+        xs = x[-144:-104].copy()  # w from -2 to 60
+        xs[n:] = 1e300
+        s, m = _softmax_exp_tail(xs, out, mx, n)
         np.testing.assert_array_equal(out[:n], g[-144:-144 + n])  # the same arithmetic
         assert (out[n:] == -1.0).all()
         assert s == pytest.approx(ref[-144:-144 + n].sum(), rel=1e-15)
-        # the variant that also returns the block's max: the lanes past n left out of it
-        xs = x[-144:-104].copy()
-        xs[n:] = 1e300
-        got_s, got_m = _softmax_exp_max_tail(xs, out, mx, n)
-        assert got_s == s and got_m == xs[:n].max()
+        assert m == xs[:n].max()
     block = x[-144:-112].copy()  # w from -2 up
-    total, top = _softmax_exp_max_all(block, np.empty(32), mx)
+    total, top = _softmax_exp_all(block, np.empty(32), mx)
     assert top == block.max() and total == pytest.approx(np.exp(block - mx).sum(), rel=1e-15)
 
 
 @numba.njit(cache=False, fastmath={"contract"})
 def _softmax_exp_all(x, g, mx):  # whole blocks of 32 (x.size a multiple of 32)
-    s = 0.0
+    s, top = 0.0, -np.inf
     for j in range(0, x.size, _avx512.BLOCK):
-        s += _avx512.softmax_exp_f64(x, g, j, j, mx, _avx512.BLOCK)
-    return s
+        e, m = _avx512.softmax_exp_f64(x, g, j, j, mx, _avx512.BLOCK)
+        s += e
+        top = m if math.isnan(m) else max(top, m)
+    return s, top
 
 
 @numba.njit(cache=False, fastmath={"contract"})
@@ -100,21 +111,11 @@ def _softmax_exp_tail(x, g, mx, n):
     return _avx512.softmax_exp_f64_tail(x, g, 0, 0, mx, n)
 
 
-@numba.njit(cache=False, fastmath={"contract"})
-def _softmax_exp_max_tail(x, g, mx, n):
-    return _avx512.softmax_exp_max_f64_tail(x, g, 0, 0, mx, n)
-
-
-@numba.njit(cache=False, fastmath={"contract"})
-def _softmax_exp_max_all(x, g, mx):
-    return _avx512.softmax_exp_max_f64(x, g, 0, 0, mx, _avx512.BLOCK)
-
-
-@pytest.mark.skipif(not _avx512.AVAILABLE, reason="no AVX-512F here: the exp is not used")
 def test_avx512_float32_softmax_exp_is_within_an_ulp():
     # the row and block kernels' float32 exp on 16 lanes: a 16-entry table in a
     # register, 2^(k/16) from its bits, a degree-3 polynomial; about tiny below the
     # smallest normal; NaN kept; exp(0) == 1
+    require_avx512_exps()
     tiny = np.finfo(np.float32).tiny
     w = np.concatenate([np.linspace(-100, 0, 200000), np.linspace(-0.1, 0, 50000),
                         np.log(tiny) + np.linspace(-1e-3, 1e-3, 88),

@@ -109,6 +109,15 @@ def require_vec_gelu():
         pytest.skip("no AVX2/FMA target: only the portable GELU runs here")
 
 
+def require_blocks():
+    """The blocks of rows (softmax, layer norm) run where numba targets AVX2 and FMA;
+    elsewhere (a CPU property no set-up can add) the library never takes them, which is
+    checked before the test is skipped."""
+    if not nn.VEC_BLOCKS:
+        assert not _simd._host_has_avx2_fma()
+        pytest.skip("no AVX2/FMA target: the blocks of rows are not used here")
+
+
 @pytest.fixture(params=["vector", "vector-nt", "portable"])
 def gelu_path(request, monkeypatch):
     """Run a GELU test through each implementation: the vector kernels at the CPU's
@@ -248,7 +257,7 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
                                    (np.float32, 272), (np.float32, 1024), (np.float32, 1040),
                                    (np.float32, 1000)])
 def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypatch):
-    # large aligned gradients: exps into a scratch row, scaled there and streamed out
+    # large aligned gradients: exps into a scratch row, scaled on their way out
     # (the next row prefetched meanwhile on some hosts; rows that are not whole lines,
     # float32 1000 classes, store the lines they share with their neighbours plainly).
     # The values must be the plain stores' exactly, special rows included, and nothing
@@ -300,7 +309,7 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 def test_xent_streams_rows_in_the_hosts_window_of_sizes(dt, rng, monkeypatch):
-    # which long rows are streamed: whole lines from the window's smallest to its largest
+    # which long rows are streamed: those from the window's smallest to its largest
     # size (nn.SOFTMAX_STREAM_ROWS, by host; a window set here), for the portable kernel
     # and the float64 AVX-512 one (where the CPU has it), the values those of the plain
     # stores
@@ -1067,8 +1076,7 @@ def test_layer_norm_blocks_with_non_temporal_stores_match_plain_stores(dt, rng, 
     # last ones through the row kernels
     import kernels
 
-    if not nn.VEC_BLOCKS:
-        pytest.skip("no blocks of rows without AVX2 and FMA (nn.VEC_BLOCKS)")
+    require_blocks()
     key = np.dtype(dt).itemsize, nn._lanes(dt)
     chosen = []
     monkeypatch.setattr(nn, "_ln_blocks_nt", lambda out, f=nn._ln_blocks_nt: chosen.append(
