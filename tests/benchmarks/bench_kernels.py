@@ -115,9 +115,11 @@ class Table:
 
     CLEAN_BYTES = 96 << 20
 
-    def __init__(self, triad_n: int, wait_triad: float = 0.0, wait_max_s: float = 600.0) -> None:
+    def __init__(self, triad_n: int, wait_triad: float = 0.0, wait_max_s: float = 600.0,
+                 only: str | None = None, repeat: int = 7) -> None:
         self.rows: list[dict] = []
         self.wait_triad, self.wait_max_s = wait_triad, wait_max_s
+        self.only, self.repeat = only, repeat
         self._abc = (np.empty(triad_n), np.full(triad_n, 1.0), np.full(triad_n, 2.0))
         self._fill = np.ones(self.CLEAN_BYTES // 8)
 
@@ -142,10 +144,13 @@ class Table:
 
         The triad runs in the same round-robin, so '% triad' compares the kernel with the
         bandwidth the machine gave during the same seconds (it is shared and varies 2x).
+        With ``--only``, rows whose name does not contain it are skipped.
         """
+        if self.only is not None and self.only not in name:
+            return
         self._wait_for_bandwidth()
         t = race({"triad": self._triad, **{k: f for k, f in fns.items() if f is not None}},
-                 clean=self._clean)
+                 repeat=self.repeat, clean=self._clean)
         triad = 3 * self._abc[0].nbytes / t["triad"] / GB
         ms = {k: t[k] * 1e3 if k in t else None for k in ("ours", "ours_out", "numpy", "torch")}
         gbs = nbytes / t.get("ours_out", t["ours"]) / GB if nbytes else None
@@ -603,6 +608,8 @@ def _train_compile_tables(res: dict) -> list[str]:
 
 
 def _ceiling_table(res: dict) -> list[str]:
+    if not res.get("ceilings"):
+        return []
     out = ["", ("Compute ceilings: each kernel on a 2048 x 256 block that stays in the L3 "
                 "cache (Python call overhead included), both cores, as ns per element per "
                 "core and as the GB/s it would move if memory cost nothing (same byte "
@@ -649,7 +656,16 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels-only", action="store_true",
                     help="only the kernel rows and compute ceilings (no k-means, training, "
                          "compile times)")
+    ap.add_argument("--only", metavar="TEXT",
+                    help="only the kernel rows whose name contains TEXT (implies --kernels-only; "
+                         "e.g. 'gelu, wide' or 'softmax'), for re-measuring a row quickly")
+    ap.add_argument("--repeat", type=int, default=7, metavar="N",
+                    help="timed rounds per kernel row (default 7; the best is kept)")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    if args.only is not None:
+        args.kernels_only = True
     t0 = time.perf_counter()
     scale = 16 if args.quick else 1
     tb = B.torch_baselines()
@@ -660,13 +676,16 @@ def main(argv=None) -> int:
     res["triad_n"] = (1 << 25) // scale
     res["triad_gb_s"] = max(stream_triad(res["triad_n"]) for _ in range(3))
     print(f"  STREAM triad: {res['triad_gb_s']:.1f} GB/s", flush=True)
-    tab = Table(res["triad_n"], wait_triad=args.wait_triad)
+    tab = Table(res["triad_n"], wait_triad=args.wait_triad, only=args.only, repeat=args.repeat)
     for dt in (np.float32, np.float64):
         bench_adamw(tab, tb, (1 << 24) // scale, dt)
         bench_nn(tab, tb, (1 << 17) // scale, 256, dt)
     bench_data_kernels(tab, (1 << 17) // scale, np.float32)
     res["kernels"] = tab.rows
-    res["ceilings"] = bench_ceilings(2048 // (4 if args.quick else 1))
+    if args.only is not None and not tab.rows:
+        ap.error(f"--only {args.only!r} matches no kernel row")
+    res["ceilings"] = ([] if args.only is not None
+                       else bench_ceilings(2048 // (4 if args.quick else 1)))
     if args.kernels_only:  # the tables on stdout; --out is left alone
         print("\n".join(_kernel_table(res["kernels"]) + _ceiling_table(res)))
         if args.json:

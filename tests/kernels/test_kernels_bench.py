@@ -1,0 +1,41 @@
+"""The kernel benchmark's command line: ``--only`` and ``--repeat`` re-measure some rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "tests" / "benchmarks" / "bench_kernels.py"
+
+
+def _bench(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), "--quick", *args], cwd=tmp,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_only_runs_the_matching_rows_each_against_a_triad(tmp_path):
+    out = tmp_path / "res.json"
+    r = _bench("--only", "quantize", "--repeat", "2", "--json", str(out), tmp=tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    names = [row["kernel"] for row in res["kernels"]]
+    assert names == ["quantize_int8", "dequantize_int8"]
+    for row in res["kernels"]:
+        assert row["gb_s"] > 0 and row["triad_gb_s"] > 0
+        assert row["pct_triad"] == 100 * row["gb_s"] / row["triad_gb_s"]
+    assert res["ceilings"] == []  # no compute ceilings, k-means, training or compile times
+    assert "kmeans" not in res and "compile" not in res
+    assert "| quantize_int8 |" in r.stdout and "Compute ceilings" not in r.stdout
+
+
+def test_only_without_a_match_and_a_bad_repeat_are_refused(tmp_path):
+    out = tmp_path / "res.json"
+    r = _bench("--only", "no such kernel", "--json", str(out), tmp=tmp_path)
+    assert r.returncode == 2
+    assert "--only 'no such kernel' matches no kernel row" in r.stderr
+    assert not out.exists()
+    r = _bench("--repeat", "0", tmp=tmp_path)
+    assert r.returncode == 2 and "--repeat must be at least 1" in r.stderr
