@@ -211,6 +211,14 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero, nchunks,
 
 LN_FWD_ONE_PASS = True  # float32 long rows: _ln_fwd_one_pass (tests switch it off)
 STREAM_AHEAD_BYTES = 16384  # streamed rows prefetch later rows' inputs up to this width
+# ... and from this width: on AMD hosts (no ROW_HINTS) the prefetcher keeps up with rows
+# under 4 KiB by itself, and the hints only cost there. Zen 4 host, 2^25 elements from
+# memory, A/B in one process (2-4 processes each), without the hints over with them:
+# forward float32 256 / 512 features 1.00-1.16x / 0.97-1.22x, float64 256 1.03-1.11x;
+# backward float32 256 / 512 1.09-1.14x / 1.12-1.17x, float64 256 1.06-1.26x. Rows of
+# 4-8 KiB need them (forward float64 512 / 1024 features 0.83-0.99x / 0.76-0.81x
+# without, float32 2048 0.85x; float32 1024 0.97-1.24x either way)
+STREAM_AHEAD_MIN_BYTES = 0 if ROW_HINTS else 4096
 LN_FWD_ROWS4_MAX = 32  # float32 rows of up to this many features: _ln_fwd_rows4
 # float32 forward rows of this many bytes or more: streamed out (``_nt_rows``; 2 KiB until
 # the rows were written vector by vector instead of through a scratch row: then 1 KiB
@@ -618,13 +626,21 @@ def softmax_cross_entropy(
 
 
 @jit(inline=True)
+def _ahead(row_bytes):
+    """Whether streamed rows of ``row_bytes`` prefetch a later row's inputs as they go
+    (``STREAM_AHEAD_MIN_BYTES`` to ``STREAM_AHEAD_BYTES``)."""
+    return STREAM_AHEAD_MIN_BYTES <= row_bytes <= STREAM_AHEAD_BYTES
+
+
+@jit(inline=True)
 def _stream_row(dst, base, buf, d, xflat, dyflat, nxt):
     """``dst[base:base+d] = buf[:d]`` with non-temporal 64-byte stores (``&dst[base]``
     64-byte aligned, ``d`` a whole number of 64-byte blocks), and a prefetch of
     ``xflat[nxt:nxt+d]`` and ``dyflat[nxt:nxt+d]`` (the next row's inputs; clamped to
     the arrays), one line per 64 bytes written, so that the
     read from memory overlaps these writes instead of starting after them (no hint for
-    rows wider than ``STREAM_AHEAD_BYTES``). For the backward kernels, whose output row
+    rows wider than ``STREAM_AHEAD_BYTES`` or, on AMD hosts, narrower than
+    ``STREAM_AHEAD_MIN_BYTES``: ``_ahead``). For the backward kernels, whose output row
     is built in a scratch row; the forward streams straight out (``_ln_out_row``).
 
     Measured first on float32 layer norm forward through such a scratch row, 2^25
@@ -635,7 +651,7 @@ def _stream_row(dst, base, buf, d, xflat, dyflat, nxt):
     so wider rows go without it. Prefetching 8 KiB ahead instead of the next row (the
     forward's lead) made the backward 3-11% slower at 256-512 float64 features."""
     step = 64 // dst.itemsize
-    hint = d * dst.itemsize <= STREAM_AHEAD_BYTES
+    hint = _ahead(d * dst.itemsize)
     for j in range(0, d, step):
         copy64_nt(dst, base + j, buf, j)
         if hint:  # two arrays, not a tuple: looping over a tuple of arrays left an
@@ -696,8 +712,9 @@ def _ln_out_row(row, gamma, beta, out, mu, r, nt, flat, ahead):
     """``out = (row - mu) * r * gamma + beta`` (``mu``, ``r`` in the input's dtype).
     With ``nt``, vector by vector through ``ln_out`` with non-temporal stores (no
     scratch row), each followed by a prefetch of ``flat[ahead + j]``: a later row's
-    line, ``LN_FWD_LEAD_BYTES`` or a row ahead, whichever is further (rows of up to
-    ``STREAM_AHEAD_BYTES`` only), spread over the row's writes. From memory, against the
+    line, ``LN_FWD_LEAD_BYTES`` or a row ahead, whichever is further (rows of
+    ``STREAM_AHEAD_MIN_BYTES`` to ``STREAM_AHEAD_BYTES`` only: ``_ahead``), spread over
+    the row's writes. From memory, against the
     scratch row and ``_stream_row`` at a 44-50 GB/s triad: float32 1024 / 4096 / 8192
     features 1.07-1.08x / 1.0-1.07x / 1.06-1.14x, float64 256 / 4096 1.0-1.09x /
     1.04-1.12x; in cache (plain stores, unchanged) the same. The 8 KiB lead against the
@@ -710,7 +727,7 @@ def _ln_out_row(row, gamma, beta, out, mu, r, nt, flat, ahead):
             out[j] = t * gamma[j] + beta[j]
         return
     step = 64 // row.itemsize
-    hint = d * row.itemsize <= STREAM_AHEAD_BYTES
+    hint = _ahead(d * row.itemsize)
     last = flat.size - 1
     for j in range(0, d, step):
         ln_out(row, j, gamma, beta, j, out, j, mu, r)
@@ -1085,12 +1102,12 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
     ``nt``) the second pass takes two rows at once, so each share is loaded and stored
     once per two rows. With ``nt`` (float32 too) the second pass goes vector by vector
     (``ln_bwd_out``: dx streamed straight out, the shares updated), a line of the next
-    row's x and dy prefetched after each vector (rows of up to ``STREAM_AHEAD_BYTES``);
-    its multiply-adds are explicit, so its dx can differ from the plain loop's by a few
-    ulps of the largest terms. Streaming float32 rows too gained 9-37% at 1024-8192
-    features over plain stores with ``pair`` (both regimes of the machine); going
-    vector by vector instead of through a scratch row and ``_stream_row`` then, from
-    memory at a 43-50 GB/s triad: float32 1024-4096 features 1.04-1.20x (8192:
+    row's x and dy prefetched after each vector (``_ahead``: rows of up to
+    ``STREAM_AHEAD_BYTES``); its multiply-adds are explicit, so its dx can differ from
+    the plain loop's by a few ulps of the largest terms. Streaming float32 rows too
+    gained 9-37% at 1024-8192 features over plain stores with ``pair`` (both regimes of
+    the machine); going vector by vector instead of through a scratch row and
+    ``_stream_row`` then, from memory at a 43-50 GB/s triad: float32 1024-4096 features 1.04-1.20x (8192:
     0.84-1.10x), float64 512-4096 1.08-1.25x.
     2^25 float32 elements
     from memory (triad 41-48 GB/s), ``_ln_bwd`` against this without ``pair``: 2048
@@ -1126,7 +1143,7 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
     dyflat = dy.reshape(-1)
     step = 64 // x.itemsize
     tile = LN_BWD_TILE_BYTES // x.itemsize
-    hint = d * x.itemsize <= STREAM_AHEAD_BYTES
+    hint = _ahead(d * x.itemsize)
     last = xflat.size - 1
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
