@@ -1107,8 +1107,8 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
     the plain loop's by a few ulps of the largest terms. Streaming float32 rows too
     gained 9-37% at 1024-8192 features over plain stores with ``pair`` (both regimes of
     the machine); going vector by vector instead of through a scratch row and
-    ``_stream_row`` then, from memory at a 43-50 GB/s triad: float32 1024-4096 features 1.04-1.20x (8192:
-    0.84-1.10x), float64 512-4096 1.08-1.25x.
+    ``_stream_row`` then, from memory at a 43-50 GB/s triad: float32 1024-4096
+    features 1.04-1.20x (8192: 0.84-1.10x), float64 512-4096 1.08-1.25x.
     2^25 float32 elements
     from memory (triad 41-48 GB/s), ``_ln_bwd`` against this without ``pair``: 2048
     features 16.7 -> 10.4 ms, 4096: 17.4 -> 11.5, 8192: 14.4 -> 10.7; ``pair`` then
