@@ -295,6 +295,14 @@ LN_BWD_BLOCK_PARTIAL = 8  # float32 backward blocks: dgamma/dbeta shares summed 
 # row loops: float32 2-16 classes 2.1-5.0x, 17-32 1.1-2.5x, float64 2-8 2.0-3.7x, 9-16
 # 1.5-2.4x; in cache 1.1-2.6x but float64 16: 1.15x)
 BLOCK_MAX_CLASSES = {(4, 16): 28, (8, 8): 16, (4, 8): 32, (8, 4): 16}
+# softmax blocks: calls of this many bytes or more ask for the input 8 KiB ahead
+# (_softmax_xent_blocks). On AMD hosts (no ROW_HINTS) the prefetcher keeps up with
+# smaller calls, where the hint only cost (Zen 4 host, A/B in one process, without the
+# hint over with it: float32 10 / 16 / 20 classes, 640-1280-byte calls, in L3
+# 1.08-1.11x, from memory 1.02-1.05x; float64 10 / 16 1.01-1.08x), and larger ones
+# still need it (float32 28 classes, 1792 bytes: 0.90x without, from memory; 24
+# classes 0.98x)
+SOFTMAX_BLOCK_HINT_BYTES = 512 if ROW_HINTS else 1536
 _B = _avx512.BLOCK
 _VEC_BYTES = VEC_BITS // 8  # the row and block kernels' vectors (_avx512.row_lanes)
 
@@ -469,8 +477,8 @@ def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, ncalls, nchunks, sca
     ``c`` compiles on first use and is cached (``numba.literally`` did the same but cost
     about 4 ms per call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``;
     the gradient goes into ``gflat`` only when ``grad``, with non-temporal stores when
-    ``nt``. Each call of 512 bytes or more asks for the input 8 KiB ahead
-    (``kernels._prefetch``).
+    ``nt``. Each call of ``SOFTMAX_BLOCK_HINT_BYTES`` or more (512 on Intel hosts, 1536
+    elsewhere) asks for the input 8 KiB ahead (``kernels._prefetch``).
     2^25 float32 logits of 10 classes, from memory: 10.8-11.4 ms with neither, 9.4-9.5
     with both; float64 16-19 -> 14.3-14.5. With 2 classes (128-byte blocks) the
     prefetch cost 2-5% (one hint per 2 vectors), in cache and from memory."""
@@ -478,7 +486,7 @@ def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, ncalls, nchunks, sca
     for c in prange(nchunks):
         lo, hi = chunk_bounds(ncalls, nchunks, c)
         for b in range(lo, hi):
-            if step * xflat.itemsize >= 512:
+            if step * xflat.itemsize >= SOFTMAX_BLOCK_HINT_BYTES:
                 prefetch_ahead(xflat, b * step, step * xflat.itemsize)
             softmax_block(xflat, gflat, labels, prods, gaps, b, scale, grad, nt, cls)
         if nt:

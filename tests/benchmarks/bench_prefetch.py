@@ -13,7 +13,9 @@ within a round is far steadier on a shared host than two best-of times taken a m
 apart. Whether a hint pays depends on the CPU's own prefetcher, so this is the check to
 rerun on a new host. The copy with hints has the host-dependent ones too
 (``kernels._prefetch.ROW_HINTS`` set for it, whatever this host's setting; the rows
-marked "row hint" say whether the host has them on).
+marked "row hint" say whether the host has them on), and at every row size: the sizes
+below which AMD hosts go without (``kernels.nn.STREAM_AHEAD_MIN_BYTES``,
+``SOFTMAX_BLOCK_HINT_BYTES``) are lifted for it.
 """
 
 from __future__ import annotations
@@ -35,15 +37,23 @@ from kernels import _prefetch, compress, empty_aligned, nn, quant, search  # noq
 from kernels._jit import _CFG  # noqa: E402
 
 
+# kernels.nn's row sizes below which AMD hosts go without a hint, as Intel hosts set
+# them (read when a kernel is compiled): the copy with hints has them everywhere
+_HINTS_EVERYWHERE = {"STREAM_AHEAD_MIN_BYTES": 0, "SOFTMAX_BLOCK_HINT_BYTES": 512}
+
+
 def _copies(mod: ModuleType, names: list[str], call: Callable[[], object]) -> dict:
     """``{hints: {name: dispatcher}}``, each compiled by a first call with the flag set
     (the flag is read when the code is generated, not when the dispatcher is made)."""
     orig = {n: getattr(mod, n) for n in names}
     out = {}
     row = _prefetch.ROW_HINTS
+    host = {k: getattr(nn, k) for k in _HINTS_EVERYWHERE}
     try:
         for hints in (True, False):
             _prefetch.ENABLED = _prefetch.ROW_HINTS = hints
+            for k, v in _HINTS_EVERYWHERE.items():  # the host's size limits lifted too
+                setattr(nn, k, v if hints else host[k])
             out[hints] = {}
             for n in names:
                 opts = _CFG.jit_options(parallel=True)
@@ -53,6 +63,8 @@ def _copies(mod: ModuleType, names: list[str], call: Callable[[], object]) -> di
             call()
     finally:
         _prefetch.ENABLED, _prefetch.ROW_HINTS = True, row
+        for k, v in host.items():
+            setattr(nn, k, v)
         for n in names:
             setattr(mod, n, orig[n])
     return out
