@@ -973,9 +973,10 @@ def layer_norm(
     :func:`layer_norm_backward`. Statistics are accumulated in float64 (float32 rows of
     few features, taken in blocks of rows: in float32, the mean's rounding taken out).
     ``out``: optional C-contiguous buffer for ``y``; ``mean_out``, ``rstd_out``: optional
-    ``(n,)`` buffers of ``x``'s dtype for the statistics. Reuse them across calls to avoid page faults
-    (fresh ones are faulted in on first touch: once, at 2^25 elements of 10 features,
-    that made a call 3.8x slower; usually glibc's heap keeps such blocks and it costs
+    ``(n,)`` buffers of ``x``'s dtype for the statistics. Reuse them across calls to
+    avoid page faults (fresh ones are faulted in on first touch: once, at 2^25 elements
+    of 10 features, that made a call 3.8x slower; usually glibc's heap keeps such blocks
+    and it costs
     a few percent).
     """
     x = _checks.float_array("x", x, ndim=2)
