@@ -976,8 +976,7 @@ def layer_norm(
     ``(n,)`` buffers of ``x``'s dtype for the statistics. Reuse them across calls to
     avoid page faults (fresh ones are faulted in on first touch: once, at 2^25 elements
     of 10 features, that made a call 3.8x slower; usually glibc's heap keeps such blocks
-    and it costs
-    a few percent).
+    and it costs a few percent).
     """
     x = _checks.float_array("x", x, ndim=2)
     gamma = _checks.float_array("gamma", gamma, ndim=1, dtype=x.dtype)
