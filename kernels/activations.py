@@ -650,7 +650,7 @@ def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """
     xc = _checks.float_array("x", x)
     if out is None:
-        res = _checks.empty_aligned(xc.shape, xc.dtype, like=xc)
+        res = _checks.empty_aligned(xc.shape, xc.dtype, like=xc, apart_from=xc)
     else:
         _checks.writable_target("out", out, xc)
         res = out
@@ -669,7 +669,8 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, *, out: np.ndarray | None = Non
     xc = _checks.float_array("x", x)
     dyc = _checks.float_array("dy", dy, dtype=xc.dtype)
     _checks.shape_is("dy", dyc, xc.shape)
-    res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
+    res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc,
+                              apart_from=xc)
     if xc.size and _vec(xc):
         _gelu_vec(dyc, xc, res, backward=True, fresh=out is None)
     elif xc.size:
@@ -773,7 +774,8 @@ def bias_act(
     """``act(x + b)`` for 2-D ``x`` and a per-column bias ``b``, one pass. act: none/relu/gelu."""
     code = _act_code(act)
     xc, bc = _bias_inputs(x, b)
-    res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
+    res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc,
+                              apart_from=xc)
     if xc.size and code == 2 and _vec(xc):
         _gelu_vec(xc, xc, res, b=bc, fresh=out is None)
     elif xc.size:
@@ -793,7 +795,8 @@ def bias_act_backward(
     xc, bc = _bias_inputs(x, b)
     dyc = _checks.float_array("dy", dy, ndim=2, dtype=xc.dtype)
     _checks.shape_is("dy", dyc, xc.shape)
-    dx = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc)
+    dx = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc,
+                              apart_from=xc)
     if xc.size and code == 2 and _vec(xc):
         pdb = np.zeros((_flat_chunks(xc.size), bc.size + _TILE), xc.dtype)
         _gelu_vec(dyc, xc, dx, b=bc, pdb=pdb, backward=True, fresh=out is None)

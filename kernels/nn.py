@@ -577,7 +577,8 @@ def softmax_cross_entropy(
     if n and c == 0:
         raise KernelInputError("logits has 0 classes; it needs at least one column")
     _checks.in_range("labels", y, c)
-    g = _checks.out_array("out", out, x.shape, x.dtype) if grad else np.empty((0, 0), x.dtype)
+    g = (_checks.out_array("out", out, x.shape, x.dtype, apart_from=x) if grad
+         else np.empty((0, 0), x.dtype))
     if n == 0:
         return (float("nan") if reduction == "mean" else 0.0), (g if grad else None)
     if grad_scale is None:
@@ -985,7 +986,7 @@ def layer_norm(
     _checks.shape_is("beta", beta, (x.shape[1],))
     eps = _checks.finite_float("eps", eps, low=0.0)
     n, d = x.shape
-    y = _checks.out_array("out", out, x.shape, x.dtype)
+    y = _checks.out_array("out", out, x.shape, x.dtype, apart_from=x)
     # the statistics are read and written as scalars: no alignment, and buffers of our
     # own need no overlap check (together 12 of a 64-row call's 38 us)
     mean = (np.empty(n, x.dtype) if mean_out is None
@@ -1399,7 +1400,7 @@ def layer_norm_backward(
     rstd = _checks.float_array("rstd", rstd, ndim=1, dtype=x.dtype)
     _checks.shape_is("mean", mean, (n,))
     _checks.shape_is("rstd", rstd, (n,))
-    dx = _checks.out_array("out", out, x.shape, x.dtype)
+    dx = _checks.out_array("out", out, x.shape, x.dtype, apart_from=x)
     dg: np.ndarray | None = None  # float64 sums, once some rows are summed
     db: np.ndarray | None = None
     if n and d:

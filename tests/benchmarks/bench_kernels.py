@@ -210,9 +210,10 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     dy = rng.standard_normal((rows, cols)).astype(dt)
     # out= buffers as the kernels allocate their own (kernels.empty_aligned): 64-byte
     # aligned rows for layer norm, the input's offset in a cache line for GELU (whose
-    # blocks align to the output, and then to the inputs as well)
-    o, o2 = empty_aligned(x.shape, dt), empty_aligned(x.shape, dt)
-    ol = empty_aligned(x.shape, dt, like=x)
+    # blocks align to the output, and then to the inputs as well), half a page from the
+    # input (apart_from: streamed stores a little ahead of the loads slow them down)
+    o, o2 = (empty_aligned(x.shape, dt, apart_from=x) for _ in range(2))
+    ol = empty_aligned(x.shape, dt, like=x, apart_from=x)
     nb = rows * cols * np.dtype(dt).itemsize
     t = B.torch_nn(tb, x, y, gam, bet, dy)
     _, mu, rs = nn.layer_norm(x, gam, bet)
@@ -235,7 +236,7 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     # 10 classes (blocks of rows): the same bytes as rows of 10
     xs = x.reshape(-1)[:x.size // 10 * 10].reshape(-1, 10)
     ys = rng.integers(0, 10, xs.shape[0])
-    os_ = empty_aligned(xs.shape, dt)
+    os_ = empty_aligned(xs.shape, dt, apart_from=xs)
     ts = B.torch_nn(tb, xs, ys, gam[:10], bet[:10], xs)
     add("softmax_cross_entropy+grad, 10 classes", xs.shape, dt, 2 * xs.nbytes + ys.nbytes,
         f"blocks of {nn._lanes(np.float32)} (float32) / {nn._lanes(np.float64)} (float64) "
@@ -256,7 +257,7 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
         xd = x.reshape(-1)[:x.size // d * d].reshape(-1, d)
         dyd = dy.reshape(-1)[:xd.size].reshape(xd.shape)
         gd, bd = np.ones(d, dt), np.zeros(d, dt)
-        od, od2 = empty_aligned(xd.shape, dt), empty_aligned(xd.shape, dt)
+        od, od2 = (empty_aligned(xd.shape, dt, apart_from=xd) for _ in range(2))
         std = (empty_aligned(xd.shape[0], dt), empty_aligned(xd.shape[0], dt))
         td = B.torch_nn(tb, xd, None, gd, bd, dyd)
 
@@ -356,7 +357,8 @@ def bench_ceilings(rows: int = 2048, cols: int = 256) -> list[dict]:
         rng = np.random.default_rng(3)
         x = rng.standard_normal((rows, cols)).astype(dt)
         dy = rng.standard_normal(x.shape).astype(dt)
-        o, ol = empty_aligned(x.shape, dt), empty_aligned(x.shape, dt, like=x)
+        o = empty_aligned(x.shape, dt, apart_from=x)
+        ol = empty_aligned(x.shape, dt, like=x, apart_from=x)
         y = rng.integers(0, cols, rows)
         gam, bet = np.ones(cols, dt), np.zeros(cols, dt)
         _, mu, rs = nn.layer_norm(x, gam, bet)
@@ -542,7 +544,7 @@ def _header(res: dict, command: str) -> list[str]:
          "baselines, measured with a "
          "reused `out=` buffer where the kernel has one, allocated as the kernels allocate "
          "their own outputs (`kernels.empty_aligned`: rows 64-byte aligned, or at the "
-         "input's offset in a cache line for GELU). Kernels that write a "
+         "input's offset in a cache line for GELU, and half a page from the input). Kernels that write a "
          "separate output with plain stores pay a write-allocate read the triad pays too; "
          "large outputs of float64 GELU and layer norm and of dequantisation skip it "
          "(non-temporal stores), and in-place AdamW pays none. Ratios (> 1 = Numba faster) "

@@ -713,6 +713,19 @@ def test_layer_norm_float64_non_temporal_rows_match(shape, rng, monkeypatch):
         got = kernels.empty_aligned(shape, np.float32, like=model)
         assert got.ctypes.data % 64 == model.ctypes.data % 64 and got.shape == shape
         assert got.flags.c_contiguous and got.flags.writeable and got.dtype == np.float32
+    # apart_from=: a large output starts half a page past the input modulo 4 KiB (at the
+    # input's offset in a line with like=, else on a line); a small one ignores it
+    src = np.empty(_checks.APART_MIN_BYTES // 4 + 8, np.float32)[3:]
+    for like in (None, src):
+        got = kernels.empty_aligned((src.size,), np.float32, like=like, apart_from=src)
+        assert 2048 <= (got.ctypes.data - src.ctypes.data) % 4096 < 2048 + 64
+        assert got.ctypes.data % 64 == (0 if like is None else src.ctypes.data % 64)
+        assert got.shape == src.shape and got.flags.c_contiguous and got.flags.writeable
+    small = kernels.empty_aligned((16,), np.float32, apart_from=src)
+    assert small.ctypes.data % 64 == 0 and small.shape == (16,)
+    big = np.ones((_checks.APART_MIN_BYTES // 1024, 256), np.float32)  # a fresh output:
+    assert 2048 <= (nn.layer_norm(big, big[0], big[0])[0].ctypes.data  # half a page off
+                    - big.ctypes.data) % 4096 < 2112
     strided = np.empty((6, 10))[1:, ::3]  # data_address: the first element, also of a view
     assert _checks.data_address(strided) == strided.ctypes.data
 
