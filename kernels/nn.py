@@ -211,7 +211,7 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero, nchunks,
 
 LN_FWD_ONE_PASS = True  # float32 long rows: _ln_fwd_one_pass (tests switch it off)
 STREAM_AHEAD_BYTES = 16384  # streamed rows prefetch later rows' inputs up to this width
-# ... and from this width: on AMD hosts (no ROW_HINTS) the prefetcher keeps up with rows
+# ... and from this width: on Zen 3-5 hosts (no ROW_HINTS) the prefetcher keeps up with rows
 # under 4 KiB by itself, and the hints only cost there. Zen 4 host, 2^25 elements from
 # memory, A/B in one process (2-4 processes each), without the hints over with them:
 # forward float32 256 / 512 features 1.00-1.16x / 0.97-1.22x, float64 256 1.03-1.11x;
@@ -225,7 +225,7 @@ LN_FWD_ROWS4_MAX = 32  # float32 rows of up to this many features: _ln_fwd_rows4
 # rows streamed 1.11-1.19x faster from memory, 512 B 1.20-1.28x, 256 B 1.05-1.07x)
 LN_FWD_NT_BYTES = 256
 LN_FWD_LEAD_BYTES = 8192  # streamed forward rows prefetch this far ahead (or the next row)
-LN_FWD_NEXT_ROW = ROW_HINTS  # _ln_fwd's streamed rows: the next row instead (Intel hosts)
+LN_FWD_NEXT_ROW = ROW_HINTS  # _ln_fwd's streamed rows: the next row instead (ROW_HINTS)
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
 # float32 backward rows of this many bytes or more stream dx out (_nt_rows), on every
 # host. 2^25 elements from memory, A/B by rounds in one process: Intel host 256 features
@@ -296,7 +296,7 @@ LN_BWD_BLOCK_PARTIAL = 8  # float32 backward blocks: dgamma/dbeta shares summed 
 # 1.5-2.4x; in cache 1.1-2.6x but float64 16: 1.15x)
 BLOCK_MAX_CLASSES = {(4, 16): 28, (8, 8): 16, (4, 8): 32, (8, 4): 16}
 # softmax blocks: calls of this many bytes or more ask for the input 8 KiB ahead
-# (_softmax_xent_blocks). On AMD hosts (no ROW_HINTS) the prefetcher keeps up with
+# (_softmax_xent_blocks). On Zen 3-5 hosts (no ROW_HINTS) the prefetcher keeps up with
 # smaller calls, where the hint only cost (Zen 4 host, A/B in one process, without the
 # hint over with it: float32 10 / 16 / 20 classes, 640-1280-byte calls, in L3
 # 1.08-1.11x, from memory 1.02-1.05x; float64 10 / 16 1.01-1.08x), and larger ones
@@ -477,7 +477,7 @@ def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, ncalls, nchunks, sca
     ``c`` compiles on first use and is cached (``numba.literally`` did the same but cost
     about 4 ms per call in dispatch). Block ``b``'s loss is ``log(prods[b]) + gaps[b]``;
     the gradient goes into ``gflat`` only when ``grad``, with non-temporal stores when
-    ``nt``. Each call of ``SOFTMAX_BLOCK_HINT_BYTES`` or more (512 on Intel hosts, 1536
+    ``nt``. Each call of ``SOFTMAX_BLOCK_HINT_BYTES`` or more (512 with ``ROW_HINTS``, 1536
     elsewhere) asks for the input 8 KiB ahead (``kernels._prefetch``).
     2^25 float32 logits of 10 classes, from memory: 10.8-11.4 ms with neither, 9.4-9.5
     with both; float64 16-19 -> 14.3-14.5. With 2 classes (128-byte blocks) the
@@ -648,7 +648,7 @@ def _stream_row(dst, base, buf, d, xflat, dyflat, nxt):
     ``xflat[nxt:nxt+d]`` and ``dyflat[nxt:nxt+d]`` (the next row's inputs; clamped to
     the arrays), one line per 64 bytes written, so that the
     read from memory overlaps these writes instead of starting after them (no hint for
-    rows wider than ``STREAM_AHEAD_BYTES`` or, on AMD hosts, narrower than
+    rows wider than ``STREAM_AHEAD_BYTES`` or, without ``ROW_HINTS``, narrower than
     ``STREAM_AHEAD_MIN_BYTES``: ``_ahead``). For the backward kernels, whose output row
     is built in a scratch row; the forward streams straight out (``_ln_out_row``).
 

@@ -113,10 +113,10 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
         for d in (256, 1024, 4096):
             x = rng.standard_normal((size // d, d)).astype(dt)
             g, b = np.ones(d, dt), np.zeros(d, dt)
-            y = empty_aligned(x.shape, dt)
+            y = empty_aligned(x.shape, dt, apart_from=x)
             _, mu, rs = nn.layer_norm(x, g, b)
             dy = rng.standard_normal(x.shape).astype(dt)
-            dx = empty_aligned(x.shape, dt)
+            dx = empty_aligned(x.shape, dt, apart_from=x)
             out.append((f"layer_norm {name} {d} features", nn, ["_ln_fwd", "_ln_fwd_one_pass"],
                         lambda x=x, g=g, b=b, y=y: nn.layer_norm(x, g, b, out=y)))
             out.append((f"layer_norm_backward {name} {d} features", nn,
@@ -132,7 +132,7 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
         c = 256
         lg2 = rng.standard_normal((size // c, c)).astype(dt)
         lab2 = rng.integers(0, c, size // c)
-        go = empty_aligned(lg2.shape, dt)
+        go = empty_aligned(lg2.shape, dt, apart_from=lg2)
         out.append((f"softmax_cross_entropy {name} 256 classes, streamed (row hint, "
                     f"{here} here)", nn, ["_softmax_xent", "_softmax_xent_f64_vec"],
                     lambda lg=lg2, lab=lab2, go=go: nn.softmax_cross_entropy(lg, lab, out=go)))

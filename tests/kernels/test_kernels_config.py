@@ -34,13 +34,16 @@ def test_defaults_keep_nan_semantics():
     assert load_config({"NUMBA_CACHE_DIR": "/x"}).cache_dir == "/x"
 
 
-def test_row_hints_follow_the_variable_and_default_to_intel_hosts(monkeypatch):
+def test_row_hints_follow_the_variable_and_default_to_intel_and_zen2_hosts(monkeypatch):
     from kernels import config
 
     assert load_config({"HPCGW_NUMBA_ROW_HINTS": "1"}).row_hints
     assert not load_config({"HPCGW_NUMBA_ROW_HINTS": "off"}).row_hints
-    for vendor, on in (("GenuineIntel", True), ("AuthenticAMD", False), ("", False)):
+    for vendor, family, on in (("GenuineIntel", 6, True), ("AuthenticAMD", 25, False),
+                               ("AuthenticAMD", 26, False), ("AuthenticAMD", 23, True),
+                               ("", 23, False), ("", -1, False)):
         monkeypatch.setattr(config, "_cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(config, "_cpu_family", lambda f=family: f)
         assert load_config({}).row_hints is on
         assert load_config({"HPCGW_NUMBA_ROW_HINTS": "auto"}).row_hints is on
         # a named target (a portable cache) keeps them off whatever the host
@@ -55,6 +58,11 @@ def test_cpu_vendor_is_read_from_this_host():
     with open("/proc/cpuinfo") as f:
         listed = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")]
     assert _cpu_vendor() == listed[0]
+    from kernels.config import _cpu_family
+
+    with open("/proc/cpuinfo") as f:
+        fams = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("cpu family")]
+    assert _cpu_family() == (int(fams[0]) if fams else -1)
 
 
 def test_bad_boolean_is_refused_with_the_valid_values():
