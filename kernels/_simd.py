@@ -47,11 +47,13 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from kernels import memory as _memory
+from kernels._checks import data_address
 from kernels._jit import intrinsic, types
 from kernels._prefetch import ROW_HINTS
+from kernels.config import zen2_host
 
-__all__ = ["NT_FRESH", "NT_MIN_BYTES", "NT_STORES", "address", "compress_candidates",
-           "compress_candidates_nt", "compress_candidates_update", "copy64_nt", "dequant_store_nt",
+__all__ = ["NT_AHEAD_SLOW_BYTES", "NT_FRESH", "NT_MIN_BYTES", "NT_STORES", "address",
+           "compress_candidates", "compress_candidates_nt", "compress_candidates_update", "copy64_nt", "dequant_store_nt",
            "ln_bwd_out", "ln_out", "QUANT_LANES", "quant_store", "scale64_nt", "scan_scores",
            "sfence", "stream_out", "tile_argmin"]
 
@@ -72,6 +74,20 @@ NT_MIN_BYTES = 16 << 20
 # and softmax 1.00-1.05 (those two stream as before). The pages just zeroed are still in
 # the cache, where a plain store finds them and a non-temporal one has to push them out.
 NT_FRESH = not ROW_HINTS
+# Where an output starts 1 to this many bytes ahead of the input its kernel reads as it
+# writes it, modulo 4 KiB, that kernel writes it with plain stores (where the caller
+# says which input: ``stream_out``'s ``src``). On the Zen 2 host the non-temporal stores
+# held up the loads with the same low 12 address bits that followed them (plain stores
+# did not): float32 GELU 49 ms with the output 16-48 bytes ahead, 26 at 64-80, 18-19
+# from 96 on (plain: 17-18 everywhere); layer norm forward, float32 256 features,
+# 15.4 ms at 48 bytes, 11.2 at 176, 8.1 half a page away. The kernels' own outputs sit
+# half a page away (``kernels.empty_aligned``'s ``apart_from``); this is for a caller's
+# ``out=``, and only GELU and bias + GELU pass ``src`` (2^25 elements from memory, A/B
+# in one process, time streamed / plain: float32 16-48 bytes ahead 1.76-2.71, 80
+# 0.89-0.95, 112 1.07-1.13; float64 16-112 1.09-1.23; 176 1.00). Layer norm's times
+# moved between runs as much as between the two, so it streams as before. Elsewhere
+# 0: the Intel and Zen 4 hosts streamed such outputs at 92-115% of the triad.
+NT_AHEAD_SLOW_BYTES = 128 if zen2_host() else 0
 
 
 def _target_has(*features: str) -> bool:
@@ -114,15 +130,19 @@ VEC_BITS = 512 if _host_has_avx512() else 256
 VEC_REGS = 32 if VEC_BITS == 512 else 16
 
 
-def stream_out(out, fresh: bool = False) -> bool:
+def stream_out(out, fresh: bool = False, src=None) -> bool:
     """Whether a kernel writes ``out`` with non-temporal stores: on x86-64, and when it
     is ``NT_MIN_BYTES`` or more (the one place that decides, for every kernel). ``fresh``:
     ``out`` is the kernel's own new allocation (callers pass it where measured), then
     streamed only where ``NT_FRESH``, or where freed memory is kept
     (``kernels.memory``): a new array then reuses mapped pages, which are not in cache
-    as the pages of a first touch are, like a caller's ``out=``."""
-    return NT_STORES and out.nbytes >= NT_MIN_BYTES and (NT_FRESH or not fresh
-                                                         or _memory.keeping())
+    as the pages of a first touch are, like a caller's ``out=``. ``src``: the input
+    read as ``out`` is written, where its place was measured to matter
+    (``NT_AHEAD_SLOW_BYTES``)."""
+    return (NT_STORES and out.nbytes >= NT_MIN_BYTES
+            and (NT_FRESH or not fresh or _memory.keeping())
+            and (src is None or not NT_AHEAD_SLOW_BYTES or not 0 < (
+                data_address(out) - data_address(src)) % 4096 < NT_AHEAD_SLOW_BYTES))
 
 
 _I32 = ir.IntType(32)

@@ -603,7 +603,7 @@ def _gelu_vec(dy, x, out, *, b=None, pdb=None, backward=False, fresh=False) -> N
     if pdb is None:
         pdb = np.empty((nch, 1), x.dtype)
     _GELU_VEC[bias, backward](dy.reshape(-1), x.reshape(-1), bt, out.reshape(-1), pdb, ncols,
-                              nch, stream_out(out, fresh))
+                              nch, stream_out(out, fresh, x))
 
 
 def _tiled(b: np.ndarray) -> np.ndarray:

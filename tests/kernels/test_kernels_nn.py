@@ -730,6 +730,22 @@ def test_layer_norm_float64_non_temporal_rows_match(shape, rng, monkeypatch):
     assert _checks.data_address(strided) == strided.ctypes.data
 
 
+def test_gelu_writes_plainly_into_an_out_just_ahead_of_its_input(rng, monkeypatch):
+    # NT_AHEAD_SLOW_BYTES (the Zen 2 host's): an output 1-127 bytes ahead of the input
+    # modulo 4 KiB is not streamed; the results are the same either way
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    x = rng.standard_normal(3000)
+    want = activations.gelu(x)
+    for slow in (128, 0):
+        monkeypatch.setattr(_simd, "NT_AHEAD_SLOW_BYTES", slow)
+        for rel in (0, 16, 48, 120, 128, 2048, 4088):
+            out = _checks.empty_placed(x, rel, 4096)
+            streamed = _simd.NT_STORES and not (slow and 0 < rel < slow)
+            assert _simd.stream_out(out, src=x) == streamed, (slow, rel)
+            assert _simd.stream_out(out) == _simd.NT_STORES  # no input named: not checked
+            np.testing.assert_array_equal(activations.gelu(x, out=out), want)
+
+
 def _ln_both(x, g, b, dy, out=None, dout=None):
     y, mu, rstd = nn.layer_norm(x, g, b, out=out)
     return (y.copy(), mu, rstd) + nn.layer_norm_backward(dy, x, g, mu, rstd, out=dout)
