@@ -105,7 +105,7 @@ def data_address(a):
 # from that input's data (see ``empty_aligned``); smaller ones are not streamed out and
 # keep the 64 extra bytes.
 APART_MIN_BYTES = 1 << 20
-_PAGE = 4096
+PAGE = 4096  # bytes: addresses that agree modulo this look alike to a store's later loads
 
 
 def empty_aligned(shape: Any, dtype: Any = np.float64, *, like: np.ndarray | None = None,
@@ -136,16 +136,15 @@ def empty_aligned(shape: Any, dtype: Any = np.float64, *, like: np.ndarray | Non
     elif type(shape) is not tuple:  # (an array's own .shape is taken as it is: 0.5 us)
         shape = tuple(map(int, shape))
     nbytes = math.prod(shape) * dt.itemsize
-    want = 0 if like is None else data_address(like)
+    want, period = (0 if like is None else data_address(like)), 64
     if apart_from is not None and nbytes >= APART_MIN_BYTES:
         src = data_address(apart_from)
-        # at want's offset in a cache line (2048 is a multiple of 64), half a page on
-        want = src + _PAGE // 2 + (want - src) % 64
-        raw = np.empty(nbytes + _PAGE, np.uint8)  # the pages before it are never touched
-        return np.ndarray(shape, dt, raw, (want - data_address(raw)) % _PAGE)
-    raw = np.empty(nbytes + 64, np.uint8)
+        # at want's offset in a cache line (2048 is a multiple of 64), half a page on;
+        # the pages before it are never touched
+        want, period = src + PAGE // 2 + (want - src) % 64, PAGE
+    raw = np.empty(nbytes + period, np.uint8)
     # one constructor, not a slice, a view and a reshape: the call went 7 -> 2 us
-    return np.ndarray(shape, dt, raw, (want - data_address(raw)) % 64)
+    return np.ndarray(shape, dt, raw, (want - data_address(raw)) % period)
 
 
 def empty_placed(like: np.ndarray, offset: int, period: int) -> np.ndarray:

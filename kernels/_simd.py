@@ -47,13 +47,14 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from kernels import memory as _memory
-from kernels._checks import data_address
+from kernels._checks import PAGE, data_address
 from kernels._jit import intrinsic, types
 from kernels._prefetch import ROW_HINTS
 from kernels.config import zen2_host
 
 __all__ = ["NT_AHEAD_SLOW_BYTES", "NT_FRESH", "NT_MIN_BYTES", "NT_STORES", "address",
-           "compress_candidates", "compress_candidates_nt", "compress_candidates_update", "copy64_nt", "dequant_store_nt",
+           "compress_candidates", "compress_candidates_nt", "compress_candidates_update",
+           "copy64_nt", "dequant_store_nt",
            "ln_bwd_out", "ln_out", "QUANT_LANES", "quant_store", "scale64_nt", "scan_scores",
            "sfence", "stream_out", "tile_argmin"]
 
@@ -142,7 +143,7 @@ def stream_out(out, fresh: bool = False, src=None) -> bool:
     return (NT_STORES and out.nbytes >= NT_MIN_BYTES
             and (NT_FRESH or not fresh or _memory.keeping())
             and (src is None or not NT_AHEAD_SLOW_BYTES or not 0 < (
-                data_address(out) - data_address(src)) % 4096 < NT_AHEAD_SLOW_BYTES))
+                data_address(out) - data_address(src)) % PAGE < NT_AHEAD_SLOW_BYTES))
 
 
 _I32 = ir.IntType(32)

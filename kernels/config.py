@@ -18,6 +18,7 @@ This module does not import numba: ``kernels._jit`` applies the config and then 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -72,6 +73,7 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise KernelConfigError(f"{name}={raw!r} is not a boolean; use one of 0/1/true/false")
 
 
+@functools.cache
 def cpu_field(key: str) -> str:
     """A field of the first CPU in ``/proc/cpuinfo`` (``vendor_id``, ``model name``), or
     "" where there is none."""

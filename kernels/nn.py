@@ -257,7 +257,8 @@ VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table e
 # softmax gradients into a large aligned out= streamed out of a scratch row (a row's
 # partial end lines plainly; tests switch it), the next row asked for meanwhile where the
 # row hints are on: rows of (smallest, largest) bytes, for _softmax_xent and for
-# _softmax_xent_f64_vec. Intel hosts (hints on): every row up to 4 KiB / any. Elsewhere,
+# _softmax_xent_f64_vec. With ROW_HINTS (Intel, Zen 2 hosts): every row up to 4 KiB /
+# any. Elsewhere,
 # by the Zen 4 host (2^25 logits from memory, plain over streamed, 2-5 processes each):
 # float32 256 classes 0.94-1.00x, 384 1.13-1.47x, 512 0.95-1.29x, 768 1.66-1.70x, 1024
 # 1.45-2.03x; float64 192 1.27-1.42x, 256 0.73-1.09x, 384 1.41x, 512 0.79-1.09x, 768
