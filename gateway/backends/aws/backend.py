@@ -253,6 +253,7 @@ class AwsBackend:
         self._snapshot = (now_mono, list(found.values()))
         out: dict[str, Observation] = {}
         ended: list[tuple[str, list[InstanceView]]] = []
+        early: list[tuple[str, list[InstanceView], InstanceView]] = []
         doomed: list[str] = []
         for ref in refs:
             maybe = [found.get(i) or self._forgotten(i) for i in split_ref(ref)]
@@ -264,20 +265,31 @@ class AwsBackend:
             if len(live) == len(known):
                 out[ref] = (inst_mod.live_observation(head) if len(known) == 1
                             else cluster.live(live))
-            elif head in live:   # a worker ended first: the cluster cannot finish
+            elif head in live:   # a worker ended first
                 dead = [v for v in known if v not in live and v.state != "gone"]
                 if not dead:
                     continue   # a worker not listed (yet): describe lags run_instances
-                out[ref] = cluster.lost_node(ref, dead[0], known, self.clock())
-                self.ledger.settle(head.key, float(out[ref].extra["cost"]))
-                doomed += [v.id for v in live]
+                early.append((ref, known, dead[0]))
             else:
                 ended.append((ref, known))
                 doomed += [v.id for v in live]   # workers still waiting for node 0
+        waiting: set[str] | None = None
+        if early:   # a worker powers off once node 0's status is in: did node 0 report?
+            waiting = self.staging.inbox()
+            for ref, known, first_dead in early:
+                live_ids = [v.id for v in known if inst_mod.STATES.get(v.state) is not None]
+                doomed += live_ids
+                adir = self.attempt_dir(known[0].key)
+                if known[0].key in waiting or (adir and (adir / "status.json").exists()):
+                    # node 0 finished; it is powering off
+                    ended.append((ref, known))
+                    continue
+                out[ref] = cluster.lost_node(ref, first_dead, known, self.clock())
+                self.ledger.settle(known[0].key, float(out[ref].extra["cost"]))
         if doomed:
             self.terminate(doomed, inst_mod.TAG_REAPED)
         if ended:
-            out.update(self._ended(ended))
+            out.update(self._ended(ended, waiting))
         return out
 
     def _forgotten(self, ref: str) -> InstanceView | None:
@@ -294,11 +306,12 @@ class AwsBackend:
                             price=float(rec.get("price_per_hour") or 0.0),
                             launched=float(rec.get("launched_at") or 0.0), expiry=0.0)
 
-    def _ended(self, ended: list[tuple[str, list[InstanceView]]]) -> dict[str, Observation]:
+    def _ended(self, ended: list[tuple[str, list[InstanceView]]],
+               waiting: set[str] | None = None) -> dict[str, Observation]:
+        """Observations of ended attempts; ``waiting``: the inbox if already listed."""
         from gateway.node import read_json
 
         now = self.clock()
-        waiting: set[str] | None = None
         out: dict[str, Observation] = {}
         leftovers = []
         for ref, nodes in ended:

@@ -26,7 +26,8 @@ from typing import Any, Callable
 import boto3
 
 SHIM = """#!{python}
-import os, boto3
+import os, time, boto3
+time.sleep(float(os.environ.get("EMU_POWEROFF_DELAY") or 0))
 boto3.client("ec2", endpoint_url=os.environ["EMU_ENDPOINT"], region_name=os.environ["EMU_REGION"],
              aws_access_key_id="testing", aws_secret_access_key="testing").terminate_instances(
     InstanceIds=[os.environ["EMU_INSTANCE_ID"]])
@@ -69,13 +70,16 @@ class _Imds(BaseHTTPRequestHandler):
 class Emulator:
     """Runs the user-data of every tagged running instance. ``ignore(tags)`` leaves an
     instance silent (it never reports); ``interrupt(tags)`` gives it a spot notice
-    ``interrupt_after`` seconds after its bootstrap started."""
+    ``interrupt_after`` seconds after its bootstrap started; ``poweroff_delay(tags)``:
+    seconds its poweroff takes (a slow shutdown: the instance stays running meanwhile)."""
 
     def __init__(self, endpoint: str, region: str, root: Path, owner: str,
                  ignore: Callable[[dict[str, str]], bool] = lambda t: False,
                  interrupt: Callable[[dict[str, str]], bool] = lambda t: False,
-                 interrupt_after: float = 1.5) -> None:
+                 interrupt_after: float = 1.5,
+                 poweroff_delay: Callable[[dict[str, str]], float] = lambda t: 0.0) -> None:
         self.endpoint, self.region, self.root, self.owner = endpoint, region, root, owner
+        self.poweroff_delay = poweroff_delay
         self.ignore, self.interrupt, self.interrupt_after = ignore, interrupt, interrupt_after
         self.ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name=region,
                                 aws_access_key_id="testing", aws_secret_access_key="testing")
@@ -138,7 +142,8 @@ class Emulator:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HPCGW_"))},
                "PATH": f"{self.shims}:{os.environ['PATH']}", "HPCGW_NODE_ROOT": str(folder),
                "HPCGW_IMDS": f"http://127.0.0.1:{self.imds.server_address[1]}/{iid}",
-               "EMU_ENDPOINT": self.endpoint, "EMU_REGION": self.region, "EMU_INSTANCE_ID": iid}
+               "EMU_ENDPOINT": self.endpoint, "EMU_REGION": self.region, "EMU_INSTANCE_ID": iid,
+               "EMU_POWEROFF_DELAY": str(self.poweroff_delay(tags))}
         log = open(folder / "bootstrap.log", "wb")
         self.procs[iid] = subprocess.Popen(["bash", str(folder / "user-data.sh")], env=env,
                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -56,6 +56,19 @@ def test_three_nodes_run_mpi_over_the_rendezvous_hostfile(cloud: Callable[..., C
     assert rec.cost == pytest.approx(3 * launch["price_per_hour"] / 60, rel=0.5)
 
 
+def test_workers_powered_off_before_node_0_is_gone_is_success(cloud: Callable[..., Cloud],
+                                                              emulator: Any) -> None:
+    """A worker powers off once node 0's status is in; node 0 may still be shutting down
+    when the gateway next looks. That is a finished attempt, not a lost node."""
+    c = cloud(reap_interval_s=0)
+    emulator(owner=c.owner, poweroff_delay=lambda tags: 6.0 if tags["hpcgw:node"] == "0" else 0)
+    job = c.submit(command=["sh", "-c", "echo done on $HPCGW_NODES"], resources={"nodes": 2})
+    rec = c.until(job)
+    assert rec.state == State.SUCCEEDED, rec.reason
+    assert c.gw.logs(job) == "done on 2\n"
+    assert all(i["State"]["Name"] == "terminated" for i in c.instances(f"hpcgw.{job}.1"))
+
+
 def test_multi_node_limits_come_from_the_profile(cloud: Callable[..., Cloud]) -> None:
     c = cloud(max_nodes=2)
     caps = c.backend.capabilities()
