@@ -270,6 +270,7 @@ class AwsBackend:
                 if not dead:
                     continue   # a worker not listed (yet): describe lags run_instances
                 early.append((ref, known, dead[0]))
+                doomed += [v.id for v in live]   # the attempt ends either way
             else:
                 ended.append((ref, known))
                 doomed += [v.id for v in live]   # workers still waiting for node 0
@@ -277,8 +278,6 @@ class AwsBackend:
         if early:   # a worker powers off once node 0's status is in: did node 0 report?
             waiting = self.staging.inbox()
             for ref, known, first_dead in early:
-                live_ids = [v.id for v in known if inst_mod.STATES.get(v.state) is not None]
-                doomed += live_ids
                 adir = self.attempt_dir(known[0].key)
                 if known[0].key in waiting or (adir and (adir / "status.json").exists()):
                     # node 0 finished; it is powering off
