@@ -26,9 +26,13 @@ def test_only_runs_the_matching_rows_each_against_a_triad(tmp_path):
     for row in res["kernels"]:
         assert row["gb_s"] > 0 and row["triad_gb_s"] > 0
         assert row["pct_triad"] == 100 * row["gb_s"] / row["triad_gb_s"]
+        # the read-only stream raced in the same rounds, and the row against it
+        assert row["read_gb_s"] > 0
+        assert row["pct_read"] == 100 * row["gb_s"] / row["read_gb_s"]
     assert res["ceilings"] == []  # no compute ceilings, k-means, training or compile times
     assert "kmeans" not in res and "compile" not in res
     assert "| quantize_int8 |" in r.stdout and "Compute ceilings" not in r.stdout
+    assert "| % triad | read GB/s | % read |" in r.stdout
 
 
 def test_only_without_a_match_and_a_bad_repeat_are_refused(tmp_path):
