@@ -50,7 +50,7 @@ The row and block kernels of softmax and layer norm (the second half) are writte
 any vector width and take the CPU's (``row_lanes``): without AVX-512 they run on AVX2's
 256-bit vectors, their permutes left to LLVM (``shufflevector``: ``vpermps``,
 ``vpermpd``, blends) and their exps from bits (``_exp_bits``) instead of ``vscalef`` and
-``vpermi2pd``. float32 GELU runs on 8 lanes with its own 8-piece table, float64 GELU on
+``vpermi2pd``. float32 GELU runs on 8 lanes with its own 4-piece table, float64 GELU on
 4 lanes with 128 pieces read from memory (``central_pieces_mem``); ``softmax_exp_f64``
 and float64 GELU's full-range path stay AVX-512 only.
 """
@@ -910,73 +910,45 @@ GELU_GRAD16_F32 = (
      9.009899076772854e-05, 0.00018284482939634472, 0.00010549448052188382,
      4.012625868199393e-05, 1.1495822946017142e-05, 2.6096272449649405e-06),
 )
-# With AVX2 (8 lanes) a 16-entry lookup is two vpermps and a blend (1.07 ns per element
-# per core in L3, against 0.93 for the portable rational erf); 8 pieces of width 0.75
-# (a < 6), degree 9 each, take one vpermps per coefficient instead
-# (``_erf_fit.fit_normal_tail_pieces(h=0.75, pieces=8, degree=9)``, float32 values:
-# Phi(-a) within 2.9e-6 relative, 3.8e-7 for a < 4; R(a) within 4.8e-8 absolute)
-_H8 = 0.75
-NORMAL_TAIL8_F32 = (
-    (0.3538302481174469, 0.13029451668262482, 0.030396360903978348, 0.004332448355853558,
-     0.0003690784506034106, 1.8536737115937285e-05, 5.440422796709754e-07,
-     9.275400891795016e-09),
-    (-0.37185508012771606, -0.21187664568424225, -0.06878627836704254, -0.01272418163716793,
-     -0.0013411188265308738, -8.054044883465394e-05, -2.755942659860011e-06,
-     -5.373232880856449e-08),
-    (0.06972283124923706, 0.11918061226606369, 0.06448713690042496, 0.016700487583875656,
-     0.002263138070702553, 0.00016611469618510455, 6.717607448081253e-06,
-     1.5112151174889732e-07),
-    (0.05326049402356148, -0.009379955008625984, -0.0288400799036026, -0.012492230162024498,
-     -0.0023225105833262205, -0.00021498427668120712, -1.0456792551849503e-05,
-     -2.7439827476882783e-07),
-    (-0.016613580286502838, -0.017225338146090508, 0.0027709142304956913, 0.005414625164121389,
-     0.001582426717504859, 0.00019401582540012896, 1.1624772923823912e-05,
-     3.607233054481185e-07),
-    (-0.0067430404014885426, 0.005282670725136995, 0.00328692514449358, -0.0009688386926427484,
-     -0.0007197638042271137, -0.00012781568511854857, -9.765481081558391e-06,
-     -3.6462822095018055e-07),
-    (0.002635335549712181, 0.0013065158855170012, -0.0013962730299681425,
-     -0.0002983513695653528, 0.00019391349633224308, 6.20231221546419e-05,
-     6.381328148563625e-06, 2.9299366133272997e-07),
-    (0.0006613280856981874, -0.0008384903776459396, -1.7409118299838156e-05,
-     0.00022715551313012838, -7.772296157781966e-06, -2.133040652552154e-05,
-     -3.2837751859915443e-06, -1.9236654225096572e-07),
-    (-0.00030321700614877045, -2.4546950953663327e-05, 0.00015086880011949688,
-     -4.038984116050415e-05, -1.7794671293813735e-05, 4.201946921966737e-06,
-     1.3429628324956866e-06, 1.0994770605066151e-07),
-    (-5.003590558771975e-05, 8.196298585971817e-05, -2.888236485887319e-05,
-     -9.926779057423119e-06, 7.189918051153654e-06, 1.367066602142586e-07,
-     -3.9431938603229355e-07, -4.811574427776577e-08),
+# With AVX2 (8 lanes) the lookups are the cost: a 16-entry lookup is two vpermps and a
+# blend, an 8-entry one a vpermps, which on the Zen 2 host takes 2 cycles against 0.5 for
+# a multiply-add (and 0.84 cycles for a multiply-add beside a vpshufb, 2.0 beside a
+# vpermps: docs/kernels.md, "float32 GELU with AVX2"). So 4 pieces of width 1.5 (a < 6),
+# each coefficient looked up by one in-lane vpshufb (the 4 entries' 16 bytes in each half
+# of the register, the lane's piece number as byte offsets): degree 8 for Phi(-a), 10
+# for R(a) (``_erf_fit.fit_normal_tail_pieces(h=1.5, pieces=4, degree=8)``, float32
+# values). Checked in float32 arithmetic against the test's bounds: GELU within 0.36 of
+# its 3e-7 relative bound for x >= 0 and 0.90 of ``2e-5 |GELU| + 7e-9`` below (the cut
+# at 5.99, as before, not the fit); GELU' within 9.2e-8 absolute (bound 1.5e-7). Zen 2,
+# one core, 2^16 elements, ns per element, these tables over the 8 pieces of width 0.75
+# and degree 9 they replace (one vpermps per coefficient): forward 0.92 / 1.17, backward
+# 1.10 / 1.22, bias forward 1.13 / 1.34, bias backward 1.61 / 1.68.
+_H4 = 1.5
+NORMAL_TAIL4_F32 = (
+    (0.22662734985351562, 0.012224473059177399, 8.841716771712527e-05, 7.605468255178494e-08),
+    (-0.3011375963687897, -0.03173954039812088, -0.00035260661388747394, -4.1224978986065253e-07),
+    (0.11292634159326553, 0.03570707142353058, 0.0006611270364373922, 1.0832721955011948e-06),
+    (0.021962139755487442, -0.021493006497621536, -0.0007673718500882387, -1.8418080571791506e-06),
+    (-0.0229354128241539, 0.006137690041214228, 0.0006093221600167453, 2.224666332040215e-06),
+    (0.0001197189194499515, 0.0004787173238582909, -0.0003436009574215859, -1.965400088010938e-06),
+    (0.003026027698069811, -0.0009941854514181614, 0.00013318652054294944, 1.4704235127283027e-06),
+    (-0.00027640291955322027, 0.00022305142192635685, -2.639289050421212e-05,
+     -1.0914725407928927e-06),
+    (-0.0002645375789143145, 3.784381260629743e-05, -1.50692653733131e-06, 4.8272886488121e-07),
 )
-GELU_GRAD8_F32 = (
-    (-0.21438457071781158, 0.10806670784950256, 0.09857790172100067, 0.02906852774322033,
-     0.0041571976616978645, 0.0003136926097795367, 1.2891177902929485e-05,
-     2.9296896286723495e-07),
-    (0.6914180517196655, 0.15559691190719604, -0.10425420105457306, -0.06222920119762421,
-     -0.012593944557011127, -0.0012093652039766312, -5.998481356073171e-05,
-     -1.592659714333422e-06),
-    (-0.2690865397453308, -0.32588449120521545, -0.0312359556555748, 0.04827485233545303,
-     0.01672600395977497, 0.0021620863117277622, 0.00013277778634801507, 4.177106802671915e-06),
-    (-0.1881215125322342, 0.11503376811742783, 0.0945783331990242, -0.0068845003843307495,
-     -0.012072743847966194, -0.0023413391318172216, -0.00018485283362679183,
-     -7.017842108325567e-06),
-    (0.09571071714162827, 0.056411806493997574, -0.044669438153505325, -0.014357184991240501,
-     0.004233899526298046, 0.0016661204863339663, 0.00017990879132412374, 8.451522262475919e-06),
-    (0.034525882452726364, -0.04051284119486809, -0.004009677097201347, 0.010507875122129917,
-     0.0003925782220903784, -0.0007677226676605642, -0.00012815279478672892,
-     -7.725817340542562e-06),
-    (-0.020178254693746567, -0.0025443509221076965, 0.01000169012695551, -0.002084620064124465,
-     -0.001174024655483663, 0.00018173786520492285, 6.740209209965542e-05,
-     5.523869731405284e-06),
-    (-0.004350012633949518, 0.0069053638726472855, -0.002164950128644705,
-     -0.0009236358455382288, 0.0005345753743313253, 2.704320286284201e-05,
-     -2.5110321075771935e-05, -3.1372633202408906e-06),
-    (0.002877183258533478, -0.0006014285027049482, -0.0008675180142745376,
-     0.0005943606956861913, -5.722333662561141e-05, -4.282868030713871e-05,
-     5.163074547454016e-06, 1.4447338116951869e-06),
-    (0.000390274275559932, -0.000736140355002135, 0.0004352810501586646, -6.22309889877215e-05,
-     -4.3244501284789294e-05, 1.61824282258749e-05, 4.0531779177399585e-07,
-     -4.84001816403179e-07),
+GELU_GRAD4_F32 = (
+    (-0.0007742784218862653, 0.05918974429368973, 0.0012338164960965514, 2.091398300763103e-06),
+    (0.4328851103782654, -0.09720268845558167, -0.004253187216818333, -1.0553348147368524e-05),
+    (-0.38818496465682983, 0.03793881833553314, 0.006652489770203829, 2.553516605985351e-05),
+    (-0.019018743187189102, 0.030727224424481392, -0.006071416661143303, -3.9274327718885615e-05),
+    (0.11413917690515518, -0.035881802439689636, 0.0033643203787505627, 4.285410250304267e-05),
+    (-0.01454635988920927, 0.010612934827804565, -0.0009293153416365385, -3.4974833397427574e-05),
+    (-0.019475076347589493, 0.002789558144286275, -0.00013299108832143247, 2.1890211428399198e-05),
+    (0.00444065872579813, -0.002682961756363511, 0.0002452215412631631, -1.05742656160146e-05),
+    (0.0022400273010134697, 0.00038383412174880505, -9.9752469395753e-05, 3.7448082821356365e-06),
+    (-0.0006198164774104953, 0.00022411617101170123, 6.769957508367952e-06, -6.898429774082615e-07),
+    (-0.00016960754874162376, -8.15286985016428e-05, 7.2862490014813375e-06,
+     -4.9887347586263786e-08),
 )
 BLOCK32 = 64  # elements per call: 4 vectors of 16 in lockstep
 _I16V = ir.VectorType(_I32, 16)
@@ -1004,18 +976,38 @@ def _pieces_f32(builder, z, table):
     sfx = _vec_name(vty)
     fma = fn(f"llvm.fma.{sfx}", vty, [vty] * 3)
     a = builder.call(fn(f"llvm.fabs.{sfx}", vty, [vty]), [z])
-    h = {16: _H32, 8: _H8}[len(table[0])]  # piece width, by the table's piece count
-    kf = builder.fadd(builder.call(fma, [a, c(1.0 / h), c(-0.5)]), c(_MAGIC32))
-    kd = builder.fsub(kf, c(_MAGIC32))
-    t = builder.fsub(a, builder.call(fma, [kd, c(h), c(h / 2)]))
-    idx = builder.bitcast(kf, ity)
+    if lanes == 16:  # AVX-512: 16 pieces, one vpermps (16 entries) per coefficient
+        kf = builder.fadd(builder.call(fma, [a, c(1.0 / _H32), c(-0.5)]), c(_MAGIC32))
+        kd = builder.fsub(kf, c(_MAGIC32))
+        t = builder.fsub(a, builder.call(fma, [kd, c(_H32), c(_H32 / 2)]))
+        idx = builder.bitcast(kf, ity)
+        perm = fn("llvm.x86.avx512.permvar.sf.512", vty, [vty, ity])
+
+        def look(row):
+            return builder.call(perm, [ir.Constant(vty, [_to_f32(v) for v in row]), idx])
+    else:  # AVX2: 4 pieces, one vpshufb per coefficient (see the tables)
+        # the piece by a rounding instruction rather than the magic-number addition, and
+        # t = (a - h/2) - k h by one multiply-add: a shorter chain before the polynomial
+        # (1.04x). a - h/2 is exact for a >= h/4 (as t was before); the truncating
+        # conversion is defined for NaN and inf (their lanes' results are NaN or cut off)
+        kd = builder.call(fn(f"llvm.roundeven.{sfx}", vty, [vty]),
+                          [builder.call(fma, [a, c(1.0 / _H4), c(-0.5)])])
+        t = builder.call(fma, [kd, c(-_H4), builder.fsub(a, c(_H4 / 2))])
+        idx = builder.call(fn("llvm.x86.avx.cvtt.ps2dq.256", ity, [vty]), [kd])
+        bty = ir.VectorType(ir.IntType(8), 4 * lanes)
+        pshufb = fn("llvm.x86.avx2.pshuf.b", bty, [bty, bty])
+        # byte offsets: 4 k + 0..3 in each lane's 4 bytes (k's low byte spread, then added)
+        four = builder.bitcast(builder.shl(idx, ir.Constant(ity, [2] * lanes)), bty)
+        spread = builder.call(pshufb, [four, ir.Constant(bty, [p % 16 // 4 * 4
+                                                                for p in range(4 * lanes)])])
+        ctrl = builder.add(spread, ir.Constant(bty, [p % 4 for p in range(4 * lanes)]))
+
+        def look(row):
+            both = struct.pack("<4f", *row) * (lanes // 4)  # the 4 entries in each half
+            return builder.bitcast(builder.call(pshufb, [ir.Constant(bty, list(both)),
+                                                         ctrl]), vty)
+
     t2 = builder.fmul(t, t)
-    perm = fn("llvm.x86.avx512.permvar.sf.512" if lanes == 16 else "llvm.x86.avx2.permps",
-              vty, [vty, ity])
-
-    def look(row):
-        return builder.call(perm, [ir.Constant(vty, [_to_f32(v) for v in row]), idx])
-
     halves = []
     for rows in (table[0::2], table[1::2]):
         acc = look(rows[-1])
@@ -1062,9 +1054,9 @@ def _gelu32_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool = False
             def load(k, base):
                 return [_load(builder, p, m) for p, m in zip(ptrs(k, base), masks)]
 
-            # AVX2: 8 pieces, one vpermps (8 entries) per coefficient
+            # AVX2: 4 pieces, one vpshufb per coefficient
             table = ((GELU_GRAD16_F32 if backward else NORMAL_TAIL16_F32) if lanes == 16 else
-                     (GELU_GRAD8_F32 if backward else NORMAL_TAIL8_F32))
+                     (GELU_GRAD4_F32 if backward else NORMAL_TAIL4_F32))
             one = ir.Constant(vty, [1.0] * lanes)
             zero = ir.Constant(vty, [0.0] * lanes)
 

@@ -237,9 +237,9 @@ if __name__ == "__main__":
             print("    (" + ", ".join(repr(struct.unpack("f", struct.pack("f", c))[0])
                                       for c in row) + "),")
         print(")")
-    for name, grad in (("NORMAL_TAIL8_F32", False), ("GELU_GRAD8_F32", True)):
-        print(name, "= (")  # the same with AVX2: 8 pieces of width 0.75, degree 9
-        for row in fit_normal_tail_pieces(h=0.75, pieces=8, degree=9, grad=grad):
+    for name, grad, deg in (("NORMAL_TAIL4_F32", False, 8), ("GELU_GRAD4_F32", True, 10)):
+        print(name, "= (")  # the same with AVX2: 4 pieces of width 1.5, degree 8 / 10
+        for row in fit_normal_tail_pieces(h=1.5, pieces=4, degree=deg, grad=grad):
             print("    (" + ", ".join(repr(struct.unpack("f", struct.pack("f", c))[0])
                                       for c in row) + "),")
         print(")")

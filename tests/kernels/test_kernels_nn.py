@@ -1269,8 +1269,8 @@ def test_gelu_backward_float32_mills_ratio_form():
 
 
 def test_gelu_float32_is_accurate_in_the_tails_and_at_special_values(gelu_path):
-    # float32 on AVX-512: 16 pieces of degree 6 for a = |x| < 5.99, 0 past it (AVX2: 8
-    # pieces of degree 9); the
+    # float32 on AVX-512: 16 pieces of degree 6 for a = |x| < 5.99, 0 past it (AVX2: 4
+    # pieces of degree 8, the derivative's of degree 10); the
     # portable path: a rational erf (and Mills' ratio for the derivative). Forward:
     # within 3e-7 relative where x >= 0 and 2e-5 below, plus |x| Phi(-5.99) < 7e-9 for
     # the cut-off (the portable path: 8e-7 absolute); the derivative within 1.5e-7 (2.5e-7). -3e38 once gave -9e30 (the portable
