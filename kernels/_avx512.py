@@ -913,10 +913,10 @@ GELU_GRAD16_F32 = (
 # With AVX2 (8 lanes) the lookups are the cost: a 16-entry lookup is two vpermps and a
 # blend, an 8-entry one a vpermps, which on the Zen 2 host takes 2 cycles against 0.5 for
 # a multiply-add (and 0.84 cycles for a multiply-add beside a vpshufb, 2.0 beside a
-# vpermps: docs/kernels.md, "float32 GELU with AVX2"). So 4 pieces of width 1.5 (a < 6),
+# vpermps: docs/kernels.md, "float32 GELU with AVX2, 4 pieces"). So 4 pieces of width 1.5,
 # each coefficient looked up by one in-lane vpshufb (the 4 entries' 16 bytes in each half
 # of the register, the lane's piece number as byte offsets): degree 8 for Phi(-a), 10
-# for R(a) (``_erf_fit.fit_normal_tail_pieces(h=1.5, pieces=4, degree=8)``, float32
+# for R(a) (``_erf_fit.fit_normal_tail_pieces(h=1.5, pieces=4, degree=8 or 10)``, float32
 # values). Checked in float32 arithmetic against the test's bounds: GELU within 0.36 of
 # its 3e-7 relative bound for x >= 0 and 0.90 of ``2e-5 |GELU| + 7e-9`` below (the cut
 # at 5.99, as before, not the fit); GELU' within 9.2e-8 absolute (bound 1.5e-7). Zen 2,
