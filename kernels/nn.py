@@ -156,9 +156,9 @@ def _scale_out_nt(dst, base, buf, c, f, lab, scale):
 def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero, nchunks,
                         scratch, nt):
     """Chunk ``ch`` of ``_softmax_xent``'s rows; ``want_grad`` and ``nt`` are constants
-    in each caller (``_softmax_xent_nt``, ``_grad``, ``_loss``), so each kernel compiles
-    only its own loops (as runtime flags they cost float32 at 256 classes 0.60 against
-    0.52 ns per element, one core, in L3, Zen 2 host).
+    in each of its loops, so each loop holds only its own code (as runtime flags they
+    cost float32 at 256 classes 0.60 against 0.52 ns per element, one core, in L3, Zen 2
+    host).
 
     Rows of any length, ``nchunks`` chunks of rows: exp and sum, the exps stored into
     ``grad`` (``_row_exp``: shifted by the row's first logit instead of its max, so
@@ -214,34 +214,22 @@ def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero
 
 
 @jit(parallel=True)
-def _softmax_xent_nt(logits, labels, grad, losses, scale, zero, nchunks, scratch):
-    """``_softmax_xent`` streaming the gradient out (``nt``)."""
-    for ch in prange(nchunks):
-        _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, True, zero, nchunks,
-                            scratch, True)
-
-
-@jit(parallel=True)
-def _softmax_xent_grad(logits, labels, grad, losses, scale, zero, nchunks, scratch):
-    """``_softmax_xent`` with the gradient, plain stores."""
-    for ch in prange(nchunks):
-        _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, True, zero, nchunks,
-                            scratch, False)
-
-
-@jit(parallel=True)
-def _softmax_xent_loss(logits, labels, grad, losses, scale, zero, nchunks, scratch):
-    """``_softmax_xent`` without the gradient (the losses only)."""
-    for ch in prange(nchunks):
-        _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, False, zero, nchunks,
-                            scratch, False)
-
-
-def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero, nchunks, scratch, nt):
-    """The long-row kernel for these flags (``_softmax_xent_chunk``)."""
-    kernel = (_softmax_xent_nt if nt else _softmax_xent_grad) if want_grad else \
-        _softmax_xent_loss
-    kernel(logits, labels, grad, losses, scale, zero, nchunks, scratch)
+def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero, nchunks, scratch,
+                  nt):
+    """The long-row kernel (``_softmax_xent_chunk``): one loop per case, each passing
+    its flags on as constants."""
+    if nt:
+        for ch in prange(nchunks):
+            _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, True, zero,
+                                nchunks, scratch, True)
+    elif want_grad:
+        for ch in prange(nchunks):
+            _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, True, zero,
+                                nchunks, scratch, False)
+    else:
+        for ch in prange(nchunks):
+            _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, False, zero,
+                                nchunks, scratch, False)
 
 
 LN_FWD_ONE_PASS = True  # float32 long rows: _ln_fwd_one_pass (tests switch it off)
@@ -874,6 +862,19 @@ def _ln_fwd_rows4(x, gamma, beta, eps, y, mean, rstd, nchunks):
             _ln_out_row(row, gamma, beta, y[k], mean[k], rstd[k], False, row, 0)
 
 
+@jit(inline=True)
+def _ln_fwd_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, nt):
+    """Chunk ``c`` of ``_ln_fwd``."""
+    n, d = x.shape
+    flat = x.reshape(-1)
+    lead = d if LN_FWD_NEXT_ROW else max(d, LN_FWD_LEAD_BYTES // x.itemsize)
+    lo, hi = chunk_bounds(n, nchunks, c)
+    for i in range(lo, hi):
+        _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, nt, lead)
+    if nt:
+        sfence()
+
+
 @jit(parallel=True)
 def _ln_fwd(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
     """Layer norm row by row, statistics in two passes; ``nt``: the output streamed out
@@ -885,15 +886,13 @@ def _ln_fwd(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
     384 / 512 / 1024 features 1.25 / 1.40 / 1.40 / 1.14 / 1.0 (the Zen 5 host had the
     8 KiB lead 1.05-1.41x faster than the next row). Float32's streamed rows
     (``_ln_fwd_one_pass``) measured within 6% either way there, and keep the lead."""
-    n, d = x.shape
-    flat = x.reshape(-1)
-    lead = d if LN_FWD_NEXT_ROW else max(d, LN_FWD_LEAD_BYTES // x.itemsize)
-    for c in prange(nchunks):
-        lo, hi = chunk_bounds(n, nchunks, c)
-        for i in range(lo, hi):
-            _ln_fwd_row(x, gamma, beta, eps, y, mean, rstd, flat, i, d, nt, lead)
-        if nt:
-            sfence()
+    if nt:  # (nt a constant in each loop: as a runtime flag it cost float64 at 64
+        # features 1.15-1.21x in L3, Zen 2 host)
+        for c in prange(nchunks):
+            _ln_fwd_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, True)
+    else:
+        for c in prange(nchunks):
+            _ln_fwd_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, False)
 
 
 @jit(parallel=True)
@@ -957,17 +956,31 @@ def _block_params(p: np.ndarray, lanes: int) -> np.ndarray:
     return p[np.array(block_order(d, lanes))].reshape(-1) if spread_columns(d, lanes) else p
 
 
+@jit(inline=True)
+def _ln_fwd_blocks_chunk(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, c, nchunks, nt,
+                         feats):
+    """Chunk ``c`` of ``_ln_fwd_blocks``."""
+    lo, hi = chunk_bounds(nblocks, nchunks, c)
+    for b in range(lo, hi):
+        ln_block(xflat, yflat, gamma, beta, mean, rstd, b, eps, nt, feats)
+    if nt:
+        sfence()
+
+
 @jit(parallel=True)
 def _ln_fwd_blocks(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, nchunks, nt, feats):
     """Blocks of ``L`` rows of ``d = len(feats)`` features, each transposed in registers
     (``kernels._avx512.ln_block``; ``feats``: see ``_softmax_xent_blocks``), ``nchunks``
     chunks of blocks; ``y`` streamed out when ``nt`` (``_ln_blocks_nt``)."""
-    for c in prange(nchunks):
-        lo, hi = chunk_bounds(nblocks, nchunks, c)
-        for b in range(lo, hi):
-            ln_block(xflat, yflat, gamma, beta, mean, rstd, b, eps, nt, feats)
-        if nt:
-            sfence()
+    if nt:  # (a constant in each loop: as a runtime flag it cost float64 at 10 features
+        # 1.2x in L3, Zen 2 host)
+        for c in prange(nchunks):
+            _ln_fwd_blocks_chunk(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, c,
+                                 nchunks, True, feats)
+    else:
+        for c in prange(nchunks):
+            _ln_fwd_blocks_chunk(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, c,
+                                 nchunks, False, feats)
 
 
 # The forward kernels once more without ``parallel`` (``kernels._jit.serial_twin``), for
@@ -1066,6 +1079,54 @@ def _like_overload(zero, v):
     return lambda zero, v: np.float64(v)
 
 
+@jit(inline=True)
+def _ln_bwd_chunk(c, dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg, qb,
+                  every, zero):
+    """Chunk ``c`` of ``_ln_bwd``, ``nt`` a constant in each of its loops (as a runtime flag
+    it cost float32 at 64 features 1.2x in L3, Zen 2 host: plain rows went through the
+    same loop as the scratch row of streamed ones)."""
+    n, d = x.shape
+    xflat = x.reshape(-1)
+    dyflat = dy.reshape(-1)
+    lo, hi = chunk_bounds(n, nchunks, c)
+    xs = work[c, 0]
+    ds = work[c, 1]
+    buf = work[c, 2]
+    held = 0
+    for i in range(lo, hi):
+        if held == every:
+            _move_sums(pg[c], pb[c], qg[c], qb[c])
+            held = 0
+        held += 1
+        mu = mean[i]
+        r = rstd[i]
+        a = zero
+        b = zero
+        for j in range(d):
+            xv = x[i, j]
+            dv = dy[i, j]
+            xs[j] = xv
+            ds[j] = dv
+            xh = (xv - mu) * r
+            g = dv * gamma[j]
+            a += g
+            b += g * xh
+            qg[c, j] += dv * xh
+            qb[c, j] += dv
+        a = _like(zero, np.float64(a) / d)
+        b = _like(zero, np.float64(b) / d)
+        out = buf if nt else dx[i]
+        for j in range(d):
+            xh = (xs[j] - mu) * r
+            out[j] = r * (ds[j] * gamma[j] - a - xh * b)
+        if nt:
+            _stream_row(dxflat, i * d, buf, d, xflat, dyflat, (i + 1) * d)
+    if every > 0:  # the rows since the last move (float32 with 16 rows or fewer: all)
+        _move_sums(pg[c], pb[c], qg[c], qb[c])
+    if nt:
+        sfence()
+
+
 @jit(parallel=True)
 def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg, qb, every,
             zero):
@@ -1089,47 +1150,14 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg,
     bytes into a cache line, A/B in one round-robin when the triad gave 80 GB/s on the
     Zen 5 host: 50 -> 66 GB/s); on the Zen 4 host re-reading was within noise (0.98-1.11x
     from memory)."""
-    n, d = x.shape
-    xflat = x.reshape(-1)
-    dyflat = dy.reshape(-1)
-    for c in prange(nchunks):
-        lo, hi = chunk_bounds(n, nchunks, c)
-        xs = work[c, 0]
-        ds = work[c, 1]
-        buf = work[c, 2]
-        held = 0
-        for i in range(lo, hi):
-            if held == every:
-                _move_sums(pg[c], pb[c], qg[c], qb[c])
-                held = 0
-            held += 1
-            mu = mean[i]
-            r = rstd[i]
-            a = zero
-            b = zero
-            for j in range(d):
-                xv = x[i, j]
-                dv = dy[i, j]
-                xs[j] = xv
-                ds[j] = dv
-                xh = (xv - mu) * r
-                g = dv * gamma[j]
-                a += g
-                b += g * xh
-                qg[c, j] += dv * xh
-                qb[c, j] += dv
-            a = _like(zero, np.float64(a) / d)
-            b = _like(zero, np.float64(b) / d)
-            out = buf if nt else dx[i]
-            for j in range(d):
-                xh = (xs[j] - mu) * r
-                out[j] = r * (ds[j] * gamma[j] - a - xh * b)
-            if nt:
-                _stream_row(dxflat, i * d, buf, d, xflat, dyflat, (i + 1) * d)
-        if every > 0:  # the rows since the last move (float32 with 16 rows or fewer: all)
-            _move_sums(pg[c], pb[c], qg[c], qb[c])
-        if nt:
-            sfence()
+    if nt:
+        for c in prange(nchunks):
+            _ln_bwd_chunk(c, dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work,
+                          True, qg, qb, every, zero)
+    else:
+        for c in prange(nchunks):
+            _ln_bwd_chunk(c, dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work,
+                          False, qg, qb, every, zero)
 
 
 @jit(parallel=True)

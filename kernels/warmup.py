@@ -33,7 +33,6 @@ MAX_DEFAULT_JOBS = 8
 
 def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     from kernels import cluster, compress, nn, optim, quant, search
-    from kernels._checks import empty_aligned
 
     x = np.linspace(-1, 1, 24, dtype=dt).reshape(4, 6)
     v = np.ones(6, dt)
@@ -59,14 +58,6 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         "adamw_step": lambda: optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1),
         "softmax_cross_entropy": lambda: nn.softmax_cross_entropy(x, lab),  # short rows
         "softmax_cross_entropy long rows": lambda: nn.softmax_cross_entropy(wide, lab),
-        "softmax_cross_entropy long rows, no gradient": lambda: nn.softmax_cross_entropy(
-            wide, lab, grad=False),
-        # a large aligned out= streams the gradient: a kernel of its own, called directly
-        # (float64 with AVX-512 streams through _softmax_xent_f64_vec, compiled above)
-        "softmax_cross_entropy long rows, streamed": lambda: None if (
-            dt == np.float64 and nn.VEC_F64) else nn._softmax_xent(
-            wide, lab, empty_aligned(wide.shape, dt), np.empty(4), dt.type(0.25), True,
-            dt.type(0), 1, np.empty((1, wide.shape[1]), dt), True),
         # 10 classes, 32 rows: blocks of rows (compiled per class count; 10 is the common one)
         "softmax_cross_entropy 10 classes": lambda: nn.softmax_cross_entropy(ten, lab10),
         "layer_norm": lambda: nn.layer_norm(x, v, v),  # short rows

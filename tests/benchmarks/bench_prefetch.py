@@ -134,7 +134,7 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
         lab2 = rng.integers(0, c, size // c)
         go = empty_aligned(lg2.shape, dt, apart_from=lg2)
         out.append((f"softmax_cross_entropy {name} 256 classes, streamed (row hint, "
-                    f"{here} here)", nn, ["_softmax_xent_nt", "_softmax_xent_f64_vec"],
+                    f"{here} here)", nn, ["_softmax_xent", "_softmax_xent_f64_vec"],
                     lambda lg=lg2, lab=lab2, go=go: nn.softmax_cross_entropy(lg, lab, out=go)))
     e = rng.standard_normal((size // 64, 64)).astype(np.float32)
     q = rng.standard_normal((1, 64)).astype(np.float32)
