@@ -62,6 +62,7 @@ from kernels._simd import (NT_MIN_BYTES, VEC_BITS, _host_has_avx2_fma, copy64_nt
                            ln_bwd_out_next, ln_row_sums_vec,
                            ln_out, scale64_nt, sfence, stream_out)
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
+from kernels.config import zen2_host
 from kernels.errors import KernelInputError
 
 __all__ = [
@@ -280,14 +281,19 @@ VEC_F64 = _avx512.AVAILABLE  # float64 softmax through kernels._avx512's table e
 # softmax gradients into a large aligned out= streamed out of a scratch row (a row's
 # partial end lines plainly; tests switch it), the next row asked for meanwhile where the
 # row hints are on: rows of (smallest, largest) bytes, for _softmax_xent and for
-# _softmax_xent_f64_vec. With ROW_HINTS (Intel, Zen 2 hosts): every row up to 4 KiB /
-# any. Elsewhere,
-# by the Zen 4 host (2^25 logits from memory, plain over streamed, 2-5 processes each):
-# float32 256 classes 0.94-1.00x, 384 1.13-1.47x, 512 0.95-1.29x, 768 1.66-1.70x, 1024
-# 1.45-2.03x; float64 192 1.27-1.42x, 256 0.73-1.09x, 384 1.41x, 512 0.79-1.09x, 768
-# 1.57x, 1000 1.30x, 1024 0.97-1.18x, 2048 0.86-0.92x
+# _softmax_xent_f64_vec. With ROW_HINTS on Intel hosts: every row up to 4 KiB / any.
+# Zen 2 hosts (ROW_HINTS on too): none, since the long-row kernel's flags became
+# constants (2026-12-05): from memory, A/B by rounds, plain over streamed with the
+# hint (medians) float32 256 / 1024 / 4096 classes 0.93-0.96x / 0.97x / 0.99x, float64
+# 0.94-0.98x / 1.00x / 1.00x; streamed without the hint 1.01x at float32 256.
+# Elsewhere, by the Zen 4 host (2^25 logits from memory, plain over streamed, 2-5
+# processes each): float32 256 classes 0.94-1.00x, 384 1.13-1.47x, 512 0.95-1.29x, 768
+# 1.66-1.70x, 1024 1.45-2.03x; float64 192 1.27-1.42x, 256 0.73-1.09x, 384 1.41x, 512
+# 0.79-1.09x, 768 1.57x, 1000 1.30x, 1024 0.97-1.18x, 2048 0.86-0.92x
 SOFTMAX_STREAM = True
-SOFTMAX_STREAM_ROWS = (((64, 4096), (64, 1 << 62)) if ROW_HINTS
+_NO_ROWS = (1 << 62, 0)  # a window no row fits
+SOFTMAX_STREAM_ROWS = ((_NO_ROWS, _NO_ROWS) if ROW_HINTS and zen2_host()
+                       else ((64, 4096), (64, 1 << 62)) if ROW_HINTS
                        else ((1536, 4096), (2560, 8192)))
 # rows of up to 8 vectors held in registers (_softmax_xent_short, _ln_fwd_short, ...) and
 # blocks of rows of few classes or features transposed in registers (_softmax_xent_blocks,
