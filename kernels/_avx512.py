@@ -65,7 +65,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from kernels._fastmath import (_EXP, _EXP5_F32, _LN2_HI, _LN2_LO, _LOG2E, EXP_MIN_F32,
-                               LN2_HI_F32, LN2_LO_F32, ROUND_F32, hidden)
+                               LN2_HI_F32, LN2_LO_F32, ROUND_F32, ROUND_F64, hidden)
 from kernels import _pieces_mem
 from kernels._jit import intrinsic, types
 from kernels._simd import (VEC_BITS, _compress_to, _elem_ptr, _host_has_avx512, _load,
@@ -1394,11 +1394,11 @@ softmax_exp_f64_tail = _softmax_exp_intrinsic(True)
 def _exp_bits(builder, w, f32: bool):
     """``kernels._fastmath.exp_softmax_f32`` (``f32``) or ``exp_nonpos_f64`` on a vector
     of any width: the same operations in the same order (their FMAs where ``contract``
-    fuses), so the same results. ``2^n`` from bits: ``n + (2^m + bias)`` puts ``n +
-    bias`` in the low mantissa bits, shifted into the exponent field (no float-to-int
-    conversion, which AVX2 lacks for 64-bit integers; float32 rounds ``n`` by adding
-    ``ROUND_F32``, whose sum already holds them); on 16 float32 lanes (AVX-512) by
-    ``vscalefps`` instead. The clamp is one ``vmaxps(lo, w)`` / ``vmaxpd``, which is
+    fuses), so the same results. ``n`` is rounded by adding ``ROUND_F32`` /
+    ``ROUND_F64`` (``1.5 * 2^m + bias``), whose sum holds ``n + bias`` in its low
+    mantissa bits: ``2^n`` is those bits shifted into the exponent field (no
+    float-to-int conversion, which AVX2 lacks for 64-bit integers); on 16 float32 lanes
+    (AVX-512) by ``vscalefps`` instead. The clamp is one ``vmaxps(lo, w)`` / ``vmaxpd``, which is
     ``w`` where ``w`` is NaN (maxnum and a select on an unordered compare took three
     instructions, the select on an ordered one two). A NaN ``w`` stays NaN."""
     vty = w.type
@@ -1422,11 +1422,10 @@ def _exp_bits(builder, w, f32: bool):
         xc = builder.call(vmax, [lo, w, ir.Constant(_I32, 4)])
     else:  # LLVM makes this vmaxps(lo, w) / vmaxpd on 256-bit vectors
         xc = builder.select(builder.fcmp_ordered("<", w, lo), lo, w)  # NaN stays
-    if f32:  # n rounded by ROUND_F32, as exp_softmax_f32 does
-        t = builder.call(fma, [xc, c(_LOG2E), c(ROUND_F32)])
-        n = builder.fsub(t, c(ROUND_F32))
-    else:
-        n = builder.call(fn("llvm.floor", 1), [builder.call(fma, [xc, c(_LOG2E), c(0.5)])])
+    # n rounded by adding ROUND_F32 / ROUND_F64, as exp_softmax_f32 / _f64 do
+    rnd = ROUND_F32 if f32 else ROUND_F64
+    t = builder.call(fma, [xc, c(_LOG2E), c(rnd)])
+    n = builder.fsub(t, c(rnd))
     nn = builder.fneg(n)
     r = builder.call(fma, [nn, c(LN2_HI_F32 if f32 else _LN2_HI), xc])
     r = builder.call(fma, [nn, c(LN2_LO_F32 if f32 else _LN2_LO), r])
@@ -1451,8 +1450,8 @@ def _exp_bits(builder, w, f32: bool):
             "llvm.x86.avx512.mask.scalef.ps.512")
         return builder.call(scalef, [p, n, p, ir.Constant(ir.IntType(16), -1),
                                      ir.Constant(_I32, 4)])
-    mbits, bias = (23, 127) if f32 else (52, 1023)
-    biased = builder.bitcast(t if f32 else builder.fadd(n, c(2.0 ** mbits + bias)), ity)
+    mbits = 23 if f32 else 52
+    biased = builder.bitcast(t, ity)
     pow2 = builder.bitcast(builder.shl(biased, ir.Constant(ity, [mbits] * lanes)), vty)
     res = builder.fmul(p, pow2)
     if f32:
