@@ -1398,9 +1398,10 @@ def _exp_bits(builder, w, f32: bool):
     ``ROUND_F64`` (``1.5 * 2^m + bias``), whose sum holds ``n + bias`` in its low
     mantissa bits: ``2^n`` is those bits shifted into the exponent field (no
     float-to-int conversion, which AVX2 lacks for 64-bit integers); on 16 float32 lanes
-    (AVX-512) by ``vscalefps`` instead. The clamp is one ``vmaxps(lo, w)`` / ``vmaxpd``, which is
-    ``w`` where ``w`` is NaN (maxnum and a select on an unordered compare took three
-    instructions, the select on an ordered one two). A NaN ``w`` stays NaN."""
+    (AVX-512) by ``vscalefps`` instead. The clamp is one ``vmaxps(lo, w)`` /
+    ``vmaxpd``, which is ``w`` where ``w`` is NaN (maxnum and a select on an unordered
+    compare took three instructions, the select on an ordered one two). A NaN ``w``
+    stays NaN."""
     vty = w.type
     lanes = vty.count
     ity = ir.VectorType(ir.IntType(32 if f32 else 64), lanes)
