@@ -179,8 +179,8 @@ def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero
     (``row_hint``) before each row. On the Intel host, float32 from memory (2^25
     logits, median per-round ratio against the plain stores, three runs): 256 classes
     1.09-1.23x, 512 1.34x, 768 1.16x, 1024 0.96-1.28x, 4096 1.02x, 32000 0.96-0.98x
-    (a scratch row past the L1), hence the limit. Where the row hints are off (AMD
-    hosts) from 1.5 KiB: the numbers at ``SOFTMAX_STREAM_ROWS``.
+    (a scratch row past the L1), hence the limit. Where the row hints are off (Zen 3-5
+    hosts) from 1.5 KiB; on Zen 2 hosts none: the numbers at ``SOFTMAX_STREAM_ROWS``.
 
     The per-row ``log`` stays here: taking it afterwards over all rows with NumPy (as the
     float64 kernel below does) cut the work by 7% in cache but made float32 slower
