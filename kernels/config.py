@@ -109,8 +109,9 @@ def _hints_pay_here() -> bool:
     """Whether this host's CPU is one where the row hints were measured to pay: Intel,
     and AMD family 17h (the Zen 2 host, 2026-12-04: from memory, without the hints over
     with them, quantisation 1.16-1.34x, the vector search scan 1.15-1.29x, layer norm
-    forward at 256 features 1.16-1.33x, the streamed float64 softmax rows 1.08x; its
-    own new outputs written plainly, as on Intel hosts, dequantisation 1.19x)."""
+    forward at 256 features 1.16-1.33x, the streamed float64 softmax rows 1.08x, though
+    since 2026-12-05 softmax rows are not streamed there, ``kernels.nn``; its own new
+    outputs written plainly, as on Intel hosts, dequantisation 1.19x)."""
     return _cpu_vendor() == "GenuineIntel" or zen2_host()
 
 
