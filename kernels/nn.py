@@ -786,18 +786,28 @@ def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
     1.25-1.4x faster; 2^25 from memory (74-82 GB/s triad, three processes) 256
     features +0-9%, 1024-2048 within 3%, 8192 +17-25%. ``nt``: the output streamed out
     (``_ln_out_row``; float32 rows of 2 KiB or more, ``LN_FWD_NT_BYTES``)."""
+    if nt:
+        for c in prange(nchunks):
+            _ln_fwd_one_pass_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, True)
+    else:
+        for c in prange(nchunks):
+            _ln_fwd_one_pass_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, False)
+
+
+@jit(inline=True)
+def _ln_fwd_one_pass_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, nt):
+    """Chunk ``c`` of ``_ln_fwd_one_pass``, ``nt`` a constant in each of its loops."""
     n, d = x.shape
     flat = x.reshape(-1)
     lead = max(d, LN_FWD_LEAD_BYTES // x.itemsize)
-    for c in prange(nchunks):
-        lo, hi = chunk_bounds(n, nchunks, c)
-        for i in range(lo, hi):
-            row = x[i]
-            x0, s1, s2 = _ln_row_sums(row)
-            _ln_stats_set(mean, rstd, i, x0, s1, s2, d, eps)
-            _ln_out_row(row, gamma, beta, y[i], mean[i], rstd[i], nt, flat, i * d + lead)
-        if nt:
-            sfence()
+    lo, hi = chunk_bounds(n, nchunks, c)
+    for i in range(lo, hi):
+        row = x[i]
+        x0, s1, s2 = _ln_row_sums(row)
+        _ln_stats_set(mean, rstd, i, x0, s1, s2, d, eps)
+        _ln_out_row(row, gamma, beta, y[i], mean[i], rstd[i], nt, flat, i * d + lead)
+    if nt:
+        sfence()
 
 
 @jit(inline=True)
