@@ -32,4 +32,4 @@ def row_chunks(n_rows: int, row_len: int) -> int:
     min_rows = max(1, ROW_CHUNK_ELEMENTS // max(row_len, 1))
     if n_rows < 2 * min_rows:
         return 1
-    return n_chunks(n_rows, min_rows=min_rows)
+    return max(1, min(4 * num_threads(), n_rows // min_rows))  # (n_chunks, one call less)

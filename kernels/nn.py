@@ -337,10 +337,16 @@ _B = _avx512.BLOCK
 _VEC_BYTES = VEC_BITS // 8  # the row and block kernels' vectors (_avx512.row_lanes)
 
 
+_LANES = {dt: row_lanes(np.dtype(dt).itemsize == 4)
+          for dt in (np.float32, np.float64, np.dtype(np.float32), np.dtype(np.float64))}
+
+
 def _lanes(dtype) -> int:
     """Lanes per vector of the row and block kernels for ``dtype``: 16 float32 / 8
-    float64 with AVX-512, 8 / 4 with AVX2 (``kernels._avx512.row_lanes``)."""
-    return row_lanes(np.dtype(dtype).itemsize == 4)
+    float64 with AVX-512, 8 / 4 with AVX2 (``kernels._avx512.row_lanes``). Looked up:
+    a small call asks two or three times (0.4 us each computed, Zen 2 host)."""
+    got = _LANES.get(dtype)
+    return got if got is not None else row_lanes(np.dtype(dtype).itemsize == 4)
 
 
 @jit(inline=True)
@@ -489,12 +495,19 @@ def _short_vectors(c: int, dtype: np.dtype, kind: str | None = None) -> int:
     """The fewest vectors (1, 2, 4 or 8) that hold a row of ``c`` elements of ``dtype``,
     or 0 when none do, or when that is more than ``SHORT_MAX_VECTORS[kind]`` allows."""
     lanes = _lanes(dtype)
-    if c > SHORT_ROW_VECTORS[-1] * lanes:  # (the generator below costs 0.5 us)
+    if c > SHORT_ROW_VECTORS[-1] * lanes:
         return 0
-    nvec = next((k for k in SHORT_ROW_VECTORS if c <= k * lanes), 0)
-    if kind is not None and nvec > SHORT_MAX_VECTORS[kind][np.dtype(dtype).itemsize, lanes]:
+    for nvec in SHORT_ROW_VECTORS:  # (a generator with next() cost 0.5 us)
+        if c <= nvec * lanes:
+            break
+    if kind is not None and nvec > SHORT_MAX_VECTORS[kind][_itemsize(dtype), lanes]:
         return 0
     return nvec
+
+
+def _itemsize(dtype) -> int:
+    """``np.dtype(dtype).itemsize``, without building a dtype from one (0.25 us)."""
+    return dtype.itemsize if isinstance(dtype, np.dtype) else np.dtype(dtype).itemsize
 
 
 @jit(parallel=True, fastmath={"contract"})
@@ -718,11 +731,12 @@ def _nt_rows(out: np.ndarray, f32_from: int | None = None) -> bool:
     ratios): 64 features 1.05-1.07x, 128 1.20-1.28x, 192 0.89-1.24x, 256 1.11-1.19x,
     384 1.40x. With a scalar head and tail per row (unaligned rows) float32 layer norm
     backward ran at 27 GB/s instead of 48."""
+    if not stream_out(out):  # (first: it turns small outputs down at once)
+        return False
     row = out.shape[-1] * out.itemsize
     wanted = out.dtype == np.float64 or (
         out.dtype == np.float32 and f32_from is not None and row >= f32_from)
-    return (wanted and stream_out(out) and out.ctypes.data % 64 == 0 and out.ndim == 2
-            and row % 64 == 0)
+    return wanted and out.ctypes.data % 64 == 0 and out.ndim == 2 and row % 64 == 0
 
 
 @jit(inline=True)
@@ -960,8 +974,8 @@ def _ln_blocks(n: int, d: int, dtype: np.dtype, limits: dict[int, int]) -> int:
     at most ``limits[L]``."""
     if not VEC_BLOCKS:
         return 0
-    size = np.dtype(dtype).itemsize
-    lanes = row_lanes(size == 4)
+    size = _itemsize(dtype)
+    lanes = _lanes(dtype)
     return n // lanes if d <= limits[size, lanes] else 0
 
 
