@@ -248,6 +248,11 @@ LN_FWD_ROWS4_MAX = 32  # float32 rows of up to this many features: _ln_fwd_rows4
 # the rows were written vector by vector instead of through a scratch row: then 1 KiB
 # rows streamed 1.11-1.19x faster from memory, 512 B 1.20-1.28x, 256 B 1.05-1.07x)
 LN_FWD_NT_BYTES = 256
+# Rows of 1 KiB or more go to the serial twin of the row loop (one chunk, no parallel
+# launch) below this many elements. One call, Zen 2 host, serial twin / two threads at
+# 16384 elements: float32 256 / 1024 features 0.83x / 0.72x the time, float64 0.99x /
+# 0.95x; at 24576 0.99-1.11x; at 32768 float32 1.0-1.05x, float64 1.28x.
+LN_FWD_ONE_CHUNK_ELEMENTS = 24576
 LN_FWD_LEAD_BYTES = 8192  # streamed forward rows prefetch this far ahead (or the next row)
 LN_FWD_NEXT_ROW = ROW_HINTS  # _ln_fwd's streamed rows: the next row instead (ROW_HINTS)
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
@@ -1027,8 +1032,9 @@ def _ln_fwd_rows(x, gamma, beta, eps, y, mean, rstd) -> None:
     """Layer norm row by row: short rows in registers, or the row loops."""
     n, d = x.shape
     nt = _nt_rows(y, LN_FWD_NT_BYTES)
-    nch = row_chunks(n, d)
     nvec = _short_vectors(d, x.dtype, "ln") if VEC_SHORT else 0
+    one = not nvec and n * d < LN_FWD_ONE_CHUNK_ELEMENTS and d * x.itemsize >= 1024
+    nch = 1 if one else row_chunks(n, d)
     if nvec:
         pick_twin(_ln_fwd_short, _ln_fwd_short_1, nch)(
             x.reshape(-1), _padded(gamma, nvec), _padded(beta, nvec), eps, y.reshape(-1),
@@ -1540,6 +1546,13 @@ def _chunk_sum(parts: np.ndarray) -> np.ndarray:
     return parts[0] if parts.shape[0] == 1 else parts.sum(axis=0)
 
 
+def _zeros_aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``np.zeros`` on a 64-byte boundary (``kernels.empty_aligned``)."""
+    out = _checks.empty_aligned(shape, dtype)
+    out[...] = 0
+    return out
+
+
 def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     """Layer norm backward row by row (short rows in registers, or the row loops):
     writes ``dx``, returns the float64 sums for dgamma and dbeta."""
@@ -1547,15 +1560,15 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
     nt = _nt_rows(dx, LN_BWD_NT_F32_BYTES)
     nch = n_chunks(n)
     nvec = _short_vectors(d, x.dtype, "ln_bwd") if VEC_SHORT else 0
+    # scratch: aligned (no line shared by two threads' parts) unless there is one chunk,
+    # which goes to the serial twin and streams nothing (3 us a call saved)
+    zeros = np.zeros if nch == 1 else _zeros_aligned
     if nvec:
         width = nvec * _lanes(x.dtype)
-        pg, pb = _checks.empty_aligned((2, nch, width), np.float64)
-        pg[:] = 0.0
-        pb[:] = 0.0
+        pg, pb = zeros((2, nch, width), np.float64)
         spill = not (np.may_share_memory(dx, x) or np.may_share_memory(dx, dy))
         if x.dtype == np.float32 and LN_BWD_SHORT_PARTIAL > 0:  # float32 shares, moved
-            q = _checks.empty_aligned((2, nch, width), x.dtype)
-            q[:] = 0.0
+            q = zeros((2, nch, width), x.dtype)
             qg, qb, every = q[0], q[1], LN_BWD_SHORT_PARTIAL
         else:
             qg, qb, every = pg, pb, -1
@@ -1577,7 +1590,7 @@ def _ln_bwd_rows(dy, x, gamma, mean, rstd, dx) -> tuple[np.ndarray, np.ndarray]:
             _checks.empty_aligned((nch, 128 // x.itemsize), x.dtype),
             nt and f32 and _in(d * x.itemsize, LN_BWD_NEXT_F32_BYTES))
         return _chunk_sum(pg), _chunk_sum(pb)
-    work = _checks.empty_aligned((nch, 3, d), x.dtype)
+    work = (np.empty if nch == 1 else _checks.empty_aligned)((nch, 3, d), x.dtype)
     if x.dtype == np.float32:  # float32 shares, moved into pg, pb every few rows
         q = np.zeros((2, nch, d), x.dtype)
         qg, qb, every = q[0], q[1], LN_BWD_ROW_PARTIAL

@@ -617,13 +617,15 @@ def test_layer_norm_nan_row_stays_in_its_row_and_empty_works():
 def test_few_wide_rows_split_over_threads_give_the_same_bits(dt, rng, monkeypatch):
     # rows that need no per-chunk sums are chunked by elements (kernels._chunks.
     # row_chunks): 4 rows of 3000 now run as 4 chunks, not one; each row's result must
-    # not depend on which chunk or thread computed it
+    # not depend on which chunk or thread computed it (12 rows: layer norm keeps calls
+    # under LN_FWD_ONE_CHUNK_ELEMENTS in one chunk)
     from kernels import _chunks
 
     assert _chunks.row_chunks(4, 3000) == min(4, 4 * _chunks.num_threads())
     assert _chunks.row_chunks(16, 256) == 1 and _chunks.row_chunks(0, 256) == 1
-    x = rng.standard_normal((4, 3000)).astype(dt)
-    lab = rng.integers(0, 3000, 4)
+    assert 12 * 3000 >= nn.LN_FWD_ONE_CHUNK_ELEMENTS
+    x = rng.standard_normal((12, 3000)).astype(dt)
+    lab = rng.integers(0, 3000, 12)
     g, b = rng.standard_normal(3000).astype(dt), rng.standard_normal(3000).astype(dt)
     runs = []
     monkeypatch.setattr(_jit, "SERIAL_TWINS", False)  # one chunk of the parallel kernels too
