@@ -651,7 +651,7 @@ def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """
     xc = _checks.float_array("x", x)
     if out is None:
-        res = _checks.empty_aligned(xc.shape, xc.dtype, like=xc, apart_from=xc)
+        res = _checks.out_array("out", None, xc.shape, xc.dtype, like=xc, apart_from=xc)
     else:
         _checks.writable_target("out", out, xc)
         res = out
