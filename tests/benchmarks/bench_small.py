@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
 import _baselines as B  # noqa: E402
+from bench_kernels import environment  # noqa: E402
 from report import replace_section  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -122,6 +123,7 @@ def main() -> None:
              __doc__.split("\n\n", 2)[2].strip().replace("\n", " ").replace("``", "`")
              + " Before and after the rounds' cuts to the Python around the kernels:"
              " docs/kernels.md, \"Small inputs\".", "",
+             f"Machine: {environment()['cpu']}, {os.cpu_count()} cores; "
              f"numba {numba.__version__} ({numba.get_num_threads()} threads), torch "
              f"{torch.__version__ if torch else '-'} ({torch.get_num_threads() if torch else '-'}"
              " threads).", "",
