@@ -124,7 +124,8 @@ def empty_aligned(shape: Any, dtype: Any = np.float64, *, like: np.ndarray | Non
     to the output, so an output at the input's offset makes every load aligned too
     (measured: float64 bias + GELU backward 47.6 GB/s with the output at the inputs'
     offset, 35.2 with it aligned and the inputs not). The kernels allocate their outputs
-    this way; pass such a buffer as ``out=`` to get the same speed.
+    this way from 1 MiB (``out_array``); pass such a buffer as ``out=`` to get the same
+    speed.
 
     ``apart_from``: the input a kernel reads as it writes this output. A large output
     (``APART_MIN_BYTES``) then starts about half a page (2048-2111 bytes, modulo 4 KiB)
