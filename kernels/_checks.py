@@ -164,6 +164,14 @@ def empty_placed(like: np.ndarray, offset: int, period: int) -> np.ndarray:
     return raw[skip:skip + nb].view(like.dtype).reshape(like.shape)
 
 
+def _streamed_from() -> int:
+    """``kernels._simd.NT_MIN_BYTES``, read there at each call (tests lower it; that module
+    imports this one, so not the other way round); 0, every output placed, before it
+    has loaded."""
+    simd = sys.modules.get("kernels._simd")
+    return simd.NT_MIN_BYTES if simd is not None else 0
+
+
 def out_array(name: str, out: Any, shape: tuple[int, ...], dtype: Any,
               like: np.ndarray | None = None,
               apart_from: np.ndarray | None = None) -> np.ndarray:
@@ -180,7 +188,7 @@ def out_array(name: str, out: Any, shape: tuple[int, ...], dtype: Any,
     if out is None:
         dt = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
         nbytes = math.prod(shape) * dt.itemsize
-        if nbytes < ALIGN_MIN_BYTES and nbytes < sys.modules["kernels._simd"].NT_MIN_BYTES:
+        if nbytes < ALIGN_MIN_BYTES and nbytes < _streamed_from():
             return np.empty(shape, dt)
         return empty_aligned(shape, dt, like=like, apart_from=apart_from)
     if not isinstance(out, np.ndarray) or out.dtype != np.dtype(dtype):

@@ -732,6 +732,26 @@ def test_layer_norm_float64_non_temporal_rows_match(shape, rng, monkeypatch):
     assert _checks.data_address(strided) == strided.ctypes.data
 
 
+def test_small_new_outputs_are_placed_only_where_a_kernel_could_stream_them(rng, monkeypatch):
+    # a kernel's own output under ALIGN_MIN_BYTES is a plain np.empty (placing it cost more
+    # than it saved); where NT_MIN_BYTES is lowered, as the streamed-path tests do, every
+    # new output is placed again, so those tests still reach the streamed code
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    g = np.ones(256, np.float32)
+    want = nn.layer_norm(x, g, g)[0]
+    plain = [nn.layer_norm(x, g, g)[0] for _ in range(16)] + [activations.gelu(x)]
+    assert all(a.base is None for a in plain)  # np.empty's own (a placed one is a view)
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    placed = [nn.layer_norm(x, g, g)[0] for _ in range(16)]
+    placed += [activations.gelu(x), nn.layer_norm_backward(x, x, g, g[:8], g[:8])[0]]
+    assert all(a.base is not None for a in placed)
+    assert all(a.ctypes.data % 64 == 0 for a in placed[:16] + placed[17:])
+    assert placed[16].ctypes.data % 64 == x.ctypes.data % 64  # GELU's: like=x
+    for a in plain[:16] + placed[:16]:
+        np.testing.assert_array_equal(a, want)
+    assert _checks._streamed_from() == 0
+
+
 def test_gelu_writes_plainly_into_an_out_just_ahead_of_its_input(rng, monkeypatch):
     # NT_AHEAD_SLOW_BYTES (the Zen 2 host's): an output 1-127 bytes ahead of the input
     # modulo 4 KiB is not streamed; the results are the same either way
