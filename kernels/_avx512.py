@@ -2261,7 +2261,7 @@ def _pairwise_sum(builder, vs):
     return level[0]
 
 
-def _layer_norm_block_intrinsic(backward: bool):
+def _layer_norm_block_intrinsic(backward: bool, mode: int = 0):
     """Build ``ln_block`` / ``ln_bwd_block``: layer norm of the ``L`` rows of block ``b``
     (``L`` = ``row_lanes``: 16 float32 / 8 float64 with AVX-512, 8 / 4 with AVX2) of
     ``d`` features, ``d`` known when compiling (``_count``), the block held as ``d``
@@ -2278,6 +2278,11 @@ def _layer_norm_block_intrinsic(backward: bool):
     values, element ``p`` of a block has feature ``p mod d``): no transpose back. One
     core in L2, cycles per block against transposing ``y`` back: float32 8 / 10 / 14
     features 307 / 346 / 487 -> 222 / 281 / 380, float64 8 / 10: 183 / 212 -> 119 / 154.
+
+    ``mode`` 1 and 2 split the forward in two (``ln_block_stats``: ``mean`` and ``rstd``
+    only; ``ln_block_apply``: ``y`` from the ``mean`` and ``rstd`` stored), so that a
+    caller can take the statistics of several blocks before their outputs
+    (``kernels.nn._ln_fwd_blocks_chunk``): one block at a time waits on its own chain.
 
     ``ln_bwd_block(dy, x, gamma, dx, mean, rstd, pg, pb, b, nt, d)``: ``dx``, and for each
     column ``j`` the lanes of ``dy * xhat`` and ``dy`` added to ``pg[j*L:(j+1)*L]`` and
@@ -2376,6 +2381,21 @@ def _layer_norm_block_intrinsic(backward: bool):
             sty = vty if f32 else d64v
             dinv = _splat(builder, ir.Constant(_F32 if f32 else _F64,
                                                _to_f32(1.0 / d) if f32 else 1.0 / d), sty)
+            if not backward and mode == 2:  # apply: mean and rstd read back
+                xrows = load_rows(0)
+                mu_t = _load(builder, ptr(4, row0), None)
+                r_t = _load(builder, ptr(5, row0), None)
+
+                def y_rows2():
+                    for q, xv in enumerate(xrows):
+                        idx = [(q * lanes + ln) // d for ln in range(lanes)]
+                        at_q = ir.Constant(_I64, q * lanes)
+                        t = builder.fsub(xv, _permute1(builder, mu_t, idx))
+                        t = builder.fmul(builder.fmul(t, _permute1(builder, r_t, idx)),
+                                         _load(builder, ptr(2, at_q), None))
+                        yield builder.fadd(t, _load(builder, ptr(3, at_q), None))
+                put_rows(1, y_rows2)
+                return context.get_dummy_value()
             if not backward:
                 xrows = load_rows(0)
                 cols = block(0, xrows)
@@ -2396,6 +2416,8 @@ def _layer_norm_block_intrinsic(backward: bool):
                     sqrt, [builder.fadd(builder.fmul(ss, dinv), eps)]))
                 _store(builder, mu_t, ptr(4, row0), None)
                 _store(builder, r_t, ptr(5, row0), None)
+                if mode == 1:
+                    return context.get_dummy_value()
                 # y in the row layout, no transpose back: each vector's rows' mean and rstd
                 # by one permute each, gamma and beta tiled over the block
                 def y_rows():
@@ -2434,9 +2456,12 @@ def _layer_norm_block_intrinsic(backward: bool):
     else:
         def typer(typingctx, x, y, gamma, beta, mean, rstd, b, eps, nt, d):
             return check((x, y, gamma, beta, mean, rstd, b, eps, nt, d))
-    typer.__name__ = typer.__qualname__ = "ln_bwd_block" if backward else "ln_block"
+    typer.__name__ = typer.__qualname__ = ("ln_bwd_block" if backward else "ln_block") + (
+        "", "_stats", "_apply")[mode]
     return intrinsic(typer)
 
 
 ln_block = _layer_norm_block_intrinsic(False)
+ln_block_stats = _layer_norm_block_intrinsic(False, 1)
+ln_block_apply = _layer_norm_block_intrinsic(False, 2)
 ln_bwd_block = _layer_norm_block_intrinsic(True)

@@ -1119,6 +1119,46 @@ def test_layer_norm_streamed_rows_match_plain_stores(dt, widths, rng, monkeypatc
                                    atol=1e-4 if dt == np.float32 else 1e-11)
 
 
+@numba.njit
+def _ln_blocks_both_ways(x, y1, y2, g, b, m1, r1, m2, r2, nblocks, feats):
+    for k in range(nblocks):  # one block at a time ...
+        _avx512.ln_block(x, y1, g, b, m1, r1, k, 1e-5, False, feats)
+    for k in range(nblocks):  # ... and every block's statistics before any output
+        _avx512.ln_block_stats(x, y2, g, b, m2, r2, k, 1e-5, False, feats)
+    for k in range(nblocks):
+        _avx512.ln_block_apply(x, y2, g, b, m2, r2, k, 1e-5, False, feats)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_layer_norm_blocks_split_into_statistics_and_outputs_match_whole_blocks(dt, rng):
+    # ln_block_stats + ln_block_apply (the grouped forward, LN_BLOCK_SPLIT_MAX_FEATURES)
+    # against ln_block: the statistics bit for bit, the outputs within an ulp or two
+    # (LLVM may contract the two ways' arithmetic differently), nothing written past
+    # the blocks; and the public call, which groups blocks 16 at a time, against the
+    # reference over several groups and a partial one (13 x 16 + 5 blocks, 3 rows more)
+    require_blocks()
+    lanes = nn._lanes(dt)
+    for d in (2, 10, 12, nn.LN_BLOCK_MAX_FEATURES[np.dtype(dt).itemsize, lanes]):
+        nb = 5
+        x = (3 + 2 * rng.standard_normal(nb * lanes * d)).astype(dt)
+        g = np.tile(rng.standard_normal(d).astype(dt), lanes)
+        b = np.tile(rng.standard_normal(d).astype(dt), lanes)
+        y1, y2 = np.full(x.size + 8, 7.0, dt), np.full(x.size + 8, 7.0, dt)
+        m1, r1, m2, r2 = (np.full(nb * lanes + 8, 7.0, dt) for _ in range(4))
+        _ln_blocks_both_ways(x, y1, y2, g, b, m1, r1, m2, r2, nb, (0,) * d)
+        np.testing.assert_array_equal(m1, m2)
+        np.testing.assert_array_equal(r1, r2)
+        assert (y2[x.size:] == 7.0).all() and (m2[nb * lanes:] == 7.0).all()
+        np.testing.assert_allclose(y2, y1, rtol=0, atol=4 * np.finfo(dt).eps * np.abs(y1).max())
+        n = (13 * 16 + 5) * lanes + 3
+        xs = (1 + rng.standard_normal((n, d))).astype(dt)
+        gs, bs = rng.standard_normal(d).astype(dt), rng.standard_normal(d).astype(dt)
+        y, mu, rstd = nn.layer_norm(xs, gs, bs)
+        tol = 1e-4 if dt == np.float32 else 1e-11
+        np.testing.assert_allclose(y, ref_layer_norm(xs, gs, bs), rtol=tol, atol=tol)
+        np.testing.assert_allclose(mu, xs.astype(np.float64).mean(axis=1), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 def test_layer_norm_blocks_with_non_temporal_stores_match_plain_stores(dt, rng, monkeypatch):
     # large aligned outputs leave the blocks of rows (ln_block, ln_bwd_block) with
