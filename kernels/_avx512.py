@@ -2381,23 +2381,9 @@ def _layer_norm_block_intrinsic(backward: bool, mode: int = 0):
             sty = vty if f32 else d64v
             dinv = _splat(builder, ir.Constant(_F32 if f32 else _F64,
                                                _to_f32(1.0 / d) if f32 else 1.0 / d), sty)
-            if not backward and mode == 2:  # apply: mean and rstd read back
-                xrows = load_rows(0)
-                mu_t = _load(builder, ptr(4, row0), None)
-                r_t = _load(builder, ptr(5, row0), None)
-
-                def y_rows2():
-                    for q, xv in enumerate(xrows):
-                        idx = [(q * lanes + ln) // d for ln in range(lanes)]
-                        at_q = ir.Constant(_I64, q * lanes)
-                        t = builder.fsub(xv, _permute1(builder, mu_t, idx))
-                        t = builder.fmul(builder.fmul(t, _permute1(builder, r_t, idx)),
-                                         _load(builder, ptr(2, at_q), None))
-                        yield builder.fadd(t, _load(builder, ptr(3, at_q), None))
-                put_rows(1, y_rows2)
-                return context.get_dummy_value()
-            if not backward:
-                xrows = load_rows(0)
+            def stats(xrows):
+                """The rows' ``(mean, rstd)``, one lane per row (float32: the mean's
+                rounding measured and taken out, below)."""
                 cols = block(0, xrows)
                 mu_t = builder.fmul(total(cols), dinv)
                 ts = [builder.fsub(v, mu_t) for v in cols]
@@ -2412,12 +2398,21 @@ def _layer_norm_block_intrinsic(backward: bool, mode: int = 0):
                 sqrt = cgutils.get_or_insert_function(
                     builder.module, ir.FunctionType(sty, [sty]), f"llvm.sqrt.{_vec_name(sty)}")
                 one = _splat(builder, ir.Constant(_F32 if f32 else _F64, 1.0), sty)
-                r_t = builder.fdiv(one, builder.call(
+                return mu_t, builder.fdiv(one, builder.call(
                     sqrt, [builder.fadd(builder.fmul(ss, dinv), eps)]))
-                _store(builder, mu_t, ptr(4, row0), None)
-                _store(builder, r_t, ptr(5, row0), None)
-                if mode == 1:
-                    return context.get_dummy_value()
+
+            if not backward:
+                xrows = load_rows(0)
+                if mode == 2:  # the outputs only: mean and rstd read back
+                    mu_t = _load(builder, ptr(4, row0), None)
+                    r_t = _load(builder, ptr(5, row0), None)
+                else:
+                    mu_t, r_t = stats(xrows)
+                    _store(builder, mu_t, ptr(4, row0), None)
+                    _store(builder, r_t, ptr(5, row0), None)
+                    if mode == 1:  # the statistics only
+                        return context.get_dummy_value()
+
                 # y in the row layout, no transpose back: each vector's rows' mean and rstd
                 # by one permute each, gamma and beta tiled over the block
                 def y_rows():
