@@ -50,12 +50,22 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     def stats(a):
         return a.mean(axis=1), 1 / np.sqrt(a.var(axis=1) + 1e-5)
 
+    def grads_then_params(n):  # params 16 bytes past the grads modulo 64 KiB
+        raw = np.zeros(2 * n * dt.itemsize + (3 << 16), np.uint8)
+        at = (-raw.ctypes.data) % (1 << 16)
+        skip = at + (n * dt.itemsize // (1 << 16) + 1) * (1 << 16) + 16
+        return (raw[skip:skip + n * dt.itemsize].view(dt),
+                raw[at:at + n * dt.itemsize].view(dt), np.zeros(n, dt), np.zeros(n, dt))
+
     mu, rs = stats(x)
     muw, rsw = stats(wide)
     mub, rsb = stats(broad)
     mu4, rs4 = stats(four)
     return {
         "adamw_step": lambda: optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1),
+        # the grads read through a buffer (kernels.optim._adamw_staged)
+        "adamw_step grads behind params": lambda: optim.adamw_step(
+            *grads_then_params(optim._PEEL_MIN), step=1),
         "softmax_cross_entropy": lambda: nn.softmax_cross_entropy(x, lab),  # short rows
         "softmax_cross_entropy long rows": lambda: nn.softmax_cross_entropy(wide, lab),
         # 10 classes, 32 rows: blocks of rows (compiled per class count; 10 is the common one)

@@ -34,6 +34,37 @@ def test_matches_reference_over_steps(dtype, tol, rng):
     np.testing.assert_allclose(v, rv, **tol)
 
 
+def test_grads_just_behind_the_params_go_through_a_buffer_with_the_same_results(
+        dtype, rng, monkeypatch):
+    # params 16 bytes past the grads modulo 64 KiB (grads allocated right before params
+    # of a power-of-two size): the update reads the grads through a per-thread buffer,
+    # and every element comes out as the plain loop makes it
+    from kernels import optim
+
+    n = optim._PEEL_MIN + 3 * optim._GRAD_STAGE + 7  # a partial piece at the end
+    item = np.dtype(dtype).itemsize
+    raw = np.zeros(2 * n * item + (3 << 16), np.uint8)
+    at = (-raw.ctypes.data) % (1 << 16)  # the grads on a 64 KiB boundary
+    g = raw[at:at + n * item].view(dtype)
+    skip = at + ((n * item + 16) // (1 << 16) + 1) * (1 << 16) + 16
+    p = raw[skip:skip + n * item].view(dtype)
+    assert optim._grads_alias(g, p) and not optim._grads_alias(p, g)
+    g[:] = rng.standard_normal(n)
+    p[:] = rng.standard_normal(n)
+    m, v = rng.standard_normal(n).astype(dtype), rng.random(n).astype(dtype)
+    want = [a.copy() for a in (p, g, m, v)]
+    monkeypatch.setattr(optim, "_ALIAS_BYTES", 0)  # the plain loop, for the reference
+    adamw_step(*want, step=4, **HP)
+    monkeypatch.undo()
+    calls = []
+    staged = optim._adamw_staged
+    monkeypatch.setattr(optim, "_adamw_staged", lambda *a: calls.append(1) or staged(*a))
+    adamw_step(p, g, m, v, step=4, **HP)
+    assert calls == [1]
+    for got, ref in zip((p, m, v), (want[0], want[2], want[3])):
+        np.testing.assert_array_equal(got, ref)
+
+
 @pytest.mark.parametrize("offset", [16, 8, 0])
 def test_large_arrays_off_a_cache_line_peel_the_head_and_match(dtype, tol, rng, offset):
     # every array 16 (or 8) bytes past a 64-byte boundary: the first elements go through
@@ -74,9 +105,10 @@ def test_adamw_state_sits_at_the_params_offset(dtype, rng):
 
 
 def test_large_adamw_state_sits_far_from_the_params_in_memory(dtype, rng, monkeypatch):
-    # NumPy's large arrays land a few KiB apart modulo 64 MiB, where the 7-stream update
-    # ran 1.7-2x slower on this host (kernels.optim._moment_buffers); the optimizer's own
-    # moments are placed well away from the params, still at their cache-line offset
+    # NumPy's large arrays land a few KiB apart modulo a large power of two, where the
+    # 7-stream update ran 1.4-2x slower on two hosts (kernels.optim._moment_buffers); the
+    # optimizer's own moments are placed well away from the params modulo every power of
+    # two from the params' size up, still at their cache-line offset
     from kernels import optim
 
     monkeypatch.setattr(optim, "_SPREAD_MIN_BYTES", 0)  # a small array takes the road too
@@ -84,14 +116,18 @@ def test_large_adamw_state_sits_far_from_the_params_in_memory(dtype, rng, monkey
     g = rng.standard_normal(p.shape).astype(dtype)
     opt = AdamW(p.copy(), lr=0.01)
     m, v = opt.exp_avg, opt.exp_avg_sq
-    period = optim._SPREAD_PERIOD
+    period = optim._spread_period(p.nbytes)
+    assert p.nbytes <= period < 2 * p.nbytes
 
-    def apart(a, b):  # distance between two buffers' starts, modulo the period
-        d = (a.ctypes.data - b.ctypes.data) % period
-        return min(d, period - d)
+    def apart(a, b, q):  # distance between two buffers' starts, modulo q
+        d = (a.ctypes.data - b.ctypes.data) % q
+        return min(d, q - d)
 
-    for a, b in ((m, opt.params), (v, opt.params), (m, v)):
-        assert apart(a, b) >= 8 << 20
+    q = period
+    while q <= 1 << 30:
+        for a, b in ((m, opt.params), (v, opt.params), (m, v)):
+            assert apart(a, b, q) >= period // 4, (q, period)
+        q *= 2
     assert m.ctypes.data % 64 == v.ctypes.data % 64 == opt.params.ctypes.data % 64
     assert m.shape == v.shape == p.shape and m.dtype == v.dtype == p.dtype
     assert m.flags.c_contiguous and m.flags.writeable and not m.any() and not v.any()
@@ -102,6 +138,16 @@ def test_large_adamw_state_sits_far_from_the_params_in_memory(dtype, rng, monkey
     np.testing.assert_allclose(opt.params, ref, **tol)
     np.testing.assert_allclose(m, rm, **tol)
     np.testing.assert_allclose(v, rv, **tol)
+
+
+def test_moment_placement_period_is_the_power_of_two_at_or_above_the_params():
+    from kernels import optim
+
+    assert optim._spread_period(1 << 20) == 1 << 20
+    assert optim._spread_period((1 << 20) + 8) == 2 << 20
+    assert optim._spread_period(3 << 20) == 4 << 20
+    assert optim._spread_period(1 << 30) == optim._SPREAD_PERIOD == 64 << 20
+    assert optim._SPREAD_MIN_BYTES == 1 << 20  # smaller params: no placement
 
 
 def test_non_contiguous_arrays_are_updated_in_place(rng):
