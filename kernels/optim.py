@@ -178,10 +178,10 @@ def adamw_step(
 
 
 # Where AdamW puts its moments relative to the params, in the address space taken modulo
-# a period (see _moment_buffers): m a quarter of the way round plus a bit, v well away
-# from both; multiples of 64 bytes, so both keep the params' offset in a cache line
+# a period (see _moment_buffers): m a third of the way round, v two thirds; multiples of
+# 64 bytes, so both keep the params' offset in a cache line
 _SPREAD_PERIOD = 64 << 20  # the longest period; shorter for params under 64 MiB
-_SPREAD_AT = (16896 / 65536, 41728 / 65536)  # 16.5 MiB and 40.75 MiB of 64 MiB
+_SPREAD_AT = (1 / 3, 2 / 3)  # of the period: a third apart modulo every power of two
 _SPREAD_MIN_BYTES = 1 << 20  # below this no placement measured faster
 
 
@@ -195,7 +195,7 @@ def _moment_buffers(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two zeroed buffers like ``params`` (the moments), each at ``params``' offset in a
     cache line (see ``_aligned_head``) and, for ``params`` of 1 MiB or more, placed away
     from it in the address space taken modulo a period ``P`` (``_spread_period``: the
-    power of two at or above its size, at most 64 MiB), at ``0.258 P`` and ``0.637 P``.
+    power of two at or above its size, at most 64 MiB), at ``P / 3`` and ``2 P / 3``.
 
     The update streams 7 arrays at once, and it is slow when they sit within a few KiB
     of each other modulo a large power of two, which NumPy's one-after-another
@@ -206,8 +206,11 @@ def _moment_buffers(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     30.0. On an Intel host (Emerald Rapids) the same held for params of 4 MiB, which
     stream from memory there too: moments that ``np.empty`` put 8 MiB from the params
     (the same offset modulo 2 MiB) took 554-689 us a step against 392-452 placed apart.
-    A period at or above the params' size is enough: ``m - p`` is then ``0.258 P`` plus
-    a multiple of ``P``, never near a multiple of any longer power of two. DRAM banks
+    A period at or above the params' size is enough: ``m - p`` is then ``P / 3`` plus a
+    multiple of ``P``, never near a multiple of any longer power of two, and a third of
+    the way round modulo every shorter one too (binary 0.0101...): at ``0.258 P`` (16.5
+    MiB of 64, the first choice) the moments of 4 MiB params sat 32 KiB from the params
+    modulo 1 MiB. DRAM banks
     are picked by physical address bits, which here follow the virtual ones (huge pages
     faulted in order); where they do not, the placement costs nothing. The slack before
     each buffer is address space only (at most the buffer's size): never touched, so
