@@ -210,11 +210,10 @@ def _moment_buffers(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     multiple of ``P``, never near a multiple of any longer power of two, and a third of
     the way round modulo every shorter one too (binary 0.0101...): at ``0.258 P`` (16.5
     MiB of 64, the first choice) the moments of 4 MiB params sat 32 KiB from the params
-    modulo 1 MiB. DRAM banks
-    are picked by physical address bits, which here follow the virtual ones (huge pages
-    faulted in order); where they do not, the placement costs nothing. The slack before
-    each buffer is address space only (at most the buffer's size): never touched, so
-    never mapped."""
+    modulo 1 MiB. DRAM banks are picked by physical address bits, which here follow the
+    virtual ones (huge pages faulted in order); where they do not, the placement costs
+    nothing. The slack before each buffer is address space only (at most the buffer's
+    size): never touched, so never mapped."""
     if params.nbytes < _SPREAD_MIN_BYTES:
         m, v = (empty_aligned(params.shape, params.dtype, like=params) for _ in range(2))
     else:

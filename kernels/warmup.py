@@ -33,6 +33,7 @@ MAX_DEFAULT_JOBS = 8
 
 def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     from kernels import cluster, compress, nn, optim, quant, search
+    from kernels._checks import empty_placed
 
     x = np.linspace(-1, 1, 24, dtype=dt).reshape(4, 6)
     v = np.ones(6, dt)
@@ -51,11 +52,10 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         return a.mean(axis=1), 1 / np.sqrt(a.var(axis=1) + 1e-5)
 
     def grads_then_params(n):  # params 16 bytes past the grads modulo 64 KiB
-        raw = np.zeros(2 * n * dt.itemsize + (3 << 16), np.uint8)
-        at = (-raw.ctypes.data) % (1 << 16)
-        skip = at + (n * dt.itemsize // (1 << 16) + 1) * (1 << 16) + 16
-        return (raw[skip:skip + n * dt.itemsize].view(dt),
-                raw[at:at + n * dt.itemsize].view(dt), np.zeros(n, dt), np.zeros(n, dt))
+        g = np.zeros(n, dt)
+        p = empty_placed(g, 16, optim._ALIAS_PERIOD)
+        p[:] = 0
+        return p, g, np.zeros(n, dt), np.zeros(n, dt)
 
     mu, rs = stats(x)
     muw, rsw = stats(wide)

@@ -40,16 +40,12 @@ def test_grads_just_behind_the_params_go_through_a_buffer_with_the_same_results(
     # of a power-of-two size): the update reads the grads through a per-thread buffer,
     # and every element comes out as the plain loop makes it
     from kernels import optim
+    from kernels._checks import empty_placed
 
     n = optim._PEEL_MIN + 3 * optim._GRAD_STAGE + 7  # a partial piece at the end
-    item = np.dtype(dtype).itemsize
-    raw = np.zeros(2 * n * item + (3 << 16), np.uint8)
-    at = (-raw.ctypes.data) % (1 << 16)  # the grads on a 64 KiB boundary
-    g = raw[at:at + n * item].view(dtype)
-    skip = at + ((n * item + 16) // (1 << 16) + 1) * (1 << 16) + 16
-    p = raw[skip:skip + n * item].view(dtype)
+    g = rng.standard_normal(n).astype(dtype)
+    p = empty_placed(g, 16, optim._ALIAS_PERIOD)
     assert optim._grads_alias(g, p) and not optim._grads_alias(p, g)
-    g[:] = rng.standard_normal(n)
     p[:] = rng.standard_normal(n)
     m, v = rng.standard_normal(n).astype(dtype), rng.random(n).astype(dtype)
     want = [a.copy() for a in (p, g, m, v)]
