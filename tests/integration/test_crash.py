@@ -36,10 +36,16 @@ def test_kill_dash_nine_the_agent_loses_and_duplicates_nothing(home, gw_env, tmp
     while time.monotonic() < deadline:
         agent = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli.main", "agent", "--interval", "0.01"], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # The random moment is counted from the agent's first line (its store open, its
+        # passes about to start): a kill during Python's start-up tests nothing, and on a
+        # loaded CI machine start-up alone can outlast the whole draw.
+        assert agent.stderr is not None
+        agent.stderr.readline()
         time.sleep(rng.uniform(0.05, 0.6))
         agent.send_signal(signal.SIGKILL)
         agent.wait()
+        agent.stderr.close()
         kills += 1
         if all(r.state.terminal for r in gw.store.jobs()):
             break
