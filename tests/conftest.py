@@ -41,14 +41,27 @@ def python_image_store() -> Path:
 _PREBUILD: list[subprocess.Popen[bytes]] = []  # the background build, while it is ours
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that wait for work started in the background when collection ends (the
+    Python image's build below, the kernel tests' ``background`` checks) run last, so
+    that work, at a lower priority, has the whole session to fill the CPU the other
+    tests leave idle (they mostly wait on Slurm, or compile on one core) instead of
+    starving them: on a loaded 2-core machine a starved test waits, polls and times out
+    longer. Otherwise the order is pytest's."""
+    late = {id(item) for item in items if item.path.name == "test_python_image.py"
+            or item.get_closest_marker("background") is not None}
+    items[:] = ([item for item in items if id(item) not in late]
+                + [item for item in items if id(item) in late])
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start building the Python reference image in the background when its tests are
     selected (and not skipped for want of debootstrap, podman or skopeo) and it is not
-    in the store yet: the build (about 5 min, most of it Numba compiling the kernels
-    inside the image on one core) then overlaps the Slurm and cloud tests that run
-    before it, which mostly wait. The ``python_image`` fixture waits for it, then finds
-    the image by its key; if the background build failed, the fixture builds again and
-    shows that error."""
+    in the store yet: the build (about 5 min alone, most of it Numba compiling the
+    kernels inside the image) then overlaps every other test, at nice 10 (its tests run
+    last: ``pytest_collection_modifyitems``). The ``python_image`` fixture waits for it,
+    then finds the image by its key; if the background build failed, the fixture builds
+    again and shows that error."""
     if not any(item.path.name == "test_python_image.py" and not item.get_closest_marker("skip")
                for item in session.items):
         return
@@ -66,8 +79,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "prebuild.log", "wb") as log:
-        _PREBUILD.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway.images.python_image", str(root)], cwd=REPO,
+        _PREBUILD.append(subprocess.Popen(  # nice: it fills the CPU the tests leave idle
+            ["nice", "-n", "10", sys.executable, "-m", "gateway.images.python_image", str(root)],
+            cwd=REPO,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
 

@@ -90,7 +90,8 @@ def run_python():
 # result of the session. Marked ``@pytest.mark.background(commands=...)``, where
 # ``commands(folder)`` gives the interpreter arguments and extra environment of each
 # subprocess, they start as soon as collection ends, one after another on one thread,
-# and so overlap the integration tests that run first and mostly wait. The test's
+# at a lower priority (nice 10), and so overlap the integration tests that run first and
+# mostly wait, without starving them (tests/conftest.py runs these tests last). The test's
 # ``background`` fixture then waits for them and hands over their results. A test whose
 # checks were not started (run through another path) runs them itself.
 
@@ -110,8 +111,8 @@ def _run_checks(commands: list[tuple[list[str], dict[str, str]]]
     done = []
     for args, env in commands:
         argv = [sys.executable, *args]
-        with subprocess.Popen(argv, cwd=REPO, env=app_env(**env), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) as proc:
+        with subprocess.Popen(["nice", "-n", "10", *argv], cwd=REPO, env=app_env(**env),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
             _RUNNING.append(proc)
             try:
                 out, err = proc.communicate(timeout=900)
