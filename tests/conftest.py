@@ -47,11 +47,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     that work, at a lower priority, has the whole session to fill the CPU the other
     tests leave idle (they mostly wait on Slurm, or compile on one core) instead of
     starving them: on a loaded 2-core machine a starved test waits, polls and times out
-    longer. Otherwise the order is pytest's."""
-    late = {id(item) for item in items if item.path.name == "test_python_image.py"
-            or item.get_closest_marker("background") is not None}
-    items[:] = ([item for item in items if id(item) not in late]
-                + [item for item in items if id(item) in late])
+    longer. Otherwise the order is pytest's (the sort is stable)."""
+    items.sort(key=lambda item: item.path.name == "test_python_image.py"
+               or item.get_closest_marker("background") is not None)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
