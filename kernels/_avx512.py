@@ -76,10 +76,10 @@ __all__ = ["AVAILABLE", "BLOCK", "BLOCK32", "gelu_bias_bwd_f32", "gelu_bias_bwd_
            "gelu_bwd_f32", "gelu_bwd_f32_nt", "gelu_bwd_f32_tail", "gelu_f32", "gelu_f32_nt",
            "gelu_f32_tail", "gelu_bias_bwd_f64", "gelu_bias_bwd_f64_nt",
            "gelu_bias_bwd_f64_staged", "gelu_bias_bwd_f64_tail", "gelu_bias_f64",
-           "gelu_bias_f64_nt", "gelu_bias_f64_tail", "gelu_bwd_f64", "gelu_bwd_f64_nt",
-           "gelu_bwd_f64_staged", "gelu_bwd_f64_tail", "gelu_f64", "gelu_f64_nt",
-           "gelu_f64_tail", "gelu_wide_bwd_f64", "gelu_wide_bwd_f64_tail", "gelu_wide_f64",
-           "gelu_wide_f64_tail", "ln_block", "ln_bwd_block", "ln_bwd_row", "ln_row",
+           "gelu_bias_f64_nt", "gelu_bias_f64_staged", "gelu_bias_f64_tail", "gelu_bwd_f64",
+           "gelu_bwd_f64_nt", "gelu_bwd_f64_staged", "gelu_bwd_f64_tail", "gelu_f64",
+           "gelu_f64_nt", "gelu_f64_staged", "gelu_f64_tail", "gelu_wide_bwd_f64",
+           "gelu_wide_bwd_f64_tail", "gelu_wide_f64", "gelu_wide_f64_tail", "ln_block", "ln_bwd_block", "ln_bwd_row", "ln_row",
            "softmax_block", "softmax_exp_f64", "softmax_exp_f64_tail",
            "SHORT_ROW_VECTORS", "softmax_row1_f32", "softmax_row1_f64", "softmax_row2_f32",
            "softmax_row2_f64", "softmax_row4_f32", "softmax_row4_f64", "softmax_row8_f32",
@@ -691,11 +691,10 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
     ``_nt``: a block with lanes put aside is written with plain stores, through the
     cache, where its finished lanes land soon after (a store into a line just written
     non-temporally waits for it to reach memory and reads it back: finishing lanes in
-    place made wide inputs 2x slower from memory; holding such blocks in a small stage
-    and streaming them out after their lanes were finished measured 12% slower than
-    plain stores for GELU on wide inputs from memory).
+    place made wide inputs 2x slower from memory). The streamed kernels use ``_staged``
+    instead (below); ``_nt`` is left for the masked head of a chunk.
 
-    ``_staged`` (backward, not masked; two more arguments ``st, o``): a block with lanes
+    ``_staged`` (not masked; two more arguments ``st, o``): a block with lanes
     put aside is written to the stage ``st[o:o+BLOCK]`` instead, and the places put aside
     are its indices there (``o + k``); a block without is streamed out as in ``_nt``. The
     caller finishes the lanes into the stage and streams the staged blocks out
@@ -815,7 +814,9 @@ gelu_bwd_f64_tail = _gelu_central_intrinsic(False, True, True)
 gelu_bias_bwd_f64 = _gelu_central_intrinsic(True, True, False)
 gelu_bias_bwd_f64_nt = _gelu_central_intrinsic(True, True, False, nt=True)
 gelu_bias_bwd_f64_tail = _gelu_central_intrinsic(True, True, True)
-# the backward blocks with lanes put aside go to a stage (kernels.activations._finish_staged)
+# streamed, the blocks with lanes put aside go to a stage (kernels.activations._finish_staged)
+gelu_f64_staged = _gelu_central_intrinsic(False, False, False, nt=True, staged=True)
+gelu_bias_f64_staged = _gelu_central_intrinsic(True, False, False, nt=True, staged=True)
 gelu_bwd_f64_staged = _gelu_central_intrinsic(False, True, False, nt=True, staged=True)
 gelu_bias_bwd_f64_staged = _gelu_central_intrinsic(True, True, False, nt=True, staged=True)
 # the lanes the ones above put aside, through normal_tail_and_exp

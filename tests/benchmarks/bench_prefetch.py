@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels import _prefetch, compress, empty_aligned, nn, quant, search  # noqa: E402
+from kernels import _prefetch, activations, compress, empty_aligned, nn, quant, search  # noqa: E402
 from kernels._jit import _CFG  # noqa: E402
 
 
@@ -103,6 +103,20 @@ def _portable_search(q: np.ndarray, e: np.ndarray, normalized: bool) -> object:
         search.VEC_SCAN = True
 
 
+def _by_table(call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` with ``activations._GELU_VEC`` (the kernels by bias and direction) first
+    pointed at the module's kernels of the moment, the copies ``ab`` puts there."""
+    def run() -> object:
+        for key in activations._GELU_VEC:
+            activations._GELU_VEC[key] = getattr(activations, _GELU_NAMES[key])
+        return call()
+    return run
+
+
+_GELU_NAMES = {(False, False): "_gelu_avx", (False, True): "_gelu_bwd_avx",
+               (True, False): "_bias_gelu_avx", (True, True): "_bias_gelu_bwd_avx"}
+
+
 def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], object]]]:
     """(label, module, the jitted functions that hold hints, the public call)."""
     rng = np.random.default_rng(0)
@@ -150,6 +164,18 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
         qo = np.empty(w.shape, np.int8)
         out.append((f"quantize_int8 {np.dtype(dt).name} 1024 features (row hint, {here} here)",
                     quant, ["_quantize"], lambda w=w, qo=qo: quant.quantize_int8(w, out=qo)))
+    for dt in (np.float32, np.float64):
+        for scale in (1.0, 3.0):
+            if scale != 1.0 and dt == np.float32:  # nothing put aside in float32
+                continue
+            x = (scale * rng.standard_normal((size // 256, 256))).astype(dt)
+            dy = rng.standard_normal(x.shape).astype(dt)
+            go = empty_aligned(x.shape, dt, apart_from=x)
+            what = f"{np.dtype(dt).name} x ~ N(0, {scale:g}^2) (row hint, {here} here)"
+            out.append((f"gelu {what}", activations, ["_gelu_avx"],
+                        _by_table(lambda x=x, go=go: nn.gelu(x, out=go))))
+            out.append((f"gelu_backward {what}", activations, ["_gelu_bwd_avx"],
+                        _by_table(lambda x=x, dy=dy, go=go: nn.gelu_backward(dy, x, out=go))))
     gr = rng.standard_normal(size).astype(np.float32)
     res = np.zeros_like(gr)
     out.append(("topk_sparsify float32 1% (the sample)", compress, ["_line_sample"],

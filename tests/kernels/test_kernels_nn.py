@@ -1556,7 +1556,7 @@ def _check_put_aside(x, rng, monkeypatch):
         inplace = dy.copy()
         assert nn.gelu_backward(inplace, x, out=inplace) is inplace
         np.testing.assert_array_equal(inplace, got["grad"])
-    # streamed, the backward stages its blocks with lanes put aside (_finish_staged):
+    # streamed, both directions stage their blocks with lanes put aside (_finish_staged):
     # the same values bit for bit; db, a sum, only in another order
     for key in want:
         if key != "db":
