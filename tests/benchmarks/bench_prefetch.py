@@ -180,6 +180,12 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
     res = np.zeros_like(gr)
     out.append(("topk_sparsify float32 1% (the sample)", compress, ["_line_sample"],
                 lambda: compress.topk_sparsify(gr, res, max(1, size // 100))))
+    spare = np.zeros_like(gr)
+    for mode, kw in (("default", {}), ("one_pass=True", {"one_pass": True}),
+                     ("out=", {"out": spare})):
+        out.append((f"topk_sparsify float32 1% {mode}, the candidate pass (row hint, "
+                    f"{here} here)", compress, ["_candidates"],
+                    lambda kw=kw: compress.topk_sparsify(gr, res, max(1, size // 100), **kw)))
     return out
 
 
