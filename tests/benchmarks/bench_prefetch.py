@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels import _prefetch, activations, compress, empty_aligned, nn, quant, search  # noqa: E402
+from kernels import (  # noqa: E402
+    _prefetch, activations, compress, empty_aligned, nn, optim, quant, search)
 from kernels._jit import _CFG  # noqa: E402
 
 
@@ -176,6 +177,15 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
                         _by_table(lambda x=x, go=go: nn.gelu(x, out=go))))
             out.append((f"gelu_backward {what}", activations, ["_gelu_bwd_avx"],
                         _by_table(lambda x=x, dy=dy, go=go: nn.gelu_backward(dy, x, out=go))))
+    pa = rng.standard_normal(size).astype(np.float32)
+    ga = rng.standard_normal(size).astype(np.float32)
+    ma, va = optim._moment_buffers(pa)
+    ma[:], va[:] = 0.0, 0.0
+    f = np.float32
+    consts = (f(0.99), f(1e-3), f(0.9), f(0.1), f(0.999), f(0.001), f(1.0), f(1e-8))
+    # the blocked loop itself (adamw_step takes it where ROW_HINTS is on, float32 only)
+    out.append((f"adamw_step float32 (row hint, {here} here)", optim, ["_adamw_hinted"],
+                lambda: optim._adamw_hinted(pa, ga, ma, va, *consts, 8)))
     gr = rng.standard_normal(size).astype(np.float32)
     res = np.zeros_like(gr)
     out.append(("topk_sparsify float32 1% (the sample)", compress, ["_line_sample"],

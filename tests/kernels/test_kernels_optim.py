@@ -61,6 +61,43 @@ def test_grads_just_behind_the_params_go_through_a_buffer_with_the_same_results(
         np.testing.assert_array_equal(got, ref)
 
 
+def test_float32_blocks_that_ask_ahead_give_the_plain_loops_bits(dtype, rng, monkeypatch):
+    # where ROW_HINTS is on, a large float32 step runs in blocks that first ask for the
+    # lines ahead (_adamw_hinted): the same arithmetic per element, so every element as
+    # the plain loop makes it; sizes that are no multiple of the block or of the chunks.
+    # The blocks run here whatever the host (where the hints are off they compile to
+    # nothing); float64 keeps the plain loop (the hints cost there)
+    from kernels import optim
+
+    n = 8 * optim._HINT_BLOCK * 3 + 37
+    arrs = [rng.standard_normal(n).astype(dtype) for _ in range(3)]
+    arrs.append(rng.random(n).astype(dtype))
+    t = dtype.type
+    consts = (t(0.999), t(1e-3), t(0.9), t(0.1), t(0.99), t(0.01), t(1.2), t(1e-8))
+    want = [a.copy() for a in arrs]
+    optim._adamw(*want, *consts)
+    for nch in (1, 3, 8):
+        got = [a.copy() for a in arrs]
+        optim._adamw_hinted(*got, *consts, nch)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    calls = []
+    hinted = optim._adamw_hinted
+    monkeypatch.setattr(optim, "ROW_HINTS", True)
+    monkeypatch.setattr(optim, "_HINT_MIN_BYTES", optim._PEEL_MIN)
+    monkeypatch.setattr(optim, "_adamw_hinted", lambda *a: calls.append(1) or hinted(*a))
+    big = [rng.standard_normal(optim._PEEL_MIN + 5).astype(dtype) for _ in range(4)]
+    big[3] = np.abs(big[3])
+    want = [a.copy() for a in big]
+    monkeypatch.setattr(optim, "ROW_HINTS", False)
+    adamw_step(*want, step=2, **HP)
+    monkeypatch.setattr(optim, "ROW_HINTS", True)
+    adamw_step(*big, step=2, **HP)
+    assert len(calls) == (1 if dtype == np.float32 else 0)
+    for a, b in zip(big, want):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("offset", [16, 8, 0])
 def test_large_arrays_off_a_cache_line_peel_the_head_and_match(dtype, tol, rng, offset):
     # every array 16 (or 8) bytes past a 64-byte boundary: the first elements go through
