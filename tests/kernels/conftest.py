@@ -93,7 +93,11 @@ def run_python():
 # at a lower priority (nice 10), and so overlap the integration tests that run first and
 # mostly wait, without starving them (tests/conftest.py runs these tests last). The test's
 # ``background`` fixture then waits for them and hands over their results. A test whose
-# checks were not started (run through another path) runs them itself.
+# checks were not started (run through another path) runs them itself. Each may take
+# ``_CHECK_TIMEOUT`` s: at nice 10 a check gets little CPU while the integration tests
+# run (the 256-bit one, 5 min alone, hit 900 s in a CI run once the float64 GELU forward
+# compiled a staged loop too).
+_CHECK_TIMEOUT = 1200
 
 Commands = Callable[[Path], list[tuple[list[str], dict[str, str]]]]
 _STARTED: dict[str, tuple[Path, Future[list[subprocess.CompletedProcess[str]]]]] = {}
@@ -115,7 +119,7 @@ def _run_checks(commands: list[tuple[list[str], dict[str, str]]]
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
             _RUNNING.append(proc)
             try:
-                out, err = proc.communicate(timeout=900)
+                out, err = proc.communicate(timeout=_CHECK_TIMEOUT)
             finally:
                 _RUNNING.remove(proc)
         done.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
