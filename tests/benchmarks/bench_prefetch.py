@@ -108,14 +108,13 @@ def _by_table(call: Callable[[], object]) -> Callable[[], object]:
     """``call`` with ``activations._GELU_VEC`` (the kernels by bias and direction) first
     pointed at the module's kernels of the moment, the copies ``ab`` puts there."""
     def run() -> object:
-        for key in activations._GELU_VEC:
-            activations._GELU_VEC[key] = getattr(activations, _GELU_NAMES[key])
+        for key, name in _GELU_NAMES.items():
+            activations._GELU_VEC[key] = getattr(activations, name)
         return call()
     return run
 
 
-_GELU_NAMES = {(False, False): "_gelu_avx", (False, True): "_gelu_bwd_avx",
-               (True, False): "_bias_gelu_avx", (True, True): "_bias_gelu_bwd_avx"}
+_GELU_NAMES = {key: f.py_func.__name__ for key, f in activations._GELU_VEC.items()}
 
 
 def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], object]]]:
