@@ -35,7 +35,6 @@ import numpy as np  # noqa: E402
 
 from kernels import (  # noqa: E402
     _prefetch, activations, compress, empty_aligned, nn, optim, quant, search)
-from kernels._jit import _CFG  # noqa: E402
 
 
 # kernels.nn's row sizes below which AMD hosts go without a hint, as Intel hosts set
@@ -56,9 +55,8 @@ def _copies(mod: ModuleType, names: list[str], call: Callable[[], object]) -> di
             for k, v in _HINTS_EVERYWHERE.items():  # the host's size limits lifted too
                 setattr(nn, k, v if hints else host[k])
             out[hints] = {}
-            for n in names:
-                opts = _CFG.jit_options(parallel=True)
-                opts["cache"] = False
+            for n in names:  # each with its own options (fast-math flags, parallel)
+                opts = dict(orig[n].targetoptions, cache=False)
                 out[hints][n] = numba.njit(**opts)(orig[n].py_func)
                 setattr(mod, n, out[hints][n])
             call()
@@ -105,16 +103,26 @@ def _portable_search(q: np.ndarray, e: np.ndarray, normalized: bool) -> object:
 
 
 def _by_table(call: Callable[[], object]) -> Callable[[], object]:
-    """``call`` with ``activations._GELU_VEC`` (the kernels by bias and direction) first
-    pointed at the module's kernels of the moment, the copies ``ab`` puts there."""
+    """``call`` with ``activations._GELU_VEC`` and ``_GELU_STAGED`` (the kernels by bias
+    and direction) first pointed at the module's kernels of the moment, the copies ``ab``
+    puts there."""
     def run() -> object:
-        for key, name in _GELU_NAMES.items():
-            activations._GELU_VEC[key] = getattr(activations, name)
+        for (table, key), name in _GELU_NAMES.items():
+            getattr(activations, table)[key] = getattr(activations, name)
         return call()
     return run
 
 
-_GELU_NAMES = {key: f.py_func.__name__ for key, f in activations._GELU_VEC.items()}
+_GELU_NAMES = {(table, key): f.py_func.__name__
+               for table in ("_GELU_VEC", "_GELU_STAGED")
+               for key, f in getattr(activations, table).items()}
+
+
+def _gelu_names(backward: bool) -> list[str]:
+    """The GELU kernels (plain and staged) of one direction and their chunk functions,
+    where the hints are: a kernel's copy compiles against the chunk copies."""
+    return ["_gelu_chunk", "_gelu_chunk_staged"] + [
+        name for (_, (bias, bwd)), name in _GELU_NAMES.items() if not bias and bwd == backward]
 
 
 def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], object]]]:
@@ -172,9 +180,9 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
             dy = rng.standard_normal(x.shape).astype(dt)
             go = empty_aligned(x.shape, dt, apart_from=x)
             what = f"{np.dtype(dt).name} x ~ N(0, {scale:g}^2) (row hint, {here} here)"
-            out.append((f"gelu {what}", activations, ["_gelu_avx"],
+            out.append((f"gelu {what}", activations, _gelu_names(False),
                         _by_table(lambda x=x, go=go: nn.gelu(x, out=go))))
-            out.append((f"gelu_backward {what}", activations, ["_gelu_bwd_avx"],
+            out.append((f"gelu_backward {what}", activations, _gelu_names(True),
                         _by_table(lambda x=x, dy=dy, go=go: nn.gelu_backward(dy, x, out=go))))
     pa = rng.standard_normal(size).astype(np.float32)
     ga = rng.standard_normal(size).astype(np.float32)
