@@ -1149,12 +1149,13 @@ def _like_overload(zero, v):
     return lambda zero, v: np.float64(v)
 
 
-@jit(inline=True)
+@jit()
 def _ln_bwd_chunk(c, dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg, qb,
                   every, zero):
     """Chunk ``c`` of ``_ln_bwd``, ``nt`` a constant in each of its loops (as a runtime flag
     it cost float32 at 64 features 1.2x in L3, Zen 2 host: plain rows went through the
-    same loop as the scratch row of streamed ones)."""
+    same loop as the scratch row of streamed ones). Not inlined: the kernel and its
+    serial twin call the one compiled chunk (``kernels.activations``, "The kernels")."""
     n, d = x.shape
     xflat = x.reshape(-1)
     dyflat = dy.reshape(-1)
@@ -1222,12 +1223,12 @@ def _ln_bwd(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work, nt, qg,
     from memory)."""
     if nt:
         for c in prange(nchunks):
-            _ln_bwd_chunk(c, dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work,
-                          True, qg, qb, every, zero)
+            _ln_bwd_chunk(np.int64(c), dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat,
+                          work, True, qg, qb, every, zero)
     else:
         for c in prange(nchunks):
-            _ln_bwd_chunk(c, dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work,
-                          False, qg, qb, every, zero)
+            _ln_bwd_chunk(np.int64(c), dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat,
+                          work, False, qg, qb, every, zero)
 
 
 @jit(parallel=True)
@@ -1281,6 +1282,16 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
     it ran at 22-24), 24576 1.01-1.04x; 32768 0.78-1.63x, 65536 0.74x (the row, the next
     and the shares overflow the L2), so it stops at 96 KiB; float64 8192-32768 features
     0.92-1.21x, so float64 keeps the row loop."""
+    for c in prange(nchunks):
+        _ln_bwd_wide_chunk(np.int64(c), dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg,
+                           qb, every, pair, zero, ab, group, l2_ahead, accs, pipe)
+
+
+@jit()
+def _ln_bwd_wide_chunk(c, dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, every,
+                       pair, zero, ab, group, l2_ahead, accs, pipe):
+    """Chunk ``c`` of ``_ln_bwd_wide``: not inlined, so the kernel and its serial twin call
+    one compiled chunk (``kernels.activations``, "The kernels")."""
     n, d = x.shape
     xflat = x.reshape(-1)
     dyflat = dy.reshape(-1)
@@ -1288,117 +1299,116 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
     tile = LN_BWD_TILE_BYTES // x.itemsize
     hint = _ahead(d * x.itemsize)
     last = xflat.size - 1
-    for c in prange(nchunks):
-        lo, hi = chunk_bounds(n, nchunks, c)
-        sg = qg[c]
-        sb = qb[c]
-        i = lo
-        held = 0  # rows in sg, sb
-        acc = accs[c]
-        if pipe and i < hi:  # each row's sums taken while the row before is written
-            a0, b0 = _ln_bwd_vec_sums(x[i], dy[i], gamma, mean[i], rstd[i], acc, step, zero)
-        while pipe and i < hi:
-            if held >= every:
-                _move_sums(pg[c], pb[c], sg, sb)
-                held = 0
-            x0 = x[i]
-            d0 = dy[i]
-            o0 = dx[i]
-            m0 = mean[i]
-            r0 = rstd[i]
-            if i + 1 < hi:
-                acc[:] = zero
-                x1 = x[i + 1]
-                d1 = dy[i + 1]
-                m1 = mean[i + 1]
-                r1 = rstd[i + 1]
-                for j in range(0, d, step):
-                    ln_bwd_out_next(x0, d0, gamma, sg, sb, o0, j, m0, r0, a0, b0, x1, d1, m1,
-                                    r1, acc)
-                a0, b0 = _acc_means(acc, step, d, zero)
-            else:
-                for j in range(0, d, step):
-                    ln_bwd_out(x0, d0, gamma, sg, sb, o0, j, m0, r0, a0, b0)
-            i += 1
-            held += 1
-        while nt and group > 1 and i < hi:  # groups of rows, the second pass in tiles
-            if held >= every:
-                _move_sums(pg[c], pb[c], sg, sb)
-                held = 0
-            m = min(group, hi - i)
-            for r in range(m):
-                ab[c, 0, r], ab[c, 1, r] = _ln_bwd_row_sums(x[i + r], dy[i + r], gamma,
-                                                           mean[i + r], rstd[i + r], zero)
-            nxt = (i + m) * d  # the next group's rows, asked for into L2 meanwhile
-            for j0 in range(0, d, tile):
-                j1 = min(j0 + tile, d)
-                for r in range(m):
-                    xr = x[i + r]
-                    dr = dy[i + r]
-                    orow = dx[i + r]
-                    mr = mean[i + r]
-                    rr = rstd[i + r]
-                    ar = ab[c, 0, r]
-                    br = ab[c, 1, r]
-                    ahead = nxt + r * d
-                    for j in range(j0, j1, step):
-                        ln_bwd_out(xr, dr, gamma, sg, sb, orow, j, mr, rr, ar, br)
-                        if l2_ahead:
-                            prefetch_l2(xflat, min(ahead + j, last))
-                            prefetch_l2(dyflat, min(ahead + j, last))
-            i += m
-            held += m
-        while i < hi:
-            if held >= every:
-                _move_sums(pg[c], pb[c], sg, sb)
-                held = 0
-            x0 = x[i]
-            d0 = dy[i]
-            m0 = mean[i]
-            r0 = rstd[i]
-            a0, b0 = _ln_bwd_row_sums(x0, d0, gamma, m0, r0, zero)
-            o0 = dx[i]
-            if nt:
-                nxt = (i + 1) * d
-                for j in range(0, d, step):
-                    ln_bwd_out(x0, d0, gamma, sg, sb, o0, j, m0, r0, a0, b0)
-                    if hint:
-                        prefetch(xflat, min(nxt + j, last))
-                        prefetch(dyflat, min(nxt + j, last))
-                i += 1
-                held += 1
-                continue
-            if not pair or i + 1 == hi:
-                for j in range(d):
-                    u0 = d0[j]
-                    h0 = (x0[j] - m0) * r0
-                    o0[j] = r0 * (u0 * gamma[j] - a0 - h0 * b0)
-                    sg[j] += u0 * h0
-                    sb[j] += u0
-                i += 1
-                held += 1
-                continue
+    lo, hi = chunk_bounds(n, nchunks, c)
+    sg = qg[c]
+    sb = qb[c]
+    i = lo
+    held = 0  # rows in sg, sb
+    acc = accs[c]
+    if pipe and i < hi:  # each row's sums taken while the row before is written
+        a0, b0 = _ln_bwd_vec_sums(x[i], dy[i], gamma, mean[i], rstd[i], acc, step, zero)
+    while pipe and i < hi:
+        if held >= every:
+            _move_sums(pg[c], pb[c], sg, sb)
+            held = 0
+        x0 = x[i]
+        d0 = dy[i]
+        o0 = dx[i]
+        m0 = mean[i]
+        r0 = rstd[i]
+        if i + 1 < hi:
+            acc[:] = zero
             x1 = x[i + 1]
             d1 = dy[i + 1]
             m1 = mean[i + 1]
             r1 = rstd[i + 1]
-            a1, b1 = _ln_bwd_row_sums(x1, d1, gamma, m1, r1, zero)
-            o1 = dx[i + 1]
+            for j in range(0, d, step):
+                ln_bwd_out_next(x0, d0, gamma, sg, sb, o0, j, m0, r0, a0, b0, x1, d1, m1,
+                                r1, acc)
+            a0, b0 = _acc_means(acc, step, d, zero)
+        else:
+            for j in range(0, d, step):
+                ln_bwd_out(x0, d0, gamma, sg, sb, o0, j, m0, r0, a0, b0)
+        i += 1
+        held += 1
+    while nt and group > 1 and i < hi:  # groups of rows, the second pass in tiles
+        if held >= every:
+            _move_sums(pg[c], pb[c], sg, sb)
+            held = 0
+        m = min(group, hi - i)
+        for r in range(m):
+            ab[c, 0, r], ab[c, 1, r] = _ln_bwd_row_sums(x[i + r], dy[i + r], gamma,
+                                                       mean[i + r], rstd[i + r], zero)
+        nxt = (i + m) * d  # the next group's rows, asked for into L2 meanwhile
+        for j0 in range(0, d, tile):
+            j1 = min(j0 + tile, d)
+            for r in range(m):
+                xr = x[i + r]
+                dr = dy[i + r]
+                orow = dx[i + r]
+                mr = mean[i + r]
+                rr = rstd[i + r]
+                ar = ab[c, 0, r]
+                br = ab[c, 1, r]
+                ahead = nxt + r * d
+                for j in range(j0, j1, step):
+                    ln_bwd_out(xr, dr, gamma, sg, sb, orow, j, mr, rr, ar, br)
+                    if l2_ahead:
+                        prefetch_l2(xflat, min(ahead + j, last))
+                        prefetch_l2(dyflat, min(ahead + j, last))
+        i += m
+        held += m
+    while i < hi:
+        if held >= every:
+            _move_sums(pg[c], pb[c], sg, sb)
+            held = 0
+        x0 = x[i]
+        d0 = dy[i]
+        m0 = mean[i]
+        r0 = rstd[i]
+        a0, b0 = _ln_bwd_row_sums(x0, d0, gamma, m0, r0, zero)
+        o0 = dx[i]
+        if nt:
+            nxt = (i + 1) * d
+            for j in range(0, d, step):
+                ln_bwd_out(x0, d0, gamma, sg, sb, o0, j, m0, r0, a0, b0)
+                if hint:
+                    prefetch(xflat, min(nxt + j, last))
+                    prefetch(dyflat, min(nxt + j, last))
+            i += 1
+            held += 1
+            continue
+        if not pair or i + 1 == hi:
             for j in range(d):
                 u0 = d0[j]
-                u1 = d1[j]
                 h0 = (x0[j] - m0) * r0
-                h1 = (x1[j] - m1) * r1
-                gj = gamma[j]
-                o0[j] = r0 * (u0 * gj - a0 - h0 * b0)
-                o1[j] = r1 * (u1 * gj - a1 - h1 * b1)
-                sg[j] += u0 * h0 + u1 * h1
-                sb[j] += u0 + u1
-            i += 2
-            held += 2
-        _move_sums(pg[c], pb[c], sg, sb)
-        if nt:
-            sfence()
+                o0[j] = r0 * (u0 * gamma[j] - a0 - h0 * b0)
+                sg[j] += u0 * h0
+                sb[j] += u0
+            i += 1
+            held += 1
+            continue
+        x1 = x[i + 1]
+        d1 = dy[i + 1]
+        m1 = mean[i + 1]
+        r1 = rstd[i + 1]
+        a1, b1 = _ln_bwd_row_sums(x1, d1, gamma, m1, r1, zero)
+        o1 = dx[i + 1]
+        for j in range(d):
+            u0 = d0[j]
+            u1 = d1[j]
+            h0 = (x0[j] - m0) * r0
+            h1 = (x1[j] - m1) * r1
+            gj = gamma[j]
+            o0[j] = r0 * (u0 * gj - a0 - h0 * b0)
+            o1[j] = r1 * (u1 * gj - a1 - h1 * b1)
+            sg[j] += u0 * h0 + u1 * h1
+            sb[j] += u0 + u1
+        i += 2
+        held += 2
+    _move_sums(pg[c], pb[c], sg, sb)
+    if nt:
+        sfence()
 
 
 @jit(inline=True)
