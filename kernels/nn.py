@@ -155,7 +155,7 @@ def _scale_out_nt(dst, base, buf, c, f, lab, scale):
         dst[base + k] = buf[k] if a == tail else buf[k] * f
 
 
-@jit(inline=True)
+@jit()
 def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero, nchunks,
                         scratch, nt):
     """Chunk ``ch`` of ``_softmax_xent``'s rows; ``want_grad`` and ``nt`` are constants
@@ -223,15 +223,15 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero, nchunks,
     its flags on as constants."""
     if nt:
         for ch in prange(nchunks):
-            _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, True, zero,
+            _softmax_xent_chunk(np.int64(ch), logits, labels, grad, losses, scale, True, zero,
                                 nchunks, scratch, True)
     elif want_grad:
         for ch in prange(nchunks):
-            _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, True, zero,
+            _softmax_xent_chunk(np.int64(ch), logits, labels, grad, losses, scale, True, zero,
                                 nchunks, scratch, False)
     else:
         for ch in prange(nchunks):
-            _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, False, zero,
+            _softmax_xent_chunk(np.int64(ch), logits, labels, grad, losses, scale, False, zero,
                                 nchunks, scratch, False)
 
 
@@ -818,13 +818,15 @@ def _ln_fwd_one_pass(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
     (``_ln_out_row``; float32 rows of 2 KiB or more, ``LN_FWD_NT_BYTES``)."""
     if nt:
         for c in prange(nchunks):
-            _ln_fwd_one_pass_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, True)
+            _ln_fwd_one_pass_chunk(x, gamma, beta, eps, y, mean, rstd, np.int64(c), nchunks,
+                                   True)
     else:
         for c in prange(nchunks):
-            _ln_fwd_one_pass_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, False)
+            _ln_fwd_one_pass_chunk(x, gamma, beta, eps, y, mean, rstd, np.int64(c), nchunks,
+                                   False)
 
 
-@jit(inline=True)
+@jit()
 def _ln_fwd_one_pass_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, nt):
     """Chunk ``c`` of ``_ln_fwd_one_pass``, ``nt`` a constant in each of its loops."""
     n, d = x.shape
@@ -908,7 +910,7 @@ def _ln_fwd_rows4(x, gamma, beta, eps, y, mean, rstd, nchunks):
             _ln_out_row(row, gamma, beta, y[k], mean[k], rstd[k], False, row, 0)
 
 
-@jit(inline=True)
+@jit()
 def _ln_fwd_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, nt):
     """Chunk ``c`` of ``_ln_fwd``."""
     n, d = x.shape
@@ -935,10 +937,10 @@ def _ln_fwd(x, gamma, beta, eps, y, mean, rstd, nchunks, nt):
     if nt:  # (nt a constant in each loop: as a runtime flag it cost float64 at 64
         # features 1.15-1.21x in L3, Zen 2 host)
         for c in prange(nchunks):
-            _ln_fwd_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, True)
+            _ln_fwd_chunk(x, gamma, beta, eps, y, mean, rstd, np.int64(c), nchunks, True)
     else:
         for c in prange(nchunks):
-            _ln_fwd_chunk(x, gamma, beta, eps, y, mean, rstd, c, nchunks, False)
+            _ln_fwd_chunk(x, gamma, beta, eps, y, mean, rstd, np.int64(c), nchunks, False)
 
 
 @jit(parallel=True)
@@ -1002,7 +1004,7 @@ def _block_params(p: np.ndarray, lanes: int) -> np.ndarray:
     return p[np.array(block_order(d, lanes))].reshape(-1) if spread_columns(d, lanes) else p
 
 
-@jit(inline=True)
+@jit()
 def _ln_fwd_blocks_chunk(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, c, nchunks, nt,
                          feats):
     """Chunk ``c`` of ``_ln_fwd_blocks``: block by block, or where ``_ln_split`` says so
@@ -1044,12 +1046,12 @@ def _ln_fwd_blocks(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, nchunks,
     if nt:  # (a constant in each loop: as a runtime flag it cost float64 at 10 features
         # 1.2x in L3, Zen 2 host)
         for c in prange(nchunks):
-            _ln_fwd_blocks_chunk(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, c,
-                                 nchunks, True, feats)
+            _ln_fwd_blocks_chunk(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks,
+                                 np.int64(c), nchunks, True, feats)
     else:
         for c in prange(nchunks):
-            _ln_fwd_blocks_chunk(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks, c,
-                                 nchunks, False, feats)
+            _ln_fwd_blocks_chunk(xflat, gamma, beta, eps, yflat, mean, rstd, nblocks,
+                                 np.int64(c), nchunks, False, feats)
 
 
 # The forward kernels once more without ``parallel`` (``kernels._jit.serial_twin``), for
