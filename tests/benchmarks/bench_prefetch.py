@@ -15,7 +15,10 @@ rerun on a new host. The copy with hints has the host-dependent ones too
 (``kernels._prefetch.ROW_HINTS`` set for it, whatever this host's setting; the rows
 marked "row hint" say whether the host has them on), and at every row size: the sizes
 below which AMD hosts go without (``kernels.nn.STREAM_AHEAD_MIN_BYTES``,
-``SOFTMAX_BLOCK_HINT_BYTES``) are lifted for it.
+``SOFTMAX_BLOCK_HINT_BYTES``) are lifted for it. A kernel whose loop is in a chunk
+function of its own (not inlined: docs/kernels.md, "Where compile time goes") is listed
+with that function, so the kernel's copies compile against the chunk's copies; a copy of
+the kernel alone would link the one cached chunk and compare it with itself.
 """
 
 from __future__ import annotations
@@ -139,10 +142,11 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
             _, mu, rs = nn.layer_norm(x, g, b)
             dy = rng.standard_normal(x.shape).astype(dt)
             dx = empty_aligned(x.shape, dt, apart_from=x)
-            out.append((f"layer_norm {name} {d} features", nn, ["_ln_fwd", "_ln_fwd_one_pass"],
+            out.append((f"layer_norm {name} {d} features", nn,
+                        ["_ln_fwd", "_ln_fwd_one_pass", "_ln_fwd_chunk", "_ln_fwd_one_pass_chunk"],
                         lambda x=x, g=g, b=b, y=y: nn.layer_norm(x, g, b, out=y)))
             out.append((f"layer_norm_backward {name} {d} features", nn,
-                        ["_ln_bwd", "_ln_bwd_wide"],
+                        ["_ln_bwd", "_ln_bwd_wide", "_ln_bwd_chunk", "_ln_bwd_wide_chunk"],
                         lambda dy=dy, x=x, g=g, mu=mu, rs=rs, dx=dx:
                         nn.layer_norm_backward(dy, x, g, mu, rs, out=dx)))
         c = 10
@@ -156,7 +160,8 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
         lab2 = rng.integers(0, c, size // c)
         go = empty_aligned(lg2.shape, dt, apart_from=lg2)
         out.append((f"softmax_cross_entropy {name} 256 classes, streamed (row hint, "
-                    f"{here} here)", nn, ["_softmax_xent", "_softmax_xent_f64_vec"],
+                    f"{here} here)", nn,
+                    ["_softmax_xent", "_softmax_xent_f64_vec", "_softmax_xent_chunk"],
                     lambda lg=lg2, lab=lab2, go=go: nn.softmax_cross_entropy(lg, lab, out=go)))
     e = rng.standard_normal((size // 64, 64)).astype(np.float32)
     q = rng.standard_normal((1, 64)).astype(np.float32)
