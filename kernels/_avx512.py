@@ -692,7 +692,8 @@ def _gelu_central_intrinsic(bias: bool, backward: bool, masked: bool, nt: bool =
     cache, where its finished lanes land soon after (a store into a line just written
     non-temporally waits for it to reach memory and reads it back: finishing lanes in
     place made wide inputs 2x slower from memory). The streamed kernels use ``_staged``
-    instead (below); ``_nt`` is left for the masked head of a chunk.
+    instead (below): ``kernels.activations._kernel`` sends every streamed float64 call to
+    them, so the ``_nt`` ones are compiled into the plain kernels but not run.
 
     ``_staged`` (not masked; two more arguments ``st, o``): a block with lanes
     put aside is written to the stage ``st[o:o+BLOCK]`` instead, and the places put aside

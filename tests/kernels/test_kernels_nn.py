@@ -1774,8 +1774,9 @@ _COMPILE_ONLY = """
 import json, re, sys
 import numba, numpy as np
 from numba.core.registry import CPUDispatcher
-from kernels import _avx512, _jit, activations, nn
+from kernels import _avx512, _jit, _simd, activations, empty_aligned, nn
 assert _avx512.AVAILABLE
+nt_min, nt_slow = _simd.NT_MIN_BYTES, _simd.NT_AHEAD_SLOW_BYTES
 _jit.SERIAL_TWINS = False  # small calls too go to the parallel kernels (the twins would run)
 wrapped, compiled = {}, {}
 
@@ -1807,6 +1808,13 @@ for dt in (np.float32, np.float64):
     activations.gelu_backward(x, x)
     activations.bias_act(x, b, "gelu")
     activations.bias_act_backward(x, x, b, "gelu")
+    _simd.NT_MIN_BYTES = _simd.NT_AHEAD_SLOW_BYTES = 0  # streamed: float64 takes _GELU_STAGED
+    xo = empty_aligned(x.shape, dt, like=x)
+    activations.gelu(x, out=xo)
+    activations.gelu_backward(x, x, out=xo)
+    activations.bias_act(x, b, "gelu", out=xo)
+    activations.bias_act_backward(x, x, b, "gelu", out=xo)
+    _simd.NT_MIN_BYTES, _simd.NT_AHEAD_SLOW_BYTES = nt_min, nt_slow
     for c in (10, 64, 256):
         xc = rng.standard_normal((64, c)).astype(dt)
         g = np.ones(c, dt)
@@ -1844,8 +1852,8 @@ def test_avx512_kernels_compile_to_512_bit_code(background):
     folder, [done] = background
     assert done.returncode == 0, done.stderr[-3000:]
     zmm = json.loads((folder / "zmm.json").read_text())
-    vector_paths = ["_GELU_VEC[False, False]", "_GELU_VEC[False, True]",
-                    "_GELU_VEC[True, False]", "_GELU_VEC[True, True]",
+    vector_paths = [f"{table}[{bias}, {backward}]" for table in ("_GELU_VEC", "_GELU_STAGED")
+                    for bias in (False, True) for backward in (False, True)] + [
                     "_softmax_xent_blocks", "_softmax_xent_short", "_softmax_xent_f64_vec",
                     "_ln_fwd_blocks", "_ln_fwd_short", "_ln_bwd_blocks", "_ln_bwd_short"]
     for name in vector_paths:
