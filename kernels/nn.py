@@ -950,23 +950,32 @@ def _ln_fwd_short(xflat, gamma, beta, eps, yflat, mean, rstd, n, d, nchunks, nt,
     vectors). ``spill``: a row may write past its end into the later rows of its chunk
     (which overwrite it), so its partial vector is stored whole (y must not overlap x)."""
     for c in prange(nchunks):
-        lo, hi = chunk_bounds(n, nchunks, c)
-        for i in range(lo, hi):
-            base = i * d
-            rin = (n - i) * d
-            rout = (hi - i) * d if spill else d
-            if nvec == 1:
-                mu, r = ln_row(xflat, yflat, gamma, beta, base, d, rin, rout, eps, nt, 1)
-            elif nvec == 2:
-                mu, r = ln_row(xflat, yflat, gamma, beta, base, d, rin, rout, eps, nt, 2)
-            elif nvec == 4:
-                mu, r = ln_row(xflat, yflat, gamma, beta, base, d, rin, rout, eps, nt, 4)
-            else:
-                mu, r = ln_row(xflat, yflat, gamma, beta, base, d, rin, rout, eps, nt, 8)
-            mean[i] = mu
-            rstd[i] = r
-        if nt:
-            sfence()
+        _ln_fwd_short_chunk(np.int64(c), xflat, gamma, beta, eps, yflat, mean, rstd, n, d,
+                            nchunks, nt, spill, nvec)
+
+
+@jit()
+def _ln_fwd_short_chunk(c, xflat, gamma, beta, eps, yflat, mean, rstd, n, d, nchunks, nt, spill,
+                        nvec):
+    """Chunk ``c`` of ``_ln_fwd_short`` (not inlined: docs/kernels.md, "Where compile time
+    goes")."""
+    lo, hi = chunk_bounds(n, nchunks, c)
+    for i in range(lo, hi):
+        base = i * d
+        rin = (n - i) * d
+        rout = (hi - i) * d if spill else d
+        if nvec == 1:
+            mu, r = ln_row(xflat, yflat, gamma, beta, base, d, rin, rout, eps, nt, 1)
+        elif nvec == 2:
+            mu, r = ln_row(xflat, yflat, gamma, beta, base, d, rin, rout, eps, nt, 2)
+        elif nvec == 4:
+            mu, r = ln_row(xflat, yflat, gamma, beta, base, d, rin, rout, eps, nt, 4)
+        else:
+            mu, r = ln_row(xflat, yflat, gamma, beta, base, d, rin, rout, eps, nt, 8)
+        mean[i] = mu
+        rstd[i] = r
+    if nt:
+        sfence()
 
 
 # layer norm's blocks of rows stream their output out (non-temporal stores) when it is
@@ -1468,32 +1477,41 @@ def _ln_bwd_short(dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, d, nchunk
     ``every`` rows and at the chunk's end, as in ``_ln_bwd`` (float32: shares in
     float32, not widened per vector; float64 passes ``pg``, ``pb`` and -1)."""
     for c in prange(nchunks):
-        lo, hi = chunk_bounds(n, nchunks, c)
-        g = qg[c]
-        b = qb[c]
-        held = 0
-        for i in range(lo, hi):
-            if held == every:
-                _move_sums(pg[c], pb[c], g, b)
-                held = 0
-            held += 1
-            base = i * d
-            rin = (n - i) * d
-            rout = (hi - i) * d if spill else d
-            mu = mean[i]
-            r = rstd[i]
-            if nvec == 1:
-                ln_bwd_row(dyflat, xflat, gamma, dxflat, g, b, base, d, rin, rout, mu, r, nt, 1)
-            elif nvec == 2:
-                ln_bwd_row(dyflat, xflat, gamma, dxflat, g, b, base, d, rin, rout, mu, r, nt, 2)
-            elif nvec == 4:
-                ln_bwd_row(dyflat, xflat, gamma, dxflat, g, b, base, d, rin, rout, mu, r, nt, 4)
-            else:
-                ln_bwd_row(dyflat, xflat, gamma, dxflat, g, b, base, d, rin, rout, mu, r, nt, 8)
-        if every > 0:  # the rows since the last move
+        _ln_bwd_short_chunk(np.int64(c), dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, d,
+                            nchunks, nt, spill, nvec, qg, qb, every)
+
+
+@jit()
+def _ln_bwd_short_chunk(c, dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, d, nchunks, nt,
+                        spill, nvec, qg, qb, every):
+    """Chunk ``c`` of ``_ln_bwd_short`` (not inlined: docs/kernels.md, "Where compile time
+    goes")."""
+    lo, hi = chunk_bounds(n, nchunks, c)
+    g = qg[c]
+    b = qb[c]
+    held = 0
+    for i in range(lo, hi):
+        if held == every:
             _move_sums(pg[c], pb[c], g, b)
-        if nt:
-            sfence()
+            held = 0
+        held += 1
+        base = i * d
+        rin = (n - i) * d
+        rout = (hi - i) * d if spill else d
+        mu = mean[i]
+        r = rstd[i]
+        if nvec == 1:
+            ln_bwd_row(dyflat, xflat, gamma, dxflat, g, b, base, d, rin, rout, mu, r, nt, 1)
+        elif nvec == 2:
+            ln_bwd_row(dyflat, xflat, gamma, dxflat, g, b, base, d, rin, rout, mu, r, nt, 2)
+        elif nvec == 4:
+            ln_bwd_row(dyflat, xflat, gamma, dxflat, g, b, base, d, rin, rout, mu, r, nt, 4)
+        else:
+            ln_bwd_row(dyflat, xflat, gamma, dxflat, g, b, base, d, rin, rout, mu, r, nt, 8)
+    if every > 0:  # the rows since the last move
+        _move_sums(pg[c], pb[c], g, b)
+    if nt:
+        sfence()
 
 
 @jit(parallel=True)
