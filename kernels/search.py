@@ -138,28 +138,37 @@ def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, la
     (``kernels._prefetch.ROW_HINTS``: from memory 1.33-1.37x norming the rows,
     1.07-1.11x pre-normalised), where the matrix is ``ahead`` (``SCAN_HINT_MIN_BYTES`` or
     more): at 2 MiB, in the L2, the hint cost 0.88-1.02x."""
+    for c in prange(nchunks):
+        _topk_vec_chunk(np.int64(c), qs, qinv, emb, out_s, out_i, nchunks, offset, zero,
+                        normalized, lanes, sc, ahead)
+
+
+@jit()
+def _topk_vec_chunk(c, qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, lanes,
+                    sc, ahead):
+    """Chunk ``c`` of ``_topk_vec`` (not inlined: docs/kernels.md, "Where compile time
+    goes")."""
     n, d = emb.shape
     nq = qs.shape[0]
     flat = emb.reshape(-1)
     qflat = qs.reshape(-1)
-    for c in prange(nchunks):
-        lo, hi = chunk_bounds(n, nchunks, c)
-        buf = sc[c]
-        nb = lo + (hi - lo) // lanes * lanes
-        for r0 in range(lo, nb, lanes):
-            if ahead:
-                prefetch_ahead(flat, r0 * d, lanes * d * flat.itemsize, True)
-            scan_scores(flat, r0, d, qflat, nq, qinv, normalized, buf)
-            for q in range(nq):
-                best = out_s[c, q]
-                kth = best[best.size - 1]
-                for j in range(lanes):
-                    v = buf[q * lanes + j]
-                    if v > kth:
-                        _insert(best, out_i[c, q], v, r0 + j + offset)
-                        kth = best[best.size - 1]
-        for r in range(nb, hi):
-            _score1(qs, qinv, emb, r, normalized, out_s[c], out_i[c], offset, zero)
+    lo, hi = chunk_bounds(n, nchunks, c)
+    buf = sc[c]
+    nb = lo + (hi - lo) // lanes * lanes
+    for r0 in range(lo, nb, lanes):
+        if ahead:
+            prefetch_ahead(flat, r0 * d, lanes * d * flat.itemsize, True)
+        scan_scores(flat, r0, d, qflat, nq, qinv, normalized, buf)
+        for q in range(nq):
+            best = out_s[c, q]
+            kth = best[best.size - 1]
+            for j in range(lanes):
+                v = buf[q * lanes + j]
+                if v > kth:
+                    _insert(best, out_i[c, q], v, r0 + j + offset)
+                    kth = best[best.size - 1]
+    for r in range(nb, hi):
+        _score1(qs, qinv, emb, r, normalized, out_s[c], out_i[c], offset, zero)
 
 
 @jit()

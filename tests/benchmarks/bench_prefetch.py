@@ -170,7 +170,7 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
                     ["_topk"], lambda nz=nz: _portable_search(q, e, nz)))
         if search.VEC_SCAN:
             out.append((f"topk_cosine float32 q=1 normalized={nz}, vector scan (row hint, "
-                        f"{here} here)", search, ["_topk_vec"],
+                        f"{here} here)", search, ["_topk_vec", "_topk_vec_chunk"],
                         lambda nz=nz: search.topk_cosine(q, e, 10, normalized=nz)))
     for dt in (np.float32, np.float64):
         w = rng.standard_normal((size // 1024, 1024)).astype(dt)

@@ -238,11 +238,16 @@ def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, ker
     want = (quant.quantize_int8(w) if name == "_quantize"
             else search.topk_cosine(q, w, 3))
     orig = getattr(mod, name)
+    chunk = getattr(mod, f"{name}_chunk", None)  # where the scan's loop is (not inlined)
     ir = {}
     for on in (True, False):
         monkeypatch.setattr(_prefetch, "ROW_HINTS", on)
         opts = _CFG.jit_options(parallel=True)
         opts["cache"] = False
+        if chunk is not None:  # compiled afresh too, so the kernel links this one
+            monkeypatch.setattr(mod, f"{name}_chunk", numba.njit(
+                **{k: v for k, v in chunk.targetoptions.items() if k != "cache"})(
+                chunk.py_func))
         f = numba.njit(**opts)(orig.py_func)
         monkeypatch.setattr(mod, name, f)
         got = (quant.quantize_int8(w) if name == "_quantize"
