@@ -59,7 +59,8 @@ def _copies(mod: ModuleType, names: list[str], call: Callable[[], object]) -> di
                 setattr(nn, k, v if hints else host[k])
             out[hints] = {}
             for n in names:  # each with its own options (fast-math flags, parallel)
-                opts = dict(orig[n].targetoptions, cache=False)
+                opts = {k: v for k, v in orig[n].targetoptions.items() if k != "nopython"}
+                opts["cache"] = False
                 out[hints][n] = numba.njit(**opts)(orig[n].py_func)
                 setattr(mod, n, out[hints][n])
             call()

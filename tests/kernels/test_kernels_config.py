@@ -246,7 +246,7 @@ def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, ker
         opts["cache"] = False
         if chunk is not None:  # compiled afresh too, so the kernel links this one
             monkeypatch.setattr(mod, f"{name}_chunk", numba.njit(
-                **{k: v for k, v in chunk.targetoptions.items() if k != "cache"})(
+                **{k: v for k, v in chunk.targetoptions.items() if k not in ("cache", "nopython")})(
                 chunk.py_func))
         f = numba.njit(**opts)(orig.py_func)
         monkeypatch.setattr(mod, name, f)
