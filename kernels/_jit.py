@@ -90,8 +90,8 @@ from numba.extending import intrinsic, overload
 
 setattr(numba.config, "CACHE_DIR", CACHE_DIR)  # (not in numba's type hints)
 
-__all__ = ["intrinsic", "jit", "locked_cache", "num_threads", "numba", "overload", "pick_twin",
-           "prange", "serial_twin", "types"]
+__all__ = ["fresh_copy", "intrinsic", "jit", "locked_cache", "num_threads", "numba", "overload",
+           "pick_twin", "prange", "serial_twin", "types"]
 
 SERIAL_TWINS = True  # off: calls of one chunk run the parallel kernels too (tests, warm-up)
 
@@ -175,9 +175,25 @@ def serial_twin(kernel: Any) -> Any:
     twin.__qualname__ = f.__qualname__ + "_serial"
     twin.__module__ = f.__module__
     twin.__doc__ = f"``{f.__name__}`` without ``parallel`` (``kernels._jit.serial_twin``)."
-    opts = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
+    opts = _own_options(kernel)
     opts.update(parallel=False, cache=True)
     return locked_cache(numba.njit(**opts)(twin))
+
+
+def _own_options(kernel: Any) -> dict[str, Any]:
+    """``kernel``'s options as ``numba.njit`` takes them (its ``targetoptions`` less
+    ``nopython``, which ``njit`` warns that it ignores)."""
+    return {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
+
+
+def fresh_copy(kernel: Any) -> Any:
+    """``kernel``'s Python function compiled afresh at its first call, with the kernel's
+    own options but no cache: it reads module flags as they are then, and its machine
+    code can be inspected (a cached kernel's cannot). It links the functions it calls as
+    it finds them then: a kernel whose loop is in a chunk function of its own needs a
+    fresh copy of that put in its module first (docs/kernels.md, "Where compile time
+    goes")."""
+    return numba.njit(**{**_own_options(kernel), "cache": False})(kernel.py_func)
 
 
 def pick_twin(kernel: Any, twin: Any, nchunks: int) -> Any:

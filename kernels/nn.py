@@ -1166,7 +1166,7 @@ def _ln_bwd_chunk(c, dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work
     """Chunk ``c`` of ``_ln_bwd``, ``nt`` a constant in each of its loops (as a runtime flag
     it cost float32 at 64 features 1.2x in L3, Zen 2 host: plain rows went through the
     same loop as the scratch row of streamed ones). Not inlined: the kernel and its
-    serial twin call the one compiled chunk (``kernels.activations``, "The kernels")."""
+    serial twin call the one compiled chunk (docs/kernels.md, "Where compile time goes")."""
     n, d = x.shape
     xflat = x.reshape(-1)
     dyflat = dy.reshape(-1)
@@ -1302,7 +1302,7 @@ def _ln_bwd_wide(dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, ever
 def _ln_bwd_wide_chunk(c, dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, nt, qg, qb, every,
                        pair, zero, ab, group, l2_ahead, accs, pipe):
     """Chunk ``c`` of ``_ln_bwd_wide``: not inlined, so the kernel and its serial twin call
-    one compiled chunk (``kernels.activations``, "The kernels")."""
+    one compiled chunk (docs/kernels.md, "Where compile time goes")."""
     n, d = x.shape
     xflat = x.reshape(-1)
     dyflat = dy.reshape(-1)

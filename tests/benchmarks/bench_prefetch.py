@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from kernels import (  # noqa: E402
     _prefetch, activations, compress, empty_aligned, nn, optim, quant, search)
+from kernels._jit import fresh_copy  # noqa: E402
 
 
 # kernels.nn's row sizes below which AMD hosts go without a hint, as Intel hosts set
@@ -59,9 +60,7 @@ def _copies(mod: ModuleType, names: list[str], call: Callable[[], object]) -> di
                 setattr(nn, k, v if hints else host[k])
             out[hints] = {}
             for n in names:  # each with its own options (fast-math flags, parallel)
-                opts = {k: v for k, v in orig[n].targetoptions.items() if k != "nopython"}
-                opts["cache"] = False
-                out[hints][n] = numba.njit(**opts)(orig[n].py_func)
+                out[hints][n] = fresh_copy(orig[n])
                 setattr(mod, n, out[hints][n])
             call()
     finally:

@@ -221,11 +221,10 @@ def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, ker
     # the next row during its second pass over a row, the vector search scan 8 KiB ahead
     import importlib
 
-    import numba
     import numpy as np
 
     from kernels import _prefetch, quant, search
-    from kernels._jit import _CFG
+    from kernels._jit import fresh_copy
 
     modname, name = kernel.split(".")
     mod = importlib.import_module(f"kernels.{modname}")
@@ -242,13 +241,9 @@ def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, ker
     ir = {}
     for on in (True, False):
         monkeypatch.setattr(_prefetch, "ROW_HINTS", on)
-        opts = _CFG.jit_options(parallel=True)
-        opts["cache"] = False
         if chunk is not None:  # compiled afresh too, so the kernel links this one
-            monkeypatch.setattr(mod, f"{name}_chunk", numba.njit(
-                **{k: v for k, v in chunk.targetoptions.items() if k not in ("cache", "nopython")})(
-                chunk.py_func))
-        f = numba.njit(**opts)(orig.py_func)
+            monkeypatch.setattr(mod, f"{name}_chunk", fresh_copy(chunk))
+        f = fresh_copy(orig)
         monkeypatch.setattr(mod, name, f)
         got = (quant.quantize_int8(w) if name == "_quantize"
                else search.topk_cosine(q, w, 3))  # compiled now, with the flag as set

@@ -1579,13 +1579,6 @@ def _loops_with(asm: str, needle: str) -> list[list[str]]:
     return [lines[lo:hi + 1] for lo, hi in sorted(inner)]
 
 
-def _compiled_afresh(kernel):
-    """``kernel`` compiled as the kernels compile, but not through the cache, whose code
-    cannot be inspected."""
-    return numba.jit(**{k: v for k, v in kernel.targetoptions.items() if k != "cache"})(
-        kernel.py_func)
-
-
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_gelu_streaming_loops_store_nothing_to_the_stack(dtype, monkeypatch):
     # a value spilled to the stack inside the non-temporal loop made these kernels 3.6x
@@ -1607,8 +1600,8 @@ def test_gelu_streaming_loops_store_nothing_to_the_stack(dtype, monkeypatch):
         # the streaming kernel, its chunk function (where the loops are) compiled afresh too
         for chunk in ("_gelu_chunk", "_gelu_chunk_staged"):
             monkeypatch.setattr(activations, chunk,
-                                _compiled_afresh(getattr(activations, chunk)))
-        fresh = _compiled_afresh(activations._kernel(np.dtype(dtype), bias, backward, True))
+                                _jit.fresh_copy(getattr(activations, chunk)))
+        fresh = _jit.fresh_copy(activations._kernel(np.dtype(dtype), bias, backward, True))
         bt = activations._tiled(b) if bias else x.reshape(-1)
         fresh(x.reshape(-1), x.reshape(-1), bt, out, pdb, 256 if bias else x.size + 1, 1, True)
         asm = fresh.inspect_asm(fresh.signatures[0])
@@ -1663,11 +1656,11 @@ def test_softmax_kernels_spill_only_to_aligned_slots(dtype, c):
     scale = dtype(1.0 / n)
     if c <= nn.BLOCK_MAX_CLASSES[np.dtype(dtype).itemsize, lanes]:
         per = nn.softmax_blocks_per_call(c, lanes, np.dtype(dtype).itemsize)
-        fresh = _compiled_afresh(nn._softmax_xent_blocks)
+        fresh = _jit.fresh_copy(nn._softmax_xent_blocks)
         fresh(x.reshape(-1), y, g.reshape(-1), sums, gaps, n // lanes // per, 1, scale, True,
               True, (0,) * c, per)
     else:
-        fresh = _compiled_afresh(nn._softmax_xent_short)
+        fresh = _jit.fresh_copy(nn._softmax_xent_short)
         fresh(x, x.reshape(-1), y, g.reshape(-1), sums, gaps, scale, True, c % lanes == 0, 1,
               nn._short_vectors(c, x.dtype))  # non-temporal stores need whole vectors
     want = nn.softmax_cross_entropy(x.astype(np.float64), y)[1]
@@ -1696,8 +1689,8 @@ def test_layer_norm_backward_streaming_loop_takes_no_references(monkeypatch):
     dx = empty_aligned(x.shape, np.float64)
     work = empty_aligned((nch, 3, 256), np.float64)
     # the loop is in the chunk function: compiled afresh too, and the kernel against it
-    monkeypatch.setattr(nn, "_ln_bwd_chunk", _compiled_afresh(nn._ln_bwd_chunk))
-    fresh = _compiled_afresh(nn._ln_bwd)
+    monkeypatch.setattr(nn, "_ln_bwd_chunk", _jit.fresh_copy(nn._ln_bwd_chunk))
+    fresh = _jit.fresh_copy(nn._ln_bwd)
     fresh(x, x, g, mu, rstd, dx, pg, pb, nch, dx.reshape(-1), work, True, pg, pb, -1,
           np.float64(0))
     np.testing.assert_allclose(dx, nn.layer_norm_backward(x, x, g, mu, rstd)[0], rtol=1e-12,
