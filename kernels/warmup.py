@@ -27,13 +27,14 @@ import numpy as np
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # the slowest to compile first, so the workers end together (cold, one process: the
 # threshold path 5-7 s, the float64 GELU kernels about 8 s in all)
-FIRST = ("topk_sparsify threshold", "gelu", "gelu_backward", "bias_act", "bias_act_backward")
+FIRST = ("topk_sparsify threshold", "gelu", "gelu_backward", "bias_act", "bias_act_backward",
+         "gelu streamed")
 MAX_DEFAULT_JOBS = 8
 
 
 def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
-    from kernels import cluster, compress, nn, optim, quant, search
-    from kernels._checks import empty_placed
+    from kernels import _simd, cluster, compress, nn, optim, quant, search
+    from kernels._checks import empty_aligned, empty_placed
 
     x = np.linspace(-1, 1, 24, dtype=dt).reshape(4, 6)
     v = np.ones(6, dt)
@@ -57,6 +58,19 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         p[:] = 0
         return p, g, np.zeros(n, dt), np.zeros(n, dt)
 
+    def streamed(*calls):  # outputs of any size written as large ones are (non-temporal
+        # stores, kernels._simd.stream_out): float64 GELU and bias + ReLU / none have
+        # kernels of their own for those
+        def run():
+            keep, _simd.NT_MIN_BYTES = _simd.NT_MIN_BYTES, 0
+            try:
+                for call in calls:
+                    call()
+            finally:
+                _simd.NT_MIN_BYTES = keep
+        return run
+
+    ow = empty_aligned(wide.shape, dt, like=wide, apart_from=wide)
     mu, rs = stats(x)
     muw, rsw = stats(wide)
     mub, rsb = stats(broad)
@@ -84,6 +98,13 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         "gelu_backward": lambda: nn.gelu_backward(x, x),
         "bias_act": lambda: nn.bias_act(x, v, "gelu"),
         "bias_act_backward": lambda: nn.bias_act_backward(x, x, v, "gelu"),
+        "gelu streamed": streamed(
+            lambda: nn.gelu(wide, out=ow), lambda: nn.gelu_backward(wide, wide, out=ow),
+            lambda: nn.bias_act(wide, vw, out=ow),
+            lambda: nn.bias_act_backward(wide, wide, vw, out=ow)),
+        "bias_act relu streamed": streamed(
+            lambda: nn.bias_act(wide, vw, "relu", out=ow),
+            lambda: nn.bias_act_backward(wide, wide, vw, "relu", out=ow)),
         "kmeans_assign": lambda: cluster.kmeans_assign(x, x[:2]),
         "kmeans_partial_sums": lambda: cluster.kmeans_partial_sums(x, lab, 2),
         "topk_cosine": lambda: search.topk_cosine(x, x, 2),

@@ -120,4 +120,5 @@ def torch_nn(tb, x, y, gam, bet, dy) -> dict:
     return {"xent": xent if yt is not None else None, "ln_fb": ln_fb, "gelu_fb": gelu_fb,
             "bias_gelu_fb": bias_gelu_fb,
             "ln": no_grad(lambda: F.layer_norm(xt, (cols,), gt, bt)),
-            "gelu": no_grad(lambda: F.gelu(xt)), "bias_gelu": no_grad(lambda: F.gelu(xt + bt))}
+            "gelu": no_grad(lambda: F.gelu(xt)), "bias_gelu": no_grad(lambda: F.gelu(xt + bt)),
+            "bias_relu": no_grad(lambda: F.relu(xt + bt))}

@@ -291,6 +291,13 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
     add("bias_act_backward gelu", x.shape, dt, 3 * nb,
         ours=lambda: nn.bias_act_backward(dy, x, gam, "gelu"),
         ours_out=lambda: nn.bias_act_backward(dy, x, gam, "gelu", out=ol))
+    add("bias_act relu", x.shape, dt, 2 * nb, "torch: relu(x + b)",
+        ours=lambda: nn.bias_act(x, gam, "relu"),
+        ours_out=lambda: nn.bias_act(x, gam, "relu", out=ol),
+        numpy=lambda: np.maximum(x + gam, 0), torch=t.get("bias_relu"))
+    add("bias_act_backward relu", x.shape, dt, 3 * nb,
+        ours=lambda: nn.bias_act_backward(dy, x, gam, "relu"),
+        ours_out=lambda: nn.bias_act_backward(dy, x, gam, "relu", out=ol))
     if dt == np.float64:  # wide inputs: 9.5% of lanes past float64's central pieces
         xw = 3 * x
         note = "x ~ N(0, 3^2): 9.5% of lanes put aside for the full-range path"

@@ -37,7 +37,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kernels import (  # noqa: E402
-    _prefetch, activations, compress, empty_aligned, nn, optim, quant, search)
+    _prefetch, _simd, activations, compress, empty_aligned, nn, optim, quant, search)
 from kernels._jit import fresh_copy  # noqa: E402
 
 
@@ -128,6 +128,21 @@ def _gelu_names(backward: bool) -> list[str]:
         name for (_, (bias, bwd)), name in _GELU_NAMES.items() if not bias and bwd == backward]
 
 
+_BIAS_NAMES = ["_bias_act_streamed", "_bias_act_bwd_streamed", "_bias_act_chunk"]
+
+
+def _streamed(call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` with outputs of every size streamed (``_simd.NT_MIN_BYTES`` 0): bias +
+    ReLU's hints are in the kernels that write a streamed output only."""
+    def run() -> object:
+        keep, _simd.NT_MIN_BYTES = _simd.NT_MIN_BYTES, 0
+        try:
+            return call()
+        finally:
+            _simd.NT_MIN_BYTES = keep
+    return run
+
+
 def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], object]]]:
     """(label, module, the jitted functions that hold hints, the public call)."""
     rng = np.random.default_rng(0)
@@ -189,6 +204,17 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
                         _by_table(lambda x=x, go=go: nn.gelu(x, out=go))))
             out.append((f"gelu_backward {what}", activations, _gelu_names(True),
                         _by_table(lambda x=x, dy=dy, go=go: nn.gelu_backward(dy, x, out=go))))
+    for dt in (np.float32, np.float64):  # the streamed kernels, at every size here
+        x = rng.standard_normal((size // 256, 256)).astype(dt)
+        dy = rng.standard_normal(x.shape).astype(dt)
+        b = np.ones(256, dt)
+        go = empty_aligned(x.shape, dt, like=x, apart_from=x)
+        what = f"{np.dtype(dt).name} 256 features, streamed (row hint, {here} here)"
+        out.append((f"bias_act relu {what}", activations, _BIAS_NAMES,
+                    _streamed(lambda x=x, b=b, go=go: nn.bias_act(x, b, "relu", out=go))))
+        out.append((f"bias_act_backward relu {what}", activations, _BIAS_NAMES,
+                    _streamed(lambda x=x, dy=dy, b=b, go=go:
+                              nn.bias_act_backward(dy, x, b, "relu", out=go))))
     pa = rng.standard_normal(size).astype(np.float32)
     ga = rng.standard_normal(size).astype(np.float32)
     ma, va = optim._moment_buffers(pa)

@@ -1467,6 +1467,58 @@ def test_bias_act_forward_and_backward(act, dtype, tol, rng, gelu_path):
     np.testing.assert_allclose(db, (dy * grad).sum(axis=0), rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
 
 
+@pytest.mark.parametrize("act", ["none", "relu"])
+@pytest.mark.parametrize("ncols", [1, 7, 256, 300, 1000])
+def test_bias_act_streamed_kernels_match_the_row_loops(act, ncols, dtype, tol, rng,
+                                                       monkeypatch):
+    # an output written with non-temporal stores (stream_out) takes the flat kernels
+    # (tiled bias, blocks of _AB through a scratch); with NT_MIN_BYTES at 0 every size
+    # does, so heads, whole blocks, tails, several chunks and an output off its 64-byte
+    # line all run here, against the loops over rows that the other outputs take
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 3e38, -3e38, 1e-42], dtype)
+    seen = []
+
+    def recorder(fn):
+        def run(*args):
+            seen.append(fn)
+            return fn(*args)
+        return run
+
+    for name in ("_bias_act_streamed", "_bias_act_bwd_streamed"):
+        monkeypatch.setattr(activations, name, recorder(getattr(activations, name)))
+    for rows in (1, 3, 40, 9000 // ncols + 1):
+        x = (3 * rng.standard_normal((rows, ncols))).astype(dtype)
+        x.ravel()[:special.size] = special[:x.size]
+        b = rng.standard_normal(ncols).astype(dtype)
+        dy = rng.standard_normal(x.shape).astype(dtype)
+        dy.ravel()[-3:] = [np.inf, np.nan, -1.0][:dy.size]
+        atol = 4 * np.finfo(dtype).eps * rows * 5  # the bias gradient: summed in another order
+        monkeypatch.setattr(_simd, "NT_MIN_BYTES", 1 << 40)
+        seen.clear()
+        want = {"fwd": nn.bias_act(x, b, act), "bwd": nn.bias_act_backward(dy, x, b, act)}
+        assert seen == []
+        monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+        for nt_fresh in (False, True):  # new outputs: streamed where NT_FRESH
+            monkeypatch.setattr(_simd, "NT_FRESH", nt_fresh)
+            seen.clear()
+            fwd = nn.bias_act(x, b, act)
+            dx, db = nn.bias_act_backward(dy, x, b, act)
+            assert len(seen) == (2 if nt_fresh else 0)
+            np.testing.assert_array_equal(fwd, want["fwd"])
+            np.testing.assert_array_equal(dx, want["bwd"][0])
+            np.testing.assert_allclose(db, want["bwd"][1], rtol=tol["rtol"], atol=atol)
+        # into out=, one element past a 64-byte line (the head is written plainly)
+        buf = np.empty(x.size + 1, dtype)
+        out = buf[1:].reshape(x.shape)
+        seen.clear()
+        assert nn.bias_act(x, b, act, out=out) is out
+        dx2, db2 = nn.bias_act_backward(dy, x, b, act, out=np.empty_like(x))
+        assert len(seen) == 2
+        np.testing.assert_array_equal(out, want["fwd"])
+        np.testing.assert_array_equal(dx2, want["bwd"][0])
+        np.testing.assert_allclose(db2, want["bwd"][1], rtol=tol["rtol"], atol=atol)
+
+
 @pytest.mark.parametrize("ncols", [1, 7, 32, 45, 64, 100])
 def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, monkeypatch):
     # the vector path does 32 elements per call and a masked tail: every length, every
