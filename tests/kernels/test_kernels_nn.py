@@ -1517,6 +1517,9 @@ def test_bias_act_streamed_kernels_match_the_row_loops(act, ncols, dtype, tol, r
         np.testing.assert_array_equal(out, want["fwd"])
         np.testing.assert_array_equal(dx2, want["bwd"][0])
         np.testing.assert_allclose(db2, want["bwd"][1], rtol=tol["rtol"], atol=atol)
+        inplace = x.copy()  # in place: each block is read before it is streamed back
+        assert nn.bias_act(inplace, b, act, out=inplace) is inplace
+        np.testing.assert_array_equal(inplace, want["fwd"])
 
 
 @pytest.mark.parametrize("ncols", [1, 7, 32, 45, 64, 100])
