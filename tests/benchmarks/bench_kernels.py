@@ -544,6 +544,11 @@ def _header(res: dict, command: str) -> list[str]:
         "## Kernels", "",
         f"Command (one run, {res['seconds'] / 60:.1f} min on this machine):", "",
         "```", command, "```", "",
+        "To re-measure some rows only: `--only TEXT` runs the kernel rows whose name contains "
+        "`TEXT` (each still raced against its own triad; no ceilings, k-means, training or "
+        "compile times), `--repeat N` times each row N rounds instead of 7 (the best is "
+        "kept), e.g. `python tests/benchmarks/bench_kernels.py --only \"gelu, wide\" "
+        "--repeat 15`.", "",
         (f"Machine: {env['cpu']}, {env['cores']} cores (shared with other work, so figures "
          f"vary by +-20% between runs); numba {env['numba']} ({env['numba_threads']} threads, "
          f"{env['threading_layer']} layer), numpy {env['numpy']}, torch {env['torch']} (CPU, "
@@ -654,8 +659,13 @@ def render(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+EARLIER = "### Earlier runs"  # kept, with what follows it in the section, by write_section
+
+
 def write_section(path: Path, section: str) -> None:
-    """Replace the ``## Kernels`` section of ``path`` (or append it); keep everything else."""
+    """Replace the ``## Kernels`` section of ``path`` (or append it); keep everything else,
+    and the section's ``### Earlier runs`` part (the notes on past runs) after the new
+    tables."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     lines = text.splitlines(keepends=True)
     start = next((i for i, ln in enumerate(lines) if ln.strip() == "## Kernels"), None)
@@ -664,8 +674,11 @@ def write_section(path: Path, section: str) -> None:
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
                    len(lines))
+        kept = next((i for i in range(start + 1, end) if lines[i].strip() == EARLIER), end)
+        earlier = "".join(lines[kept:end]).rstrip("\n")
         rest = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + rest if rest else "")
+        new = ("".join(lines[:start]) + section + ("\n" + earlier + "\n" if earlier else "")
+               + ("\n" + rest if rest else ""))
     path.write_text(new)
 
 
