@@ -43,3 +43,23 @@ def test_only_without_a_match_and_a_bad_repeat_are_refused(tmp_path):
     assert not out.exists()
     r = _bench("--repeat", "0", tmp=tmp_path)
     assert r.returncode == 2 and "--repeat must be at least 1" in r.stderr
+
+
+def test_a_new_kernels_section_keeps_the_notes_on_earlier_runs(tmp_path):
+    # --out replaces the '## Kernels' section with the new tables; what the section holds
+    # under '### Earlier runs' (notes on past runs) stays, after them, and so does every
+    # other section
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Kernels\n\nold tables\n\nthis run: old\n\n"
+                   "### Earlier runs\n\n**A past run.** notes\n\n## Slurm\n\nslurm text\n")
+    bench_kernels.write_section(doc, "## Kernels\n\nnew tables\n")
+    assert doc.read_text() == ("# Benchmarks\n\n## Kernels\n\nnew tables\n\n### Earlier runs\n\n"
+                               "**A past run.** notes\n\n## Slurm\n\nslurm text\n")
+    doc.write_text("# Benchmarks\n\n## Kernels\n\nold tables\n\n## Slurm\n\nslurm text\n")
+    bench_kernels.write_section(doc, "## Kernels\n\nnew tables\n")
+    assert doc.read_text() == "# Benchmarks\n\n## Kernels\n\nnew tables\n\n## Slurm\n\nslurm text\n"
