@@ -111,6 +111,10 @@ def torch_nn(tb, x, y, gam, bet, dy) -> dict:
         xr.grad = None
         F.gelu(xr + bt).backward(dyt)
 
+    def bias_relu_fb():
+        xr.grad = None
+        F.relu(xr + bt).backward(dyt)
+
     def no_grad(fn):
         def run():
             with torch.no_grad():
@@ -118,7 +122,7 @@ def torch_nn(tb, x, y, gam, bet, dy) -> dict:
         return run
 
     return {"xent": xent if yt is not None else None, "ln_fb": ln_fb, "gelu_fb": gelu_fb,
-            "bias_gelu_fb": bias_gelu_fb,
+            "bias_gelu_fb": bias_gelu_fb, "bias_relu_fb": bias_relu_fb,
             "ln": no_grad(lambda: F.layer_norm(xt, (cols,), gt, bt)),
             "gelu": no_grad(lambda: F.gelu(xt)), "bias_gelu": no_grad(lambda: F.gelu(xt + bt)),
             "bias_relu": no_grad(lambda: F.relu(xt + bt))}

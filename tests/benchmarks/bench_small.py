@@ -82,6 +82,10 @@ def cases(rows: int, torch):
     out.append(("bias_act gelu fwd+bwd", lambda: (activations.bias_act(x, bet, "gelu"),
                                                   activations.bias_act_backward(dy, x, bet,
                                                                                 "gelu"))))
+    out.append(("bias_act relu", lambda: activations.bias_act(x, bet, "relu")))
+    out.append(("bias_act relu fwd+bwd", lambda: (activations.bias_act(x, bet, "relu"),
+                                                  activations.bias_act_backward(dy, x, bet,
+                                                                                "relu"))))
     theirs: dict[str, object] = {}
     if torch is not None:
         t = B.torch_nn((torch, torch.nn.functional), x, lab, gam, bet, dy)
@@ -92,7 +96,8 @@ def cases(rows: int, torch):
         theirs = {"adamw_step": opt.step, "softmax_cross_entropy+grad": t["xent"],
                   "layer_norm": t["ln"], "layer_norm fwd+bwd": t["ln_fb"], "gelu": t["gelu"],
                   "gelu fwd+bwd": t["gelu_fb"], "bias_act gelu": t["bias_gelu"],
-                  "bias_act gelu fwd+bwd": t["bias_gelu_fb"]}
+                  "bias_act gelu fwd+bwd": t["bias_gelu_fb"], "bias_act relu": t["bias_relu"],
+                  "bias_act relu fwd+bwd": t["bias_relu_fb"]}
     return [(name, fn, theirs.get(name)) for name, fn in out]
 
 
@@ -101,6 +106,8 @@ TORCH_NOTE = {"softmax_cross_entropy+grad": "torch: cross_entropy forward + back
               "gelu fwd+bwd": "both: forward, then backward (torch through autograd)",
               "bias_act gelu fwd+bwd": "torch: gelu(x + b), then backward through autograd",
               "bias_act gelu": "torch: gelu(x + b)",
+              "bias_act relu fwd+bwd": "torch: relu(x + b), then backward through autograd",
+              "bias_act relu": "torch: relu(x + b)",
               "adamw_step": "both: an optimizer object stepping a copy of the same params"
                             " with its own moments (ours `optim.AdamW`, torch"
                             " `AdamW(fused=True)`)"}
