@@ -783,9 +783,10 @@ def _bias_gelu_rows(x, b, out, lo, hi):
 
 @jit()
 def _bias_relu_rows(x, b, out, lo, hi):
+    zero = x.dtype.type(0.0)  # a float64 0.0 would make the float32 loops scalar
     for i in range(lo, hi):
         for j in range(x.shape[1]):
-            out[i, j] = _act(x[i, j] + b[j], 1)
+            out[i, j] = max(x[i, j] + b[j], zero)
 
 
 @jit()
@@ -823,9 +824,10 @@ def _bias_gelu_bwd_rows(dy, x, b, dx, acc, lo, hi):
 
 @jit()
 def _bias_relu_bwd_rows(dy, x, b, dx, acc, lo, hi):
+    zero = x.dtype.type(0.0)  # (see _bias_relu_rows)
     for i in range(lo, hi):
         for j in range(x.shape[1]):
-            g = dy[i, j] if x[i, j] + b[j] > 0.0 else 0.0
+            g = dy[i, j] if x[i, j] + b[j] > zero else zero
             dx[i, j] = g
             acc[j] += g
 
@@ -1018,7 +1020,7 @@ def bias_act_backward(
         pdb = np.zeros((_flat_chunks(xc.size), bc.size + _TILE), xc.dtype)
         _gelu_vec(dyc, xc, dx, b=bc, pdb=pdb, backward=True, fresh=out is None)
         return dx, _untile_sum(pdb, bc.size)
-    nch = n_chunks(xc.shape[0])
+    nch = row_chunks(*xc.shape)
     pdb = np.zeros((nch, xc.shape[1]), xc.dtype)
     if xc.size:
         _bias_act_bwd(dyc, xc, bc, dx, pdb, code, nch)
