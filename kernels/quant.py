@@ -24,7 +24,7 @@ import numpy as np
 from kernels import _checks
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, overload, prange, types
-from kernels._prefetch import row_hint
+from kernels._prefetch import PREFETCH_BYTES, row_hint
 from kernels._simd import (NT_MIN_BYTES, QUANT_LANES, address, dequant_store_nt, quant_store,
                            sfence, stream_out)
 from kernels.errors import KernelDtypeError, KernelInputError
@@ -47,17 +47,20 @@ def _narrow_overload(like, v):
 
 
 @jit(parallel=True)
-def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits):
+def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits, ahead):
     """Two passes per row held in L1. Pass 1 takes max |w| on the bit patterns
     (``wbits`` is ``w`` viewed as int32/int64, sign bit masked off): an integer max
     vectorises without fast-math NaN flags, and NaN/inf show up as patterns
     ``>= inf_bits``, so no separate probe. The max's bits are stored through ``sbits``
     (``scale`` viewed as ints) and read back as a float. Pass 2 quantises, asking for
-    the next row's lines as it goes where ``kernels._prefetch.ROW_HINTS`` is on (no load
-    reaches memory during this pass otherwise, and a row of 4 KiB or more is a page of
-    its own, where the hardware prefetcher of an Intel host stops: 1.26-1.27x float32,
-    1.23-1.26x float64 from memory there; on the Zen 4 host an 8 KiB-ahead hint cost
-    18-21%)."""
+    the lines ``ahead`` elements on, or the next row's where rows are longer, as it
+    goes, where ``kernels._prefetch.ROW_HINTS`` is on (no load reaches memory during
+    this pass otherwise, and a row of 4 KiB or more is a page of its own, where the
+    hardware prefetcher of an Intel host stops: 1.26-1.27x float32, 1.23-1.26x float64
+    from memory there; on the Zen 4 host an 8 KiB-ahead hint cost 18-21%). The next row
+    alone was too close for short rows: Intel Emerald Rapids, float32 from memory (every
+    line flushed), next row / 8 KiB: 1.54x at 128 features, 1.30x at 1024 (hence
+    ``ahead``: ``PREFETCH_BYTES`` from ``AHEAD_MIN_BYTES`` on, else 0)."""
     n, d = w.shape
     wf = w.reshape(-1)
     qf = q.reshape(-1)
@@ -77,7 +80,7 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits):
         scale[c] = s
         inv = one / scale[c]
         base = c * d
-        nxt = base + d  # the next row, asked for meanwhile where ROW_HINTS is on
+        nxt = base + max(d, ahead)  # asked for meanwhile where ROW_HINTS is on
         j = 0
         while j + QUANT_LANES <= d:  # 64 at a time (kernels._simd.quant_store), then the rest
             for k in range(j, j + QUANT_LANES, step):
@@ -87,6 +90,10 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits):
         for k in range(base + j, base + d):
             qf[k] = np.int8(min(max(np.rint(wf[k] * inv), -lim), lim))
 
+
+# Arrays this large ask 8 KiB ahead in ``_quantize``'s second pass; smaller ones the next
+# row only: in cache (2^19 float32, 1024 features) the 8 KiB hint cost 23% against 9%
+AHEAD_MIN_BYTES = 8 << 20
 
 _BITS = {np.dtype(np.float32): (np.int32, 0x7FFFFFFF, 0x7F800000),
          np.dtype(np.float64): (np.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
@@ -147,7 +154,9 @@ def quantize_int8(w: np.ndarray, *, out: np.ndarray | None = None) -> tuple[np.n
     bad = np.zeros(w2.shape[0], np.bool_)
     if w2.size:
         ity, mask, inf_bits = _BITS[wc.dtype]
-        _quantize(w2, w2.view(ity), q, scale, scale.view(ity), bad, ity(mask), ity(inf_bits))
+        ahead = PREFETCH_BYTES // wc.itemsize if w2.nbytes >= AHEAD_MIN_BYTES else 0
+        _quantize(w2, w2.view(ity), q, scale, scale.view(ity), bad, ity(mask), ity(inf_bits),
+                  ahead)
     elif w2.shape[0]:
         scale[:] = 1.0
     if bad.any():
