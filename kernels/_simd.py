@@ -40,6 +40,7 @@ taken only where ``NT_STORES`` is true.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 
 import llvmlite.binding as llvm
@@ -56,7 +57,7 @@ __all__ = ["NT_AHEAD_SLOW_BYTES", "NT_FRESH", "NT_MIN_BYTES", "NT_STORES", "addr
            "compress_candidates", "compress_candidates_nt", "compress_candidates_update",
            "copy64_nt", "dequant_store_nt",
            "ln_bwd_out", "ln_out", "QUANT_LANES", "quant_store", "scale64_nt", "scan_scores",
-           "sfence", "stream_out", "tile_argmin"]
+           "sfence", "stream_out", "streaming_every_output", "tile_argmin"]
 
 NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
 # llvm.experimental.vector.compress arrived in LLVM 19; an older LLVM (llvmlite before
@@ -129,6 +130,20 @@ def _host_has_avx2_fma() -> bool:
 # tile per call; scan_scores: 8 float32 rows per call)
 VEC_BITS = 512 if _host_has_avx512() else 256
 VEC_REGS = 32 if VEC_BITS == 512 else 16
+
+
+@contextlib.contextmanager
+def streaming_every_output():
+    """While inside, ``stream_out`` streams outputs of any size (``NT_MIN_BYTES`` 0), as
+    it does large ones: the warm-up compiles the kernels that only streamed outputs take
+    (float64 GELU's staged loops, bias + ReLU / none), and ``bench_prefetch.py`` times
+    their hints on small arrays. Process-wide; not for code that runs beside others."""
+    global NT_MIN_BYTES
+    keep, NT_MIN_BYTES = NT_MIN_BYTES, 0
+    try:
+        yield
+    finally:
+        NT_MIN_BYTES = keep
 
 
 def stream_out(out, fresh: bool = False, src=None) -> bool:

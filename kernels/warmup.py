@@ -58,16 +58,12 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         p[:] = 0
         return p, g, np.zeros(n, dt), np.zeros(n, dt)
 
-    def streamed(*calls):  # outputs of any size written as large ones are (non-temporal
-        # stores, kernels._simd.stream_out): float64 GELU and bias + ReLU / none have
-        # kernels of their own for those
+    def streamed(*calls):  # float64 GELU and bias + ReLU / none have kernels of their
+        # own for streamed outputs (kernels._simd.streaming_every_output)
         def run():
-            keep, _simd.NT_MIN_BYTES = _simd.NT_MIN_BYTES, 0
-            try:
+            with _simd.streaming_every_output():
                 for call in calls:
                     call()
-            finally:
-                _simd.NT_MIN_BYTES = keep
         return run
 
     ow = empty_aligned(wide.shape, dt, like=wide, apart_from=wide)

@@ -132,14 +132,11 @@ _BIAS_NAMES = ["_bias_act_streamed", "_bias_act_bwd_streamed", "_bias_act_chunk"
 
 
 def _streamed(call: Callable[[], object]) -> Callable[[], object]:
-    """``call`` with outputs of every size streamed (``_simd.NT_MIN_BYTES`` 0): bias +
-    ReLU's hints are in the kernels that write a streamed output only."""
+    """``call`` with outputs of every size streamed: bias + ReLU's hints are in the
+    kernels that write a streamed output only."""
     def run() -> object:
-        keep, _simd.NT_MIN_BYTES = _simd.NT_MIN_BYTES, 0
-        try:
+        with _simd.streaming_every_output():
             return call()
-        finally:
-            _simd.NT_MIN_BYTES = keep
     return run
 
 

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
 import _baselines as B  # noqa: E402
-from bench_kernels import environment  # noqa: E402
+from bench_kernels import SETTLE_S, environment  # noqa: E402
 from report import replace_section  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -42,15 +42,12 @@ def _loop(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-SETTLE_S = 0.15  # PyTorch's OpenMP threads spin this long after its calls, at most
-
-
 def race(fns: dict, repeats: int = 7) -> dict[str, float]:
     """Best seconds per call of each callable, timed in alternation. After PyTorch's loop
-    the round waits ``SETTLE_S`` and runs the first callable once untimed: PyTorch's
-    worker threads keep spinning after a call, and a loop of ours timed right after
-    shared the 2 cores with them (64 x 256 bias + ReLU forward + backward took 34 us a
-    call there, 17-18 alone)."""
+    the round waits ``SETTLE_S`` and runs the first callable once untimed, as
+    ``bench_kernels.race`` does after a baseline: PyTorch's worker threads may keep
+    spinning after a call, and a loop of ours timed in that window would share the
+    cores with them (in the run that added this no row moved beyond its noise)."""
     for fn in fns.values():
         fn()
     reps = {k: max(5, int(0.02 / max(_loop(fn, 3), 1e-7))) for k, fn in fns.items()}
