@@ -13,6 +13,7 @@ Modules:
     kernels.compress  top-k gradient sparsification with error feedback
     kernels.dask      the k-means and search kernels on dask arrays
     kernels.threads   blas_threads(): NumPy's BLAS pinned while kernels run
+    kernels.gemm      matmul(): NumPy's BLAS products split over Numba's threads
     kernels.memory    keep_freed_memory(): freed blocks kept for the next large array
     kernels.apps.*    reference workloads (``python -m kernels.apps.train`` ...)
 """

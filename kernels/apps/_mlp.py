@@ -1,8 +1,8 @@
 """The training app's model: Linear -> +bias GELU -> LayerNorm -> Linear -> softmax-CE.
 
 All parameters live in one flat buffer (views per tensor), so one fused AdamW call and
-one Allreduce cover the whole model. GEMMs go through NumPy (BLAS); the rest through
-the kernels.
+one Allreduce cover the whole model. GEMMs go through NumPy's BLAS, split over Numba's
+threads (``kernels.gemm.matmul``); the rest through the kernels.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels import nn
+from kernels.gemm import matmul
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,10 @@ def init_params(shapes: Shapes, seed: int, dtype: np.dtype) -> np.ndarray:
 def forward(flat: np.ndarray, shapes: Shapes, x: np.ndarray) -> tuple[np.ndarray, tuple]:
     """Logits and the activations the backward pass needs."""
     p = views(flat, shapes)
-    z1 = x @ p["w1"]
+    z1 = matmul(x, p["w1"])
     a1 = nn.bias_act(z1, p["b1"], "gelu")
     h, mu, rstd = nn.layer_norm(a1, p["gamma"], p["beta"])
-    z2 = h @ p["w2"]
+    z2 = matmul(h, p["w2"])
     logits = nn.bias_act(z2, p["b2"], "none")
     return logits, (x, z1, a1, h, mu, rstd, z2)
 
@@ -74,12 +75,12 @@ def loss_and_grad(
     loss_sum, dlog = nn.softmax_cross_entropy(logits, y, reduction="sum", grad_scale=1.0 / denom)
     correct = int((logits.argmax(axis=1) == y).sum()) if len(y) else 0
     dz2, g["b2"][...] = nn.bias_act_backward(dlog, z2, p["b2"], "none")
-    np.matmul(h.T, dz2, out=g["w2"])
+    matmul(h.T, dz2, out=g["w2"])
     da1, g["gamma"][...], g["beta"][...] = nn.layer_norm_backward(
-        dz2 @ p["w2"].T, a1, p["gamma"], mu, rstd
+        matmul(dz2, p["w2"].T), a1, p["gamma"], mu, rstd
     )
     dz1, g["b1"][...] = nn.bias_act_backward(da1, z1, p["b1"], "gelu")
-    np.matmul(x.T, dz1, out=g["w1"])
+    matmul(x.T, dz1, out=g["w1"])
     return loss_sum, correct
 
 

@@ -1,0 +1,130 @@
+"""kernels.gemm.matmul: NumPy's BLAS on Numba's threads, and np.matmul where it cannot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import kernels
+from kernels import gemm
+from kernels._jit import numba
+from kernels.errors import KernelInputError
+
+
+def numpy_openblas() -> bool:
+    return any(i.get("internal_api") == "openblas" and "numpy" in (i.get("filepath") or "")
+               for i in threadpool_info())
+
+
+@pytest.fixture
+def splits(monkeypatch):
+    """Every product split (no size floor); the number of split calls made."""
+    if not numpy_openblas():
+        pytest.skip("NumPy's BLAS here is not its bundled OpenBLAS")
+    assert gemm.split_available(), "NumPy's OpenBLAS lacks cblas_?gemm64_"
+    assert numba.get_num_threads() >= 2, "the split needs two Numba threads"
+    monkeypatch.setattr(gemm, "SPLIT_MIN_FLOPS", 0)
+    calls = []
+    real = gemm._gemm_split
+
+    def spy(*args):
+        calls.append(args[3:6])  # m, n, k
+        return real(*args)
+
+    monkeypatch.setattr(gemm, "_gemm_split", spy)
+    return calls
+
+
+def operand(rng, rows, cols, dtype, transposed):
+    """A ``rows x cols`` array, C-contiguous or the transpose of a C-contiguous one."""
+    if transposed:
+        return rng.standard_normal((cols, rows)).astype(dtype).T
+    return rng.standard_normal((rows, cols)).astype(dtype)
+
+
+@pytest.mark.parametrize("ta", [False, True], ids=["a", "aT"])
+@pytest.mark.parametrize("tb", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("m,k,n", [(1024, 32, 256), (256, 1024, 10), (32, 1024, 256),
+                                   (7, 300, 9), (1, 5, 3), (3, 5, 1)])
+def test_matmul_split_over_threads_matches_numpy(splits, dtype, rng, m, k, n, ta, tb):
+    a = operand(rng, m, k, dtype, ta)
+    b = operand(rng, k, n, dtype, tb)
+    with kernels.blas_threads():
+        got = gemm.matmul(a, b)
+        out = np.full((m, n), np.nan, dtype)
+        same = gemm.matmul(a, b, out=out)
+    assert same is out and got.dtype == dtype and got.shape == (m, n)
+    assert len(splits) == 2  # both calls took the split path
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    scale = np.abs(a).max() * np.abs(b).max() * k
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    assert np.abs(got - ref).max() <= tol * scale
+    np.testing.assert_array_equal(got, out)
+
+
+def test_matmul_splits_the_longer_side_of_the_output(splits, monkeypatch, rng):
+    seen = []
+    real = gemm._gemm_split
+
+    def spy(*args):
+        seen.append(args[14])  # rows
+        return real(*args)
+
+    monkeypatch.setattr(gemm, "_gemm_split", spy)
+    a = rng.standard_normal((40, 16))
+    with kernels.blas_threads():
+        tall = gemm.matmul(a, rng.standard_normal((16, 3)))
+        wide = gemm.matmul(a[:3], rng.standard_normal((16, 50)))
+    assert seen == [True, False]
+    assert tall.shape == (40, 3) and wide.shape == (3, 50)
+
+
+def test_matmul_leaves_threaded_blas_and_small_products_to_numpy(monkeypatch, rng):
+    calls = []
+    monkeypatch.setattr(gemm, "_gemm_split", lambda *a: calls.append(a))
+    a, b = rng.standard_normal((512, 64)), rng.standard_normal((64, 512))
+    with threadpool_limits(2, user_api="blas"):  # BLAS threaded: np.matmul's own threads
+        np.testing.assert_allclose(gemm.matmul(a, b), a @ b, rtol=1e-12)
+    with kernels.blas_threads():
+        small = rng.standard_normal((8, 8))
+        np.testing.assert_allclose(gemm.matmul(small, small), small @ small, rtol=1e-12)
+        strided = a[::2]  # neither C-contiguous nor a transposed one: np.matmul
+        np.testing.assert_allclose(gemm.matmul(strided, b), strided @ b, rtol=1e-12)
+        empty = gemm.matmul(np.ones((4, 0)), np.ones((0, 5)))
+        np.testing.assert_array_equal(empty, np.zeros((4, 5)))
+    assert calls == []
+
+
+@pytest.mark.parametrize("case,match", [
+    ("shapes", "b has shape .* needs 3 rows"),
+    ("int", "a has dtype int64"),
+    ("mixed", "b has dtype float32 but must match"),
+    ("1-D", "a must be 2-D"),
+    ("out shape", "out must have shape"),
+    ("out dtype", "out must be a float64 array"),
+    ("out overlaps", "out must not overlap a or b"),
+])
+def test_matmul_refuses_bad_input_and_writes_nothing(case, match):
+    a, b = np.ones((4, 3)), np.ones((3, 5))
+    out = np.full((4, 5), 7.0)
+    args = {
+        "shapes": (a, np.ones((4, 5)), out),
+        "int": (np.ones((4, 3), np.int64), b, out),
+        "mixed": (a, b.astype(np.float32), out),
+        "1-D": (np.ones(3), b, out),
+        "out shape": (a, b, np.full((5, 4), 7.0)),
+        "out dtype": (a, b, np.zeros((4, 5), np.float32)),
+        "out overlaps": None,
+    }[case]
+    if case == "out overlaps":
+        base = np.arange(32.0).reshape(4, 8)
+        args = (base[:, :3], np.ones((3, 5)), base.reshape(-1)[4:24].reshape(4, 5))
+        before = base.copy()
+    x, y, o = args
+    with pytest.raises(KernelInputError, match=match):
+        gemm.matmul(x, y, out=o)
+    if case == "out overlaps":
+        np.testing.assert_array_equal(base, before)
+    else:
+        assert (out == 7.0).all()
