@@ -9,7 +9,9 @@ after each call. Each row runs the training app's model (Linear 32 -> 256, bias 
 layer norm, Linear 256 -> 10, softmax + cross-entropy, AdamW; batch 1024, float32: the
 app's ``kernels.apps._mlp.loss_and_grad`` and ``kernels.optim.AdamW``) in a process of
 its own, as the row says: as it is, inside ``kernels.blas_threads()`` (BLAS pinned to
-one thread), or with an environment variable that shortens one pool's spinning (read
+one thread; the app's products go through ``kernels.gemm.matmul``, which then splits
+them over Numba's threads, or, in the row that says so, through ``np.matmul`` on the
+calling thread), or with an environment variable that shortens one pool's spinning (read
 when the library loads, hence the separate processes). The same model and step in
 PyTorch is the last row. Per-call columns: a kernel called back to back, the case that
 spinning serves (best of 7 loops of about 20 ms each). What to do about it, and what each
@@ -36,14 +38,16 @@ from report import replace_section  # noqa: E402
 SECTION = "## Mixing NumPy matrix products with the kernels"
 BATCH, FEATURES, HIDDEN, CLASSES = 1024, 32, 256, 10
 
-# (label, extra environment, run inside kernels.blas_threads(), PyTorch)
+# (label, extra environment, run inside kernels.blas_threads(), PyTorch, products by
+# np.matmul instead of kernels.gemm.matmul)
 MODES = [
-    ("as it is", {}, False, False),
-    ("`with kernels.blas_threads():`", {}, True, False),
-    ("`GOMP_SPINCOUNT=0`", {"GOMP_SPINCOUNT": "0"}, False, False),
-    ("`OMP_WAIT_POLICY=passive`", {"OMP_WAIT_POLICY": "passive"}, False, False),
-    ("`OPENBLAS_THREAD_TIMEOUT=4`", {"OPENBLAS_THREAD_TIMEOUT": "4"}, False, False),
-    ("PyTorch, the same model and step", {}, False, True),
+    ("as it is", {}, False, False, False),
+    ("`with kernels.blas_threads():`", {}, True, False, False),
+    ("`with kernels.blas_threads():`, products by `np.matmul`", {}, True, False, True),
+    ("`GOMP_SPINCOUNT=0`", {"GOMP_SPINCOUNT": "0"}, False, False, False),
+    ("`OMP_WAIT_POLICY=passive`", {"OMP_WAIT_POLICY": "passive"}, False, False, False),
+    ("`OPENBLAS_THREAD_TIMEOUT=4`", {"OPENBLAS_THREAD_TIMEOUT": "4"}, False, False, False),
+    ("PyTorch, the same model and step", {}, False, True, False),
 ]
 
 
@@ -65,7 +69,7 @@ def _time_steps(step, steps: int) -> list[float]:
     return out
 
 
-def child_ours(steps: int, pinned: bool) -> dict:
+def child_ours(steps: int, pinned: bool, np_products: bool) -> dict:
     import numpy as np
 
     import kernels
@@ -73,6 +77,8 @@ def child_ours(steps: int, pinned: bool) -> dict:
     from kernels.apps import _mlp
     from kernels.optim import AdamW
 
+    if np_products:  # the app before kernels.gemm: one BLAS thread for the products
+        _mlp.matmul = lambda a, b, out=None: np.matmul(a, b, out=out)
     shapes = _mlp.Shapes(FEATURES, HIDDEN, CLASSES)
     opt = AdamW(_mlp.init_params(shapes, 0, np.dtype(np.float32)), lr=3e-3, weight_decay=1e-2)
     grad = np.zeros_like(opt.params)
@@ -117,7 +123,7 @@ def child_torch(steps: int) -> dict:
 
 
 def run_child(mode, steps: int) -> dict | None:
-    label, env, pinned, torch = mode
+    label, env, _, torch, _ = mode
     argv = [sys.executable, __file__, "--child", str(MODES.index(mode)), "--steps", str(steps)]
     proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True,
                           cwd=ROOT)
@@ -137,9 +143,9 @@ def main() -> None:
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        _, _, pinned, torch = MODES[args.child]
+        _, _, pinned, torch, np_products = MODES[args.child]
         sys.path.insert(0, str(ROOT))
-        res = child_torch(args.steps) if torch else child_ours(args.steps, pinned)
+        res = child_torch(args.steps) if torch else child_ours(args.steps, pinned, np_products)
         print(json.dumps(res))
         return
     results: dict[str, list[dict]] = {m[0]: [] for m in MODES}
