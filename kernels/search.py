@@ -1,23 +1,29 @@
 """Top-k cosine similarity search over an embedding matrix.
 
-Few queries (fewer than ``GEMM_MIN_QUERIES``): one pass over the embeddings, the rows
-split into chunks (``prange``); each chunk reads a row once, scores it against every
-query and keeps a sorted top-k per query, so neither the q x n score matrix nor
-normalised copies are materialised; chunk results are merged at the end. This is a
-memory-bound scan. More queries make it compute-bound (2 q flops per element read), so
-the rows go in blocks of ``GEMM_BLOCK_ROWS`` through BLAS (``queries @ block.T``, a
-q x block score matrix that stays in cache) and a parallel kernel keeps each query's
-top-k from its row of scores. Scores are ``q.e / (|q| |e|)``; a zero-norm row or query
-scores 0; rows with NaN are never returned. Ties go to the lower row index.
+Few queries (fewer than ``GEMM_MIN_QUERIES`` float32, half that float64): one pass over
+the embeddings, the rows split into chunks (``prange``); each chunk reads a row once,
+scores it against every query and keeps a sorted top-k per query, so neither the q x n
+score matrix nor normalised copies are materialised; chunk results are merged at the
+end. This is a memory-bound scan. More queries make it compute-bound (2 q flops per
+element read), so the rows go in blocks of ``GEMM_BLOCK_ROWS`` through BLAS (``queries @
+block.T``, a q x block score matrix that stays in cache) and each query's top-k is kept
+from its row of scores: each Numba thread does both for its own range of rows, calling
+NumPy's BLAS itself (``kernels.gemm``; BLAS pinned to one thread meanwhile), where that
+is available, else BLAS scores each block on its own threads and one thread selects.
+Scores are ``q.e / (|q| |e|)``; a zero-norm row or query scores 0; rows with NaN are
+never returned. Ties go to the lower row index.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from kernels import _checks, _simd
+from kernels import _checks, _simd, gemm
+from kernels._checks import data_address
 from kernels._chunks import chunk_bounds, n_chunks
-from kernels._jit import jit, prange
+from kernels._jit import jit, num_threads, prange
+from kernels.gemm import _NO_TRANS, _TRANS, _gemm_call
+from kernels.threads import blas_threads
 from kernels._prefetch import prefetch_ahead
 from kernels._simd import scan_scores
 from kernels.errors import KernelInputError
@@ -25,7 +31,11 @@ from kernels.errors import KernelInputError
 __all__ = ["GEMM_BLOCK_ROWS", "GEMM_MIN_QUERIES", "merge_topk", "topk_cosine"]
 
 SCAN_HINT_MIN_BYTES = 8 << 20  # the vector scan's host-dependent hint from this size
-GEMM_MIN_QUERIES = 24  # below this the fused scan wins on this machine (docs/benchmarks.md)
+# float32 queries from which the blocked-GEMM path runs (float64: half as many). Intel
+# host (Emerald Rapids, 2 cores), 262144 x 64, k = 10, scan / GEMM path split over the
+# threads, medians of 7: float32 at 32, 48, 64, 96 queries 0.76, 0.92, 0.99, 1.08;
+# float64 at 24, 32, 48 0.88, 0.97, 1.19 (docs/kernels.md)
+GEMM_MIN_QUERIES = 64
 VEC_SCAN = True  # the fused scan through kernels._simd.scan_scores (tests turn it off too)
 # rows that are not a whole number of vectors (float32 100 or 300 features, as GloVe and
 # word2vec give; or fewer features than a vector) take the vector scan too, their last
@@ -34,6 +44,7 @@ VEC_SCAN = True  # the fused scan through kernels._simd.scan_scores (tests turn 
 # 100 / 300 features 1.13-1.44x, 20-72 1.19-2.42x, 3-10 1.49-3.62x
 SCAN_MASKED_TAIL = _simd.VEC_BITS == 512
 GEMM_BLOCK_ROWS = 4096
+GEMM_SPLIT = True  # many queries: each thread scores its own rows (tests turn it off too)
 
 
 @jit()
@@ -216,11 +227,78 @@ def _select_rows(scores, einv, out_s, out_i, offset, scale):
                 kth = best[best.size - 1]
 
 
+@jit(parallel=True)
+def _topk_gemm_split(fn, qn, e, out_s, out_i, nchunks, offset, normalized, sc, einv, one,
+                     zero, block):
+    """``_topk_gemm`` with the rows in ``nchunks`` ranges, one per thread: each scores its
+    blocks by one BLAS call of its own (``kernels.gemm``'s ``cblas_?gemm64_`` at address
+    ``fn``, BLAS pinned to one thread), then selects into chunk ``c``'s lists."""
+    for c in prange(nchunks):
+        _topk_gemm_chunk(np.int64(c), fn, qn, e, out_s, out_i, nchunks, offset, normalized,
+                         sc, einv, one, zero, block)
+
+
+@jit()
+def _topk_gemm_chunk(c, fn, qn, e, out_s, out_i, nchunks, offset, normalized, sc, einv, one,
+                     zero, block):
+    """Chunk ``c`` of ``_topk_gemm_split``: ``sc[c]`` holds a block's ``nq x m`` scores
+    (``m`` up to ``block`` rows)."""
+    n, d = e.shape
+    nq = qn.shape[0]
+    lo, hi = chunk_bounds(n, nchunks, c)
+    buf = sc[c]
+    ei = einv[c]
+    item = e.itemsize
+    for b in range(lo, hi, block):
+        m = min(block, hi - b)
+        _gemm_call(fn, _NO_TRANS, _TRANS, nq, m, d, one, data_address(qn), d,
+                   data_address(e) + b * d * item, d, zero, data_address(buf), m)
+        if not normalized:
+            _inv_norms(e[b:b + m], ei[:m], zero)
+        _select_rows(buf[:nq * m].reshape((nq, m)), ei[:m], out_s[c], out_i[c], b + offset,
+                     not normalized)
+
+
+def warm_gemm(dtype) -> None:
+    """Compile (or load) the many-query path's split kernel for ``dtype`` whatever this
+    process's thread count (``kernels.warmup``'s entry)."""
+    blas = gemm._numpy_blas()
+    if blas is None:
+        return
+    dt = np.dtype(dtype)
+    e = np.arange(24, dtype=dt).reshape(8, 3)
+    qn = np.ones((2, 3), dt)
+    out_s = np.full((2, 2, 1), -np.inf, dt)
+    out_i = np.full((2, 2, 1), -1, np.int64)
+    with blas_threads():
+        _topk_gemm_split(blas.gemm[dt], qn, e, out_s, out_i, 2, 0, False,
+                         np.empty((2, 2 * 4), dt), np.ones((2, 4), dt), dt.type(1.0),
+                         dt.type(0.0), 4)
+    if out_i[:, :, 0].tolist() != [[3, 3], [7, 7]]:
+        raise RuntimeError(f"kernels.search: the split GEMM path came out wrong: {out_i}")
+
 def _topk_gemm(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: int,
                normalized: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Many queries: BLAS scores a block of rows against all queries, then selection."""
+    """Many queries: BLAS scores a block of rows against all queries, then selection.
+    Where ``kernels.gemm`` can call NumPy's BLAS from Numba's threads, each thread does
+    that for its own range of rows (``_topk_gemm_split``); else BLAS (threaded) scores
+    each block and one thread selects."""
     nq, n = q.shape[0], e.shape[0]
     qn = q * qinv[:, None]
+    blas = gemm._numpy_blas()
+    block = GEMM_BLOCK_ROWS
+    nch = min(num_threads(), -(-n // block))
+    if blas is not None and nch >= 2 and GEMM_SPLIT:
+        out_s = np.full((nch, nq, kk), -np.inf, q.dtype)
+        out_i = np.full((nch, nq, kk), -1, np.int64)
+        sc = np.empty((nch, nq * block), q.dtype)
+        einv = np.ones((nch, block), q.dtype)
+        with blas_threads():
+            _topk_gemm_split(blas.gemm[q.dtype], qn, e, out_s, out_i, nch, offset,
+                             normalized, sc, einv, q.dtype.type(1.0), q.dtype.type(0.0),
+                             block)
+        _merge_chunks(out_s, out_i)
+        return out_s[0], out_i[0]
     out_s = np.full((nq, kk), -np.inf, q.dtype)
     out_i = np.full((nq, kk), -1, np.int64)
     buf = np.empty((nq, min(GEMM_BLOCK_ROWS, n)), q.dtype)
@@ -269,7 +347,7 @@ def topk_cosine(
     kk = min(k, n)
     qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
     qinv = np.divide(1.0, qn, out=np.zeros_like(qn), where=qn > 0).astype(q.dtype)
-    if kk and q.shape[0] >= GEMM_MIN_QUERIES and e.shape[1]:
+    if kk and q.shape[0] >= max(1, GEMM_MIN_QUERIES * 4 // q.itemsize) and e.shape[1]:
         return _topk_gemm(q, qinv, e, kk, int(offset), bool(normalized))
     nch = n_chunks(n, min_rows=512)
     out_s = np.full((nch, q.shape[0], max(kk, 1)), -np.inf, q.dtype)

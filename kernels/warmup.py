@@ -105,6 +105,7 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         "kmeans_partial_sums": lambda: cluster.kmeans_partial_sums(x, lab, 2),
         "topk_cosine": lambda: search.topk_cosine(x, x, 2),
         "matmul": lambda: gemm.warm(dt),  # NumPy's BLAS on Numba's threads
+        "topk_cosine many queries": lambda: search.warm_gemm(dt),  # its split GEMM path
         "quantize_int8": lambda: quant.quantize_int8(x),
         "dequantize_int8": lambda: quant.dequantize_int8(quant.quantize_int8(x)[0], v[:4], dt),
         "topk_sparsify": lambda: compress.topk_sparsify(x.ravel(), np.zeros(24, dt), 3),

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from kernels import cluster, search
+from kernels import cluster, gemm, search
 from kernels.errors import KernelDtypeError, KernelInputError
 
 
@@ -88,15 +88,20 @@ def ref_topk(q, e, k):
     return np.take_along_axis(s, order, 1), order
 
 
-@pytest.fixture(params=["fused", "fused-portable", "gemm"])
+@pytest.fixture(params=["fused", "fused-portable", "gemm", "gemm-blas-threads"])
 def search_path(request, monkeypatch):
     """Run a search test through the fused scan (on explicit vectors where the width is a
     multiple of one vector, ``kernels._simd.scan_scores``, and as LLVM vectorises it) and
     through the blocked-GEMM path (with blocks of 7 rows, so block edges, offsets and a
-    short last block are all crossed)."""
-    if request.param == "gemm":
+    short last block are all crossed), each thread scoring its own rows through
+    ``kernels.gemm``'s BLAS call, or BLAS scoring each block on its own threads."""
+    if request.param.startswith("gemm"):
         monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 1)
         monkeypatch.setattr(search, "GEMM_BLOCK_ROWS", 7)
+        split = request.param == "gemm"
+        monkeypatch.setattr(search, "GEMM_SPLIT", split)
+        if split and not gemm.split_available():
+            pytest.skip("NumPy's BLAS here is not its OpenBLAS with cblas_?gemm64_")
     else:
         monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
         monkeypatch.setattr(search, "VEC_SCAN", request.param == "fused")
