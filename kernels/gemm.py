@@ -143,9 +143,11 @@ def split_available() -> bool:
 
 def _layout(x: np.ndarray) -> tuple[int, int] | None:
     """``(CBLAS transpose flag, leading dimension)`` of a 2-D operand that is C-contiguous
-    or the transpose of a C-contiguous array; None otherwise."""
+    or the transpose of a C-contiguous array, and aligned; None otherwise."""
     item = x.itemsize
     r, c = x.shape
+    if not x.flags.aligned:
+        return None
     if x.strides[1] == item and (r == 1 or x.strides[0] == c * item) and c >= 1:
         return _NO_TRANS, max(c, 1)
     if x.strides[0] == item and (c == 1 or x.strides[1] == r * item) and r >= 1:

@@ -91,6 +91,11 @@ def test_matmul_leaves_threaded_blas_and_small_products_to_numpy(monkeypatch, rn
         np.testing.assert_allclose(gemm.matmul(small, small), small @ small, rtol=1e-12)
         strided = a[::2]  # neither C-contiguous nor a transposed one: np.matmul
         np.testing.assert_allclose(gemm.matmul(strided, b), strided @ b, rtol=1e-12)
+        raw = np.zeros(a.nbytes + 1, np.uint8)  # float64 at an odd address
+        odd = raw[1:].view(np.float64).reshape(a.shape)
+        odd[...] = a
+        assert not odd.flags.aligned
+        np.testing.assert_allclose(gemm.matmul(odd, b), a @ b, rtol=1e-12)
         empty = gemm.matmul(np.ones((4, 0)), np.ones((0, 5)))
         np.testing.assert_array_equal(empty, np.zeros((4, 5)))
     assert calls == []
