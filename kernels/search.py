@@ -289,16 +289,21 @@ def _topk_gemm(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: 
     block = GEMM_BLOCK_ROWS
     nch = min(num_threads(), -(-n // block))
     if blas is not None and nch >= 2 and GEMM_SPLIT:
-        out_s = np.full((nch, nq, kk), -np.inf, q.dtype)
-        out_i = np.full((nch, nq, kk), -1, np.int64)
-        sc = np.empty((nch, nq * block), q.dtype)
-        einv = np.ones((nch, block), q.dtype)
         with blas_threads():
-            _topk_gemm_split(blas.gemm[q.dtype], qn, e, out_s, out_i, nch, offset,
-                             normalized, sc, einv, q.dtype.type(1.0), q.dtype.type(0.0),
-                             block)
-        _merge_chunks(out_s, out_i)
-        return out_s[0], out_i[0]
+            # threadpoolctl changes OpenBLAS's thread count from one Python thread only
+            # (the first that set it; elsewhere, as in a Dask worker's thread, it does
+            # nothing), so the pin is checked: BLAS threaded in every Numba thread would
+            # share one pool
+            if blas.threads() == 1:
+                out_s = np.full((nch, nq, kk), -np.inf, q.dtype)
+                out_i = np.full((nch, nq, kk), -1, np.int64)
+                sc = np.empty((nch, nq * block), q.dtype)
+                einv = np.ones((nch, block), q.dtype)
+                _topk_gemm_split(blas.gemm[q.dtype], qn, e, out_s, out_i, nch, offset,
+                                 normalized, sc, einv, q.dtype.type(1.0), q.dtype.type(0.0),
+                                 block)
+                _merge_chunks(out_s, out_i)
+                return out_s[0], out_i[0]
     out_s = np.full((nq, kk), -np.inf, q.dtype)
     out_i = np.full((nq, kk), -1, np.int64)
     buf = np.empty((nq, min(GEMM_BLOCK_ROWS, n)), q.dtype)
