@@ -7,22 +7,26 @@ threaded side by side they take each other's cores for milliseconds at a time
 leaves the products on one core. :func:`matmul` runs a product on Numba's pool: a
 parallel kernel splits the output into one block of rows (or columns) per thread, and
 each thread calls NumPy's own BLAS (``cblas_?gemm``, found through threadpoolctl, taken
-at its address) on its block with BLAS pinned to one thread. The products then use every
-core, and the only threads spinning between calls are the ones the next kernel uses.
+at its address) on its block with BLAS pinned to one thread for the call
+(:func:`one_thread`; the count is put back after). The products then use every core,
+BLAS's own pool never wakes, and the only threads spinning between calls are the ones
+the next kernel uses: no ``kernels.blas_threads()`` is needed around a loop whose
+products all go through :func:`matmul`.
 
 It is the same BLAS and the same arithmetic per output element as ``a @ b`` (each element
 is one dot product computed by one ``gemm`` call), so results are equal to NumPy's up
 to the order BLAS sums in. Where it cannot run this way it simply calls ``np.matmul``:
-BLAS not NumPy's OpenBLAS with 64-bit integers (the ``cblas_?gemm64_`` symbols),
-BLAS allowed more than one thread (outside ``kernels.blas_threads()``; NumPy's product
-is then threaded already), one Numba thread, a product under ``SPLIT_MIN_FLOPS``, or an
-operand that is neither C-contiguous nor the transpose of a C-contiguous array.
+BLAS not NumPy's OpenBLAS with 64-bit integers (the ``cblas_?gemm64_`` symbols), one
+Numba thread, a product under ``SPLIT_MIN_FLOPS``, or an operand that is neither
+C-contiguous nor the transpose of a C-contiguous, aligned array.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -87,7 +91,7 @@ def _gemm_split(fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, rows, 
 
 class _Blas:
     """NumPy's OpenBLAS, if it has 64-bit-integer CBLAS entry points: the addresses of
-    ``cblas_sgemm64_`` / ``cblas_dgemm64_`` and its thread-count getter."""
+    ``cblas_sgemm64_`` / ``cblas_dgemm64_`` and its thread-count getter and setter."""
 
     def __init__(self, lib: ctypes.CDLL, prefix: str) -> None:
         self.gemm = {
@@ -99,6 +103,36 @@ class _Blas:
         self.threads = getattr(lib, f"{prefix}openblas_get_num_threads64_")
         self.threads.restype = ctypes.c_int
         self.threads.argtypes = []
+        self.set_threads = getattr(lib, f"{prefix}openblas_set_num_threads64_")
+        self.set_threads.restype = None
+        self.set_threads.argtypes = [ctypes.c_int]
+
+
+_PIN_LOCK = threading.Lock()
+_PIN = [0, 1]  # calls inside one_thread(), and the count to put back when the last leaves
+
+
+@contextlib.contextmanager
+def one_thread(blas: _Blas) -> Iterator[None]:
+    """NumPy's OpenBLAS on one thread (each call runs on its caller's thread) while any
+    thread is inside; the first in saves the count, the last out puts it back. Direct
+    calls (0.3 us for the pair), not threadpoolctl: its limit costs 8 us, and with
+    OpenBLAS's own thread pool it changes the count from one Python thread only (the
+    first that set it while a limit is held; from any other, such as a Dask worker's
+    while the main thread holds a limit, it does nothing)."""
+    with _PIN_LOCK:
+        if _PIN[0] == 0:
+            _PIN[1] = blas.threads()
+            if _PIN[1] != 1:
+                blas.set_threads(1)
+        _PIN[0] += 1
+    try:
+        yield
+    finally:
+        with _PIN_LOCK:
+            _PIN[0] -= 1
+            if _PIN[0] == 0 and _PIN[1] != 1:
+                blas.set_threads(_PIN[1])
 
 
 _FOUND: list[_Blas | None] = []
@@ -158,11 +192,11 @@ def _layout(x: np.ndarray) -> tuple[int, int] | None:
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``a @ b`` for 2-D float32/float64 arrays of one dtype, into ``out`` if given
     (C-contiguous, shape ``(a.shape[0], b.shape[1])``, not overlapping ``a`` or ``b``),
-    computed by NumPy's BLAS on Numba's threads (module docstring). Use it, inside
-    ``kernels.blas_threads()``, for the products of a loop that also calls the kernels::
+    computed by NumPy's BLAS on Numba's threads (module docstring). Use it for the
+    products of a loop that also calls the kernels::
 
-        with kernels.blas_threads():
-            z = kernels.matmul(x, w1)             # BLAS, on every core
+        for x, y in batches:
+            z = matmul(x, w1)                     # BLAS, on every core
             a = kernels.nn.bias_act(z, b1, "gelu")
     """
     a = _operand("a", a)
@@ -183,14 +217,15 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
     blas = _numpy_blas()
     parts = num_threads()
     if (blas is None or la is None or lb is None or parts < 2 or k == 0
-            or 2 * m * n * k < SPLIT_MIN_FLOPS or blas.threads() != 1):
+            or 2 * m * n * k < SPLIT_MIN_FLOPS):
         return np.matmul(a, b, out=out)
     rows = m >= n
     parts = min(parts, m if rows else n)
     item = a.itemsize
-    _gemm_split(blas.gemm[a.dtype], la[0], lb[0], m, n, k, a.dtype.type(1.0),
-                data_address(a), la[1], data_address(b), lb[1], a.dtype.type(0.0),
-                data_address(out), n, rows, parts, item)
+    with one_thread(blas):
+        _gemm_split(blas.gemm[a.dtype], la[0], lb[0], m, n, k, a.dtype.type(1.0),
+                    data_address(a), la[1], data_address(b), lb[1], a.dtype.type(0.0),
+                    data_address(out), n, rows, parts, item)
     return out
 
 
@@ -211,12 +246,10 @@ def warm(dtype: Any) -> None:
     blas = _numpy_blas()
     if blas is None:
         return
-    from kernels.threads import blas_threads
-
     a = np.ones((4, 3), dtype)
     b = np.ones((3, 2), dtype)
     out = np.empty((4, 2), dtype)
-    with blas_threads():
+    with one_thread(blas):
         _gemm_split(blas.gemm[a.dtype], _NO_TRANS, _NO_TRANS, 4, 2, 3, a.dtype.type(1.0),
                     data_address(a), 3, data_address(b), 2, a.dtype.type(0.0),
                     data_address(out), 2, True, 2, a.itemsize)

@@ -8,10 +8,10 @@ end. This is a memory-bound scan. More queries make it compute-bound (2 q flops 
 element read), so the rows go in blocks of ``GEMM_BLOCK_ROWS`` through BLAS (``queries @
 block.T``, a q x block score matrix that stays in cache) and each query's top-k is kept
 from its row of scores: each Numba thread does both for its own range of rows, calling
-NumPy's BLAS itself (``kernels.gemm``; BLAS pinned to one thread meanwhile), where that
-is available, else BLAS scores each block on its own threads and one thread selects.
-Scores are ``q.e / (|q| |e|)``; a zero-norm row or query scores 0; rows with NaN are
-never returned. Ties go to the lower row index.
+NumPy's BLAS itself (``kernels.gemm``; BLAS pinned to one thread meanwhile,
+``gemm.one_thread``), where that is available, else BLAS scores each block on its own
+threads and one thread selects. Scores are ``q.e / (|q| |e|)``; a zero-norm row or query
+scores 0; rows with NaN are never returned. Ties go to the lower row index.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from kernels._checks import data_address
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, num_threads, prange
 from kernels.gemm import _NO_TRANS, _TRANS, _gemm_call
-from kernels.threads import blas_threads
 from kernels._prefetch import prefetch_ahead
 from kernels._simd import scan_scores
 from kernels.errors import KernelInputError
@@ -270,7 +269,7 @@ def warm_gemm(dtype) -> None:
     qn = np.ones((2, 3), dt)
     out_s = np.full((2, 2, 1), -np.inf, dt)
     out_i = np.full((2, 2, 1), -1, np.int64)
-    with blas_threads():
+    with gemm.one_thread(blas):
         _topk_gemm_split(blas.gemm[dt], qn, e, out_s, out_i, 2, 0, False,
                          np.empty((2, 2 * 4), dt), np.ones((2, 4), dt), dt.type(1.0),
                          dt.type(0.0), 4)
@@ -289,21 +288,16 @@ def _topk_gemm(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: 
     block = GEMM_BLOCK_ROWS
     nch = min(num_threads(), -(-n // block))
     if blas is not None and nch >= 2 and GEMM_SPLIT:
-        with blas_threads():
-            # threadpoolctl changes OpenBLAS's thread count from one Python thread only
-            # (the first that set it; elsewhere, as in a Dask worker's thread, it does
-            # nothing), so the pin is checked: BLAS threaded in every Numba thread would
-            # share one pool
-            if blas.threads() == 1:
-                out_s = np.full((nch, nq, kk), -np.inf, q.dtype)
-                out_i = np.full((nch, nq, kk), -1, np.int64)
-                sc = np.empty((nch, nq * block), q.dtype)
-                einv = np.ones((nch, block), q.dtype)
-                _topk_gemm_split(blas.gemm[q.dtype], qn, e, out_s, out_i, nch, offset,
-                                 normalized, sc, einv, q.dtype.type(1.0), q.dtype.type(0.0),
-                                 block)
-                _merge_chunks(out_s, out_i)
-                return out_s[0], out_i[0]
+        out_s = np.full((nch, nq, kk), -np.inf, q.dtype)
+        out_i = np.full((nch, nq, kk), -1, np.int64)
+        sc = np.empty((nch, nq * block), q.dtype)
+        einv = np.ones((nch, block), q.dtype)
+        with gemm.one_thread(blas):  # from any thread (threadpoolctl's pin is not)
+            _topk_gemm_split(blas.gemm[q.dtype], qn, e, out_s, out_i, nch, offset,
+                             normalized, sc, einv, q.dtype.type(1.0), q.dtype.type(0.0),
+                             block)
+        _merge_chunks(out_s, out_i)
+        return out_s[0], out_i[0]
     out_s = np.full((nq, kk), -np.inf, q.dtype)
     out_i = np.full((nq, kk), -1, np.int64)
     buf = np.empty((nq, min(GEMM_BLOCK_ROWS, n)), q.dtype)

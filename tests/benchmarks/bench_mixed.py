@@ -8,14 +8,15 @@ thread pools, OpenBLAS's and Numba's OpenMP pool, and both keep their threads sp
 after each call. Each row runs the training app's model (Linear 32 -> 256, bias + GELU,
 layer norm, Linear 256 -> 10, softmax + cross-entropy, AdamW; batch 1024, float32: the
 app's ``kernels.apps._mlp.loss_and_grad`` and ``kernels.optim.AdamW``) in a process of
-its own, as the row says: as it is, inside ``kernels.blas_threads()`` (BLAS pinned to
-one thread; the app's products go through ``kernels.gemm.matmul``, which then splits
-them over Numba's threads, or, in the row that says so, through ``np.matmul`` on the
-calling thread), or with an environment variable that shortens one pool's spinning (read
-when the library loads, hence the separate processes). The same model and step in
-PyTorch is the last row. Per-call columns: a kernel called back to back, the case that
-spinning serves (best of 7 loops of about 20 ms each). What to do about it, and what each
-setting costs: docs/kernels.md, "Mixing NumPy's matrix products with the kernels".
+its own, as the row says: as it is (the products by ``np.matmul``, as ``x @ w`` does),
+inside ``kernels.blas_threads()`` (BLAS pinned to one thread), with an environment
+variable that shortens one pool's spinning (read when the library loads, hence the
+separate processes), or with the products by ``kernels.gemm.matmul`` (as the app does:
+split over Numba's threads, BLAS pinned for each call by ``matmul`` itself). The same
+model and step in PyTorch is the last row. Per-call columns: a kernel called back to
+back, the case that spinning serves (best of 7 loops of about 20 ms each). What to do
+about it, and what each setting costs: docs/kernels.md, "Mixing NumPy's matrix products
+with the kernels".
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ BATCH, FEATURES, HIDDEN, CLASSES = 1024, 32, 256, 10
 # (label, extra environment, run inside kernels.blas_threads(), PyTorch, products by
 # np.matmul instead of kernels.gemm.matmul)
 MODES = [
-    ("as it is", {}, False, False, False),
-    ("`with kernels.blas_threads():`", {}, True, False, False),
-    ("`with kernels.blas_threads():`, products by `np.matmul`", {}, True, False, True),
-    ("`GOMP_SPINCOUNT=0`", {"GOMP_SPINCOUNT": "0"}, False, False, False),
-    ("`OMP_WAIT_POLICY=passive`", {"OMP_WAIT_POLICY": "passive"}, False, False, False),
-    ("`OPENBLAS_THREAD_TIMEOUT=4`", {"OPENBLAS_THREAD_TIMEOUT": "4"}, False, False, False),
+    ("as it is", {}, False, False, True),
+    ("products by `kernels.gemm.matmul`", {}, False, False, False),
+    ("`with kernels.blas_threads():`", {}, True, False, True),
+    ("`with kernels.blas_threads():`, products by `kernels.gemm.matmul`", {}, True, False,
+     False),
+    ("`GOMP_SPINCOUNT=0`", {"GOMP_SPINCOUNT": "0"}, False, False, True),
+    ("`OMP_WAIT_POLICY=passive`", {"OMP_WAIT_POLICY": "passive"}, False, False, True),
+    ("`OPENBLAS_THREAD_TIMEOUT=4`", {"OPENBLAS_THREAD_TIMEOUT": "4"}, False, False, True),
     ("PyTorch, the same model and step", {}, False, True, False),
 ]
 
@@ -77,7 +80,7 @@ def child_ours(steps: int, pinned: bool, np_products: bool) -> dict:
     from kernels.apps import _mlp
     from kernels.optim import AdamW
 
-    if np_products:  # the app before kernels.gemm: one BLAS thread for the products
+    if np_products:  # as x @ w would (the app's products go through kernels.gemm)
         _mlp.matmul = lambda a, b, out=None: np.matmul(a, b, out=out)
     shapes = _mlp.Shapes(FEATURES, HIDDEN, CLASSES)
     opt = AdamW(_mlp.init_params(shapes, 0, np.dtype(np.float32)), lr=3e-3, weight_decay=1e-2)

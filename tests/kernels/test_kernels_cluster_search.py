@@ -392,29 +392,37 @@ def test_kmeans_tiles_take_an_empty_shard_and_refuse_bad_centroids():
         cluster.kmeans(np.ones((5, 3)), np.zeros((2, 4)))
 
 
-def test_many_query_search_in_a_thread_that_cannot_pin_blas_lets_blas_thread(
-        monkeypatch, rng):
+def test_many_query_search_splits_from_any_thread_and_puts_blas_back(monkeypatch, rng):
     # threadpoolctl changes OpenBLAS's thread count from one Python thread only: from a
-    # worker thread (a Dask task) while the main thread holds a limit, the search's pin
-    # does nothing, and it must not call BLAS from every Numba thread with BLAS threaded
+    # worker thread (a Dask task) while the main thread holds a limit, its pin does
+    # nothing. The search pins through kernels.gemm.one_thread, which works from there
     import threading
 
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     if not gemm.split_available():
         pytest.skip("NumPy's BLAS here is not its OpenBLAS with cblas_?gemm64_")
     e = rng.standard_normal((20000, 16))
     q = rng.standard_normal((70, 16))
-    calls = []
+    def numpy_blas_threads():
+        return {i["num_threads"] for i in threadpool_info()
+                if i["user_api"] == "blas" and "numpy" in (i.get("filepath") or "")}
+
+    seen = []
     real = search._topk_gemm_split
-    monkeypatch.setattr(search, "_topk_gemm_split", lambda *a: (calls.append(1), real(*a)))
+
+    def spy(*args):
+        seen.append(numpy_blas_threads())
+        return real(*args)
+
+    monkeypatch.setattr(search, "_topk_gemm_split", spy)
     want = search.topk_cosine(q, e, 5)
-    assert len(calls) == 1  # the main thread pins BLAS and splits
     got = {}
     with threadpool_limits(2, user_api="blas"):
         worker = threading.Thread(target=lambda: got.setdefault("r", search.topk_cosine(q, e, 5)))
         worker.start()
         worker.join(60)
-    assert len(calls) == 1  # the worker took the threaded-BLAS path
+        assert numpy_blas_threads() == {2}
+    assert seen == [{1}, {1}]  # both calls split, with BLAS on one thread
     np.testing.assert_array_equal(got["r"][1], want[1])
     np.testing.assert_allclose(got["r"][0], want[0], rtol=1e-12)

@@ -80,12 +80,50 @@ def test_matmul_splits_the_longer_side_of_the_output(splits, monkeypatch, rng):
     assert tall.shape == (40, 3) and wide.shape == (3, 50)
 
 
-def test_matmul_leaves_threaded_blas_and_small_products_to_numpy(monkeypatch, rng):
+def blas_counts() -> set[int]:
+    """NumPy's BLAS's thread count (another BLAS, such as SciPy's, may be loaded too)."""
+    return {i["num_threads"] for i in threadpool_info()
+            if i["user_api"] == "blas" and "numpy" in (i.get("filepath") or "")}
+
+
+def test_matmul_pins_threaded_blas_for_its_call_and_puts_the_count_back(splits, rng):
+    a, b = rng.standard_normal((512, 64)), rng.standard_normal((64, 300))
+    with threadpool_limits(2, user_api="blas"):  # BLAS threaded, as NumPy starts
+        got = gemm.matmul(a, b)
+        assert blas_counts() == {2}
+    assert len(splits) == 1
+    np.testing.assert_allclose(got, a @ b, rtol=1e-12, atol=1e-12)
+
+
+def test_matmul_from_threads_at_once_keeps_blas_pinned_until_the_last_leaves(splits, rng):
+    # two Python threads (Dask's threaded workers) multiplying at the same time while the
+    # main thread holds a limit (threadpoolctl would pin from the main thread only)
+    import threading
+
+    a, b = rng.standard_normal((400, 48)), rng.standard_normal((48, 200))
+    want = a @ b
+    bad = []
+
+    def work():
+        for _ in range(30):
+            if not np.allclose(gemm.matmul(a, b), want, rtol=1e-12, atol=1e-12):
+                bad.append(1)
+
+    with threadpool_limits(2, user_api="blas"):
+        workers = [threading.Thread(target=work) for _ in range(2)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(60)
+        assert blas_counts() == {2}
+    assert bad == [] and len(splits) == 60
+    assert gemm._PIN[0] == 0
+
+
+def test_matmul_leaves_small_and_other_layouts_to_numpy(monkeypatch, rng):
     calls = []
     monkeypatch.setattr(gemm, "_gemm_split", lambda *a: calls.append(a))
     a, b = rng.standard_normal((512, 64)), rng.standard_normal((64, 512))
-    with threadpool_limits(2, user_api="blas"):  # BLAS threaded: np.matmul's own threads
-        np.testing.assert_allclose(gemm.matmul(a, b), a @ b, rtol=1e-12)
     with kernels.blas_threads():
         small = rng.standard_normal((8, 8))
         np.testing.assert_allclose(gemm.matmul(small, small), small @ small, rtol=1e-12)
