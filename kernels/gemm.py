@@ -149,9 +149,12 @@ def _numpy_blas() -> _Blas | None:
 
 
 def _find() -> _Blas | None:
-    from kernels.threads import _controller
+    # a controller of its own: kernels.threads keeps the first one it makes, and one made
+    # this early (before a kernel's first compile loads SciPy's OpenBLAS) would leave
+    # that library out of kernels.blas_threads()
+    from threadpoolctl import ThreadpoolController
 
-    for lib in _controller().lib_controllers:
+    for lib in ThreadpoolController().lib_controllers:
         info = lib.info()
         path = info.get("filepath") or ""
         if info.get("internal_api") != "openblas" or "numpy" not in path:

@@ -21,17 +21,24 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-_CONTROLLER: list[Any] = []  # the threadpoolctl controller, made on first use
+_CONTROLLER: list[Any] = []  # the threadpoolctl controller and len(sys.modules) then
 
 
 def _controller() -> Any:
-    """A threadpoolctl ``ThreadpoolController``, made once: building one scans the loaded
-    libraries (a few milliseconds). NumPy is imported first, so its BLAS is among them."""
-    if not _CONTROLLER:
+    """A threadpoolctl ``ThreadpoolController``, made again only when modules were
+    imported since the last one: building one scans the loaded libraries (a few
+    milliseconds), and a library that brings a BLAS of its own arrives with an import
+    (SciPy's OpenBLAS, which a kernel's first compile loads, came after the first scan and
+    was left out of ``blas_threads()``). NumPy is imported first, so its BLAS is always
+    among them."""
+    import sys
+
+    if not _CONTROLLER or _CONTROLLER[1] != len(sys.modules):
         import numpy  # noqa: F401  (BLAS must be loaded before the scan)
         from threadpoolctl import ThreadpoolController
 
-        _CONTROLLER.append(ThreadpoolController())
+        ctl = ThreadpoolController()
+        _CONTROLLER[:] = [ctl, len(sys.modules)]
     return _CONTROLLER[0]
 
 

@@ -38,6 +38,22 @@ def test_blas_threads_pins_blas_inside_and_restores_the_previous_count():
         assert set(blas_counts()) == {2}
 
 
+def test_blas_threads_scans_again_after_an_import(monkeypatch):
+    # a library with a BLAS of its own arrives with an import (SciPy's OpenBLAS, which a
+    # kernel's first compile loads): a controller made before it would leave it out
+    import sys
+    import types
+
+    from kernels import threads
+
+    first = threads._controller()
+    assert threads._controller() is first  # nothing imported since: the same scan
+    monkeypatch.setitem(sys.modules, "hpcgw_test_new_module", types.ModuleType("m"))
+    again = threads._controller()
+    assert again is not first
+    assert threads._controller() is again
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "1", None])
 def test_blas_threads_refuses_a_limit_that_is_not_a_positive_integer(bad):
     with threadpool_limits(2, user_api="blas"):
