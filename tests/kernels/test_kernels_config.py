@@ -79,7 +79,7 @@ def test_import_kernels_does_not_import_numba(run_python):
 def test_cache_dir_is_used_and_second_process_loads_from_it(tmp_path, run_python):
     code = ("import json, numpy as np\nfrom kernels import optim\n"
             "optim.adamw_step(np.ones(3), np.ones(3), np.zeros(3), np.zeros(3), step=1)\n"
-            "s = optim._adamw.stats\n"
+            "s = optim._adamw_head.stats\n"
             "print(json.dumps([s.cache_path, sum(s.cache_hits.values()), "
             "sum(s.cache_misses.values())]))")
     cache = tmp_path / "numba cache"  # a space in the path on purpose
@@ -171,7 +171,7 @@ def test_a_child_process_uses_its_parents_cache_folder(run_python):
 
     child = ("import json\nimport numpy as np\nfrom kernels import optim\n"
              "from kernels._jit import CACHE_DIR\na = np.ones(3)\n"
-             "optim.adamw_step(a, a, a * 0, a * 0, step=1)\ns = optim._adamw.stats\n"
+             "optim.adamw_step(a, a, a * 0, a * 0, step=1)\ns = optim._adamw_head.stats\n"
              "print(json.dumps([CACHE_DIR, sum(s.cache_hits.values()), "
              "sum(s.cache_misses.values())]), flush=True)\n")
     parent = child + ("import os, subprocess, sys\n"
