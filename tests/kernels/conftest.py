@@ -159,3 +159,21 @@ def background(request: pytest.FixtureRequest, tmp_path: Path
     folder, future = started
     request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
     return folder, future.result()
+
+
+@pytest.fixture
+def gemm_split():
+    """``kernels.gemm`` splits products over Numba's threads where NumPy's BLAS is the
+    OpenBLAS NumPy bundles; there its entry points must be found (a failure, not a skip).
+    Elsewhere (a NumPy built against MKL or a system BLAS: a property of the install)
+    the library never splits, which is checked before the test is skipped."""
+    from threadpoolctl import threadpool_info
+
+    from kernels import gemm
+
+    bundled = any(i.get("internal_api") == "openblas" and "numpy" in (i.get("filepath") or "")
+                  for i in threadpool_info())
+    if not bundled:
+        assert not gemm.split_available()
+        pytest.skip("NumPy's BLAS here is not its bundled OpenBLAS: matmul never splits")
+    assert gemm.split_available(), "NumPy's bundled OpenBLAS lacks cblas_?gemm64_"

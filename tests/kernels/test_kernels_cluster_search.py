@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from kernels import cluster, gemm, search
+from kernels import cluster, search
 from kernels.errors import KernelDtypeError, KernelInputError
 
 
@@ -100,8 +100,8 @@ def search_path(request, monkeypatch):
         monkeypatch.setattr(search, "GEMM_BLOCK_ROWS", 7)
         split = request.param == "gemm"
         monkeypatch.setattr(search, "GEMM_SPLIT", split)
-        if split and not gemm.split_available():
-            pytest.skip("NumPy's BLAS here is not its OpenBLAS with cblas_?gemm64_")
+        if split:
+            request.getfixturevalue("gemm_split")
     else:
         monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
         monkeypatch.setattr(search, "VEC_SCAN", request.param == "fused")
@@ -392,7 +392,8 @@ def test_kmeans_tiles_take_an_empty_shard_and_refuse_bad_centroids():
         cluster.kmeans(np.ones((5, 3)), np.zeros((2, 4)))
 
 
-def test_many_query_search_splits_from_any_thread_and_puts_blas_back(monkeypatch, rng):
+def test_many_query_search_splits_from_any_thread_and_puts_blas_back(monkeypatch, rng,
+                                                                    gemm_split):
     # threadpoolctl changes OpenBLAS's thread count from one Python thread only: from a
     # worker thread (a Dask task) while the main thread holds a limit, its pin does
     # nothing. The search pins through kernels.gemm.one_thread, which works from there
@@ -400,8 +401,6 @@ def test_many_query_search_splits_from_any_thread_and_puts_blas_back(monkeypatch
 
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    if not gemm.split_available():
-        pytest.skip("NumPy's BLAS here is not its OpenBLAS with cblas_?gemm64_")
     e = rng.standard_normal((20000, 16))
     q = rng.standard_normal((70, 16))
     def numpy_blas_threads():

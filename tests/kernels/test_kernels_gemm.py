@@ -12,17 +12,9 @@ from kernels._jit import numba
 from kernels.errors import KernelInputError
 
 
-def numpy_openblas() -> bool:
-    return any(i.get("internal_api") == "openblas" and "numpy" in (i.get("filepath") or "")
-               for i in threadpool_info())
-
-
 @pytest.fixture
-def splits(monkeypatch):
+def splits(monkeypatch, gemm_split):
     """Every product split (no size floor); the number of split calls made."""
-    if not numpy_openblas():
-        pytest.skip("NumPy's BLAS here is not its bundled OpenBLAS")
-    assert gemm.split_available(), "NumPy's OpenBLAS lacks cblas_?gemm64_"
     assert numba.get_num_threads() >= 2, "the split needs two Numba threads"
     monkeypatch.setattr(gemm, "SPLIT_MIN_FLOPS", 0)
     calls = []
