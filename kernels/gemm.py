@@ -149,12 +149,9 @@ def _numpy_blas() -> _Blas | None:
 
 
 def _find() -> _Blas | None:
-    # a controller of its own: kernels.threads keeps the first one it makes, and one made
-    # this early (before a kernel's first compile loads SciPy's OpenBLAS) would leave
-    # that library out of kernels.blas_threads()
-    from threadpoolctl import ThreadpoolController
+    from kernels.threads import _controller
 
-    for lib in ThreadpoolController().lib_controllers:
+    for lib in _controller().lib_controllers:
         info = lib.info()
         path = info.get("filepath") or ""
         if info.get("internal_api") != "openblas" or "numpy" not in path:
@@ -185,9 +182,9 @@ def _layout(x: np.ndarray) -> tuple[int, int] | None:
     r, c = x.shape
     if not x.flags.aligned:
         return None
-    if x.strides[1] == item and (r == 1 or x.strides[0] == c * item) and c >= 1:
+    if x.strides[1] == item and (r == 1 or x.strides[0] == c * item):
         return _NO_TRANS, max(c, 1)
-    if x.strides[0] == item and (c == 1 or x.strides[1] == r * item) and r >= 1:
+    if x.strides[0] == item and (c == 1 or x.strides[1] == r * item):
         return _TRANS, max(r, 1)
     return None
 
@@ -235,12 +232,11 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
 def _operand(name: str, x: Any, dtype: Any = None) -> np.ndarray:
     """A 2-D float32/float64 operand as given (strided views are kept: ``matmul`` takes
     transposed views as they are and hands any other layout to ``np.matmul``)."""
-    if isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype in _checks.FLOAT_DTYPES:
-        if dtype is not None and x.dtype != dtype:
-            _checks.float_array(name, x, dtype=dtype)  # raises, naming the dtypes
-        return x
-    _checks.float_array(name, x, ndim=2, dtype=dtype)  # raises with the reason
-    raise KernelInputError(f"{name} must be 2-D")  # pragma: no cover (float_array raised)
+    if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype in _checks.FLOAT_DTYPES
+            and (dtype is None or x.dtype == dtype)):
+        _checks.float_array(name, x, ndim=2, dtype=dtype)  # raises, naming what is wrong
+    return x
+
 
 
 def warm(dtype: Any) -> None:

@@ -19,6 +19,7 @@ libraries loaded in the process at its first use (NumPy's OpenBLAS, or MKL).
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 _CONTROLLER: list[Any] = []  # the threadpoolctl controller and len(sys.modules) then
@@ -31,8 +32,6 @@ def _controller() -> Any:
     (SciPy's OpenBLAS, which a kernel's first compile loads, came after the first scan and
     was left out of ``blas_threads()``). NumPy is imported first, so its BLAS is always
     among them."""
-    import sys
-
     if not _CONTROLLER or _CONTROLLER[1] != len(sys.modules):
         import numpy  # noqa: F401  (BLAS must be loaded before the scan)
         from threadpoolctl import ThreadpoolController
