@@ -24,9 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kernels import _checks
+from kernels import _checks, gemm
+from kernels._checks import data_address
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, num_threads, prange
+from kernels.gemm import _NO_TRANS, _TRANS, _gemm_call
 from kernels.threads import blas_threads
 from kernels._simd import VEC_BITS, tile_argmin
 from kernels.errors import KernelInputError
@@ -169,6 +171,7 @@ def _add_rows(x, labels, lo, hi, psum, pcnt):
 
 
 CHUNK_BYTES = 1 << 20  # size of one chunk's c @ x_chunk.T
+GEMM_SPLIT = True  # False: the Python-thread pool even where the split could run (tests)
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -179,21 +182,69 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOLS[workers]
 
 
+@jit(parallel=True)
+def _assign_split(fn, x, c, cn, labels, mind, psum, pcnt, gts, rows, nparts, sums, dist,
+                  one, zero):
+    """The GEMM path on Numba's threads: part ``p`` takes its own run of row chunks and,
+    for each, makes one BLAS call ``gt = c @ x_chunk.T`` (``kernels.gemm._gemm_call``,
+    NumPy's OpenBLAS on the calling thread) into its buffer ``gts[p]``, then the argmin,
+    the sums (``sums``) and the distances (``dist``), while the chunk is in cache."""
+    n, d = x.shape
+    k = c.shape[0]
+    nblk = (n + rows - 1) // rows
+    item = x.itemsize
+    for p in prange(nparts):
+        gt = gts[p]
+        for j in range(nblk * p // nparts, nblk * (p + 1) // nparts):
+            lo = j * rows
+            hi = min(n, lo + rows)
+            m = hi - lo
+            _gemm_call(fn, _NO_TRANS, _TRANS, k, m, d, one, data_address(c), d,
+                       data_address(x) + lo * d * item, d, zero, data_address(gt), m)
+            _argmin_cols(gt[:k * m].reshape((k, m)), cn, labels, mind, lo)
+            if sums:
+                _add_rows(x, labels, lo, hi, psum[p], pcnt[p])
+            if dist:
+                _finish_dist(x, labels, mind, lo, hi, zero)
+
+
 def _assign_gemm(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarray,
-                 mind: np.ndarray, sums: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
-    """Chunked GEMM path, as scikit-learn: each worker thread takes chunks of rows whose
-    ``c @ x_chunk.T`` fits in about 1 MB, then :func:`_argmin_cols` (nogil) on it; the
-    n x k matrix is never formed. With ``sums`` the chunk is also added into per-worker
-    cluster sums while in cache (one pass over x per Lloyd iteration). BLAS runs
-    single-threaded inside the workers: BLAS threads and Numba's both spin-wait, and
-    alternating the two pools on the same cores was 10x slower."""
+                 mind: np.ndarray, sums: bool = False, dist: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Chunked GEMM path, as scikit-learn: chunks of rows whose ``c @ x_chunk.T`` fits in
+    about 1 MB, then :func:`_argmin_cols` on it while in cache; the n x k matrix is never
+    formed. With ``sums`` the chunk is also added into per-thread cluster sums (one pass
+    over x per Lloyd iteration); ``dist=False`` leaves ``mind`` as ``|c|^2 - 2 x.c``.
+    BLAS runs single-threaded inside the threads: BLAS threads and Numba's both
+    spin-wait, and alternating the two pools on the same cores was 10x slower. Where ``kernels.gemm`` can call NumPy's OpenBLAS from Numba's threads,
+    each thread takes a run of chunks (``_assign_split``, pinned with ``gemm.one_thread``,
+    which works from any thread); else a pool of Python threads calls ``np.matmul``."""
     n, (k, d) = x.shape[0], c.shape
     rows = max(64, min(n, CHUNK_BYTES // (k * x.itemsize)))
-    starts = list(range(0, n, rows))
-    workers = max(1, min(num_threads(), len(starts)))
-    zero = x.dtype.type(0)
+    nblk = -(-n // rows)
+    workers = max(1, min(num_threads(), nblk))
     psum = np.zeros((workers, k, d), np.float64)
     pcnt = np.zeros((workers, k), np.int64)
+    blas = gemm._numpy_blas() if GEMM_SPLIT else None
+    if blas is not None:
+        gts = np.empty((workers, k * rows), x.dtype)
+        with gemm.one_thread(blas):
+            _assign_split(blas.gemm[x.dtype], x, np.ascontiguousarray(c), cn, labels, mind,
+                          psum, pcnt, gts, rows, workers, sums, dist, x.dtype.type(1),
+                          x.dtype.type(0))
+    else:
+        _assign_pool(x, c, cn, labels, mind, psum, pcnt, rows, workers, sums, dist)
+    return (psum.sum(axis=0), pcnt.sum(axis=0)) if sums else None
+
+
+def _assign_pool(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarray,
+                 mind: np.ndarray, psum: np.ndarray, pcnt: np.ndarray, rows: int,
+                 workers: int, sums: bool, dist: bool) -> None:
+    """``_assign_split`` without NumPy's OpenBLAS at hand: Python threads (the kernels
+    release the GIL) call ``np.matmul`` with BLAS limited by threadpoolctl."""
+    n, k = x.shape[0], c.shape[0]
+    starts = list(range(0, n, rows))
+    zero = x.dtype.type(0)
 
     def work(w: int) -> None:
         buf = np.empty((k, rows), x.dtype)
@@ -204,7 +255,7 @@ def _assign_gemm(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarra
             _argmin_cols(gt, cn, labels, mind, lo)
             if sums:
                 _add_rows(x, labels, lo, hi, psum[w], pcnt[w])
-            else:
+            if dist:
                 _finish_dist(x, labels, mind, lo, hi, zero)
 
     with blas_threads(1):
@@ -212,7 +263,6 @@ def _assign_gemm(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarra
             work(0)
         else:
             list(_pool(workers).map(work, range(workers)))
-    return (psum.sum(axis=0), pcnt.sum(axis=0)) if sums else None
 
 
 def _uses_gemm(c: np.ndarray) -> bool:
@@ -435,15 +485,29 @@ class KMeansTiles:
         return labels, mind
 
 
-def _lloyd_step(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labels, cluster sums and counts for centroids ``c``: one pass over ``x`` on the
-    GEMM path (sums added per chunk), assignment then partial sums on the fused path."""
+def _assign_sums(x: np.ndarray, centroids: np.ndarray, dist: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels, sq_distances, sums, counts)`` of one shard for ``centroids``: what
+    :func:`kmeans_assign` and :func:`kmeans_partial_sums` give together (a Dask block's
+    part of a Lloyd step). One pass over ``x`` on the GEMM path (sums and distances per
+    chunk, in cache); assignment then partial sums on the fused path. ``dist=False``
+    skips the distances (``sq_distances`` then holds nothing useful)."""
+    x = _checks.float_array("x", x, ndim=2)
+    c = _centroids_for(x, centroids)
     if x.shape[0] == 0 or not _uses_gemm(c):
-        labels, _ = kmeans_assign(x, c)
-        return (labels, *kmeans_partial_sums(x, labels, c.shape[0]))
+        labels, mind = kmeans_assign(x, c)
+        return (labels, mind, *kmeans_partial_sums(x, labels, c.shape[0]))
     labels = np.empty(x.shape[0], np.int64)
     mind = np.empty(x.shape[0], x.dtype)
-    sums, counts = _assign_gemm(x, c, np.einsum("ij,ij->i", c, c), labels, mind, sums=True)
+    sums, counts = _assign_gemm(x, c, np.einsum("ij,ij->i", c, c), labels, mind, sums=True,
+                                dist=dist)
+    return labels, mind, sums, counts
+
+
+def _lloyd_step(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, cluster sums and counts for centroids ``c`` (:func:`_assign_sums` without
+    the distances)."""
+    labels, _, sums, counts = _assign_sums(x, c, dist=False)
     return labels, sums, counts
 
 

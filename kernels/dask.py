@@ -61,9 +61,9 @@ def _block_assign(b: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def _block_partials(b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """[sums (k*d), counts (k), inertia] of one block, as a (1, k*(d+1)+1) float64 row."""
-    labels, dist = cluster.kmeans_assign(b, c)
-    sums, counts = cluster.kmeans_partial_sums(b, labels, c.shape[0])
+    """[sums (k*d), counts (k), inertia] of one block, as a (1, k*(d+1)+1) float64 row
+    (on the GEMM path, one pass over the block: ``cluster._assign_sums``)."""
+    _, dist, sums, counts = cluster._assign_sums(b, c)
     inertia = np.nansum(dist, dtype=np.float64)
     return np.concatenate([sums.ravel(), counts.astype(np.float64), [inertia]])[None, :]
 

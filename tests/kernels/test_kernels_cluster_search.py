@@ -271,6 +271,42 @@ def test_gemm_path_matches_reference_ties_and_nan(dtype, rng):
     assert agree.mean() > 0.999 if dtype == np.float32 else agree.all()
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split", "pool"])
+def test_gemm_path_gives_labels_distances_and_sums_in_one_pass(dtype, rng, monkeypatch,
+                                                               request, split):
+    # the GEMM path two ways: each Numba thread making its own BLAS calls (split) and the
+    # Python-thread pool around np.matmul; many chunks (a partial last one), a NaN row,
+    # a duplicated centroid. Integer-valued data: every product is exact, so labels,
+    # distances and sums must equal the reference's exactly, ties to the lower index
+    if split:
+        request.getfixturevalue("gemm_split")
+    monkeypatch.setattr(cluster, "GEMM_SPLIT", split)
+    monkeypatch.setattr(cluster, "CHUNK_BYTES", 4096)  # 64-row chunks: 16 of them
+    calls = []
+    real = cluster._assign_split
+    monkeypatch.setattr(cluster, "_assign_split", lambda *a: calls.append(1) or real(*a))
+    x = rng.integers(-3, 4, (1001, 40)).astype(dtype)
+    x[500] = np.nan
+    c = rng.integers(-3, 4, (33, 40)).astype(dtype)
+    c[20] = c[4]
+    assert cluster._uses_gemm(c)
+    labels, dist, sums, counts = cluster._assign_sums(x, c)
+    assert len(calls) == int(split)
+    ref = ref_sq_dists(x, c)
+    ok = np.arange(1001) != 500
+    np.testing.assert_array_equal(labels[ok], ref[ok].argmin(axis=1))
+    assert labels[500] == -1 and np.isnan(dist[500]) and not np.any(labels == 20)
+    np.testing.assert_array_equal(dist[ok], ref[ok].min(axis=1))
+    want_sums = np.zeros((33, 40))
+    np.add.at(want_sums, labels[ok], x[ok])
+    np.testing.assert_array_equal(sums, want_sums)
+    np.testing.assert_array_equal(counts, np.bincount(labels[ok], minlength=33))
+    assert counts.sum() == 1000
+    lab2, dist2 = cluster.kmeans_assign(x, c)  # the same path without the sums
+    np.testing.assert_array_equal(lab2, labels)
+    np.testing.assert_array_equal(dist2, dist)
+
+
 def _lloyd_over_public_steps(x, c, max_iter):
     """kmeans' loop written with kmeans_assign, kmeans_partial_sums and
     centroids_from_sums, the steps the MPI app and the Dask version take."""

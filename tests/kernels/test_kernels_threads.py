@@ -62,9 +62,10 @@ def test_blas_threads_refuses_a_limit_that_is_not_a_positive_integer(bad):
         assert set(blas_counts()) == {2}  # nothing changed
 
 
-def test_kmeans_gemm_path_runs_its_products_on_one_blas_thread(monkeypatch, rng):
-    # the chunked-GEMM assignment alternates np.matmul with Numba kernels on worker
-    # threads; with BLAS threaded too the pools fight over the cores (docs/kernels.md)
+def test_kmeans_gemm_pool_runs_its_products_on_one_blas_thread(monkeypatch, rng):
+    # without the split (a NumPy whose BLAS kernels.gemm cannot call), the chunked-GEMM
+    # assignment alternates np.matmul with Numba kernels on Python worker threads; with
+    # BLAS threaded too the pools fight over the cores (docs/kernels.md)
     seen = []
     real = np.matmul
 
@@ -75,6 +76,7 @@ def test_kmeans_gemm_path_runs_its_products_on_one_blas_thread(monkeypatch, rng)
     x = rng.standard_normal((3000, 40))
     c = rng.standard_normal((33, 40))
     assert cluster._uses_gemm(c)
+    monkeypatch.setattr(cluster, "GEMM_SPLIT", False)
     with threadpool_limits(2, user_api="blas"):
         monkeypatch.setattr(np, "matmul", spy)
         labels, _ = cluster.kmeans_assign(x, c)
@@ -83,6 +85,41 @@ def test_kmeans_gemm_path_runs_its_products_on_one_blas_thread(monkeypatch, rng)
     assert seen and all(set(s) == {1} for s in seen)
     d = ((x[:, None, :] - c[None]) ** 2).sum(axis=2)
     assert (labels == d.argmin(axis=1)).all()
+
+
+def test_kmeans_gemm_split_pins_blas_from_any_thread(monkeypatch, rng, gemm_split):
+    # the split path (each Numba thread makes its own BLAS calls) pins NumPy's OpenBLAS
+    # through kernels.gemm.one_thread, which works from a worker thread (a Dask task)
+    # while the main thread holds a threadpoolctl limit; threadpoolctl's own pin does
+    # nothing there, and the products would then wake OpenBLAS's pool on every call
+    import threading
+
+    seen = []
+    real = cluster._assign_split
+
+    def numpy_blas_threads():  # the library the split calls (SciPy's may load another)
+        return {i["num_threads"] for i in threadpool_info()
+                if i["user_api"] == "blas" and "numpy" in (i.get("filepath") or "")}
+
+    def spy(*args):
+        seen.append(numpy_blas_threads())
+        return real(*args)
+
+    monkeypatch.setattr(cluster, "_assign_split", spy)
+    x = rng.standard_normal((3000, 40))
+    c = rng.standard_normal((33, 40))
+    want = cluster.kmeans_assign(x, c)
+    got = {}
+    with threadpool_limits(2, user_api="blas"):
+        worker = threading.Thread(target=lambda: got.setdefault("r", cluster.kmeans_assign(x, c)))
+        worker.start()
+        worker.join(60)
+        assert set(blas_counts()) == {2}  # put back when the worker's call left
+    assert seen == [{1}, {1}]
+    np.testing.assert_array_equal(got["r"][0], want[0])
+    np.testing.assert_allclose(got["r"][1], want[1], rtol=1e-12)
+    d = ((x[:, None, :] - c[None]) ** 2).sum(axis=2)
+    assert (want[0] == d.argmin(axis=1)).all()
 
 
 SHARE = """
