@@ -11,6 +11,7 @@ Modules:
     kernels.search    top-k cosine similarity search
     kernels.quant     int8 symmetric per-channel quantize / dequantize
     kernels.compress  top-k gradient sparsification with error feedback
+    kernels.data      take_rows(): mini-batch rows gathered on every core
     kernels.dask      the k-means and search kernels on dask arrays
     kernels.threads   blas_threads(): NumPy's BLAS pinned while kernels run
     kernels.gemm      matmul(): NumPy's BLAS products split over Numba's threads

@@ -33,7 +33,7 @@ MAX_DEFAULT_JOBS = 8
 
 
 def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
-    from kernels import _simd, cluster, compress, gemm, nn, optim, quant, search
+    from kernels import _simd, cluster, compress, data, gemm, nn, optim, quant, search
     from kernels._checks import empty_aligned, empty_placed
 
     x = np.linspace(-1, 1, 24, dtype=dt).reshape(4, 6)
@@ -108,6 +108,7 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         "topk_cosine": lambda: search.topk_cosine(x, x, 2),
         "matmul": lambda: gemm.warm(dt),  # NumPy's BLAS on Numba's threads
         "topk_cosine many queries": lambda: search.warm_gemm(dt),  # its split GEMM path
+        "take_rows": lambda: data.warm(dt),  # both forms (one thread, split)
         "quantize_int8": lambda: quant.quantize_int8(x),
         "dequantize_int8": lambda: quant.dequantize_int8(quant.quantize_int8(x)[0], v[:4], dt),
         "topk_sparsify": lambda: compress.topk_sparsify(x.ravel(), np.zeros(24, dt), 3),

@@ -27,6 +27,7 @@ from kernels.apps import _mlp
 from kernels.apps._common import shard, synthetic_rows, write_json, write_npz
 from kernels.apps._mpi import Comm, get_comm, share_cores
 from kernels.compress import ErrorFeedback, densify
+from kernels.data import take_rows
 
 _CKPT = re.compile(r"ckpt-epoch(\d+)\.npz$")
 
@@ -107,11 +108,13 @@ class Trainer:
         perm = np.random.default_rng(np.random.SeedSequence([a.seed, 1000 + self.epoch]))
         order = perm.permutation(a.samples)
         stats = np.zeros(2, np.float64)
+        xb = np.empty((B, self.x.shape[1]), self.x.dtype)  # this rank's rows of a batch
         t0 = time.perf_counter()
         for s in range(a.samples // B):
             batch = order[s * B:(s + 1) * B]
             mine = np.sort(batch[(batch >= self.lo) & (batch < self.hi)]) - self.lo
-            loss, correct = _mlp.loss_and_grad(self.opt.params, self.shapes, self.x[mine],
+            x = take_rows(self.x, mine, out=xb[:mine.size])
+            loss, correct = _mlp.loss_and_grad(self.opt.params, self.shapes, x,
                                                self.y[mine], self.grad, B)
             stats += (loss, correct)
             self.reduce_grad()
