@@ -216,9 +216,10 @@ def _assign_gemm(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarra
     formed. With ``sums`` the chunk is also added into per-thread cluster sums (one pass
     over x per Lloyd iteration); ``dist=False`` leaves ``mind`` as ``|c|^2 - 2 x.c``.
     BLAS runs single-threaded inside the threads: BLAS threads and Numba's both
-    spin-wait, and alternating the two pools on the same cores was 10x slower. Where ``kernels.gemm`` can call NumPy's OpenBLAS from Numba's threads,
-    each thread takes a run of chunks (``_assign_split``, pinned with ``gemm.one_thread``,
-    which works from any thread); else a pool of Python threads calls ``np.matmul``."""
+    spin-wait, and alternating the two pools on the same cores was 10x slower. Where
+    ``kernels.gemm`` can call NumPy's OpenBLAS from Numba's threads, each thread takes a
+    run of chunks (``_assign_split``, pinned with ``gemm.one_thread``, which works from
+    any thread); else a pool of Python threads calls ``np.matmul``."""
     n, (k, d) = x.shape[0], c.shape
     rows = max(64, min(n, CHUNK_BYTES // (k * x.itemsize)))
     nblk = -(-n // rows)
