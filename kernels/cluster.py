@@ -170,7 +170,12 @@ def _add_rows(x, labels, lo, hi, psum, pcnt):
             acc[t] += xi[t] if ok else 0.0
 
 
-CHUNK_BYTES = 1 << 20  # size of one chunk's c @ x_chunk.T
+# size of one chunk's c @ x_chunk.T: with its rows of x, within a 2 MiB L2. Split path,
+# medians of 11, 256 KiB / 512 KiB / 1 MiB / 2 MiB, ms: 100000 x 64, k = 64 float32 4.85 /
+# 4.80 / 5.13 / 5.33, float64 8.25 / 8.01 / 8.44 / 9.49; 100000 x 32, k = 256 8.45 / 8.48 /
+# 8.69 / 9.27; 20000 x 128, k = 32 1.36 / 1.64 / 1.66 / 2.24; 200000 x 16, k = 64 5.58 /
+# 5.24 / 5.11 / 5.75
+CHUNK_BYTES = 1 << 19
 GEMM_SPLIT = True  # False: the Python-thread pool even where the split could run (tests)
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
@@ -212,7 +217,7 @@ def _assign_gemm(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarra
                  mind: np.ndarray, sums: bool = False, dist: bool = True
                  ) -> tuple[np.ndarray, np.ndarray] | None:
     """Chunked GEMM path, as scikit-learn: chunks of rows whose ``c @ x_chunk.T`` fits in
-    about 1 MB, then :func:`_argmin_cols` on it while in cache; the n x k matrix is never
+    ``CHUNK_BYTES``, then :func:`_argmin_cols` on it while in cache; the n x k matrix is never
     formed. With ``sums`` the chunk is also added into per-thread cluster sums (one pass
     over x per Lloyd iteration); ``dist=False`` leaves ``mind`` as ``|c|^2 - 2 x.c``.
     BLAS runs single-threaded inside the threads: BLAS threads and Numba's both
