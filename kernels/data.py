@@ -2,11 +2,13 @@
 
 ``x[idx]`` (NumPy's fancy indexing) copies the rows one after another on one thread,
 and for a shuffled mini-batch each row is a cache miss: the loads wait on memory in
-turn. :func:`take_rows` splits the rows over Numba's threads and asks for each row
-``AHEAD`` rows before it copies it (``kernels._prefetch.prefetch``), so several misses
-are in flight per core. Emerald Rapids host, 2 cores, a 131072 x 32 float32 matrix out
-of cache, 1024 sorted random rows, medians: ``x[idx]`` 62.6 us, one thread without hints
-35.8, one thread 8 rows ahead 27.4, two threads 8 rows ahead 17.7.
+turn. :func:`take_rows` splits the rows over Numba's threads and asks for each row (a
+hint per cache line of it) ``AHEAD`` rows before it copies it, so several misses are in
+flight per core. Emerald Rapids host, 2 cores, 1024 sorted random rows of a 131072-row
+matrix that a 32 MiB write had pushed out of cache, medians of 196, us, NumPy / the
+kernel with a hint for a row's first and last line / a hint per line: float32 x 32
+34-47 / 21-23 / 19-22, x 256 122-143 / 87-95 / 76-84, float64 x 128 128-152 / 86-98 /
+77-88 (ranges: two runs). One thread without hints had been 1.3x slower than with.
 """
 
 from __future__ import annotations
@@ -24,37 +26,41 @@ from kernels.errors import KernelInputError
 __all__ = ["take_rows"]
 
 AHEAD = 8  # rows asked for before they are copied (4 to 32 measured alike; 0 was 1.3x slower)
-# a call copying fewer bytes than this runs on the calling thread only
+# a call copying fewer bytes than this and fewer rows than that runs on the calling
+# thread only: the rows are cache misses, so their count matters as well as their bytes
+# (1024 rows of 32 bytes, in cache: one thread 5.8 us, two 4.7; 512 rows out of cache:
+# 6.6 and 8.1)
 PARALLEL_MIN_BYTES = 64 << 10
-
-
-@jit()
-def _first_bad(idx, n):
-    """Position of the first index outside ``[0, n)``, or -1."""
-    for i in range(idx.size):
-        if idx[i] < 0 or idx[i] >= n:
-            return i
-    return -1
+PARALLEL_MIN_ROWS = 1024
 
 
 @jit(parallel=True)
 def _take(x, idx, out, nchunks):
     """``out[i] = x[idx[i]]``, chunks of ``idx`` on the threads, each row asked for
-    ``AHEAD`` rows before it is copied (its first and last element: a row may span two
-    cache lines or more, the hardware prefetcher fills in between)."""
+    ``AHEAD`` rows before it is copied (a hint per cache line of it); first, on the
+    calling thread, every index is checked: returns the position of the first outside
+    ``[0, len(x))`` (nothing written), else -1. One call for both: a second dispatch cost
+    more than the check."""
     m = idx.size
+    n = x.shape[0]
+    for i in range(m):
+        if idx[i] < 0 or idx[i] >= n:
+            return i
     d = x.shape[1]
     flat = x.reshape(-1)
+    step = 64 // x.itemsize  # one hint per cache line
     for c in prange(nchunks):
         lo, hi = chunk_bounds(m, nchunks, c)
         for i in range(lo, hi):
             if i + AHEAD < hi:
                 at = idx[i + AHEAD] * d
-                prefetch(flat, at)
+                for e in range(at, at + d, step):
+                    prefetch(flat, e)
                 prefetch(flat, at + d - 1)
             r = idx[i]
             for t in range(d):
                 out[i, t] = x[r, t]
+    return -1
 
 
 _take_1 = serial_twin(_take)
@@ -89,15 +95,13 @@ def take_rows(x: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> 
     o = _checks.out_array("out", out, (ix.size, x.shape[1]), x.dtype)
     if out is not None and np.shares_memory(o, x):
         raise KernelInputError("out must not overlap x")
-    bad = _first_bad(ix, x.shape[0])
+    big = o.nbytes >= PARALLEL_MIN_BYTES or ix.size >= PARALLEL_MIN_ROWS
+    nch = num_threads() if big else 1
+    nch = max(1, min(nch, ix.size // (2 * AHEAD)))
+    bad = pick_twin(_take, _take_1, nch)(x, ix, o, nch)
     if bad >= 0:
         raise KernelInputError(f"idx must be in [0, {x.shape[0]}) (rows of x), got "
                                f"idx[{bad}] = {ix[bad]}")
-    if ix.size == 0 or x.shape[1] == 0:
-        return o
-    nch = num_threads() if o.nbytes >= PARALLEL_MIN_BYTES else 1
-    nch = max(1, min(nch, ix.size // (2 * AHEAD)))
-    pick_twin(_take, _take_1, nch)(x, ix, o, nch)
     return o
 
 

@@ -9,26 +9,28 @@ from kernels import data
 from kernels.errors import KernelDtypeError, KernelInputError
 
 
-@pytest.mark.parametrize("rows", [5, 1000, 6000])  # one thread; 2+ chunks from 64 KiB on
-def test_take_rows_matches_numpy_fancy_indexing(dtype, rng, rows, monkeypatch):
+# threads from 64 KiB or 1024 rows on
+@pytest.mark.parametrize("rows,cols", [(5, 6), (300, 6), (1000, 6), (1024, 6), (1000, 24)])
+def test_take_rows_matches_numpy_fancy_indexing(dtype, rng, rows, cols, monkeypatch):
     calls = []
     for name in ("_take", "_take_1"):
         real = getattr(data, name)
         monkeypatch.setattr(data, name, lambda *a, real=real, name=name:
                             calls.append((name, a[3])) or real(*a))
-    x = rng.standard_normal((20000, 24)).astype(dtype)
+    x = rng.standard_normal((20000, cols)).astype(dtype)
     x[7, 3] = np.nan  # copied as it is
     idx = rng.integers(0, 20000, rows)
     idx[:3] = [7, 7, 19999]  # repeats and the last row
     got = data.take_rows(x, idx)
     np.testing.assert_array_equal(got, x[idx])
     assert got.dtype == dtype and got.flags.c_contiguous
-    nbytes = rows * 24 * dtype.itemsize
+    nbytes = rows * cols * dtype.itemsize
     # the parallel kernel whenever the copy is large enough and there are threads
     threads = min(data.num_threads(), rows // (2 * data.AHEAD))
-    big = nbytes >= data.PARALLEL_MIN_BYTES and threads > 1
+    big = nbytes >= data.PARALLEL_MIN_BYTES or rows >= data.PARALLEL_MIN_ROWS
+    big = big and threads > 1
     assert calls == ([("_take", threads)] if big else [("_take_1", 1)])
-    out = np.full((rows, 24), -1, dtype)
+    out = np.full((rows, cols), -1, dtype)
     assert data.take_rows(x, idx.astype(np.int32), out=out) is out  # any integer dtype
     np.testing.assert_array_equal(out, x[idx])
 
