@@ -223,7 +223,7 @@ def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, ker
 
     import numpy as np
 
-    from kernels import _prefetch, quant, search
+    from kernels import _jit, _prefetch, quant, search
     from kernels._jit import fresh_copy
 
     modname, name = kernel.split(".")
@@ -231,6 +231,7 @@ def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, ker
     # scan_scores is generic LLVM vector code: the vector scan runs on any host
     monkeypatch.setattr(search, "VEC_SCAN", True)
     monkeypatch.setattr(search, "SCAN_HINT_MIN_BYTES", 0)  # the hinted branch runs too
+    monkeypatch.setattr(_jit, "SERIAL_TWINS", False)  # 8 rows: the kernel, not its twin
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 256)).astype(np.float32)
     q = rng.standard_normal((1, 256)).astype(np.float32)
