@@ -98,6 +98,9 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
             lambda: nn.gelu(wide, out=ow), lambda: nn.gelu_backward(wide, wide, out=ow),
             lambda: nn.bias_act(wide, vw, out=ow),
             lambda: nn.bias_act_backward(wide, wide, vw, out=ow)),
+        # relu / none into a new output: the loops over rows (act a run-time value)
+        "bias_act relu": lambda: (nn.bias_act(x, v, "relu"),
+                                  nn.bias_act_backward(x, x, v, "relu")),
         "bias_act relu streamed": streamed(
             lambda: nn.bias_act(wide, vw, "relu", out=ow),
             lambda: nn.bias_act_backward(wide, wide, vw, "relu", out=ow)),

@@ -1755,6 +1755,38 @@ def test_layer_norm_backward_streaming_loop_takes_no_references(monkeypatch):
     assert not [ln for loop in loops for ln in loop if "NRT_" in ln]
 
 
+@pytest.mark.parametrize("act", ["relu", "none"])
+def test_bias_act_rows_calls_of_one_chunk_run_serial_twins(act, dtype, tol, rng, monkeypatch):
+    # bias + ReLU / none into a new output on few rows: one chunk, so the loops over rows
+    # run as their serial twins (no parallel launch); more rows split over the threads
+    names = ("_bias_act", "_bias_act_1", "_bias_act_bwd", "_bias_act_bwd_1")
+    for name in names[1::2]:
+        twin, kernel = getattr(activations, name), getattr(activations, name[:-2])
+        assert twin.py_func.__code__ is kernel.py_func.__code__
+        assert kernel.targetoptions["parallel"] and not twin.targetoptions["parallel"]
+    calls: list[str] = []
+    for name in names:
+        real = getattr(activations, name)
+        monkeypatch.setattr(activations, name,
+                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    for rows, want in ((8, ["_bias_act_1", "_bias_act_bwd_1"]),
+                       (1024, ["_bias_act", "_bias_act_bwd"])):
+        x = rng.standard_normal((rows, 256)).astype(dtype)
+        dy = rng.standard_normal(x.shape).astype(dtype)
+        b = rng.standard_normal(256).astype(dtype)
+        del calls[:]
+        y = nn.bias_act(x, b, act)
+        dx, db = nn.bias_act_backward(dy, x, b, act)
+        assert calls == want, (rows, calls)
+        z = x.astype(np.float64) + b
+        slope = (z > 0) if act == "relu" else np.ones_like(z)
+        np.testing.assert_allclose(y, z * slope, **tol)
+        np.testing.assert_allclose(dx, dy * slope, **tol)
+        np.testing.assert_allclose(db, (dy * slope).sum(axis=0), rtol=tol["rtol"] * 50,
+                                   atol=tol["atol"] * rows)
+        assert db.shape == (256,) and db.dtype == dtype
+
+
 def test_bias_act_refuses_unknown_activation_and_wrong_bias():
     with pytest.raises(KernelInputError, match="act must be one of"):
         nn.bias_act(np.zeros((2, 3)), np.zeros(3), "tanh")
