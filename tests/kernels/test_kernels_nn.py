@@ -629,8 +629,12 @@ def test_few_wide_rows_split_over_threads_give_the_same_bits(dt, rng, monkeypatc
     g, b = rng.standard_normal(3000).astype(dt), rng.standard_normal(3000).astype(dt)
     runs = []
     monkeypatch.setattr(_jit, "SERIAL_TWINS", False)  # one chunk of the parallel kernels too
-    for elements in (_chunks.ROW_CHUNK_ELEMENTS, 1 << 30):  # as shipped, then one chunk
+    # as shipped, then one chunk (bias + ReLU: its own floor, activations._light_chunks)
+    assert activations._light_chunks(12, 3000) > 1
+    for elements, light in ((_chunks.ROW_CHUNK_ELEMENTS, activations.LIGHT_PARALLEL_MIN),
+                            (1 << 30, 1 << 30)):
         monkeypatch.setattr(_chunks, "ROW_CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(activations, "LIGHT_PARALLEL_MIN", light)
         loss, grad = nn.softmax_cross_entropy(x, lab)
         y, mu, rs = nn.layer_norm(x, g, b)
         runs.append((loss, grad, y, mu, rs, nn.bias_act(x, b, "relu")))
@@ -1758,7 +1762,8 @@ def test_layer_norm_backward_streaming_loop_takes_no_references(monkeypatch):
 @pytest.mark.parametrize("act", ["relu", "none"])
 def test_bias_act_rows_calls_of_one_chunk_run_serial_twins(act, dtype, tol, rng, monkeypatch):
     # bias + ReLU / none into a new output on few rows: one chunk, so the loops over rows
-    # run as their serial twins (no parallel launch); more rows split over the threads
+    # run as their serial twins (no parallel launch); more rows split over the threads,
+    # from LIGHT_PARALLEL_MIN elements (these loops do little per element)
     names = ("_bias_act", "_bias_act_1", "_bias_act_bwd", "_bias_act_bwd_1")
     for name in names[1::2]:
         twin, kernel = getattr(activations, name), getattr(activations, name[:-2])
@@ -1769,7 +1774,10 @@ def test_bias_act_rows_calls_of_one_chunk_run_serial_twins(act, dtype, tol, rng,
         real = getattr(activations, name)
         monkeypatch.setattr(activations, name,
                             lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    # 64 x 256: under LIGHT_PARALLEL_MIN, so still one chunk (row_chunks would split it)
+    assert 64 * 256 < activations.LIGHT_PARALLEL_MIN <= 1024 * 256
     for rows, want in ((8, ["_bias_act_1", "_bias_act_bwd_1"]),
+                       (64, ["_bias_act_1", "_bias_act_bwd_1"]),
                        (1024, ["_bias_act", "_bias_act_bwd"])):
         x = rng.standard_normal((rows, 256)).astype(dtype)
         dy = rng.standard_normal(x.shape).astype(dtype)
