@@ -107,7 +107,8 @@ class Table:
     allocator, not the kernel).
 
     Every timed call of a row (the triad's too) starts from the same cache: one that a
-    read of ``CLEAN_BYTES`` (3x this machine's 32 MB L3) has filled with clean lines.
+    read of ``CLEAN_BYTES`` (3x the 32 MB L3 of the host it was sized on; the header
+    gives the host's own L3 size) has filled with clean lines.
     Without it, whichever call came right after the triad paid for writing back the
     L3's worth of the triad's dirty lines, and ``ours`` always came right after it
     (measured: the 64 MiB one-query search scan took 1.50 ms after the triad against
@@ -362,7 +363,7 @@ def bench_data_kernels(tab: Table, rows: int, dt) -> None:
 
 def bench_ceilings(rows: int = 2048, cols: int = 256) -> list[dict]:
     """Compute ceilings: each elementwise/row kernel, on both cores, on a block that stays
-    in the 32 MB L3 (at most 12 MB in all), as ns per element per core and as the GB/s
+    in the L3 (at most 12 MB in all), as ns per element per core and as the GB/s
     it would move if memory cost nothing. A row whose ceiling is below 80% of the triad
     cannot reach the goal in that run however its memory access is arranged: it is
     compute-bound there."""
@@ -498,6 +499,17 @@ def bench_compile() -> dict:
     return runs
 
 
+def _l3_mib() -> float | None:
+    """The L3 size the kernel reports for CPU 0 (``None`` where it does not say)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}.get(text[-1:])
+    return float(text[:-1]) * scale if scale and text[:-1].isdigit() else None
+
+
 def environment() -> dict:
     """Versions, CPU, threads and which BLAS kernel ran (threadpoolctl)."""
     info = {"python": platform.python_version(), "numpy": np.__version__,
@@ -511,6 +523,7 @@ def environment() -> dict:
             info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in fh if "model name" in ln)
     except (OSError, StopIteration):
         pass
+    info["l3_mib"] = _l3_mib()
     # the core generation LLVM compiles for: the VM's model name is only "AMD EPYC", and
     # hosts differ between sessions (znver4 runs 512-bit FMAs at half znver5's rate, and
     # the compute-bound rows move with it)
@@ -580,7 +593,8 @@ def _header(res: dict, command: str) -> list[str]:
          "untimed: the baselines' BLAS/OpenMP threads spin for about 0.1 s after a call, "
          "and a kernel timed inside that window shares the 2 cores with them. Every timed "
          f"call (the triad's too) starts after an untimed read of {Table.CLEAN_BYTES >> 20} "
-         "MiB (3x the L3), so none of them pays for writing back the dirty lines a writer "
+         f"MiB (3x the 32 MB L3 it was sized on; this host's L3: {_l3_text(res)}), so "
+         "none of them pays for writing back the dirty lines a writer "
          "before it left in the cache (before this, `ours` always came right after the "
          "triad and paid for the L3's worth of them: the one-query search took 1.50 ms "
          "there against 1.27-1.33 ms after a read)."), "",
@@ -649,6 +663,11 @@ def _train_compile_tables(res: dict) -> list[str]:
         out.append(f"| {label} | {r['process_s']:.2f} | {r['import_numba_s']:.2f} | "
                    f"{r['kernels_s']:.2f} | {r['slowest'][0]} {r['slowest'][1]:.2f} s |")
     return out
+
+
+def _l3_text(res: dict) -> str:
+    l3 = res["env"].get("l3_mib")
+    return f"{l3:.0f} MiB" if l3 else "not reported"
 
 
 def _ceiling_table(res: dict) -> list[str]:
