@@ -235,7 +235,7 @@ def _assign_gemm(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarra
     if blas is not None:
         gts = np.empty((workers, k * rows), x.dtype)
         with gemm.one_thread(blas):
-            _assign_split(blas.gemm[x.dtype], x, np.ascontiguousarray(c), cn, labels, mind,
+            _assign_split(blas.gemm[x.dtype], x, c, cn, labels, mind,
                           psum, pcnt, gts, rows, workers, sums, dist, x.dtype.type(1),
                           x.dtype.type(0))
     else:

@@ -66,13 +66,6 @@ def _take(x, idx, out, nchunks):
 _take_1 = serial_twin(_take)
 
 
-def _is_index(a: Any) -> bool:
-    """``a`` is already what ``_checks.int_array`` would make of it (a 1-D C-contiguous
-    int64 array): the common case, checked in a third of the time."""
-    return (type(a) is np.ndarray and a.dtype == np.int64 and a.ndim == 1
-            and a.flags.c_contiguous)
-
-
 def take_rows(x: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Rows ``idx`` of the 2-D array ``x``, in that order: ``x[idx]`` for a mini-batch.
 
@@ -91,7 +84,7 @@ def take_rows(x: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> 
     if not x.flags.c_contiguous:
         raise KernelInputError("x must be C-contiguous (make it so once with "
                                "np.ascontiguousarray(x), not per batch)")
-    ix = idx if _is_index(idx) else _checks.int_array("idx", idx)
+    ix = _checks.int_array("idx", idx)
     o = _checks.out_array("out", out, (ix.size, x.shape[1]), x.dtype)
     if out is not None and np.shares_memory(o, x):
         raise KernelInputError("out must not overlap x")

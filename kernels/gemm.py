@@ -238,7 +238,6 @@ def _operand(name: str, x: Any, dtype: Any = None) -> np.ndarray:
     return x
 
 
-
 def warm(dtype: Any) -> None:
     """Compile (or load from the cache) the split kernel for ``dtype``, whatever this
     process's thread count (``kernels.warmup``'s entry)."""

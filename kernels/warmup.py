@@ -107,7 +107,7 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         "kmeans_assign": lambda: cluster.kmeans_assign(x, x[:2]),
         "kmeans_partial_sums": lambda: cluster.kmeans_partial_sums(x, lab, 2),
         # d * k = 1024, k = 32: the GEMM path (NumPy's BLAS on Numba's threads)
-        "kmeans_assign gemm": lambda: cluster._assign_sums(wide[:, :32], np.ones((32, 32), dt)),
+        "kmeans_assign gemm": lambda: cluster.kmeans_assign(wide[:, :32], np.ones((32, 32), dt)),
         "topk_cosine": lambda: search.topk_cosine(x, x, 2),
         "matmul": lambda: gemm.warm(dt),  # NumPy's BLAS on Numba's threads
         "topk_cosine many queries": lambda: search.warm_gemm(dt),  # its split GEMM path
