@@ -30,6 +30,11 @@ if _CFG.keep_freed_memory:  # before numba starts its threads (they take the mai
     from kernels.memory import keep_freed_memory
 
     keep_freed_memory()
+elif _CFG.keep_heap_blocks:
+    from kernels.memory import keep_heap_blocks, malloc_set_by_environ
+
+    if not malloc_set_by_environ():
+        keep_heap_blocks()
 # Numba's cache key ignores compile flags, so the flags are part of the folder name too.
 _FLAGS = f"p{int(_CFG.parallel)}f{int(_CFG.fastmath)}h{int(_CFG.row_hints)}"
 # Without a configured folder the cache still goes to a fingerprinted folder, next to the

@@ -11,7 +11,9 @@ for Intel CPUs and AMD's family 17h (Zen 2, measured; Zen and Zen+ share its
 prefetchers' generation), where they were measured to pay, and off elsewhere (Zen 3 to
 Zen 5, where they cost).
 ``HPCGW_KEEP_FREED_MEMORY=1`` makes glibc keep freed blocks for the next large array
-(``kernels.memory.keep_freed_memory``, applied when the first kernel module loads).
+(``kernels.memory.keep_freed_memory``, applied when the first kernel module loads);
+unset, only blocks up to 32 MiB (``kernels.memory.keep_heap_blocks``, unless the
+environment sets glibc's malloc itself); ``0`` leaves glibc's settings as they are.
 
 This module does not import numba: ``kernels._jit`` applies the config and then does.
 """
@@ -49,6 +51,7 @@ class KernelConfig:
     fastmath: bool = True
     row_hints: bool = False
     keep_freed_memory: bool = False
+    keep_heap_blocks: bool = True
 
     def jit_options(self, *, parallel: bool = False) -> dict[str, object]:
         """Keyword arguments for ``numba.njit`` for one kernel."""
@@ -144,6 +147,7 @@ def load_config(env: Mapping[str, str] | None = None) -> KernelConfig:
         fastmath=_flag(env, "HPCGW_NUMBA_FASTMATH", True),
         row_hints=_row_hints(env),
         keep_freed_memory=_flag(env, "HPCGW_KEEP_FREED_MEMORY", False),
+        keep_heap_blocks=_flag(env, "HPCGW_KEEP_FREED_MEMORY", True),
     )
 
 

@@ -19,6 +19,16 @@ jemalloc or tcmalloc, which PyTorch's CPU tuning guides recommend for the same r
 without preloading another allocator. It is process-wide, so it is opt-in: call it, or
 set ``HPCGW_KEEP_FREED_MEMORY=1`` and it is applied when the first kernel module loads.
 
+Smaller blocks hit the same faults another way. Once a freed block has raised glibc's
+thresholds to its size, blocks of that size come from the heap, but freed memory at the
+heap's top over twice that size goes back to the OS at once: a training step that makes
+and drops a few 1 MiB arrays faults all of them in again the next step (a step of the
+training app's model, batch 4096, hidden 256: 2.5x slower; docs/kernels.md, "Keeping
+freed memory"). So by default, when the first kernel module loads, :func:`keep_heap_blocks`
+starts the thresholds where glibc's own adjustment ends (blocks up to 32 MiB from the heap,
+64 MiB of freed memory kept at its top), unless the environment sets glibc's malloc
+itself (:func:`malloc_set_by_environ`) or ``HPCGW_KEEP_FREED_MEMORY=0``.
+
 The cost is memory: freed blocks stay in the process (its resident size does not fall
 when arrays are dropped) and a heap can fragment, so a process can hold more than it
 uses at any moment. :func:`release_freed_memory` gives the free parts back
@@ -36,19 +46,29 @@ import ctypes
 import functools
 import os
 import threading
+from collections.abc import Mapping
 
-__all__ = ["glibc_tunables", "keep_freed_memory", "keeping", "release_freed_memory",
-           "worker_environ"]
+__all__ = ["glibc_tunables", "keep_freed_memory", "keep_heap_blocks", "keeping",
+           "malloc_set_by_environ", "release_freed_memory", "worker_environ"]
 
 # mallopt's parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1  # mallopt takes a C int
+# Where glibc's own adjustment of its thresholds ends on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX,
+# and twice that for trimming): keep_heap_blocks starts there
+HEAP_MMAP_THRESHOLD = 32 << 20
+HEAP_TRIM_THRESHOLD = 2 * HEAP_MMAP_THRESHOLD
+# the variables glibc reads for its malloc settings (a launcher's or user's choice)
+_MALLOC_VARS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+                "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX")
 
 _lock = threading.Lock()
 # started with glibc_tunables()'s settings in its environment: kept from the start
-_state = {"keeping": "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", "").split(":")}
+_state = {"keeping": "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", "").split(":"),
+          "heap_blocks": False}
 
 
 @functools.cache
@@ -103,6 +123,31 @@ def keep_freed_memory(keep_bytes: int | None = None, *, one_arena: bool = True) 
             ok = libc.mallopt(M_ARENA_MAX, 1) == 1 and ok
         _state["keeping"] = _state["keeping"] or ok
     return ok
+
+
+def keep_heap_blocks() -> bool:
+    """Start glibc's thresholds where its own adjustment ends (the default when the first
+    kernel module loads; see the module text): blocks up to 32 MiB come from the heap,
+    and up to 64 MiB of freed memory stays at its top. Returns True where applied."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    with _lock:
+        if _state["keeping"]:  # keep_freed_memory's settings already cover these
+            return True
+        ok = libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) == 1
+        ok = libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD) == 1 and ok
+        _state["heap_blocks"] = _state["heap_blocks"] or ok
+    return ok
+
+
+def malloc_set_by_environ(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment (default ``os.environ``) sets glibc's malloc: a
+    ``MALLOC_*_`` variable (Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_`` for its workers)
+    or ``glibc.malloc.`` tunables. The kernels leave such a process's settings alone."""
+    env = os.environ if environ is None else environ
+    return (any(env.get(name) for name in _MALLOC_VARS)
+            or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""))
 
 
 def glibc_tunables(keep_bytes: int | None = None) -> str:

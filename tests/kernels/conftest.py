@@ -71,8 +71,11 @@ def run_app():
     return _run_app
 
 
-def _run_python(code: str, **env: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=app_env(**env),
+def _run_python(code: str, **env: str | None) -> str:
+    full = app_env(**{k: v for k, v in env.items() if v is not None})
+    for name in (k for k, v in env.items() if v is None):  # None: unset it
+        full.pop(name, None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=full,
                           capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -80,7 +83,8 @@ def _run_python(code: str, **env: str) -> str:
 
 @pytest.fixture
 def run_python():
-    """``run_python(code, **env)`` -> stdout of a fresh interpreter on this checkout."""
+    """``run_python(code, **env)`` -> stdout of a fresh interpreter on this checkout (an
+    ``env`` value of None removes that variable)."""
     return _run_python
 
 

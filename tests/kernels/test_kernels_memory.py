@@ -173,6 +173,7 @@ def test_bad_keep_bytes_is_refused_before_anything_changes(monkeypatch):
 def test_elsewhere_than_glibc_nothing_is_done(monkeypatch):
     monkeypatch.setattr(memory, "_glibc", lambda: None)
     assert memory.keep_freed_memory() is False
+    assert memory.keep_heap_blocks() is False
     assert memory.release_freed_memory() is False
     assert memory.keeping() is False
 
@@ -180,3 +181,50 @@ def test_elsewhere_than_glibc_nothing_is_done(monkeypatch):
 def test_default_keep_bytes_is_an_eighth_of_memory_within_bounds():
     keep = memory.default_keep_bytes()
     assert 256 << 20 <= keep <= 2**31 - 1
+
+
+# A training step's pattern: six 1 MiB arrays made and dropped, step after step. Once the
+# first step's freed blocks have raised glibc's thresholds to 1 MiB they come from the heap,
+# but the 6 MiB freed at its top are over twice that and go back to the OS, so by default
+# every later step faults all 1536 pages in again.
+_STEPS = """
+import json, resource
+import numpy as np
+import kernels.nn
+from kernels import memory
+def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    a = [np.ones(1 << 17) for _ in range(6)]; del a
+before = faults()
+for _ in range(10):
+    a = [np.ones(1 << 17) for _ in range(6)]; del a
+print(json.dumps({"faults": faults() - before, "set": memory.malloc_set_by_environ()}))
+"""
+_NO_MALLOC_ENV = {name: None for name in (*memory._MALLOC_VARS, "GLIBC_TUNABLES")}
+
+
+def test_by_default_a_steps_freed_blocks_are_kept_for_the_next(run_python):
+    kept = json.loads(run_python(_STEPS, **_NO_MALLOC_ENV))
+    off = json.loads(run_python(_STEPS, **_NO_MALLOC_ENV, HPCGW_KEEP_FREED_MEMORY="0"))
+    assert not kept["set"] and not off["set"]
+    assert kept["faults"] < 100, kept  # all ten steps on kept heap blocks
+    assert off["faults"] > 10 * 6 * 256 // 2, off  # glibc's defaults: pages fault in again
+
+
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "65536"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=65536"}])
+def test_malloc_settings_from_the_environment_are_left_alone(run_python, env):
+    """Dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed
+    memory goes back at once: the kernels do not undo a launcher's choice."""
+    got = json.loads(run_python(_STEPS, **{**_NO_MALLOC_ENV, **env}))
+    assert got["set"]
+    assert got["faults"] > 10 * 6 * 256 // 2, got
+
+
+def test_malloc_set_by_environ_reads_glibcs_variables():
+    assert not memory.malloc_set_by_environ({})
+    assert not memory.malloc_set_by_environ({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"})
+    assert memory.malloc_set_by_environ({"MALLOC_ARENA_MAX": "2"})
+    assert memory.malloc_set_by_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"})
+    assert not load_config({}).keep_freed_memory and load_config({}).keep_heap_blocks
+    assert not load_config({"HPCGW_KEEP_FREED_MEMORY": "0"}).keep_heap_blocks
