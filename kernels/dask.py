@@ -17,6 +17,12 @@ from kernels.errors import KernelInputError
 
 __all__ = ["kmeans", "kmeans_assign", "kmeans_step", "topk_cosine"]
 
+# k-means partials of all blocks up to this size are gathered and summed in the caller's
+# process; above it a dask reduction sums them on the cluster. Gathering saves the
+# reduction's round of tasks: LocalCluster, one worker process of 2 threads, 8 blocks of
+# 50000 x 16 float32, k = 8, a step 49-51 -> 31-38 ms (16 blocks of 250000: 162 -> 130-144).
+GATHER_MAX_BYTES = 8 << 20
+
 
 def _da() -> Any:
     try:
@@ -69,16 +75,22 @@ def _block_partials(b: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def kmeans_step(x: Any, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """One Lloyd iteration: ``(new_centroids, counts, inertia of the old centroids)``."""
+    """One Lloyd iteration: ``(new_centroids, counts, inertia of the old centroids)``.
+
+    One task per block (``meta`` given: no trial call on an empty block in the caller);
+    the blocks' partial sums are summed where ``GATHER_MAX_BYTES`` says."""
     x = _rows_only(x)
     c = np.asarray(centroids, dtype=x.dtype)
     k, d = c.shape
     if d != x.shape[1]:
         raise KernelInputError(f"centroids must have {x.shape[1]} columns, got shape {c.shape}")
     width = k * (d + 1) + 1
-    parts = x.map_blocks(_block_partials, c, dtype=np.float64,
+    parts = x.map_blocks(_block_partials, c, dtype=np.float64, meta=np.empty((0, 0)),
                          chunks=((1,) * x.numblocks[0], (width,)))
-    tot = parts.sum(axis=0).compute()
+    if x.numblocks[0] * width * 8 <= GATHER_MAX_BYTES:
+        tot = parts.compute().sum(axis=0)
+    else:
+        tot = parts.sum(axis=0).compute()
     counts = tot[k * d: k * d + k]
     new = cluster.centroids_from_sums(tot[: k * d].reshape(k, d), counts, c, x.dtype)
     return new, counts.astype(np.int64), float(tot[-1])
@@ -126,6 +138,7 @@ def topk_cosine(queries: np.ndarray, embeddings: Any, k: int) -> tuple[np.ndarra
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise KernelInputError(f"k must be a positive integer, got {k!r}")
     parts = e.map_blocks(_block_topk, q, int(k), dtype=np.float64, new_axis=2,
+                         meta=np.empty((0, 0, 0)),  # no trial call on an empty block
                          chunks=((1,) * e.numblocks[0], (q.shape[0],), (2 * k,)))
     cand = parts.compute()
     scores = np.concatenate(cand[:, :, :k], axis=1).astype(e.dtype)

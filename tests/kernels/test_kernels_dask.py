@@ -67,6 +67,32 @@ def test_assign_runs_the_kernel_once_per_block_for_labels_and_distances(client, 
     assert labels[17] == -1 and np.isnan(dist[17])
 
 
+def test_step_sums_the_same_gathered_or_on_the_cluster(client, blobs, monkeypatch):
+    """Partials gathered to the caller (small) or summed by a dask reduction (large):
+    the same centroids, counts and inertia, and each block's kernel runs once, with no
+    trial call on an empty block to infer the output's type."""
+    X = da.from_array(blobs, chunks=(400, 6))  # 8 blocks
+    c = blobs[:4].copy()
+    real, calls = cluster._assign_sums, []
+
+    def spy(b, cc):
+        calls.append(b.shape[0])
+        return real(b, cc)
+
+    monkeypatch.setattr(cluster, "_assign_sums", spy)
+    gathered = kd.kmeans_step(X, c)
+    monkeypatch.setattr(kd, "GATHER_MAX_BYTES", 0)  # every size: the dask reduction
+    reduced = kd.kmeans_step(X, c)
+    assert sorted(calls) == sorted(X.chunks[0] * 2)  # no 0-row call
+    np.testing.assert_allclose(gathered[0], reduced[0], rtol=1e-13)
+    np.testing.assert_array_equal(gathered[1], reduced[1])
+    assert gathered[2] == pytest.approx(reduced[2], rel=1e-13)
+    rl, rd = cluster.kmeans_assign(blobs, c)
+    rc, rcnt = cluster.kmeans_update(blobs, rl, 4, previous=c)
+    np.testing.assert_allclose(gathered[0], rc, rtol=1e-12)
+    np.testing.assert_array_equal(gathered[1], rcnt)
+
+
 def test_kmeans_converges_like_in_memory(client, blobs):
     X = da.from_array(blobs, chunks=(1000, 6))
     cents, inertia, n_iter = kd.kmeans(X, blobs[:4], max_iter=30, tol=1e-12)
@@ -76,11 +102,20 @@ def test_kmeans_converges_like_in_memory(client, blobs):
     assert n_iter < 30
 
 
-def test_search_matches_in_memory_with_uneven_blocks(client, rng, dtype):
+def test_search_matches_in_memory_with_uneven_blocks(client, rng, dtype, monkeypatch):
     e = rng.standard_normal((2500, 8)).astype(dtype)
     q = rng.standard_normal((3, 8)).astype(dtype)
     E = da.from_array(e, chunks=((900, 3, 1597), (8,)))  # a block smaller than k
+    real, calls = search.topk_cosine, []
+
+    def spy(qq, b, k, offset=0):
+        calls.append(b.shape[0])
+        return real(qq, b, k, offset=offset)
+
+    monkeypatch.setattr(search, "topk_cosine", spy)
     s, i = kd.topk_cosine(q, E, 6)
+    monkeypatch.undo()
+    assert sorted(calls) == [3, 900, 1597]  # one call per block, no trial on an empty one
     rs, ri = search.topk_cosine(q, e, 6)
     np.testing.assert_array_equal(i, ri)
     np.testing.assert_allclose(s, rs, rtol=1e-6)
