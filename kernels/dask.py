@@ -114,14 +114,17 @@ def kmeans(x: Any, init: np.ndarray, *, max_iter: int = 100, tol: float = 0.0
     return c, inertia, n_iter
 
 
-def _block_topk(b: np.ndarray, q: np.ndarray, k: int, block_info: Any = None) -> np.ndarray:
-    """Top-k candidates of one block as a (1, q, 2k) float64 array: [scores | indices]."""
-    offset = block_info[0]["array-location"][0][0] if block_info else 0
-    s, i = search.topk_cosine(q, b, k, offset=offset)
-    out = np.full((1, q.shape[0], 2 * k), -np.inf)
+def _block_topk(b: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """Top-k candidates of one block as a (1, q, 2k + 1) float64 array: [scores | row
+    numbers within the block | the block's row count]. The caller turns row numbers into
+    the array's own from the counts: a block does not know its offset when the array's
+    chunk sizes are unknown (rows picked by a mask, ``x[x[:, 0] > 0]``)."""
+    s, i = search.topk_cosine(q, b, k)
+    out = np.full((1, q.shape[0], 2 * k + 1), -np.inf)
     out[0, :, k:] = -1
     out[0, :, : s.shape[1]] = s
     out[0, :, k: k + i.shape[1]] = i
+    out[0, :, 2 * k] = b.shape[0]
     return out
 
 
@@ -139,8 +142,11 @@ def topk_cosine(queries: np.ndarray, embeddings: Any, k: int) -> tuple[np.ndarra
         raise KernelInputError(f"k must be a positive integer, got {k!r}")
     parts = e.map_blocks(_block_topk, q, int(k), dtype=np.float64, new_axis=2,
                          meta=np.empty((0, 0, 0)),  # no trial call on an empty block
-                         chunks=((1,) * e.numblocks[0], (q.shape[0],), (2 * k,)))
+                         chunks=((1,) * e.numblocks[0], (q.shape[0],), (2 * k + 1,)))
     cand = parts.compute()
+    rows = cand[:, 0, 2 * k].astype(np.int64)  # each block's row count
+    starts = np.concatenate([[0], np.cumsum(rows)[:-1]])
+    local = cand[:, :, k: 2 * k].astype(np.int64)
+    idx = np.where(local < 0, -1, local + starts[:, None, None])
     scores = np.concatenate(cand[:, :, :k], axis=1).astype(e.dtype)
-    idx = np.concatenate(cand[:, :, k:], axis=1).astype(np.int64)
-    return search.merge_topk(scores, idx, min(k, e.shape[0]))
+    return search.merge_topk(scores, np.concatenate(idx, axis=1), min(k, int(rows.sum())))

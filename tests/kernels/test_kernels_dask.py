@@ -121,6 +121,31 @@ def test_search_matches_in_memory_with_uneven_blocks(client, rng, dtype, monkeyp
     np.testing.assert_allclose(s, rs, rtol=1e-6)
 
 
+def test_rows_picked_by_a_mask_unknown_chunk_sizes(client, rng):
+    """After ``x[mask]`` dask does not know how many rows each block holds (one block
+    here keeps none): search and k-means still number rows as the in-memory kernels do
+    on the picked rows (the search had taken its offsets from the chunk sizes: NaN)."""
+    e = rng.standard_normal((1200, 8)).astype(np.float32)
+    e[300:600, 0] = -1.0  # the second block loses every row to the mask
+    E = da.from_array(e, chunks=(300, 8))
+    keep = e[:, 0] > 0
+    F = E[E[:, 0] > 0]
+    assert np.isnan(F.shape[0])
+    q = rng.standard_normal((3, 8)).astype(np.float32)
+    s, i = kd.topk_cosine(q, F, 7)
+    rs, ri = search.topk_cosine(q, e[keep], 7)
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_allclose(s, rs, rtol=1e-6)
+    c = e[keep][:3].copy()
+    labels, dist = dask.compute(*kd.kmeans_assign(F, c))
+    rl, rd = cluster.kmeans_assign(e[keep], c)
+    np.testing.assert_array_equal(labels, rl)
+    new, counts, _ = kd.kmeans_step(F, c)
+    rc, rcnt = cluster.kmeans_update(e[keep], rl, 3, previous=c)
+    np.testing.assert_allclose(new, rc, rtol=1e-5)
+    np.testing.assert_array_equal(counts, rcnt)
+
+
 def test_dask_wrappers_refuse_numpy_input():
     with pytest.raises(KernelInputError, match="dask array"):
         kd.kmeans_assign(np.zeros((3, 2)), np.zeros((1, 2)))
