@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from kernels import cluster, search
-from kernels.errors import KernelInputError
+from kernels import _checks, cluster, search
+from kernels.errors import KernelDtypeError, KernelInputError
 
 __all__ = ["kmeans", "kmeans_assign", "kmeans_step", "topk_cosine"]
 
@@ -39,7 +39,24 @@ def _rows_only(x: Any, name: str = "x") -> Any:
         raise KernelInputError(f"{name} must be a dask array; use dask.array.from_array({name})")
     if x.ndim != 2:
         raise KernelInputError(f"{name} must be 2-D, got shape {x.shape}")
+    if x.dtype not in _checks.FLOAT_DTYPES:
+        raise KernelDtypeError(f"{name} has dtype {x.dtype}; kernels take float32 or float64, "
+                               f"cast with {name}.astype(np.float32)")
     return x if len(x.chunks[1]) == 1 else x.rechunk({1: -1})
+
+
+def _centroids(centroids: Any, x: Any) -> np.ndarray:
+    """``centroids`` as a C-contiguous ``(k, d)`` array of ``x``'s dtype, checked here,
+    in the caller, rather than in every block's task."""
+    try:
+        c = np.ascontiguousarray(centroids, dtype=x.dtype)
+    except (TypeError, ValueError) as exc:
+        raise KernelInputError(f"centroids must be a (k, {x.shape[1]}) array of numbers: "
+                               f"{exc}") from None
+    if c.ndim != 2 or c.shape[1] != x.shape[1] or c.shape[0] == 0:
+        raise KernelInputError(f"centroids must have shape (k, {x.shape[1]}) with k >= 1, "
+                               f"got {c.shape}")
+    return c
 
 
 def kmeans_assign(x: Any, centroids: np.ndarray) -> tuple[Any, Any]:
@@ -50,7 +67,7 @@ def kmeans_assign(x: Any, centroids: np.ndarray) -> tuple[Any, Any]:
     once per block (two ``map_blocks`` had run it twice: 800000 x 16 rows in 8 blocks,
     k = 8, median of 15: 43 -> 27 ms with the synchronous scheduler, 36 -> 27 threaded)."""
     x = _rows_only(x)
-    c = np.asarray(centroids)
+    c = _centroids(centroids, x)
     both = x.map_blocks(_block_assign, c, dtype=np.float64, chunks=(x.chunks[0], (2,)),
                         meta=np.empty((0, 2)))  # meta given: no trial call on an empty block
     return both[:, 0].astype(np.int64), both[:, 1].astype(x.dtype)
@@ -80,10 +97,8 @@ def kmeans_step(x: Any, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     One task per block (``meta`` given: no trial call on an empty block in the caller);
     the blocks' partial sums are summed where ``GATHER_MAX_BYTES`` says."""
     x = _rows_only(x)
-    c = np.asarray(centroids, dtype=x.dtype)
+    c = _centroids(centroids, x)
     k, d = c.shape
-    if d != x.shape[1]:
-        raise KernelInputError(f"centroids must have {x.shape[1]} columns, got shape {c.shape}")
     width = k * (d + 1) + 1
     parts = x.map_blocks(_block_partials, c, dtype=np.float64, meta=np.empty((0, 0)),
                          chunks=((1,) * x.numblocks[0], (width,)))
@@ -102,7 +117,8 @@ def kmeans(x: Any, init: np.ndarray, *, max_iter: int = 100, tol: float = 0.0
 
     Stops after ``max_iter`` or when the centroid shift (sum of squares) is <= ``tol``.
     """
-    c = np.asarray(init)
+    max_iter = _checks.positive_int("max_iter", max_iter)
+    c = _centroids(init, _rows_only(x))
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
         new, _, _ = kmeans_step(x, c)

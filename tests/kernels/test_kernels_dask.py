@@ -151,6 +151,29 @@ def test_dask_wrappers_refuse_numpy_input():
         kd.kmeans_assign(np.zeros((3, 2)), np.zeros((1, 2)))
 
 
+def test_bad_arguments_are_refused_at_the_call_not_in_the_blocks(monkeypatch):
+    """Checked in the caller, before any graph runs (the blocks' kernels would raise too,
+    but later, from a worker, and once per block), each error naming the argument."""
+    X = da.from_array(np.random.default_rng(0).random((90, 4)), chunks=(30, 4))
+    ints = da.from_array(np.arange(360).reshape(90, 4), chunks=(30, 4))
+    monkeypatch.setattr(cluster, "_assign_sums", None)  # nothing may run a block
+    monkeypatch.setattr(cluster, "kmeans_assign", None)
+    monkeypatch.setattr(search, "topk_cosine", None)
+    for bad in (np.zeros((3, 5)), np.zeros(4), np.zeros((0, 4)), [["a"] * 4]):
+        with pytest.raises(KernelInputError, match=r"centroids must .*\(k, 4\)"):
+            kd.kmeans_assign(X, bad)
+        with pytest.raises(KernelInputError, match=r"centroids must .*\(k, 4\)"):
+            kd.kmeans_step(X, bad)
+    with pytest.raises(KernelInputError, match="max_iter must be a positive integer"):
+        kd.kmeans(X, np.zeros((2, 4)), max_iter=0)
+    for call in (lambda: kd.kmeans_assign(ints, np.zeros((2, 4))),
+                 lambda: kd.kmeans(ints, np.zeros((2, 4)))):
+        with pytest.raises(KernelInputError, match="x has dtype int64"):
+            call()
+    with pytest.raises(KernelInputError, match="embeddings has dtype int64"):
+        kd.topk_cosine(np.zeros((1, 4)), ints, 3)
+
+
 
 def test_dask_workers_keep_freed_memory_with_worker_environ():
     """``kernels.memory.worker_environ()`` through the nanny's pre-spawn environment: the
