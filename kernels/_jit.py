@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 from pathlib import Path
 
-from kernels.config import get_config
+from kernels.config import get_config, threads_from_omp
 
 
 def source_fingerprint() -> str:
@@ -86,6 +86,11 @@ CACHE_DIR = _writable_or_fallback(CACHE_DIR, warn=bool(_CFG.cache_dir))
 if not _CFG.cache_dir:
     _prune_default_cache(CACHE_DIR)
 os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
+# numba sizes its pool from NUMBA_NUM_THREADS (kernels.config.threads_from_omp); the
+# kernel modules import numba before this one, so its config is set too, below
+_OMP_THREADS = threads_from_omp()
+if _OMP_THREADS is not None:
+    os.environ["NUMBA_NUM_THREADS"] = _OMP_THREADS  # and child processes
 
 import numba
 from numba import prange, types
@@ -94,6 +99,9 @@ from numba.np.ufunc import parallel as _parallel
 from numba.extending import intrinsic, overload
 
 setattr(numba.config, "CACHE_DIR", CACHE_DIR)  # (not in numba's type hints)
+if _OMP_THREADS is not None and not _parallel._is_initialized:  # the pool is not up yet
+    setattr(numba.config, "NUMBA_NUM_THREADS", int(_OMP_THREADS))
+    _parallel.NUM_THREADS = int(_OMP_THREADS)
 
 __all__ = ["fresh_copy", "intrinsic", "jit", "locked_cache", "num_threads", "numba", "overload",
            "pick_twin", "prange", "serial_twin", "types"]

@@ -15,6 +15,11 @@ Zen 5, where they cost).
 unset, only blocks up to 32 MiB (``kernels.memory.keep_heap_blocks``, unless the
 environment sets glibc's malloc itself); ``0`` leaves glibc's settings as they are.
 
+Numba's thread pool follows ``OMP_NUM_THREADS`` where ``NUMBA_NUM_THREADS`` is not set
+(:func:`threads_from_omp`; it is an OpenMP pool, and numba itself reads only its own
+variable): Dask's nanny starts its workers with ``OMP_NUM_THREADS=1``, one library thread
+per task thread, and the kernels in their tasks then keep to that.
+
 This module does not import numba: ``kernels._jit`` applies the config and then does.
 """
 
@@ -131,6 +136,17 @@ def _row_hints(env: Mapping[str, str]) -> bool:
     raise KernelConfigError(
         f"HPCGW_NUMBA_ROW_HINTS={env.get('HPCGW_NUMBA_ROW_HINTS')!r} is not valid; "
         "use auto, 1 or 0")
+
+
+def threads_from_omp(env: Mapping[str, str] | None = None) -> str | None:
+    """The ``NUMBA_NUM_THREADS`` to set before numba is imported: ``OMP_NUM_THREADS`` when
+    it is a positive whole number and ``NUMBA_NUM_THREADS`` is not set, else None (a
+    list such as ``4,2`` is OpenMP's nesting syntax and is left to OpenMP)."""
+    env = os.environ if env is None else env
+    if env.get("NUMBA_NUM_THREADS"):
+        return None
+    omp = env.get("OMP_NUM_THREADS", "").strip()
+    return omp if omp.isdigit() and int(omp) >= 1 else None
 
 
 def load_config(env: Mapping[str, str] | None = None) -> KernelConfig:

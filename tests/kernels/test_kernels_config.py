@@ -336,3 +336,25 @@ def test_warmup_workers_split_the_kernels_between_them(tmp_path, run_python):
     assert warmup._order()[:len(warmup.FIRST)] == list(warmup.FIRST)
     with pytest.raises(SystemExit):
         warmup.main(["--jobs", "0"])
+
+
+_POOL = ("import json, numba, kernels.nn\n"
+         "print(json.dumps([numba.config.NUMBA_NUM_THREADS, numba.get_num_threads()]))\n")
+
+
+def test_numbas_pool_follows_omp_num_threads_unless_numba_num_threads_is_set(run_python):
+    """Dask's nanny starts workers with ``OMP_NUM_THREADS=1``; numba reads only its own
+    variable, so without this each task's kernel took every core (docs/kernels.md,
+    "Dask"). The kernel modules import numba before ``kernels._jit`` runs: the config
+    is set on numba too, before its pool starts."""
+    from kernels.config import threads_from_omp
+
+    assert json.loads(run_python(_POOL, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS=None)) == [1, 1]
+    assert json.loads(run_python(_POOL, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="2")) == [2, 2]
+    default = json.loads(run_python(_POOL, OMP_NUM_THREADS=None, NUMBA_NUM_THREADS=None))
+    assert json.loads(run_python(_POOL, OMP_NUM_THREADS="4,2", NUMBA_NUM_THREADS=None)) == default
+    assert threads_from_omp({"OMP_NUM_THREADS": "3"}) == "3"
+    assert threads_from_omp({"OMP_NUM_THREADS": "3", "NUMBA_NUM_THREADS": "2"}) is None
+    for odd in ("0", "-1", "4,2", "two", ""):
+        assert threads_from_omp({"OMP_NUM_THREADS": odd}) is None
+

@@ -213,3 +213,32 @@ def test_dask_workers_keep_freed_memory_with_worker_environ():
     assert kept[2] and not default[2]
     assert default[0] >= 48, default
     assert kept[0] * 8 <= default[0], (kept, default)
+
+
+def test_a_dask_workers_kernels_keep_to_its_omp_num_threads():
+    """The nanny starts each worker process with ``OMP_NUM_THREADS=1`` (Dask's own policy:
+    one library thread per task thread); the kernels' pool there is one thread, unless
+    the worker's environment says ``NUMBA_NUM_THREADS``. Measured on the default
+    ``LocalCluster()`` here: k-means 1.55x, search 1.36x (docs/kernels.md, "Dask")."""
+
+    def pool():  # local, so it is pickled by value for the worker process
+        import numba
+
+        import kernels.nn  # noqa: F401
+
+        return numba.config.NUMBA_NUM_THREADS, numba.get_num_threads()
+
+    def run(extra):
+        saved = dict(os.environ)  # the nanny puts its pre-spawn variables in ours
+        try:
+            with dask.config.set(extra), distributed.LocalCluster(
+                    n_workers=1, threads_per_worker=1, processes=True,
+                    dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+                return client.submit(pool, pure=False).result(timeout=120)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    assert run({}) == (1, 1)
+    assert run({"distributed.nanny.pre-spawn-environ.NUMBA_NUM_THREADS": "2"}) == (2, 2)
+
