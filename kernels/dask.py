@@ -118,7 +118,8 @@ def kmeans(x: Any, init: np.ndarray, *, max_iter: int = 100, tol: float = 0.0
     Stops after ``max_iter`` or when the centroid shift (sum of squares) is <= ``tol``.
     """
     max_iter = _checks.positive_int("max_iter", max_iter)
-    c = _centroids(init, _rows_only(x))
+    x = _rows_only(x)  # column chunks merged once, not in every step's graph
+    c = _centroids(init, x)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
         new, _, _ = kmeans_step(x, c)

@@ -23,7 +23,7 @@ Smaller blocks hit the same faults another way. Once a freed block has raised gl
 thresholds to its size, blocks of that size come from the heap, but freed memory at the
 heap's top over twice that size goes back to the OS at once: a training step that makes
 and drops a few 1 MiB arrays faults all of them in again the next step (a step of the
-training app's model, batch 4096, hidden 256: 2.5x slower; docs/kernels.md, "Keeping
+training app's model, batch 4096, hidden 256: 2.8x slower; docs/kernels.md, "Keeping
 freed memory"). So by default, when the first kernel module loads, :func:`keep_heap_blocks`
 starts the thresholds where glibc's own adjustment ends (blocks up to 32 MiB from the heap,
 64 MiB of freed memory kept at its top), unless the environment sets glibc's malloc
@@ -67,8 +67,7 @@ _MALLOC_VARS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_
 
 _lock = threading.Lock()
 # started with glibc_tunables()'s settings in its environment: kept from the start
-_state = {"keeping": "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", "").split(":"),
-          "heap_blocks": False}
+_state = {"keeping": "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", "").split(":")}
 
 
 @functools.cache
@@ -136,9 +135,7 @@ def keep_heap_blocks() -> bool:
         if _state["keeping"]:  # keep_freed_memory's settings already cover these
             return True
         ok = libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) == 1
-        ok = libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD) == 1 and ok
-        _state["heap_blocks"] = _state["heap_blocks"] or ok
-    return ok
+        return libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD) == 1 and ok
 
 
 def malloc_set_by_environ(environ: Mapping[str, str] | None = None) -> bool:
