@@ -15,7 +15,8 @@ Modules:
     kernels.dask      the k-means and search kernels on dask arrays
     kernels.threads   blas_threads(): NumPy's BLAS pinned while kernels run
     kernels.gemm      matmul(): NumPy's BLAS products split over Numba's threads
-    kernels.memory    keep_freed_memory(): freed blocks kept for the next large array
+    kernels.memory    freed heap blocks up to 32 MiB kept by default (keep_heap_blocks);
+                      keep_freed_memory(): every freed block kept for the next array
     kernels.apps.*    reference workloads (``python -m kernels.apps.train`` ...)
 """
 

@@ -29,6 +29,19 @@ def blobs(rng):
     return centers[rng.integers(0, 4, 3000)] + rng.standard_normal((3000, 6))
 
 
+def _record_rows(monkeypatch, module, name, block_arg=0):
+    """Wrap ``module.name`` so that each call records how many rows its block (positional
+    argument ``block_arg``) has; returns the record and the real function."""
+    real, calls = getattr(module, name), []
+
+    def spy(*args, **kwargs):
+        calls.append(args[block_arg].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls, real
+
+
 def test_assign_and_step_match_in_memory(client, blobs, dtype):
     x = blobs.astype(dtype)
     X = da.from_array(x, chunks=(700, 3))  # column chunks are merged by the wrapper
@@ -50,13 +63,7 @@ def test_assign_runs_the_kernel_once_per_block_for_labels_and_distances(client, 
     x[17] = np.nan  # a NaN row: label -1, distance NaN, through the float64 block
     X = da.from_array(x, chunks=(700, 6))  # 5 blocks
     c = x[:4].copy()
-    real, calls = cluster.kmeans_assign, []
-
-    def spy(b, cc):
-        calls.append(b.shape[0])
-        return real(b, cc)
-
-    monkeypatch.setattr(cluster, "kmeans_assign", spy)
+    calls, real = _record_rows(monkeypatch, cluster, "kmeans_assign")
     labels, dist = kd.kmeans_assign(X, c)
     labels, dist = dask.compute(labels, dist)
     assert sorted(calls) == sorted(X.chunks[0])  # once per block, not once per output
@@ -73,13 +80,7 @@ def test_step_sums_the_same_gathered_or_on_the_cluster(client, blobs, monkeypatc
     trial call on an empty block to infer the output's type."""
     X = da.from_array(blobs, chunks=(400, 6))  # 8 blocks
     c = blobs[:4].copy()
-    real, calls = cluster._assign_sums, []
-
-    def spy(b, cc):
-        calls.append(b.shape[0])
-        return real(b, cc)
-
-    monkeypatch.setattr(cluster, "_assign_sums", spy)
+    calls, _ = _record_rows(monkeypatch, cluster, "_assign_sums")
     gathered = kd.kmeans_step(X, c)
     monkeypatch.setattr(kd, "GATHER_MAX_BYTES", 0)  # every size: the dask reduction
     reduced = kd.kmeans_step(X, c)
@@ -106,13 +107,7 @@ def test_search_matches_in_memory_with_uneven_blocks(client, rng, dtype, monkeyp
     e = rng.standard_normal((2500, 8)).astype(dtype)
     q = rng.standard_normal((3, 8)).astype(dtype)
     E = da.from_array(e, chunks=((900, 3, 1597), (8,)))  # a block smaller than k
-    real, calls = search.topk_cosine, []
-
-    def spy(qq, b, k, offset=0):
-        calls.append(b.shape[0])
-        return real(qq, b, k, offset=offset)
-
-    monkeypatch.setattr(search, "topk_cosine", spy)
+    calls, _ = _record_rows(monkeypatch, search, "topk_cosine", block_arg=1)
     s, i = kd.topk_cosine(q, E, 6)
     monkeypatch.undo()
     assert sorted(calls) == [3, 900, 1597]  # one call per block, no trial on an empty one
@@ -175,6 +170,20 @@ def test_bad_arguments_are_refused_at_the_call_not_in_the_blocks(monkeypatch):
 
 
 
+def _in_a_worker_process(fn, config):
+    """``fn()`` run once in the worker process of a one-worker ``LocalCluster`` started
+    under the dask ``config`` (the nanny's pre-spawn environment, say)."""
+    saved = dict(os.environ)  # the nanny puts its pre-spawn variables in ours
+    try:
+        with dask.config.set(config), distributed.LocalCluster(
+                n_workers=1, threads_per_worker=1, processes=True,
+                dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+            return client.submit(fn, pure=False).result(timeout=120)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def test_dask_workers_keep_freed_memory_with_worker_environ():
     """``kernels.memory.worker_environ()`` through the nanny's pre-spawn environment: the
     worker process (its threads started before any task) reuses a freed 128 MiB block
@@ -195,20 +204,9 @@ def test_dask_workers_keep_freed_memory_with_worker_environ():
         took = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
         return took, float(b[-1]), memory.keeping()
 
-    def run(extra):
-        saved = dict(os.environ)  # the nanny puts its pre-spawn variables in ours
-        try:
-            with dask.config.set(extra), distributed.LocalCluster(
-                    n_workers=1, threads_per_worker=1, processes=True,
-                    dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
-                return client.submit(refill, pure=False).result(timeout=120)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-
-    default = run({})
-    kept = run({f"distributed.nanny.pre-spawn-environ.{k}": v
-                for k, v in worker_environ().items()})
+    default = _in_a_worker_process(refill, {})
+    kept = _in_a_worker_process(refill, {f"distributed.nanny.pre-spawn-environ.{k}": v
+                                         for k, v in worker_environ().items()})
     assert kept[1] == default[1] == 1.0
     assert kept[2] and not default[2]
     assert default[0] >= 48, default
@@ -228,17 +226,7 @@ def test_a_dask_workers_kernels_keep_to_its_omp_num_threads():
 
         return numba.config.NUMBA_NUM_THREADS, numba.get_num_threads()
 
-    def run(extra):
-        saved = dict(os.environ)  # the nanny puts its pre-spawn variables in ours
-        try:
-            with dask.config.set(extra), distributed.LocalCluster(
-                    n_workers=1, threads_per_worker=1, processes=True,
-                    dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
-                return client.submit(pool, pure=False).result(timeout=120)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-
-    assert run({}) == (1, 1)
-    assert run({"distributed.nanny.pre-spawn-environ.NUMBA_NUM_THREADS": "2"}) == (2, 2)
+    assert _in_a_worker_process(pool, {}) == (1, 1)
+    assert _in_a_worker_process(
+        pool, {"distributed.nanny.pre-spawn-environ.NUMBA_NUM_THREADS": "2"}) == (2, 2)
 
