@@ -19,17 +19,23 @@ from kernels.errors import KernelDtypeError, KernelInputError
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def float_dtype(name: str, dtype: Any) -> None:
+    """Raise, naming ``name``, unless ``dtype`` is float32 or float64 (for any array
+    type: a dask array's too)."""
+    if dtype not in FLOAT_DTYPES:
+        raise KernelDtypeError(
+            f"{name} has dtype {dtype}; kernels take float32 or float64, "
+            f"cast with {name}.astype(np.float32)"
+        )
+
+
 def float_array(name: str, a: Any, *, ndim: int | None = None, dtype: Any = None) -> np.ndarray:
     """Return ``a`` as a C-contiguous float32/float64 array, or raise naming ``name``."""
     if not isinstance(a, np.ndarray):
         raise KernelDtypeError(
             f"{name} must be a numpy array, got {type(a).__name__}; wrap it with np.asarray"
         )
-    if a.dtype not in FLOAT_DTYPES:
-        raise KernelDtypeError(
-            f"{name} has dtype {a.dtype}; kernels take float32 or float64, "
-            f"cast with {name}.astype(np.float32)"
-        )
+    float_dtype(name, a.dtype)
     if dtype is not None and a.dtype != dtype:
         raise KernelDtypeError(
             f"{name} has dtype {a.dtype} but must match the other inputs ({np.dtype(dtype)}); "

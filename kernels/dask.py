@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from kernels import _checks, cluster, search
-from kernels.errors import KernelDtypeError, KernelInputError
+from kernels.errors import KernelInputError
 
 __all__ = ["kmeans", "kmeans_assign", "kmeans_step", "topk_cosine"]
 
@@ -39,24 +39,20 @@ def _rows_only(x: Any, name: str = "x") -> Any:
         raise KernelInputError(f"{name} must be a dask array; use dask.array.from_array({name})")
     if x.ndim != 2:
         raise KernelInputError(f"{name} must be 2-D, got shape {x.shape}")
-    if x.dtype not in _checks.FLOAT_DTYPES:
-        raise KernelDtypeError(f"{name} has dtype {x.dtype}; kernels take float32 or float64, "
-                               f"cast with {name}.astype(np.float32)")
+    _checks.float_dtype(name, x.dtype)
     return x if len(x.chunks[1]) == 1 else x.rechunk({1: -1})
 
 
 def _centroids(centroids: Any, x: Any) -> np.ndarray:
-    """``centroids`` as a C-contiguous ``(k, d)`` array of ``x``'s dtype, checked here,
-    in the caller, rather than in every block's task."""
+    """``centroids`` cast to ``x``'s dtype and checked against it as the in-memory kernels
+    check them (``cluster._centroids_for``), here in the caller rather than in every
+    block's task."""
     try:
-        c = np.ascontiguousarray(centroids, dtype=x.dtype)
+        c = np.asarray(centroids, dtype=x.dtype)
     except (TypeError, ValueError) as exc:
         raise KernelInputError(f"centroids must be a (k, {x.shape[1]}) array of numbers: "
                                f"{exc}") from None
-    if c.ndim != 2 or c.shape[1] != x.shape[1] or c.shape[0] == 0:
-        raise KernelInputError(f"centroids must have shape (k, {x.shape[1]}) with k >= 1, "
-                               f"got {c.shape}")
-    return c
+    return cluster._centroids_for(x, c)
 
 
 def kmeans_assign(x: Any, centroids: np.ndarray) -> tuple[Any, Any]:

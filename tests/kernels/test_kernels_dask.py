@@ -155,9 +155,9 @@ def test_bad_arguments_are_refused_at_the_call_not_in_the_blocks(monkeypatch):
     monkeypatch.setattr(cluster, "kmeans_assign", None)
     monkeypatch.setattr(search, "topk_cosine", None)
     for bad in (np.zeros((3, 5)), np.zeros(4), np.zeros((0, 4)), [["a"] * 4]):
-        with pytest.raises(KernelInputError, match=r"centroids must .*\(k, 4\)"):
+        with pytest.raises(KernelInputError, match=r"^centroids (must|is empty)"):
             kd.kmeans_assign(X, bad)
-        with pytest.raises(KernelInputError, match=r"centroids must .*\(k, 4\)"):
+        with pytest.raises(KernelInputError, match=r"^centroids (must|is empty)"):
             kd.kmeans_step(X, bad)
     with pytest.raises(KernelInputError, match="max_iter must be a positive integer"):
         kd.kmeans(X, np.zeros((2, 4)), max_iter=0)
