@@ -96,15 +96,27 @@ def test_cancelling_a_throttled_array_ends_every_member_cancelled(slurm_cluster:
     try:
         spec, base = load_campaign(_campaign(tmp_path, 3, 1, "sleep 120"))
         apply(gw, spec, base)
-        for _ in range(600):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
             gw.reconcile()
             if any(j.state == State.RUNNING for j in gw.store.campaign_jobs("slurm-sweep")):
                 break
+            time.sleep(0.2)
         jobs = gw.store.campaign_jobs("slurm-sweep")
         assert [j.state for j in jobs].count(State.RUNNING) == 1, [j.state for j in jobs]
         gw.cancel([j.id for j in jobs])
-        for _ in range(10):     # well past the three misses that would make them LOST
+        # passes at the agent's pace until every member ended: the pending ones are gone
+        # from squeue at once, so a LOST verdict would come within three passes; the
+        # running one shows COMPLETING (still RUNNING here) until Slurm has killed it
+        passes = 0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
             gw.reconcile()
+            passes += 1
+            ended = gw.store.campaign_jobs("slurm-sweep")
+            if all(j.state.terminal for j in ended) and passes >= 10:
+                break
+            time.sleep(0.2)
         ended = gw.store.campaign_jobs("slurm-sweep")
         assert [j.state for j in ended] == [State.CANCELLED] * 3, \
             [(j.state, j.reason) for j in ended]
