@@ -33,7 +33,7 @@ MAX_DEFAULT_JOBS = 8
 
 
 def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
-    from kernels import _simd, cluster, compress, data, gemm, nn, optim, quant, search
+    from kernels import _simd, cluster, compress, data, fused, gemm, nn, optim, quant, search
     from kernels._checks import empty_aligned, empty_placed
 
     x = np.linspace(-1, 1, 24, dtype=dt).reshape(4, 6)
@@ -65,6 +65,10 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
                 for call in calls:
                     call()
         return run
+
+    def fused_pair():  # forward, then backward on its outputs
+        a, _, m, r = fused.bias_gelu_layer_norm(x, v, v, v)
+        fused.bias_gelu_layer_norm_backward(x, a, x, v, v, m, r)
 
     ow = empty_aligned(wide.shape, dt, like=wide, apart_from=wide)
     mu, rs = stats(x)
@@ -104,6 +108,7 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         "bias_act relu streamed": streamed(
             lambda: nn.bias_act(wide, vw, "relu", out=ow),
             lambda: nn.bias_act_backward(wide, wide, vw, "relu", out=ow)),
+        "bias_gelu_layer_norm": fused_pair,
         "kmeans_assign": lambda: cluster.kmeans_assign(x, x[:2]),
         "kmeans_partial_sums": lambda: cluster.kmeans_partial_sums(x, lab, 2),
         # d * k = 1024, k = 32: the GEMM path (NumPy's BLAS on Numba's threads)

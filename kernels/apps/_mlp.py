@@ -2,7 +2,8 @@
 
 All parameters live in one flat buffer (views per tensor), so one fused AdamW call and
 one Allreduce cover the whole model. GEMMs go through NumPy's BLAS, split over Numba's
-threads (``kernels.gemm.matmul``); the rest through the kernels.
+threads (``kernels.gemm.matmul``); the rest through the kernels: bias + GELU + layer norm
+as one kernel each way (``kernels.fused``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import nn
+from kernels import fused, nn
 from kernels.gemm import matmul
 
 
@@ -58,8 +59,7 @@ def forward(flat: np.ndarray, shapes: Shapes, x: np.ndarray) -> tuple[np.ndarray
     """Logits and the activations the backward pass needs."""
     p = views(flat, shapes)
     z1 = matmul(x, p["w1"])
-    a1 = nn.bias_act(z1, p["b1"], "gelu")
-    h, mu, rstd = nn.layer_norm(a1, p["gamma"], p["beta"])
+    a1, h, mu, rstd = fused.bias_gelu_layer_norm(z1, p["b1"], p["gamma"], p["beta"])
     z2 = matmul(h, p["w2"])
     logits = nn.bias_act(z2, p["b2"], "none")
     return logits, (x, z1, a1, h, mu, rstd, z2)
@@ -76,10 +76,9 @@ def loss_and_grad(
     correct = int((logits.argmax(axis=1) == y).sum()) if len(y) else 0
     dz2, g["b2"][...] = nn.bias_act_backward(dlog, z2, p["b2"], "none")
     matmul(h.T, dz2, out=g["w2"])
-    da1, g["gamma"][...], g["beta"][...] = nn.layer_norm_backward(
-        matmul(dz2, p["w2"].T), a1, p["gamma"], mu, rstd
+    dz1, g["b1"][...], g["gamma"][...], g["beta"][...] = fused.bias_gelu_layer_norm_backward(
+        matmul(dz2, p["w2"].T), a1, z1, p["b1"], p["gamma"], mu, rstd
     )
-    dz1, g["b1"][...] = nn.bias_act_backward(da1, z1, p["b1"], "gelu")
     matmul(x.T, dz1, out=g["w1"])
     return loss_sum, correct
 

@@ -1,0 +1,324 @@
+"""Bias + GELU + layer norm in one kernel each way: a hidden layer's elementwise work.
+
+A layer ``h = layer_norm(gelu(z + b))`` (the training app's, after its first matrix
+product) costs two kernel calls forward and two backward with the separate kernels, and
+every call streams its whole input in and its output out: ``a = gelu(z + b)`` is written,
+then read again by the layer norm; backward, the layer norm's ``da`` is written, then read
+again by GELU's backward. At a training step's sizes (a batch of 1024 x 256 float32 is 1
+MiB per array) those arrays no longer sit in the core's L2 when the next call reads them,
+so each such read comes from L3. Here each row goes through both steps while it is in L1:
+
+- :func:`bias_gelu_layer_norm` writes ``a`` (kept for the backward) and ``h`` and the row
+  statistics, reading ``z`` once;
+- :func:`bias_gelu_layer_norm_backward` builds a row's ``da`` in a scratch row and turns
+  it into ``dz`` at once, reading ``dh``, ``a`` and ``z`` once and writing only ``dz``
+  (plus the parameter gradients ``db``, ``dgamma``, ``dbeta``).
+
+Results are those of :func:`kernels.nn.bias_act` (``"gelu"``) followed by
+:func:`kernels.nn.layer_norm`, and of :func:`kernels.nn.layer_norm_backward` followed by
+:func:`kernels.nn.bias_act_backward`, to float rounding: the same GELU code (the
+``kernels._avx512`` blocks where the separate kernels use them, else the portable
+loops), statistics summed in float64, parameter gradients summed per chunk of rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels import _checks
+from kernels._chunks import chunk_bounds, n_chunks
+from kernels._jit import jit, pick_twin, prange, serial_twin
+from kernels.activations import (
+    _PEND,
+    _TILE,
+    _act,
+    _act_grad,
+    _finish_any,
+    _gelu_block,
+    _pending,
+    _vec,
+)
+from kernels.nn import _like, _ln_out_row, _ln_row_sums, _ln_stats_set, _move_sums
+
+__all__ = ["bias_gelu_layer_norm", "bias_gelu_layer_norm_backward"]
+
+# float32 parameter-gradient shares are summed over this many rows in float32, then
+# moved into the float64 sums (as the layer norm's own backward does)
+_PARTIAL_ROWS = 16
+# the row loops may sum in any order (vectorised reductions), as well as fuse multiply-adds
+_SUMS = {"contract", "reassoc"}
+
+
+@jit(inline=True, fastmath={"contract"})
+def _gelu_row_vec(dy, z, b, out, acc, bufs, backward):
+    """``out = gelu(z + b)``, or backward ``dy * gelu'(z + b)`` also added to ``acc``,
+    for one row through the ``_avx512`` blocks (float64 lanes put aside are finished
+    before returning, so the row is complete)."""
+    pz, pdy, pi, pj = bufs
+    d = z.size
+    blk = 256 // z.itemsize
+    cnt = 0
+    j = 0
+    while j + blk <= d:
+        cnt = _gelu_block(0, True, backward, dy, z, b, out, acc, j, j, blk, pz, pdy, pi, pj,
+                          cnt)
+        if cnt > _PEND:
+            cnt = _finish_any(pz, pdy, pi, pj, cnt, out, acc, backward, backward)
+        j += blk
+    if j < d:
+        cnt = _gelu_block(1, True, backward, dy, z, b, out, acc, j, j, d - j, pz, pdy, pi, pj,
+                          cnt)
+    _finish_any(pz, pdy, pi, pj, cnt, out, acc, backward, backward)
+
+
+@jit(inline=True)
+def _ln_fwd_rest(a, gamma, beta, eps, y, mean, rstd, i):
+    """Row ``i`` of the layer norm of ``a`` (just written, in L1) into ``y``."""
+    ar = a[i]
+    x0, s1, s2 = _ln_row_sums(ar)
+    _ln_stats_set(mean, rstd, i, x0, s1, s2, ar.size, eps)
+    _ln_out_row(ar, gamma, beta, y[i], mean[i], rstd[i], False, ar, 0)
+
+
+@jit(fastmath=_SUMS)
+def _fwd_chunk_vec(c, z, b, gamma, beta, eps, a, y, mean, rstd, nchunks, bufs):
+    lo, hi = chunk_bounds(z.shape[0], nchunks, c)
+    mine = (bufs[0][c], bufs[1][c], bufs[2][c], bufs[3][c])
+    for i in range(lo, hi):
+        _gelu_row_vec(z[i], z[i], b, a[i], b, mine, False)
+        _ln_fwd_rest(a, gamma, beta, eps, y, mean, rstd, i)
+
+
+@jit(fastmath=_SUMS)
+def _fwd_chunk(c, z, b, gamma, beta, eps, a, y, mean, rstd, nchunks):
+    lo, hi = chunk_bounds(z.shape[0], nchunks, c)
+    for i in range(lo, hi):
+        zr = z[i]
+        ar = a[i]
+        for j in range(zr.size):
+            ar[j] = _act(zr[j] + b[j], 2)
+        _ln_fwd_rest(a, gamma, beta, eps, y, mean, rstd, i)
+
+
+@jit(parallel=True)
+def _fwd_vec(z, b, gamma, beta, eps, a, y, mean, rstd, nchunks, bufs):
+    for c in prange(nchunks):
+        _fwd_chunk_vec(np.int64(c), z, b, gamma, beta, eps, a, y, mean, rstd, nchunks, bufs)
+
+
+@jit(parallel=True)
+def _fwd(z, b, gamma, beta, eps, a, y, mean, rstd, nchunks):
+    for c in prange(nchunks):
+        _fwd_chunk(np.int64(c), z, b, gamma, beta, eps, a, y, mean, rstd, nchunks)
+
+
+_fwd_vec_1 = serial_twin(_fwd_vec)
+_fwd_1 = serial_twin(_fwd)
+
+
+@jit(inline=True)
+def _ln_bwd_row(dy, a, gamma, mean, rstd, i, da, qg, qb, zero):
+    """Row ``i`` of the layer norm's backward into the scratch row ``da``; the row's
+    dgamma/dbeta shares added to ``qg``, ``qb``."""
+    dr = dy[i]
+    ar = a[i]
+    mu = mean[i]
+    r = rstd[i]
+    s1 = zero
+    s2 = zero
+    for j in range(ar.size):
+        xh = (ar[j] - mu) * r
+        g = dr[j] * gamma[j]
+        s1 += g
+        s2 += g * xh
+        qg[j] += dr[j] * xh
+        qb[j] += dr[j]
+    m1 = _like(zero, np.float64(s1) / ar.size)
+    m2 = _like(zero, np.float64(s2) / ar.size)
+    for j in range(ar.size):
+        xh = (ar[j] - mu) * r
+        da[j] = r * (dr[j] * gamma[j] - m1 - xh * m2)
+
+
+@jit(fastmath=_SUMS)
+def _bwd_chunk_vec(c, dy, a, z, b, gamma, mean, rstd, dz, pg, pb, qg, qb, pdb, work, every,
+                   nchunks, bufs):
+    lo, hi = chunk_bounds(z.shape[0], nchunks, c)
+    mine = (bufs[0][c], bufs[1][c], bufs[2][c], bufs[3][c])
+    zero = z.dtype.type(0)
+    da = work[c]
+    held = 0
+    for i in range(lo, hi):
+        if held == every:
+            _move_sums(pg[c], pb[c], qg[c], qb[c])
+            held = 0
+        held += 1
+        _ln_bwd_row(dy, a, gamma, mean, rstd, i, da, qg[c], qb[c], zero)
+        _gelu_row_vec(da, z[i], b, dz[i], pdb[c], mine, True)
+    if every > 0:
+        _move_sums(pg[c], pb[c], qg[c], qb[c])
+
+
+@jit(fastmath=_SUMS)
+def _bwd_chunk(c, dy, a, z, b, gamma, mean, rstd, dz, pg, pb, qg, qb, pdb, work, every,
+               nchunks):
+    lo, hi = chunk_bounds(z.shape[0], nchunks, c)
+    zero = z.dtype.type(0)
+    da = work[c]
+    acc = pdb[c]
+    held = 0
+    for i in range(lo, hi):
+        if held == every:
+            _move_sums(pg[c], pb[c], qg[c], qb[c])
+            held = 0
+        held += 1
+        _ln_bwd_row(dy, a, gamma, mean, rstd, i, da, qg[c], qb[c], zero)
+        zr = z[i]
+        dzr = dz[i]
+        for j in range(zr.size):
+            v = da[j] * _act_grad(zr[j] + b[j], 2)
+            dzr[j] = v
+            acc[j] += v
+    if every > 0:
+        _move_sums(pg[c], pb[c], qg[c], qb[c])
+
+
+@jit(parallel=True)
+def _bwd_vec(dy, a, z, b, gamma, mean, rstd, dz, pg, pb, qg, qb, pdb, work, every, nchunks,
+             bufs):
+    for c in prange(nchunks):
+        _bwd_chunk_vec(np.int64(c), dy, a, z, b, gamma, mean, rstd, dz, pg, pb, qg, qb, pdb,
+                       work, every, nchunks, bufs)
+
+
+@jit(parallel=True)
+def _bwd(dy, a, z, b, gamma, mean, rstd, dz, pg, pb, qg, qb, pdb, work, every, nchunks):
+    for c in prange(nchunks):
+        _bwd_chunk(np.int64(c), dy, a, z, b, gamma, mean, rstd, dz, pg, pb, qg, qb, pdb, work,
+                   every, nchunks)
+
+
+_bwd_vec_1 = serial_twin(_bwd_vec)
+_bwd_1 = serial_twin(_bwd)
+
+
+@jit()
+def _new_pending(nchunks):
+    return _pending(nchunks)
+
+
+_NONE_PENDING: dict[int, tuple] = {}
+
+
+def _pending_for(dtype: np.dtype, nchunks: int) -> tuple:
+    """Per-chunk buffers for float64 GELU lanes put aside (``activations._pending``);
+    float32 puts none aside, so it gets shared empty ones (one allocation per chunk
+    count, not four per call)."""
+    if dtype == np.float64:
+        return _new_pending(nchunks)
+    bufs = _NONE_PENDING.get(nchunks)
+    if bufs is None:
+        bufs = _NONE_PENDING[nchunks] = (np.empty((nchunks, 1)), np.empty((nchunks, 1)),
+                                         np.empty((nchunks, 1), np.int64),
+                                         np.empty((nchunks, 1), np.int64))
+    return bufs
+
+
+def _params(z: np.ndarray, **vecs: np.ndarray) -> list[np.ndarray]:
+    """Each per-feature vector checked: 1-D, ``z``'s dtype, one entry per column."""
+    out = []
+    for name, v in vecs.items():
+        vc = _checks.float_array(name, v, ndim=1, dtype=z.dtype)
+        _checks.shape_is(name, vc, (z.shape[1],))
+        out.append(vc)
+    return out
+
+
+def _chunks(n: int) -> int:
+    return n_chunks(n, min_rows=16)
+
+
+def bias_gelu_layer_norm(
+    z: np.ndarray, b: np.ndarray, gamma: np.ndarray, beta: np.ndarray, *, eps: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``a = gelu(z + b)`` and ``h = layer_norm(a)`` of 2-D ``z`` in one pass over it.
+
+    Returns ``(a, h, mean, rstd)``: ``a`` and the row statistics are what
+    :func:`bias_gelu_layer_norm_backward` needs (as from :func:`kernels.nn.bias_act` with
+    ``"gelu"`` and :func:`kernels.nn.layer_norm`, exact-erf GELU, biased variance).
+    """
+    zc = _checks.float_array("z", z, ndim=2)
+    bc, gc, btc = _params(zc, b=b, gamma=gamma, beta=beta)
+    eps = _checks.finite_float("eps", eps, low=0.0)
+    n, d = zc.shape
+    a = _checks.empty_aligned(zc.shape, zc.dtype)
+    h = _checks.empty_aligned(zc.shape, zc.dtype)
+    mean = np.empty(n, zc.dtype)
+    rstd = np.empty(n, zc.dtype)
+    if n and d:
+        nch = _chunks(n)
+        if _vec(zc):
+            pick_twin(_fwd_vec, _fwd_vec_1, nch)(zc, _tail_padded(bc), gc, btc, eps, a, h,
+                                                 mean, rstd, nch, _pending_for(zc.dtype, nch))
+        else:
+            pick_twin(_fwd, _fwd_1, nch)(zc, bc, gc, btc, eps, a, h, mean, rstd, nch)
+    elif n:
+        mean[:] = np.nan
+        rstd[:] = np.nan
+    return a, h, mean, rstd
+
+
+def bias_gelu_layer_norm_backward(
+    dh: np.ndarray, a: np.ndarray, z: np.ndarray, b: np.ndarray, gamma: np.ndarray,
+    mean: np.ndarray, rstd: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`bias_gelu_layer_norm` for the upstream gradient ``dh``:
+    ``(dz, db, dgamma, dbeta)``. ``a``, ``mean``, ``rstd`` are the forward's outputs, ``z``
+    and ``b`` its inputs."""
+    zc = _checks.float_array("z", z, ndim=2)
+    n, d = zc.shape
+    arrays = []
+    for name, v in (("dh", dh), ("a", a)):
+        vc = _checks.float_array(name, v, ndim=2, dtype=zc.dtype)
+        _checks.shape_is(name, vc, zc.shape)
+        arrays.append(vc)
+    dhc, ac = arrays
+    bc, gc = _params(zc, b=b, gamma=gamma)
+    stats = []
+    for name, v in (("mean", mean), ("rstd", rstd)):
+        vc = _checks.float_array(name, v, ndim=1, dtype=zc.dtype)
+        _checks.shape_is(name, vc, (n,))
+        stats.append(vc)
+    mc, rc = stats
+    dz = _checks.empty_aligned(zc.shape, zc.dtype)
+    if not (n and d):
+        zeros = np.zeros(d, zc.dtype)
+        return dz, zeros, zeros.copy(), zeros.copy()
+    nch = _chunks(n)
+    pg = np.zeros((nch, d))
+    pb = np.zeros((nch, d))
+    if zc.dtype == np.float32:  # float32 shares, moved into pg, pb every few rows
+        q = np.zeros((2, nch, d), zc.dtype)
+        qg, qb, every = q[0], q[1], _PARTIAL_ROWS
+    else:  # float64: the shares go straight into pg, pb
+        qg, qb, every = pg, pb, -1
+    pdb = np.zeros((nch, d + _TILE), zc.dtype)
+    work = _checks.empty_aligned((nch, d + _TILE), zc.dtype)
+    if _vec(zc):
+        pick_twin(_bwd_vec, _bwd_vec_1, nch)(dhc, ac, zc, _tail_padded(bc), gc, mc, rc, dz, pg,
+                                             pb, qg, qb, pdb, work, every, nch,
+                                             _pending_for(zc.dtype, nch))
+    else:
+        pick_twin(_bwd, _bwd_1, nch)(dhc, ac, zc, bc, gc, mc, rc, dz, pg, pb, qg, qb, pdb,
+                                     work, every, nch)
+    db = pdb[:, :d].sum(axis=0)
+    return (dz, db, pg.sum(axis=0).astype(zc.dtype, copy=False),
+            pb.sum(axis=0).astype(zc.dtype, copy=False))
+
+
+def _tail_padded(b: np.ndarray) -> np.ndarray:
+    """``b`` followed by zeros to ``b.size + _TILE``: a row's last (masked) block reads
+    whole vectors of it."""
+    out = np.zeros(b.size + _TILE, b.dtype)
+    out[:b.size] = b
+    return out
