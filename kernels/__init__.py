@@ -7,6 +7,7 @@ import this package without paying for the JIT.
 Modules:
     kernels.optim     fused AdamW step
     kernels.nn        softmax + cross-entropy, layer norm, GELU, bias + activation
+    kernels.fused     bias + GELU + layer norm as one kernel each way
     kernels.cluster   k-means assignment and centroid update
     kernels.search    top-k cosine similarity search
     kernels.quant     int8 symmetric per-channel quantize / dequantize

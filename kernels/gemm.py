@@ -15,10 +15,11 @@ products all go through :func:`matmul`.
 
 It is the same BLAS and the same arithmetic per output element as ``a @ b`` (each element
 is one dot product computed by one ``gemm`` call), so results are equal to NumPy's up
-to the order BLAS sums in. Where it cannot run this way it simply calls ``np.matmul``:
-BLAS not NumPy's OpenBLAS with 64-bit integers (the ``cblas_?gemm64_`` symbols), one
-Numba thread, a product under ``SPLIT_MIN_FLOPS``, or an operand that is neither
-C-contiguous nor the transpose of a C-contiguous, aligned array.
+to the order BLAS sums in. A product under ``SPLIT_MIN_FLOPS`` is one BLAS call on the
+calling thread (BLAS pinned to one thread for it); an operand that is neither
+C-contiguous nor the transpose of a C-contiguous, aligned array is copied first. Where
+it cannot run this way at all it simply calls ``np.matmul``: BLAS not NumPy's OpenBLAS
+with 64-bit integers (the ``cblas_?gemm64_`` symbols), or one Numba thread.
 """
 
 from __future__ import annotations
@@ -213,12 +214,23 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
         if any(np.may_share_memory(out, x) and np.shares_memory(out, x) for x in (a, b)):
             raise KernelInputError("out must not overlap a or b; pass a new buffer "
                                    "(or leave out=None)")
-    la, lb = _layout(a), _layout(b)
     blas = _numpy_blas()
     parts = num_threads()
-    if (blas is None or la is None or lb is None or parts < 2 or k == 0
-            or 2 * m * n * k < SPLIT_MIN_FLOPS):
+    if blas is None or parts < 2 or k == 0:
         return np.matmul(a, b, out=out)
+    if 2 * m * n * k < SPLIT_MIN_FLOPS:
+        # on the calling thread: BLAS's own pool would wake for it, then spin beside the
+        # next kernel's threads (a step of the app's model at batch 256, whose three
+        # products with the 10 classes are all this small, took 12 ms instead of 0.35)
+        with one_thread(blas):
+            return np.matmul(a, b, out=out)
+    la, lb = _layout(a), _layout(b)
+    if la is None:  # a copy costs m k moves against the product's m n k multiply-adds
+        a = np.require(a, requirements=["C", "A"])
+        la = (_NO_TRANS, max(k, 1))
+    if lb is None:
+        b = np.require(b, requirements=["C", "A"])
+        lb = (_NO_TRANS, max(n, 1))
     rows = m >= n
     parts = min(parts, m if rows else n)
     item = a.itemsize

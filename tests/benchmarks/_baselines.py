@@ -115,6 +115,15 @@ def torch_nn(tb, x, y, gam, bet, dy) -> dict:
         xr.grad = None
         F.relu(xr + bt).backward(dyt)
 
+    # a hidden layer's elementwise work: layer_norm(gelu(x + b)), forward and backward
+    # (the bias and the layer norm's weights need gradients too, as in a model)
+    bg, gg, bb = (a.clone().requires_grad_() for a in (bt, gt, bt))
+
+    def bias_gelu_ln_fb():
+        for t in (xr, bg, gg, bb):
+            t.grad = None
+        F.layer_norm(F.gelu(xr + bg), (cols,), gg, bb).backward(dyt)
+
     def no_grad(fn):
         def run():
             with torch.no_grad():
@@ -123,6 +132,7 @@ def torch_nn(tb, x, y, gam, bet, dy) -> dict:
 
     return {"xent": xent if yt is not None else None, "ln_fb": ln_fb, "gelu_fb": gelu_fb,
             "bias_gelu_fb": bias_gelu_fb, "bias_relu_fb": bias_relu_fb,
+            "bias_gelu_ln_fb": bias_gelu_ln_fb,
             "ln": no_grad(lambda: F.layer_norm(xt, (cols,), gt, bt)),
             "gelu": no_grad(lambda: F.gelu(xt)), "bias_gelu": no_grad(lambda: F.gelu(xt + bt)),
             "bias_relu": no_grad(lambda: F.relu(xt + bt))}

@@ -29,7 +29,7 @@ from bench_kernels import SETTLE_S, environment  # noqa: E402
 from report import replace_section  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels import activations, nn, optim  # noqa: E402
+from kernels import activations, fused, nn, optim  # noqa: E402
 
 COLS = 256
 SECTION = "## Small inputs (per-call time)"
@@ -94,6 +94,18 @@ def cases(rows: int, torch):
     out.append(("bias_act relu fwd+bwd", lambda: (activations.bias_act(x, bet, "relu"),
                                                   activations.bias_act_backward(dy, x, bet,
                                                                                 "relu"))))
+    def separate():  # what the fused pair replaces: four calls
+        a = activations.bias_act(x, bet, "gelu")
+        _, m_, r_ = nn.layer_norm(a, gam, bet)
+        da, _, _ = nn.layer_norm_backward(dy, a, gam, m_, r_)
+        activations.bias_act_backward(da, x, bet, "gelu")
+
+    def together():
+        a, _, m_, r_ = fused.bias_gelu_layer_norm(x, bet, gam, bet)
+        fused.bias_gelu_layer_norm_backward(dy, a, x, bet, gam, m_, r_)
+
+    out.append((BGLN_SEPARATE, separate))
+    out.append((BGLN_FUSED, together))
     theirs: dict[str, object] = {}
     if torch is not None:
         t = B.torch_nn((torch, torch.nn.functional), x, lab, gam, bet, dy)
@@ -105,11 +117,21 @@ def cases(rows: int, torch):
                   "layer_norm": t["ln"], "layer_norm fwd+bwd": t["ln_fb"], "gelu": t["gelu"],
                   "gelu fwd+bwd": t["gelu_fb"], "bias_act gelu": t["bias_gelu"],
                   "bias_act gelu fwd+bwd": t["bias_gelu_fb"], "bias_act relu": t["bias_relu"],
-                  "bias_act relu fwd+bwd": t["bias_relu_fb"]}
+                  "bias_act relu fwd+bwd": t["bias_relu_fb"],
+                  BGLN_SEPARATE: t["bias_gelu_ln_fb"], BGLN_FUSED: t["bias_gelu_ln_fb"]}
     return [(name, fn, theirs.get(name)) for name, fn in out]
 
 
-TORCH_NOTE = {"softmax_cross_entropy+grad": "torch: cross_entropy forward + backward",
+BGLN_SEPARATE = "bias_act gelu, layer_norm fwd+bwd"
+BGLN_FUSED = "fused.bias_gelu_layer_norm fwd+bwd"
+_BGLN_TORCH = ("torch: layer_norm(gelu(x + b)), then backward through autograd (x, b, "
+               "gamma, beta)")
+TORCH_NOTE = {
+              BGLN_SEPARATE: "ours: bias_act, layer_norm, their backwards (four calls); "
+                             + _BGLN_TORCH,
+              BGLN_FUSED: "ours: kernels.fused forward and backward (two calls); "
+                          + _BGLN_TORCH,
+              "softmax_cross_entropy+grad": "torch: cross_entropy forward + backward",
               "layer_norm fwd+bwd": "both: forward, then backward (torch through autograd)",
               "gelu fwd+bwd": "both: forward, then backward (torch through autograd)",
               "bias_act gelu fwd+bwd": "torch: gelu(x + b), then backward through autograd",

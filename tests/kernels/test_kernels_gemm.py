@@ -1,4 +1,4 @@
-"""kernels.gemm.matmul: NumPy's BLAS on Numba's threads, and np.matmul where it cannot."""
+"""kernels.gemm.matmul: NumPy's BLAS on Numba's threads; small products on one thread."""
 
 from __future__ import annotations
 
@@ -112,23 +112,42 @@ def test_matmul_from_threads_at_once_keeps_blas_pinned_until_the_last_leaves(spl
     assert gemm._PIN[0] == 0
 
 
-def test_matmul_leaves_small_and_other_layouts_to_numpy(monkeypatch, rng):
-    calls = []
+def test_matmul_runs_small_products_on_the_calling_thread(gemm_split, monkeypatch, rng):
+    # under SPLIT_MIN_FLOPS: one np.matmul with BLAS pinned to one thread for it. With
+    # BLAS's own pool (2 threads, as NumPy starts) a step of the training app's model at
+    # batch 256 took 12 ms instead of 0.35: the pool woke for the small products, then
+    # spun beside the next kernel's threads
+    calls, counts = [], []
     monkeypatch.setattr(gemm, "_gemm_split", lambda *a: calls.append(a))
+    real = np.matmul
+
+    def spy(*args, **kwargs):
+        counts.append(gemm._numpy_blas().threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gemm.np, "matmul", spy)
+    small = rng.standard_normal((256, 10))
+    w = rng.standard_normal((10, 256))
+    assert 2 * 256 * 10 * 256 < gemm.SPLIT_MIN_FLOPS
+    with threadpool_limits(2, user_api="blas"):
+        np.testing.assert_allclose(gemm.matmul(small, w), small @ w, rtol=1e-12)
+        assert blas_counts() == {2}  # put back after the call
+    assert counts == [1] and calls == []
+    empty = gemm.matmul(np.ones((4, 0)), np.ones((0, 5)))
+    np.testing.assert_array_equal(empty, np.zeros((4, 5)))
+
+
+def test_matmul_copies_other_layouts_and_splits_them(splits, rng):
     a, b = rng.standard_normal((512, 64)), rng.standard_normal((64, 512))
-    with kernels.blas_threads():
-        small = rng.standard_normal((8, 8))
-        np.testing.assert_allclose(gemm.matmul(small, small), small @ small, rtol=1e-12)
-        strided = a[::2]  # neither C-contiguous nor a transposed one: np.matmul
-        np.testing.assert_allclose(gemm.matmul(strided, b), strided @ b, rtol=1e-12)
-        raw = np.zeros(a.nbytes + 1, np.uint8)  # float64 at an odd address
-        odd = raw[1:].view(np.float64).reshape(a.shape)
-        odd[...] = a
-        assert not odd.flags.aligned
-        np.testing.assert_allclose(gemm.matmul(odd, b), a @ b, rtol=1e-12)
-        empty = gemm.matmul(np.ones((4, 0)), np.ones((0, 5)))
-        np.testing.assert_array_equal(empty, np.zeros((4, 5)))
-    assert calls == []
+    strided = a[::2]  # neither C-contiguous nor a transposed one
+    np.testing.assert_allclose(gemm.matmul(strided, b), strided @ b, rtol=1e-12)
+    raw = np.zeros(a.nbytes + 1, np.uint8)  # float64 at an odd address
+    odd = raw[1:].view(np.float64).reshape(a.shape)
+    odd[...] = a
+    assert not odd.flags.aligned
+    np.testing.assert_allclose(gemm.matmul(odd, b), a @ b, rtol=1e-12)
+    np.testing.assert_allclose(gemm.matmul(a, b[:, ::3]), a @ b[:, ::3], rtol=1e-12)
+    assert splits == [(256, 512, 64), (512, 512, 64), (512, 171, 64)]
 
 
 @pytest.mark.parametrize("case,match", [
