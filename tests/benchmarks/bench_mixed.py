@@ -2,12 +2,16 @@
 """A training step written by hand: NumPy matrix products and kernel calls alternating.
 
     python tests/benchmarks/bench_mixed.py [--out docs/benchmarks.md] [--steps 60]
+        [--batches 1024,256]
 
 A notebook that trains a model with ``x @ w`` and ``kernels.nn`` calls alternates two
 thread pools, OpenBLAS's and Numba's OpenMP pool, and both keep their threads spinning
 after each call. Each row runs the training app's model (Linear 32 -> 256, bias + GELU,
-layer norm, Linear 256 -> 10, softmax + cross-entropy, AdamW; batch 1024, float32: the
-app's ``kernels.apps._mlp.loss_and_grad`` and ``kernels.optim.AdamW``) in a process of
+layer norm, Linear 256 -> 10, softmax + cross-entropy, AdamW; float32, at each batch
+size: the app's ``kernels.apps._mlp.loss_and_grad`` and ``kernels.optim.AdamW``; at
+batch 256 all three products with the 10 classes are under
+``kernels.gemm.SPLIT_MIN_FLOPS``, so ``matmul`` runs them on the calling thread, with
+BLAS pinned for each call) in a process of
 its own, as the row says: as it is (the products by ``np.matmul``, as ``x @ w`` does),
 inside ``kernels.blas_threads()`` (BLAS pinned to one thread), with an environment
 variable that shortens one pool's spinning (read when the library loads, hence the
@@ -37,7 +41,8 @@ sys.path.insert(0, str(HERE))
 
 from report import replace_section  # noqa: E402
 SECTION = "## Mixing NumPy matrix products with the kernels"
-BATCH, FEATURES, HIDDEN, CLASSES = 1024, 32, 256, 10
+FEATURES, HIDDEN, CLASSES = 32, 256, 10
+BATCH = 1024  # the child's batch size (``--batch``)
 
 # (label, extra environment, run inside kernels.blas_threads(), PyTorch, products by
 # np.matmul instead of kernels.gemm.matmul)
@@ -125,9 +130,10 @@ def child_torch(steps: int) -> dict:
             "torch": f"torch {torch.__version__} ({torch.get_num_threads()} threads)"}
 
 
-def run_child(mode, steps: int) -> dict | None:
+def run_child(mode, steps: int, batch: int) -> dict | None:
     label, env, _, torch, _ = mode
-    argv = [sys.executable, __file__, "--child", str(MODES.index(mode)), "--steps", str(steps)]
+    argv = [sys.executable, __file__, "--child", str(MODES.index(mode)), "--steps", str(steps),
+            "--batch", str(batch)]
     proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True,
                           cwd=ROOT)
     if proc.returncode != 0:
@@ -143,52 +149,57 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="timed steps per process")
     ap.add_argument("--rounds", type=int, default=2,
                     help="times each process runs, in turn (best median kept)")
+    ap.add_argument("--batches", default="1024,256", help="batch sizes, one table row each")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=1024, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
+        globals()["BATCH"] = args.batch
         _, _, pinned, torch, np_products = MODES[args.child]
         sys.path.insert(0, str(ROOT))
         res = child_torch(args.steps) if torch else child_ours(args.steps, pinned, np_products)
         print(json.dumps(res))
         return
-    results: dict[str, list[dict]] = {m[0]: [] for m in MODES}
+    batches = [int(b) for b in args.batches.split(",")]
+    results: dict[tuple[int, str], list[dict]] = {(b, m[0]): [] for b in batches for m in MODES}
     for rnd in range(args.rounds):
-        for mode in MODES:
-            r = run_child(mode, args.steps)
-            if r is None:
-                continue
-            results[mode[0]].append(r)
-            print(f"round {rnd + 1} {mode[0]:36s} median "
-                  f"{statistics.median(r['steps']) * 1e3:8.2f} ms/step", flush=True)
+        for batch in batches:
+            for mode in MODES:
+                r = run_child(mode, args.steps, batch)
+                if r is None:
+                    continue
+                results[batch, mode[0]].append(r)
+                print(f"round {rnd + 1} batch {batch} {mode[0]:36s} median "
+                      f"{statistics.median(r['steps']) * 1e3:8.2f} ms/step", flush=True)
     import numba
     import numpy as np
 
     rows = []
-    for label, runs in results.items():
+    for (batch, label), runs in results.items():
         if not runs:
             continue
         med = min(statistics.median(r["steps"]) for r in runs)
         best = min(min(r["steps"]) for r in runs)
         calls = {k: min(r["calls"][k] for r in runs) for k in runs[0]["calls"]}
-        rows.append((label, med, best, calls, runs[0].get("torch")))
-    base = rows[0][1]
-    torch_med = next((r[1] for r in rows if r[4]), None)
-    names = list(rows[0][3])
-    lines = [SECTION, "", "Command (about half a minute per round; 2 rounds):", "", "```",
+        rows.append((batch, label, med, best, calls, runs[0].get("torch")))
+    base = {b: next(r[2] for r in rows if r[0] == b) for b in batches}
+    torch_med = {r[0]: r[2] for r in rows if r[5]}
+    names = list(rows[0][4])
+    lines = [SECTION, "", "Command (about a minute per round; 2 rounds):", "", "```",
              "python tests/benchmarks/bench_mixed.py --out docs/benchmarks.md", "```", "",
              __doc__.split("\n\n", 2)[2].strip().replace("\n", " ").replace("``", "`"), "",
              f"Machine: {os.cpu_count()} cores; numpy {np.__version__}, numba "
-             f"{numba.__version__}" + (f", {rows[-1][4]}" if rows[-1][4] else "")
+             f"{numba.__version__}" + (f", {rows[-1][5]}" if rows[-1][5] else "")
              + f". Median of {args.steps} steps after 10 untimed, best of "
              f"{args.rounds} processes per row.", "",
-             "| run | ms / step (median) | best | samples/s | vs as it is | vs PyTorch | "
+             "| batch | run | ms / step (median) | best | samples/s | vs as it is | vs PyTorch | "
              + " | ".join(f"{n}, us / call" for n in names) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(names)]
-    for label, med, best, calls, torch in rows:
-        vs_t = f"{torch_med / med:.2f}x" if torch_med and not torch else "–"
+             "|---|---|---|---|---|---|---|" + "---|" * len(names)]
+    for batch, label, med, best, calls, torch in rows:
+        vs_t = f"{torch_med[batch] / med:.2f}x" if batch in torch_med and not torch else "–"
         cells = " | ".join(f"{calls[n] * 1e6:.1f}" if n in calls else "–" for n in names)
-        lines.append(f"| {label} | {med * 1e3:.2f} | {best * 1e3:.2f} | {BATCH / med:,.0f} | "
-                     f"{base / med:.1f}x | {vs_t} | {cells} |")
+        lines.append(f"| {batch} | {label} | {med * 1e3:.2f} | {best * 1e3:.2f} | "
+                     f"{batch / med:,.0f} | {base[batch] / med:.1f}x | {vs_t} | {cells} |")
     print("\n".join(lines[-len(rows) - 2:]))
     if args.out:
         replace_section(args.out, SECTION, lines)
