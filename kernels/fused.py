@@ -38,7 +38,14 @@ from kernels.activations import (
     _pending,
     _vec,
 )
-from kernels.nn import _like, _ln_out_row, _ln_row_sums, _ln_stats_set, _move_sums
+from kernels.nn import (
+    _held_rows,
+    _like,
+    _ln_out_row,
+    _ln_row_sums,
+    _ln_stats_set,
+    _move_sums,
+)
 
 __all__ = ["bias_gelu_layer_norm", "bias_gelu_layer_norm_backward"]
 
@@ -149,10 +156,7 @@ def _bwd_chunk_vec(c, dy, a, z, b, gamma, mean, rstd, dz, pg, pb, qg, qb, pdb, w
     da = work[c]
     held = 0
     for i in range(lo, hi):
-        if held == every:
-            _move_sums(pg[c], pb[c], qg[c], qb[c])
-            held = 0
-        held += 1
+        held = _held_rows(held, every, pg[c], pb[c], qg[c], qb[c])
         _ln_bwd_row(dy, a, gamma, mean, rstd, i, da, qg[c], qb[c], zero)
         _gelu_row_vec(da, z[i], b, dz[i], pdb[c], mine, True)
     if every > 0:
@@ -168,10 +172,7 @@ def _bwd_chunk(c, dy, a, z, b, gamma, mean, rstd, dz, pg, pb, qg, qb, pdb, work,
     acc = pdb[c]
     held = 0
     for i in range(lo, hi):
-        if held == every:
-            _move_sums(pg[c], pb[c], qg[c], qb[c])
-            held = 0
-        held += 1
+        held = _held_rows(held, every, pg[c], pb[c], qg[c], qb[c])
         _ln_bwd_row(dy, a, gamma, mean, rstd, i, da, qg[c], qb[c], zero)
         zr = z[i]
         dzr = dz[i]

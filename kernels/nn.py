@@ -1176,10 +1176,7 @@ def _ln_bwd_chunk(c, dy, x, gamma, mean, rstd, dx, pg, pb, nchunks, dxflat, work
     buf = work[c, 2]
     held = 0
     for i in range(lo, hi):
-        if held == every:
-            _move_sums(pg[c], pb[c], qg[c], qb[c])
-            held = 0
-        held += 1
+        held = _held_rows(held, every, pg[c], pb[c], qg[c], qb[c])
         mu = mean[i]
         r = rstd[i]
         a = zero
@@ -1467,6 +1464,16 @@ def _move_sums(pg, pb, sg, sb):
         sb[j] = 0
 
 
+@jit(inline=True)
+def _held_rows(held, every, pg, pb, sg, sb):
+    """Before a row's shares go into ``sg``, ``sb``: they are moved into ``pg``, ``pb``
+    (``_move_sums``) once they hold ``every`` rows. Returns the rows held with this one."""
+    if held == every:
+        _move_sums(pg, pb, sg, sb)
+        held = 0
+    return held + 1
+
+
 @jit(parallel=True)
 def _ln_bwd_short(dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, d, nchunks, nt, spill,
                   nvec, qg, qb, every):
@@ -1491,10 +1498,7 @@ def _ln_bwd_short_chunk(c, dyflat, xflat, gamma, mean, rstd, dxflat, pg, pb, n, 
     b = qb[c]
     held = 0
     for i in range(lo, hi):
-        if held == every:
-            _move_sums(pg[c], pb[c], g, b)
-            held = 0
-        held += 1
+        held = _held_rows(held, every, pg[c], pb[c], g, b)
         base = i * d
         rin = (n - i) * d
         rout = (hi - i) * d if spill else d
