@@ -42,7 +42,6 @@ sys.path.insert(0, str(HERE))
 from report import replace_section  # noqa: E402
 SECTION = "## Mixing NumPy matrix products with the kernels"
 FEATURES, HIDDEN, CLASSES = 32, 256, 10
-BATCH = 1024  # the child's batch size (``--batch``)
 
 # (label, extra environment, run inside kernels.blas_threads(), PyTorch, products by
 # np.matmul instead of kernels.gemm.matmul)
@@ -59,10 +58,10 @@ MODES = [
 ]
 
 
-def _data(np):
+def _data(np, batch: int):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((BATCH, FEATURES)).astype(np.float32)
-    y = rng.integers(0, CLASSES, BATCH)
+    x = rng.standard_normal((batch, FEATURES)).astype(np.float32)
+    y = rng.integers(0, CLASSES, batch)
     return x, y
 
 
@@ -77,7 +76,7 @@ def _time_steps(step, steps: int) -> list[float]:
     return out
 
 
-def child_ours(steps: int, pinned: bool, np_products: bool) -> dict:
+def child_ours(steps: int, batch: int, pinned: bool, np_products: bool) -> dict:
     import numpy as np
 
     import kernels
@@ -90,10 +89,10 @@ def child_ours(steps: int, pinned: bool, np_products: bool) -> dict:
     shapes = _mlp.Shapes(FEATURES, HIDDEN, CLASSES)
     opt = AdamW(_mlp.init_params(shapes, 0, np.dtype(np.float32)), lr=3e-3, weight_decay=1e-2)
     grad = np.zeros_like(opt.params)
-    x, y = _data(np)
+    x, y = _data(np, batch)
 
     def step():
-        _mlp.loss_and_grad(opt.params, shapes, x, y, grad, BATCH)
+        _mlp.loss_and_grad(opt.params, shapes, x, y, grad, batch)
         opt.step(grad)
 
     rng = np.random.default_rng(1)
@@ -109,7 +108,7 @@ def child_ours(steps: int, pinned: bool, np_products: bool) -> dict:
     return {"steps": times, "calls": calls}
 
 
-def child_torch(steps: int) -> dict:
+def child_torch(steps: int, batch: int) -> dict:
     import numpy as np
     import torch
 
@@ -117,12 +116,12 @@ def child_torch(steps: int) -> dict:
     model = torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN), torch.nn.GELU(),
                                 torch.nn.LayerNorm(HIDDEN), torch.nn.Linear(HIDDEN, CLASSES))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2, fused=True)
-    x, y = _data(np)
+    x, y = _data(np, batch)
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
 
     def step():
         opt.zero_grad(set_to_none=False)
-        loss = torch.nn.functional.cross_entropy(model(tx), ty, reduction="sum") / BATCH
+        loss = torch.nn.functional.cross_entropy(model(tx), ty, reduction="sum") / batch
         loss.backward()
         opt.step()
 
@@ -154,10 +153,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        globals()["BATCH"] = args.batch
         _, _, pinned, torch, np_products = MODES[args.child]
         sys.path.insert(0, str(ROOT))
-        res = child_torch(args.steps) if torch else child_ours(args.steps, pinned, np_products)
+        res = (child_torch(args.steps, args.batch) if torch
+               else child_ours(args.steps, args.batch, pinned, np_products))
         print(json.dumps(res))
         return
     batches = [int(b) for b in args.batches.split(",")]
