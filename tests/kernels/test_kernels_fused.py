@@ -137,7 +137,7 @@ def test_strided_and_fortran_inputs_give_the_same_results(dtype, rng):
     a, _, mu, rstd = want
     grads = fused.bias_gelu_layer_norm_backward(dh, a, z, b, g, mu, rstd)
     strided = fused.bias_gelu_layer_norm_backward(np.asfortranarray(dh), a, wide[:, ::2],
-                                                  b[::1], g, mu, rstd)
+                                                  b, g, mu, rstd)
     for got, w in zip(strided, grads):
         np.testing.assert_array_equal(got, w)
 
@@ -157,23 +157,24 @@ def test_empty_inputs(dtype):
 
 
 def test_bad_arguments_are_named(rng):
+    # each message starts with the argument's name (KernelDtypeError is a KernelInputError)
     z, b, g, beta, dh = _inputs(rng, 4, 6, np.float32)
-    with pytest.raises(KernelInputError, match="z"):
+    with pytest.raises(KernelInputError, match="^z "):
         fused.bias_gelu_layer_norm(z.astype(np.int32), b, g, beta)
-    with pytest.raises(KernelInputError, match="z"):
+    with pytest.raises(KernelInputError, match="^z "):
         fused.bias_gelu_layer_norm(z[0], b, g, beta)  # 1-D
-    with pytest.raises(KernelInputError, match="b"):
+    with pytest.raises(KernelInputError, match="^b "):
         fused.bias_gelu_layer_norm(z, b[:5], g, beta)
-    with pytest.raises(KernelInputError, match="gamma"):
+    with pytest.raises(KernelInputError, match="^gamma "):
         fused.bias_gelu_layer_norm(z, b, g.astype(np.float64), beta)
-    with pytest.raises(KernelInputError, match="eps"):
+    with pytest.raises(KernelInputError, match="^eps "):
         fused.bias_gelu_layer_norm(z, b, g, beta, eps=-1.0)
     a, _, mu, rstd = fused.bias_gelu_layer_norm(z, b, g, beta)
-    with pytest.raises(KernelInputError, match="dh"):
+    with pytest.raises(KernelInputError, match="^dh "):
         fused.bias_gelu_layer_norm_backward(dh[:3], a, z, b, g, mu, rstd)
-    with pytest.raises(KernelInputError, match="a"):
+    with pytest.raises(KernelInputError, match="^a "):
         fused.bias_gelu_layer_norm_backward(dh, a.astype(np.float64), z, b, g, mu, rstd)
-    with pytest.raises(KernelInputError, match="rstd"):
+    with pytest.raises(KernelInputError, match="^rstd "):
         fused.bias_gelu_layer_norm_backward(dh, a, z, b, g, mu, rstd[:3])
 
 
