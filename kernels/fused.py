@@ -39,6 +39,7 @@ from kernels.activations import (
     _finish_any,
     _gelu_block,
     _pending,
+    _tiled,
     _vec,
 )
 from kernels.nn import (
@@ -294,7 +295,7 @@ def bias_gelu_layer_norm(
         nch = _chunks(n)
         group = _group_rows(d, zc.itemsize)
         if _vec(zc):
-            pick_twin(_fwd_vec, _fwd_vec_1, nch)(zc, _tail_padded(bc), gc, btc, eps, a, h,
+            pick_twin(_fwd_vec, _fwd_vec_1, nch)(zc, _tiled(bc), gc, btc, eps, a, h,
                                                  mean, rstd, nch, _pending_for(zc.dtype, nch),
                                                  group)
         else:
@@ -342,7 +343,7 @@ def bias_gelu_layer_norm_backward(
     pdb = np.zeros((nch, d + _TILE), zc.dtype)
     work = _checks.empty_aligned((nch, d + _TILE), zc.dtype)
     if _vec(zc):
-        pick_twin(_bwd_vec, _bwd_vec_1, nch)(dhc, ac, zc, _tail_padded(bc), gc, mc, rc, dz, pg,
+        pick_twin(_bwd_vec, _bwd_vec_1, nch)(dhc, ac, zc, _tiled(bc), gc, mc, rc, dz, pg,
                                              pb, qg, qb, pdb, work, every, nch,
                                              _pending_for(zc.dtype, nch))
     else:
@@ -351,11 +352,3 @@ def bias_gelu_layer_norm_backward(
     db = pdb[:, :d].sum(axis=0)
     return (dz, db, pg.sum(axis=0).astype(zc.dtype, copy=False),
             pb.sum(axis=0).astype(zc.dtype, copy=False))
-
-
-def _tail_padded(b: np.ndarray) -> np.ndarray:
-    """``b`` followed by zeros to ``b.size + _TILE``: a row's last (masked) block reads
-    whole vectors of it."""
-    out = np.zeros(b.size + _TILE, b.dtype)
-    out[:b.size] = b
-    return out
