@@ -181,3 +181,40 @@ def gemm_split():
         assert not gemm.split_available()
         pytest.skip("NumPy's BLAS here is not its bundled OpenBLAS: matmul never splits")
     assert gemm.split_available(), "NumPy's bundled OpenBLAS lacks cblas_?gemm64_"
+
+
+def _require_vec_gelu() -> None:
+    """The GELU vector kernels run where numba targets AVX2 and FMA (float32: 16 lanes
+    with AVX-512, 8 without; float64: 8 lanes and 16 pieces in registers with AVX-512, 4
+    lanes and 128 pieces from memory without)."""
+    from kernels import _simd, activations, nn
+
+    if not _simd._host_has_avx2_fma():
+        # a CPU property no set-up can add; skip only where the library itself never
+        # takes these paths, so nothing it runs goes untested
+        assert not (activations.VEC_F32 or activations.VEC_F64 or nn.VEC_F64)
+        pytest.skip("no AVX2/FMA target: only the portable GELU runs here")
+
+
+@pytest.fixture
+def vec_gelu() -> None:
+    """For tests of the GELU vector kernels (``_require_vec_gelu``)."""
+    _require_vec_gelu()
+
+
+@pytest.fixture(params=["vector", "vector-nt", "portable"])
+def gelu_path(request, monkeypatch):
+    """Run a GELU test through each implementation: the vector kernels at the CPU's
+    width ("vector-nt": with non-temporal stores however small the output) and the
+    portable loops (``kernels.nn`` and ``kernels.fused`` alike)."""
+    from kernels import _avx512, _simd, activations, nn
+
+    vec = request.param != "portable"
+    if vec:
+        _require_vec_gelu()
+    monkeypatch.setattr(activations, "VEC_F64", vec)
+    monkeypatch.setattr(activations, "VEC_F32", vec)
+    monkeypatch.setattr(nn, "VEC_F64", vec and _avx512.AVAILABLE)
+    if request.param == "vector-nt":
+        monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    return request.param

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from kernels import _simd, activations, fused, nn
+from kernels import fused, nn
 from kernels.errors import KernelInputError
 
 _erf = np.vectorize(math.erf)
@@ -37,18 +37,6 @@ def ref_backward(dh, z, b, g, eps=1e-5):
     return dz, dz.sum(axis=0), (dh * xh).sum(axis=0), dh.sum(axis=0)
 
 
-@pytest.fixture(params=["vector", "portable"])
-def path(request, monkeypatch):
-    """The ``_avx512`` GELU blocks where the host has them, and the portable loops."""
-    if request.param == "vector" and not _simd._host_has_avx2_fma():
-        assert not (activations.VEC_F32 or activations.VEC_F64)
-        pytest.skip("no AVX2/FMA target: only the portable GELU runs here")
-    vec = request.param == "vector"
-    monkeypatch.setattr(activations, "VEC_F32", vec)
-    monkeypatch.setattr(activations, "VEC_F64", vec)
-    return request.param
-
-
 def _inputs(rng, n, d, dt, scale=3.0):
     z = (scale * rng.standard_normal((n, d))).astype(dt)
     b = rng.standard_normal(d).astype(dt)
@@ -71,7 +59,7 @@ SHAPES = [(64, 256), (37, 100), (5, 7), (3, 1000), (200, 64)]
 
 
 @pytest.mark.parametrize("n,d", SHAPES)
-def test_matches_the_reference(n, d, dtype, tol, rng, path):
+def test_matches_the_reference(n, d, dtype, tol, rng, gelu_path):
     # scale 3: float64 lanes past |z| = 4.99 are put aside and finished in batches
     z, b, g, beta, dh = _inputs(rng, n, d, dtype)
     a, h, mu, rstd = fused.bias_gelu_layer_norm(z, b, g, beta)
@@ -83,12 +71,12 @@ def test_matches_the_reference(n, d, dtype, tol, rng, path):
         _close(got, want, dtype, tol, what)
 
 
-def test_agrees_with_the_separate_kernels(dtype, tol, rng, path):
+def test_agrees_with_the_separate_kernels(dtype, tol, rng, gelu_path):
     z, b, g, beta, dh = _inputs(rng, 300, 384, dtype)
     a, h, mu, rstd = fused.bias_gelu_layer_norm(z, b, g, beta)
     a0 = nn.bias_act(z, b, "gelu")
     h0, mu0, rstd0 = nn.layer_norm(a0, g, beta)
-    if path == "vector":  # the same GELU blocks (the loops here may contract differently)
+    if gelu_path != "portable":  # the same GELU blocks (the loops here may contract differently)
         np.testing.assert_array_equal(a, a0)
     _close(a, a0, dtype, tol, "a")
     for got, want in ((h, h0), (mu, mu0), (rstd, rstd0)):
@@ -101,7 +89,7 @@ def test_agrees_with_the_separate_kernels(dtype, tol, rng, path):
         _close(got, want, dtype, tol, what)
 
 
-def test_float32_parameter_gradients_over_many_rows(rng, path):
+def test_float32_parameter_gradients_over_many_rows(rng, gelu_path):
     # 20000 rows (8 chunks): float32 shares are moved into float64 sums every 16 rows, so
     # dgamma, dbeta stay at float32 accuracy (summed in float32 alone they drift)
     dt = np.dtype(np.float32)
@@ -115,7 +103,7 @@ def test_float32_parameter_gradients_over_many_rows(rng, path):
     np.testing.assert_allclose(dg, dg_ref, rtol=0, atol=3e-7 * np.abs(dg_ref).max())
 
 
-def test_a_nan_stays_in_its_row(dtype, rng, path):
+def test_a_nan_stays_in_its_row(dtype, rng, gelu_path):
     z, b, g, beta, dh = _inputs(rng, 40, 70, dtype)
     z[7, 3] = np.nan
     a, h, mu, rstd = fused.bias_gelu_layer_norm(z, b, g, beta)

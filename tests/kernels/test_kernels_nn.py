@@ -98,17 +98,6 @@ def test_vector_paths_follow_the_cpus_flags():
     assert _avx512.row_lanes(True) == (16 if "avx512f" in flags else 8)
 
 
-def require_vec_gelu():
-    """The GELU vector kernels run where numba targets AVX2 and FMA (float32: 16 lanes
-    with AVX-512, 8 without; float64: 8 lanes and 16 pieces in registers with AVX-512, 4
-    lanes and 128 pieces from memory without)."""
-    if not _simd._host_has_avx2_fma():
-        # a CPU property no set-up can add; skip only where the library itself never
-        # takes these paths, so nothing it runs goes untested
-        assert not (activations.VEC_F32 or activations.VEC_F64 or nn.VEC_F64)
-        pytest.skip("no AVX2/FMA target: only the portable GELU runs here")
-
-
 def require_blocks():
     """The blocks of rows (softmax, layer norm) run where numba targets AVX2 and FMA;
     elsewhere (a CPU property no set-up can add) the library never takes them, which is
@@ -116,22 +105,6 @@ def require_blocks():
     if not nn.VEC_BLOCKS:
         assert not _simd._host_has_avx2_fma()
         pytest.skip("no AVX2/FMA target: the blocks of rows are not used here")
-
-
-@pytest.fixture(params=["vector", "vector-nt", "portable"])
-def gelu_path(request, monkeypatch):
-    """Run a GELU test through each implementation: the vector kernels at the CPU's
-    width ("vector-nt": with non-temporal stores however small the output) and the
-    portable loops."""
-    vec = request.param != "portable"
-    if vec:
-        require_vec_gelu()
-    monkeypatch.setattr(activations, "VEC_F64", vec)
-    monkeypatch.setattr(activations, "VEC_F32", vec)
-    monkeypatch.setattr(nn, "VEC_F64", vec and _avx512.AVAILABLE)
-    if request.param == "vector-nt":
-        monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
-    return request.param
 
 
 def test_xent_matches_reference(dtype, tol, rng, xent_path):
@@ -1367,11 +1340,10 @@ def test_gelu_float32_is_accurate_in_the_tails_and_at_special_values(gelu_path):
 
 @pytest.mark.parametrize("ncols", [1, 7, 16, 45, 64, 100, 130])
 def test_gelu_float32_vector_path_is_the_same_at_every_length_and_position(
-        ncols, rng, monkeypatch):
+        vec_gelu, ncols, rng, monkeypatch):
     # the float32 vector path does 64 elements per call and a masked tail, after an
     # aligned head with non-temporal stores: every length and position gives each value
     # the same result, with or without them; against float64, to float32 accuracy
-    require_vec_gelu()
     x = (4 * rng.standard_normal((9, ncols))).astype(np.float32)
     b = rng.standard_normal(ncols).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
@@ -1402,11 +1374,11 @@ def test_gelu_float32_vector_path_is_the_same_at_every_length_and_position(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gelu_streams_into_fresh_outputs_only_where_nt_fresh(dtype, rng, monkeypatch):
+def test_gelu_streams_into_fresh_outputs_only_where_nt_fresh(vec_gelu, dtype, rng,
+                                                             monkeypatch):
     # a large output the call allocates itself is streamed only where _simd.NT_FRESH (off
     # on the Intel host: plain stores into just-zeroed pages were faster); a caller's
     # out= is streamed either way; all four entry points give the same values each way
-    require_vec_gelu()
     monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
     # (where out= lands against x modulo 4 KiB: test_gelu_writes_plainly_into_an_out_...)
     monkeypatch.setattr(_simd, "NT_AHEAD_SLOW_BYTES", 0)
@@ -1527,11 +1499,11 @@ def test_bias_act_streamed_kernels_match_the_row_loops(act, ncols, dtype, tol, r
 
 
 @pytest.mark.parametrize("ncols", [1, 7, 32, 45, 64, 100])
-def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, monkeypatch):
+def test_gelu_float64_paths_agree_at_every_length_and_special_value(vec_gelu, ncols, rng,
+                                                                     monkeypatch):
     # the vector path does 32 elements per call and a masked tail: every length, every
     # position of a value inside a block, and the special values must match the portable
     # path to a few ulp (NaN, +-inf, -0, huge, subnormal, past the underflow point)
-    require_vec_gelu()
     special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e308, -1e308, 5e-324, -40.0,
                         -38.5, 38.5, -8.3, 8.3])
     x = 4 * rng.standard_normal((9, ncols))
@@ -1563,13 +1535,12 @@ def test_gelu_float64_paths_agree_at_every_length_and_special_value(ncols, rng, 
 
 
 def test_gelu_float64_lanes_past_the_central_pieces_are_finished_wherever_they_are(
-        rng, monkeypatch):
+        vec_gelu, rng, monkeypatch):
     # float64, both directions: |z| < 4.99 by the central pieces; other lanes (and NaN)
     # are put aside and finished in batches, more than one batch per chunk here (half
     # the lanes of x are wide), in place too. Each value must not depend on its
     # neighbours: the same x shifted by a few places gives the same values, bit for bit
     # (and with one lane in 32 past 4.99: nearly every block has one put aside)
-    require_vec_gelu()
     wide = 8 * rng.standard_normal((300, 96))
     wide[::7, 3] = np.nan
     wide[5, :] = np.inf
@@ -1639,7 +1610,7 @@ def _loops_with(asm: str, needle: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_gelu_streaming_loops_store_nothing_to_the_stack(dtype, monkeypatch):
+def test_gelu_streaming_loops_store_nothing_to_the_stack(vec_gelu, dtype, monkeypatch):
     # a value spilled to the stack inside the non-temporal loop made these kernels 3.6x
     # slower at 10 of every 256 stack positions (where the spill slot straddled a page
     # boundary: docs/kernels.md); float64 z is read again from memory instead. Compiled
@@ -1647,7 +1618,6 @@ def test_gelu_streaming_loops_store_nothing_to_the_stack(dtype, monkeypatch):
     # 256-bit slot (of the plain GELU and the bias + GELU backward, the fewest and the
     # most registers: CI time) must be 32-byte aligned in a realigned frame, so none can
     # straddle a page
-    require_vec_gelu()
     spilling = not _avx512.AVAILABLE
     x = np.linspace(-6, 6, 4096).reshape(16, 256).astype(dtype)
     b = np.linspace(-1, 1, 256).astype(dtype)
@@ -2001,5 +1971,5 @@ def test_row_and_block_kernels_at_256_bits_where_the_cpu_has_avx512(background):
     assert "and GELU at 256 bits tested" in run.stdout, run.stdout[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
     # at 256 bits every vector path exists, so none of these tests may skip (the guarded
-    # skips of require_vec_gelu / require_blocks are for CPUs without AVX2 and FMA only)
+    # skips of the vec_gelu fixture / require_blocks are for CPUs without AVX2 and FMA only)
     assert " skipped" not in run.stdout, run.stdout[-2000:]
