@@ -39,15 +39,11 @@ def _campaign(tmp_path: Path, n: int, limit: int, command: str) -> Path:
 
 
 def _drive(gw: Gateway, timeout: float = 1500) -> None:
-    """Passes at the agent's pace (one per ``agent.interval_s``, as ``hpcgw agent`` runs
-    them) until every job ended; back to back they would take CPU from the jobs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        gw.reconcile()
-        if all(j.state.terminal for j in gw.store.jobs(limit=5000)):
-            return
-        time.sleep(gw.config.agent.interval_s)
-    raise AssertionError(f"not finished: {gw.store.counts()}")
+    """``hpcgw agent``'s loop (``Gateway.agent``: a pass per ``agent.interval_s``; back to
+    back they would take CPU from the jobs) until every job ended."""
+    gw.agent(stop_after=timeout, until_idle=True)
+    if not all(j.state.terminal for j in gw.store.jobs(limit=5000)):
+        raise AssertionError(f"not finished: {gw.store.counts()}")
 
 
 def test_members_go_as_one_array_throttled_to_the_limit(slurm_cluster: SlurmCluster,
@@ -97,7 +93,7 @@ def test_cancelling_a_throttled_array_ends_every_member_cancelled(slurm_cluster:
         spec, base = load_campaign(_campaign(tmp_path, 3, 1, "sleep 120"))
         apply(gw, spec, base)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # until one member runs
             gw.reconcile()
             if any(j.state == State.RUNNING for j in gw.store.campaign_jobs("slurm-sweep")):
                 break
@@ -105,18 +101,12 @@ def test_cancelling_a_throttled_array_ends_every_member_cancelled(slurm_cluster:
         jobs = gw.store.campaign_jobs("slurm-sweep")
         assert [j.state for j in jobs].count(State.RUNNING) == 1, [j.state for j in jobs]
         gw.cancel([j.id for j in jobs])
-        # passes at the agent's pace until every member ended: the pending ones are gone
-        # from squeue at once, so a LOST verdict would come within three passes; the
-        # running one shows COMPLETING (still RUNNING here) until Slurm has killed it
-        passes = 0
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        # passes until every member ended (the running one shows COMPLETING, still RUNNING
+        # here, until Slurm has killed it), then ten more: the pending ones are gone from
+        # squeue at once, so a LOST verdict would come within three passes
+        gw.agent(interval=0.2, stop_after=120, until_idle=True)
+        for _ in range(10):
             gw.reconcile()
-            passes += 1
-            ended = gw.store.campaign_jobs("slurm-sweep")
-            if all(j.state.terminal for j in ended) and passes >= 10:
-                break
-            time.sleep(0.2)
         ended = gw.store.campaign_jobs("slurm-sweep")
         assert [j.state for j in ended] == [State.CANCELLED] * 3, \
             [(j.state, j.reason) for j in ended]
