@@ -15,8 +15,8 @@ scan reads in memory order, which that host's prefetcher follows
 copies of the kernels with ``ENABLED`` false, which makes ``prefetch`` emit nothing.
 
 Some hints pay on one CPU and cost on another, so they are issued only where
-``ROW_HINTS`` is true (``HPCGW_NUMBA_ROW_HINTS``: on Intel and Zen 2 hosts unless set, see
-``kernels.config``; the cache folder's name records the setting). On an Intel Xeon
+``ROW_HINTS`` is true (``HPCGW_NUMBA_ROW_HINTS``: on Intel, Zen 2 and Zen 5 hosts unless
+set, see ``kernels.config``; the cache folder's name records the setting). On an Intel Xeon
 (2 cores, 31 GB/s triad, 2026-12-02), from memory (``bench_prefetch.py``): int8
 quantisation with the next row asked for during the second pass over a row 1.26-1.27x
 (float32) / 1.23-1.26x (float64), the vector search scan with its rows asked for 8 KiB

@@ -7,9 +7,9 @@ cache (``python -m kernels.warmup``) and jobs start without compiling.
 rank per core). ``HPCGW_NUMBA_FASTMATH=0`` turns off the reassociation flags.
 ``HPCGW_NUMBA_ROW_HINTS`` (``auto``, ``1`` or ``0``) switches the software prefetch hints
 whose worth depends on the CPU (``kernels._prefetch.ROW_HINTS``); ``auto`` turns them on
-for Intel CPUs and AMD's family 17h (Zen 2, measured; Zen and Zen+ share its
-prefetchers' generation), where they were measured to pay, and off elsewhere (Zen 3 to
-Zen 5, where they cost).
+for Intel CPUs, AMD's family 17h (Zen 2, measured; Zen and Zen+ share its
+prefetchers' generation) and family 1Ah (Zen 5), where they were measured to pay, and
+off elsewhere (Zen 3 and 4, where they cost).
 ``HPCGW_KEEP_FREED_MEMORY=1`` makes glibc keep freed blocks for the next large array
 (``kernels.memory.keep_freed_memory``, applied when the first kernel module loads);
 unset, only blocks up to 32 MiB (``kernels.memory.keep_heap_blocks``, unless the
@@ -113,14 +113,24 @@ def zen2_host() -> bool:
     return _cpu_vendor() == "AuthenticAMD" and _cpu_family() == 23
 
 
+def zen5_host() -> bool:
+    """An AMD family 1Ah CPU (Zen 5)."""
+    return _cpu_vendor() == "AuthenticAMD" and _cpu_family() == 26
+
+
 def _hints_pay_here() -> bool:
-    """Whether this host's CPU is one where the row hints were measured to pay: Intel,
-    and AMD family 17h (the Zen 2 host, 2026-12-04: from memory, without the hints over
+    """Whether this host's CPU is one where the row hints were measured to pay: Intel;
+    AMD family 17h (the Zen 2 host, 2026-12-04: from memory, without the hints over
     with them, quantisation 1.16-1.34x, the vector search scan 1.15-1.29x, layer norm
     forward at 256 features 1.16-1.33x, the streamed float64 softmax rows 1.08x, though
     since 2026-12-05 softmax rows are not streamed there, ``kernels.nn``; its own new
-    outputs written plainly, as on Intel hosts, dequantisation 1.19x)."""
-    return _cpu_vendor() == "GenuineIntel" or zen2_host()
+    outputs written plainly, as on Intel hosts, dequantisation 1.19x); and AMD family
+    1Ah (a Zen 5 host, 2026-12-07, ``bench_prefetch.py`` from memory, per-round ratio
+    without / with: the vector search scan 1.61-1.81x, bias + ReLU into streamed outputs
+    1.11-1.74x, quantisation 1.07-1.16x, GELU's backward 1.09-1.22x, float32 AdamW
+    1.10x). Not Zen 3 and 4 (family 19h: the Zen 4 host measured the quantisation hint
+    at 0.79-0.89)."""
+    return _cpu_vendor() == "GenuineIntel" or zen2_host() or zen5_host()
 
 
 def _row_hints(env: Mapping[str, str]) -> bool:

@@ -181,8 +181,8 @@ def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero
     (``row_hint``) before each row. On the Intel host, float32 from memory (2^25
     logits, median per-round ratio against the plain stores, three runs): 256 classes
     1.09-1.23x, 512 1.34x, 768 1.16x, 1024 0.96-1.28x, 4096 1.02x, 32000 0.96-0.98x
-    (a scratch row past the L1), hence the limit. Where the row hints are off (Zen 3-5
-    hosts) from 1.5 KiB; on Zen 2 hosts none: the numbers at ``SOFTMAX_STREAM_ROWS``.
+    (a scratch row past the L1), hence the limit. Where the row hints are off (Zen 3
+    and 4 hosts) from 1.5 KiB; on Zen 2 hosts none: the numbers at ``SOFTMAX_STREAM_ROWS``.
 
     The per-row ``log`` stays here: taking it afterwards over all rows with NumPy (as the
     float64 kernel below does) cut the work by 7% in cache but made float32 slower
@@ -237,7 +237,7 @@ def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero, nchunks,
 
 LN_FWD_ONE_PASS = True  # float32 long rows: _ln_fwd_one_pass (tests switch it off)
 STREAM_AHEAD_BYTES = 16384  # streamed rows prefetch later rows' inputs up to this width
-# ... and from this width: on Zen 3-5 hosts (no ROW_HINTS) the prefetcher keeps up with rows
+# ... and from this width: on Zen 3/4 hosts (no ROW_HINTS) the prefetcher keeps up with rows
 # under 4 KiB by itself, and the hints only cost there. Zen 4 host, 2^25 elements from
 # memory, A/B in one process (2-4 processes each), without the hints over with them:
 # forward float32 256 / 512 features 1.00-1.16x / 0.97-1.22x, float64 256 1.03-1.11x;
@@ -342,7 +342,7 @@ LN_BWD_BLOCK_PARTIAL = 8  # float32 backward blocks: dgamma/dbeta shares summed 
 # 1.5-2.4x; in cache 1.1-2.6x but float64 16: 1.15x)
 BLOCK_MAX_CLASSES = {(4, 16): 28, (8, 8): 16, (4, 8): 32, (8, 4): 16}
 # softmax blocks: calls of this many bytes or more ask for the input 8 KiB ahead
-# (_softmax_xent_blocks). On Zen 3-5 hosts (no ROW_HINTS) the prefetcher keeps up with
+# (_softmax_xent_blocks). On Zen 3/4 hosts (no ROW_HINTS) the prefetcher keeps up with
 # smaller calls, where the hint only cost (Zen 4 host, A/B in one process, without the
 # hint over with it: float32 10 / 16 / 20 classes, 640-1280-byte calls, in L3
 # 1.08-1.11x, from memory 1.02-1.05x; float64 10 / 16 1.01-1.08x), and larger ones

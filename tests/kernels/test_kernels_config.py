@@ -34,13 +34,13 @@ def test_defaults_keep_nan_semantics():
     assert load_config({"NUMBA_CACHE_DIR": "/x"}).cache_dir == "/x"
 
 
-def test_row_hints_follow_the_variable_and_default_to_intel_and_zen2_hosts(monkeypatch):
+def test_row_hints_follow_the_variable_and_default_to_intel_zen2_and_zen5_hosts(monkeypatch):
     from kernels import config
 
     assert load_config({"HPCGW_NUMBA_ROW_HINTS": "1"}).row_hints
     assert not load_config({"HPCGW_NUMBA_ROW_HINTS": "off"}).row_hints
     for vendor, family, on in (("GenuineIntel", 6, True), ("AuthenticAMD", 25, False),
-                               ("AuthenticAMD", 26, False), ("AuthenticAMD", 23, True),
+                               ("AuthenticAMD", 26, True), ("AuthenticAMD", 23, True),
                                ("", 23, False), ("", -1, False)):
         monkeypatch.setattr(config, "_cpu_vendor", lambda v=vendor: v)
         monkeypatch.setattr(config, "_cpu_family", lambda f=family: f)
