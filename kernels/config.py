@@ -108,6 +108,11 @@ def _cpu_family() -> int:
         return -1
 
 
+def intel_host() -> bool:
+    """An Intel CPU (``vendor_id`` GenuineIntel)."""
+    return _cpu_vendor() == "GenuineIntel"
+
+
 def zen2_host() -> bool:
     """An AMD family 17h CPU (Zen 2, measured; Zen and Zen+ share the family)."""
     return _cpu_vendor() == "AuthenticAMD" and _cpu_family() == 23
@@ -130,7 +135,7 @@ def _hints_pay_here() -> bool:
     1.11-1.74x, quantisation 1.07-1.16x, GELU's backward 1.09-1.22x, float32 AdamW
     1.10x). Not Zen 3 and 4 (family 19h: the Zen 4 host measured the quantisation hint
     at 0.79-0.89)."""
-    return _cpu_vendor() == "GenuineIntel" or zen2_host() or zen5_host()
+    return intel_host() or zen2_host() or zen5_host()
 
 
 def _row_hints(env: Mapping[str, str]) -> bool:

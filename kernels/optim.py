@@ -14,7 +14,8 @@ line boundary: the few elements before it on one thread, the rest vectorised fro
 and, for large buffers, far from the params modulo 64 MiB, where the 7 streams do not
 slow each other in DRAM (``_moment_buffers``: 1.7-2x on this host). On hosts with
 ``kernels._prefetch.ROW_HINTS`` a large float32 step goes in blocks that ask for the
-lines 8 KiB ahead (``_adamw_hinted``, params of 32 MiB or more).
+lines 8 KiB ahead (``_adamw_hinted``, params of 32 MiB or more). On Intel hosts, grads
+that sit just behind the params are read through a small buffer (``_adamw_staged``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from kernels._checks import empty_aligned, empty_placed
 from kernels._chunks import chunk_bounds, n_chunks
 from kernels._jit import jit, prange
 from kernels._prefetch import PREFETCH_BYTES, ROW_HINTS, row_hint
+from kernels.config import intel_host
 from kernels.errors import KernelInputError
 
 __all__ = ["AdamW", "adamw_step"]
@@ -97,7 +99,13 @@ def _adamw_head(p, g, m, v, decay, step_size, b1, one_m_b1, b2, one_m_b2, inv_sq
 
 # The grads are copied through a small buffer per thread (``_adamw_staged``) when the
 # params start just past them in the address space taken modulo _ALIAS_PERIOD: between
-# 1 and _ALIAS_BYTES bytes further on.
+# 1 and _ALIAS_BYTES bytes further on. On Intel hosts only, where that layout held the
+# loads of the grads up (docs/kernels.md, "Grads just behind the params": the buffer
+# 1.45-2.49x). A Zen 5 host does not stall on it, and there the buffer was the slow
+# part: params 16 bytes past the grads, A/B by rounds in one process, the plain loop
+# over the buffer, float32 2^18 elements 1.5-2.2x, 2^20 2.6x, 2^22 1.9-2.4x, 2^24 1.7x;
+# float64 2^18 1.5x, 2^22 1.5-1.6x.
+STAGE_ALIASED_GRADS = intel_host()
 _GRAD_STAGE = 1024  # elements per copy (4-8 KiB: stays in L1)
 _ALIAS_PERIOD = 1 << 16
 _ALIAS_BYTES = 63
@@ -211,7 +219,7 @@ def adamw_step(
               t(beta2), t(1.0 - beta2), t(1.0 / np.sqrt(bc2)), t(eps))
     if g.nbytes <= _SERIAL_MAX_BYTES:
         _adamw_head(*arrays, *consts)
-    elif arrays[0].size >= _PEEL_MIN and _grads_alias(g, arrays[0]):
+    elif STAGE_ALIASED_GRADS and arrays[0].size >= _PEEL_MIN and _grads_alias(g, arrays[0]):
         _adamw_staged(*arrays, *consts, n_chunks(g.size, min_rows=_GRAD_STAGE))
     else:
         head = _aligned_head(arrays)
