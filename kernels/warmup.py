@@ -77,7 +77,7 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
     mu4, rs4 = stats(four)
     return {
         "adamw_step": lambda: optim.adamw_step(x.copy(), x, x * 0, x * 0, step=1),
-        # the grads read through a buffer (kernels.optim._adamw_staged)
+        # the grads read through a buffer on Intel hosts (kernels.optim._adamw_staged)
         "adamw_step grads behind params": lambda: optim.adamw_step(
             *grads_then_params(optim._PEEL_MIN), step=1),
         "softmax_cross_entropy": lambda: nn.softmax_cross_entropy(x, lab),  # short rows
