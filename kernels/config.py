@@ -113,14 +113,19 @@ def intel_host() -> bool:
     return _cpu_vendor() == "GenuineIntel"
 
 
+def _amd_family(family: int) -> bool:
+    """An AMD CPU of this family number."""
+    return _cpu_vendor() == "AuthenticAMD" and _cpu_family() == family
+
+
 def zen2_host() -> bool:
     """An AMD family 17h CPU (Zen 2, measured; Zen and Zen+ share the family)."""
-    return _cpu_vendor() == "AuthenticAMD" and _cpu_family() == 23
+    return _amd_family(0x17)
 
 
 def zen5_host() -> bool:
     """An AMD family 1Ah CPU (Zen 5)."""
-    return _cpu_vendor() == "AuthenticAMD" and _cpu_family() == 26
+    return _amd_family(0x1A)
 
 
 def _hints_pay_here() -> bool:
