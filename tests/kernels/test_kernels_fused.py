@@ -53,13 +53,22 @@ def _close(got, want, dtype, tol, what):
     assert got.dtype == dtype, what
 
 
+@pytest.fixture(params=["rows", "auto"])
+def fused_rows(request, monkeypatch):
+    """"rows": every width through the fused row loops (short rows too, which by default
+    go to the separate kernels); "auto": as the library chooses."""
+    if request.param == "rows":
+        monkeypatch.setattr(fused, "SEPARATE_BELOW_FEATURES", 0)
+    return request.param
+
+
 # (rows, features): whole 256-byte blocks, a masked tail block, a row shorter than one
 # vector, a long row; several chunks of rows (more rows than 16 a chunk)
 SHAPES = [(64, 256), (37, 100), (5, 7), (3, 1000), (200, 64)]
 
 
 @pytest.mark.parametrize("n,d", SHAPES)
-def test_matches_the_reference(n, d, dtype, tol, rng, gelu_path):
+def test_matches_the_reference(n, d, dtype, tol, rng, gelu_path, fused_rows):
     # scale 3: float64 lanes past |z| = 4.99 are put aside and finished in batches
     z, b, g, beta, dh = _inputs(rng, n, d, dtype)
     a, h, mu, rstd = fused.bias_gelu_layer_norm(z, b, g, beta)
@@ -89,7 +98,23 @@ def test_agrees_with_the_separate_kernels(dtype, tol, rng, gelu_path):
         _close(got, want, dtype, tol, what)
 
 
-def test_float32_parameter_gradients_over_many_rows(rng, gelu_path):
+@pytest.mark.parametrize("d", [1, 10, 64, fused.SEPARATE_BELOW_FEATURES - 1])
+def test_short_rows_are_the_separate_kernels_results(d, dtype, rng, gelu_path):
+    # rows of few features go through bias_act and layer_norm (and their backwards): the
+    # fused loops took them row by row, 1.6-3.3x slower at 16-32 features
+    z, b, g, beta, dh = _inputs(rng, 333, d, dtype)
+    got = fused.bias_gelu_layer_norm(z, b, g, beta)
+    a0 = nn.bias_act(z, b, "gelu")
+    for x, want in zip(got, (a0, *nn.layer_norm(a0, g, beta))):
+        np.testing.assert_array_equal(x, want)
+    a, _, mu, rstd = got
+    grads = fused.bias_gelu_layer_norm_backward(dh, a, z, b, g, mu, rstd)
+    da0, dg0, dbeta0 = nn.layer_norm_backward(dh, a, g, mu, rstd)
+    for x, want in zip(grads, (*nn.bias_act_backward(da0, z, b, "gelu"), dg0, dbeta0)):
+        np.testing.assert_array_equal(x, want)
+
+
+def test_float32_parameter_gradients_over_many_rows(rng, gelu_path, fused_rows):
     # 20000 rows (8 chunks): float32 shares are moved into float64 sums every 16 rows, so
     # dgamma, dbeta stay at float32 accuracy (summed in float32 alone they drift)
     dt = np.dtype(np.float32)
@@ -103,7 +128,7 @@ def test_float32_parameter_gradients_over_many_rows(rng, gelu_path):
     np.testing.assert_allclose(dg, dg_ref, rtol=0, atol=3e-7 * np.abs(dg_ref).max())
 
 
-def test_a_nan_stays_in_its_row(dtype, rng, gelu_path):
+def test_a_nan_stays_in_its_row(dtype, rng, gelu_path, fused_rows):
     z, b, g, beta, dh = _inputs(rng, 40, 70, dtype)
     z[7, 3] = np.nan
     a, h, mu, rstd = fused.bias_gelu_layer_norm(z, b, g, beta)
@@ -114,7 +139,7 @@ def test_a_nan_stays_in_its_row(dtype, rng, gelu_path):
     assert np.isnan(dz[7]).all() and np.isfinite(dz[rest]).all()
 
 
-def test_strided_and_fortran_inputs_give_the_same_results(dtype, rng):
+def test_strided_and_fortran_inputs_give_the_same_results(dtype, rng, fused_rows):
     z, b, g, beta, dh = _inputs(rng, 30, 40, dtype)
     want = fused.bias_gelu_layer_norm(z, b, g, beta)
     wide = np.zeros((30, 80), dtype)
