@@ -77,6 +77,11 @@ GROUP_BYTES = 16384
 # 2.5x), 64 1.0 / 1.05x (1.1-2.0 / 0.8-0.9x), 128 1.1 / 1.0x (1.2-1.4 / 0.7x); float64:
 # 16 2.0 / 2.4x, 32 1.9 / 1.6x, 64 1.3 / 1.5x (1.0 / 0.2-0.75x), 128 0.95 / 0.9x
 SEPARATE_BELOW_FEATURES = 128
+# The forward alone: separate below this many features (bench_fused.py, 9 rounds, median
+# separate / fused: 128 and 192 features 0.86-1.01x in cache and from memory, float32
+# and float64; 256 1.03-1.10x). The backward's fused loops pay from 128 (from memory
+# 1.3-1.9x; in cache 0.86-1.09x).
+SEPARATE_FORWARD_BELOW_FEATURES = 256
 
 
 def _group_rows(d: int, itemsize: int) -> int:
@@ -351,7 +356,7 @@ def bias_gelu_layer_norm(
     bc, gc, btc = _params(zc, b=b, gamma=gamma, beta=beta)
     eps = _checks.finite_float("eps", eps, low=0.0)
     n, d = zc.shape
-    if n and d < SEPARATE_BELOW_FEATURES:
+    if n and d < SEPARATE_FORWARD_BELOW_FEATURES:
         a = bias_act(zc, bc, "gelu")
         return (a, *layer_norm(a, gc, btc, eps=eps))
     a = _checks.empty_aligned(zc.shape, zc.dtype)

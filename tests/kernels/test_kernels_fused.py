@@ -59,6 +59,7 @@ def fused_rows(request, monkeypatch):
     go to the separate kernels); "auto": as the library chooses."""
     if request.param == "rows":
         monkeypatch.setattr(fused, "SEPARATE_BELOW_FEATURES", 0)
+        monkeypatch.setattr(fused, "SEPARATE_FORWARD_BELOW_FEATURES", 0)
     return request.param
 
 
@@ -122,6 +123,17 @@ def test_short_rows_are_the_separate_kernels_results(d, dtype, rng, gelu_path):
     grads = fused.bias_gelu_layer_norm_backward(dh, a, z, b, g, mu, rstd)
     da0, dg0, dbeta0 = nn.layer_norm_backward(dh, a, g, mu, rstd)
     for x, want in zip(grads, (*nn.bias_act_backward(da0, z, b, "gelu"), dg0, dbeta0)):
+        np.testing.assert_array_equal(x, want)
+
+
+def test_the_forward_goes_separate_below_its_own_width(dtype, rng):
+    # the forward's fused loops pay from 256 features, the backward's from 128
+    d = fused.SEPARATE_FORWARD_BELOW_FEATURES - 1
+    assert d >= fused.SEPARATE_BELOW_FEATURES
+    z, b, g, beta, _ = _inputs(rng, 50, d, dtype)
+    a0 = nn.bias_act(z, b, "gelu")
+    for x, want in zip(fused.bias_gelu_layer_norm(z, b, g, beta),
+                       (a0, *nn.layer_norm(a0, g, beta))):
         np.testing.assert_array_equal(x, want)
 
 
