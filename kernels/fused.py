@@ -34,8 +34,6 @@ from kernels._jit import jit, num_threads, pick_twin, prange, serial_twin
 from kernels._simd import sfence
 from kernels.activations import (
     _PEND,
-    bias_act,
-    bias_act_backward,
     _TILE,
     _act,
     _act_grad,
@@ -44,15 +42,17 @@ from kernels.activations import (
     _pending,
     _tiled,
     _vec,
+    bias_act,
+    bias_act_backward,
 )
 from kernels.nn import (
     LN_BWD_NT_F32_BYTES,
     LN_FWD_NT_BYTES,
     _held_rows,
-    _nt_rows,
     _like,
     _ln_out_row,
     _move_sums,
+    _nt_rows,
     layer_norm,
     layer_norm_backward,
 )
@@ -119,7 +119,8 @@ def _gelu_row_vec(dy, z, b, out, acc, bufs, backward, nt):
 def _ln_fwd_rest(a, gamma, beta, eps, y, mean, rstd, i, nt, flat, ahead):
     """Row ``i`` of the layer norm of ``a`` (just written, in L1) into ``y``: the mean,
     then the variance about it, each summed in ``a``'s dtype (vectorised: partial sums
-    per lane, ``_SUMS``), divided in float64."""
+    per lane, ``_SUMS``), divided in float64. ``nt``, ``flat``, ``ahead``: as
+    ``nn._ln_out_row`` takes them (streamed stores, a later row's line asked for)."""
     ar = a[i]
     d = ar.size
     zero = ar.dtype.type(0)
