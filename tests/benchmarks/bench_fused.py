@@ -19,26 +19,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
 from bench_kernels import environment  # noqa: E402
+from bench_small import _loop  # noqa: E402
 from report import replace_section  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kernels import activations, fused, nn  # noqa: E402
 
 SECTION = "## Bias + GELU + layer norm: fused and separate"
-
-
-def _loop(fn, reps: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
 
 
 def _pairs(n: int, d: int, dt) -> dict[str, tuple]:
