@@ -888,6 +888,14 @@ def _light_chunks(rows: int, cols: int) -> int:
 # 1.46x; float64 1.52x / 1.61x; bias alone 1.50-1.75x. Into a new output, which that
 # host writes with plain stores (``NT_FRESH``), the same layout with plain stores ran
 # 0.78-0.96x the rows' speed, so those keep the loops over rows.
+# Bias + ReLU / none on rows of fewer features than these (forward, backward) take the
+# flat kernels with plain stores: the loops over rows pay a row's start and end for a few
+# elements. Zen 5 host, 2^18 elements in cache, A/B in one process, rows / flat time
+# (medians), float32 forward / backward: 2 features 6.0 / 15.4x, 4 3.5 / 11.8x, 8 1.4 /
+# 2.5x, 16 1.1 / 1.8x, 32 0.9 / 1.04x, 64 0.8 / 1.0x, 128-256 0.7-0.8x; float64: 2 2.8 /
+# 6.0x, 4 1.9 / 2.9x, 8 1.2 / 1.8x, 16 0.85 / 1.4x, 32 0.8 / 1.05x, 64 1.05 / 0.95x
+BIAS_FLAT_BELOW_FEATURES = 16
+BIAS_FLAT_BWD_BELOW_FEATURES = 32
 _AB = 512  # elements per block (2 / 4 KiB): at 64, the per-block work took as long as
 # the arithmetic in cache (float32, 1 MiB: 44 us against 21 for a loop over rows)
 
@@ -947,55 +955,60 @@ def _stream_block(out, i, s):
 
 
 @jit()
-def _bias_act_chunk(c, dy, x, bt, out, pdb, st, ncols, nchunks, act, backward):
+def _bias_act_chunk(c, dy, x, bt, out, pdb, st, ncols, nchunks, act, backward, nt):
     """Chunk ``c`` of ``_bias_act_streamed`` / ``_bias_act_bwd_streamed`` (``backward`` a
-    constant in each; ``act`` a run-time value): the head up to ``out``'s first 64-byte
-    boundary with plain stores, whole blocks through the scratch row ``st[c]``, then the
-    tail with plain stores."""
+    constant in each; ``act`` and ``nt`` run-time values). With ``nt``: the head up to
+    ``out``'s first 64-byte boundary with plain stores, whole blocks through the scratch
+    row ``st[c]``, then the tail with plain stores. Without: every block straight into
+    ``out`` with plain stores (short rows, ``BIAS_FLAT_BELOW_FEATURES``)."""
     lo, hi = chunk_bounds(x.size, nchunks, c)
     acc = pdb[c]
     s = st[c]
-    i = _head(out, lo, hi, True)
+    i = _head(out, lo, hi, nt)
     _act_span(dy, x, bt, out, lo, acc, lo, lo % ncols, i - lo, act, backward)
     j = i % ncols
     while i + _AB <= hi:
-        if act != 0 or not backward:  # the backward of "none" does not read x
-            _ask_block(x, i)
-        if backward:
-            _ask_block(dy, i)
-        _act_span(dy, x, bt, s, 0, acc, i, j, _AB, act, backward)
-        _stream_block(out, i, s)
+        if nt:
+            if act != 0 or not backward:  # the backward of "none" does not read x
+                _ask_block(x, i)
+            if backward:
+                _ask_block(dy, i)
+            _act_span(dy, x, bt, s, 0, acc, i, j, _AB, act, backward)
+            _stream_block(out, i, s)
+        else:
+            _act_span(dy, x, bt, out, i, acc, i, j, _AB, act, backward)
         i += _AB
         j += _AB
         if j >= ncols:
             j %= ncols
     _act_span(dy, x, bt, out, i, acc, i, j, hi - i, act, backward)
-    sfence()
+    if nt:
+        sfence()
 
 
 # ``act`` is a run-time value (one loop each for relu and none in the chunk): a kernel
 # per pair took twice the compile time (8 compiles of about 2 s each)
 @jit(parallel=True)
-def _bias_act_streamed(dy, x, bt, out, pdb, st, ncols, nchunks, act):
+def _bias_act_streamed(dy, x, bt, out, pdb, st, ncols, nchunks, act, nt):
     for c in prange(nchunks):
-        _bias_act_chunk(np.int64(c), dy, x, bt, out, pdb, st, ncols, nchunks, act, False)
+        _bias_act_chunk(np.int64(c), dy, x, bt, out, pdb, st, ncols, nchunks, act, False, nt)
 
 
 @jit(parallel=True)
-def _bias_act_bwd_streamed(dy, x, bt, out, pdb, st, ncols, nchunks, act):
+def _bias_act_bwd_streamed(dy, x, bt, out, pdb, st, ncols, nchunks, act, nt):
     for c in prange(nchunks):
-        _bias_act_chunk(np.int64(c), dy, x, bt, out, pdb, st, ncols, nchunks, act, True)
+        _bias_act_chunk(np.int64(c), dy, x, bt, out, pdb, st, ncols, nchunks, act, True, nt)
 
 
-def _bias_act_flat(code: int, dy, x, b, out, *, backward=False):
-    """Run the streamed kernel for ``code`` (0 none, 1 relu) on C-contiguous 2-D ``x``
-    into ``out``; the backward returns the bias gradient."""
+def _bias_act_flat(code: int, dy, x, b, out, *, backward=False, nt=True):
+    """Run the flat kernel for ``code`` (0 none, 1 relu) on C-contiguous 2-D ``x`` into
+    ``out`` (``nt``: streamed); the backward returns the bias gradient."""
     nch = _flat_chunks(x.size)
     pdb = np.zeros((nch, b.size + _AB) if backward else (nch, 1), x.dtype)
     st = np.empty((nch, _AB), x.dtype)
     kernel = _bias_act_bwd_streamed if backward else _bias_act_streamed
     kernel(dy.reshape(-1), x.reshape(-1), _tiled(b, _AB), out.reshape(-1), pdb, st, b.size, nch,
-           code)
+           code, nt)
     return _untile_sum(pdb, b.size) if backward else None
 
 
@@ -1014,8 +1027,9 @@ def bias_act(
     xc, bc = _bias_inputs(x, b)
     res = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc,
                               apart_from=xc)
-    if xc.size and code < 2 and stream_out(res, out is None, xc):
-        _bias_act_flat(code, xc, xc, bc, res)
+    nt = code < 2 and stream_out(res, out is None, xc)
+    if xc.size and code < 2 and (nt or xc.shape[1] < BIAS_FLAT_BELOW_FEATURES):
+        _bias_act_flat(code, xc, xc, bc, res, nt=nt)
     elif xc.size and code == 2 and _vec(xc):
         _gelu_vec(xc, xc, res, b=bc, fresh=out is None)
     elif xc.size:
@@ -1038,8 +1052,9 @@ def bias_act_backward(
     _checks.shape_is("dy", dyc, xc.shape)
     dx = _checks.out_array("out", out, xc.shape, xc.dtype, like=xc,
                               apart_from=xc)
-    if xc.size and code < 2 and stream_out(dx, out is None, xc):
-        return dx, _bias_act_flat(code, dyc, xc, bc, dx, backward=True)
+    nt = code < 2 and stream_out(dx, out is None, xc)
+    if xc.size and code < 2 and (nt or xc.shape[1] < BIAS_FLAT_BWD_BELOW_FEATURES):
+        return dx, _bias_act_flat(code, dyc, xc, bc, dx, backward=True, nt=nt)
     if xc.size and code == 2 and _vec(xc):
         pdb = np.zeros((_flat_chunks(xc.size), bc.size + _TILE), xc.dtype)
         _gelu_vec(dyc, xc, dx, b=bc, pdb=pdb, backward=True, fresh=out is None)

@@ -1444,13 +1444,16 @@ def test_bias_act_forward_and_backward(act, dtype, tol, rng, gelu_path):
 
 
 @pytest.mark.parametrize("act", ["none", "relu"])
-@pytest.mark.parametrize("ncols", [1, 7, 256, 300, 1000])
-def test_bias_act_streamed_kernels_match_the_row_loops(act, ncols, dtype, tol, rng,
-                                                       monkeypatch):
+@pytest.mark.parametrize("ncols", [1, 7, 16, 31, 256, 300, 1000])
+def test_bias_act_flat_kernels_match_the_row_loops(act, ncols, dtype, tol, rng, monkeypatch):
     # an output written with non-temporal stores (stream_out) takes the flat kernels
     # (tiled bias, blocks of _AB through a scratch); with NT_MIN_BYTES at 0 every size
     # does, so heads, whole blocks, tails, several chunks and an output off its 64-byte
-    # line all run here, against the loops over rows that the other outputs take
+    # line all run here, against the loops over rows that the other outputs take. Rows
+    # of few features take the flat kernels with plain stores whatever the output
+    # (BIAS_FLAT_BELOW_FEATURES forward, BIAS_FLAT_BWD_BELOW_FEATURES backward).
+    flat = (activations.BIAS_FLAT_BELOW_FEATURES, activations.BIAS_FLAT_BWD_BELOW_FEATURES)
+    short = (ncols < flat[0]) + (ncols < flat[1])  # calls of the flat kernels unstreamed
     special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 3e38, -3e38, 1e-42], dtype)
     seen = []
 
@@ -1470,16 +1473,26 @@ def test_bias_act_streamed_kernels_match_the_row_loops(act, ncols, dtype, tol, r
         dy.ravel()[-3:] = [np.inf, np.nan, -1.0][:dy.size]
         atol = 4 * np.finfo(dtype).eps * rows * 5  # the bias gradient: summed in another order
         monkeypatch.setattr(_simd, "NT_MIN_BYTES", 1 << 40)
+        monkeypatch.setattr(activations, "BIAS_FLAT_BELOW_FEATURES", 0)
+        monkeypatch.setattr(activations, "BIAS_FLAT_BWD_BELOW_FEATURES", 0)
         seen.clear()
         want = {"fwd": nn.bias_act(x, b, act), "bwd": nn.bias_act_backward(dy, x, b, act)}
         assert seen == []
+        monkeypatch.setattr(activations, "BIAS_FLAT_BELOW_FEATURES", flat[0])
+        monkeypatch.setattr(activations, "BIAS_FLAT_BWD_BELOW_FEATURES", flat[1])
+        seen.clear()  # unstreamed: short rows flat with plain stores, the rest by rows
+        dx, db = nn.bias_act_backward(dy, x, b, act)
+        np.testing.assert_array_equal(nn.bias_act(x, b, act), want["fwd"])
+        np.testing.assert_array_equal(dx, want["bwd"][0])
+        np.testing.assert_allclose(db, want["bwd"][1], rtol=tol["rtol"], atol=atol)
+        assert len(seen) == short
         monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
         for nt_fresh in (False, True):  # new outputs: streamed where NT_FRESH
             monkeypatch.setattr(_simd, "NT_FRESH", nt_fresh)
             seen.clear()
             fwd = nn.bias_act(x, b, act)
             dx, db = nn.bias_act_backward(dy, x, b, act)
-            assert len(seen) == (2 if nt_fresh else 0)
+            assert len(seen) == (2 if nt_fresh else short)
             np.testing.assert_array_equal(fwd, want["fwd"])
             np.testing.assert_array_equal(dx, want["bwd"][0])
             np.testing.assert_allclose(db, want["bwd"][1], rtol=tol["rtol"], atol=atol)
