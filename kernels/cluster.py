@@ -4,7 +4,9 @@ Assignment never materialises the n x k distance matrix. For small ``d * k`` eac
 is compared with four centroids at a time (four accumulators, so each load of the point
 feeds four FMAs) using ``|c|^2 - 2 x.c`` and keeps the running minimum. For large
 ``d * k`` (see ``_uses_gemm``) chunks of rows go through BLAS GEMM as in scikit-learn,
-with the argmin done per chunk in cache. A whole Lloyd run (:func:`kmeans`), whatever
+with the argmin done per chunk in cache; with many centroids or few columns
+(``_uses_tiles``) through a tile-major copy of ``x`` made for the call, as a Lloyd run
+does. A whole Lloyd run (:func:`kmeans`), whatever
 ``d`` and ``k``, first makes a tile-major transposed copy of ``x`` (``KMeansTiles``) and then
 assigns with ``kernels._simd.tile_argmin``: 32 float32 rows (16 float64) against four
 centroids at a time (on a CPU without AVX-512, half a tile per call: at 512 bits the eight
@@ -271,6 +273,27 @@ def _assign_pool(x: np.ndarray, c: np.ndarray, cn: np.ndarray, labels: np.ndarra
             list(_pool(workers).map(work, range(workers)))
 
 
+# One kmeans_assign through KMeansTiles (the tile-major copy made for that call alone)
+# where the copy pays back: k >= 256 at any d, k >= 64 up to 16 columns, k >= 16 up to 8
+# (see _uses_tiles). Zen 5 host, fused or GEMM path / tiles with the copy, time: 200000
+# rows, d = 1-3, k = 256 6.3-13.9x, k = 64 3.0-5.7x, k = 16 1.1-2.5x, k = 8 0.6-1.6x;
+# 100000 rows, k = 256 at d = 16-256 1.19-1.52x, k = 1024 1.62-2.12x, k = 64 at d = 16
+# 1.05-1.28x but d = 32-256 0.75-0.94x, k = 8-16 at d >= 16 0.20-1.0x.
+TILES_MIN_K = 256
+TILES_FEW_COLUMNS = ((8, 16), (16, 64))  # (up to this many columns, from this many k)
+TILES_MAX_BYTES = 1 << 30  # larger x: no temporary copy of it
+# and rows x centroids of at least this: the tiles' setup costs 15-20 us a call (10-100
+# rows 0.3-0.9x; 1000 x 16 0.7-0.8x, 1000 x 64 1.3-1.7x, 10000 x 16 1.2-1.4x)
+TILES_MIN_WORK = 32768
+
+
+def _uses_tiles(x: np.ndarray, c: np.ndarray) -> bool:
+    k, d = c.shape
+    if d == 0 or x.nbytes > TILES_MAX_BYTES or x.shape[0] * k < TILES_MIN_WORK:
+        return False
+    return k >= TILES_MIN_K or any(d <= cols and k >= kmin for cols, kmin in TILES_FEW_COLUMNS)
+
+
 def _uses_gemm(c: np.ndarray) -> bool:
     """The cost rule: BLAS pays off from ``d * k >= GEMM_MIN_DK`` and ``k >= GEMM_MIN_K``."""
     return c.shape[0] >= GEMM_MIN_K and c.shape[0] * c.shape[1] >= GEMM_MIN_DK
@@ -284,6 +307,8 @@ def kmeans_assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.
     x = _checks.float_array("x", x, ndim=2)
     c = _centroids_for(x, centroids)
     n = x.shape[0]
+    if n and _uses_tiles(x, c):
+        return KMeansTiles(x).assign(c)
     labels = np.empty(n, np.int64)
     mind = np.empty(n, x.dtype)
     if n:
@@ -433,8 +458,9 @@ class KMeansTiles:
     rank of the MPI app one per shard. ``step(c)`` gives in one pass what
     :func:`kmeans_assign` and :func:`kmeans_partial_sums` give together, plus the
     inertia; ``assign(c)`` what :func:`kmeans_assign` gives. The copy costs about one
-    pass over ``x`` (and as much memory); a single :func:`kmeans_assign` would not pay it
-    back (0.16-0.51x of its fused kernel), so that function keeps its own paths."""
+    pass over ``x`` (and as much memory); a single :func:`kmeans_assign` pays it back
+    only with many centroids or few columns (``_uses_tiles``), and keeps its own paths
+    otherwise (the copy and tiles were 0.16-0.51x of its fused kernel there)."""
 
     def __init__(self, x: np.ndarray) -> None:
         x = _checks.float_array("x", x, ndim=2)

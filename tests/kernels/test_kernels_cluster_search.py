@@ -39,6 +39,36 @@ def test_assign_ties_nan_and_empty():
     assert labels.shape == (0,) and dist.shape == (0,)
 
 
+@pytest.mark.parametrize("n,d,k,tiles", [(3000, 2, 16, True), (200, 2, 300, True),
+                                         (1000, 16, 64, True), (200, 64, 257, True),
+                                         (1000, 2, 16, False), (1000, 20, 64, False)])
+def test_assign_takes_the_tiles_where_their_copy_pays(n, d, k, tiles, dtype, rng,
+                                                      monkeypatch):
+    # many centroids, or few columns and some centroids: one kmeans_assign copies x into
+    # the tile layout (KMeansTiles) and assigns from it (the fused kernel was 6-14x
+    # slower at d = 1-3, k = 256); the same labels and distances as the other paths
+    # (integer-valued data: exact dot products), ties to the lower index, NaN rows out
+    used = []
+    real = cluster.KMeansTiles.assign
+    monkeypatch.setattr(cluster.KMeansTiles, "assign",
+                        lambda self, c: used.append(1) or real(self, c))
+    x = rng.integers(-3, 4, (n, d)).astype(dtype)
+    x[n // 2] = np.nan
+    c = rng.integers(-3, 4, (k, d)).astype(dtype)
+    c[k - 1] = c[1]
+    labels, dist = cluster.kmeans_assign(x, c)
+    assert used == ([1] if tiles else [])
+    ref = ref_sq_dists(x, c)
+    ok = np.arange(n) != n // 2
+    assert labels[n // 2] == -1 and np.isnan(dist[n // 2])
+    np.testing.assert_array_equal(labels[ok], ref[ok].argmin(axis=1))
+    np.testing.assert_array_equal(dist[ok], ref[ok].min(axis=1))
+    monkeypatch.setattr(cluster, "_uses_tiles", lambda x, c: False)
+    other = cluster.kmeans_assign(x, c)
+    np.testing.assert_array_equal(labels, other[0])
+    np.testing.assert_array_equal(dist, other[1])
+
+
 def test_update_and_partial_sums(dtype, tol, rng):
     x = rng.standard_normal((400, 5)).astype(dtype)
     labels = rng.integers(0, 6, 400)
