@@ -638,8 +638,9 @@ def _kmeans_table(res: dict) -> list[str]:
                    f"{_ratio(r['assign_sklearn_ms'], r['assign_ours_ms'])} |")
     out += ["", ("The last three columns: one assignment of the rows to the fitted "
                  "centroids, `kernels.cluster.kmeans_assign` (labels and squared distances; "
-                 "the GEMM path from k = 32 and d * k = 1024) against the fitted model's "
-                 "`predict` (labels only).")]
+                 "the GEMM path from k = 32 and d * k = 1024; from k = 256, a tile-major "
+                 "copy of the rows made for the call, as the Lloyd loop's) against the "
+                 "fitted model's `predict` (labels only).")]
     return out
 
 
