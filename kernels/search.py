@@ -1,6 +1,7 @@
 """Top-k cosine similarity search over an embedding matrix.
 
-Few queries (fewer than ``GEMM_MIN_QUERIES`` float32, half that float64): one pass over
+Few queries (fewer than ``GEMM_MIN_QUERIES`` float32, half that float64, a half or a
+quarter of it for float32 rows of 512 or 1024 features, ``GEMM_LONG_ROWS``): one pass over
 the embeddings, the rows split into chunks (``prange``); each chunk reads a row once,
 scores it against every query and keeps a sorted top-k per query, so neither the q x n
 score matrix nor normalised copies are materialised; chunk results are merged at the
@@ -35,6 +36,13 @@ SCAN_HINT_MIN_BYTES = 8 << 20  # the vector scan's host-dependent hint from this
 # threads, medians of 7: float32 at 32, 48, 64, 96 queries 0.76, 0.92, 0.99, 1.08;
 # float64 at 24, 32, 48 0.88, 0.97, 1.19 (docs/kernels.md)
 GEMM_MIN_QUERIES = 64
+# float32 rows of at least this many features: GEMM_MIN_QUERIES divided by the second
+# number (long rows leave the GEMM path fewer scores to select from per byte read). Zen 5
+# host, k = 10, 2^23 elements, scan / GEMM (medians of 5): 1536 features at 8, 16, 32,
+# 48 queries 1.06, 1.24, 1.54, 1.62x; 768 features 0.83, 1.12, 1.25x at 16, 32, 48; 256
+# features 0.73-0.89x up to 48 and 64 features 0.86-1.03x. float64 keeps half of
+# GEMM_MIN_QUERIES (1536 features at 32 queries 0.93x, 48 1.16x).
+GEMM_LONG_ROWS = ((1024, 4), (512, 2))
 VEC_SCAN = True  # the fused scan through kernels._simd.scan_scores (tests turn it off too)
 # rows that are not a whole number of vectors (float32 100 or 300 features, as GloVe and
 # word2vec give; or fewer features than a vector) take the vector scan too, their last
@@ -343,6 +351,15 @@ def merge_topk(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndar
     return np.take_along_axis(scores, order, -1), np.take_along_axis(indices, order, -1)
 
 
+def _gemm_min_queries(dtype: np.dtype, d: int) -> int:
+    """Queries from which ``topk_cosine`` takes the blocked-GEMM path."""
+    if dtype == np.float32:
+        for features, div in GEMM_LONG_ROWS:
+            if d >= features:
+                return max(1, GEMM_MIN_QUERIES // div)
+    return max(1, GEMM_MIN_QUERIES * 4 // dtype.itemsize)
+
+
 def topk_cosine(
     queries: np.ndarray, embeddings: np.ndarray, k: int, *, offset: int = 0,
     normalized: bool = False,
@@ -364,7 +381,7 @@ def topk_cosine(
     kk = min(k, n)
     qinv = np.empty(q.shape[0], q.dtype)
     _query_inv(q, qinv)
-    if kk and q.shape[0] >= max(1, GEMM_MIN_QUERIES * 4 // q.itemsize) and e.shape[1]:
+    if kk and q.shape[0] >= _gemm_min_queries(q.dtype, e.shape[1]) and e.shape[1]:
         return _topk_gemm(q, qinv, e, kk, int(offset), bool(normalized))
     nch = n_chunks(n, min_rows=512)
     out_s = np.full((nch, q.shape[0], max(kk, 1)), -np.inf, q.dtype)

@@ -349,7 +349,8 @@ def bench_data_kernels(tab: Table, rows: int, dt) -> None:
         # one query: a memory-bound scan (the '% triad' goal applies); 16 and 64 do
         # 2 q flops per element read, so they are compute-bound (64 takes the GEMM path)
         nb = emb.nbytes if nq == 1 else None
-        path = "GEMM path" if nq >= search.GEMM_MIN_QUERIES else "fused scan"
+        path = ("GEMM path" if nq >= search._gemm_min_queries(np.dtype(dt), emb.shape[1])
+                else "fused scan")
         kind = path + ("" if nb else f", compute-bound: {2 * nq * emb.size / 1e9:.2f} GFLOP")
         tab.add(f"topk_cosine q={nq} k=10", emb.shape, dt, nb,
                 kind + "; both norm the rows inside the call",
