@@ -288,6 +288,7 @@ TILES_MIN_WORK = 32768
 
 
 def _uses_tiles(x: np.ndarray, c: np.ndarray) -> bool:
+    """Whether one :func:`kmeans_assign` goes through a ``KMeansTiles`` copy of ``x``."""
     k, d = c.shape
     if d == 0 or x.nbytes > TILES_MAX_BYTES or x.shape[0] * k < TILES_MIN_WORK:
         return False
