@@ -94,6 +94,29 @@ def test_step_sums_the_same_gathered_or_on_the_cluster(client, blobs, monkeypatc
     np.testing.assert_array_equal(gathered[1], rcnt)
 
 
+def test_step_with_many_centroids_sums_each_block_on_its_tiles(client, rng, monkeypatch):
+    # 256 centroids: each block's step goes through a tile copy of its rows
+    # (KMeansTiles.step, as kmeans_assign does there), not the GEMM path; the same
+    # centroids, counts and inertia as the in-memory kernels, a NaN row left out
+    x = rng.standard_normal((3000, 6))
+    x[1234] = np.nan
+    c = x[:256].copy()
+    X = da.from_array(x, chunks=(1500, 6))
+    tiles, _ = _record_rows(monkeypatch, cluster.KMeansTiles, "step", block_arg=1)
+    gemm, _ = _record_rows(monkeypatch, cluster, "_assign_sums")
+    real = cluster.KMeansTiles.__init__
+    rows: list[int] = []
+    monkeypatch.setattr(cluster.KMeansTiles, "__init__",
+                        lambda self, b: rows.append(b.shape[0]) or real(self, b))
+    new, counts, inertia = kd.kmeans_step(X, c)
+    assert sorted(rows) == [1500, 1500] and len(tiles) == 2 and gemm == []
+    labels, dist = cluster.kmeans_assign(x, c)
+    ref, ref_counts = cluster.kmeans_update(x, labels, 256, previous=c)
+    np.testing.assert_allclose(new, ref, rtol=1e-12)
+    np.testing.assert_array_equal(counts, ref_counts)
+    assert inertia == pytest.approx(float(np.nansum(dist)), rel=1e-12)
+
+
 def test_kmeans_converges_like_in_memory(client, blobs):
     X = da.from_array(blobs, chunks=(1000, 6))
     cents, inertia, n_iter = kd.kmeans(X, blobs[:4], max_iter=30, tol=1e-12)
