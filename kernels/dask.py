@@ -81,16 +81,8 @@ def _block_assign(b: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 def _block_partials(b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """[sums (k*d), counts (k), inertia] of one block, as a (1, k*(d+1)+1) float64 row
-    (on the GEMM path, one pass over the block: ``cluster._assign_sums``). Where one
-    ``kmeans_assign`` goes through a tile copy of the rows (``cluster._uses_tiles``), the
-    block's step does, sums and inertia in the same pass: 100000 x 32-64 with 256
-    centroids 1.24-1.36x the GEMM path, 50000 x 128 with 1024 1.65-1.76x (Zen 5 host);
-    few columns about even (0.88-1.12x) with the assignment already on the tiles."""
-    if b.shape[0] and cluster._uses_tiles(b, c):
-        _, sums, counts, inertia = cluster.KMeansTiles(b).step(c)
-        return np.concatenate([sums.ravel(), counts.astype(np.float64), [inertia]])[None, :]
-    _, dist, sums, counts = cluster._assign_sums(b, c)
-    inertia = np.nansum(dist, dtype=np.float64)
+    (``cluster._step_partials``: one pass over the block on the GEMM path or the tiles)."""
+    sums, counts, inertia = cluster._step_partials(b, c)
     return np.concatenate([sums.ravel(), counts.astype(np.float64), [inertia]])[None, :]
 
 
