@@ -352,6 +352,8 @@ def bias_gelu_layer_norm(
     Returns ``(a, h, mean, rstd)``: ``a`` and the row statistics are what
     :func:`bias_gelu_layer_norm_backward` needs (as from :func:`kernels.nn.bias_act` with
     ``"gelu"`` and :func:`kernels.nn.layer_norm`, exact-erf GELU, biased variance).
+    Rows of fewer than ``SEPARATE_FORWARD_BELOW_FEATURES`` features go through those two
+    kernels (faster there than the fused row loops), with their results bit for bit.
     """
     zc = _checks.float_array("z", z, ndim=2)
     bc, gc, btc = _params(zc, b=b, gamma=gamma, beta=beta)
@@ -386,7 +388,8 @@ def bias_gelu_layer_norm_backward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of :func:`bias_gelu_layer_norm` for the upstream gradient ``dh``:
     ``(dz, db, dgamma, dbeta)``. ``a``, ``mean``, ``rstd`` are the forward's outputs, ``z``
-    and ``b`` its inputs."""
+    and ``b`` its inputs. Rows of fewer than ``SEPARATE_BELOW_FEATURES`` features go
+    through :func:`kernels.nn.layer_norm_backward` and :func:`kernels.nn.bias_act_backward`."""
     zc = _checks.float_array("z", z, ndim=2)
     n, d = zc.shape
     arrays = []
