@@ -157,17 +157,23 @@ def locked_cache(dispatcher: Any) -> Any:
 
 
 def jit(*, parallel: bool = False, fastmath: set[str] | None = None,
-        inline: bool = False) -> Callable:
+        inline: bool = False, refcounts: bool = True) -> Callable:
     """``numba.njit`` with the project's flags (cache, nogil, fast-math, parallel).
 
     ``fastmath`` overrides the flag set for code whose rounding must not be reassociated
     (the bit tricks in ``kernels._fastmath``). ``inline=True`` inlines the function into
     its callers in Numba's IR: LLVM's own inliner may decline a large helper, and a call
-    left inside a loop stops that loop from vectorising.
+    left inside a loop stops that loop from vectorising. ``refcounts=False`` compiles
+    without Numba's reference counting (its NRT), for a helper that allocates nothing and
+    is called from a hot loop: Numba increments and decrements the count of each array a
+    call passes, atomic instructions that cost 4x the work of a small helper
+    (``kernels.search._offer``: 43 -> 200 us for 6559 calls, even inlined).
     """
     opts: dict[str, Any] = _CFG.jit_options(parallel=parallel)
     if inline:
         opts["inline"] = "always"
+    if not refcounts:
+        opts["_nrt"] = False
     opts["cache"] = True
     if fastmath is not None and opts["fastmath"]:
         opts["fastmath"] = set(fastmath)

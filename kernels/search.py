@@ -51,10 +51,15 @@ VEC_SCAN = True  # the fused scan through kernels._simd.scan_scores (tests turn 
 # 100 / 300 features 1.13-1.44x, 20-72 1.19-2.42x, 3-10 1.49-3.62x
 SCAN_MASKED_TAIL = _simd.VEC_BITS == 512
 GEMM_BLOCK_ROWS = 4096
+GEMM_SPLIT_MIN_ROWS = 1024  # rows per thread from which the many-query path splits them
 GEMM_SPLIT = True  # many queries: each thread scores its own rows (tests turn it off too)
+# k from which each query's rows that beat the cut go into a pool of 2k, cut back to its
+# best k when full (``_offer``), instead of into a sorted list, where a row that gets in
+# moves half the list on average
+POOL_MIN_K = 32
 
 
-@jit()
+@jit(refcounts=False)
 def _insert(scores, idx, s, r):
     """Insert score ``s`` of row ``r`` into descending ``scores`` if it beats the last."""
     k = scores.size
@@ -69,8 +74,116 @@ def _insert(scores, idx, s, r):
     idx[p] = r
 
 
+@jit(inline=True)
+def _better(s, i, t, j):
+    """Whether score ``s`` of row ``i`` ranks above score ``t`` of row ``j`` (ties: the
+    lower row first). Bitwise, so no branches: which way the compares go is random."""
+    return (s > t) | ((s == t) & (i < j))
+
+
+@jit(inline=True)
+def _swap(scores, idx, a, b):
+    scores[a], scores[b] = scores[b], scores[a]
+    idx[a], idx[b] = idx[b], idx[a]
+
+
+@jit(refcounts=False)
+def _partition(scores, idx, lo, hi):
+    """Partition ``[lo, hi]`` around the median of its first, middle and last entries:
+    returns the pivot's place ``p``, the entries that rank above it (``_better``) in
+    ``[lo, p)``, the others in ``(p, hi]``."""
+    mid = (lo + hi) // 2  # the median of lo, mid, hi goes to hi
+    if _better(scores[mid], idx[mid], scores[lo], idx[lo]):
+        _swap(scores, idx, mid, lo)
+    if _better(scores[hi], idx[hi], scores[lo], idx[lo]):
+        _swap(scores, idx, hi, lo)
+    if _better(scores[mid], idx[mid], scores[hi], idx[hi]):
+        _swap(scores, idx, mid, hi)
+    ps, pi = scores[hi], idx[hi]
+    st = lo  # [lo, st) rank above the pivot, [st, j) not: each entry is swapped with
+    for j in range(lo, hi):  # st's and st moves on if it ranks above (no branch)
+        s, r = scores[j], idx[j]
+        scores[j] = scores[st]
+        idx[j] = idx[st]
+        scores[st] = s
+        idx[st] = r
+        st += _better(s, r, ps, pi)
+    _swap(scores, idx, st, hi)
+    return st
+
+
+@jit(refcounts=False)
+def _select_best(scores, idx, m, k):
+    """Reorder ``scores[:m]`` / ``idx[:m]`` so that their best ``k`` come first, the
+    ``k``-th best at ``k - 1`` (quickselect)."""
+    lo, hi = 0, m - 1
+    while lo < hi:
+        p = _partition(scores, idx, lo, hi)
+        if p == k - 1:
+            return
+        if p > k - 1:
+            hi = p - 1
+        else:
+            lo = p + 1
+
+
 @jit()
-def _score4(qs, qinv, emb, r0, einv, s_out, i_out, offset, zero):
+def _sort_range(scores, idx, lo, hi):
+    """``[lo, hi]`` in rank order, best first: quicksort (``_partition``), the larger
+    side of each partition kept on a stack (so at most 64 deep) while the smaller is
+    sorted, ranges of 16 or fewer by insertion. (A recursive version did not link
+    from Numba's cache.)"""
+    stack = np.empty(128, np.int64)
+    top = 0
+    while True:
+        while hi - lo >= 16:
+            p = _partition(scores, idx, lo, hi)
+            if p - lo < hi - p:
+                stack[top], stack[top + 1] = p + 1, hi
+                hi = p - 1
+            else:
+                stack[top], stack[top + 1] = lo, p - 1
+                lo = p + 1
+            top += 2
+        for j in range(lo + 1, hi + 1):
+            s, r = scores[j], idx[j]
+            p = j
+            while p > lo and _better(s, r, scores[p - 1], idx[p - 1]):
+                scores[p] = scores[p - 1]
+                idx[p] = idx[p - 1]
+                p -= 1
+            scores[p] = s
+            idx[p] = r
+        if top == 0:
+            return
+        top -= 2
+        lo, hi = stack[top], stack[top + 1]
+
+
+@jit(refcounts=False)
+def _offer(scores, idx, s, r, pooled):
+    """Score ``s`` of row ``r`` into a query's list where it beats the cut, the worst
+    score kept (always ``scores[-1]``): the sorted list (``_insert``), or with ``pooled``
+    a pool of ``2k`` (``POOL_MIN_K``): the pool's fill count is ``idx[-1]``; once full,
+    its best ``k`` are kept (``_select_best``) and the ``k``-th's score becomes the cut."""
+    if not pooled:
+        _insert(scores, idx, s, r)
+    elif s > scores[scores.size - 1]:
+        last = scores.size - 1
+        m = idx[last]
+        scores[m] = s
+        idx[m] = r
+        m += 1
+        if m == last:
+            k = last // 2
+            _select_best(scores, idx, m, k)
+            scores[last] = scores[k - 1]
+            m = k
+        idx[last] = m
+
+
+@jit()
+def _score4(qs, qinv, emb, r0, einv, s_out, i_out, offset, zero, pooled):
     """Score rows ``r0 .. r0 + 3`` against every query. Four rows at a time give four
     independent sums per query (their reductions overlap instead of waiting on each
     other) and one load of a query element feeds four FMAs."""
@@ -86,10 +199,10 @@ def _score4(qs, qinv, emb, r0, einv, s_out, i_out, offset, zero):
             a2 += w * e2[t]
             a3 += w * e3[t]
         qi = qinv[q]
-        _insert(s_out[q], i_out[q], a0 * (qi * einv[0]), r0 + offset)
-        _insert(s_out[q], i_out[q], a1 * (qi * einv[1]), r0 + 1 + offset)
-        _insert(s_out[q], i_out[q], a2 * (qi * einv[2]), r0 + 2 + offset)
-        _insert(s_out[q], i_out[q], a3 * (qi * einv[3]), r0 + 3 + offset)
+        _offer(s_out[q], i_out[q], a0 * (qi * einv[0]), r0 + offset, pooled)
+        _offer(s_out[q], i_out[q], a1 * (qi * einv[1]), r0 + 1 + offset, pooled)
+        _offer(s_out[q], i_out[q], a2 * (qi * einv[2]), r0 + 2 + offset, pooled)
+        _offer(s_out[q], i_out[q], a3 * (qi * einv[3]), r0 + 3 + offset, pooled)
 
 
 @jit(fastmath={"contract"})
@@ -102,7 +215,7 @@ def _inv_norm(s):
 
 
 @jit()
-def _score1(qs, qinv, emb, r, normalized, s_out, i_out, offset, zero):
+def _score1(qs, qinv, emb, r, normalized, s_out, i_out, offset, zero, pooled):
     """One row against every query (the last 1-3 rows of a chunk)."""
     nq, d = qs.shape
     e = emb[r]
@@ -114,11 +227,11 @@ def _score1(qs, qinv, emb, r, normalized, s_out, i_out, offset, zero):
         a = zero
         for t in range(d):
             a += qs[q, t] * e[t]
-        _insert(s_out[q], i_out[q], a * (qinv[q] * einv), r + offset)
+        _offer(s_out[q], i_out[q], a * (qinv[q] * einv), r + offset, pooled)
 
 
 @jit(parallel=True)
-def _topk(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized):
+def _topk(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, pooled):
     n, d = emb.shape
     for c in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, c)
@@ -139,14 +252,14 @@ def _topk(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized):
                 einv[1] = _inv_norm(s1)
                 einv[2] = _inv_norm(s2)
                 einv[3] = _inv_norm(s3)
-            _score4(qs, qinv, emb, r0, einv, out_s[c], out_i[c], offset, zero)
+            _score4(qs, qinv, emb, r0, einv, out_s[c], out_i[c], offset, zero, pooled)
         for r in range(n4, hi):
-            _score1(qs, qinv, emb, r, normalized, out_s[c], out_i[c], offset, zero)
+            _score1(qs, qinv, emb, r, normalized, out_s[c], out_i[c], offset, zero, pooled)
 
 
 @jit(parallel=True)
 def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, lanes, sc,
-              ahead):
+              ahead, pooled):
     """``_topk`` with ``lanes`` rows at a time scored by ``kernels._simd.scan_scores``
     (``d`` a multiple of ``lanes``, or any ``d`` where ``SCAN_MASKED_TAIL``);
     ``sc[c]`` holds chunk ``c``'s scores. A score that
@@ -158,12 +271,12 @@ def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, la
     more): at 2 MiB, in the L2, the hint cost 0.88-1.02x."""
     for c in prange(nchunks):
         _topk_vec_chunk(np.int64(c), qs, qinv, emb, out_s, out_i, nchunks, offset, zero,
-                        normalized, lanes, sc, ahead)
+                        normalized, lanes, sc, ahead, pooled)
 
 
 @jit()
 def _topk_vec_chunk(c, qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, lanes,
-                    sc, ahead):
+                    sc, ahead, pooled):
     """Chunk ``c`` of ``_topk_vec`` (not inlined: docs/kernels.md, "Where compile time
     goes")."""
     n, d = emb.shape
@@ -183,14 +296,12 @@ def _topk_vec_chunk(c, qs, qinv, emb, out_s, out_i, nchunks, offset, zero, norma
             for j in range(lanes):
                 v = buf[q * lanes + j]
                 if v > kth:
-                    _insert(best, out_i[c, q], v, r0 + j + offset)
+                    _offer(best, out_i[c, q], v, r0 + j + offset, pooled)
                     kth = best[best.size - 1]
     for r in range(nb, hi):
-        _score1(qs, qinv, emb, r, normalized, out_s[c], out_i[c], offset, zero)
+        _score1(qs, qinv, emb, r, normalized, out_s[c], out_i[c], offset, zero, pooled)
 
 
-_topk_vec_1 = serial_twin(_topk_vec)  # calls of one chunk: no parallel launch
-_topk_1 = serial_twin(_topk)
 
 
 @jit()
@@ -207,20 +318,46 @@ def _query_inv(q, out):
         out[i] = _inv_norm(s) if s == s else 0.0
 
 
-@jit()
-def _merge_chunks(out_s, out_i):
+@jit(parallel=True)
+def _merge_chunks(out_s, out_i, pooled):
     """Chunk lists merged into chunk 0's, in chunk order: a later chunk's entry that ties
     goes after the ones already there, so ties keep the lower row index. (NumPy's
-    ``merge_topk`` took 0.1 ms of a 1 ms one-query scan.)"""
-    nch, nq, k = out_s.shape
-    for q in range(nq):
+    ``merge_topk`` took 0.1 ms of a 1 ms one-query scan.) Pools (``pooled``): each
+    chunk's best ``k`` are picked (``_select_best``), each in turn put beside chunk 0's
+    and the best ``k`` of the two picked again, then sorted (``_sort_range``)."""
+    nch, nq, width = out_s.shape
+    k = width // 2 if pooled else width
+    for q in prange(nq):
         best = out_s[0, q]
         idx = out_i[0, q]
-        for c in range(1, nch):
-            for j in range(k):
+        for c in range(nch):
+            if pooled:
+                cs, ci = out_s[c, q], out_i[c, q]
+                if ci[width - 1] > k:  # (fewer than k: the rest is padding)
+                    _select_best(cs, ci, ci[width - 1], k)
+                if c:
+                    best[k:2 * k] = cs[:k]
+                    idx[k:2 * k] = ci[:k]
+                    _select_best(best, idx, 2 * k, k)
+                continue
+            for j in range(k if c else 0):
                 if not out_s[c, q, j] > best[k - 1]:
                     break
                 _insert(best, idx, out_s[c, q, j], out_i[c, q, j])
+        if pooled:
+            _sort_range(best, idx, 0, k - 1)
+
+
+_topk_vec_1 = serial_twin(_topk_vec)  # calls of one chunk: no parallel launch
+_topk_1 = serial_twin(_topk)
+_merge_chunks_1 = serial_twin(_merge_chunks)
+
+
+def _merge(out_s: np.ndarray, out_i: np.ndarray, pooled: bool) -> None:
+    """``_merge_chunks``, its queries over the threads where they are pools (a pool's
+    selections and sort: 80 us a query at k = 1000)."""
+    pick_twin(_merge_chunks, _merge_chunks_1, out_s.shape[1] if pooled else 1)(
+        out_s, out_i, pooled)
 
 
 @jit()
@@ -235,10 +372,10 @@ def _inv_norms(e, out, zero):
 
 
 @jit()
-def _select_rows(scores, einv, out_s, out_i, offset, scale):
+def _select_rows(scores, einv, out_s, out_i, offset, scale, pooled):
     """Per query (row of ``scores``): offer every column's score, times the
-    row's ``einv`` when ``scale``, to that query's sorted top-k. A score that cannot beat
-    the current k-th is rejected by one compare, so this is one streaming pass."""
+    row's ``einv`` when ``scale``, to that query's list (``_offer``). A score that cannot
+    beat the worst kept is rejected by one compare, so this is one streaming pass."""
     nq, m = scores.shape
     for q in range(nq):
         srow = scores[q]
@@ -248,24 +385,24 @@ def _select_rows(scores, einv, out_s, out_i, offset, scale):
         for r in range(m):
             v = srow[r] * einv[r] if scale else srow[r]
             if v > kth:
-                _insert(best, idx, v, r + offset)
+                _offer(best, idx, v, r + offset, pooled)
                 kth = best[best.size - 1]
 
 
 @jit(parallel=True)
 def _topk_gemm_split(fn, qn, e, out_s, out_i, nchunks, offset, normalized, sc, einv, one,
-                     zero, block):
+                     zero, block, pooled):
     """``_topk_gemm`` with the rows in ``nchunks`` ranges, one per thread: each scores its
     blocks by one BLAS call of its own (``kernels.gemm``'s ``cblas_?gemm64_`` at address
     ``fn``, BLAS pinned to one thread), then selects into chunk ``c``'s lists."""
     for c in prange(nchunks):
         _topk_gemm_chunk(np.int64(c), fn, qn, e, out_s, out_i, nchunks, offset, normalized,
-                         sc, einv, one, zero, block)
+                         sc, einv, one, zero, block, pooled)
 
 
 @jit()
 def _topk_gemm_chunk(c, fn, qn, e, out_s, out_i, nchunks, offset, normalized, sc, einv, one,
-                     zero, block):
+                     zero, block, pooled):
     """Chunk ``c`` of ``_topk_gemm_split``: ``sc[c]`` holds a block's ``nq x m`` scores
     (``m`` up to ``block`` rows)."""
     n, d = e.shape
@@ -281,7 +418,7 @@ def _topk_gemm_chunk(c, fn, qn, e, out_s, out_i, nchunks, offset, normalized, sc
         if not normalized:
             _inv_norms(e[b:b + m], ei[:m], zero)
         _select_rows(buf[:nq * m].reshape((nq, m)), ei[:m], out_s[c], out_i[c], b + offset,
-                     not normalized)
+                     not normalized, pooled)
 
 
 def warm_gemm(dtype) -> None:
@@ -298,7 +435,7 @@ def warm_gemm(dtype) -> None:
     with gemm.one_thread(blas):
         _topk_gemm_split(blas.gemm[dt], qn, e, out_s, out_i, 2, 0, False,
                          np.empty((2, 2 * 4), dt), np.ones((2, 4), dt), dt.type(1.0),
-                         dt.type(0.0), 4)
+                         dt.type(0.0), 4, False)
     if out_i[:, :, 0].tolist() != [[3, 3], [7, 7]]:
         raise RuntimeError(f"kernels.search: the split GEMM path came out wrong: {out_i}")
 
@@ -310,22 +447,22 @@ def _topk_gemm(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: 
     each block and one thread selects."""
     nq, n = q.shape[0], e.shape[0]
     qn = q * qinv[:, None]
+    pooled = kk >= POOL_MIN_K
     blas = gemm._numpy_blas()
     block = GEMM_BLOCK_ROWS
-    nch = min(num_threads(), -(-n // block))
+    nch = min(num_threads(), -(-n // min(block, GEMM_SPLIT_MIN_ROWS)))
     if blas is not None and nch >= 2 and GEMM_SPLIT:
-        out_s = np.full((nch, nq, kk), -np.inf, q.dtype)
-        out_i = np.full((nch, nq, kk), -1, np.int64)
+        out_s, out_i = _lists(nch, nq, kk, q.dtype, pooled)
         sc = np.empty((nch, nq * block), q.dtype)
         einv = np.ones((nch, block), q.dtype)
         with gemm.one_thread(blas):  # from any thread (threadpoolctl's pin is not)
             _topk_gemm_split(blas.gemm[q.dtype], qn, e, out_s, out_i, nch, offset,
                              normalized, sc, einv, q.dtype.type(1.0), q.dtype.type(0.0),
-                             block)
-        _merge_chunks(out_s, out_i)
-        return out_s[0], out_i[0]
-    out_s = np.full((nq, kk), -np.inf, q.dtype)
-    out_i = np.full((nq, kk), -1, np.int64)
+                             block, pooled)
+        _merge(out_s, out_i, pooled)
+        return out_s[0, :, :kk], out_i[0, :, :kk]
+    out_s, out_i = _lists(1, nq, kk, q.dtype, pooled)
+    out_s, out_i = out_s[0], out_i[0]
     buf = np.empty((nq, min(GEMM_BLOCK_ROWS, n)), q.dtype)
     einv = np.ones(buf.shape[1], q.dtype)
     zero = q.dtype.type(0)
@@ -336,7 +473,20 @@ def _topk_gemm(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: 
         np.matmul(qn, blk.T, out=sc)
         if not normalized:
             _inv_norms(blk, einv[:m], zero)
-        _select_rows(sc, einv[:m], out_s, out_i, lo + offset, not normalized)
+        _select_rows(sc, einv[:m], out_s, out_i, lo + offset, not normalized, pooled)
+    if pooled:
+        _merge(out_s[None], out_i[None], pooled)
+    return out_s[:, :kk], out_i[:, :kk]
+
+
+def _lists(nch: int, nq: int, k: int, dtype: np.dtype,
+           pooled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each chunk's per-query lists, empty: scores -inf and rows -1, ``k`` of each, or
+    with ``pooled`` a pool of ``2k`` and its cut and fill count (``_offer``)."""
+    out_s = np.full((nch, nq, 2 * k + 1 if pooled else k), -np.inf, dtype)
+    out_i = np.full(out_s.shape, -1, np.int64)
+    if pooled:
+        out_i[:, :, -1] = 0
     return out_s, out_i
 
 
@@ -383,9 +533,10 @@ def topk_cosine(
     _query_inv(q, qinv)
     if kk and q.shape[0] >= _gemm_min_queries(q.dtype, e.shape[1]) and e.shape[1]:
         return _topk_gemm(q, qinv, e, kk, int(offset), bool(normalized))
-    nch = n_chunks(n, min_rows=512)
-    out_s = np.full((nch, q.shape[0], max(kk, 1)), -np.inf, q.dtype)
-    out_i = np.full((nch, q.shape[0], max(kk, 1)), -1, np.int64)
+    pooled = kk >= POOL_MIN_K
+    # pools: a chunk per thread (each chunk fills its own pool of 2k, merged afterwards)
+    nch = min(num_threads(), max(1, n // 512)) if pooled else n_chunks(n, min_rows=512)
+    out_s, out_i = _lists(nch, q.shape[0], max(kk, 1), q.dtype, pooled)
     if kk == 0 or q.shape[0] == 0:
         return out_s[0, :, :kk], out_i[0, :, :kk]
     lanes = _simd.VEC_BITS // 8 // q.itemsize  # rows per scan_scores call
@@ -394,10 +545,10 @@ def topk_cosine(
         sc = np.empty((nch, q.shape[0] * lanes), q.dtype)
         pick_twin(_topk_vec, _topk_vec_1, nch)(
             q, qinv, e, out_s, out_i, nch, int(offset), q.dtype.type(0), bool(normalized),
-            lanes, sc, e.nbytes >= SCAN_HINT_MIN_BYTES)
+            lanes, sc, e.nbytes >= SCAN_HINT_MIN_BYTES, pooled)
     else:
         pick_twin(_topk, _topk_1, nch)(q, qinv, e, out_s, out_i, nch, int(offset),
-                                       q.dtype.type(0), bool(normalized))
-    if nch > 1:
-        _merge_chunks(out_s, out_i)
-    return out_s[0], out_i[0]
+                                       q.dtype.type(0), bool(normalized), pooled)
+    if nch > 1 or pooled:
+        _merge(out_s, out_i, pooled)
+    return out_s[0, :, :kk], out_i[0, :, :kk]

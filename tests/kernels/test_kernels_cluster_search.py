@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -156,8 +157,17 @@ def test_long_float32_rows_take_the_gemm_path_from_fewer_queries(d, nq, gemm, rn
     assert search._gemm_min_queries(np.dtype(np.float64), d) == 32
 
 
+@pytest.fixture(params=["sorted", "pooled"])
+def topk_lists(request, monkeypatch):
+    """Run a search test with each query's best rows kept in a sorted list (the default
+    under ``search.POOL_MIN_K``) and in pools of 2k cut back when full (the default from
+    there; forced here for every k, so pools fill and are cut many times)."""
+    monkeypatch.setattr(search, "POOL_MIN_K", 1 if request.param == "pooled" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("n", [5, 3000])  # 3000 rows: several chunks to merge
-def test_topk_matches_reference(n, dtype, tol, rng, search_path):
+def test_topk_matches_reference(n, dtype, tol, rng, search_path, topk_lists):
     e = rng.standard_normal((n, 16)).astype(dtype)
     q = rng.standard_normal((4, 16)).astype(dtype)
     s, i = search.topk_cosine(q, e, 8)
@@ -174,7 +184,7 @@ def test_topk_matches_reference(n, dtype, tol, rng, search_path):
 
 @pytest.mark.parametrize("width", [2, 16])  # 16: a whole vector per row (both dtypes)
 @pytest.mark.parametrize("dtype_", [np.float32, np.float64])
-def test_topk_ties_zero_rows_nan_rows_and_offset(width, dtype_, search_path):
+def test_topk_ties_zero_rows_nan_rows_and_offset(width, dtype_, search_path, topk_lists):
     base = np.array([[1.0, 0.0], [np.nan, 1.0], [0.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
     # zero columns change no cosine; 16 + 3 rows: one block of 16 and a scalar tail
     e = np.zeros((19, width), dtype_)
@@ -188,6 +198,56 @@ def test_topk_ties_zero_rows_nan_rows_and_offset(width, dtype_, search_path):
     assert i[0].tolist() == [10, 13, 28, 12, 14]  # ties -> lower index; NaN rows never
     np.testing.assert_allclose(s[0], [1.0, 1.0, 1.0, 0.0, 0.0])
     assert i[1].tolist() == [10, 12, 13, 14, 15]  # a zero query scores 0 everywhere
+
+
+@pytest.mark.parametrize("k", [32, 300, 1000, 5000])
+def test_large_k_takes_the_pools_and_matches_the_reference(k, search_path, rng,
+                                                           monkeypatch):
+    # k >= POOL_MIN_K keeps pools of 2k (a row that gets into a sorted list of k moved
+    # half of it: 5.6x slower at k = 1000 with 64 queries). Rows and queries are unit
+    # vectors of 0.5s (four of six columns) or a single 1: every score is exact in any
+    # summation order (BLAS's too), one of nine values, so rows tie exactly on every
+    # path (hundreds to a score: the lower row first, and pools are cut inside ties).
+    # NaN rows never show; past the valid rows, padding (k = 5000)
+    assert search.POOL_MIN_K == 32
+    pooled = []
+    real = search._lists
+    monkeypatch.setattr(search, "_lists", lambda *a: pooled.append(a[-1]) or real(*a))
+    base = [np.eye(6)[c] * sign for c in range(6) for sign in (1, -1)]
+    for cols in itertools.combinations(range(6), 4):
+        for signs in itertools.product((0.5, -0.5), repeat=4):
+            v = np.zeros(6)
+            v[list(cols)] = signs
+            base.append(v)
+    e = np.array(base)[rng.integers(0, len(base), 3000)]
+    e[[7, 2000]] = np.nan
+    q = np.array(base)[rng.integers(0, len(base), 5)]
+    s, i = search.topk_cosine(q, e, k, offset=11, normalized=True)
+    kk = min(k, 3000)
+    assert s.shape == i.shape == (5, kk)
+    rows = np.delete(np.arange(3000), [7, 2000])  # the reference without the NaN rows
+    rs, ri = ref_topk(q, e[rows], 2998)
+    m = min(kk, 2998)
+    np.testing.assert_array_equal(i[:, :m], rows[ri[:, :m]] + 11)
+    np.testing.assert_array_equal(s[:, :m], rs[:, :m])
+    assert (i[:, m:] == -1).all() and np.isneginf(s[:, m:]).all()
+    assert pooled == [True]
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 100, 5000])
+def test_pool_selection_and_sort_rank_by_score_then_row(n, rng):
+    # the pools' quickselect and quicksort on scores with many exact ties (few distinct
+    # values) and rows in random order: the best k first, then in (score desc, row asc)
+    s = rng.integers(0, 4, n).astype(np.float32)
+    r = rng.permutation(n).astype(np.int64) + 100
+    order = np.lexsort((r, -s))
+    for k in sorted({1, max(1, n // 2), n}):
+        ss, rr = s.copy(), r.copy()
+        search._select_best(ss, rr, n, k)
+        assert sorted(rr[:k].tolist()) == sorted(r[order[:k]].tolist())
+        search._sort_range(ss, rr, 0, k - 1)
+        np.testing.assert_array_equal(rr[:k], r[order[:k]])
+        np.testing.assert_array_equal(ss[:k], s[order[:k]])
 
 
 def test_topk_empty_and_errors(search_path):
