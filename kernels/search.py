@@ -51,12 +51,17 @@ VEC_SCAN = True  # the fused scan through kernels._simd.scan_scores (tests turn 
 # 100 / 300 features 1.13-1.44x, 20-72 1.19-2.42x, 3-10 1.49-3.62x
 SCAN_MASKED_TAIL = _simd.VEC_BITS == 512
 GEMM_BLOCK_ROWS = 4096
-GEMM_SPLIT_MIN_ROWS = 1024  # rows per thread from which the many-query path splits them
+# the many-query path splits its rows over the threads in ranges of at least this many
+# rows / 2 (it was a whole block, 4096: 2000 x 64 float32 with 1024 queries, k = 100,
+# 22.3 -> 15.3-16.0 ms split; k = 10 1.04x; 4000 rows, 256 queries 1.14x)
+GEMM_SPLIT_MIN_ROWS = 1024
 GEMM_SPLIT = True  # many queries: each thread scores its own rows (tests turn it off too)
 # k from which each query's rows that beat the cut go into a pool of 2k, cut back to its
 # best k when full (``_offer``), instead of into a sorted list, where a row that gets in
-# moves half the list on average
-POOL_MIN_K = 32
+# moves half the list on average. Zen 5 host, 262144 x 64 float32, sorted / pooled
+# (median of 5 alternated rounds) at 1, 16, 64 queries: k = 32 0.96, 0.91, 0.99x; 48
+# 1.06, 1.02, 1.00x; 64 1.03, 1.11, 1.00x; 128 1.10, 1.32, 1.06x; 1000 3.4-5.6x
+POOL_MIN_K = 64
 
 
 @jit(refcounts=False)

@@ -200,7 +200,7 @@ def test_topk_ties_zero_rows_nan_rows_and_offset(width, dtype_, search_path, top
     assert i[1].tolist() == [10, 12, 13, 14, 15]  # a zero query scores 0 everywhere
 
 
-@pytest.mark.parametrize("k", [32, 300, 1000, 5000])
+@pytest.mark.parametrize("k", [64, 300, 1000, 5000])
 def test_large_k_takes_the_pools_and_matches_the_reference(k, search_path, rng,
                                                            monkeypatch):
     # k >= POOL_MIN_K keeps pools of 2k (a row that gets into a sorted list of k moved
@@ -209,7 +209,7 @@ def test_large_k_takes_the_pools_and_matches_the_reference(k, search_path, rng,
     # summation order (BLAS's too), one of nine values, so rows tie exactly on every
     # path (hundreds to a score: the lower row first, and pools are cut inside ties).
     # NaN rows never show; past the valid rows, padding (k = 5000)
-    assert search.POOL_MIN_K == 32
+    assert search.POOL_MIN_K == 64
     pooled = []
     real = search._lists
     monkeypatch.setattr(search, "_lists", lambda *a: pooled.append(a[-1]) or real(*a))
