@@ -22,11 +22,11 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import _checks
-from kernels._chunks import chunk_bounds, n_chunks
-from kernels._jit import jit, overload, prange, types
+from kernels._chunks import ROW_CHUNK_ELEMENTS, chunk_bounds, n_chunks
+from kernels._jit import jit, overload, pick_twin, prange, serial_twin, types
 from kernels._prefetch import PREFETCH_BYTES, row_hint
-from kernels._simd import (NT_MIN_BYTES, QUANT_LANES, address, dequant_store_nt, quant_store,
-                           sfence, stream_out)
+from kernels._simd import (NT_MIN_BYTES, QUANT_LANES, VEC_BITS, address, dequant_store_nt,
+                           quant_store, quant_store_part, sfence, stream_out)
 from kernels.errors import KernelDtypeError, KernelInputError
 
 __all__ = ["NT_MIN_BYTES", "dequantize_int8", "quantize_int8"]
@@ -47,7 +47,7 @@ def _narrow_overload(like, v):
 
 
 @jit(parallel=True)
-def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits, ahead):
+def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits, ahead, masked):
     """Two passes per row held in L1. Pass 1 takes max |w| on the bit patterns
     (``wbits`` is ``w`` viewed as int32/int64, sign bit masked off): an integer max
     vectorises without fast-math NaN flags, and NaN/inf show up as patterns
@@ -60,13 +60,17 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits, ahead):
     from memory there; on the Zen 4 host an 8 KiB-ahead hint cost 18-21%). The next row
     alone was too close for short rows: Intel Emerald Rapids, float32 from memory (every
     line flushed), next row / 8 KiB: 1.54x at 128 features, 1.30x at 1024 (hence
-    ``ahead``: ``PREFETCH_BYTES`` from ``AHEAD_MIN_BYTES`` on, else 0)."""
+    ``ahead``: ``PREFETCH_BYTES`` from ``AHEAD_MIN_BYTES`` on, else 0).
+
+    A row's last piece under 64 elements (or a whole shorter row) goes out as masked
+    vectors where ``masked`` (``MASKED_TAIL``). Small arrays run the serial twin
+    (``_quantize_1``: no parallel launch)."""
     n, d = w.shape
     wf = w.reshape(-1)
     qf = q.reshape(-1)
     one = w.dtype.type(1.0)
     lim = w.dtype.type(127.0)
-    step = 64 // w.itemsize  # elements per cache line
+    step = part = 64 // w.itemsize  # elements per cache line, per masked vector
     last = wf.size - 1
     for c in prange(n):
         rb = wbits[c]
@@ -87,8 +91,21 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits, ahead):
                 row_hint(wf, min(nxt + k, last))
             quant_store(wf, inv, qf, base + j)
             j += QUANT_LANES
+        if masked and d - j >= MASKED_MIN:  # in masked vectors
+            while j < d:
+                quant_store_part(wf, inv, qf, base + j, min(d - j, part))
+                j += part
         for k in range(base + j, base + d):
             qf[k] = np.int8(min(max(np.rint(wf[k] * inv), -lim), lim))
+
+
+_quantize_1 = serial_twin(_quantize)
+
+
+# a row's last piece under 64 elements (or a whole shorter row) as one masked store
+# (kernels._simd.quant_store_part): with AVX-512 only
+MASKED_TAIL = VEC_BITS == 512
+MASKED_MIN = 4
 
 
 # Arrays this large ask 8 KiB ahead in ``_quantize``'s second pass; smaller ones the next
@@ -106,6 +123,18 @@ def _dequantize(q, scale, w):
         s = scale[c]
         for j in range(d):
             w[c, j] = q[c, j] * s
+
+
+@jit(parallel=True)
+def _dequantize_flat(q, scale, w):
+    """``_dequantize`` of rows of one element: one elementwise loop (vectorised; the
+    row loop was 3.6x slower at 262144 x 1 float32)."""
+    for c in prange(q.size):
+        w[c] = q[c] * scale[c]
+
+
+_dequantize_1 = serial_twin(_dequantize)
+_dequantize_flat_1 = serial_twin(_dequantize_flat)
 
 
 @jit(parallel=True)
@@ -134,6 +163,12 @@ def _dequantize_nt(q, scale, w, nchunks):
         sfence()
 
 
+def _chunks(a: np.ndarray) -> int:
+    """1 (the serial twin: no parallel launch) for an array under two chunks of
+    ``ROW_CHUNK_ELEMENTS``, else 2 (the parallel kernel, its rows split by ``prange``)."""
+    return 1 if a.size < 2 * ROW_CHUNK_ELEMENTS else 2
+
+
 def _as_2d(a: np.ndarray) -> np.ndarray:
     """(channels, everything else); explicit width so empty arrays reshape too."""
     return a.reshape(a.shape[0], int(np.prod(a.shape[1:])))
@@ -155,8 +190,9 @@ def quantize_int8(w: np.ndarray, *, out: np.ndarray | None = None) -> tuple[np.n
     if w2.size:
         ity, mask, inf_bits = _BITS[wc.dtype]
         ahead = PREFETCH_BYTES // wc.itemsize if w2.nbytes >= AHEAD_MIN_BYTES else 0
-        _quantize(w2, w2.view(ity), q, scale, scale.view(ity), bad, ity(mask), ity(inf_bits),
-                  ahead)
+        pick_twin(_quantize, _quantize_1, _chunks(w2))(
+            w2, w2.view(ity), q, scale, scale.view(ity), bad, ity(mask), ity(inf_bits), ahead,
+            MASKED_TAIL)
     elif w2.shape[0]:
         scale[:] = 1.0
     if bad.any():
@@ -203,6 +239,9 @@ def dequantize_int8(
     w = res.reshape(q2.shape)
     if w.size and stream_out(w, fresh=out is None):
         _dequantize_nt(q2, s, w, n_chunks(q2.shape[0], min_rows=1))
+    elif w.size and q2.shape[1] == 1:
+        pick_twin(_dequantize_flat, _dequantize_flat_1, _chunks(q2))(
+            q2.reshape(-1), s, w.reshape(-1))
     elif w.size:
-        _dequantize(q2, s, w)
+        pick_twin(_dequantize, _dequantize_1, _chunks(q2))(q2, s, w)
     return res

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gateway.testing.require import require
-from kernels import _simd, compress
+from kernels import _simd, compress, quant
 from kernels.compress import ErrorFeedback, densify, topk_sparsify
 from kernels.errors import KernelDtypeError, KernelInputError
 from kernels.quant import dequantize_int8, quantize_int8
@@ -61,6 +61,50 @@ def test_quantize_wide_rows_64_at_a_time_equal_the_element_loop(d, dtype, rng):
         assert q[row, 1:11].tolist() == [2, 4, -2, -4, 0, 0, 2, -2, 126, -126]
         assert q[row, -10:].tolist() == [2, 4, -2, -4, 0, 0, 2, -2, 126, -126]
     assert not q[1].any() and scale[1] == 1.0
+
+
+@pytest.mark.parametrize("n", [37, 3000])  # 3000 rows: the parallel kernel from 3 columns
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 15, 16, 17, 33, 63, 65, 100])
+@pytest.mark.parametrize("masked", [True, False])
+def test_quantize_row_tails_in_masked_vectors_equal_the_element_loop(n, d, masked, dtype, rng,
+                                                                     monkeypatch):
+    # a row's last piece under 64 elements (or a whole row under 64) goes out as masked
+    # vectors, a 512-bit register's worth each (kernels._simd.quant_store_part, with
+    # AVX-512: quant.MASKED_TAIL), else one element at a time; the masked loads and
+    # stores must touch the piece only: codes of the next row, and the byte past the
+    # array, stay as they were
+    if masked and not quant.MASKED_TAIL:
+        assert _simd.VEC_BITS != 512  # the library never takes the path here
+        pytest.skip("masked byte stores need AVX-512")
+    monkeypatch.setattr(quant, "MASKED_TAIL", masked)
+    w = (rng.standard_normal((n, d)) * 3).astype(dtype)
+    w[5] = 0.0
+    ties = np.resize(np.array([2.5, -3.5, 0.5, -0.5, 126.5, -1.7], dtype), d)
+    w[6] = ties
+    w[6, 0] = 127.0  # scale 1 exactly: the ties stay ties
+    buf = np.full(w.size + 1, 99, np.int8)
+    q, scale = quantize_int8(w, out=buf[:-1].reshape(w.shape))
+    assert buf[-1] == 99
+    inv = (np.dtype(dtype).type(1) / scale)[:, None]
+    np.testing.assert_array_equal(q, np.clip(np.rint(w * inv), -127, 127).astype(np.int8))
+    assert not q[5].any() and scale[5] == 1.0 and scale[6] == 1.0
+    np.testing.assert_array_equal(q[6, 1:], np.rint(ties[1:]).astype(np.int8))
+    back = dequantize_int8(q, scale, dtype)
+    np.testing.assert_array_equal(back, q.astype(dtype) * scale[:, None])
+
+
+@pytest.mark.parametrize("shape", [(20000,), (20000, 1), (3, 1), (5, 7), (300, 40)])
+def test_dequantize_rows_of_one_element_and_small_arrays(shape, dtype, rng):
+    # rows of one element (a 1-D array: each element its own channel) as one
+    # elementwise loop; arrays under two chunks on the calling thread (serial twins)
+    w = rng.standard_normal(shape).astype(dtype)
+    q, scale = quantize_int8(w)
+    back = dequantize_int8(q, scale, dtype)
+    want = q.reshape(shape[0], -1).astype(dtype) * scale[:, None]
+    np.testing.assert_array_equal(back, want.reshape(shape))
+    out = np.empty(shape, dtype)
+    assert dequantize_int8(q, scale, dtype, out=out) is out
+    np.testing.assert_array_equal(out, back)
 
 
 def test_quantize_strided_1d_and_empty(rng):
