@@ -307,8 +307,6 @@ def _topk_vec_chunk(c, qs, qinv, emb, out_s, out_i, nchunks, offset, zero, norma
         _score1(qs, qinv, emb, r, normalized, out_s[c], out_i[c], offset, zero, pooled)
 
 
-
-
 @jit()
 def _query_inv(q, out):
     """``1 / |q_i|`` per query, the sum of squares in float64, correctly rounded
@@ -344,11 +342,11 @@ def _merge_chunks(out_s, out_i, pooled):
                     best[k:2 * k] = cs[:k]
                     idx[k:2 * k] = ci[:k]
                     _select_best(best, idx, 2 * k, k)
-                continue
-            for j in range(k if c else 0):
-                if not out_s[c, q, j] > best[k - 1]:
-                    break
-                _insert(best, idx, out_s[c, q, j], out_i[c, q, j])
+            elif c:
+                for j in range(k):
+                    if not out_s[c, q, j] > best[k - 1]:
+                        break
+                    _insert(best, idx, out_s[c, q, j], out_i[c, q, j])
         if pooled:
             _sort_range(best, idx, 0, k - 1)
 
@@ -465,7 +463,7 @@ def _topk_gemm(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: 
                              normalized, sc, einv, q.dtype.type(1.0), q.dtype.type(0.0),
                              block, pooled)
         _merge(out_s, out_i, pooled)
-        return out_s[0, :, :kk], out_i[0, :, :kk]
+        return _result(out_s, out_i, kk)
     out_s, out_i = _lists(1, nq, kk, q.dtype, pooled)
     out_s, out_i = out_s[0], out_i[0]
     buf = np.empty((nq, min(GEMM_BLOCK_ROWS, n)), q.dtype)
@@ -481,7 +479,7 @@ def _topk_gemm(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: 
         _select_rows(sc, einv[:m], out_s, out_i, lo + offset, not normalized, pooled)
     if pooled:
         _merge(out_s[None], out_i[None], pooled)
-    return out_s[:, :kk], out_i[:, :kk]
+    return _result(out_s[None], out_i[None], kk)
 
 
 def _lists(nch: int, nq: int, k: int, dtype: np.dtype,
@@ -493,6 +491,14 @@ def _lists(nch: int, nq: int, k: int, dtype: np.dtype,
     if pooled:
         out_i[:, :, -1] = 0
     return out_s, out_i
+
+
+def _result(out_s: np.ndarray, out_i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk 0's merged lists, their first ``k`` entries (a pool's copied out, so the
+    caller gets C-contiguous arrays of its own)."""
+    if out_s.shape[2] == k:
+        return out_s[0], out_i[0]
+    return out_s[0, :, :k].copy(), out_i[0, :, :k].copy()
 
 
 def merge_topk(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -543,7 +549,7 @@ def topk_cosine(
     nch = min(num_threads(), max(1, n // 512)) if pooled else n_chunks(n, min_rows=512)
     out_s, out_i = _lists(nch, q.shape[0], max(kk, 1), q.dtype, pooled)
     if kk == 0 or q.shape[0] == 0:
-        return out_s[0, :, :kk], out_i[0, :, :kk]
+        return _result(out_s, out_i, kk)
     lanes = _simd.VEC_BITS // 8 // q.itemsize  # rows per scan_scores call
     if (VEC_SCAN and (e.shape[1] % lanes == 0 or SCAN_MASKED_TAIL) and e.shape[1]
             and e.flags.c_contiguous):
@@ -556,4 +562,4 @@ def topk_cosine(
                                        q.dtype.type(0), bool(normalized), pooled)
     if nch > 1 or pooled:
         _merge(out_s, out_i, pooled)
-    return out_s[0, :, :kk], out_i[0, :, :kk]
+    return _result(out_s, out_i, kk)

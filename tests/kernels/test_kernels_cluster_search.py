@@ -225,6 +225,7 @@ def test_large_k_takes_the_pools_and_matches_the_reference(k, search_path, rng,
     s, i = search.topk_cosine(q, e, k, offset=11, normalized=True)
     kk = min(k, 3000)
     assert s.shape == i.shape == (5, kk)
+    assert s.flags.c_contiguous and i.flags.c_contiguous  # copied out of the pools
     rows = np.delete(np.arange(3000), [7, 2000])  # the reference without the NaN rows
     rs, ri = ref_topk(q, e[rows], 2998)
     m = min(kk, 2998)
