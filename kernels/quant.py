@@ -102,8 +102,9 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits, ahead, masked):
 _quantize_1 = serial_twin(_quantize)
 
 
-# a row's last piece under 64 elements (or a whole shorter row) as one masked store
-# (kernels._simd.quant_store_part): with AVX-512 only
+# a row's last piece under 64 elements (or a whole shorter row) as masked vectors, a
+# register of w each (kernels._simd.quant_store_part): with AVX-512 only, and for pieces
+# of MASKED_MIN elements or more (docs/kernels.md)
 MASKED_TAIL = VEC_BITS == 512
 MASKED_MIN = 4
 
