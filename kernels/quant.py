@@ -106,7 +106,7 @@ _quantize_1 = serial_twin(_quantize)
 # register of w each (kernels._simd.quant_store_part): with AVX-512 only, and for pieces
 # of MASKED_MIN elements or more (docs/kernels.md)
 MASKED_TAIL = VEC_BITS == 512
-MASKED_MIN = 4
+MASKED_MIN = 2
 
 
 # Arrays this large ask 8 KiB ahead in ``_quantize``'s second pass; smaller ones the next
