@@ -292,17 +292,24 @@ def quant_store(typingctx, w, inv, q, i):
         pq = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
         f32 = isinstance(ft, ir.FloatType)
         x = builder.load(builder.bitcast(pw, vf.as_pointer()), align=4 if f32 else 8)
-        v = builder.fmul(x, _splat(builder, args[1], vf))
-        sfx = f"v{QUANT_LANES}{'f32' if f32 else 'f64'}"
-        v = builder.call(_declare(builder, f"llvm.rint.{sfx}", vf, [vf]), [v])
-        for op, lim in (("minnum", 127.0), ("maxnum", -127.0)):
-            v = builder.call(_declare(builder, f"llvm.{op}.{sfx}", vf, [vf, vf]),
-                             [v, ir.Constant(vf, [lim] * QUANT_LANES)])
-        codes = builder.fptosi(v, ir.VectorType(ir.IntType(8), QUANT_LANES))
+        codes = _quant_codes(builder, x, args[1])
         builder.store(codes, builder.bitcast(pq, codes.type.as_pointer()), align=1)
         return context.get_dummy_value()
 
     return types.void(w, inv, q, i), codegen
+
+
+def _quant_codes(builder, x, inv):
+    """``clip(rint(x * inv), -127, 127)`` as int8 codes, lane by lane (``x`` a float
+    vector): ``quant_store``'s and ``quant_store_part``'s arithmetic."""
+    vf = x.type
+    sfx = _vec_name(vf)
+    v = builder.fmul(x, _splat(builder, inv, vf))
+    v = builder.call(_declare(builder, f"llvm.rint.{sfx}", vf, [vf]), [v])
+    for op, lim in (("minnum", 127.0), ("maxnum", -127.0)):
+        v = builder.call(_declare(builder, f"llvm.{op}.{sfx}", vf, [vf, vf]),
+                         [v, ir.Constant(vf, [lim] * vf.count)])
+    return builder.fptosi(v, ir.VectorType(ir.IntType(8), vf.count))
 
 
 @intrinsic
@@ -327,18 +334,12 @@ def quant_store_part(typingctx, w, inv, q, i, n):
         pq = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
         f32 = isinstance(ft, ir.FloatType)
         mask = _mask(builder, context.cast(builder, args[4], sig.args[4], types.int64), lanes)
-        sfx = f"v{lanes}{'f32' if f32 else 'f64'}"
         vp = builder.bitcast(pw, vf.as_pointer())
-        load = _declare(builder, f"llvm.masked.load.{sfx}.p0", vf,
+        load = _declare(builder, f"llvm.masked.load.{_vec_name(vf)}.p0", vf,
                         [vp.type, _I32, mask.type, vf])
         x = builder.call(load, [vp, ir.Constant(_I32, 4 if f32 else 8), mask,
                                 ir.Constant(vf, [0.0] * lanes)])
-        v = builder.fmul(x, _splat(builder, args[1], vf))
-        v = builder.call(_declare(builder, f"llvm.rint.{sfx}", vf, [vf]), [v])
-        for op, lim in (("minnum", 127.0), ("maxnum", -127.0)):
-            v = builder.call(_declare(builder, f"llvm.{op}.{sfx}", vf, [vf, vf]),
-                             [v, ir.Constant(vf, [lim] * lanes)])
-        codes = builder.fptosi(v, ir.VectorType(ir.IntType(8), lanes))
+        codes = _quant_codes(builder, x, args[1])
         cp = builder.bitcast(pq, codes.type.as_pointer())
         store = _declare(builder, f"llvm.masked.store.v{lanes}i8.p0", ir.VoidType(),
                          [codes.type, cp.type, _I32, mask.type])

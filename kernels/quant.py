@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import _checks
-from kernels._chunks import ROW_CHUNK_ELEMENTS, chunk_bounds, n_chunks
+from kernels._chunks import chunk_bounds, n_chunks, row_chunks
 from kernels._jit import jit, overload, pick_twin, prange, serial_twin, types
 from kernels._prefetch import PREFETCH_BYTES, row_hint
 from kernels._simd import (NT_MIN_BYTES, QUANT_LANES, VEC_BITS, address, dequant_store_nt,
@@ -164,12 +164,6 @@ def _dequantize_nt(q, scale, w, nchunks):
         sfence()
 
 
-def _chunks(a: np.ndarray) -> int:
-    """1 (the serial twin: no parallel launch) for an array under two chunks of
-    ``ROW_CHUNK_ELEMENTS``, else 2 (the parallel kernel, its rows split by ``prange``)."""
-    return 1 if a.size < 2 * ROW_CHUNK_ELEMENTS else 2
-
-
 def _as_2d(a: np.ndarray) -> np.ndarray:
     """(channels, everything else); explicit width so empty arrays reshape too."""
     return a.reshape(a.shape[0], int(np.prod(a.shape[1:])))
@@ -191,7 +185,7 @@ def quantize_int8(w: np.ndarray, *, out: np.ndarray | None = None) -> tuple[np.n
     if w2.size:
         ity, mask, inf_bits = _BITS[wc.dtype]
         ahead = PREFETCH_BYTES // wc.itemsize if w2.nbytes >= AHEAD_MIN_BYTES else 0
-        pick_twin(_quantize, _quantize_1, _chunks(w2))(
+        pick_twin(_quantize, _quantize_1, row_chunks(*w2.shape))(
             w2, w2.view(ity), q, scale, scale.view(ity), bad, ity(mask), ity(inf_bits), ahead,
             MASKED_TAIL)
     elif w2.shape[0]:
@@ -241,8 +235,8 @@ def dequantize_int8(
     if w.size and stream_out(w, fresh=out is None):
         _dequantize_nt(q2, s, w, n_chunks(q2.shape[0], min_rows=1))
     elif w.size and q2.shape[1] == 1:
-        pick_twin(_dequantize_flat, _dequantize_flat_1, _chunks(q2))(
+        pick_twin(_dequantize_flat, _dequantize_flat_1, row_chunks(*q2.shape))(
             q2.reshape(-1), s, w.reshape(-1))
     elif w.size:
-        pick_twin(_dequantize, _dequantize_1, _chunks(q2))(q2, s, w)
+        pick_twin(_dequantize, _dequantize_1, row_chunks(*q2.shape))(q2, s, w)
     return res

@@ -546,7 +546,9 @@ def topk_cosine(
         return _topk_gemm(q, qinv, e, kk, int(offset), bool(normalized))
     pooled = kk >= POOL_MIN_K
     # pools: a chunk per thread (each chunk fills its own pool of 2k, merged afterwards)
-    nch = min(num_threads(), max(1, n // 512)) if pooled else n_chunks(n, min_rows=512)
+    nch = n_chunks(n, min_rows=512)
+    if pooled:
+        nch = min(nch, num_threads())
     out_s, out_i = _lists(nch, q.shape[0], max(kk, 1), q.dtype, pooled)
     if kk == 0 or q.shape[0] == 0:
         return _result(out_s, out_i, kk)
