@@ -55,7 +55,24 @@ GEMM_BLOCK_ROWS = 4096
 # rows / 2 (it was a whole block, 4096: 2000 x 64 float32 with 1024 queries, k = 100,
 # 22.3 -> 15.3-16.0 ms split; k = 10 1.04x; 4000 rows, 256 queries 1.14x)
 GEMM_SPLIT_MIN_ROWS = 1024
-GEMM_SPLIT = True  # many queries: each thread scores its own rows (tests turn it off too)
+# the many-query path scores tiles of at most GEMM_TILE scores (GEMM_BLOCK_ROWS rows by at
+# least GEMM_TILE_QUERIES queries), not a block of rows against every query: a buffer of
+# queries x 4096 scores per thread (512 MiB at 16384 queries) was allocated each call,
+# and on fresh pages calls in a row took 18 ms instead of 3 (2000 x 64, 1024 queries).
+# Zen 5 host, float32, tiles of 2^18 / 2^20 / 2^21 scores against one block of every
+# query (medians of 5 alternated rounds): 10000 x 64 with 16384 queries 1.26 / 1.30 /
+# 1.32x, 50000 x 128 with 4096 1.01 / 1.17 / 1.17x, 100000 x 64 with 64 1.03-1.05x
+GEMM_TILE = 1 << 20
+GEMM_TILE_QUERIES = 64
+# each thread takes its own queries (all rows; no lists to merge) where the lists are
+# pools or the rows fit in this many bytes, else its own rows. Same host, float32,
+# queries / rows split: 2000 x 64 with 1024 queries 1.32x (k = 10) and 1.51x (k = 100),
+# 10000 x 64 with 256 queries, k = 100 1.40x, 262144 x 64 with 64 queries, k = 1000
+# 1.23x; rows that do not fit: 262144 x 64 with 64 queries, k = 10 0.92x, 10000 x 768
+# 0.93x, 100000 x 64 0.98x (each thread reads all the rows)
+GEMM_BY_QUERIES_MAX_BYTES = 8 << 20
+GEMM_SPLIT_MIN_QUERIES = 8  # queries per thread at least, split by queries
+GEMM_SPLIT = True  # many queries: threads score their own tiles (tests turn it off too)
 # k from which each query's rows that beat the cut go into a pool of 2k, cut back to its
 # best k when full (``_offer``), instead of into a sorted list, where a row that gets in
 # moves half the list on average. Zen 5 host, 262144 x 64 float32, sorted / pooled
@@ -394,34 +411,40 @@ def _select_rows(scores, einv, out_s, out_i, offset, scale, pooled):
 
 @jit(parallel=True)
 def _topk_gemm_split(fn, qn, e, out_s, out_i, nchunks, offset, normalized, sc, einv, one,
-                     zero, block, pooled):
-    """``_topk_gemm`` with the rows in ``nchunks`` ranges, one per thread: each scores its
-    blocks by one BLAS call of its own (``kernels.gemm``'s ``cblas_?gemm64_`` at address
-    ``fn``, BLAS pinned to one thread), then selects into chunk ``c``'s lists."""
+                     zero, block, qblock, pooled, by_queries):
+    """``_topk_gemm`` over ``nchunks`` threads, each scoring its tiles by BLAS calls of its
+    own (``kernels.gemm``'s ``cblas_?gemm64_`` at address ``fn``, BLAS pinned to one
+    thread): chunk ``c`` takes a range of the rows and selects into chunk ``c``'s lists,
+    or with ``by_queries`` a range of the queries, all rows, into chunk 0's lists."""
+    n, nq = e.shape[0], qn.shape[0]
     for c in prange(nchunks):
-        _topk_gemm_chunk(np.int64(c), fn, qn, e, out_s, out_i, nchunks, offset, normalized,
-                         sc, einv, one, zero, block, pooled)
+        if by_queries:
+            qlo, qhi = chunk_bounds(nq, nchunks, c)
+            _topk_gemm_chunk(fn, qn, e, 0, n, qlo, qhi, out_s[0], out_i[0], offset,
+                             normalized, sc[c], einv[c], one, zero, block, qblock, pooled)
+        else:
+            lo, hi = chunk_bounds(n, nchunks, c)
+            _topk_gemm_chunk(fn, qn, e, lo, hi, 0, nq, out_s[c], out_i[c], offset,
+                             normalized, sc[c], einv[c], one, zero, block, qblock, pooled)
 
 
 @jit()
-def _topk_gemm_chunk(c, fn, qn, e, out_s, out_i, nchunks, offset, normalized, sc, einv, one,
-                     zero, block, pooled):
-    """Chunk ``c`` of ``_topk_gemm_split``: ``sc[c]`` holds a block's ``nq x m`` scores
-    (``m`` up to ``block`` rows)."""
-    n, d = e.shape
-    nq = qn.shape[0]
-    lo, hi = chunk_bounds(n, nchunks, c)
-    buf = sc[c]
-    ei = einv[c]
+def _topk_gemm_chunk(fn, qn, e, lo, hi, qlo, qhi, out_s, out_i, offset, normalized, buf, ei,
+                     one, zero, block, qblock, pooled):
+    """Rows ``[lo, hi)`` against queries ``[qlo, qhi)``, ``buf`` holding a tile's scores
+    (up to ``qblock`` queries by ``block`` rows), each tile's selected into the lists."""
+    d = e.shape[1]
     item = e.itemsize
     for b in range(lo, hi, block):
         m = min(block, hi - b)
-        _gemm_call(fn, _NO_TRANS, _TRANS, nq, m, d, one, data_address(qn), d,
-                   data_address(e) + b * d * item, d, zero, data_address(buf), m)
         if not normalized:
             _inv_norms(e[b:b + m], ei[:m], zero)
-        _select_rows(buf[:nq * m].reshape((nq, m)), ei[:m], out_s[c], out_i[c], b + offset,
-                     not normalized, pooled)
+        for q0 in range(qlo, qhi, qblock):
+            mq = min(qblock, qhi - q0)
+            _gemm_call(fn, _NO_TRANS, _TRANS, mq, m, d, one, data_address(qn) + q0 * d * item,
+                       d, data_address(e) + b * d * item, d, zero, data_address(buf), m)
+            _select_rows(buf[:mq * m].reshape((mq, m)), ei[:m], out_s[q0:q0 + mq],
+                         out_i[q0:q0 + mq], b + offset, not normalized, pooled)
 
 
 def warm_gemm(dtype) -> None:
@@ -438,48 +461,55 @@ def warm_gemm(dtype) -> None:
     with gemm.one_thread(blas):
         _topk_gemm_split(blas.gemm[dt], qn, e, out_s, out_i, 2, 0, False,
                          np.empty((2, 2 * 4), dt), np.ones((2, 4), dt), dt.type(1.0),
-                         dt.type(0.0), 4, False)
+                         dt.type(0.0), 4, 2, False, False)
     if out_i[:, :, 0].tolist() != [[3, 3], [7, 7]]:
         raise RuntimeError(f"kernels.search: the split GEMM path came out wrong: {out_i}")
 
 def _topk_gemm(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: int,
                normalized: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Many queries: BLAS scores a block of rows against all queries, then selection.
-    Where ``kernels.gemm`` can call NumPy's BLAS from Numba's threads, each thread does
-    that for its own range of rows (``_topk_gemm_split``); else BLAS (threaded) scores
-    each block and one thread selects."""
+    """Many queries: BLAS scores a tile of rows by queries, then selection. Where
+    ``kernels.gemm`` can call NumPy's BLAS from Numba's threads, each thread does that
+    for its own queries or rows (``_topk_gemm_split``, ``GEMM_BY_QUERIES_MAX_BYTES``);
+    else BLAS (threaded) scores each tile and one thread selects."""
     nq, n = q.shape[0], e.shape[0]
     qn = q * qinv[:, None]
     pooled = kk >= POOL_MIN_K
     blas = gemm._numpy_blas()
-    block = GEMM_BLOCK_ROWS
-    nch = min(num_threads(), -(-n // min(block, GEMM_SPLIT_MIN_ROWS)))
-    if blas is not None and nch >= 2 and GEMM_SPLIT:
-        out_s, out_i = _lists(nch, nq, kk, q.dtype, pooled)
-        sc = np.empty((nch, nq * block), q.dtype)
+    by_q = pooled or e.nbytes <= GEMM_BY_QUERIES_MAX_BYTES
+    if by_q:
+        nch = min(num_threads(), -(-nq // GEMM_SPLIT_MIN_QUERIES))
+    else:
+        nch = min(num_threads(), -(-n // min(GEMM_BLOCK_ROWS, GEMM_SPLIT_MIN_ROWS)))
+    block = min(GEMM_BLOCK_ROWS, n if by_q else -(-n // nch))
+    qblock = min(nq, max(GEMM_TILE_QUERIES, GEMM_TILE // block))
+    zero = q.dtype.type(0)
+    if blas is not None and GEMM_SPLIT:
+        out_s, out_i = _lists(1 if by_q else nch, nq, kk, q.dtype, pooled)
+        sc = np.empty((nch, qblock * block), q.dtype)
         einv = np.ones((nch, block), q.dtype)
         with gemm.one_thread(blas):  # from any thread (threadpoolctl's pin is not)
             _topk_gemm_split(blas.gemm[q.dtype], qn, e, out_s, out_i, nch, offset,
-                             normalized, sc, einv, q.dtype.type(1.0), q.dtype.type(0.0),
-                             block, pooled)
-        _merge(out_s, out_i, pooled)
+                             normalized, sc, einv, q.dtype.type(1.0), zero, block, qblock,
+                             pooled, by_q)
+        if pooled or not by_q:
+            _merge(out_s, out_i, pooled)
         return _result(out_s, out_i, kk)
     out_s, out_i = _lists(1, nq, kk, q.dtype, pooled)
-    out_s, out_i = out_s[0], out_i[0]
-    buf = np.empty((nq, min(GEMM_BLOCK_ROWS, n)), q.dtype)
-    einv = np.ones(buf.shape[1], q.dtype)
-    zero = q.dtype.type(0)
-    for lo in range(0, n, GEMM_BLOCK_ROWS):
-        blk = e[lo:lo + GEMM_BLOCK_ROWS]
+    buf = np.empty(qblock * block, q.dtype)
+    einv = np.ones(block, q.dtype)
+    for lo in range(0, n, block):
+        blk = e[lo:lo + block]
         m = blk.shape[0]
-        sc = buf if m == buf.shape[1] else np.empty((nq, m), q.dtype)
-        np.matmul(qn, blk.T, out=sc)
         if not normalized:
             _inv_norms(blk, einv[:m], zero)
-        _select_rows(sc, einv[:m], out_s, out_i, lo + offset, not normalized, pooled)
+        for q0 in range(0, nq, qblock):
+            sc = buf[:min(qblock, nq - q0) * m].reshape(-1, m)
+            np.matmul(qn[q0:q0 + qblock], blk.T, out=sc)
+            _select_rows(sc, einv[:m], out_s[0, q0:q0 + qblock], out_i[0, q0:q0 + qblock],
+                         lo + offset, not normalized, pooled)
     if pooled:
-        _merge(out_s[None], out_i[None], pooled)
-    return _result(out_s[None], out_i[None], kk)
+        _merge(out_s, out_i, pooled)
+    return _result(out_s, out_i, kk)
 
 
 def _lists(nch: int, nq: int, k: int, dtype: np.dtype,

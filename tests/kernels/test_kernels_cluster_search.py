@@ -119,17 +119,23 @@ def ref_topk(q, e, k):
     return np.take_along_axis(s, order, 1), order
 
 
-@pytest.fixture(params=["fused", "fused-portable", "gemm", "gemm-blas-threads"])
+@pytest.fixture(params=["fused", "fused-portable", "gemm", "gemm-rows", "gemm-blas-threads"])
 def search_path(request, monkeypatch):
     """Run a search test through the fused scan (on explicit vectors where the width is a
     multiple of one vector, ``kernels._simd.scan_scores``, and as LLVM vectorises it) and
-    through the blocked-GEMM path (with blocks of 7 rows, so block edges, offsets and a
-    short last block are all crossed), each thread scoring its own rows through
-    ``kernels.gemm``'s BLAS call, or BLAS scoring each block on its own threads."""
+    through the blocked-GEMM path in tiles of 7 rows by 3 queries (so block edges,
+    offsets, a short last block and a short last tile are all crossed): each thread
+    scoring its own queries (``gemm``) or its own rows (``gemm-rows``) through
+    ``kernels.gemm``'s BLAS call, or BLAS scoring each tile on its own threads."""
     if request.param.startswith("gemm"):
         monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 1)
         monkeypatch.setattr(search, "GEMM_BLOCK_ROWS", 7)
-        split = request.param == "gemm"
+        monkeypatch.setattr(search, "GEMM_TILE", 1)
+        monkeypatch.setattr(search, "GEMM_TILE_QUERIES", 3)
+        monkeypatch.setattr(search, "GEMM_SPLIT_MIN_QUERIES", 2)
+        if request.param == "gemm-rows":  # (pools always split by queries)
+            monkeypatch.setattr(search, "GEMM_BY_QUERIES_MAX_BYTES", -1)
+        split = request.param != "gemm-blas-threads"
         monkeypatch.setattr(search, "GEMM_SPLIT", split)
         if split:
             request.getfixturevalue("gemm_split")
@@ -352,6 +358,32 @@ def test_topk_gemm_path_agrees_with_the_fused_scan(rng, monkeypatch):
     assert not np.isin([9 + 5], gi).any()
     np.testing.assert_allclose(gs, fs, rtol=1e-5, atol=1e-6)
     assert (gi == fi).mean() > 0.99  # float32 rounding may swap near-ties only
+
+
+@pytest.mark.parametrize("rows,k,by_queries", [(3000, 10, True), (3000, 64, True),
+                                                (40000, 64, True), (40000, 10, False)])
+def test_many_queries_split_over_the_threads_by_queries_or_by_rows(rows, k, by_queries, rng,
+                                                                   monkeypatch, gemm_split):
+    # each thread takes its own queries where the rows are few (8 MiB) or the lists are
+    # pools; else its own rows. Either way the results are the fused scan's
+    e = rng.standard_normal((rows, 64))
+    q = rng.standard_normal((70, 64))
+    monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
+    want = search.topk_cosine(q, e, k)
+    monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 64)
+    monkeypatch.setattr(search, "GEMM_TILE", 16 * 1024)  # tiles of 64 queries: two of them
+    seen = []
+    real = search._topk_gemm_split
+
+    def spy(*args):
+        seen.append((args[5], args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(search, "_topk_gemm_split", spy)
+    got = search.topk_cosine(q, e, k)
+    assert seen == [(min(2, search.num_threads()), by_queries)]
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
 
 
 def test_gemm_path_matches_reference_ties_and_nan(dtype, rng):
