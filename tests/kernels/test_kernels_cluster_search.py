@@ -206,6 +206,18 @@ def test_topk_ties_zero_rows_nan_rows_and_offset(width, dtype_, search_path, top
     assert i[1].tolist() == [10, 12, 13, 14, 15]  # a zero query scores 0 everywhere
 
 
+def _exact_unit_vectors():
+    """Unit vectors of six columns, each a single +-1 or four +-0.5s: the dot products
+    of two are exact in any summation order (BLAS's too), one of nine values."""
+    base = [np.eye(6)[c] * sign for c in range(6) for sign in (1, -1)]
+    for cols in itertools.combinations(range(6), 4):
+        for signs in itertools.product((0.5, -0.5), repeat=4):
+            v = np.zeros(6)
+            v[list(cols)] = signs
+            base.append(v)
+    return np.array(base)
+
+
 @pytest.mark.parametrize("k", [64, 300, 1000, 5000])
 def test_large_k_takes_the_pools_and_matches_the_reference(k, search_path, rng,
                                                            monkeypatch):
@@ -218,16 +230,11 @@ def test_large_k_takes_the_pools_and_matches_the_reference(k, search_path, rng,
     assert search.POOL_MIN_K == 64
     pooled = []
     real = search._lists
-    monkeypatch.setattr(search, "_lists", lambda *a: pooled.append(a[-1]) or real(*a))
-    base = [np.eye(6)[c] * sign for c in range(6) for sign in (1, -1)]
-    for cols in itertools.combinations(range(6), 4):
-        for signs in itertools.product((0.5, -0.5), repeat=4):
-            v = np.zeros(6)
-            v[list(cols)] = signs
-            base.append(v)
-    e = np.array(base)[rng.integers(0, len(base), 3000)]
+    monkeypatch.setattr(search, "_lists", lambda *a: pooled.append(a[4]) or real(*a))
+    base = _exact_unit_vectors()
+    e = base[rng.integers(0, len(base), 3000)]
     e[[7, 2000]] = np.nan
-    q = np.array(base)[rng.integers(0, len(base), 5)]
+    q = base[rng.integers(0, len(base), 5)]
     s, i = search.topk_cosine(q, e, k, offset=11, normalized=True)
     kk = min(k, 3000)
     assert s.shape == i.shape == (5, kk)
@@ -239,6 +246,76 @@ def test_large_k_takes_the_pools_and_matches_the_reference(k, search_path, rng,
     np.testing.assert_array_equal(s[:, :m], rs[:, :m])
     assert (i[:, m:] == -1).all() and np.isneginf(s[:, m:]).all()
     assert pooled == [True]
+
+
+@pytest.mark.parametrize("case", ["random", "sample-misleads", "few-valid-rows"])
+def test_pools_start_from_a_sampled_cut_and_never_lose_a_row(case, search_path, rng,
+                                                             monkeypatch):
+    # from SAMPLE_MIN_ROWS rows a sample of SAMPLE_ROWS sets each pool's first cut, so
+    # rows under it are never appended. Where fewer than k rows beat it (a sample that
+    # misled, or NaN rows), those queries run again without one: the results are the
+    # reference's exactly either way (exact ties as above; ties cross the cut)
+    n, k = search.SAMPLE_MIN_ROWS + 123, 300
+    monkeypatch.setattr(search, "SAMPLE_MIN_KQ", 5 * k)  # (5 queries)
+    base = _exact_unit_vectors()
+    e = base[rng.integers(0, len(base), n)]
+    q = base[rng.integers(0, len(base), 5)]
+    nb = search.SAMPLE_ROWS // search.SAMPLE_BLOCK
+    starts = np.arange(nb) * (n - search.SAMPLE_BLOCK) // (nb - 1)
+    sampled = (starts[:, None] + np.arange(search.SAMPLE_BLOCK)).ravel()
+    if case == "sample-misleads":  # 100 sampled rows are the only ones that score 1:
+        q[:] = q[0]  # the sample's best (more than its m) put the cut at 1, under k rows
+        e[(e == q[0]).all(axis=1)] = -q[0]
+        e[rng.choice(sampled, 100, replace=False)] = q[0]
+    if case == "few-valid-rows":  # NaN everywhere but 200 rows: fewer than k to return
+        keep = rng.choice(n, 200, replace=False)
+        e[np.setdiff1d(np.arange(n), keep)] = np.nan
+    cuts = []
+    real = search._search
+    monkeypatch.setattr(search, "_search", lambda *a: cuts.append(a[-1]) or real(*a))
+    s, i = search.topk_cosine(q, e, k, offset=7, normalized=True)
+    rows = np.flatnonzero(~np.isnan(e).any(axis=1))
+    rs, ri = ref_topk(q, e[rows], min(k, rows.size))
+    m = ri.shape[1]
+    np.testing.assert_array_equal(i[:, :m], rows[ri] + 7)
+    np.testing.assert_array_equal(s[:, :m], rs)
+    assert (i[:, m:] == -1).all() and np.isneginf(s[:, m:]).all()
+    assert cuts[0] is not None and len(cuts) == (1 if case == "random" else 2)
+    if case == "random":  # the cut lets through the ties at it, not all the rows
+        beat = (q @ e.T > cuts[0][:, None]).sum(axis=1)
+        assert (beat >= k).all() and (beat < n / 8).all()
+    else:  # the queries that came up short, again, without a cut
+        assert cuts[1] is None
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_sampled_cut_lets_through_a_few_times_k_rows(normalized, dtype, rng, monkeypatch):
+    # on scores without ties, about k (1 + 4 / sqrt(k * SAMPLE_ROWS / n)) plus 8 sample
+    # rows' worth beat the cut; a zero row scores 0 and a NaN row never counts
+    n, k = 200_000, 1000
+    e = rng.standard_normal((n, 16)).astype(dtype)
+    e[::1000] = 0
+    e[1::1000] = np.nan
+    if normalized:
+        e[2::1000] = 1  # rows of norm 4, scored as they are
+        ok = np.arange(n) % 1000 > 2
+        e[ok] /= np.linalg.norm(e[ok], axis=1, keepdims=True)
+    q = rng.standard_normal((3, 16)).astype(dtype)
+    qinv = np.empty(3, dtype)
+    search._query_inv(q, qinv)
+    assert search._sample_cut(q, qinv, e, k, normalized) is None  # k x 3 queries: too few
+    monkeypatch.setattr(search, "SAMPLE_MIN_KQ", 3 * k)
+    cut = search._sample_cut(q, qinv, e, k, normalized)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sc = qn @ (e if normalized else e / np.linalg.norm(e, axis=1, keepdims=True)).T
+    beat = (sc > cut[:, None]).sum(axis=1)
+    assert cut.dtype == dtype
+    assert (beat >= k).all() and (beat < 3 * k).all(), beat
+    assert search._sample_cut(q, qinv, e[:search.SAMPLE_MIN_ROWS - 1], k, normalized) is None
+    assert search._sample_cut(q, qinv, e, n - 1000, normalized) is None  # all the sample
+    monkeypatch.setattr(search, "SAMPLE_MIN_KQ", 0)
+    assert search._sample_cut(q, qinv, e, search.SAMPLE_MIN_K - 1, normalized) is None
 
 
 @pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 100, 5000])
