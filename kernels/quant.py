@@ -102,6 +102,23 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits, ahead, masked):
 _quantize_1 = serial_twin(_quantize)
 
 
+@jit(parallel=True)
+def _quantize_flat(w, q, scale, bad):
+    """``_quantize`` of rows of one element (each its own channel): one elementwise
+    loop, the same arithmetic (vectorised; the row loop ran one row at a time)."""
+    one = w.dtype.type(1.0)
+    lim = w.dtype.type(127.0)
+    for c in prange(w.size):
+        a = abs(w[c])
+        bad[c] = not a < np.inf
+        scale[c] = a / 127.0 if a > 0 else 1.0
+        inv = one / scale[c]
+        q[c] = np.int8(min(max(np.rint(w[c] * inv), -lim), lim))
+
+
+_quantize_flat_1 = serial_twin(_quantize_flat)
+
+
 # a row's last piece under 64 elements (or a whole shorter row) as masked vectors, a
 # register of w each (kernels._simd.quant_store_part): with AVX-512 only, and for pieces
 # of MASKED_MIN elements or more (docs/kernels.md)
@@ -182,7 +199,10 @@ def quantize_int8(w: np.ndarray, *, out: np.ndarray | None = None) -> tuple[np.n
     q = _int8_out(out, wc.shape).reshape(w2.shape)
     scale = np.empty(w2.shape[0], wc.dtype)
     bad = np.zeros(w2.shape[0], np.bool_)
-    if w2.size:
+    if w2.size and w2.shape[1] == 1:
+        pick_twin(_quantize_flat, _quantize_flat_1, row_chunks(*w2.shape))(
+            w2.reshape(-1), q.reshape(-1), scale, bad)
+    elif w2.size:
         ity, mask, inf_bits = _BITS[wc.dtype]
         ahead = PREFETCH_BYTES // wc.itemsize if w2.nbytes >= AHEAD_MIN_BYTES else 0
         pick_twin(_quantize, _quantize_1, row_chunks(*w2.shape))(

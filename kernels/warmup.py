@@ -119,8 +119,8 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         "take_rows": lambda: data.warm(dt),  # both forms (one thread, split)
         "quantize_int8": lambda: quant.quantize_int8(x),
         "dequantize_int8": lambda: quant.dequantize_int8(quant.quantize_int8(x)[0], v[:4], dt),
-        # a 1-D array (rows of one element): the elementwise loop
-        "dequantize_int8 rows of one": lambda: quant.dequantize_int8(
+        # a 1-D array (rows of one element): the elementwise loops, both ways
+        "int8 rows of one": lambda: quant.dequantize_int8(
             quant.quantize_int8(v)[0], v, dt),
         "topk_sparsify": lambda: compress.topk_sparsify(x.ravel(), np.zeros(24, dt), 3),
         # large inputs select by a sampled threshold: other kernels, compiled here too

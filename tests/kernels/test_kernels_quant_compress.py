@@ -93,6 +93,36 @@ def test_quantize_row_tails_in_masked_vectors_equal_the_element_loop(n, d, maske
     np.testing.assert_array_equal(back, q.astype(dtype) * scale[:, None])
 
 
+@pytest.mark.parametrize("n", [12, 20000])  # the serial twin and the parallel kernel
+def test_quantize_rows_of_one_element_equal_the_row_kernel(n, dtype, rng):
+    # rows of one element (a 1-D array, or shape (n, 1)) go through one elementwise loop
+    # (quant._quantize_flat), not the row kernel: the same codes and scales bit for bit,
+    # zeros, -0.0, subnormals and the largest finite value included, and NaN/inf refused
+    # with the channel named
+    fi = np.finfo(dtype)
+    w = (rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n)).astype(dtype)
+    special = np.array([0.0, -0.0, fi.smallest_subnormal, -fi.smallest_subnormal, fi.max,
+                        -fi.max, fi.tiny, 127.0, -0.5], dtype)
+    w[:special.size] = special
+    q, scale = quantize_int8(w)
+    ity, mask, inf_bits = quant._BITS[np.dtype(dtype)]
+    w2 = w.reshape(-1, 1)
+    rq = np.empty(w2.shape, np.int8)
+    rs = np.empty(n, dtype)
+    bad = np.zeros(n, np.bool_)
+    quant._quantize_1(w2, w2.view(ity), rq, rs, rs.view(ity), bad, ity(mask), ity(inf_bits),
+                      0, False)
+    np.testing.assert_array_equal(q, rq.reshape(-1))
+    np.testing.assert_array_equal(scale.view(ity), rs.view(ity))
+    assert q[:9].tolist() == [0, 0, 127, -127, 127, -127, 127, 127, -127]
+    assert quantize_int8(w2)[0].shape == (n, 1)
+    for v, row in ((np.nan, 3), (-np.inf, n - 1)):
+        bad = w2.copy()
+        bad[row] = v
+        with pytest.raises(KernelInputError, match=rf"NaN or inf in channel\(s\) \[{row}\]"):
+            quantize_int8(bad)
+
+
 @pytest.mark.parametrize("shape", [(20000,), (20000, 1), (3, 1), (5, 7), (300, 40)])
 def test_dequantize_rows_of_one_element_and_small_arrays(shape, dtype, rng):
     # rows of one element (a 1-D array: each element its own channel) as one
