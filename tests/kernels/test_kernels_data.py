@@ -10,7 +10,8 @@ from kernels.errors import KernelDtypeError, KernelInputError
 
 
 # threads from 64 KiB or 1024 rows on
-@pytest.mark.parametrize("rows,cols", [(5, 6), (300, 6), (1000, 6), (1024, 6), (1000, 24)])
+@pytest.mark.parametrize("rows,cols", [(5, 6), (300, 6), (1000, 6), (1024, 6), (1000, 24),
+                                       (1100, 4), (1100, 16)])  # (rows that divide a line)
 def test_take_rows_matches_numpy_fancy_indexing(dtype, rng, rows, cols, monkeypatch):
     calls = []
     for name in ("_take", "_take_1"):
