@@ -192,7 +192,15 @@ def _gather_mags(cval, counts, cap, mag):
             dst[j] = abs(src[j])
 
 
-_DIGIT = 16  # bits per radix-select level (a 256 KiB int32 histogram per slice)
+# bits per radix-select level: 16 (a 256 KiB int32 histogram per slice), or 11 (8 KiB)
+# for a level over fewer than _WIDE_DIGIT_MIN keys but a float64's first. Zeroing and
+# walking 65536 buckets had cost 20-30 us a level, most of a small select: Zen 5 host,
+# interleaved, medians, us, 16 / 11 bits: float32 16384 keys 47.6 / 19.2, 65536 67.7 /
+# 45.0, 262144 173.6 / 151.7; float64 16384 53.0 / 41.2. A float64 first level of 11
+# bits measured 0.92x at 65536 and 0.91x at 262144 (data of a few octaves, few buckets)
+_DIGIT = 16
+_DIGIT_SMALL = 11
+_WIDE_DIGIT_MIN = 1 << 18
 _SMALL_SELECT = 1 << 14  # below this many magnitudes np.partition is quicker
 _GROUP = 256  # buckets summed at a time while looking for the k-th from the top
 
@@ -201,30 +209,39 @@ _GROUP = 256  # buckets summed at a time while looking for the k-th from the top
 def _kth_largest_bits(keys, k, nbits, nsl, hist):
     """The ``k``-th largest of ``keys`` (1 <= k <= size), the bit patterns of non-negative
     floats, which order as the floats do; ``keys`` is used as scratch. Radix select from
-    the top, 16 bits a level after the sign: a histogram of the level's digit (``nsl``
-    slices in parallel, one ``hist`` row each), then the keys in the bucket that holds
-    the k-th are moved to the front (each slice compacts its own part, then the parts
-    are joined), until one key is left or the last digit is done. Two passes over the
+    the top, 16 or 11 bits a level after the sign (``_DIGIT``): a histogram of the
+    level's digit (``nsl`` slices in parallel, one ``hist`` row each), then the keys in
+    the bucket that holds the k-th are moved to the front (each slice compacts its own
+    part, then the parts are joined), until one key is left or the last digit is done
+    (that level may re-read bits the levels before settled). Two passes over the
     magnitudes and a few over a small remainder: at about 375000 float32 candidates
     2.9 -> 0.6 ms against ``np.partition``."""
-    shift = nbits - 1 - _DIGIT
     m = keys.size
+    top = nbits - 1  # bits below the sign still to settle
     need = k
     cnt = np.empty(nsl, np.int64)  # every slice's count is set before it is read
     while True:
         src = keys[:m]
         ns = nsl if m >= _SMALL_SELECT else 1
+        # (a float64's top 11 bits are its exponent alone: too few buckets to split on)
+        wide = m >= _WIDE_DIGIT_MIN or (nbits == 64 and top == nbits - 1)
+        dig = _DIGIT if wide else _DIGIT_SMALL
+        shift = max(top - dig, 0)  # the last level may re-read settled bits
+        top = shift
+        nb = 1 << dig
+        mask = nb - 1
         for s in prange(ns):
             h = hist[s]
-            h[:] = 0
+            for q in range(nb):
+                h[q] = 0
             lo, hi = chunk_bounds(m, ns, s)
             for i in range(lo, hi):
-                h[(src[i] >> shift) & 0xFFFF] += 1
-        tot = hist[0]  # plain loops: in a parallel kernel, array expressions and .sum()
-        for s in range(1, ns):  # become parallel regions of their own (0.13 -> 1.4 ms)
-            for q in range(tot.size):
+                h[(src[i] >> shift) & mask] += 1
+        tot = hist[0, :nb]  # plain loops: in a parallel kernel, array expressions and
+        for s in range(1, ns):  # .sum() become parallel regions of their own (0.13 -> 1.4 ms)
+            for q in range(nb):
                 tot[q] += hist[s, q]
-        grp = (1 << _DIGIT) - _GROUP  # skip groups of buckets, then buckets, from the top
+        grp = nb - _GROUP  # skip groups of buckets, then buckets, from the top
         while True:
             c = 0
             for q in range(grp, grp + _GROUP):
@@ -239,14 +256,14 @@ def _kth_largest_bits(keys, k, nbits, nsl, hist):
             b -= 1
         if shift == 0 or tot[b] == 1:  # every key left in bucket b is the answer
             for i in range(m):
-                if ((src[i] >> shift) & 0xFFFF) == b:
+                if ((src[i] >> shift) & mask) == b:
                     return src[i]
         for s in prange(ns):
             lo, hi = chunk_bounds(m, ns, s)
             o = lo
             for i in range(lo, hi):
                 v = src[i]
-                if ((v >> shift) & 0xFFFF) == b:
+                if ((v >> shift) & mask) == b:
                     src[o] = v
                     o += 1
             cnt[s] = o - lo
@@ -257,7 +274,6 @@ def _kth_largest_bits(keys, k, nbits, nsl, hist):
                 src[pos + j] = src[lo + j]
             pos += cnt[s]
         m = pos
-        shift = max(shift - _DIGIT, 0)  # the last level may re-read one settled bit
     return keys[0]
 
 

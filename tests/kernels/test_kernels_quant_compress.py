@@ -294,9 +294,11 @@ def _magnitudes(case, n, dtype, rng):
 
 
 @pytest.mark.parametrize("case", ["normal", "ties", "zeros", "narrow", "wide"])
-@pytest.mark.parametrize("n", [1, 1000, compress._SMALL_SELECT, 100_003])
+@pytest.mark.parametrize("n", [1, 1000, compress._SMALL_SELECT, 100_003,
+                               compress._WIDE_DIGIT_MIN + 5])
 def test_kth_largest_is_exact(case, n, dtype, rng):
-    # the radix select (sizes from _SMALL_SELECT up) and np.partition below it
+    # the radix select (sizes from _SMALL_SELECT up; levels of 16 bits over
+    # _WIDE_DIGIT_MIN keys and a float64's first, else 11) and np.partition below it
     x = _magnitudes(case, n, dtype, rng)
     want = np.sort(x)[::-1]
     for k in sorted(k for k in {1, 2, n // 3 + 1, n // 2 + 1, n - 1, n} if 1 <= k <= n):
