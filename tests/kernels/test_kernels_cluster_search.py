@@ -318,6 +318,38 @@ def test_sampled_cut_lets_through_a_few_times_k_rows(normalized, dtype, rng, mon
     assert search._sample_cut(q, qinv, e, search.SAMPLE_MIN_K - 1, normalized) is None
 
 
+@pytest.mark.parametrize("n", [1, 2, 17, 3000, 9000])
+def test_radix_sort_ranks_as_the_quicksort(n, dtype, rng):
+    # the pools' final order from RADIX_SORT_MIN_K: a radix sort on the scores' bits, then
+    # runs of equal scores by row. Ties by the thousand, -0.0 beside +0.0 (equal scores),
+    # negative scores, -inf padding (row -1), and the largest finite values
+    s = rng.integers(-3, 4, n).astype(dtype) / 2
+    some = rng.random(n) < 0.3
+    s[some] = rng.standard_normal(int(some.sum()))
+    s[::7] = -0.0
+    s[1::11] = 0.0
+    s[2::13] = -np.inf
+    s[3::17] = np.finfo(dtype).max
+    s[4::19] = -np.finfo(dtype).max
+    r = rng.permutation(n).astype(np.int64) + 100
+    r[2::13] = -1
+    order = np.lexsort((r, -s.astype(np.float64)))
+    ss, rr = s.copy(), r.copy()
+    search._radix_sort(ss, rr, 0, n - 1)
+    np.testing.assert_array_equal(rr, r[order])
+    np.testing.assert_array_equal(ss, s[order])
+    qs, qr = s.copy(), r.copy()
+    search._sort_range(qs, qr, 0, n - 1)
+    np.testing.assert_array_equal(qr, rr)
+    if n > 20:  # a range inside the array; the rest untouched
+        ss, rr = s.copy(), r.copy()
+        search._radix_sort(ss, rr, 5, n - 6)
+        np.testing.assert_array_equal(rr[:5], r[:5])
+        np.testing.assert_array_equal(rr[-5:], r[-5:])
+        sub = np.lexsort((r[5:-5], -s[5:-5].astype(np.float64)))
+        np.testing.assert_array_equal(rr[5:-5], r[5:-5][sub])
+
+
 @pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 100, 5000])
 def test_pool_selection_and_sort_rank_by_score_then_row(n, rng):
     # the pools' quickselect and quicksort on scores with many exact ties (few distinct
