@@ -192,14 +192,16 @@ def _gather_mags(cval, counts, cap, mag):
             dst[j] = abs(src[j])
 
 
-# bits per radix-select level: 16 (a 256 KiB int32 histogram per slice), or 11 (8 KiB)
-# for a level over fewer than _WIDE_DIGIT_MIN keys but a float64's first. Zeroing and
+# bits per radix-select level: 16 (a 256 KiB int32 histogram per slice), or for a level
+# over fewer than _WIDE_DIGIT_MIN keys 11 (8 KiB), 13 for a float64's first. Zeroing and
 # walking 65536 buckets had cost 20-30 us a level, most of a small select: Zen 5 host,
 # interleaved, medians, us, 16 / 11 bits: float32 16384 keys 47.6 / 19.2, 65536 67.7 /
-# 45.0, 262144 173.6 / 151.7; float64 16384 53.0 / 41.2. A float64 first level of 11
-# bits measured 0.92x at 65536 and 0.91x at 262144 (data of a few octaves, few buckets)
+# 45.0, 262144 173.6 / 151.7. A float64 first level of 11 bits is its exponent alone
+# (data of a few octaves: few buckets), 0.91-0.92x at 65536-262144; of 13 bits, against
+# 16: 16384 keys 41.6 / 28.2, 32768 60.8 / 48.3, 65536 85.1 / 77.1, 131072 the same
 _DIGIT = 16
 _DIGIT_SMALL = 11
+_DIGIT_SMALL_FIRST64 = 13
 _WIDE_DIGIT_MIN = 1 << 18
 _SMALL_SELECT = 1 << 14  # below this many magnitudes np.partition is quicker
 _GROUP = 256  # buckets summed at a time while looking for the k-th from the top
@@ -223,9 +225,12 @@ def _kth_largest_bits(keys, k, nbits, nsl, hist):
     while True:
         src = keys[:m]
         ns = nsl if m >= _SMALL_SELECT else 1
-        # (a float64's top 11 bits are its exponent alone: too few buckets to split on)
-        wide = m >= _WIDE_DIGIT_MIN or (nbits == 64 and top == nbits - 1)
-        dig = _DIGIT if wide else _DIGIT_SMALL
+        if m >= _WIDE_DIGIT_MIN:
+            dig = _DIGIT
+        elif nbits == 64 and top == nbits - 1:  # a float64's top 11 bits are its exponent
+            dig = _DIGIT_SMALL_FIRST64  # alone: too few buckets to split data on
+        else:
+            dig = _DIGIT_SMALL
         shift = max(top - dig, 0)  # the last level may re-read settled bits
         top = shift
         nb = 1 << dig

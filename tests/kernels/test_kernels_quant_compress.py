@@ -298,7 +298,7 @@ def _magnitudes(case, n, dtype, rng):
                                compress._WIDE_DIGIT_MIN + 5])
 def test_kth_largest_is_exact(case, n, dtype, rng):
     # the radix select (sizes from _SMALL_SELECT up; levels of 16 bits over
-    # _WIDE_DIGIT_MIN keys and a float64's first, else 11) and np.partition below it
+    # _WIDE_DIGIT_MIN keys, else 11, or 13 for a float64's first) and np.partition below
     x = _magnitudes(case, n, dtype, rng)
     want = np.sort(x)[::-1]
     for k in sorted(k for k in {1, 2, n // 3 + 1, n // 2 + 1, n - 1, n} if 1 <= k <= n):
