@@ -211,7 +211,7 @@ _GROUP = 256  # buckets summed at a time while looking for the k-th from the top
 def _kth_largest_bits(keys, k, nbits, nsl, hist):
     """The ``k``-th largest of ``keys`` (1 <= k <= size), the bit patterns of non-negative
     floats, which order as the floats do; ``keys`` is used as scratch. Radix select from
-    the top, 16 or 11 bits a level after the sign (``_DIGIT``): a histogram of the
+    the top, 16, 13 or 11 bits a level after the sign (``_DIGIT``): a histogram of the
     level's digit (``nsl`` slices in parallel, one ``hist`` row each), then the keys in
     the bucket that holds the k-th are moved to the front (each slice compacts its own
     part, then the parts are joined), until one key is left or the last digit is done

@@ -46,6 +46,18 @@ def _narrow_overload(like, v):
     return lambda like, v: v
 
 
+@jit(inline=True)
+def _scale_of(amax):
+    """A channel's scale from its ``max |w|`` (1 for an all-zero channel)."""
+    return amax / 127.0 if amax > 0 else 1.0
+
+
+@jit(inline=True)
+def _code(x, inv, lim):
+    """One element's int8 code: ``clip(rint(x * inv), -lim, lim)``."""
+    return np.int8(min(max(np.rint(x * inv), -lim), lim))
+
+
 @jit(parallel=True)
 def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits, ahead, masked):
     """Two passes per row held in L1. Pass 1 takes max |w| on the bit patterns
@@ -79,9 +91,7 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits, ahead, masked):
             mb = max(mb, _narrow(mask, rb[j] & mask))
         bad[c] = mb >= inf_bits
         sbits[c] = mb
-        amax = scale[c]
-        s = amax / 127.0 if amax > 0 else 1.0
-        scale[c] = s
+        scale[c] = _scale_of(scale[c])
         inv = one / scale[c]
         base = c * d
         nxt = base + max(d, ahead)  # asked for meanwhile where ROW_HINTS is on
@@ -96,7 +106,7 @@ def _quantize(w, wbits, q, scale, sbits, bad, mask, inf_bits, ahead, masked):
                 quant_store_part(wf, inv, qf, base + j, min(d - j, part))
                 j += part
         for k in range(base + j, base + d):
-            qf[k] = np.int8(min(max(np.rint(wf[k] * inv), -lim), lim))
+            qf[k] = _code(wf[k], inv, lim)
 
 
 _quantize_1 = serial_twin(_quantize)
@@ -105,15 +115,15 @@ _quantize_1 = serial_twin(_quantize)
 @jit(parallel=True)
 def _quantize_flat(w, q, scale, bad):
     """``_quantize`` of rows of one element (each its own channel): one elementwise
-    loop, the same arithmetic (vectorised; the row loop ran one row at a time)."""
+    loop through the same ``_scale_of`` and ``_code`` (vectorised; the row loop ran one
+    row at a time)."""
     one = w.dtype.type(1.0)
     lim = w.dtype.type(127.0)
     for c in prange(w.size):
         a = abs(w[c])
         bad[c] = not a < np.inf
-        scale[c] = a / 127.0 if a > 0 else 1.0
-        inv = one / scale[c]
-        q[c] = np.int8(min(max(np.rint(w[c] * inv), -lim), lim))
+        scale[c] = _scale_of(a)
+        q[c] = _code(w[c], one / scale[c], lim)
 
 
 _quantize_flat_1 = serial_twin(_quantize_flat)

@@ -211,17 +211,21 @@ def _sort_keys(scores, lo, hi, keys):
     if scores.itemsize == 4:
         b = scores[lo:hi + 1].view(np.uint32)
         for j in range(m):
-            u = np.uint64(b[j])
-            u = np.uint64(0) if u == np.uint64(0x80000000) else u
-            keys[j] = u if u >> np.uint64(31) else u ^ np.uint64(0x7FFFFFFF)
+            keys[j] = _fold_sign(np.uint64(b[j]), np.uint64(1) << np.uint64(31))
         return 32
     b8 = scores[lo:hi + 1].view(np.uint64)
-    top = np.uint64(1) << np.uint64(63)
     for j in range(m):
-        u = b8[j]
-        u = np.uint64(0) if u == top else u
-        keys[j] = u if u >= top else u ^ (top - np.uint64(1))
+        keys[j] = _fold_sign(b8[j], np.uint64(1) << np.uint64(63))
     return 64
+
+
+@jit(inline=True)
+def _fold_sign(u, top):
+    """``_sort_keys``' key of a float's bits ``u`` (sign bit ``top``): negative scores
+    keep their bits (larger magnitude, larger key), the others' non-sign bits are
+    flipped (larger score, smaller key); -0.0 counts as +0.0."""
+    u = np.uint64(0) if u == top else u
+    return u if u >= top else u ^ (top - np.uint64(1))
 
 
 @jit()
@@ -436,7 +440,8 @@ def _merge_chunks(out_s, out_i, pooled):
     ``merge_topk`` took 0.1 ms of a 1 ms one-query scan.) Pools (``pooled``): each
     chunk's entries in turn are put after chunk 0's, the two first cut to their best
     ``k`` (``_select_best``) where both do not fit in ``2k``; then the best ``k`` of what
-    is there are picked and sorted (``_sort_range``)."""
+    is there are picked and sorted (``_radix_sort`` from ``RADIX_SORT_MIN_K``, else
+    ``_sort_range``)."""
     nch, nq, width = out_s.shape
     k = width // 2 if pooled else width
     for q in prange(nq):
