@@ -122,7 +122,9 @@ def _calls(dt: np.dtype) -> dict[str, Callable[[], object]]:
         # a 1-D array (rows of one element): the elementwise loops, both ways
         "int8 rows of one": lambda: quant.dequantize_int8(
             quant.quantize_int8(v)[0], v, dt),
-        "topk_sparsify": lambda: compress.topk_sparsify(x.ravel(), np.zeros(24, dt), 3),
+        # small k: the one-pass pool (_pool_kth); then k near n: a select over all of them
+        "topk_sparsify": lambda: [compress.topk_sparsify(x.ravel(), np.zeros(24, dt), k)
+                                  for k in (3, 20)],
         # large inputs select by a sampled threshold: other kernels, compiled here too
         "topk_sparsify threshold": lambda: compress.topk_sparsify(
             big, np.zeros(big.size, dt), 64),

@@ -332,8 +332,10 @@ def sparsify_mode(g, r, k, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("k", [1, 2000, 30000])
-def test_topk_sparsify_threshold_path_matches_reference(k, mode, dtype, tol, rng):
-    # n >= 65536 and k <= n / 8 take the sampled-threshold path
+def test_topk_sparsify_threshold_path_matches_reference(k, mode, dtype, tol, rng, monkeypatch):
+    # n >= 65536 and k <= n / 8 take the sampled-threshold path (k = 1 only with the
+    # one-pass pool for small k turned off)
+    monkeypatch.setattr(compress, "POOL_MAX_N", 0)
     n = 200_003
     r = np.zeros(n, dtype)
     rr = np.zeros(n)
@@ -347,6 +349,80 @@ def test_topk_sparsify_threshold_path_matches_reference(k, mode, dtype, tol, rng
         np.testing.assert_array_equal(idx, ri)
         np.testing.assert_allclose(vals, rv, **tol)
         np.testing.assert_allclose(r, rr, **tol)
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "zeros", "ascending", "descending"])
+@pytest.mark.parametrize("n", [1, 7, 100, 1000, 2047])
+def test_kth_in_place_is_exact(case, n, dtype, rng):
+    # the small pool's quickselect: runs of equal keys, and orders that defeat a naive pivot
+    x = _magnitudes("ties" if case == "ties" else "normal", n, dtype, rng)
+    if case == "zeros":
+        x[:] = 0
+    elif case == "ascending":
+        x.sort()
+    elif case == "descending":
+        x[::-1].sort()
+    want = np.sort(x)[::-1]
+    for k in sorted(k for k in {1, 2, n // 3 + 1, n // 2 + 1, n - 1, n} if 1 <= k <= n):
+        a = np.concatenate([x, [np.inf]]).astype(dtype)  # entries past n are not looked at
+        assert compress._kth_in_place(a, n, k) == want[k - 1], (case, n, k)
+        np.testing.assert_array_equal(np.sort(a[:n]), np.sort(x))  # a permutation
+
+
+def _pool_data(case, n, rng):
+    g = rng.standard_normal(n)
+    if case == "ascending":  # every block passes the cut: the pool fills and is cut often
+        g = np.sort(np.abs(g))
+    elif case == "descending":  # the first blocks hold the answer: nothing passes later
+        g = -np.sort(np.abs(g))[::-1]
+    elif case == "ties":  # few distinct values: ties at the cut and at the threshold
+        g = np.round(g * 2) / 2
+    elif case == "zeros":
+        g = np.zeros(n)
+    return g
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["normal", "ascending", "descending", "ties", "zeros"])
+@pytest.mark.parametrize("n, k", [(5, 5), (33, 1), (1000, 16), (4099, 3),
+                                  ((1 << 16) + 7, 16), (1 << 17, 32)])
+def test_topk_sparsify_pool_path_matches_reference(n, k, case, mode, dtype, tol, rng,
+                                                  monkeypatch):
+    # small k (up to POOL_MAX_K, or n >> POOL_N_SHIFT) over up to POOL_MAX_N entries: one
+    # pass through _pool_kth, then _select; neither the select over all magnitudes nor
+    # the sampled threshold may run
+    assert n <= compress.POOL_MAX_N and k <= max(compress.POOL_MAX_K,
+                                                 n >> compress.POOL_N_SHIFT)
+    for other in ("_accumulate_abs", "_topk_by_threshold"):
+        monkeypatch.setattr(compress, other, lambda *a: pytest.fail(f"{other} ran"))
+    r = (rng.standard_normal(n) * (case == "normal")).astype(dtype)
+    rr = r.astype(np.float64)
+    for _ in range(2):
+        g = _pool_data(case, n, rng).astype(dtype)
+        idx, vals = sparsify_mode(g, r, k, mode)
+        ri, rv, rr = ref_topk_sparsify(g, rr, k)
+        np.testing.assert_array_equal(idx, ri)
+        np.testing.assert_allclose(vals, rv, **tol)
+        np.testing.assert_allclose(r, rr, **tol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("where", [0, 100, 5000, 70000, (1 << 17) - 1])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, "overflow"])
+def test_topk_sparsify_pool_path_refuses_nan_inf_and_overflow(where, bad, mode, dtype, rng):
+    # in the pool's first fill, in a later block (past the cut, or not), in the tail:
+    # refused, and in every mode (one_pass too, on this path) residual is unchanged
+    n = (1 << 17) + 5
+    g = rng.standard_normal(n).astype(dtype)
+    r = rng.standard_normal(n).astype(dtype)
+    if bad == "overflow":  # both finite, their sum is not
+        g[where] = r[where] = np.finfo(dtype).max
+    else:
+        g[where] = bad
+    before = r.copy()
+    with pytest.raises(KernelInputError, match="NaN or inf"):
+        sparsify_mode(g, r, 16, mode)
+    np.testing.assert_array_equal(r, before)
 
 
 @pytest.mark.parametrize("mode", MODES)
