@@ -74,6 +74,18 @@ def np_topk_sparsify(g, r, k):
     return idx, vals
 
 
+def torch_topk_sparsify(torch, g, r, k):
+    """``np_topk_sparsify`` on tensors: ``r += g`` in place, the ``k`` largest magnitudes
+    by ``torch.topk`` (unsorted), their indices sorted ascending as ours are, then taken
+    out of ``r``. Unlike ours it does not look for NaN/inf, and ties go to whichever
+    ``topk`` returns."""
+    acc = r.add_(g)
+    idx = torch.sort(torch.topk(acc.abs(), k, sorted=False).indices).values
+    vals = acc[idx]
+    acc[idx] = 0
+    return idx, vals
+
+
 def torch_baselines():
     """Callables using PyTorch on the CPU, or None when torch is not installed."""
     try:

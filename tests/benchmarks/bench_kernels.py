@@ -308,7 +308,7 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
             ours=lambda: nn.gelu_backward(dy, xw), ours_out=lambda: nn.gelu_backward(dy, xw, out=ol))
 
 
-def bench_data_kernels(tab: Table, rows: int, dt) -> None:
+def bench_data_kernels(tab: Table, tb, rows: int, dt) -> None:
     """int8 quantisation, top-k sparsification and search (1 query: a memory-bound scan)."""
     rng = np.random.default_rng(1)
     s = np.dtype(dt).itemsize
@@ -326,11 +326,16 @@ def bench_data_kernels(tab: Table, rows: int, dt) -> None:
     g = rng.standard_normal(n).astype(dt)
     r1, r2 = np.zeros(n, dt), np.zeros(n, dt)
     k = n // 100
+    tt = None
+    if tb:
+        torch = tb[0]
+        tg, tr = torch.from_numpy(g), torch.zeros(n, dtype=torch.from_numpy(g).dtype)
+        tt = lambda: B.torch_topk_sparsify(torch, tg, tr, k)  # noqa: E731
     tab.add("topk_sparsify (1%)", (n,), dt, 3 * n * s,
             "bytes: minimum (g, r in; r out); two passes, so that a NaN/inf is refused "
-            "before r changes",
+            "before r changes; torch: topk of abs(r + g), indices sorted",
             ours=lambda: compress.topk_sparsify(g, r1, k),
-            numpy=lambda: B.np_topk_sparsify(g, r2, k))
+            numpy=lambda: B.np_topk_sparsify(g, r2, k), torch=tt)
     r3 = np.zeros(n, dt)
     tab.add("topk_sparsify (1%) one_pass=True", (n,), dt, 3 * n * s,
             "one pass: on NaN/inf it still raises, but r already holds r + g",
@@ -758,7 +763,7 @@ def main(argv=None) -> int:
     for dt in (np.float32, np.float64):
         bench_adamw(tab, tb, (1 << 24) // scale, dt)
         bench_nn(tab, tb, (1 << 17) // scale, 256, dt)
-    bench_data_kernels(tab, (1 << 17) // scale, np.float32)
+    bench_data_kernels(tab, tb, (1 << 17) // scale, np.float32)
     res["kernels"] = tab.rows
     if args.only is not None and not tab.rows:
         ap.error(f"--only {args.only!r} matches no kernel row")

@@ -29,7 +29,7 @@ from bench_kernels import SETTLE_S, environment  # noqa: E402
 from report import replace_section  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels import activations, fused, nn, optim  # noqa: E402
+from kernels import activations, compress, fused, nn, optim  # noqa: E402
 
 COLS = 256
 SECTION = "## Small inputs (per-call time)"
@@ -106,6 +106,13 @@ def cases(rows: int, torch):
 
     out.append((BGLN_SEPARATE, separate))
     out.append((BGLN_FUSED, together))
+    # error feedback on a gradient of rows x 256 (each side its own residual, which the
+    # calls keep updating, as training steps do)
+    gs = dy.reshape(-1)
+    spars = {name: max(1, k) for name, k in ((SPARSE_16, 16), (SPARSE_1PCT, gs.size // 100))}
+    for name, k in spars.items():
+        out.append((name, lambda k=k, r=np.zeros(gs.size, np.float32):
+                    compress.topk_sparsify(gs, r, k)))
     theirs: dict[str, object] = {}
     if torch is not None:
         t = B.torch_nn((torch, torch.nn.functional), x, lab, gam, bet, dy)
@@ -119,10 +126,18 @@ def cases(rows: int, torch):
                   "bias_act gelu fwd+bwd": t["bias_gelu_fb"], "bias_act relu": t["bias_relu"],
                   "bias_act relu fwd+bwd": t["bias_relu_fb"],
                   BGLN_SEPARATE: t["bias_gelu_ln_fb"], BGLN_FUSED: t["bias_gelu_ln_fb"]}
+        tg = torch.from_numpy(gs)
+        for name, k in spars.items():
+            theirs[name] = (lambda k=k, r=torch.zeros(gs.size, dtype=tg.dtype):
+                            B.torch_topk_sparsify(torch, tg, r, k))
     return [(name, fn, theirs.get(name)) for name, fn in out]
 
 
 BGLN_SEPARATE = "bias_act gelu, layer_norm fwd+bwd"
+SPARSE_16 = "topk_sparsify k=16"
+SPARSE_1PCT = "topk_sparsify (1%)"
+_SPARSE_NOTE = ("on the rows x 256 gradient; torch: topk of abs(r + g), indices sorted "
+                "(no NaN/inf check)")
 BGLN_FUSED = "fused.bias_gelu_layer_norm fwd+bwd"
 _BGLN_TORCH = ("torch: layer_norm(gelu(x + b)), then backward through autograd (x, b, "
                "gamma, beta)")
@@ -132,6 +147,7 @@ TORCH_NOTE = {
               BGLN_FUSED: "ours: kernels.fused forward and backward (two calls); "
                           + _BGLN_TORCH,
               "softmax_cross_entropy+grad": "torch: cross_entropy forward + backward",
+              SPARSE_16: _SPARSE_NOTE, SPARSE_1PCT: _SPARSE_NOTE,
               "layer_norm fwd+bwd": "both: forward, then backward (torch through autograd)",
               "gelu fwd+bwd": "both: forward, then backward (torch through autograd)",
               "bias_act gelu fwd+bwd": "torch: gelu(x + b), then backward through autograd",
