@@ -652,9 +652,13 @@ def topk_sparsify(
       nothing useful). Swap the two buffers between steps (as :class:`ErrorFeedback`
       does). The fastest mode that keeps the guarantee;
     - ``one_pass=True``: into ``residual`` in one pass, about 1.5x faster than the
-      default, no second buffer. A NaN or inf is still refused, but ``residual`` then
-      already holds ``residual + grad``: use it where the step is dropped on error anyway,
-      or where the gradients were checked before (as a loss-scaler does).
+      default, no second buffer. A NaN or inf is still refused, but ``residual`` may
+      then already hold ``residual + grad``: use it where the step is dropped on error
+      anyway, or where the gradients were checked before (as a loss-scaler does).
+
+    Small ``k`` (up to ``POOL_MAX_K``, or ``n >> POOL_N_SHIFT``, over at most
+    ``POOL_MAX_N`` entries) is selected in one pass through a small pool (``_pool_kth``)
+    in every mode, so there ``residual`` is never changed by a refused call.
     """
     g = _checks.float_array("grad", grad, ndim=1)
     if out is None:
