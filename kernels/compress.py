@@ -55,10 +55,12 @@ def _accumulate_abs(g, r, mag):
 
 
 _BLOCK = 32  # entries per block of the serial selection passes
-# _pool_kth for n up to POOL_MAX_N and k up to POOL_MAX_K or n >> POOL_N_SHIFT
-POOL_MAX_N = 1 << 18
-POOL_MAX_K = 16
-POOL_N_SHIFT = 12
+# _pool_kth for n up to POOL_MAX_N and k up to POOL_K, or n >> POOL_N_SHIFT up to
+# POOL_MAX_K (16384 entries: 16, 65536: 32)
+POOL_MAX_N = 1 << 17
+POOL_K = 8
+POOL_N_SHIFT = 10
+POOL_MAX_K = 32
 
 
 @jit(refcounts=False)
@@ -516,16 +518,19 @@ def _pick(cidx, cval, counts, cap, t, k, idx, vals, o, restore):
                 o[cidx[c * cap + j]] = v
 
 
-_SAMPLE = 65536  # entries in the threshold sample
+_SAMPLE = 65536  # entries in the threshold sample, at most
+_SAMPLE_MIN = 16384  # and at least (or n / 32 between the two)
 
 
 def _sample_layout(n: int, itemsize: int) -> tuple[int, int, int]:
     """``(positions, stride, block)``: the sample is ``block`` consecutive entries (64
     bytes) from each of ``positions`` places ``stride`` apart. Whole cache lines, not
     single entries: the sample costs one line fetch per 64 bytes instead of one per
-    entry (with ``_line_sample``'s prefetch, 0.8-1.0 -> 0.15-0.35 ms at n = 2**25 float32)."""
+    entry (with ``_line_sample``'s prefetch, 0.8-1.0 -> 0.15-0.35 ms at n = 2**25 float32).
+    About n / 32 entries, from 16384 to 65536."""
     block = max(1, 64 // itemsize)
-    pos = max(1, min(_SAMPLE // block, n // block))
+    want = min(_SAMPLE, max(_SAMPLE_MIN, n >> 5))
+    pos = max(1, min(want // block, n // block))
     return pos, n // pos, block
 
 
@@ -630,6 +635,11 @@ def _topk_by_threshold(g: np.ndarray, r: np.ndarray, o: np.ndarray, k: int, mode
     return idx, vals
 
 
+def _pool_max_k(n: int) -> int:
+    """The largest k that ``_pool_kth`` takes over ``n`` entries (n <= ``POOL_MAX_N``)."""
+    return min(POOL_MAX_K, max(POOL_K, n >> POOL_N_SHIFT))
+
+
 _NONFINITE = "grad + residual has NaN or inf; skip this step (or reset residual to zeros)"
 
 
@@ -656,9 +666,10 @@ def topk_sparsify(
       then already hold ``residual + grad``: use it where the step is dropped on error
       anyway, or where the gradients were checked before (as a loss-scaler does).
 
-    Small ``k`` (up to ``POOL_MAX_K``, or ``n >> POOL_N_SHIFT``, over at most
-    ``POOL_MAX_N`` entries) is selected in one pass through a small pool (``_pool_kth``)
-    in every mode, so there ``residual`` is never changed by a refused call.
+    Small ``k`` (up to 8, or ``n / 1024`` up to 32, over at most ``POOL_MAX_N``
+    entries: ``_pool_max_k``) is selected in one pass through a small pool
+    (``_pool_kth``) in every mode, so there ``residual`` is never changed by a refused
+    call.
     """
     g = _checks.float_array("grad", grad, ndim=1)
     if out is None:
@@ -682,7 +693,7 @@ def topk_sparsify(
     k = min(k, g.size)
     if g.size == 0:
         return np.empty(0, np.int64), np.empty(0, g.dtype)
-    small = g.size <= POOL_MAX_N and k <= max(POOL_MAX_K, g.size >> POOL_N_SHIFT)
+    small = g.size <= POOL_MAX_N and k <= _pool_max_k(g.size)
     if k <= g.size // 8 and g.size >= 1 << 16 and not small:
         fast = _topk_by_threshold(g, r, o, k, mode)
         if fast is _ADDED:

@@ -384,15 +384,13 @@ def _pool_data(case, n, rng):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", ["normal", "ascending", "descending", "ties", "zeros"])
-@pytest.mark.parametrize("n, k", [(5, 5), (33, 1), (1000, 16), (4099, 3),
+@pytest.mark.parametrize("n, k", [(5, 5), (33, 1), (1000, 8), (4099, 3),
                                   ((1 << 16) + 7, 16), (1 << 17, 32)])
 def test_topk_sparsify_pool_path_matches_reference(n, k, case, mode, dtype, tol, rng,
                                                   monkeypatch):
-    # small k (up to POOL_MAX_K, or n >> POOL_N_SHIFT) over up to POOL_MAX_N entries: one
-    # pass through _pool_kth, then _select; neither the select over all magnitudes nor
-    # the sampled threshold may run
-    assert n <= compress.POOL_MAX_N and k <= max(compress.POOL_MAX_K,
-                                                 n >> compress.POOL_N_SHIFT)
+    # small k (_pool_max_k) over up to POOL_MAX_N entries: one pass through _pool_kth,
+    # then _select; neither the select over all magnitudes nor the sampled threshold may run
+    assert n <= compress.POOL_MAX_N and k <= compress._pool_max_k(n)
     for other in ("_accumulate_abs", "_topk_by_threshold"):
         monkeypatch.setattr(compress, other, lambda *a: pytest.fail(f"{other} ran"))
     r = (rng.standard_normal(n) * (case == "normal")).astype(dtype)
@@ -407,12 +405,13 @@ def test_topk_sparsify_pool_path_matches_reference(n, k, case, mode, dtype, tol,
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("where", [0, 100, 5000, 70000, (1 << 17) - 1])
+@pytest.mark.parametrize("where", [0, 100, 5000, 70000, (1 << 17) - 6])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, "overflow"])
 def test_topk_sparsify_pool_path_refuses_nan_inf_and_overflow(where, bad, mode, dtype, rng):
     # in the pool's first fill, in a later block (past the cut, or not), in the tail:
     # refused, and in every mode (one_pass too, on this path) residual is unchanged
-    n = (1 << 17) + 5
+    n = (1 << 17) - 5
+    assert 16 <= compress._pool_max_k(n) and n <= compress.POOL_MAX_N
     g = rng.standard_normal(n).astype(dtype)
     r = rng.standard_normal(n).astype(dtype)
     if bad == "overflow":  # both finite, their sum is not
@@ -447,6 +446,18 @@ def test_topk_sparsify_chosen_at_chunk_and_block_edges(mode, rng):
     expect = g.copy()
     expect[edges] = 0
     np.testing.assert_array_equal(r, expect)
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_threshold_sample_is_whole_lines_of_about_n_over_32(itemsize):
+    # 16384 entries at least (n = 2^16: a quarter of it, where it had been all of it),
+    # n / 32 between, 65536 at most; whole 64-byte lines, spread over the whole vector
+    for n, want in [(1 << 16, 16384), (100_003, 16384), (1 << 20, 32768), (1 << 21, 65536),
+                    (1 << 25, 65536)]:
+        pos, stride, block = compress._sample_layout(n, itemsize)
+        assert block * itemsize == 64
+        assert abs(pos * block - want) < block, (n, pos * block)
+        assert pos * stride <= n < pos * (stride + 1) and block <= stride
 
 
 @pytest.mark.parametrize("mode", MODES)
