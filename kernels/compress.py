@@ -14,6 +14,10 @@ as it goes. Whenever the sample misleads (fewer than k entries reach ``t``), or 
 large fraction of n, the exact fallback runs: the same select over all magnitudes,
 then a serial selection pass.
 
+Small ``k`` over at most ``POOL_MAX_N`` entries (``_pool_max_k``) skips both: one serial
+pass keeps the magnitudes above a rising cut in a small pool (``_pool_kth``), which gives
+the k-th largest, and the select pass follows.
+
 With ``out=`` (and in :class:`ErrorFeedback`) pass 1 also writes ``residual + grad`` into
 the separate buffer, with non-temporal stores on x86-64, and pass 2 is gone: one pass
 over the data, and the caller's ``residual`` is never written, so the NaN/inf guarantee
