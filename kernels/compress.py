@@ -580,7 +580,7 @@ def _workspace(name: str, n: int, dtype) -> np.ndarray:
 
 def _sample_threshold(g: np.ndarray, r: np.ndarray, k: int) -> float | None:
     """A magnitude that, judging by a sample of 16384-65536 entries (``_sample_layout``),
-    at least ``k`` entries reach (about 1.2 k for k = 1% of n); None if the sample holds
+    at least ``k`` entries reach (about 1.2-1.35 k for k = 1% of n); None if the sample holds
     NaN/inf."""
     n = g.size
     pos, stride, block = _sample_layout(n, g.itemsize)
