@@ -65,6 +65,7 @@ POOL_MAX_N = 1 << 17
 POOL_K = 8
 POOL_N_SHIFT = 10
 POOL_MAX_K = 32
+_POOL_SPARE = 64  # _pool_kth's pool holds 2k + _POOL_SPARE entries (+ _BLOCK of slack)
 
 
 @jit(refcounts=False)
@@ -188,7 +189,7 @@ def _pool_cut(pool, cnt, k):
 def _pool_kth(g, r, k, pool):
     """One serial pass for small ``k``: ``(t, n_gt, bad)``, the ``k``-th largest
     ``|r + g|``, how many entries exceed it, and 1 if an entry is NaN/inf (the pass stops
-    there). ``pool`` (``2 k`` or more, plus ``_BLOCK``) keeps the entries above a cut that
+    there). ``pool`` (``2 k`` or more, plus ``_BLOCK`` of slack) keeps the entries above a cut that
     only rises: when it fills, its ``k``-th largest becomes the cut and only the entries
     above stay. At least ``k`` entries reach the cut, so the answer is the ``k``-th of
     the pool, or the cut itself when fewer than ``k`` exceed it. The first entries fill
@@ -706,14 +707,16 @@ def topk_sparsify(
         elif fast is not None:
             return fast
     if small:
-        thr, n_gt, bad = _pool_kth(g, r, k, _workspace("pool", 2 * k + 96, g.dtype))
+        pool = _workspace("pool", 2 * k + _POOL_SPARE + _BLOCK, g.dtype)
+        thr, n_gt, bad = _pool_kth(g, r, k, pool)
     else:
         mag = np.empty_like(g)
         bad = _accumulate_abs(g, r, mag)
-        thr = _kth_largest(mag, k) if not bad else 0.0  # mag is scratch from here on
-        n_gt = -1
+        n_gt = -1  # _select counts them
     if bad:
         raise KernelInputError(_NONFINITE)
+    if not small:
+        thr = _kth_largest(mag, k)  # mag is scratch from here on
     idx = np.empty(k, np.int64)
     vals = np.empty(k, g.dtype)
     _select(g, r, o, thr, n_gt, k, idx, vals, o is r)

@@ -329,7 +329,8 @@ def bench_data_kernels(tab: Table, tb, rows: int, dt) -> None:
     tt = None
     if tb:
         torch = tb[0]
-        tg, tr = torch.from_numpy(g), torch.zeros(n, dtype=torch.from_numpy(g).dtype)
+        tg = torch.from_numpy(g)
+        tr = torch.zeros(n, dtype=tg.dtype)
         tt = lambda: B.torch_topk_sparsify(torch, tg, tr, k)  # noqa: E731
     tab.add("topk_sparsify (1%)", (n,), dt, 3 * n * s,
             "bytes: minimum (g, r in; r out); two passes, so that a NaN/inf is refused "
