@@ -449,6 +449,36 @@ def test_topk_vector_scan_on_rows_with_a_partial_last_vector(d, nq, dtype, rng, 
         np.testing.assert_allclose([s[0, 0], s[-1, 0]], [1.0, 1.0], rtol=rtol)
 
 
+@pytest.mark.parametrize("extra", [0, 3])
+def test_topk_vector_scan_at_every_row_length_it_unrolls(extra, dtype, rng, monkeypatch):
+    # the first query's scan takes rows of up to _simd.SCAN_FIXED_PIECES whole vectors as
+    # straight-line code, one block per count, and longer rows through a loop: every
+    # count from 0 to one past the last block, with and without a masked last piece,
+    # norming the rows or not, must give the reference's rows and scores
+    from kernels import _simd
+
+    monkeypatch.setattr(search, "SCAN_MASKED_TAIL", True)
+    monkeypatch.setattr(search, "_topk", None)  # the portable scan would fail to run
+    monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
+    lanes = _simd.VEC_BITS // 8 // np.dtype(dtype).itemsize
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for pieces in range(_simd.SCAN_FIXED_PIECES + 2):
+        d = pieces * lanes + extra
+        if d == 0:
+            continue
+        e = rng.standard_normal((3 * lanes + 5, d)).astype(dtype)
+        q = rng.standard_normal((2, d)).astype(dtype)
+        e[lanes + 1] = q[0] * 3  # query 0's exact match, inside a whole block of rows
+        for normalized in (False, True):
+            ee = e / np.linalg.norm(e, axis=1, keepdims=True) if normalized else e
+            for nq in (1, 2):
+                s, i = search.topk_cosine(q[:nq], ee, 5, normalized=normalized)
+                rs, ri = ref_topk(q[:nq], ee, 5)
+                np.testing.assert_array_equal(i, ri, err_msg=f"d={d}")
+                np.testing.assert_allclose(s, rs, rtol=rtol, atol=rtol, err_msg=f"d={d}")
+                assert i[0, 0] == lanes + 1
+
+
 def test_topk_gemm_path_agrees_with_the_fused_scan(rng, monkeypatch):
     e = rng.standard_normal((2000, 24)).astype(np.float32)
     # exact duplicates: the lowest index must come first (small integers, so every
@@ -593,6 +623,7 @@ import sys, numpy as np
 import kernels._simd as S
 S.VEC_BITS = int(sys.argv[1])  # before the first compile (into an empty cache folder)
 S.VEC_REGS = 32 if S.VEC_BITS == 512 else 16
+S.SCAN_FIXED_PIECES = 8 if S.VEC_BITS == 512 else 4
 from kernels import cluster, search
 cluster._SUB_BYTES = 2 * S.VEC_BITS // 8
 x = np.load(sys.argv[2])
