@@ -64,7 +64,7 @@ from kernels._simd import (NT_MIN_BYTES, VEC_BITS, _host_has_avx2_fma, copy64_nt
                            ln_bwd_out_next, ln_row_sums_vec,
                            ln_out, scale64_nt, sfence, stream_out)
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
-from kernels.config import zen2_host
+from kernels.config import intel_host, zen2_host
 from kernels.errors import KernelInputError
 
 __all__ = [
@@ -265,8 +265,11 @@ LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
 # 512 1.18x, 768 1.10x. The Zen 5 host gained 15-21% at 256 features while its triad
 # gave 48 GB/s but lost 5-30% (512-768 features) at 80, where the row kernel is nearly
 # compute-bound; until 2026-12-04 that loss kept AMD hosts' rows under 4 KiB plain (the
-# slower memory is the common case on these shared machines).
-LN_BWD_NT_F32_BYTES = 512
+# slower memory is the common case on these shared machines). On an Intel host rows from
+# 128 bytes stream (Xeon with a 480 MiB L3, 2026-12-07, same A/B, two processes: 32
+# features 1.10-1.15x, 48 1.33x, 64 1.45-1.47x, 96 1.40x, 128 1.41x; 16 features
+# 0.92x, so not those).
+LN_BWD_NT_F32_BYTES = 128 if intel_host() else 512
 # _ln_bwd_wide with nt: rows in groups whose x and dy take up to LN_BWD_GROUP_BYTES (at
 # most LN_BWD_GROUP_MAX rows); the second pass goes over the group in column tiles of
 # LN_BWD_TILE_BYTES, so the tile's dgamma/dbeta shares stay in L1 for the whole group
