@@ -324,13 +324,15 @@ VEC_SHORT = VEC_BLOCKS = _host_has_avx2_fma()
 # features 2.03x / 1.56x, 24 1.23x / 1.30x, 26 1.62x / 1.10x, 28 1.52x / 0.79-1.20x,
 # 30-32 0.74-0.96x; backward 12 1.29x / 1.10x (two processes), 13 0.70x, 14 0.77-1.10x
 LN_BLOCK_MAX_FEATURES = {(4, 16): 26, (8, 8): 13, (4, 8): 28, (8, 4): 16}
-# Float64 backward blocks with AVX-512 on Intel hosts: up to 12 features (an Intel Xeon
-# with a 480 MiB L3, 2026-12-07, A/B by rounds in one process, rows / blocks, medians, 2^20
-# elements in cache / 2^25 from memory: 7 features 1.98x / 1.63x, 8 1.70x / 1.57x, 10
-# 1.35-1.37x / 1.39-1.43x, 12 1.23x / 1.25x, 13 1.02x / 1.20x, 14 0.98x / 1.18x, 16
-# 1.04x / 1.04x); elsewhere 6, as measured above.
-LN_BWD_BLOCK_MAX_FEATURES = {(4, 16): 12, (8, 8): 12 if intel_host() else 6, (4, 8): 14,
-                             (8, 4): 8}
+# Backward blocks with AVX-512 on Intel hosts: up to 18 float32 and 12 float64 features
+# (an Intel Xeon with a 480 MiB L3, 2026-12-07, A/B by rounds in one process, rows /
+# blocks, medians, 2^20 elements in cache / 2^25 from memory: float32 13 features 1.34x /
+# 1.99x, 14 1.37x / 1.87x, 16 1.16x / 1.20x, 18 1.18x / 1.35x, 20 0.82x / 1.03x, 24 0.80x
+# / 0.99x; float64 7 1.98x / 1.63x, 8 1.70x / 1.57x, 10 1.35-1.37x / 1.39-1.43x, 12 1.23x
+# / 1.25x, 13 1.02x / 1.20x, 14 0.98x / 1.18x, 16 1.04x / 1.04x); elsewhere 12 and 6, as
+# measured above.
+LN_BWD_BLOCK_MAX_FEATURES = {(4, 16): 18 if intel_host() else 12,
+                             (8, 8): 12 if intel_host() else 6, (4, 8): 14, (8, 4): 8}
 # Forward blocks of up to this many features (by (itemsize, lanes)) are taken in groups of
 # LN_BLOCK_GROUP blocks, statistics first, then outputs (_ln_fwd_blocks_chunk): one block
 # at a time the core waited on each block's chain of sums, square root and division
