@@ -257,6 +257,7 @@ LN_FWD_NT_BYTES = 256
 LN_FWD_ONE_CHUNK_ELEMENTS = 24576
 LN_FWD_LEAD_BYTES = 8192  # streamed forward rows prefetch this far ahead (or the next row)
 LN_FWD_NEXT_ROW = ROW_HINTS  # _ln_fwd's streamed rows: the next row instead (ROW_HINTS)
+_INTEL = intel_host()  # (some choices below were measured per CPU vendor)
 LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
 # float32 backward rows of this many bytes or more stream dx out (_nt_rows), on every
 # host. 2^25 elements from memory, A/B by rounds in one process: Intel host 256 features
@@ -269,7 +270,7 @@ LN_BWD_WIDE_BYTES = 4096  # rows of this many bytes or more: _ln_bwd_wide
 # 128 bytes stream (Xeon with a 480 MiB L3, 2026-12-07, same A/B, two processes: 32
 # features 1.10-1.15x, 48 1.33x, 64 1.45-1.47x, 96 1.40x, 128 1.41x; 16 features
 # 0.92x, so not those).
-LN_BWD_NT_F32_BYTES = 128 if intel_host() else 512
+LN_BWD_NT_F32_BYTES = 128 if _INTEL else 512
 # _ln_bwd_wide with nt: rows in groups whose x and dy take up to LN_BWD_GROUP_BYTES (at
 # most LN_BWD_GROUP_MAX rows); the second pass goes over the group in column tiles of
 # LN_BWD_TILE_BYTES, so the tile's dgamma/dbeta shares stay in L1 for the whole group
@@ -331,8 +332,8 @@ LN_BLOCK_MAX_FEATURES = {(4, 16): 26, (8, 8): 13, (4, 8): 28, (8, 4): 16}
 # / 0.99x; float64 7 1.98x / 1.63x, 8 1.70x / 1.57x, 10 1.35-1.37x / 1.39-1.43x, 12 1.23x
 # / 1.25x, 13 1.02x / 1.20x, 14 0.98x / 1.18x, 16 1.04x / 1.04x); elsewhere 12 and 6, as
 # measured above.
-LN_BWD_BLOCK_MAX_FEATURES = {(4, 16): 18 if intel_host() else 12,
-                             (8, 8): 12 if intel_host() else 6, (4, 8): 14, (8, 4): 8}
+LN_BWD_BLOCK_MAX_FEATURES = {(4, 16): 18 if _INTEL else 12, (8, 8): 12 if _INTEL else 6,
+                             (4, 8): 14, (8, 4): 8}
 # Forward blocks of up to this many features (by (itemsize, lanes)) are taken in groups of
 # LN_BLOCK_GROUP blocks, statistics first, then outputs (_ln_fwd_blocks_chunk): one block
 # at a time the core waited on each block's chain of sums, square root and division
