@@ -130,9 +130,14 @@ def _host_has_avx2_fma() -> bool:
 # tile per call; scan_scores: 8 float32 rows per call)
 VEC_BITS = 512 if _host_has_avx512() else 256
 VEC_REGS = 32 if VEC_BITS == 512 else 16
-# the first query's scan of a row, straight-line up to this many vectors a row (the query's
-# pieces stay in registers beside the rows' accumulators: ``scan_scores``)
-SCAN_FIXED_PIECES = 8 if VEC_REGS == 32 else 4
+
+
+def scan_fixed_pieces() -> int:
+    """The most vectors a row may hold for ``scan_scores``' first query to take it as
+    straight-line code: a quarter of the vector registers (8 with AVX-512, 4 without), so
+    the query's pieces stay in registers beside the rows' accumulators. Read when a
+    kernel is compiled, from ``VEC_REGS`` as it then is."""
+    return VEC_REGS // 4
 
 
 @contextlib.contextmanager
@@ -789,7 +794,7 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
     hint only partly made up for it. The later queries, on rows then in cache, keep the
     piece-by-piece order (more independent multiply-adds at once: row by row they ran
     0.81-0.85x). 262144 x 64 float32 from memory, both cores: one query 1.32-1.47x,
-    16 queries 1.14-1.26x; in cache 1.01-1.07x. Rows of up to ``SCAN_FIXED_PIECES``
+    16 queries 1.14-1.26x; in cache 1.01-1.07x. Rows of up to ``scan_fixed_pieces()``
     whole vectors take straight-line code in that first pass (``rows_in_order``): in
     the L2, one core, 1.2-1.7x."""
     if not (_is_1d(emb) and _is_1d(qs) and _is_1d(qinv) and _is_1d(sc)
@@ -844,14 +849,14 @@ def scan_scores(typingctx, emb, r0, d, qs, nq, qinv, normalized, sc):
                 builder.store(builder.call(fma, [e, e, builder.load(naccs[r])]), naccs[r])
 
         def rows_in_order(qbase, group, with_norms):
-            """Row by row, each row's pieces in turn. Up to ``SCAN_FIXED_PIECES`` pieces
+            """Row by row, each row's pieces in turn. Up to ``scan_fixed_pieces()`` pieces
             a row, one straight-line block per count (``switch``), the query's pieces
             loaded once for all the rows: the loop LLVM made of it, unrolled by 8, ran
             its remainder loop one piece at a time for ``d = 64`` float32."""
             done = builder.append_basic_block("rows.done")
             looped = builder.append_basic_block("rows.loop")
             sw = builder.switch(npieces, looped)
-            for p in range(SCAN_FIXED_PIECES + 1):
+            for p in range(scan_fixed_pieces() + 1):
                 block = builder.append_basic_block(f"rows.{p}")
                 sw.add_case(ir.Constant(_I64, p), block)
                 builder.position_at_end(block)

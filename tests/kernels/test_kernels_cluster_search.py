@@ -451,7 +451,7 @@ def test_topk_vector_scan_on_rows_with_a_partial_last_vector(d, nq, dtype, rng, 
 
 @pytest.mark.parametrize("extra", [0, 3])
 def test_topk_vector_scan_at_every_row_length_it_unrolls(extra, dtype, rng, monkeypatch):
-    # the first query's scan takes rows of up to _simd.SCAN_FIXED_PIECES whole vectors as
+    # the first query's scan takes rows of up to _simd.scan_fixed_pieces() vectors as
     # straight-line code, one block per count, and longer rows through a loop: every
     # count from 0 to one past the last block, with and without a masked last piece,
     # norming the rows or not, must give the reference's rows and scores
@@ -462,7 +462,7 @@ def test_topk_vector_scan_at_every_row_length_it_unrolls(extra, dtype, rng, monk
     monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
     lanes = _simd.VEC_BITS // 8 // np.dtype(dtype).itemsize
     rtol = 1e-5 if dtype == np.float32 else 1e-12
-    for pieces in range(_simd.SCAN_FIXED_PIECES + 2):
+    for pieces in range(_simd.scan_fixed_pieces() + 2):
         d = pieces * lanes + extra
         if d == 0:
             continue
@@ -623,7 +623,6 @@ import sys, numpy as np
 import kernels._simd as S
 S.VEC_BITS = int(sys.argv[1])  # before the first compile (into an empty cache folder)
 S.VEC_REGS = 32 if S.VEC_BITS == 512 else 16
-S.SCAN_FIXED_PIECES = 8 if S.VEC_BITS == 512 else 4
 from kernels import cluster, search
 cluster._SUB_BYTES = 2 * S.VEC_BITS // 8
 x = np.load(sys.argv[2])
