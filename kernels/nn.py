@@ -60,9 +60,9 @@ from kernels._chunks import chunk_bounds, n_chunks, row_chunks
 from kernels._fastmath import _maxnum_nnan, exp_softmax, opaque, row_max, row_max_float
 from kernels._jit import jit, overload, pick_twin, prange, serial_twin, types
 from kernels._prefetch import ROW_HINTS, prefetch, prefetch_ahead, prefetch_l2, row_hint
-from kernels._simd import (NT_MIN_BYTES, VEC_BITS, _host_has_avx2_fma, copy64_nt, ln_bwd_out,
-                           ln_bwd_out_next, ln_row_sums_vec,
-                           ln_out, scale64_nt, sfence, stream_out)
+from kernels._simd import (NT_MIN_BYTES, VEC_BITS, _host_has_avx2_fma, copy64_nt,
+                           flush_subnormals, ln_bwd_out, ln_bwd_out_next, ln_row_sums_vec,
+                           ln_out, restore_fp, scale64_nt, sfence, stream_out)
 from kernels.activations import bias_act, bias_act_backward, gelu, gelu_backward
 from kernels.config import intel_host, zen2_host
 from kernels.errors import KernelInputError
@@ -194,6 +194,7 @@ def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero
     last = xflat.size - 1
     lanes = 64 // xflat.itemsize
     lo, hi = chunk_bounds(n, nchunks, ch)
+    fp = flush_subnormals()
     for i in range(lo, hi):
         row = logits[i]
         g = scratch[ch] if nt else (grad[i] if want_grad else row)
@@ -214,6 +215,7 @@ def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero
             g[lab] -= scale
     if nt:
         sfence()
+    restore_fp(fp)
 
 
 @jit(parallel=True)
@@ -434,6 +436,7 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
     for ch in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, ch)
         buf = scratch[ch] if nt else gflat
+        fp = flush_subnormals()
         for i in range(lo, hi):
             base = i * c
             out = 0 if nt else base  # where the row's exps go in buf
@@ -456,6 +459,7 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
                 row[lab] -= scale
         if nt:
             sfence()
+        restore_fp(fp)
 
 
 def _short_row(xflat, gflat, base, c, label, scale, grad, nt, nvec):  # pragma: no cover
@@ -496,6 +500,7 @@ def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, grad, n
     n, c = logits.shape
     for ch in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, ch)
+        fp = flush_subnormals()
         for i in range(lo, hi):
             base = i * c
             lab = labels[i]
@@ -504,6 +509,7 @@ def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, grad, n
             gaps[i] = np.float64(mx) - np.float64(logits[i, lab])
         if nt:
             sfence()
+        restore_fp(fp)
 
 
 # the most vectors per row each short-row kernel takes, by (itemsize, lanes); above, or
@@ -556,12 +562,14 @@ def _softmax_xent_blocks(xflat, labels, gflat, prods, gaps, ncalls, nchunks, sca
     step = len(cls) * (_VEC_BYTES // xflat.itemsize) * per  # elements per call
     for c in prange(nchunks):
         lo, hi = chunk_bounds(ncalls, nchunks, c)
+        fp = flush_subnormals()
         for b in range(lo, hi):
             if step * xflat.itemsize >= SOFTMAX_BLOCK_HINT_BYTES:
                 prefetch_ahead(xflat, b * step, step * xflat.itemsize)
             softmax_block(xflat, gflat, labels, prods, gaps, b, scale, grad, nt, cls)
         if nt:
             sfence()  # this thread's streamed lines, before the call returns
+        restore_fp(fp)
 
 
 _LOG_BIG = 2.0 ** 400  # the running products are rescaled by this (exactly) past it

@@ -124,6 +124,37 @@ def test_xent_matches_reference(dtype, tol, rng, xent_path):
     np.testing.assert_allclose(g2, rg * 50 * 0.25, **tol)
 
 
+@numba.njit(parallel=True)
+def _tiny_products(out):
+    for i in numba.prange(out.size):
+        out[i] = np.float32(1e-30) * np.float32(1e-10) * np.float32(i % 4 + 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [10, 20, 40, 100, 256])
+def test_xent_flushes_subnormal_gradients_and_restores_the_fp_mode(dtype, c, rng, xent_path):
+    # logits spread far apart (a confident model, a contrastive loss at logit scale 100):
+    # most p * scale fall below the smallest normal. The kernels run with subnormals
+    # flushed (an Intel core takes a microcode assist for each vector that makes one:
+    # 10-25x slower), so those entries come out 0, every other entry as before, and the
+    # caller's threads get their floating-point mode back
+    x = (rng.standard_normal((64, c)) * (100 if dtype == np.float32 else 1000)).astype(dtype)
+    y = rng.integers(0, c, 64)
+    rl, rg = ref_xent(x, y)
+    assert (np.abs(rg) < np.finfo(dtype).tiny).mean() > 0.3  # the case is real
+    for out in (None, np.empty_like(x)):
+        loss, g = nn.softmax_cross_entropy(x, y, out=out)
+        np.testing.assert_allclose(loss, rl, rtol=1e-5 if dtype == np.float32 else 1e-12)
+        # (p - 1 at a label where p is near 1: an absolute error of some ulp of 1 / 64)
+        np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-8 if dtype == np.float32 else 1e-15)
+        if _simd.NT_STORES:  # x86-64: MXCSR's flush-to-zero
+            assert not ((g != 0) & (np.abs(g) < np.finfo(dtype).tiny)).any()
+    assert np.float32(1e-30) * np.float32(1e-10) != 0  # this thread: subnormals again
+    w = np.empty(64, np.float32)
+    _tiny_products(w)  # and Numba's worker threads
+    assert (w != 0).all()
+
+
 def test_xent_is_stable_for_huge_logits_and_takes_strided_input(rng, xent_path):
     x = np.asfortranarray(rng.standard_normal((6, 4)) * 1e4)
     y = np.array([0, 1, 2, 3, 0, 1])
