@@ -1652,14 +1652,10 @@ def _softmax_rows_intrinsic(f32: bool, nvec: int):
             mx = builder.call(rmax, [m], fastmath=("nnan",))
             mxs = _splat(builder, mx, vty)
             zero = ir.Constant(vty, [0.0] * lanes)
-            # lanes past the row take exp(0), not exp(-inf): clamped there, the exp's
-            # last product comes out subnormal, and on Intel hosts each such vector
-            # costs a microcode assist (rows of 40 float32 classes 3x slower)
-            ws = [builder.select(mk, builder.fsub(xv, mxs), zero) for mk, xv in zip(masks, xs)]
             if f32:
-                es = [_exp_softmax_f32(builder, w) for w in ws]
+                es = [_exp_softmax_f32(builder, builder.fsub(xv, mxs)) for xv in xs]
             else:
-                es = _exp_nonpos_f64(builder, ws)
+                es = _exp_nonpos_f64(builder, [builder.fsub(xv, mxs) for xv in xs])
             es = [builder.select(mk, e, zero) for mk, e in zip(masks, es)]
             acc = es[0]
             for e in es[1:]:
