@@ -83,7 +83,7 @@ def test_float32_blocks_that_ask_ahead_give_the_plain_loops_bits(dtype, rng, mon
     t = dtype.type
     consts = (t(0.999), t(1e-3), t(0.9), t(0.1), t(0.99), t(0.01), t(1.2), t(1e-8))
     want = [a.copy() for a in arrs]
-    optim._adamw(*want, *consts)
+    optim._adamw(*want, *consts, 2)
     for nch in (1, 3, 8):
         got = [a.copy() for a in arrs]
         optim._adamw_hinted(*got, *consts, nch)
@@ -248,3 +248,38 @@ def test_adamw_object_counts_steps(rng):
     # constant gradient: each bias-corrected step moves by ~lr
     np.testing.assert_allclose(opt.params, 1 - 0.3, rtol=1e-6)
     assert opt.step_count == 3
+
+
+@pytest.mark.parametrize("kernel", ["_adamw_head", "_adamw", "_adamw_hinted", "_adamw_staged"])
+def test_moments_decaying_through_the_subnormals_are_flushed(kernel, dtype, rng):
+    # a parameter whose gradient stays 0 (an embedding row of an unseen token): its
+    # moments decay into the subnormals, where an Intel core takes a microcode assist per
+    # vector (20-28x slower). Every kernel runs with them flushed: such a moment comes
+    # out 0, the rest as before, and the caller's floating-point mode comes back
+    from kernels import optim
+
+    n = 3 * optim._GRAD_STAGE + 37
+    tiny = np.finfo(dtype).tiny
+    p = rng.standard_normal(n).astype(dtype)
+    g = np.zeros(n, dtype)
+    m, v = np.full(n, tiny * 0.7, dtype), np.full(n, tiny * 0.3, dtype)
+    live = slice(0, n, 5)  # every fifth entry an ordinary one
+    g[live] = rng.standard_normal(g[live].size)
+    m[live], v[live] = 0.1 * rng.standard_normal(g[live].size), 0.01 * rng.random(g[live].size)
+    step = 1000
+    rp, rm, rv = ref_adamw(*(a.astype(np.float64) for a in (p, g, m, v)), step, **HP)
+    bc1, bc2 = 1 - HP["beta1"] ** step, 1 - HP["beta2"] ** step
+    t = dtype.type
+    consts = (t(1 - HP["lr"] * HP["weight_decay"]), t(HP["lr"] / bc1), t(HP["beta1"]),
+              t(1 - HP["beta1"]), t(HP["beta2"]), t(1 - HP["beta2"]), t(1 / np.sqrt(bc2)),
+              t(HP["eps"]))
+    extra = () if kernel == "_adamw_head" else (3,)
+    getattr(optim, kernel)(p, g, m, v, *consts, *extra)
+    for got in (m, v):
+        assert not ((got != 0) & (np.abs(got) < tiny)).any()
+    assert (m[1::5] == 0).all() and (v[1::5] == 0).all()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(p, rp, **tol)
+    np.testing.assert_allclose(m[live], rm[live], **tol)
+    np.testing.assert_allclose(v[live], rv[live], **tol)
+    assert np.float32(1e-30) * np.float32(1e-10) != 0  # subnormals again in this thread
