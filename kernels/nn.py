@@ -59,7 +59,8 @@ from kernels._avx512 import (
 from kernels._chunks import chunk_bounds, n_chunks, row_chunks
 from kernels._fastmath import _maxnum_nnan, exp_softmax, opaque, row_max, row_max_float
 from kernels._jit import jit, overload, pick_twin, prange, serial_twin, types
-from kernels._prefetch import ROW_HINTS, prefetch, prefetch_ahead, prefetch_l2, row_hint
+from kernels._prefetch import (ROW_HINTS, prefetch, prefetch_ahead, prefetch_l2, prefetch_w,
+                               row_hint)
 from kernels._simd import (NT_MIN_BYTES, VEC_BITS, _host_has_avx2_fma, copy64_nt,
                            flush_subnormals, ln_bwd_out, ln_bwd_out_next, ln_row_sums_vec,
                            ln_out, restore_fp, scale64_nt, sfence, stream_out)
@@ -115,6 +116,20 @@ def _row_exp(row, out, store, zero):
             out[j] = e
         s += e
     return s, mx
+
+
+SHARED_LINE_AHEAD_BYTES = 4096
+
+
+@jit(inline=True)
+def _own_shared_line(dst, i, c, hi):
+    """Ask for the line that row ``i``'s streamed gradient will share with the row before
+    it (``_scale_out_nt`` stores such lines plainly), ``SHARED_LINE_AHEAD_BYTES`` of rows
+    ahead, for a write (``prefetch_w``): a plain store that misses holds up the
+    non-temporal stores behind it until its line comes from memory."""
+    r = i + max(1, SHARED_LINE_AHEAD_BYTES // (c * dst.itemsize))
+    if r < hi and (r * c) % (64 // dst.itemsize) != 0:
+        prefetch_w(dst, r * c)
 
 
 @jit(inline=True)
@@ -208,6 +223,7 @@ def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero
         # made the loop's g[j] * (scale / s) into (scale * g[j]) * (1 / s))
         f = opaque(scale / s)
         if nt:  # (only with a gradient)
+            _own_shared_line(gflat, i, c, hi)
             _scale_out_nt(gflat, i * c, g, c, f, lab, scale)
         elif want_grad:
             for j in range(c):
@@ -451,6 +467,7 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
             gaps[i] = mx - logits[i, lab]
             f = scale / s
             if nt:
+                _own_shared_line(gflat, i, c, hi)
                 _scale_out_nt(gflat, base, buf, c, f, lab, scale)
             else:
                 row = buf[out:out + c]  # a slice: a loop indexed from out is not vectorised

@@ -253,6 +253,25 @@ def bench_nn(tab: Table, tb, rows: int, cols: int, dt) -> None:
         "torch: cross_entropy fwd+backward", ours=lambda: nn.softmax_cross_entropy(xs, ys),
         numpy=lambda: B.np_xent(xs, ys), ours_out=lambda: nn.softmax_cross_entropy(xs, ys, out=os_),
         torch=ts.get("xent"))
+    # 100 classes (CIFAR-100): float32 rows of 6.25 vectors in registers
+    xh = x.reshape(-1)[:x.size // 100 * 100].reshape(-1, 100)
+    yh = rng.integers(0, 100, xh.shape[0])
+    oh = empty_aligned(xh.shape, dt, apart_from=xh)
+    th = B.torch_nn(tb, xh, yh, gam[:100], bet[:100], xh)
+    add("softmax_cross_entropy+grad, 100 classes", xh.shape, dt, 2 * xh.nbytes + yh.nbytes,
+        "float32 rows held in registers (AVX-512), float64 row loops; "
+        "torch: cross_entropy fwd+backward", ours=lambda: nn.softmax_cross_entropy(xh, yh),
+        numpy=lambda: B.np_xent(xh, yh), ours_out=lambda: nn.softmax_cross_entropy(xh, yh, out=oh),
+        torch=th.get("xent"))
+    # logits 100x wider (a confident model; a contrastive loss at logit scale 100): most
+    # p * scale below the smallest normal, flushed to 0 (docs/kernels.md, "Subnormals")
+    xw = 100 * x
+    ow = empty_aligned(x.shape, dt, apart_from=xw)
+    tw = B.torch_nn(tb, xw, y, gam, bet, dy)
+    add("softmax_cross_entropy+grad, logits x 100", x.shape, dt, 2 * nb + y.nbytes,
+        "most gradients below the smallest normal; torch: cross_entropy fwd+backward",
+        ours=lambda: nn.softmax_cross_entropy(xw, y), numpy=lambda: B.np_xent(xw, y),
+        ours_out=lambda: nn.softmax_cross_entropy(xw, y, out=ow), torch=tw.get("xent"))
     add("layer_norm", x.shape, dt, 2 * nb + sb, ours=lambda: nn.layer_norm(x, gam, bet),
         ours_out=lambda: nn.layer_norm(x, gam, bet, out=o, mean_out=st[0], rstd_out=st[1]),
         numpy=lambda: B.np_layer_norm(x, gam, bet), torch=t.get("ln"))
