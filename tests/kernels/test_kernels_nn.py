@@ -138,14 +138,15 @@ def test_xent_flushes_subnormal_gradients_and_restores_the_fp_mode(dtype, c, rng
     # flushed (an Intel core takes a microcode assist for each vector that makes one:
     # 10-25x slower), so those entries come out 0, every other entry as before, and the
     # caller's threads get their floating-point mode back
-    x = (rng.standard_normal((64, c)) * (100 if dtype == np.float32 else 1000)).astype(dtype)
-    y = rng.integers(0, c, 64)
+    # (rows enough for several chunks: Numba's worker threads flush too)
+    x = (rng.standard_normal((2048, c)) * (100 if dtype == np.float32 else 1000)).astype(dtype)
+    y = rng.integers(0, c, 2048)
     rl, rg = ref_xent(x, y)
     assert (np.abs(rg) < np.finfo(dtype).tiny).mean() > 0.3  # the case is real
     for out in (None, np.empty_like(x)):
         loss, g = nn.softmax_cross_entropy(x, y, out=out)
         np.testing.assert_allclose(loss, rl, rtol=1e-5 if dtype == np.float32 else 1e-12)
-        # (p - 1 at a label where p is near 1: an absolute error of some ulp of 1 / 64)
+        # (p - 1 at a label where p is near 1: an absolute error of some ulp of 1 / 2048)
         np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-8 if dtype == np.float32 else 1e-15)
         if _simd.NT_STORES:  # x86-64: MXCSR's flush-to-zero
             assert not ((g != 0) & (np.abs(g) < np.finfo(dtype).tiny)).any()
