@@ -35,7 +35,6 @@ from kernels._jit import intrinsic, jit, types
 from kernels.config import get_config
 
 __all__ = ["PREFETCH_BYTES", "ROW_HINTS", "item_shift", "prefetch", "prefetch_ahead", "prefetch_l2",
-           "prefetch_w",
            "row_hint"]
 
 ENABLED = True  # read when a kernel is compiled: False leaves the hints out (benchmarks)
@@ -44,8 +43,7 @@ PREFETCH_BYTES = 8192  # ~100 ns of one core's bandwidth, several times over
 _LINE = 64
 
 
-def _prefetch_intrinsic(host_only: bool, name: str, doc: str, locality: int = 3,
-                        write: bool = False):
+def _prefetch_intrinsic(host_only: bool, name: str, doc: str, locality: int = 3):
     """Build ``prefetch`` (``host_only`` false) or ``row_hint`` (true: a hint only where
     ``ROW_HINTS`` is true when the caller is compiled)."""
 
@@ -56,7 +54,7 @@ def _prefetch_intrinsic(host_only: bool, name: str, doc: str, locality: int = 3,
 
         def codegen(context, builder, signature, args):
             if ROW_HINTS or not host_only:
-                _emit_prefetch(context, builder, signature, args, locality, write)
+                _emit_prefetch(context, builder, signature, args, locality)
             return context.get_dummy_value()
 
         return types.void(arr, i), codegen
@@ -66,7 +64,7 @@ def _prefetch_intrinsic(host_only: bool, name: str, doc: str, locality: int = 3,
     return intrinsic(typer)
 
 
-def _emit_prefetch(context, builder, signature, args, locality=3, write=False):
+def _emit_prefetch(context, builder, signature, args, locality=3):
     """The ``llvm.prefetch`` of ``arr[i]`` (nothing when ``ENABLED`` is false)."""
     if ENABLED:
         aryty = signature.args[0]
@@ -77,7 +75,7 @@ def _emit_prefetch(context, builder, signature, args, locality=3, write=False):
         fnty = ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         i32 = ir.IntType(32)
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, int(write)),
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0),
                           ir.Constant(i32, locality),
                           ir.Constant(i32, 1)])
 
@@ -89,10 +87,6 @@ not fault), but callers clamp anyway.""")
 prefetch_l2 = _prefetch_intrinsic(False, "prefetch_l2", """``prefetch`` into L2, not L1
 (``llvm.prefetch(p, 0, 2, 1)``, x86 ``prefetcht1``): for data wanted later than the L1
 would hold it.""", 2)
-prefetch_w = _prefetch_intrinsic(False, "prefetch_w", """``prefetch`` for a write
-(``llvm.prefetch(p, 1, 3, 1)``, x86 ``prefetchw``): the line comes in owned, so a
-plain store to it later does not wait for it (a store that misses holds up the stores
-behind it, non-temporal ones too).""", write=True)
 row_hint = _prefetch_intrinsic(True, "row_hint", """``prefetch(arr, i)`` where ``ROW_HINTS``
 was true when the caller was compiled, else nothing.""")
 

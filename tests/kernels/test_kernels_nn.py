@@ -257,21 +257,6 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
     _assert_loss_alone_matches(x, y, res[True], rtol=1e-14)
 
 
-def test_streamed_rows_ask_for_the_line_they_share_with_the_row_before_for_a_write():
-    # rows that are not whole lines store the line two rows share plainly; the line is
-    # asked for ahead with prefetchw (a store that misses holds up the streamed ones)
-    @numba.njit
-    def ask(dst, i, c, hi):
-        nn._own_shared_line(dst, i, c, hi)
-
-    dst = np.zeros(4096)
-    ask(dst, 0, 100, 64)  # rows of 800 bytes: the hint goes 5 rows ahead
-    asm = ask.inspect_asm(ask.signatures[0])
-    if platform.machine() in ("x86_64", "AMD64") and "3dnowprefetch" in Path(
-            "/proc/cpuinfo").read_text():
-        assert re.search(r"\bprefetchw\b", asm)
-
-
 @pytest.mark.parametrize("dt, c", [(np.float64, 3), (np.float64, 8), (np.float64, 13),
                                    (np.float64, 64), (np.float64, 264), (np.float64, 1000),
                                    (np.float64, 1001), (np.float32, 16), (np.float32, 21),
