@@ -149,7 +149,8 @@ def _scale_out_nt(dst, base, buf, c, f, lab, scale, prev_here, next_here):
     for k in range(a, b):
         buf[k] = buf[k] * f
     buf[lab] -= scale
-    if head and prev_here:  # the line the row before began, in buf[c:c+per]
+    whole = c >= per  # (a row shorter than a line: a line may span three rows; plain)
+    if head and prev_here and whole:  # the line the row before began, in buf[c:c+per]
         o = c + per - head
         for j in range(head):
             buf[o + j] = buf[j] if a == 0 else buf[j] * f
@@ -164,7 +165,7 @@ def _scale_out_nt(dst, base, buf, c, f, lab, scale, prev_here, next_here):
         else:
             scale64_nt(dst, base + j, buf, j, f)
         j += per
-    if next_here:  # the row after finishes this line
+    if next_here and whole:  # the row after finishes this line
         for k in range(tail, c):
             buf[c + k - tail] = buf[k] if a == tail else buf[k] * f
     else:
