@@ -26,7 +26,7 @@ import numpy as np
 
 from kernels import _checks
 from kernels._checks import empty_aligned, empty_placed
-from kernels._chunks import chunk_bounds, n_chunks
+from kernels._chunks import ROW_CHUNK_ELEMENTS, chunk_bounds, n_chunks
 from kernels._jit import jit, prange
 from kernels._prefetch import PREFETCH_BYTES, ROW_HINTS, row_hint
 from kernels._simd import flush_subnormals, restore_fp
@@ -189,6 +189,17 @@ def _flat(a: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(a).reshape(-1), True
 
 
+def _step_consts(dtype, step, lr, beta1, beta2, eps, weight_decay) -> tuple:
+    """The kernels' constants after ``p``, ``g``, ``m``, ``v``, in ``dtype``: the decay
+    factor, the step size over the first bias correction, the betas and one minus each,
+    one over the square root of the second bias correction, and ``eps``."""
+    t = np.dtype(dtype).type
+    bc1 = 1.0 - float(beta1) ** step
+    bc2 = 1.0 - float(beta2) ** step
+    return (t(1.0 - lr * weight_decay), t(lr / bc1), t(beta1), t(1.0 - beta1),
+            t(beta2), t(1.0 - beta2), t(1.0 / np.sqrt(bc2)), t(eps))
+
+
 def adamw_step(
     params: np.ndarray,
     grads: np.ndarray,
@@ -229,14 +240,10 @@ def adamw_step(
             raise KernelInputError(f"{name} must be in [0, 1), got {b!r}")
     if params.size == 0:
         return
-    t = params.dtype.type
-    bc1 = 1.0 - float(beta1) ** step
-    bc2 = 1.0 - float(beta2) ** step
     flats = [_flat(a) for a in (params, exp_avg, exp_avg_sq)]
     g = np.ascontiguousarray(grads).reshape(-1)
     arrays = [flats[0][0], g, flats[1][0], flats[2][0]]
-    consts = (t(1.0 - lr * weight_decay), t(lr / bc1), t(beta1), t(1.0 - beta1),
-              t(beta2), t(1.0 - beta2), t(1.0 / np.sqrt(bc2)), t(eps))
+    consts = _step_consts(params.dtype, step, lr, beta1, beta2, eps, weight_decay)
     if g.nbytes <= _SERIAL_MAX_BYTES:
         _adamw_head(*arrays, *consts)
     elif STAGE_ALIASED_GRADS and arrays[0].size >= _PEEL_MIN and _grads_alias(g, arrays[0]):
@@ -250,7 +257,7 @@ def adamw_step(
         if ROW_HINTS and body[0].nbytes >= _HINT_MIN_BYTES and body[0].dtype == np.float32:
             _adamw_hinted(*body, *consts, n_chunks(body[0].size, min_rows=_PEEL_MIN))
         else:
-            _adamw(*body, *consts, n_chunks(body[0].size, min_rows=4096))
+            _adamw(*body, *consts, n_chunks(body[0].size, min_rows=ROW_CHUNK_ELEMENTS))
     for (flat, copied), target in zip(flats, (params, exp_avg, exp_avg_sq)):
         if copied:
             target[...] = flat.reshape(target.shape)

@@ -268,11 +268,7 @@ def test_moments_decaying_through_the_subnormals_are_flushed(kernel, dtype, rng)
     m[live], v[live] = 0.1 * rng.standard_normal(g[live].size), 0.01 * rng.random(g[live].size)
     step = 1000
     rp, rm, rv = ref_adamw(*(a.astype(np.float64) for a in (p, g, m, v)), step, **HP)
-    bc1, bc2 = 1 - HP["beta1"] ** step, 1 - HP["beta2"] ** step
-    t = dtype.type
-    consts = (t(1 - HP["lr"] * HP["weight_decay"]), t(HP["lr"] / bc1), t(HP["beta1"]),
-              t(1 - HP["beta1"]), t(HP["beta2"]), t(1 - HP["beta2"]), t(1 / np.sqrt(bc2)),
-              t(HP["eps"]))
+    consts = optim._step_consts(dtype, step, **HP)
     extra = () if kernel == "_adamw_head" else (3,)
     getattr(optim, kernel)(p, g, m, v, *consts, *extra)
     for got in (m, v):
