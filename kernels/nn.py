@@ -86,35 +86,44 @@ SHIFT_MAX = 60.0
 
 
 @jit(inline=True)
-def _row_exp(row, out, store, zero):
+def _row_exp(row, out, store, zero, max_first):
     """``(s, sh)``: the sum of ``exp(row - sh)``, each stored in ``out`` when ``store``,
     where the shift ``sh`` is the row's first value, or its max when that is more than
-    ``SHIFT_MAX`` above the first (or not a number: a NaN or inf gives a NaN sum)."""
+    ``SHIFT_MAX`` above the first (or not a number: a NaN or inf gives a NaN sum).
+
+    Without ``max_first`` the exps are taken against the first value, the max tracked on
+    the way, and the row done again against its max only when the rule says so; with
+    it the max comes first (one ``vmaxps`` per vector) and the exps once, against the
+    shift the same rule picks: the same values either way. Callers ask for
+    ``max_first`` after a row that needed its max (``_wide_rows``)."""
     c0 = row[0]
     s = zero
-    mx = c0
-    if store:
-        for j in range(row.size):
-            x = row[j]
-            e = exp_softmax(x - c0)
-            out[j] = e
-            s += e
-            mx = _maxnum_nnan(mx, x)
+    if max_first:
+        mx = row_max_float(row)
     else:
-        for j in range(row.size):
-            x = row[j]
-            s += exp_softmax(x - c0)
-            mx = _maxnum_nnan(mx, x)
-    if mx - c0 <= SHIFT_MAX:
-        return s, c0
-    mx = row_max_float(row)
+        mx = c0
+        if store:
+            for j in range(row.size):
+                x = row[j]
+                e = exp_softmax(x - c0)
+                out[j] = e
+                s += e
+                mx = _maxnum_nnan(mx, x)
+        else:
+            for j in range(row.size):
+                x = row[j]
+                s += exp_softmax(x - c0)
+                mx = _maxnum_nnan(mx, x)
+        if mx - c0 <= SHIFT_MAX:
+            return s, c0
+    sh = c0 if mx - c0 <= SHIFT_MAX else mx
     s = zero
     for j in range(row.size):
-        e = exp_softmax(row[j] - mx)
+        e = exp_softmax(row[j] - sh)
         if store:
             out[j] = e
         s += e
-    return s, mx
+    return s, sh
 
 
 @jit(inline=True)
@@ -213,13 +222,15 @@ def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero
     lanes = 64 // xflat.itemsize
     lo, hi = chunk_bounds(n, nchunks, ch)
     fp = flush_subnormals()
+    wide = False  # the row before needed its max: take this row's first (_row_exp)
     for i in range(lo, hi):
         row = logits[i]
         g = scratch[ch] if nt else (grad[i] if want_grad else row)
         if nt:
             for k in range(0, c, lanes):
                 row_hint(xflat, min((i + 1) * c + k, last))
-        s, sh = _row_exp(row, g, want_grad, zero)
+        s, sh = _row_exp(row, g, want_grad, zero, wide)
+        wide = sh != row[0]
         lab = labels[i]
         losses[i] = sh + np.log(s) - row[lab]
         # f computed once and hidden, so both ways scale by it alike (fast-math had
@@ -455,15 +466,25 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
         lo, hi = chunk_bounds(n, nchunks, ch)
         buf = scratch[ch] if nt else gflat
         fp = flush_subnormals()
+        wide = False
         for i in range(lo, hi):
             base = i * c
             out = 0 if nt else base  # where the row's exps go in buf
-            # shifted by the row's first logit, its max taken on the way (SHIFT_MAX)
-            mx = xflat[base]
-            s, top = _row_exps_f64(xflat, buf, base, out, c, mx, nt, last)
-            if not top - mx <= SHIFT_MAX:  # far above the first logit, or NaN: again
-                mx = row_max(lbits[i])
-                s, _ = _row_exps_f64(xflat, buf, base, out, c, mx, False, last)
+            # shifted by the row's first logit, its max taken on the way (SHIFT_MAX);
+            # after a row that needed its max, the max first (as in _row_exp)
+            x0 = xflat[base]
+            mx = x0
+            if wide:
+                top = row_max(lbits[i])
+                if not top - mx <= SHIFT_MAX:
+                    mx = top
+                s, _ = _row_exps_f64(xflat, buf, base, out, c, mx, nt, last)
+            else:
+                s, top = _row_exps_f64(xflat, buf, base, out, c, mx, nt, last)
+                if not top - mx <= SHIFT_MAX:  # far above the first logit, or NaN: again
+                    mx = row_max(lbits[i])
+                    s, _ = _row_exps_f64(xflat, buf, base, out, c, mx, False, last)
+            wide = mx != x0
             sums[i] = s
             lab = labels[i]
             gaps[i] = mx - logits[i, lab]

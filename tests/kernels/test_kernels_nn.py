@@ -201,6 +201,33 @@ def test_xent_long_rows_shift_by_the_first_logit_or_redo_against_the_max(dt, rng
     np.testing.assert_allclose(alone, rl, **tol)
 
 
+def test_xent_rows_after_a_wide_row_take_their_max_first_for_the_same_bits(dtype, rng,
+                                                                          xent_path):
+    # after a row whose max was more than SHIFT_MAX above its first logit, the row loops
+    # take the next row's max before its exps and pick the shift by the same rule: each
+    # row's gradient must be bit for bit what it gets alone (where it never follows a
+    # wide row), on either side of the line, and the loss the reference's
+    c = 300  # the row loops on every host
+    x = rng.standard_normal((14, c))
+    x[1:4] *= 100  # logits at CLIP's scale: every such row needs its max
+    for i, gap in zip((4, 6, 8, 10), (nn.SHIFT_MAX, 61.0, 5.0, 1e4)):
+        x[i, 0], x[i, 7] = 0.0, gap
+    x[5] *= 100
+    x[11, 0] = -np.inf
+    xs = x.astype(dtype)
+    y = rng.integers(0, c, len(x))
+    out = empty_aligned(xs.shape, dtype)
+    loss, g = nn.softmax_cross_entropy(xs, y, reduction="sum", grad_scale=1.0, out=out)
+    for i in range(len(x)):
+        _, gi = nn.softmax_cross_entropy(xs[i:i + 1], y[i:i + 1], reduction="sum",
+                                         grad_scale=1.0)
+        np.testing.assert_array_equal(g[i], gi[0], err_msg=f"row {i}")
+    rl, rg = ref_xent(xs, y)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(loss / len(x), rl, **tol)
+    np.testing.assert_allclose(g / len(x), rg, **tol)
+
+
 def test_xent_float32_special_rows_follow_float64(rng):
     # float32 takes the row max with a vector float max (no NaN semantics): a NaN, +inf
     # or all -inf row still gives NaN in its own row only, -inf entries (masking) give
