@@ -31,6 +31,10 @@ from kernels.errors import KernelInputError
 __all__ = ["GEMM_BLOCK_ROWS", "GEMM_MIN_QUERIES", "merge_topk", "topk_cosine"]
 
 SCAN_HINT_MIN_BYTES = 8 << 20  # the vector scan's host-dependent hint from this size
+# float64 scans from SCAN_HINT_MIN_BYTES ask for their rows 8 KiB on, on every host
+# (_scan_hint): where ROW_HINTS are off (the Zen 4 host, 2026-12-07) pre-normalised float64
+# rows ran at 14 GB/s without (one query, 1.4-3.8x with it), norming ones 1.2-1.4x
+SCAN_HINT_ALWAYS = True
 # float32 queries from which the blocked-GEMM path runs (float64: half as many). Intel
 # host (Emerald Rapids, 2 cores), 262144 x 64, k = 10, scan / GEMM path split over the
 # threads, medians of 7: float32 at 32, 48, 64, 96 queries 0.76, 0.92, 0.99, 1.08;
@@ -383,8 +387,9 @@ def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, la
     rows in memory order, which the Zen 4 host's prefetcher follows; an Intel host's does
     not run far enough ahead, so there each step asks for the rows 8 KiB on
     (``kernels._prefetch.ROW_HINTS``: from memory 1.33-1.37x norming the rows,
-    1.07-1.11x pre-normalised), where the matrix is ``ahead`` (``SCAN_HINT_MIN_BYTES`` or
-    more): at 2 MiB, in the L2, the hint cost 0.88-1.02x."""
+    1.07-1.11x pre-normalised), where the matrix is ``SCAN_HINT_MIN_BYTES`` or more
+    (``ahead``, ``_scan_hint``; float64 on every host): at 2 MiB, in the L2, the hint cost
+    0.88-1.02x."""
     for c in prange(nchunks):
         _topk_vec_chunk(np.int64(c), qs, qinv, emb, out_s, out_i, nchunks, offset, zero,
                         normalized, lanes, sc, ahead, pooled)
@@ -404,7 +409,9 @@ def _topk_vec_chunk(c, qs, qinv, emb, out_s, out_i, nchunks, offset, zero, norma
     ids = out_i[c]  # (a view per offer cost a reference count, up and down, each)
     nb = lo + (hi - lo) // lanes * lanes
     for r0 in range(lo, nb, lanes):
-        if ahead:
+        if ahead == 2:
+            prefetch_ahead(flat, r0 * d, lanes * d * flat.itemsize)
+        elif ahead:
             prefetch_ahead(flat, r0 * d, lanes * d * flat.itemsize, True)
         scan_scores(flat, r0, d, qflat, nq, qinv, normalized, buf)
         for q in range(nq):
@@ -725,6 +732,14 @@ def topk_cosine(
     return s, i
 
 
+def _scan_hint(e: np.ndarray) -> int:
+    """``_topk_vec``'s ``ahead``: 0 no hint, 1 the host-dependent one (``row_hint``), 2
+    a hint on any host (float64, ``SCAN_HINT_ALWAYS``)."""
+    if e.nbytes < SCAN_HINT_MIN_BYTES:
+        return 0
+    return 2 if SCAN_HINT_ALWAYS and e.itemsize == 8 else 1
+
+
 def _search(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: int,
             normalized: bool, gemm_path: bool,
             cut: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -747,7 +762,7 @@ def _search(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: int
         sc = np.empty((nch, q.shape[0] * lanes), q.dtype)
         pick_twin(_topk_vec, _topk_vec_1, nch)(
             q, qinv, e, out_s, out_i, nch, offset, q.dtype.type(0), normalized,
-            lanes, sc, e.nbytes >= SCAN_HINT_MIN_BYTES, pooled)
+            lanes, sc, _scan_hint(e), pooled)
     else:
         pick_twin(_topk, _topk_1, nch)(q, qinv, e, out_s, out_i, nch, offset,
                                        q.dtype.type(0), normalized, pooled)

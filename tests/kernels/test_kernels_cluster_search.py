@@ -408,6 +408,30 @@ def test_topk_normalized_flag_on_whole_vector_rows(nq, dtype, rng, search_path):
     np.testing.assert_allclose(s3, 3 * rs, rtol=rtol)
 
 
+@pytest.mark.parametrize("normalized", [False, True])
+def test_topk_float64_scan_asks_for_its_rows_ahead_on_every_host(normalized, rng, monkeypatch):
+    # float64 matrices from SCAN_HINT_MIN_BYTES are scanned with a prefetch hint on any
+    # host (ahead = 2), float32 ones only where the host's row hints are on (1): the
+    # hinted scan must give the reference's rows (the hints clamped to the last row)
+    monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
+    monkeypatch.setattr(search, "SCAN_HINT_MIN_BYTES", 4096)
+    seen = []
+    real = search._scan_hint
+    monkeypatch.setattr(search, "_scan_hint", lambda *a: seen.append(real(*a)) or seen[-1])
+    e = rng.standard_normal((1003, 32))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    q = rng.standard_normal((1, 32))
+    rs, ri = ref_topk(q, e, 7)
+    for dt, want in ((np.float64, 2), (np.float32, 1)):
+        s, i = search.topk_cosine(q.astype(dt), e.astype(dt), 7, normalized=normalized)
+        assert seen[-1] == want
+        np.testing.assert_array_equal(i, ri)
+        np.testing.assert_allclose(s, rs, rtol=1e-5 if dt == np.float32 else 1e-12)
+    assert real(e[:10]) == 0  # under SCAN_HINT_MIN_BYTES: none
+    monkeypatch.setattr(search, "SCAN_HINT_ALWAYS", False)
+    assert real(e) == 1
+
+
 @pytest.mark.parametrize("d", [3, 10, 17, 20, 33, 100, 300])
 @pytest.mark.parametrize("nq", [1, 5])
 def test_topk_vector_scan_on_rows_with_a_partial_last_vector(d, nq, dtype, rng, monkeypatch):
