@@ -86,6 +86,13 @@ SHIFT_MAX = 60.0
 
 
 @jit(inline=True)
+def _shift(x0, mx):
+    """What a softmax row's exps are shifted by: its first logit ``x0``, or its max ``mx``
+    where that is more than ``SHIFT_MAX`` above ``x0`` (or either is not a number)."""
+    return x0 if mx - x0 <= SHIFT_MAX else mx
+
+
+@jit(inline=True)
 def _row_exp(row, out, store, zero, max_first):
     """``(s, sh)``: the sum of ``exp(row - sh)``, each stored in ``out`` when ``store``,
     where the shift ``sh`` is the row's first value, or its max when that is more than
@@ -94,8 +101,8 @@ def _row_exp(row, out, store, zero, max_first):
     Without ``max_first`` the exps are taken against the first value, the max tracked on
     the way, and the row done again against its max only when the rule says so; with
     it the max comes first (one ``vmaxps`` per vector) and the exps once, against the
-    shift the same rule picks: the same values either way. Callers ask for
-    ``max_first`` after a row that needed its max (``_wide_rows``)."""
+    shift the same rule picks (``_shift``): the same values either way. Callers ask for
+    ``max_first`` after a row that needed its max (their ``wide`` flag)."""
     c0 = row[0]
     s = zero
     if max_first:
@@ -116,7 +123,7 @@ def _row_exp(row, out, store, zero, max_first):
                 mx = _maxnum_nnan(mx, x)
         if mx - c0 <= SHIFT_MAX:
             return s, c0
-    sh = c0 if mx - c0 <= SHIFT_MAX else mx
+    sh = _shift(c0, mx)
     s = zero
     for j in range(row.size):
         e = exp_softmax(row[j] - sh)
@@ -475,9 +482,7 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
             x0 = xflat[base]
             mx = x0
             if wide:
-                top = row_max(lbits[i])
-                if not top - mx <= SHIFT_MAX:
-                    mx = top
+                mx = _shift(x0, row_max(lbits[i]))
                 s, _ = _row_exps_f64(xflat, buf, base, out, c, mx, nt, last)
             else:
                 s, top = _row_exps_f64(xflat, buf, base, out, c, mx, nt, last)
