@@ -100,15 +100,15 @@ def _row_exp(row, out, store, zero, max_first):
 
     Without ``max_first`` the exps are taken against the first value, the max tracked on
     the way, and the row done again against its max only when the rule says so; with
-    it the max comes first (one ``vmaxps`` per vector) and the exps once, against the
-    shift the same rule picks (``_shift``): the same values either way. Callers ask for
-    ``max_first`` after a row that needed its max (their ``wide`` flag)."""
+    it the max comes first (one ``vmaxps`` per vector), and a row the rule shifts by its
+    max skips the first loop. Either way a row goes through the same loop for the same
+    shift (``_shift``), so it gets the same bits: the sums' order is LLVM's choice per
+    loop (256-bit float64 code summed two copies of a loop differently). Callers ask
+    for ``max_first`` after a row that needed its max (their ``wide`` flag)."""
     c0 = row[0]
-    s = zero
-    if max_first:
-        mx = row_max_float(row)
-    else:
-        mx = c0
+    mx = row_max_float(row) if max_first else c0
+    if not max_first or _shift(c0, mx) == c0:
+        s = zero
         if store:
             for j in range(row.size):
                 x = row[j]

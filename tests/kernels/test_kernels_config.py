@@ -251,7 +251,11 @@ def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, ker
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
         ir[on] = "".join(f.inspect_llvm().values())
-    assert "llvm.prefetch" in ir[True] and "llvm.prefetch" not in ir[False]
+    calls = {on: ir[on].count("call void @llvm.prefetch") for on in ir}
+    # the search scan also holds the float64 matrices' hint, there on every host
+    # (search.SCAN_HINT_ALWAYS); quantisation has no other
+    assert calls[True] > calls[False] > 0 if name == "_topk_vec" else calls[False] == 0
+    assert calls[True] > 0
 
 
 def test_num_threads_follows_numba_per_thread():
