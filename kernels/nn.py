@@ -478,18 +478,19 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
             base = i * c
             out = 0 if nt else base  # where the row's exps go in buf
             # shifted by the row's first logit, its max taken on the way (SHIFT_MAX);
-            # after a row that needed its max, the max first (as in _row_exp)
+            # after a row that needed its max, the max first; either way a row goes
+            # through the same call for the same shift (as in _row_exp)
             x0 = xflat[base]
-            mx = x0
-            if wide:
-                mx = _shift(x0, row_max(lbits[i]))
-                s, _ = _row_exps_f64(xflat, buf, base, out, c, mx, nt, last)
-            else:
-                s, top = _row_exps_f64(xflat, buf, base, out, c, mx, nt, last)
-                if not top - mx <= SHIFT_MAX:  # far above the first logit, or NaN: again
+            mx = _shift(x0, row_max(lbits[i])) if wide else x0
+            hint = nt and wide  # (the first call asks for the next row otherwise)
+            wide = wide and mx != x0
+            if not wide:
+                s, top = _row_exps_f64(xflat, buf, base, out, c, x0, nt, last)
+                wide = not top - x0 <= SHIFT_MAX  # far above the first logit, or NaN
+                if wide:
                     mx = row_max(lbits[i])
-                    s, _ = _row_exps_f64(xflat, buf, base, out, c, mx, False, last)
-            wide = mx != x0
+            if wide:
+                s, _ = _row_exps_f64(xflat, buf, base, out, c, mx, hint, last)
             sums[i] = s
             lab = labels[i]
             gaps[i] = mx - logits[i, lab]
