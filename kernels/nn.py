@@ -191,7 +191,7 @@ def _scale_out_nt(dst, base, buf, c, f, lab, scale, prev_here, next_here):
 
 @jit()
 def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero, nchunks,
-                        scratch, nt):
+                        scratch, nt, ahead):
     """Chunk ``ch`` of ``_softmax_xent``'s rows; ``want_grad`` and ``nt`` are constants
     in each of its loops, so each loop holds only its own code (as runtime flags they
     cost float32 at 256 classes 0.60 against 0.52 ns per element, one core, in L3, Zen 2
@@ -211,12 +211,14 @@ def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero
 
     ``nt`` (rows of the sizes ``SOFTMAX_STREAM_ROWS[0]`` gives, into an aligned
     gradient): as in ``_softmax_xent_f64_vec``, the exps go into the chunk's scratch
-    row, the row is scaled on its way out (``_scale_out_nt``), and the next row is asked for
-    (``row_hint``) before each row. On the Intel host, float32 from memory (2^25
-    logits, median per-round ratio against the plain stores, three runs): 256 classes
-    1.09-1.23x, 512 1.34x, 768 1.16x, 1024 0.96-1.28x, 4096 1.02x, 32000 0.96-0.98x
-    (a scratch row past the L1), hence the limit. Where the row hints are off (Zen 3
-    and 4 hosts) from 1.5 KiB; on Zen 2 hosts none: the numbers at ``SOFTMAX_STREAM_ROWS``.
+    row and the row is scaled on its way out (``_scale_out_nt``). On the Intel host,
+    float32 from memory (2^25 logits, median per-round ratio against the plain stores,
+    three runs): 256 classes 1.09-1.23x, 512 1.34x, 768 1.16x, 1024 0.96-1.28x, 4096
+    1.02x, 32000 0.96-0.98x (a scratch row past the L1), hence the limit. Where the row
+    hints are off (Zen 3 and 4 hosts) from 1.5 KiB; on Zen 2 hosts none: the numbers at
+    ``SOFTMAX_STREAM_ROWS``. With ``ahead`` (rows of up to ``SOFTMAX_HINT_ROW_BYTES``,
+    streamed or not), the row ``ahead`` elements on (the next) is asked for
+    (``row_hint``) before each row.
 
     The per-row ``log`` stays here: taking it afterwards over all rows with NumPy (as the
     float64 kernel below does) cut the work by 7% in cache but made float32 slower
@@ -233,9 +235,9 @@ def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero
     for i in range(lo, hi):
         row = logits[i]
         g = scratch[ch] if nt else (grad[i] if want_grad else row)
-        if nt:
+        if ahead:
             for k in range(0, c, lanes):
-                row_hint(xflat, min((i + 1) * c + k, last))
+                row_hint(xflat, min(i * c + ahead + k, last))
         s, sh = _row_exp(row, g, want_grad, zero, wide)
         wide = sh != row[0]
         lab = labels[i]
@@ -256,21 +258,21 @@ def _softmax_xent_chunk(ch, logits, labels, grad, losses, scale, want_grad, zero
 
 @jit(parallel=True)
 def _softmax_xent(logits, labels, grad, losses, scale, want_grad, zero, nchunks, scratch,
-                  nt):
+                  nt, ahead):
     """The long-row kernel (``_softmax_xent_chunk``): one loop per case, each passing
     its flags on as constants."""
     if nt:
         for ch in prange(nchunks):
             _softmax_xent_chunk(np.int64(ch), logits, labels, grad, losses, scale, True, zero,
-                                nchunks, scratch, True)
+                                nchunks, scratch, True, ahead)
     elif want_grad:
         for ch in prange(nchunks):
             _softmax_xent_chunk(np.int64(ch), logits, labels, grad, losses, scale, True, zero,
-                                nchunks, scratch, False)
+                                nchunks, scratch, False, ahead)
     else:
         for ch in prange(nchunks):
             _softmax_xent_chunk(np.int64(ch), logits, labels, grad, losses, scale, False, zero,
-                                nchunks, scratch, False)
+                                nchunks, scratch, False, ahead)
 
 
 LN_FWD_ONE_PASS = True  # float32 long rows: _ln_fwd_one_pass (tests switch it off)
@@ -507,51 +509,93 @@ def _softmax_xent_f64_vec(logits, xflat, lbits, labels, grad, gflat, sums, gaps,
         restore_fp(fp)
 
 
-def _short_row(xflat, gflat, base, c, label, scale, grad, nt, nvec):  # pragma: no cover
+def _short_row(xflat, gflat, base, c, labels, scale, grad, nt, nvec):  # pragma: no cover
     raise NotImplementedError  # overloaded
 
 
 @overload(_short_row, inline="always")
-def _short_row_overload(xflat, gflat, base, c, label, scale, grad, nt, nvec):
-    """The ``kernels._avx512.softmax_row*`` intrinsic for ``nvec`` vectors, of the
-    array's dtype (chosen while typing: each dtype compiles only its own four)."""
-    one, two, four, eight = (
-        (softmax_row1_f32, softmax_row2_f32, softmax_row4_f32, softmax_row8_f32)
-        if xflat.dtype == types.float32 else
-        (softmax_row1_f64, softmax_row2_f64, softmax_row4_f64, softmax_row8_f64))
+def _short_row_overload(xflat, gflat, base, c, labels, scale, grad, nt, nvec):
+    """The ``kernels._avx512.softmax_row*`` intrinsic for ``nvec`` vectors and
+    ``len(labels)`` rows side by side (1 or 2), of the array's dtype (chosen while
+    typing: each dtype compiles only its own)."""
+    f32 = xflat.dtype == types.float32
+    if labels.count == 2:
+        one, two, four, eight = (_avx512.softmax_rows2[f32, k] for k in (1, 2, 4, 8))
+    else:
+        one, two, four, eight = (
+            (softmax_row1_f32, softmax_row2_f32, softmax_row4_f32, softmax_row8_f32) if f32
+            else (softmax_row1_f64, softmax_row2_f64, softmax_row4_f64, softmax_row8_f64))
 
-    def impl(xflat, gflat, base, c, label, scale, grad, nt, nvec):
+    def impl(xflat, gflat, base, c, labels, scale, grad, nt, nvec):
         if nvec == 1:
-            return one(xflat, gflat, base, c, label, scale, grad, nt)
+            return one(xflat, gflat, base, c, labels, scale, grad, nt)
         if nvec == 2:
-            return two(xflat, gflat, base, c, label, scale, grad, nt)
+            return two(xflat, gflat, base, c, labels, scale, grad, nt)
         if nvec == 4:
-            return four(xflat, gflat, base, c, label, scale, grad, nt)
-        return eight(xflat, gflat, base, c, label, scale, grad, nt)
+            return four(xflat, gflat, base, c, labels, scale, grad, nt)
+        return eight(xflat, gflat, base, c, labels, scale, grad, nt)
     return impl
+
+
+# _softmax_xent_short takes rows two at a time, side by side (tests switch it off). Intel
+# host (model 167), A/B in one process, medians of 11-15 per-round ratios: one core in
+# cache (2^18 logits) float32 48 / 64 / 100 / 128 classes 1.10x / 1.07x / 1.10-1.20x /
+# 1.08-1.16x, float64 32 / 48 / 64 1.09x / 1.11x / 1.15x; from memory (2^25, both cores,
+# with the hint below) 1.01-1.04x float32, 1.03-1.11x float64. Same bits either way.
+SHORT_PAIRS = True
+# _softmax_xent_short asks for the lines of the rows it takes this far on (a row hint:
+# hosts with ROW_HINTS). Intel host, 2^25 logits from memory into an out=, A/B: float32
+# 64 / 100 / 128 classes 1.23x / 1.17x / 1.21x (1 / 4 / 8 KiB on within 4% of each
+# other), without a gradient 1.33-1.42x; float64 48 / 64 1.19x / 1.27x
+SOFTMAX_SHORT_HINT_BYTES = 4096
+# _softmax_xent's rows of up to this many bytes ask for the next row before each row (a
+# row hint; until 2026-12-08 only the streamed rows did). Intel host, 2^25 logits from
+# memory, A/B, without a gradient float32 256 / 512 / 1024 classes 1.99x / 2.02x / 1.87x,
+# 2048 1.03x, 4096 0.97x, float64 256 1.16x; into a new output float32 256 / 512 /
+# 1024 1.17x / 1.16x / 1.04x; into an out= (plain stores) 2048 0.94x, so not wider rows
+SOFTMAX_HINT_ROW_BYTES = 4096
 
 
 @jit(parallel=True, fastmath={"contract"})
 def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, grad, nt, nchunks,
-                        nvec):
+                        nvec, pairs, ahead):
     """Rows of at most ``nvec`` (1, 2, 4 or 8) vectors (``_lanes``), each held in
     registers from its load to its store (``kernels._avx512.softmax_row*``): the loops
     of ``_softmax_xent`` run almost entirely in their scalar remainders on such rows (10
     classes: 22 ns per row per core). Row ``i``'s loss is ``log(sums[i]) + gaps[i]``;
     the gradient goes into ``gflat`` only when ``grad``, its whole vectors streamed
-    (non-temporal) when ``nt``. No prefetch: asking for each row 8 KiB ahead made
-    float32 33-100 classes from memory (2^25 logits) 4-27% slower, float64 17-64
-    classes about even."""
+    (non-temporal) when ``nt``. With ``pairs``, two rows per call, side by side
+    (``SHORT_PAIRS``). Each call first asks for the lines of its rows ``ahead``
+    elements on (``row_hint``: nothing without ``ROW_HINTS``); asking for each row 8 KiB
+    ahead on every host made float32 33-100 classes from memory 4-27% slower on an AMD
+    host, float64 17-64 classes about even (so never on Zen 3 and 4 hosts), while on
+    the Intel host it pays (``SOFTMAX_SHORT_HINT_BYTES``)."""
     n, c = logits.shape
     for ch in prange(nchunks):
         lo, hi = chunk_bounds(n, nchunks, ch)
         fp = flush_subnormals()
-        for i in range(lo, hi):
-            base = i * c
-            lab = labels[i]
-            s, mx = _short_row(xflat, gflat, base, c, lab, scale, grad, nt, nvec)
-            sums[i] = s
-            gaps[i] = np.float64(mx) - np.float64(logits[i, lab])
+        last = xflat.size - 1
+        i = lo
+        while i < hi:
+            two = pairs and i + 1 < hi
+            if ahead:  # the lines of the rows done now, ``ahead`` elements on
+                for k in range(0, 2 * c if two else c, 64 // xflat.itemsize):
+                    row_hint(xflat, min(i * c + ahead + k, last))
+            if two:
+                la, lb = labels[i], labels[i + 1]
+                sa, ma, sb, mb = _short_row(xflat, gflat, i * c, c, (la, lb), scale, grad,
+                                            nt, nvec)
+                sums[i] = sa
+                sums[i + 1] = sb
+                gaps[i] = np.float64(ma) - np.float64(logits[i, la])
+                gaps[i + 1] = np.float64(mb) - np.float64(logits[i + 1, lb])
+                i += 2
+            else:
+                lab = labels[i]
+                s, mx = _short_row(xflat, gflat, i * c, c, (lab,), scale, grad, nt, nvec)
+                sums[i] = s
+                gaps[i] = np.float64(mx) - np.float64(logits[i, lab])
+                i += 1
         if nt:
             sfence()
         restore_fp(fp)
@@ -732,14 +776,15 @@ def softmax_cross_entropy(
             xr = x[done:].reshape(-1)
             _softmax_xent_short(x[done:], xr, y[done:], g[done:].reshape(-1) if grad else xr,
                                 sums[rest], gaps[rest], scale, grad, False, 1,
-                                _short_vectors(c, x.dtype))
+                                _short_vectors(c, x.dtype), SHORT_PAIRS, 0)
         used = slice(0, nblk + n - done)
         total = _log_sum(sums[used]) + float(gaps[used].sum())
     elif VEC_SHORT and nvec:  # without a gradient x stands in for the output array
         xflat = x.reshape(-1)
         # non-temporal stores need every row's vectors whole and aligned
         _softmax_xent_short(x, xflat, y, g.reshape(-1) if grad else xflat, sums, gaps, scale,
-                            grad, streamed and c % lanes == 0, row_chunks(n, c), nvec)
+                            grad, streamed and c % lanes == 0, row_chunks(n, c), nvec,
+                            SHORT_PAIRS, SOFTMAX_SHORT_HINT_BYTES // x.itemsize)
         total = _log_sum(sums) + float(gaps.sum())
     else:  # long rows; a gradient into a caller's out= may be streamed (SOFTMAX_STREAM)
         vec64 = grad and VEC_F64 and x.dtype == np.float64
@@ -754,7 +799,8 @@ def softmax_cross_entropy(
                                   sums, gaps, scale, scratch, nch, nt)
             total = _log_sum(sums) + float(gaps.sum())
         else:
-            _softmax_xent(x, y, g, sums, scale, grad, x.dtype.type(0), nch, scratch, nt)
+            ahead = c if c * x.itemsize <= SOFTMAX_HINT_ROW_BYTES else 0  # (nt rows all are)
+            _softmax_xent(x, y, g, sums, scale, grad, x.dtype.type(0), nch, scratch, nt, ahead)
             total = float(sums.sum())
     return (total / n if reduction == "mean" else total), (g if grad else None)
 

@@ -215,15 +215,17 @@ def test_prefetch_hints_can_be_compiled_out_for_the_benchmark(monkeypatch):
     assert "llvm.prefetch" in ir[True] and "llvm.prefetch" not in ir[False]
 
 
-@pytest.mark.parametrize("kernel", ["quant._quantize", "search._topk_vec"])
+@pytest.mark.parametrize("kernel", ["quant._quantize", "search._topk_vec",
+                                    "nn._softmax_xent_short", "nn._softmax_xent"])
 def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, kernel):
     # the host-dependent hints (kernels._prefetch.ROW_HINTS): int8 quantisation asks for
-    # the next row during its second pass over a row, the vector search scan 8 KiB ahead
+    # the next row during its second pass over a row, the vector search scan 8 KiB ahead,
+    # softmax's rows held in registers 4 KiB ahead, its row loops the next row
     import importlib
 
     import numpy as np
 
-    from kernels import _jit, _prefetch, quant, search
+    from kernels import _jit, _prefetch, nn, quant, search
     from kernels._jit import fresh_copy
 
     modname, name = kernel.split(".")
@@ -235,8 +237,13 @@ def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, ker
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 256)).astype(np.float32)
     q = rng.standard_normal((1, 256)).astype(np.float32)
-    want = (quant.quantize_int8(w) if name == "_quantize"
-            else search.topk_cosine(q, w, 3))
+    short, labels = np.ascontiguousarray(w[:, :100]), rng.integers(0, 100, 8)
+    assert nn.VEC_SHORT  # (AVX2 or AVX-512: a row of 100 classes is held in registers)
+    run = {"_quantize": lambda: quant.quantize_int8(w),
+           "_topk_vec": lambda: search.topk_cosine(q, w, 3),
+           "_softmax_xent_short": lambda: nn.softmax_cross_entropy(short, labels),
+           "_softmax_xent": lambda: nn.softmax_cross_entropy(w, labels)}[name]
+    want = run()
     orig = getattr(mod, name)
     chunk = getattr(mod, f"{name}_chunk", None)  # where the scan's loop is (not inlined)
     ir = {}
@@ -246,14 +253,13 @@ def test_row_hints_are_issued_only_where_the_host_setting_is_on(monkeypatch, ker
             monkeypatch.setattr(mod, f"{name}_chunk", fresh_copy(chunk))
         f = fresh_copy(orig)
         monkeypatch.setattr(mod, name, f)
-        got = (quant.quantize_int8(w) if name == "_quantize"
-               else search.topk_cosine(q, w, 3))  # compiled now, with the flag as set
+        got = run()  # compiled now, with the flag as set
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
         ir[on] = "".join(f.inspect_llvm().values())
     calls = {on: ir[on].count("call void @llvm.prefetch") for on in ir}
     # the search scan also holds the float64 matrices' hint, there on every host
-    # (search.SCAN_HINT_ALWAYS); quantisation has no other
+    # (search.SCAN_HINT_ALWAYS); quantisation and softmax have no other
     assert calls[True] > calls[False] > 0 if name == "_topk_vec" else calls[False] == 0
     assert calls[True] > 0
 

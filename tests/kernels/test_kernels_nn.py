@@ -284,6 +284,54 @@ def test_xent_float64_paths_agree_at_every_width_and_special_row(c, rng, monkeyp
     _assert_loss_alone_matches(x, y, res[True], rtol=1e-14)
 
 
+@pytest.mark.parametrize("dt, vectors", [(np.float32, 17 / 16), (np.float32, 4),
+                                         (np.float32, 100 / 16), (np.float32, 8),
+                                         (np.float64, 9 / 8), (np.float64, 6)])
+def test_xent_rows_held_in_registers_give_the_same_bits_in_pairs(dt, vectors, rng,
+                                                                  monkeypatch):
+    # _softmax_xent_short takes two rows per call, side by side (nn.SHORT_PAIRS): each
+    # row must come out as it does alone, bit for bit, in every chunk (odd row counts:
+    # a chunk's last row goes alone) and for the special rows, into an out= that is
+    # streamed (whole vectors) or not, and without a gradient; nothing is written past
+    # the output. Rows of 17 / 64 / 100 / 128 float32 and 9 / 48 float64 classes with
+    # AVX-512, half that at 256 bits (where softmax otherwise keeps them in the row
+    # loops: SHORT_MAX_VECTORS)
+    c = math.ceil(vectors * nn._lanes(dt))
+    monkeypatch.setitem(nn.SHORT_MAX_VECTORS, "softmax", dict.fromkeys(
+        nn.SHORT_MAX_VECTORS["softmax"], 8))
+    seen = []
+    kernel = nn._softmax_xent_short
+    monkeypatch.setattr(nn, "_softmax_xent_short", lambda *a: (seen.append(a[-2]), kernel(*a))[1])
+    monkeypatch.setattr(nn, "VEC_BLOCKS", False)  # (the fewest classes: not in blocks)
+    monkeypatch.setattr(nn, "NT_MIN_BYTES", 0)  # streamed at this size too
+    monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    n = 4099
+    x = (3 * rng.standard_normal((n, c))).astype(dt)
+    x[5, 1] = np.nan
+    x[6, -1] = np.inf
+    x[7, :] = -np.inf
+    x[8, 0] = 800.0
+    y = rng.integers(0, c, n)
+    res = {}
+    for pairs in (True, False):
+        monkeypatch.setattr(nn, "SHORT_PAIRS", pairs)
+        out = empty_aligned((n + 1, c), dt)  # a row past the output, to see it unwritten
+        out[n] = 7.0
+        loss, g = nn.softmax_cross_entropy(x, y, out=out[:n])
+        assert (out[n] == 7.0).all() and np.isnan(loss)
+        # (the losses of the rows after the special ones, a NaN row's being NaN)
+        res[pairs] = (g.copy(), nn.softmax_cross_entropy(x[9:], y[9:])[0],
+                      nn.softmax_cross_entropy(x[10:], y[10:], grad=False)[0],
+                      nn.softmax_cross_entropy(x[1:], y[1:], reduction="sum")[1])
+    assert np.isfinite(res[True][1]) and np.isfinite(res[True][2])
+    assert seen == [True] * 4 + [False] * 4  # (the rows held in registers: these)
+    for a, b in zip(res[True], res[False]):
+        np.testing.assert_array_equal(a, b)
+    want = nn.softmax_cross_entropy(x[9:].astype(np.float64), y[9:])[1] * ((n - 9) / n)
+    np.testing.assert_allclose(res[True][0][9:], want, rtol=2e-5 if dt == np.float32 else 1e-12,
+                               atol=1e-9 if dt == np.float32 else 1e-16)
+
+
 @pytest.mark.parametrize("dt, c", [(np.float64, 3), (np.float64, 8), (np.float64, 13),
                                    (np.float64, 64), (np.float64, 264), (np.float64, 1000),
                                    (np.float64, 1001), (np.float32, 16), (np.float32, 21),
@@ -313,7 +361,8 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
     name = "_softmax_xent_f64_vec" if dt == np.float64 and nn.VEC_F64 else "_softmax_xent"
     seen = []
     kernel = getattr(nn, name)
-    monkeypatch.setattr(nn, name, lambda *a: (seen.append(a[-1]), kernel(*a))[1])
+    at = -2 if name == "_softmax_xent" else -1  # its nt flag (then the hint's distance)
+    monkeypatch.setattr(nn, name, lambda *a: (seen.append(a[at]), kernel(*a))[1])
     res = {}
     for stream in (True, False):
         monkeypatch.setattr(nn, "SOFTMAX_STREAM", stream)
@@ -354,7 +403,8 @@ def test_xent_streams_rows_in_the_hosts_window_of_sizes(dt, rng, monkeypatch):
     name = "_softmax_xent_f64_vec" if vec64 else "_softmax_xent"
     seen = []
     kernel = getattr(nn, name)
-    monkeypatch.setattr(nn, name, lambda *a: (seen.append(a[-1]), kernel(*a))[1])
+    at = -2 if name == "_softmax_xent" else -1  # its nt flag (then the hint's distance)
+    monkeypatch.setattr(nn, name, lambda *a: (seen.append(a[at]), kernel(*a))[1])
     lo, hi = nn.SOFTMAX_STREAM_ROWS[vec64]
     item = np.dtype(dt).itemsize
     for row_bytes in (lo - 64, lo, hi, hi + 64):
@@ -1765,7 +1815,7 @@ def test_softmax_kernels_spill_only_to_aligned_slots(dtype, c):
     else:
         fresh = _jit.fresh_copy(nn._softmax_xent_short)
         fresh(x, x.reshape(-1), y, g.reshape(-1), sums, gaps, scale, True, c % lanes == 0, 1,
-              nn._short_vectors(c, x.dtype))  # non-temporal stores need whole vectors
+              nn._short_vectors(c, x.dtype), True, 0)  # non-temporal stores: whole vectors
     want = nn.softmax_cross_entropy(x.astype(np.float64), y)[1]
     np.testing.assert_allclose(g, want, rtol=1e-4 if dtype == np.float32 else 1e-10,
                                atol=1e-7 if dtype == np.float32 else 1e-14)
