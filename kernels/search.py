@@ -35,6 +35,13 @@ SCAN_HINT_MIN_BYTES = 8 << 20  # the vector scan's host-dependent hint from this
 # (_scan_hint): where ROW_HINTS are off (the Zen 4 host, 2026-12-07) pre-normalised float64
 # rows ran at 14 GB/s without (one query, 1.4-3.8x with it), norming ones 1.2-1.4x
 SCAN_HINT_ALWAYS = True
+# the host-dependent hint for one float32 query only: with more, the scan spends longer on
+# each row, and on the Intel host (model 167, 2026-12-08; 262144 x 64 float32, A/B in one
+# process, medians of 15 per-round ratios, hint / none) it cost 2 / 4 / 8 / 16 queries
+# 0.79-0.85x / 0.80-0.82x / 0.77-0.80x / 0.85-0.86x at 64 MiB and 0.99-1.00x at 16 MiB,
+# where one query gained 1.10-1.20x (16 MiB) and 0.92-1.04x (64 MiB, pre-normalised /
+# norming; 256 MiB 0.91x / 1.07x)
+SCAN_HINT_ONE_QUERY = True
 # float32 queries from which the blocked-GEMM path runs (float64: half as many). Intel
 # host (Emerald Rapids, 2 cores), 262144 x 64, k = 10, scan / GEMM path split over the
 # threads, medians of 7: float32 at 32, 48, 64, 96 queries 0.76, 0.92, 0.99, 1.08;
@@ -388,8 +395,8 @@ def _topk_vec(qs, qinv, emb, out_s, out_i, nchunks, offset, zero, normalized, la
     not run far enough ahead, so there each step asks for the rows 8 KiB on
     (``kernels._prefetch.ROW_HINTS``: from memory 1.33-1.37x norming the rows,
     1.07-1.11x pre-normalised), where the matrix is ``SCAN_HINT_MIN_BYTES`` or more
-    (``ahead``, ``_scan_hint``; float64 on every host): at 2 MiB, in the L2, the hint cost
-    0.88-1.02x."""
+    (``ahead``, ``_scan_hint``; float64 on every host; float32 for one query only,
+    ``SCAN_HINT_ONE_QUERY``): at 2 MiB, in the L2, the hint cost 0.88-1.02x."""
     for c in prange(nchunks):
         _topk_vec_chunk(np.int64(c), qs, qinv, emb, out_s, out_i, nchunks, offset, zero,
                         normalized, lanes, sc, ahead, pooled)
@@ -732,12 +739,15 @@ def topk_cosine(
     return s, i
 
 
-def _scan_hint(e: np.ndarray) -> int:
-    """``_topk_vec``'s ``ahead``: 0 no hint, 1 the host-dependent one (``row_hint``), 2
-    a hint on any host (float64, ``SCAN_HINT_ALWAYS``)."""
+def _scan_hint(e: np.ndarray, nq: int = 1) -> int:
+    """``_topk_vec``'s ``ahead`` for ``nq`` queries: 0 no hint, 1 the host-dependent one
+    (``row_hint``; float32 one query only: ``SCAN_HINT_ONE_QUERY``), 2 a hint on any
+    host (float64, ``SCAN_HINT_ALWAYS``)."""
     if e.nbytes < SCAN_HINT_MIN_BYTES:
         return 0
-    return 2 if SCAN_HINT_ALWAYS and e.itemsize == 8 else 1
+    if SCAN_HINT_ALWAYS and e.itemsize == 8:
+        return 2
+    return 1 if nq == 1 or not SCAN_HINT_ONE_QUERY else 0
 
 
 def _search(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: int,
@@ -762,7 +772,7 @@ def _search(q: np.ndarray, qinv: np.ndarray, e: np.ndarray, kk: int, offset: int
         sc = np.empty((nch, q.shape[0] * lanes), q.dtype)
         pick_twin(_topk_vec, _topk_vec_1, nch)(
             q, qinv, e, out_s, out_i, nch, offset, q.dtype.type(0), normalized,
-            lanes, sc, _scan_hint(e), pooled)
+            lanes, sc, _scan_hint(e, q.shape[0]), pooled)
     else:
         pick_twin(_topk, _topk_1, nch)(q, qinv, e, out_s, out_i, nch, offset,
                                        q.dtype.type(0), normalized, pooled)

@@ -411,7 +411,7 @@ def test_topk_normalized_flag_on_whole_vector_rows(nq, dtype, rng, search_path):
 @pytest.mark.parametrize("normalized", [False, True])
 def test_topk_float64_scan_asks_for_its_rows_ahead_on_every_host(normalized, rng, monkeypatch):
     # float64 matrices from SCAN_HINT_MIN_BYTES are scanned with a prefetch hint on any
-    # host (ahead = 2), float32 ones only where the host's row hints are on (1): the
+    # host (ahead = 2), float32 ones for one query where the host's row hints are on (1): the
     # hinted scan must give the reference's rows (the hints clamped to the last row)
     monkeypatch.setattr(search, "GEMM_MIN_QUERIES", 10**9)
     monkeypatch.setattr(search, "SCAN_HINT_MIN_BYTES", 4096)
@@ -428,8 +428,17 @@ def test_topk_float64_scan_asks_for_its_rows_ahead_on_every_host(normalized, rng
         np.testing.assert_array_equal(i, ri)
         np.testing.assert_allclose(s, rs, rtol=1e-5 if dt == np.float32 else 1e-12)
     assert real(e[:10]) == 0  # under SCAN_HINT_MIN_BYTES: none
+    # several float32 queries go without the host's hint (search.SCAN_HINT_ONE_QUERY),
+    # float64 ones keep theirs
+    q3 = rng.standard_normal((3, 32))
+    rs, ri = ref_topk(q3, e, 7)
+    for dt, want in ((np.float64, 2), (np.float32, 0)):
+        s, i = search.topk_cosine(q3.astype(dt), e.astype(dt), 7, normalized=normalized)
+        assert seen[-1] == want
+        np.testing.assert_array_equal(i, ri)
+        np.testing.assert_allclose(s, rs, rtol=1e-5 if dt == np.float32 else 1e-12)
     monkeypatch.setattr(search, "SCAN_HINT_ALWAYS", False)
-    assert real(e) == 1
+    assert real(e) == 1 and real(e, 3) == 0
 
 
 @pytest.mark.parametrize("d", [3, 10, 17, 20, 33, 100, 300])
