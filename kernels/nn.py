@@ -544,15 +544,18 @@ def _short_row_overload(xflat, gflat, base, c, labels, scale, grad, nt, nvec):
 # with the hint below) 1.01-1.04x float32, 1.03-1.11x float64. Same bits either way.
 SHORT_PAIRS = True
 # _softmax_xent_short asks for the lines of the rows it takes this far on (a row hint:
-# hosts with ROW_HINTS). Intel host, 2^25 logits from memory into an out=, A/B: float32
-# 64 / 100 / 128 classes 1.23x / 1.17x / 1.21x (1 / 4 / 8 KiB on within 4% of each
-# other), without a gradient 1.33-1.42x; float64 48 / 64 1.19x / 1.27x
+# hosts with ROW_HINTS), for logits of NT_MIN_BYTES or more. Intel host, 2^25 logits from
+# memory into an out=, A/B: float32 64 / 100 / 128 classes 1.23x / 1.17x / 1.21x (1 / 4 /
+# 8 KiB on within 4% of each other), without a gradient 1.33-1.42x; float64 48 / 64
+# 1.19x / 1.27x; into a new gradient (its pages faulted in as it is written) 0.99-1.00x;
+# in cache (2^19 logits, bench_prefetch.py) 0.93-0.96x, hence the size
 SOFTMAX_SHORT_HINT_BYTES = 4096
 # _softmax_xent's rows of up to this many bytes ask for the next row before each row (a
-# row hint; until 2026-12-08 only the streamed rows did). Intel host, 2^25 logits from
-# memory, A/B, without a gradient float32 256 / 512 / 1024 classes 1.99x / 2.02x / 1.87x,
-# 2048 1.03x, 4096 0.97x, float64 256 1.16x; into a new output float32 256 / 512 /
-# 1024 1.17x / 1.16x / 1.04x; into an out= (plain stores) 2048 0.94x, so not wider rows
+# row hint; until 2026-12-08 only the streamed rows did), for logits of NT_MIN_BYTES or
+# more. Intel host, 2^25 logits from memory, A/B, without a gradient float32 256 / 512 /
+# 1024 classes 1.99x / 2.02x / 1.87x, 2048 1.03x, 4096 0.97x, float64 256 1.16x (in
+# cache, 2^19: 0.93x / 1.03x at 256); into a new output float32 256 / 512 / 1024 1.17x
+# / 1.16x / 1.04x; into an out= (plain stores) 2048 0.94x, so not wider rows
 SOFTMAX_HINT_ROW_BYTES = 4096
 
 
@@ -784,7 +787,7 @@ def softmax_cross_entropy(
         # non-temporal stores need every row's vectors whole and aligned
         _softmax_xent_short(x, xflat, y, g.reshape(-1) if grad else xflat, sums, gaps, scale,
                             grad, streamed and c % lanes == 0, row_chunks(n, c), nvec,
-                            SHORT_PAIRS, SOFTMAX_SHORT_HINT_BYTES // x.itemsize)
+                            SHORT_PAIRS, SOFTMAX_SHORT_HINT_BYTES // x.itemsize if large else 0)
         total = _log_sum(sums) + float(gaps.sum())
     else:  # long rows; a gradient into a caller's out= may be streamed (SOFTMAX_STREAM)
         vec64 = grad and VEC_F64 and x.dtype == np.float64
@@ -799,7 +802,8 @@ def softmax_cross_entropy(
                                   sums, gaps, scale, scratch, nch, nt)
             total = _log_sum(sums) + float(gaps.sum())
         else:
-            ahead = c if c * x.itemsize <= SOFTMAX_HINT_ROW_BYTES else 0  # (nt rows all are)
+            # (nt: large, and rows of at most SOFTMAX_HINT_ROW_BYTES)
+            ahead = c if large and c * x.itemsize <= SOFTMAX_HINT_ROW_BYTES else 0
             _softmax_xent(x, y, g, sums, scale, grad, x.dtype.type(0), nch, scratch, nt, ahead)
             total = float(sums.sum())
     return (total / n if reduction == "mean" else total), (g if grad else None)

@@ -175,6 +175,17 @@ def cases(size: int) -> list[tuple[str, ModuleType, list[str], Callable[[], obje
                     f"{here} here)", nn,
                     ["_softmax_xent", "_softmax_xent_f64_vec", "_softmax_xent_chunk"],
                     lambda lg=lg2, lab=lab2, go=go: nn.softmax_cross_entropy(lg, lab, out=go)))
+        # the row loops ask for the next row however the gradient is stored, here none
+        out.append((f"softmax_cross_entropy {name} 256 classes, no gradient (row hint, "
+                    f"{here} here)", nn, ["_softmax_xent", "_softmax_xent_chunk"],
+                    lambda lg=lg2, lab=lab2: nn.softmax_cross_entropy(lg, lab, grad=False)))
+        # rows held in registers, each call's rows asked for SOFTMAX_SHORT_HINT_BYTES on
+        c = 100 if dt == np.float32 else 48
+        lg3 = rng.standard_normal((size // c, c)).astype(dt)
+        lab3 = rng.integers(0, c, size // c)
+        out.append((f"softmax_cross_entropy {name} {c} classes, in registers (row hint, "
+                    f"{here} here)", nn, ["_softmax_xent_short"],
+                    lambda lg=lg3, lab=lab3: nn.softmax_cross_entropy(lg, lab)))
     e = rng.standard_normal((size // 64, 64)).astype(np.float32)
     q = rng.standard_normal((1, 64)).astype(np.float32)
     for nz in (True, False):

@@ -357,6 +357,7 @@ def test_xent_streamed_rows_match_plain_stores_bit_for_bit(dt, c, rng, monkeypat
     monkeypatch.setattr(nn, "VEC_BLOCKS", False)
     monkeypatch.setattr(nn, "VEC_SHORT", False)
     monkeypatch.setattr(_simd, "NT_MIN_BYTES", 0)
+    monkeypatch.setattr(nn, "NT_MIN_BYTES", 0)  # (the row loops' hint: large inputs)
     monkeypatch.setattr(nn, "SOFTMAX_STREAM_ROWS", ((64, 4096), (64, 1 << 62)))
     name = "_softmax_xent_f64_vec" if dt == np.float64 and nn.VEC_F64 else "_softmax_xent"
     seen = []
