@@ -420,23 +420,17 @@ def test_topk_float64_scan_asks_for_its_rows_ahead_on_every_host(normalized, rng
     monkeypatch.setattr(search, "_scan_hint", lambda *a: seen.append(real(*a)) or seen[-1])
     e = rng.standard_normal((1003, 32))
     e /= np.linalg.norm(e, axis=1, keepdims=True)
-    q = rng.standard_normal((1, 32))
-    rs, ri = ref_topk(q, e, 7)
-    for dt, want in ((np.float64, 2), (np.float32, 1)):
-        s, i = search.topk_cosine(q.astype(dt), e.astype(dt), 7, normalized=normalized)
-        assert seen[-1] == want
-        np.testing.assert_array_equal(i, ri)
-        np.testing.assert_allclose(s, rs, rtol=1e-5 if dt == np.float32 else 1e-12)
-    assert real(e[:10]) == 0  # under SCAN_HINT_MIN_BYTES: none
     # several float32 queries go without the host's hint (search.SCAN_HINT_ONE_QUERY),
     # float64 ones keep theirs
-    q3 = rng.standard_normal((3, 32))
-    rs, ri = ref_topk(q3, e, 7)
-    for dt, want in ((np.float64, 2), (np.float32, 0)):
-        s, i = search.topk_cosine(q3.astype(dt), e.astype(dt), 7, normalized=normalized)
-        assert seen[-1] == want
-        np.testing.assert_array_equal(i, ri)
-        np.testing.assert_allclose(s, rs, rtol=1e-5 if dt == np.float32 else 1e-12)
+    for nq, hint32 in ((1, 1), (3, 0)):
+        q = rng.standard_normal((nq, 32))
+        rs, ri = ref_topk(q, e, 7)
+        for dt, want in ((np.float64, 2), (np.float32, hint32)):
+            s, i = search.topk_cosine(q.astype(dt), e.astype(dt), 7, normalized=normalized)
+            assert seen[-1] == want
+            np.testing.assert_array_equal(i, ri)
+            np.testing.assert_allclose(s, rs, rtol=1e-5 if dt == np.float32 else 1e-12)
+    assert real(e[:10]) == 0  # under SCAN_HINT_MIN_BYTES: none
     monkeypatch.setattr(search, "SCAN_HINT_ALWAYS", False)
     assert real(e) == 1 and real(e, 3) == 0
 
