@@ -578,11 +578,12 @@ def _softmax_xent_short(logits, xflat, labels, gflat, sums, gaps, scale, grad, n
         lo, hi = chunk_bounds(n, nchunks, ch)
         fp = flush_subnormals()
         last = xflat.size - 1
+        line = 64 // xflat.itemsize  # (once: numba reads itemsize at run time)
         i = lo
         while i < hi:
             two = pairs and i + 1 < hi
             if ahead:  # the lines of the rows done now, ``ahead`` elements on
-                for k in range(0, 2 * c if two else c, 64 // xflat.itemsize):
+                for k in range(0, 2 * c if two else c, line):
                     row_hint(xflat, min(i * c + ahead + k, last))
             if two:
                 la, lb = labels[i], labels[i + 1]
